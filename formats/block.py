@@ -12,10 +12,10 @@ from typing import Any
 from .errors import FormatError
 
 KEY_RE = re.compile(r"^[A-Za-z0-9_\-]+(/[A-Za-z0-9_\-]+)*$")
-MODE_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+MODE_RE = re.compile(r"^[a-z][a-z0-9_]{0,15}$")
 CODEC_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 META_KEY_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
-MAX_KEY_CHARS = 200
+MAX_KEY_CHARS = 64  # keeps every member name within the 100-byte ustar name field
 MAX_META_BYTES = 4096
 
 MetaValue = str | int | float | bool | None
@@ -79,7 +79,7 @@ class Block:
     def validate(self, **where) -> None:
         """Raise :class:`FormatError` unless the fields obey SPEC.md (not the payload's content)."""
         if not isinstance(self.mode, str) or not MODE_RE.match(self.mode):
-            raise FormatError(f"invalid mode {self.mode!r}: use [a-z][a-z0-9_]{{0,31}}", **where)
+            raise FormatError(f"invalid mode {self.mode!r}: use [a-z][a-z0-9_]{{0,15}}", **where)
         if not isinstance(self.codec, str) or not CODEC_RE.match(self.codec):
             raise FormatError(f"invalid codec {self.codec!r}: use [a-z][a-z0-9_]{{0,31}}", **where)
         if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in self.shape):

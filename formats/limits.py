@@ -19,7 +19,6 @@ class Limits:
     max_header_bytes: int = 1 << 20  # a sample's .blocks.json member
     max_meta_bytes: int = 4096  # a block's metadata, as canonical JSON
     max_index_bytes: int = 1 << 30  # one shard's index file
-    max_key_chars: int = 200
 
     def check_shape(self, shape: tuple[int, ...], **where) -> None:
         """Raise :class:`LimitError` unless ``shape`` is small enough to allocate."""

@@ -1,0 +1,206 @@
+"""ShardWriter: samples -> tar shards + indexes + manifest (SPEC.md, "Writing").
+
+Deterministic (the same samples give byte-identical files) and crash-safe: a shard and its index
+are written under temporary names and renamed only when both are complete, index first, so a file
+under a final shard name always has its index beside it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import zstandard
+
+from .block import Block, Sample, check_key
+from .codecs import codec_info
+from .errors import FormatError
+from .index import (
+    MANIFEST_NAME,
+    BlockInfo,
+    IndexEntry,
+    Manifest,
+    ShardIndex,
+    ShardInfo,
+    checksum,
+    mode_totals,
+    sample_header_bytes,
+)
+from .limits import DEFAULT_LIMITS, Limits
+from .tar import BLOCK, END_OF_ARCHIVE, member_header, padded
+
+ZSTD_LEVEL = 3
+
+
+def shard_name(prefix: str, n: int) -> str:
+    """The file name of shard ``n``: ``PREFIX-NNNNNN.tar``."""
+    return f"{prefix}-{n:06d}.tar"
+
+
+def index_name(shard: str) -> str:
+    """The index file name beside a shard: ``PREFIX-NNNNNN.index.json``."""
+    return shard[:-4] + ".index.json" if shard.endswith(".tar") else shard + ".index.json"
+
+
+def payload_member(key: str, i: int, block: Block | BlockInfo, zstd: bool) -> str:
+    """The tar member name of block ``i``: ``KEY.I.MODE.EXT`` plus ``.zst`` when compressed."""
+    return f"{key}.{i}.{block.mode}.{codec_info(block.codec).ext}" + (".zst" if zstd else "")
+
+
+def header_member(key: str) -> str:
+    """The tar member name of a sample's header: ``KEY.blocks.json``."""
+    return f"{key}.blocks.json"
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class SampleEncoder:
+    """Turns a :class:`Sample` into its tar members (bytes) and index entry."""
+
+    def __init__(self, level: int = ZSTD_LEVEL, limits: Limits = DEFAULT_LIMITS) -> None:
+        self.limits = limits
+        self._zstd = zstandard.ZstdCompressor(level=level, write_content_size=True,
+                                              write_checksum=False)
+
+    def encode(self, sample: Sample) -> tuple[bytes, IndexEntry]:
+        """Members of ``sample`` as tar bytes and its index entry, offsets relative to its start."""
+        key = check_key(sample.key)
+        if len(sample.blocks) > self.limits.max_blocks:
+            raise FormatError(f"{len(sample.blocks)} blocks > limit {self.limits.max_blocks}",
+                              key=key)
+        stored_list: list[bytes] = []
+        infos: list[BlockInfo] = []
+        for i, b in enumerate(sample.blocks):
+            b.validate(key=key, block=i)
+            self.limits.check_shape(b.shape, key=key, block=i)
+            self.limits.check_bytes(len(b.payload), "payload", key=key, block=i)
+            stored, zstd = b.payload, False
+            if codec_info(b.codec).zstd and b.payload:
+                packed = self._zstd.compress(b.payload)
+                if len(packed) < len(b.payload):
+                    stored, zstd = packed, True
+            stored_list.append(stored)
+            infos.append(BlockInfo(b.mode, b.shape, b.codec, b.meta, len(b.payload), len(stored),
+                                   zstd, checksum(stored)))
+        header = sample_header_bytes(key, infos)
+        parts = [member_header(header_member(key), len(header)), header,
+                 b"\0" * (padded(len(header)) - len(header))]
+        pos = BLOCK + padded(len(header))
+        for i, (info, stored) in enumerate(zip(infos, stored_list)):
+            parts.append(member_header(payload_member(key, i, info, info.zstd), len(stored)))
+            info.offset = pos + BLOCK
+            parts.append(stored)
+            parts.append(b"\0" * (padded(len(stored)) - len(stored)))
+            pos += BLOCK + padded(len(stored))
+        data = b"".join(parts)
+        return data, IndexEntry(key, 0, len(data), infos)
+
+
+class ShardWriter:
+    """Write samples into ``PREFIX-NNNNNN.tar`` shards with indexes and a manifest.
+
+    A new shard starts before a sample that would take the current one past ``max_bytes`` or
+    ``max_samples`` (a shard always holds at least one sample). ``close()`` (or leaving the
+    ``with`` block) finishes the last shard and writes ``manifest.json`` listing ``previous``
+    shards (already on disk, e.g. when resuming) followed by the ones written here.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, *, max_bytes: int | None = 256 << 20,
+                 max_samples: int | None = None, prefix: str = "shard", start: int = 0,
+                 previous: list[ShardInfo] | None = None, level: int = ZSTD_LEVEL,
+                 limits: Limits = DEFAULT_LIMITS, write_manifest: bool = True) -> None:
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.max_bytes, self.max_samples = max_bytes, max_samples
+        self.prefix, self.next_number = prefix, start
+        self.shards: list[ShardInfo] = list(previous or [])
+        self.write_manifest = write_manifest
+        self._encoder = SampleEncoder(level, limits)
+        self._file = None
+        self._name = ""
+        self._entries: list[IndexEntry] = []
+        self._keys: set[str] = set()
+        self._pos = 0
+        self.closed = False
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    def write(self, sample: Sample) -> None:
+        """Append one sample; keys must be unique within a shard."""
+        if self.closed:
+            raise FormatError("write() on a closed ShardWriter")
+        data, entry = self._encoder.encode(sample)
+        if self._file is not None and self._full(len(data)):
+            self._finish_shard()
+        if self._file is None:
+            self._open_shard()
+        if entry.key in self._keys:
+            raise FormatError("duplicate key in shard", shard=self._name, key=entry.key)
+        entry.offset += self._pos
+        for b in entry.blocks:
+            b.offset += self._pos
+        self._file.write(data)
+        self._keys.add(entry.key)
+        self._entries.append(entry)
+        self._pos += len(data)
+
+    def _full(self, incoming: int) -> bool:
+        if self.max_samples is not None and len(self._entries) >= self.max_samples:
+            return True
+        return (self.max_bytes is not None
+                and self._pos + incoming + len(END_OF_ARCHIVE) > self.max_bytes)
+
+    def _open_shard(self) -> None:
+        self._name = shard_name(self.prefix, self.next_number)
+        self.next_number += 1
+        self._file = open(self.out_dir / (self._name + ".tmp"), "wb")
+        self._entries, self._keys, self._pos = [], set(), 0
+
+    def _finish_shard(self) -> None:
+        f = self._file
+        f.write(END_OF_ARCHIVE)
+        f.flush()
+        os.fsync(f.fileno())
+        f.close()
+        self._file = None
+        size = self._pos + len(END_OF_ARCHIVE)
+        idx = ShardIndex(self._name, size, self._entries).to_bytes()
+        iname = index_name(self._name)
+        atomic_write(self.out_dir / iname, idx)
+        os.replace(self.out_dir / (self._name + ".tmp"), self.out_dir / self._name)
+        self.shards.append(ShardInfo(self._name, iname, checksum(idx), len(self._entries), size,
+                                     mode_totals(self._entries)))
+
+    def close(self) -> Manifest:
+        """Finish the open shard and write the manifest; returns it."""
+        if not self.closed:
+            if self._file is not None:
+                self._finish_shard()
+            self.closed = True
+        manifest = Manifest(self.shards)
+        if self.write_manifest:
+            atomic_write(self.out_dir / MANIFEST_NAME, manifest.to_bytes())
+        return manifest
+
+    def abort(self) -> None:
+        """Drop the open shard's temporary file; finished shards stay."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+            (self.out_dir / (self._name + ".tmp")).unlink(missing_ok=True)
+        self.closed = True
