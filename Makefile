@@ -1,0 +1,23 @@
+# blocklm developer targets. PY is the interpreter of the environment to use (a venv's python).
+PY ?= python3
+CORPORA ?= ../shared/corpora
+SHARDS ?= data/shards
+
+.PHONY: install test lint shards bench
+
+# torch first, pinned to the CPU wheel, so no dependency can pull another torch build.
+install:
+	$(PY) -m pip install torch==2.13.0
+	$(PY) -m pip install -e '.[dev]'
+
+test:
+	$(PY) -m pytest -q
+
+lint:
+	$(PY) -m ruff check .
+
+shards:
+	@echo "make shards: not yet (the converters issue adds it)"; exit 2
+
+bench:
+	@echo "make bench: not yet (each benchmark lands with its issue)"; exit 2
