@@ -1,0 +1,112 @@
+"""ShardWriter: determinism, rollover, atomic names, manifest totals, input validation."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from blocklm.formats import (
+    FormatError,
+    Sample,
+    ShardWriter,
+    bytes_block,
+    iter_index,
+    read_manifest,
+    text_block,
+)
+
+
+def _samples(n: int) -> list[Sample]:
+    return [Sample(f"k{i:03d}", [text_block("to be or not " * (i + 1)),
+                                 bytes_block("video", (i, 2), bytes(range(i % 250)))])
+            for i in range(n)]
+
+
+def test_deterministic_bytes(tmp_path):
+    for d in ("a", "b"):
+        with ShardWriter(tmp_path / d, max_samples=4) as w:
+            for s in _samples(10):
+                w.write(s)
+    names = sorted(os.listdir(tmp_path / "a"))
+    assert names == sorted(os.listdir(tmp_path / "b"))
+    assert "shard-000002.tar" in names and "manifest.json" in names
+    for n in names:
+        assert (tmp_path / "a" / n).read_bytes() == (tmp_path / "b" / n).read_bytes(), n
+
+
+def test_rollover_by_samples_and_bytes(tmp_path):
+    with ShardWriter(tmp_path / "s", max_samples=3, max_bytes=None) as w:
+        for s in _samples(7):
+            w.write(s)
+    m = read_manifest(tmp_path / "s")
+    assert [s.samples for s in m.shards] == [3, 3, 1]
+    with ShardWriter(tmp_path / "b", max_bytes=8192) as w:
+        for s in _samples(12):
+            w.write(s)
+    m = read_manifest(tmp_path / "b")
+    assert len(m.shards) > 1 and m.samples == 12
+    assert all(s.bytes <= 8192 or s.samples == 1 for s in m.shards)
+    assert all((tmp_path / "b" / s.shard).stat().st_size == s.bytes for s in m.shards)
+
+
+def test_manifest_totals_match_indexes(tmp_path):
+    with ShardWriter(tmp_path, max_samples=2) as w:
+        for s in _samples(5):
+            w.write(s)
+    m = read_manifest(tmp_path)
+    blocks = {}
+    for _, e in iter_index(tmp_path):
+        for b in e.blocks:
+            blocks[b.mode] = blocks.get(b.mode, 0) + 1
+    assert m.samples == 5
+    assert {k: v["blocks"] for k, v in m.modes.items()} == blocks == {"text": 5, "video": 5}
+    raw = json.loads((tmp_path / "manifest.json").read_bytes())
+    assert raw["samples"] == 5 and raw["blocklm_manifest"] == 1
+
+
+def test_no_partial_shard_under_final_name(tmp_path):
+    w = ShardWriter(tmp_path, max_samples=2)
+    for s in _samples(3):
+        w.write(s)
+    # shard 0 is complete; shard 1 is open and must only exist under a temporary name
+    assert sorted(os.listdir(tmp_path)) == ["shard-000000.index.json", "shard-000000.tar",
+                                             "shard-000001.tar.tmp"]
+    w.abort()
+    assert "shard-000001.tar.tmp" not in os.listdir(tmp_path)
+    assert "shard-000001.tar" not in os.listdir(tmp_path)
+
+
+def test_exception_in_with_block_leaves_no_partial_shard(tmp_path):
+    with pytest.raises(RuntimeError):
+        with ShardWriter(tmp_path) as w:
+            w.write(_samples(1)[0])
+            raise RuntimeError("crash")
+    assert os.listdir(tmp_path) == []
+
+
+def test_duplicate_key_rejected(tmp_path):
+    with ShardWriter(tmp_path) as w:
+        w.write(Sample("a", []))
+        with pytest.raises(FormatError, match="duplicate key"):
+            w.write(Sample("a", []))
+
+
+@pytest.mark.parametrize("key", ["a.b", "../x", "/abs", "", "x" * 65, "a//b", "ü"])
+def test_invalid_keys_rejected(key):
+    with pytest.raises(FormatError, match="invalid sample key"):
+        Sample(key, [])
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"mode": "Text"}, "invalid mode"), ({"mode": "a" * 17}, "invalid mode"),
+    ({"codec": "PNG"}, "invalid codec"), ({"shape": (-1,)}, "non-negative"),
+    ({"meta": {"Bad": 1}}, "metadata name"), ({"meta": {"x": [1]}}, "must be a string"),
+    ({"meta": {"x": float("nan")}}, "finite"), ({"meta": {"x": "y" * 5000}}, "4096"),
+])
+def test_invalid_blocks_rejected(kwargs, match):
+    fields = {"mode": "text", "shape": (1,), "codec": "utf8", "payload": b"a", "meta": {}}
+    fields.update(kwargs)
+    from blocklm.formats import Block
+    with pytest.raises(FormatError, match=match):
+        Block(**fields)
