@@ -1,0 +1,171 @@
+"""The unit of conversion work: an :class:`Item` (one future sample) and the worker that turns it
+into encoded shard bytes or a rejection.
+
+Sources (``convert_sources*``) enumerate items cheaply in the parent process; workers read, build,
+fully decode (to catch truncated or corrupt files that headers alone accept) and encode them in
+parallel. Items are small and picklable: file contents are read by the worker, not the parent.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from blocklm.formats import (
+    Block,
+    FormatError,
+    Sample,
+    audio_file_block,
+    bytes_block,
+    image_file_block,
+    text_block,
+)
+from blocklm.formats.writer import SampleEncoder
+
+IMAGE_EXTS = {"png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff"}
+AUDIO_EXTS = {"wav", "flac", "ogg", "opus", "mp3", "sph"}
+TEXT_EXTS = {"txt", "text", "caption", "transcript", "md"}
+
+
+@dataclass
+class Part:
+    """One block to build: how (``image``, ``audio``, ``text``, ``auto``, ``bytes``), a mode, and
+    where its content is (a file ``path`` with optional byte range, or inline ``data``/``text``)."""
+
+    how: str
+    mode: str
+    path: str | None = None
+    offset: int = 0
+    size: int = -1  # -1: the whole file
+    data: bytes | None = None
+    text: str | None = None
+    text_errors: str = "strict"
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass
+class Item:
+    """One future sample: its key, its blocks, and the input it came from (for the report).
+
+    ``error`` set means the source already rejected this input (e.g. a broken manifest line).
+    """
+
+    source: str
+    key: str = ""
+    parts: list[Part] = field(default_factory=list)
+    error: str | None = None
+
+
+@dataclass
+class Result:
+    """What a worker returns: encoded sample bytes and index entry, or a rejection reason."""
+
+    source: str
+    encoded: tuple | None = None  # (bytes, IndexEntry) from SampleEncoder.encode
+    payload_bytes: int = 0
+    error: str | None = None
+
+
+def how_for_ext(ext: str) -> str | None:
+    """The builder for a file extension (lowercase, no dot), or None if unknown."""
+    ext = ext.lower()
+    if ext in IMAGE_EXTS:
+        return "image"
+    if ext in AUDIO_EXTS:
+        return "audio"
+    if ext in TEXT_EXTS:
+        return "text"
+    return None
+
+
+def read_part(p: Part) -> bytes:
+    """The raw bytes of a part (file or range); OSError propagates."""
+    if p.data is not None:
+        return p.data
+    with open(p.path, "rb") as f:
+        if p.size < 0:
+            return f.read()
+        data = os.pread(f.fileno(), p.size, p.offset)
+        if len(data) != p.size:
+            raise OSError(f"short read: {len(data)} of {p.size} bytes at offset {p.offset}")
+        return data
+
+
+def build_block(p: Part) -> Block:
+    """Build and fully validate one block; raises FormatError/CodecError/OSError/ValueError."""
+    if p.text is not None:
+        return text_block(p.text, p.mode, p.meta)
+    data = read_part(p)
+    if not data:
+        raise FormatError("empty file (0 bytes)")
+    how = p.how
+    if how == "auto":
+        how = _sniff(data)
+        if p.mode == "auto":  # mode follows what the bytes turned out to be
+            p = Part(how, how if how != "bytes" else "data", p.path, p.offset, p.size, data,
+                     None, p.text_errors, p.meta)
+    if how == "image":
+        b = image_file_block(data, p.mode, p.meta)
+    elif how == "audio":
+        b = audio_file_block(data, p.mode, p.meta)
+        if b.shape[0] == 0:
+            raise FormatError("audio has no frames")
+    elif how == "text":
+        try:
+            text = data.decode("utf-8", errors=p.text_errors)
+        except UnicodeDecodeError as e:
+            raise FormatError(f"not UTF-8 text ({e.reason} at byte {e.start}); "
+                              "use --text-errors replace to keep it") from None
+        return text_block(text, p.mode, p.meta)
+    else:
+        return bytes_block(p.mode, (len(data),), data, meta=p.meta)
+    b.decode()  # full decode: headers alone accept truncated and corrupt files
+    return b
+
+
+def _sniff(data: bytes) -> str:
+    """Image or audio or bytes, by trying the format's header probes."""
+    from blocklm.formats.codecs import probe_audio, probe_image
+
+    for how, probe in (("image", probe_image), ("audio", probe_audio)):
+        try:
+            probe(data)
+            return how
+        except FormatError:
+            continue
+    return "bytes"
+
+
+_ENCODER: SampleEncoder | None = None  # one per worker process: holds a zstd context
+
+
+def process(item: Item) -> Result:
+    """Worker entry point: the item's encoded sample, or the reason it is rejected."""
+    global _ENCODER
+    if item.error is not None:
+        return Result(item.source, error=item.error)
+    try:
+        blocks = []
+        for i, p in enumerate(item.parts):
+            try:
+                blocks.append(build_block(p))
+            except (FormatError, OSError, ValueError) as e:
+                where = f"block {i} ({p.path})" if p.path and len(item.parts) > 1 else \
+                    (f"block {i}" if len(item.parts) > 1 else "")
+                reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+                if isinstance(e, OSError):
+                    reason = f"unreadable: {reason}"
+                raise _Reject(f"{where}: {reason}" if where else reason) from None
+        sample = Sample(item.key, blocks)
+        if _ENCODER is None:
+            _ENCODER = SampleEncoder()
+        encoded = _ENCODER.encode(sample)
+        return Result(item.source, encoded, sum(len(b.payload) for b in blocks))
+    except _Reject as e:
+        return Result(item.source, error=str(e))
+    except (FormatError, ValueError) as e:
+        return Result(item.source, error=str(e))
+
+
+class _Reject(Exception):
+    pass
