@@ -6,9 +6,12 @@ SHARDS ?= data/shards
 .PHONY: install test lint shards bench
 
 # torch first, pinned to the CPU wheel, so no dependency can pull another torch build.
+# constraints.txt pins the whole dependency set to versions known to work together (it also pins
+# torch), so a fresh install never backtracks through the resolver; refresh it with
+# `pip freeze --exclude-editable > constraints.txt` in a working environment.
 install:
 	$(PY) -m pip install torch==2.13.0
-	$(PY) -m pip install -e '.[dev]'
+	$(PY) -m pip install -c constraints.txt -e '.[dev]'
 
 test:
 	$(PY) -m pytest -q
