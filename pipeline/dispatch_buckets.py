@@ -1,0 +1,105 @@
+"""One shape bucket's queue (FIFO requests, their elementwise max shape, whether it is full), and
+the record of an example in flight.
+
+This is the dispatcher's hot path (every request is pushed once and taken once), so it is plain
+attribute access and tuple arithmetic, no per-request allocation beyond the max shape.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from .dispatch_types import Request, Shape
+
+
+def _emax(a: Shape, b: Shape) -> Shape:
+    return a if a == b else tuple(map(max, a, b))
+
+
+class Bucket:
+    """Pending requests of one mode and shape bucket.
+
+    ``full`` means one more request of the bucket's current max shape would break the budget (or
+    the sample cap is reached): the bucket can form a complete batch now.
+    """
+
+    __slots__ = ("mode", "key", "q", "maxshape", "full", "cost", "budget", "cap")
+
+    def __init__(self, mode: str, key: tuple, cost: Callable[[Shape], int], budget: int,
+                 cap: int | None) -> None:
+        self.mode, self.key = mode, key
+        self.q: deque[Request] = deque()
+        self.maxshape: Shape | None = None
+        self.full = False
+        self.cost, self.budget, self.cap = cost, budget, cap
+
+    def __repr__(self) -> str:
+        return f"Bucket({self.mode!r}, {self.key}, pending={len(self.q)}, full={self.full})"
+
+    def push(self, r: Request) -> bool:
+        """Queue ``r``; True if the bucket was empty before."""
+        q = self.q
+        q.append(r)
+        ms = self.maxshape
+        self.maxshape = ms = r.shape if ms is None else _emax(ms, r.shape)
+        n = len(q)
+        cap = self.cap
+        self.full = (cap is not None and n >= cap) or (n + 1) * self.cost(ms) > self.budget
+        return n == 1
+
+    def pending_cost(self) -> int:
+        """Padded cost of all pending requests together (to pick the fullest partial bucket)."""
+        return len(self.q) * self.cost(self.maxshape) if self.q else 0
+
+    def take(self) -> tuple[list[Request], Shape, int, int]:
+        """Pop the longest FIFO prefix whose padded cost fits the budget (and the cap).
+
+        Returns (requests, padded shape, padded cost, sum of the requests' costs). Always takes
+        at least one request (admission already rejected requests over the budget).
+        """
+        q, cost, budget, cap = self.q, self.cost, self.budget, self.cap
+        reqs: list[Request] = []
+        ms: Shape | None = None
+        each = total = 0
+        while q:
+            r = q[0]
+            nm = r.shape if ms is None else _emax(ms, r.shape)
+            c = cost(nm)
+            n = len(reqs)
+            if n and ((n + 1) * c > budget or (cap is not None and n >= cap)):
+                break
+            q.popleft()
+            reqs.append(r)
+            ms, each = nm, c
+            total += r.cost
+        # what remains: recompute its max shape and fullness
+        ms2: Shape | None = None
+        for r in q:
+            ms2 = r.shape if ms2 is None else _emax(ms2, r.shape)
+        self.maxshape = ms2
+        n = len(q)
+        self.full = bool(n) and ((cap is not None and n >= cap) or (n + 1) * cost(ms2) > budget)
+        return reqs, ms, len(reqs) * each, total  # type: ignore[return-value]
+
+
+# (block, part, mode, shape, inputs, targets): one request's worth of an example
+Piece = tuple[int, int, str, tuple, Any, Any]
+
+
+class Example:
+    """An example in flight: its pieces (blocks, split blocks, generated blocks), the next one to
+    request, its context state and what it collected. ``nsrc``: pieces that came from the
+    sample (the rest were generated)."""
+
+    __slots__ = ("eid", "key", "pieces", "nsrc", "next", "state", "outputs", "generated")
+
+    def __init__(self, eid: int, key: str) -> None:
+        self.eid, self.key = eid, key
+        self.pieces: list[Piece] = []
+        self.nsrc = 0
+        self.next = 0
+        self.state: Any = None
+        self.outputs: list = []
+        self.generated: list = []

@@ -1,0 +1,114 @@
+"""Dispatcher state for training resumption: ``Dispatcher.state_dict()`` / ``load_state_dict()``.
+
+Taken between steps (after ``run`` yields), the state holds: the logical clock, the request
+sequence counter, ``drawn`` (the next source position), the metrics accumulators and counters,
+and every example in flight as ``{example (its source position), key, next (piece index),
+state (its context, opaque: e.g. tensors, saved as given), t, seq (its pending request's enqueue
+time and order), extra (generated pieces), outputs, generated}``. Nothing prefetched but not yet
+admitted is in it: those samples are read again.
+
+To resume: build a dispatcher with the same runners, buckets, cost and config, call
+``load_state_dict(state)``, then ``run(source, offset=p)`` with the same source order starting at
+``p <= Dispatcher.resume_position(state)`` (the smallest in-flight position). Positions before
+``drawn`` that were not in flight are skipped without being prepared; the in-flight examples are
+rebuilt and their requests re-queued with their saved time and order, so with the logical clock
+the resumed run forms exactly the batches the uninterrupted run would have. (With a wall-clock TTL
+the saved times are meaningless after a restart: requests are re-queued as new.)
+
+The state is plain Python (ints, strings, lists, dicts) plus the runners' context states, so
+``torch.save`` can store it.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from .dispatch_buckets import Example
+from .dispatch_metrics import ModeStats
+
+if TYPE_CHECKING:
+    from .dispatch import Dispatcher
+
+VERSION = 1
+_CONFIG_KEYS = ("max_in_flight", "budget", "mode_budget", "max_batch_samples",
+                "mode_max_samples", "ttl_steps", "ttl_seconds", "max_blocks")
+
+
+def _config_fingerprint(d: Dispatcher) -> dict[str, Any]:
+    return {k: getattr(d.config, k) for k in _CONFIG_KEYS}
+
+
+def save_state(d: Dispatcher) -> dict[str, Any]:
+    pending = sorted((r for b in d._nonempty for r in b.q), key=lambda r: r.seq)
+    if len(pending) != len(d._in_flight) or d._finished:
+        raise RuntimeError("Dispatcher.state_dict() must be called between steps "
+                           "(after run() yields a step)")
+    in_flight = []
+    for r in pending:
+        ex = r._ex
+        in_flight.append({
+            "example": ex.eid, "key": ex.key, "next": ex.next, "state": ex.state,
+            "t": r.t, "seq": r.seq,
+            "extra": [[p[0], p[1], p[2], list(p[3])] for p in ex.pieces[ex.nsrc:]],
+            "outputs": list(ex.outputs), "generated": list(ex.generated),
+        })
+    return {
+        "version": VERSION,
+        "config": _config_fingerprint(d),
+        "clock": d.clock,
+        "seq": d._seq,
+        "drawn": d.drawn,
+        "in_flight": in_flight,
+        "counts": dict(d.counts),
+        "steps_by_mode": dict(d.steps_by_mode),
+        "empty_steps": d.empty_steps,
+        "in_flight_sum": d._in_flight_sum,
+        "stats": {m: s.state() for m, s in d._stats.items()},
+    }
+
+
+def restore_examples(d: Dispatcher, rs: dict[str, Any], it: Iterator) -> None:
+    """Rebuild ``d`` from state ``rs``, reading the in-flight samples from ``it``."""
+    if rs.get("version") != VERSION:
+        raise ValueError(f"dispatcher state version {rs.get('version')!r}, expected {VERSION}")
+    if rs["config"] != _config_fingerprint(d):
+        raise ValueError(f"dispatcher state was saved with config {rs['config']}, "
+                         f"this dispatcher has {_config_fingerprint(d)}")
+    need = {e["example"]: e for e in rs["in_flight"]}
+    got: dict[int, tuple[Any, Any]] = {}
+    while len(got) < len(need):
+        item = next(it, None)
+        pos = None if item is None else item[0]
+        if pos is None or pos >= rs["drawn"]:
+            missing = sorted(set(need) - set(got))
+            raise ValueError(f"resuming: the source does not replay in-flight examples at "
+                             f"positions {missing[:10]} (keys "
+                             f"{[need[p]['key'] for p in missing[:10]]})")
+        sample, pieces = item[1], item[2]
+        if pos in need:
+            if sample.key != need[pos]["key"]:
+                raise ValueError(f"resuming: source position {pos} holds sample "
+                                 f"{sample.key!r}, the state expects {need[pos]['key']!r}")
+            got[pos] = (sample, pieces)
+    d.clock, d._seq, d.drawn = rs["clock"], rs["seq"], rs["drawn"]
+    d.counts = Counter(rs["counts"])
+    d.steps_by_mode = Counter(rs["steps_by_mode"])
+    d.empty_steps, d._in_flight_sum = rs["empty_steps"], rs["in_flight_sum"]
+    for m, st in rs["stats"].items():
+        if m in d._stats:
+            d._stats[m] = ModeStats.from_state(st)
+    for e in sorted(rs["in_flight"], key=lambda e: e["seq"]):
+        sample, pieces = got[e["example"]]
+        if isinstance(pieces, Exception):
+            raise pieces
+        ex = Example(e["example"], e["key"])
+        ex.pieces = list(pieces)
+        ex.nsrc = len(pieces)
+        ex.pieces += [(b, part, mode, tuple(shape), None, None)
+                      for b, part, mode, shape in e["extra"]]
+        ex.next, ex.state = e["next"], e["state"]
+        ex.outputs, ex.generated = list(e["outputs"]), list(e["generated"])
+        d._in_flight[ex.eid] = ex
+        d._issue(ex, t=None if d._wall else e["t"], seq=e["seq"])

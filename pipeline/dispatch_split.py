@@ -1,0 +1,41 @@
+"""Splitting blocks that exceed the batch budget, for modes whose content can be cut in pieces.
+
+A splitter is ``split(shape, inputs, targets, max_cost, cost) -> [(shape, inputs, targets), ...]``
+(``cost(shape) -> int`` is the mode's cost function); pass ``splitters={mode: split}`` to the
+dispatcher. Each piece becomes its own request (same block index, ``part`` 0, 1, ...), processed
+in order, the context carried from piece to piece like from block to block.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+Shape = tuple[int, ...]
+
+
+def split_first_axis(shape: Shape, inputs: Any, targets: Any, max_cost: int,
+                     cost: Callable[[Shape], int]) -> list[tuple[Shape, Any, Any]]:
+    """Cut a sequence-like block (text, audio) along its first axis into the fewest equal-length
+    pieces (the last one shorter) that each cost at most ``max_cost``. ``inputs``/``targets``
+    must be sliceable along the first axis (``str``, ``list``, numpy arrays) or ``None``."""
+    if not shape:
+        raise ValueError("cannot split a block without dimensions")
+    n, rest = shape[0], tuple(shape[1:])
+    if cost((1, *rest)) > max_cost:
+        raise ValueError(f"even a length-1 slice of shape {list(shape)} costs more than "
+                         f"{max_cost} tokens")
+    lo, hi = 1, max(1, n)
+    while lo < hi:  # the longest piece that fits (cost grows with the length)
+        mid = (lo + hi + 1) // 2
+        if cost((mid, *rest)) <= max_cost:
+            lo = mid
+        else:
+            hi = mid - 1
+    out = []
+    for a in range(0, n, lo):
+        b = min(n, a + lo)
+        out.append(((b - a, *rest),
+                    None if inputs is None else inputs[a:b],
+                    None if targets is None else targets[a:b]))
+    return out
