@@ -20,7 +20,7 @@ lint:
 	$(PY) -m ruff check .
 
 shards:
-	@echo "make shards: not yet (the converters issue adds it)"; exit 2
+	$(PY) -m blocklm.tools.make_shards --corpora $(CORPORA) --out $(SHARDS)
 
 bench:
 	@echo "make bench: not yet (each benchmark lands with its issue)"; exit 2

@@ -37,12 +37,15 @@ def parse_size(text: str) -> int:
               show_default=True, help="Non-UTF-8 text: reject it, or decode with U+FFFD.")
 @click.option("--text-field", default="text", show_default=True,
               help="The field of a .jsonl text file that holds the text.")
+@click.option("--manifest-root", type=click.Path(file_okay=False), default=None,
+              help="Sample manifest paths are relative to this folder and may not leave it "
+                   "(default: the manifest's own folder).")
 @click.option("--prefix", default="shard", show_default=True, help="Shard file name prefix.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run into the same --out.")
 @click.option("--strict", is_flag=True, help="Stop at the first bad input (exit 1).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary line.")
 def convert(inputs, out, kind, workers, shard_size, shard_samples, text_split, text_errors,
-            text_field, prefix, resume, strict, quiet):
+            text_field, manifest_root, prefix, resume, strict, quiet):
     """Convert folders of images/audio, text, JSONL, sample manifests, WebDataset tars,
     Hugging Face datasets or parquet files into block-list shards.
 
@@ -64,7 +67,8 @@ def convert(inputs, out, kind, workers, shard_size, shard_samples, text_split, t
 
     try:
         opts = ConvertOptions(kind=kind, text_split=text_split, text_errors=text_errors,
-                              text_field=text_field, workers=workers,
+                              text_field=text_field, manifest_root=manifest_root,
+                              workers=workers,
                               shard_size=parse_size(shard_size), shard_samples=shard_samples,
                               prefix=prefix, resume=resume, strict=strict, quiet=quiet)
     except ValueError as e:

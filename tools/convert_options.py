@@ -22,6 +22,8 @@ class ConvertOptions:
     text_split: str = "paragraphs"
     text_errors: str = "strict"
     text_field: str = "text"
+    manifest_root: str | None = None  # sample manifest paths: relative to this (default: the
+    # manifest's folder) and never outside it
     workers: int | None = None  # None: all cores
     shard_size: int = 256 << 20
     shard_samples: int | None = None
@@ -48,6 +50,8 @@ class ConvertOptions:
         d = asdict(self)
         for k in ("workers", "resume", "strict", "quiet"):
             d.pop(k)
+        if self.manifest_root is not None:
+            d["manifest_root"] = os.path.abspath(self.manifest_root)
         return d
 
 

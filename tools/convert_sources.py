@@ -188,8 +188,10 @@ def jsonl_items(path: str, key: str, opts: ConvertOptions, keys: KeyAllocator) -
 def manifest_items(path: str, key: str, opts: ConvertOptions,
                    keys: KeyAllocator) -> Iterator[Item]:
     """One sample per line: a list of blocks, or ``{"key": ..., "blocks": [...]}``; each block
-    ``{"mode", "path"}`` (relative to the manifest) or ``{"mode", "text"}``, optional ``meta``."""
-    base = Path(path).resolve().parent
+    ``{"mode", "path"}`` (relative to the manifest, or to ``--manifest-root``) or
+    ``{"mode", "text"}``, optional ``meta``. Paths may not leave that folder (symlinks included)."""
+    root = opts.manifest_root if opts.manifest_root is not None else Path(path).parent
+    base = Path(os.path.realpath(root))
     try:
         for n, line in _lines(path):
             src = f"{path}:{n}"
@@ -238,7 +240,7 @@ def parse_manifest_line(line: bytes, base: Path, opts: ConvertOptions) -> tuple[
 def resolve_inside(base: Path, rel: str) -> Path:
     """``rel`` under ``base``; ValueError if absolute, escaping ``base``, or missing."""
     if os.path.isabs(rel):
-        raise ValueError(f"path {rel!r} is absolute; paths are relative to the manifest")
+        raise ValueError(f"path {rel!r} is absolute; paths are relative to the manifest's folder")
     full = Path(os.path.realpath(base / rel))
     if os.path.commonpath([str(full), str(base)]) != str(base):
         raise ValueError(f"path {rel!r} escapes the manifest's folder")
