@@ -189,9 +189,9 @@ def manifest_items(path: str, key: str, opts: ConvertOptions,
                    keys: KeyAllocator) -> Iterator[Item]:
     """One sample per line: a list of blocks, or ``{"key": ..., "blocks": [...]}``; each block
     ``{"mode", "path"}`` (relative to the manifest, or to ``--manifest-root``) or
-    ``{"mode", "text"}``, optional ``meta``. Paths may not leave that folder (symlinks included)."""
+    ``{"mode", "text"}``, optional ``meta``. Paths may not climb out of that folder."""
     root = opts.manifest_root if opts.manifest_root is not None else Path(path).parent
-    base = Path(os.path.realpath(root))
+    base = Path(os.path.abspath(root))
     try:
         for n, line in _lines(path):
             src = f"{path}:{n}"
@@ -209,7 +209,12 @@ def manifest_items(path: str, key: str, opts: ConvertOptions,
 def parse_manifest_line(line: bytes, base: Path, opts: ConvertOptions) -> tuple[str | None,
                                                                                list[Part]]:
     """(key or None, parts) of one manifest line; ValueError says what is wrong."""
-    obj = json.loads(line.decode("utf-8"))
+    try:
+        obj = json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"not UTF-8: {e}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not valid JSON: {e}") from None
     key = None
     if isinstance(obj, dict):
         key = obj.get("key")
@@ -238,11 +243,14 @@ def parse_manifest_line(line: bytes, base: Path, opts: ConvertOptions) -> tuple[
 
 
 def resolve_inside(base: Path, rel: str) -> Path:
-    """``rel`` under ``base``; ValueError if absolute, escaping ``base``, or missing."""
-    if os.path.isabs(rel):
+    """``rel`` under ``base``; ValueError if absolute, escaping ``base``, or missing.
+
+    The check is on the path as written (``..`` may not climb out): a symlink inside ``base`` is
+    the folder owner's choice and is followed, a manifest line is not trusted to pick files."""
+    if os.path.isabs(rel) or rel.startswith("~"):
         raise ValueError(f"path {rel!r} is absolute; paths are relative to the manifest's folder")
-    full = Path(os.path.realpath(base / rel))
-    if os.path.commonpath([str(full), str(base)]) != str(base):
+    full = Path(os.path.normpath(base / rel))
+    if os.path.commonpath([str(full), str(base)]) != str(base) or full == base:
         raise ValueError(f"path {rel!r} escapes the manifest's folder")
     if not full.exists():
         raise ValueError(f"path {rel!r} does not exist")

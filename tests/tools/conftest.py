@@ -1,0 +1,61 @@
+"""Shared fixtures for the tools tests: small subsets of the real corpora, linked into tmp_path."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+CORPORA = Path(__file__).resolve().parents[3] / "shared" / "corpora"
+
+
+@pytest.fixture(scope="session")
+def corpora() -> Path:
+    if not CORPORA.is_dir():
+        pytest.skip(f"sample corpora not found at {CORPORA}")
+    return CORPORA
+
+
+def _subset(corpora: Path, dst: Path, rel: str, names: list[str]) -> Path:
+    dst.mkdir(parents=True, exist_ok=True)
+    for n in names:
+        os.symlink(corpora / rel / n, dst / n)
+    return dst
+
+
+@pytest.fixture
+def image_dir(corpora, tmp_path) -> Path:
+    """3 BSD100 photos (RGB) and Set14's greyscale image (img_003)."""
+    d = _subset(corpora, tmp_path / "imgs", "images/bsd100", ["img_001.png", "img_002.png",
+                                                             "img_003.png"])
+    os.symlink(corpora / "images/set14/img_003.png", d / "grey.png")
+    return d
+
+
+@pytest.fixture
+def audio_dir(corpora, tmp_path) -> Path:
+    """5 FSDD clips."""
+    names = sorted(os.listdir(corpora / "audio/fsdd"))[:5]
+    return _subset(corpora, tmp_path / "fsdd", "audio/fsdd", names)
+
+
+@pytest.fixture
+def small_text(corpora, tmp_path) -> Path:
+    """The first 60 lines of tinyshakespeare."""
+    lines = (corpora / "text/tinyshakespeare.txt").read_text(encoding="utf-8").splitlines(True)
+    p = tmp_path / "shakes.txt"
+    p.write_text("".join(lines[:60]), encoding="utf-8")
+    return p
+
+
+@pytest.fixture
+def run_cli():
+    """Invoke ``blocktool`` in-process; returns the click Result (stdout and stderr split)."""
+    from blocklm.tools.cli import main
+    from click.testing import CliRunner
+
+    def run(*args: str):
+        return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+    return run
