@@ -1,0 +1,297 @@
+"""Remote byte sources for the format's ``ByteSource``/``Opener`` plug point: HTTP(S), S3, fsspec.
+
+Every read is a range request for exactly the bytes the index points at (one request per sample or
+run of samples). Reads time out instead of hanging, retry transient failures with backoff
+(:mod:`blocklm.pipeline.retry`) and resume at the first byte not yet received: byte-exact over
+HTTP, to ``chunk_bytes`` over fsspec/S3 (each chunk is one ranged request). Clients (a
+``requests.Session``, an ``s3fs`` filesystem) are made lazily, one per process, so an opener can
+be pickled into DataLoader workers.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO
+
+from blocklm.formats.errors import FormatError, TruncatedShardError
+from blocklm.formats.reader import ByteSource, LocalSource
+
+from .errors import NotFoundError, SourceError
+from .retry import Attempts, RetryPolicy
+
+MAX_REQUEST_BYTES = 64 << 20  # one HTTP read call never asks urllib3 for more than this
+
+
+@dataclass(frozen=True)
+class RemoteConfig:
+    """How remote shards are reached. Everything is explicit: no environment variables.
+
+    ``timeout`` bounds connecting and every wait for the next bytes. ``s3_endpoint_url``,
+    ``s3_key``/``s3_secret`` (or ``s3_anon``) configure ``s3://``; ``storage_options`` go to
+    ``fsspec.filesystem`` for any other protocol. ``cache_dir`` with ``cache_bytes`` > 0 keeps whole
+    remote files in an LRU cache on local disk (:mod:`blocklm.pipeline.cache`).
+    """
+
+    timeout: float = 30.0
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    chunk_bytes: int = 8 << 20
+    s3_endpoint_url: str | None = None
+    s3_key: str | None = None
+    s3_secret: str | None = None
+    s3_anon: bool = False
+    s3_region: str = "us-east-1"
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    cache_dir: str | None = None
+    cache_bytes: int = 0
+
+
+class HTTPSource:
+    """A :class:`ByteSource` over an HTTP(S) URL, read with ``Range`` requests."""
+
+    def __init__(self, url: str, config: RemoteConfig, session: Callable[[], Any]) -> None:
+        self.name = self.url = url
+        self.config = config
+        self._session = session
+        self._size: int | None = None
+        self.retries = 0  # transient failures retried, for the loader's stats
+
+    def _transient(self) -> tuple[type[BaseException], ...]:
+        import requests
+        import urllib3
+
+        return (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
+                urllib3.exceptions.HTTPError, OSError, _Transient)
+
+    def _status(self, r: Any, offset: int) -> None:
+        if r.status_code in (404, 410):
+            raise NotFoundError(f"HTTP {r.status_code}", shard=self.url)
+        if r.status_code == 416:
+            raise TruncatedShardError(f"HTTP 416: no bytes at offset {offset}", shard=self.url)
+        if r.status_code == 429 or r.status_code >= 500:
+            raise _Transient(f"HTTP {r.status_code}")
+        if r.status_code not in (200, 206):
+            raise SourceError(f"HTTP {r.status_code}", shard=self.url)
+
+    def size(self) -> int:
+        if self._size is None:
+            att = Attempts(self.config.retry)
+            while True:
+                try:
+                    r = self._session().head(self.url, timeout=self.config.timeout,
+                                             allow_redirects=True)
+                    self._status(r, 0)
+                    n = r.headers.get("Content-Length")
+                    if n is None or not n.isdigit():
+                        raise SourceError("no Content-Length in HEAD response", shard=self.url)
+                    self._size = int(n)
+                    break
+                except self._transient() as e:
+                    self._retry_or_raise(att, False, 0, e)
+        return self._size
+
+    def _retry_or_raise(self, att: Attempts, progressed: bool, done: int, e: BaseException) -> None:
+        if not att.failed(progressed, done):
+            raise SourceError(f"giving up after {att.total} failures ({done} bytes received): "
+                              f"{type(e).__name__}: {e}", shard=self.url) from None
+        self.retries += 1
+
+    def read(self, offset: int, length: int) -> bytes:
+        """``length`` bytes from ``offset``; a cut connection resumes at the next missing byte."""
+        if length == 0:
+            return b""
+        parts: list[bytes] = []
+        got = 0
+        att = Attempts(self.config.retry)
+        while got < length:
+            before = got
+            try:
+                start, end = offset + got, offset + length - 1
+                with self._session().get(self.url, stream=True, timeout=self.config.timeout,
+                                         headers={"Range": f"bytes={start}-{end}",
+                                                  "Accept-Encoding": "identity"}) as r:
+                    self._status(r, start)
+                    if r.status_code == 200 and start != 0:
+                        raise SourceError("server ignored the Range header (HTTP 200)",
+                                          shard=self.url)
+                    if r.status_code == 206:
+                        cr = r.headers.get("Content-Range", "")
+                        if not cr.startswith(f"bytes {start}-"):
+                            raise SourceError(f"Content-Range {cr!r} does not start at {start}",
+                                              shard=self.url)
+                    while got < length:
+                        chunk = r.raw.read(min(length - got, MAX_REQUEST_BYTES))
+                        if not chunk:
+                            break
+                        parts.append(chunk)
+                        got += len(chunk)
+                    if got < length:
+                        total = r.headers.get("Content-Range", "").rpartition("/")[2]
+                        if total.isdigit() and int(total) < offset + length:
+                            raise TruncatedShardError(
+                                f"wanted {length} bytes at offset {offset}, file has {total}",
+                                shard=self.url)
+                        raise _Transient(f"connection ended after {got - before} bytes")
+            except self._transient() as e:
+                self._retry_or_raise(att, got > before, got, e)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def open(self) -> BinaryIO:
+        return io.BufferedReader(_SequentialReader(self), buffer_size=1 << 20)
+
+
+class FsspecSource:
+    """A :class:`ByteSource` over any fsspec filesystem (S3 through s3fs, GCS, ...).
+
+    Reads ask for ``chunk_bytes`` at a time with ``fs.cat_file(path, start, end)``, each retried on
+    its own, so a failure costs at most one chunk.
+    """
+
+    def __init__(self, url: str, path: str, config: RemoteConfig, fs: Callable[[], Any]) -> None:
+        self.name = self.url = url
+        self.path = path
+        self.config = config
+        self._fs = fs
+        self._size: int | None = None
+        self.retries = 0
+
+    def _call(self, fn: Callable[[], Any], done: int) -> Any:
+        att = Attempts(self.config.retry)
+        while True:
+            try:
+                return fn()
+            except FileNotFoundError as e:
+                raise NotFoundError(f"not found: {e}", shard=self.url) from None
+            except (PermissionError, FormatError):
+                raise
+            except Exception as e:  # noqa: BLE001 - fsspec backends raise anything; retried, bounded
+                if not att.failed(False, done):
+                    raise SourceError(f"giving up after {att.total} failures: "
+                                      f"{type(e).__name__}: {e}", shard=self.url) from None
+                self.retries += 1
+
+    def size(self) -> int:
+        if self._size is None:
+            self._size = int(self._call(lambda: self._fs().size(self.path), 0))
+        return self._size
+
+    def read(self, offset: int, length: int) -> bytes:
+        parts = []
+        got = 0
+        step = max(1, self.config.chunk_bytes)
+        while got < length:
+            a = offset + got
+            b = a + min(step, length - got)
+            chunk = self._call(lambda a=a, b=b: self._fs().cat_file(self.path, start=a, end=b), got)
+            if len(chunk) != b - a:
+                raise TruncatedShardError(f"wanted {length} bytes at offset {offset}, got "
+                                          f"{got + len(chunk)}", shard=self.url)
+            parts.append(chunk)
+            got += len(chunk)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def open(self) -> BinaryIO:
+        return io.BufferedReader(_SequentialReader(self), buffer_size=1 << 20)
+
+
+class _Transient(Exception):
+    """An HTTP answer worth retrying (5xx, 429, a body cut short)."""
+
+
+class _SequentialReader(io.RawIOBase):
+    """A sequential stream over a source's range reads (for scanning a shard without an index)."""
+
+    def __init__(self, src: HTTPSource | FsspecSource) -> None:
+        self.src = src
+        self.pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        n = min(len(b), self.src.size() - self.pos)
+        if n <= 0:
+            return 0
+        data = self.src.read(self.pos, n)
+        b[:n] = data
+        self.pos += n
+        return n
+
+
+class RemoteOpener:
+    """An ``Opener`` (URL -> :class:`ByteSource`) for local paths, ``file://``, ``http(s)://``,
+    ``s3://`` and any fsspec URL. Picklable; clients are rebuilt in each process.
+
+    >>> opener = RemoteOpener(RemoteConfig(s3_endpoint_url="http://127.0.0.1:9000"))
+    >>> src = opener("s3://bucket/text/shard-000000.tar")  # doctest: +SKIP
+    """
+
+    def __init__(self, config: RemoteConfig | None = None) -> None:
+        self.config = config or RemoteConfig()
+        self._clients: dict[str, Any] = {}
+        self._pid = os.getpid()
+        self._cache = None
+        if self.config.cache_dir and self.config.cache_bytes > 0:
+            from .cache import ShardCache
+
+            self._cache = ShardCache(self.config.cache_dir, self.config.cache_bytes)
+
+    def __getstate__(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d["_clients"] = {}
+        return d
+
+    def _client(self, kind: str) -> Any:
+        if os.getpid() != self._pid:  # forked: never share a connection pool or event loop
+            self._clients, self._pid = {}, os.getpid()
+        c = self._clients.get(kind)
+        if c is None:
+            c = self._clients[kind] = self._make_client(kind)
+        return c
+
+    def _make_client(self, kind: str) -> Any:
+        cfg = self.config
+        if kind == "http":
+            import requests
+
+            s = requests.Session()
+            s.trust_env = False  # no proxy or credentials from the environment
+            return s
+        if kind == "s3":
+            import s3fs
+
+            creds: dict[str, Any] = {"anon": cfg.s3_anon}
+            if cfg.s3_key is not None:
+                creds.update(key=cfg.s3_key, secret=cfg.s3_secret)
+            return s3fs.S3FileSystem(
+                endpoint_url=cfg.s3_endpoint_url, skip_instance_cache=True, retries=1,
+                client_kwargs={"region_name": cfg.s3_region},
+                config_kwargs={"connect_timeout": cfg.timeout, "read_timeout": cfg.timeout,
+                               "retries": {"max_attempts": 1}}, **creds)
+        import fsspec
+
+        return fsspec.filesystem(kind, skip_instance_cache=True, **cfg.storage_options)
+
+    def remote(self, url: str) -> ByteSource:
+        """The uncached source of ``url``."""
+        scheme = url.partition("://")[0].lower() if "://" in url else ""
+        if scheme in ("", "file"):
+            return LocalSource(url[7:] if scheme == "file" else url)
+        if scheme in ("http", "https"):
+            return HTTPSource(url, self.config, lambda: self._client("http"))
+        kind = "s3" if scheme in ("s3", "s3a") else scheme
+        path = url.partition("://")[2] if kind == "s3" else url
+        return FsspecSource(url, path, self.config, lambda: self._client(kind))
+
+    def __call__(self, url: str) -> ByteSource:
+        src = self.remote(url)
+        if self._cache is not None and not isinstance(src, LocalSource):
+            return self._cache.open(url, src)
+        return src
+
+
+def is_remote(url: str) -> bool:
+    """True for URLs that are not local paths or ``file://``."""
+    return "://" in url and not url.startswith("file://")

@@ -1,0 +1,138 @@
+"""Reading planned samples: one range read per run of neighbouring samples, errors as values.
+
+:class:`RunReader` turns a sorted list of ``(position, shard, index in shard)`` into
+``(position, Sample | FormatError)`` in the same order. Neighbouring samples of a shard are read
+with one ``ByteSource.read`` (up to ``run_bytes``), then cut into samples by the format's
+:class:`~blocklm.formats.reader.BlockDecoder` (checksums verified). A failure is returned in place
+of each sample it affects, named by shard and key, so the caller decides to raise or skip.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterator
+
+from blocklm.formats.block import Sample
+from blocklm.formats.errors import FormatError, IndexMismatchError
+from blocklm.formats.limits import Limits
+from blocklm.formats.reader import RUN_BYTES, BlockDecoder, ByteSource, Opener, load_index
+
+from .fastpath import CompiledShard, FastDecoder, IndexCache
+from .stats import LoaderStats
+
+OPEN_SHARDS = 4  # indexes and sources kept open per process (LRU): bounds memory over epochs
+
+
+def with_key(err: FormatError, shard: str, key: str | None) -> FormatError:
+    """``err`` re-made to name ``shard`` and ``key`` (same type and reason)."""
+    if err.key == key and err.shard is not None:
+        return err
+    out = type(err)(err.reason, shard=err.shard or shard, key=key, block=err.block)
+    out.__cause__ = err
+    return out
+
+
+class _Open:
+    __slots__ = ("entries", "source", "decoder", "error")
+
+    def __init__(self, entries: list | None, source: ByteSource | None,
+                 decoder: FastDecoder | None, error: FormatError | None) -> None:
+        self.entries, self.source, self.decoder, self.error = entries, source, decoder, error
+
+
+class RunReader:
+    """Reads samples of a list of shards by position, counting bytes and retries in ``stats``."""
+
+    def __init__(self, urls: list[str], counts: list[int], index_xxh3: list[str | None], *,
+                 opener: Opener, limits: Limits, verify: bool, stats: LoaderStats,
+                 indexes: IndexCache | None = None, run_bytes: int = RUN_BYTES) -> None:
+        self.urls, self.counts, self.index_xxh3 = urls, counts, index_xxh3
+        self.opener, self.limits, self.verify = opener, limits, verify
+        self.stats = stats
+        self.run_bytes = run_bytes
+        self.indexes = indexes if indexes is not None else IndexCache()
+        self._open: OrderedDict[int, _Open] = OrderedDict()
+
+    def shard(self, s: int) -> _Open:
+        """Index, source and decoder of shard ``s`` (or the error that stops it being read)."""
+        o = self._open.get(s)
+        if o is not None:
+            self._open.move_to_end(s)
+            return o
+        url = self.urls[s]
+        try:
+            comp = self.indexes.get(url)
+            if comp is None:
+                idx = load_index(url, opener=self.opener, limits=self.limits,
+                                 expect_xxh3=self.index_xxh3[s])
+                if len(idx.samples) != self.counts[s]:
+                    raise IndexMismatchError(f"index lists {len(idx.samples)} samples, manifest "
+                                             f"{self.counts[s]}", shard=url)
+                comp = CompiledShard(idx.samples)
+                self.indexes.put(url, comp)
+            dec = BlockDecoder(url, verify=self.verify, limits=self.limits)
+            o = _Open(comp.entries, self.opener(url), FastDecoder(comp, dec), None)
+        except FormatError as e:
+            o = _Open(None, None, None, e)
+        self._open[s] = o
+        while len(self._open) > OPEN_SHARDS:
+            _, old = self._open.popitem(last=False)
+            close = getattr(old.source, "close", None)
+            if close is not None:
+                close()
+        return o
+
+    def read(self, positions: list[int], shards: list[int], local: list[int],
+             ) -> Iterator[tuple[int, Sample | FormatError]]:
+        """``(position, sample or error)`` for each planned sample, in the given order."""
+        n = len(positions)
+        i = 0
+        while i < n:
+            s = shards[i]
+            o = self.shard(s)
+            url = self.urls[s]
+            if o.error is not None:
+                while i < n and shards[i] == s:
+                    key = o.entries[local[i]].key if o.entries else None
+                    yield positions[i], with_key(o.error, url, key)
+                    i += 1
+                continue
+            entries = o.entries
+            first = entries[local[i]]
+            start = first.offset
+            end = first.offset + first.size
+            j = i + 1
+            while j < n and shards[j] == s and local[j] == local[j - 1] + 1:
+                e = entries[local[j]]
+                if e.offset + e.size - start > self.run_bytes:
+                    break
+                end = e.offset + e.size
+                j += 1
+            src = o.source
+            before = getattr(src, "retries", 0)
+            try:
+                buf = src.read(start, end - start)
+            except FormatError as err:
+                for k in range(i, j):
+                    yield positions[k], with_key(err, url, entries[local[k]].key)
+                i = j
+                continue
+            finally:
+                self.stats.retries += getattr(src, "retries", 0) - before
+            self.stats.bytes += end - start
+            sample = o.decoder.sample
+            mv = memoryview(buf)
+            for k in range(i, j):
+                try:
+                    yield positions[k], sample(local[k], mv, start)
+                except FormatError as err:
+                    yield positions[k], with_key(err, url, entries[local[k]].key)
+            del mv
+            i = j
+
+    def close(self) -> None:
+        for o in self._open.values():
+            close = getattr(o.source, "close", None)
+            if close is not None:
+                close()
+        self._open.clear()
