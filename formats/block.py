@@ -125,6 +125,13 @@ class Sample:
                 raise FormatError(f"expected a Block, got {type(b).__name__}", key=self.key,
                                   block=i)
 
+    @classmethod
+    def trusted(cls, key: str, blocks: list[Block]) -> Sample:
+        """Build a sample from parts a reader has already validated (skips ``__post_init__``)."""
+        s = object.__new__(cls)
+        s.key, s.blocks = key, blocks
+        return s
+
     @property
     def modes(self) -> list[str]:
         """The mode of each block, in order."""

@@ -7,6 +7,7 @@ field is type- and range-checked on load, with errors naming the file and sample
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +40,7 @@ class BlockInfo:
     zstd: bool  # the member is zstd-compressed (its name ends in .zst)
     xxh3: str  # checksum of the stored bytes
     offset: int = -1  # absolute offset of the member's data in the shard (index only)
+    tar_name: bytes | None = field(default=None, compare=False, repr=False)  # reader's cache
 
     def header_json(self) -> dict[str, Any]:
         return {"mode": self.mode, "shape": list(self.shape), "codec": self.codec,
@@ -59,6 +61,7 @@ class IndexEntry:
     offset: int  # offset of the sample's first tar header
     size: int  # bytes from ``offset`` to the end of its last member (padding included)
     blocks: list[BlockInfo] = field(default_factory=list)
+    tar_name: bytes | None = field(default=None, compare=False, repr=False)  # reader's cache
 
     def to_json(self) -> dict[str, Any]:
         return {"key": self.key, "offset": self.offset, "size": self.size,
@@ -93,8 +96,9 @@ class ShardIndex:
         samples = []
         seen: set[str] = set()
         end = 0
+        metas: dict = {}
         for i, s in enumerate(raw):
-            entry = _entry_from_json(s, name, limits, index=True)
+            entry = _entry_from_json(s, name, limits, index=True, metas=metas)
             if entry.key in seen:
                 raise FormatError("duplicate key in index", shard=name, key=entry.key)
             seen.add(entry.key)
@@ -135,9 +139,51 @@ def _field(obj: Any, name: str, typ: type, where: str, key: str | None = None,
     return v
 
 
-def block_from_json(d: Any, where: str, key: str, j: int, limits: Limits,
-                    index: bool) -> BlockInfo:
-    """Parse and validate one block description from a sample header or an index."""
+HEX16_RE = re.compile(r"^[0-9a-f]{16}$")
+
+
+def block_from_json(d: Any, where: str, key: str, j: int, limits: Limits, index: bool,
+                    metas: dict | None = None) -> BlockInfo:
+    """Parse and validate one block description from a sample header or an index.
+
+    The common case (a well-formed entry) takes one fused check; anything unusual goes through
+    :func:`_block_from_json_checked`, which names the first field that is wrong. ``metas`` caches
+    validated metadata across the blocks of one file (most blocks share theirs).
+    """
+    try:
+        mode, codec, shape, meta = d["mode"], d["codec"], d["shape"], d["meta"]
+        size, stored, zstd, xxh3 = d["size"], d["stored"], d["zstd"], d["xxh3"]
+        offset = d["offset"] if index else -1
+        cap = limits.max_payload_bytes
+        ok = (type(mode) is str and type(codec) is str and type(shape) is list
+              and type(meta) is dict and type(size) is int and type(stored) is int
+              and type(zstd) is bool and type(xxh3) is str and type(offset) is int
+              and 0 <= size <= cap and 0 <= stored <= cap and (offset >= 0 or not index)
+              and MODE_RE.match(mode) is not None and CODEC_RE.match(codec) is not None
+              and HEX16_RE.match(xxh3) is not None
+              and all(type(x) is int and x >= 0 for x in shape))
+    except (KeyError, TypeError):
+        ok = False
+    if not ok:
+        return _block_from_json_checked(d, where, key, j, limits, index)
+    shape_t = tuple(shape)
+    limits.check_shape(shape_t, shard=where, key=key, block=j)
+    if meta:
+        try:
+            mkey = tuple(meta.items())
+            cached = metas.get(mkey) if metas is not None else None
+        except TypeError:  # an unhashable value: check_meta says what is wrong
+            mkey, cached = None, None
+        if cached is None:
+            cached = check_meta(meta, shard=where, key=key, block=j)
+            if metas is not None and mkey is not None:
+                metas[mkey] = cached
+        meta = dict(cached)
+    return BlockInfo(mode, shape_t, codec, meta, size, stored, zstd, xxh3, offset)
+
+
+def _block_from_json_checked(d: Any, where: str, key: str, j: int, limits: Limits,
+                             index: bool) -> BlockInfo:
     w = {"shard": where, "key": key, "block": j}
     mode = _field(d, "mode", str, where, key, j)
     codec = _field(d, "codec", str, where, key, j)
@@ -154,20 +200,22 @@ def block_from_json(d: Any, where: str, key: str, j: int, limits: Limits,
     limits.check_bytes(stored, "stored payload", **w)
     zstd = _field(d, "zstd", bool, where, key, j)
     xxh3 = _field(d, "xxh3", str, where, key, j)
-    if len(xxh3) != 16 or any(c not in "0123456789abcdef" for c in xxh3):
+    if not HEX16_RE.match(xxh3):
         raise FormatError(f"checksum {xxh3!r:.40} is not 16 lowercase hex digits", **w)
     meta = check_meta(_field(d, "meta", dict, where, key, j), **w)
     offset = _field(d, "offset", int, where, key, j) if index else -1
     return BlockInfo(mode, shape_t, codec, meta, size, stored, zstd, xxh3, offset)
 
 
-def _entry_from_json(s: Any, where: str, limits: Limits, index: bool) -> IndexEntry:
+def _entry_from_json(s: Any, where: str, limits: Limits, index: bool,
+                     metas: dict | None = None) -> IndexEntry:
     key = _field(s, "key", str, where)
     check_key(key, shard=where)
     blocks = _field(s, "blocks", list, where, key)
     if len(blocks) > limits.max_blocks:
         raise FormatError(f"{len(blocks)} blocks > limit {limits.max_blocks}", shard=where, key=key)
-    infos = [block_from_json(b, where, key, j, limits, index) for j, b in enumerate(blocks)]
+    infos = [block_from_json(b, where, key, j, limits, index, metas)
+             for j, b in enumerate(blocks)]
     offset = _field(s, "offset", int, where, key) if index else -1
     size = _field(s, "size", int, where, key) if index else -1
     return IndexEntry(key, offset, size, infos)
