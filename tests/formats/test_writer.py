@@ -110,3 +110,13 @@ def test_invalid_blocks_rejected(kwargs, match):
     from blocklm.formats import Block
     with pytest.raises(FormatError, match=match):
         Block(**fields)
+
+
+def test_read_blocks_do_not_share_metadata(tmp_path):
+    from blocklm.formats import iter_dataset
+    with ShardWriter(tmp_path) as w:
+        for i in range(2):
+            w.write(Sample(f"m{i}", [text_block("a", meta={"source": "x"})]))
+    a, b = iter_dataset(tmp_path)
+    a.blocks[0].meta["source"] = "changed"
+    assert b.blocks[0].meta == {"source": "x"}
