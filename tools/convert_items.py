@@ -9,6 +9,7 @@ parallel. Items are small and picklable: file contents are read by the worker, n
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 
 from blocklm.formats import (
@@ -161,10 +162,11 @@ def process(item: Item) -> Result:
             _ENCODER = SampleEncoder()
         encoded = _ENCODER.encode(sample)
         return Result(item.source, encoded, sum(len(b.payload) for b in blocks))
-    except _Reject as e:
-        return Result(item.source, error=str(e))
-    except (FormatError, ValueError) as e:
-        return Result(item.source, error=str(e))
+    except (_Reject, FormatError, ValueError) as e:
+        return Result(item.source, error=_OBJ_REPR.sub("the data", str(e)))
+
+
+_OBJ_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-f]+>")  # keeps reasons the same on every run
 
 
 class _Reject(Exception):

@@ -111,6 +111,8 @@ def prepare_out(out: Path, opts: ConvertOptions, fp: str) -> tuple[dict | None, 
     """Make ``out`` ready: clean (fresh run) or trimmed to the journal's shards (resume)."""
     out.mkdir(parents=True, exist_ok=True)
     state = _load_journal(out, fp) if opts.resume else None
+    if state is not None and state["_from"] == REPORT:
+        return state, []  # finished: nothing to touch
     previous = [ShardInfo(**s) for s in state["shard_infos"]] if state else []
     for p in _own_files(out, opts.prefix):
         if p.name.endswith(".tmp") or _shard_number(p) >= len(previous):

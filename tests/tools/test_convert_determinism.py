@@ -1,0 +1,91 @@
+"""Byte-identical shards whatever the worker count; kill -9 and --resume equals an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from blocklm.tools.convert_options import ConvertOptions
+from blocklm.tools.convert_run import run_convert
+
+
+def shard_bytes(out: Path) -> dict[str, bytes]:
+    """Every shard, index and the manifest of a dataset folder."""
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir())
+            if p.name.endswith((".tar", ".index.json")) or p.name == "manifest.json"}
+
+
+def test_same_bytes_for_any_worker_count(image_dir, audio_dir, small_text, tmp_path):
+    inputs = [str(image_dir), str(audio_dir), str(small_text)]
+    outs = []
+    for j in (1, 2, 3):
+        out = tmp_path / f"j{j}"
+        run_convert(inputs, out, ConvertOptions(workers=j, shard_samples=4, quiet=True))
+        outs.append(shard_bytes(out))
+    assert len([n for n in outs[0] if n.endswith(".tar")]) > 3
+    assert outs[0] == outs[1] == outs[2]
+
+
+def test_rerun_into_same_folder_replaces_old_shards(audio_dir, tmp_path):
+    out = tmp_path / "o"
+    run_convert([str(audio_dir)], out, ConvertOptions(workers=1, shard_samples=1, quiet=True))
+    run_convert([str(audio_dir)], out, ConvertOptions(workers=1, shard_samples=5, quiet=True))
+    assert sorted(p.name for p in out.glob("*.tar")) == ["shard-000000.tar"]
+
+
+def test_resume_of_a_finished_job_does_nothing(audio_dir, tmp_path):
+    opts = ConvertOptions(workers=1, shard_samples=2, quiet=True)
+    run_convert([str(audio_dir)], tmp_path / "o", opts)
+    before = shard_bytes(tmp_path / "o")
+    opts.resume = True
+    rep = run_convert([str(audio_dir)], tmp_path / "o", opts)
+    assert rep.complete and rep.samples == 5 and shard_bytes(tmp_path / "o") == before
+
+
+def _next_item(out: Path) -> int:
+    try:
+        return json.loads((out / "progress.json").read_text())["next_item"]
+    except (OSError, ValueError):
+        return 0
+
+
+def test_kill_and_resume_gives_the_same_shards(corpora, tmp_path):
+    src = tmp_path / "fsdd"
+    src.mkdir()
+    for name in sorted(os.listdir(corpora / "audio/fsdd"))[:600]:
+        os.symlink(corpora / "audio/fsdd" / name, src / name)
+    (src / "zz_bad.wav").write_bytes(b"RIFF....")  # a rejection before the kill point too
+    (src / "00_bad.wav").write_bytes(b"")
+    args = [str(src), "--shard-samples", "40", "-j", "2", "-q"]
+    ref = tmp_path / "ref"
+    run_convert([str(src)], ref, ConvertOptions(workers=2, shard_samples=40, quiet=True))
+
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "blocklm.tools.cli", "convert", *args, "--out", str(out)]
+    done = 0
+    for attempt in range(2):  # killed twice: once in the first run, once while resuming
+        proc = subprocess.Popen(cmd + ["--resume"] * attempt, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + 60
+        while _next_item(out) <= done and proc.poll() is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.002)
+        os.killpg(proc.pid, signal.SIGKILL)  # the parent and its workers, mid-run
+        proc.wait()
+        assert not (out / "report.json").exists(), "the job finished before it was killed"
+        done = _next_item(out)
+        for p in out.glob("*.tar"):  # no partial shard under a final name
+            assert (out / (p.name[:-4] + ".index.json")).exists()
+
+    res = subprocess.run([*cmd, "--resume"], capture_output=True, text=True)
+    assert res.returncode == 3, res.stderr  # the two bad files are still accounted for
+    assert shard_bytes(out) == shard_bytes(ref)
+    rep, want = (json.loads((d / "report.json").read_text()) for d in (out, ref))
+    assert rep["resumed_at"] > 0 and rep["rejected"] == want["rejected"]
+    assert (rep["inputs"], rep["samples"]) == (want["inputs"], want["samples"]) == (602, 600)
+    assert not list(out.glob("*.tmp")) and not (out / "progress.json").exists()
