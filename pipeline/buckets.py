@@ -12,7 +12,9 @@ shape)`` pairs (e.g. :func:`shapes_from_index` over a dataset's shard indexes) a
 uses every distinct value when there are few (exact shapes: images batch with zero padding), else
 *cost-weighted* quantiles (each bucket holds about the same number of tokens, so each fills its
 batches at about the same rate and few are forced by the TTL), then splits any bucket wider than
-``max_width`` (relative: ``(hi - lo) / hi``) so that padding inside a bucket stays small.
+``max_width`` (relative: ``(hi - lo) / hi``) so that padding inside a bucket stays small, and
+finally merges buckets too rare to fill a batch within the TTL into the bucket where they add the
+least padding (``ModeBuckets.merge``).
 """
 
 from __future__ import annotations
@@ -29,9 +31,11 @@ from .cost import CostFn, Shape, default_cost
 
 @dataclass(frozen=True)
 class ModeBuckets:
-    """Bucket boundaries of one mode: a sorted tuple of inclusive upper bounds per dimension."""
+    """Bucket boundaries of one mode: a sorted tuple of inclusive upper bounds per dimension, and
+    ``merge``: ``(cell, into)`` pairs that send a rare grid cell's shapes to another cell."""
 
     bounds: tuple[tuple[int, ...], ...] | None
+    merge: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...] = ()
 
     def __post_init__(self) -> None:
         if self.bounds is not None:
@@ -40,23 +44,17 @@ class ModeBuckets:
                 if list(dim) != sorted(set(dim)):
                     raise ValueError(f"bucket bounds must be strictly increasing, got {dim}")
             object.__setattr__(self, "bounds", b)
+        merge = tuple((tuple(int(v) for v in a), tuple(int(v) for v in t)) for a, t in self.merge)
+        object.__setattr__(self, "merge", merge)
+        object.__setattr__(self, "_remap", dict(merge))
 
     def key(self, shape: Shape) -> tuple[int, ...]:
         """The bucket of ``shape`` (see the module docstring)."""
         b = self.bounds
-        if b is None:
-            return ()
-        if len(shape) != len(b):
+        if b is None or len(shape) != len(b):
             return (-1 - len(shape),)
-        return tuple([bisect_left(d, s) for d, s in zip(b, shape)])
-
-    def upper(self, key: tuple[int, ...]) -> Shape | None:
-        """The largest shape of bucket ``key`` (``None`` for single, overflow and odd buckets)."""
-        if self.bounds is None or len(key) != len(self.bounds):
-            return None
-        if any(i >= len(d) for i, d in zip(key, self.bounds)):
-            return None
-        return tuple(d[i] for i, d in zip(key, self.bounds))
+        k = tuple([bisect_left(d, s) for d, s in zip(b, shape)])
+        return self._remap.get(k, k)  # type: ignore[attr-defined]
 
 
 @dataclass(frozen=True)
@@ -80,12 +78,23 @@ class BucketSpec:
         return cls({m: SINGLE for m in modes})
 
     def to_json(self) -> dict:
-        return {m: (None if b.bounds is None else [list(d) for d in b.bounds])
+        """``{mode: {"bounds": [[...] per dim] or null, "merge": [[cell, into], ...]}}``."""
+        return {m: {"bounds": None if b.bounds is None else [list(d) for d in b.bounds],
+                    "merge": [[list(a), list(t)] for a, t in b.merge]}
                 for m, b in sorted(self.modes.items())}
 
     @classmethod
     def from_json(cls, obj: Mapping) -> BucketSpec:
-        return cls.explicit(obj)
+        """Inverse of :meth:`to_json`; a mode may also be given as a plain list of bounds."""
+        modes = {}
+        for m, v in obj.items():
+            if isinstance(v, Mapping):
+                b = v.get("bounds")
+                modes[m] = ModeBuckets(None if b is None else tuple(tuple(d) for d in b),
+                                       tuple((tuple(a), tuple(t)) for a, t in v.get("merge", ())))
+            else:
+                modes[m] = ModeBuckets(None if v is None else tuple(tuple(d) for d in v))
+        return cls(modes)
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_json(), indent=1) + "\n")
@@ -141,25 +150,89 @@ def _dim_bounds(values: Mapping[int, int], n: int, exact_max: int,
     return out
 
 
+def _emax(a: Shape, b: Shape) -> Shape:
+    return tuple(map(max, a, b))
+
+
+def _merge_rare(mode: str, mb: ModeBuckets, counts: Mapping[Shape, int], cost: CostFn,
+                min_cost: float, max_pad: float) -> ModeBuckets:
+    """Merge grid cells holding less than ``min_cost`` tokens into the cell where they add the
+    least padding (estimated against the cells' largest shapes), while the merged cell's
+    estimated padding stays within ``max_pad``. Rarest cell first; deterministic."""
+    cells: dict[tuple, list] = {}  # key -> [requests, tokens, largest shape, grid keys]
+    for s, c in counts.items():
+        k = mb.key(s)
+        if k[0] < 0:
+            continue
+        cell = cells.setdefault(k, [0, 0, s, [k]])
+        cell[0] += c
+        cell[1] += c * max(1, cost(mode, s))
+        cell[2] = _emax(cell[2], s)
+    merge: list[tuple[tuple, tuple]] = []
+    stuck: set[tuple] = set()
+    while True:
+        rare = sorted((v[1], k) for k, v in cells.items() if v[1] < min_cost and k not in stuck)
+        if not rare or len(cells) < 2:
+            break
+        _, k = rare[0]
+        n, tok, up, keys = cells[k]
+        best = None
+        for t, (n2, tok2, up2, _) in sorted(cells.items()):
+            if t == k:
+                continue
+            u = _emax(up, up2)
+            padded = (n + n2) * max(1, cost(mode, u))
+            if (padded - tok - tok2) > max_pad * padded:
+                continue
+            delta = padded - n * max(1, cost(mode, up)) - n2 * max(1, cost(mode, up2))
+            if best is None or delta < best[0]:
+                best = (delta, t, u)
+        if best is None:
+            stuck.add(k)
+            continue
+        _, t, u = best
+        cell = cells.pop(k)
+        target = cells[t]
+        target[0] += cell[0]
+        target[1] += cell[1]
+        target[2] = u
+        target[3] += cell[3]
+    for t, (_, _, _, keys) in sorted(cells.items()):
+        merge += [(k, t) for k in keys if k != t]
+    return ModeBuckets(mb.bounds, tuple(sorted(merge)))
+
+
 def estimate_buckets(
     shapes: Iterable[tuple[str, Shape]],
     cost: CostFn = default_cost,
     *,
     buckets_per_dim: int = 16,
     exact_max: int = 16,
-    max_width: float | None = 0.08,
+    max_width: float | None = 0.06,
+    min_share: float = 0.002,
+    max_merge_pad: float = 0.25,
 ) -> BucketSpec:
     """Bucket boundaries from ``(mode, shape)`` pairs (see the module docstring).
 
     ``buckets_per_dim`` cost-weighted quantiles per dimension (before splitting), used when a
     dimension has more than ``exact_max`` distinct values; ``max_width`` caps a bucket's
     relative width ``(hi - lo) / hi`` (``None`` disables the split: pure quantiles).
+
+    Then every bucket holding less than ``min_share`` of all tokens (all modes together) is
+    merged into the bucket where it adds the least padding, unless that would pad the merged
+    bucket by more than ``max_merge_pad`` (estimated against its largest shape). Why: every mode
+    shares the dispatcher's steps, about one budget of tokens per step, so a bucket with share
+    ``f`` fills a batch about every ``1/f`` steps; with a TTL of ``T`` steps, buckets with
+    ``f < 1/T`` would mostly run forced by the TTL. The default 0.002 suits a TTL of about 1000 steps
+    (``min_share=0`` disables merging).
     """
     if buckets_per_dim < 1:
         raise ValueError(f"buckets_per_dim must be >= 1, got {buckets_per_dim}")
     by_mode: dict[str, dict[Shape, int]] = defaultdict(lambda: defaultdict(int))
     for mode, shape in shapes:
         by_mode[mode][tuple(shape)] += 1
+    total = sum(c * max(1, cost(m, s)) for m, counts in by_mode.items()
+                for s, c in counts.items())
     modes: dict[str, ModeBuckets] = {}
     for mode, counts in sorted(by_mode.items()):
         ndims: dict[int, int] = defaultdict(int)
@@ -172,8 +245,11 @@ def estimate_buckets(
                 w = c * max(1, cost(mode, s))
                 for d in range(nd):
                     dims[d][s[d]] += w
-        modes[mode] = ModeBuckets(tuple(
+        mb = ModeBuckets(tuple(
             tuple(_dim_bounds(v, buckets_per_dim, exact_max, max_width)) for v in dims))
+        if min_share > 0:
+            mb = _merge_rare(mode, mb, counts, cost, min_share * total, max_merge_pad)
+        modes[mode] = mb
     return BucketSpec(modes)
 
 

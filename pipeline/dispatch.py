@@ -118,7 +118,7 @@ class Dispatcher:
     def _now(self) -> float:
         return time.monotonic() if self._wall else self.clock
 
-    def _issue(self, ex: Example, t: float | None = None, seq: int | None = None) -> None:
+    def _issue(self, ex: Example, t: float, seq: int | None = None) -> None:
         block, part, mode, shape, inputs, targets = ex.pieces[ex.next]
         cache = self._shape_cache.get(mode)
         if cache is None:
@@ -145,8 +145,8 @@ class Dispatcher:
         if seq is None:
             seq = self._seq
             self._seq += 1
-        r = Request(ex.eid, ex.key, block, part, mode, shape, ex.state, inputs, targets, c,
-                    self._now() if t is None else t, seq, ex)
+        r = Request(ex.eid, ex.key, block, part, mode, shape, ex.state, inputs, targets, c, t,
+                    seq, ex)
         if b.push(r):
             self._nonempty[b] = None
 
@@ -210,6 +210,7 @@ class Dispatcher:
 
     def _admit(self, it: Iterator) -> None:
         k = self.config.max_in_flight
+        now = self._now()
         while len(self._in_flight) < k and not self._exhausted:
             item = next(it, None)
             if item is None:
@@ -219,7 +220,7 @@ class Dispatcher:
             self.drawn = pos + 1
             ex = self._new_example(pos, sample, pieces)
             if ex is not None:
-                self._issue(ex)
+                self._issue(ex, now)
 
     # -- scheduling ---------------------------------------------------------------------------
     def _scan(self, mode: str | None) -> tuple[int, Bucket | None]:
@@ -305,6 +306,7 @@ class Dispatcher:
 
     def _route(self, reqs: list[Request], results) -> None:
         keep, max_blocks = self.config.keep_outputs, self.config.max_blocks
+        now, issue = self._now(), self._issue
         for r, res in zip(reqs, results):
             ex = r._ex
             r._ex = None  # a finished batch does not keep examples alive
@@ -315,11 +317,11 @@ class Dispatcher:
                 ex.generated.append((r.mode, r.shape, res.block))
             ex.next += 1
             if ex.next < len(ex.pieces):
-                self._issue(ex)
+                issue(ex, now)
             elif res.next is not None and ex.pieces[-1][0] + 1 < max_blocks:
                 mode, shape = res.next
                 ex.pieces.append((ex.pieces[-1][0] + 1, 0, mode, tuple(shape), None, None))
-                self._issue(ex)
+                issue(ex, now)
             else:
                 if res.next is not None:
                     self.counts["truncated"] += 1

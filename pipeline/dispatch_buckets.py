@@ -15,7 +15,20 @@ from .dispatch_types import Request, Shape
 
 
 def _emax(a: Shape, b: Shape) -> Shape:
-    return a if a == b else tuple(map(max, a, b))
+    """Elementwise max of two shapes of the same length; returns an input when it dominates
+    (no allocation: the common case on this hot path)."""
+    if a == b:
+        return a
+    if len(a) == 1:
+        return a if a[0] >= b[0] else b
+    if len(a) == 2:
+        a0, a1 = a
+        b0, b1 = b
+        if a0 >= b0 and a1 >= b1:
+            return a
+        if b0 >= a0 and b1 >= a1:
+            return b
+    return tuple(map(max, a, b))
 
 
 class Bucket:
@@ -25,13 +38,14 @@ class Bucket:
     the sample cap is reached): the bucket can form a complete batch now.
     """
 
-    __slots__ = ("mode", "key", "q", "maxshape", "full", "cost", "budget", "cap")
+    __slots__ = ("mode", "key", "q", "maxshape", "maxcost", "full", "cost", "budget", "cap")
 
     def __init__(self, mode: str, key: tuple, cost: Callable[[Shape], int], budget: int,
                  cap: int | None) -> None:
         self.mode, self.key = mode, key
         self.q: deque[Request] = deque()
         self.maxshape: Shape | None = None
+        self.maxcost = 0  # cost of maxshape
         self.full = False
         self.cost, self.budget, self.cap = cost, budget, cap
 
@@ -43,15 +57,20 @@ class Bucket:
         q = self.q
         q.append(r)
         ms = self.maxshape
-        self.maxshape = ms = r.shape if ms is None else _emax(ms, r.shape)
+        if ms is None:
+            self.maxshape, self.maxcost = r.shape, r.cost
+        elif ms != r.shape:
+            m = _emax(ms, r.shape)
+            if m is not ms:
+                self.maxshape, self.maxcost = m, self.cost(m)
         n = len(q)
         cap = self.cap
-        self.full = (cap is not None and n >= cap) or (n + 1) * self.cost(ms) > self.budget
+        self.full = (n + 1) * self.maxcost > self.budget or (cap is not None and n >= cap)
         return n == 1
 
     def pending_cost(self) -> int:
         """Padded cost of all pending requests together (to pick the fullest partial bucket)."""
-        return len(self.q) * self.cost(self.maxshape) if self.q else 0
+        return len(self.q) * self.maxcost
 
     def take(self) -> tuple[list[Request], Shape, int, int]:
         """Pop the longest FIFO prefix whose padded cost fits the budget (and the cap).
@@ -79,8 +98,9 @@ class Bucket:
         for r in q:
             ms2 = r.shape if ms2 is None else _emax(ms2, r.shape)
         self.maxshape = ms2
+        self.maxcost = 0 if ms2 is None else cost(ms2)
         n = len(q)
-        self.full = bool(n) and ((cap is not None and n >= cap) or (n + 1) * cost(ms2) > budget)
+        self.full = bool(n) and ((n + 1) * self.maxcost > budget or (cap is not None and n >= cap))
         return reqs, ms, len(reqs) * each, total  # type: ignore[return-value]
 
 

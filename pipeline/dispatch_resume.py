@@ -111,4 +111,4 @@ def restore_examples(d: Dispatcher, rs: dict[str, Any], it: Iterator) -> None:
         ex.next, ex.state = e["next"], e["state"]
         ex.outputs, ex.generated = list(e["outputs"]), list(e["generated"])
         d._in_flight[ex.eid] = ex
-        d._issue(ex, t=None if d._wall else e["t"], seq=e["seq"])
+        d._issue(ex, d._now() if d._wall else e["t"], seq=e["seq"])

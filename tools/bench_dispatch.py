@@ -114,9 +114,9 @@ def _summary(metrics: dict) -> dict:
 @click.option("--corpora", default=DEFAULT_CORPORA, show_default=True,
               help="Corpora folder for --synthetic.")
 @click.option("--budget", default=8192, show_default=True, help="Token budget per batch.")
-@click.option("--in-flight", "in_flight", default=2048, show_default=True,
+@click.option("--in-flight", "in_flight", default=8192, show_default=True,
               help="Examples in flight (K).")
-@click.option("--ttl", default=512, show_default=True, help="TTL in dispatcher steps.")
+@click.option("--ttl", default=1024, show_default=True, help="TTL in dispatcher steps.")
 @click.option("--repeat", default=4, show_default=True,
               help="Pass over the examples this many times (one long run).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")

@@ -1,0 +1,99 @@
+"""state_dict / load_state_dict: a resumed run forms exactly the batches of an uninterrupted one."""
+
+from __future__ import annotations
+
+import pickle
+import random
+
+import pytest
+from blocklm.formats import Block, Sample
+from blocklm.pipeline.buckets import estimate_buckets
+from blocklm.pipeline.dispatch import Dispatcher
+from blocklm.pipeline.dispatch_types import DispatchConfig, Result
+
+
+def samples(n: int = 120) -> list[Sample]:
+    rng = random.Random(7)
+    out = []
+    for i in range(n):
+        blocks = [Block("text", (rng.randint(1, 40),), "raw", b"") for _ in range(rng.randint(1, 4))]
+        if rng.random() < 0.3:
+            blocks.append(Block("image", rng.choice([(4, 8, 1), (8, 4, 1)]), "raw", b""))
+        out.append(Sample(f"k{i}", blocks))
+    return out
+
+
+def cost(mode, shape):
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+DATA = samples()
+SPEC = estimate_buckets(((b.mode, b.shape) for s in DATA for b in s.blocks), cost)
+
+
+def make(trace, **over):
+    def runner(batch):
+        trace.append((batch.step, batch.mode, batch.reason,
+                      [(r.example, r.block, r.context) for r in batch.requests]))
+        return [Result(state=(r.context or 0) + r.block + 1) for r in batch.requests]
+
+    cfg = dict(budget=90, max_in_flight=12, ttl_steps=5, decode=False, prefetch=8,
+               prefetch_chunk=2)
+    cfg.update(over)
+    return Dispatcher({"text": runner, "image": runner}, SPEC, DispatchConfig(**cfg), cost=cost)
+
+
+@pytest.mark.parametrize("cut", [1, 17, 60])
+def test_resume_replays_the_uninterrupted_batches(cut):
+    full: list = []
+    d = make(full)
+    done_full = sorted(f.key for st in d.run(DATA) for f in st.finished)
+    assert len(done_full) == len(DATA) and len(full) > cut + 5
+
+    first: list = []
+    d1 = make(first)
+    gen = d1.run(DATA)
+    done = []
+    for st in gen:
+        done += [f.key for f in st.finished]
+        if st.index + 1 == cut:
+            break
+    state = pickle.loads(pickle.dumps(d1.state_dict()))  # what torch.save would store
+    gen.close()  # stops the prefetch thread
+
+    second: list = []
+    d2 = make(second)
+    d2.load_state_dict(state)
+    start = Dispatcher.resume_position(state)
+    assert start <= state["drawn"]
+    for st in d2.run(DATA[start:], offset=start):
+        done += [f.key for f in st.finished]
+    assert first + second == full
+    assert sorted(done) == done_full
+    m, m_full = d2.metrics(), d.metrics()
+    assert m["modes"] == m_full["modes"] and m["steps"] == m_full["steps"]
+
+
+def test_resume_checks_source_and_config():
+    d1 = make([])
+    gen = d1.run(DATA)
+    next(gen)
+    state = d1.state_dict()
+    gen.close()
+    start = Dispatcher.resume_position(state)
+    with pytest.raises(ValueError, match="expects"):
+        d2 = make([])
+        d2.load_state_dict(state)
+        shifted = DATA[start + 1:]
+        list(d2.run(shifted, offset=start))
+    with pytest.raises(ValueError, match="saved with config"):
+        d3 = make([], budget=91)
+        d3.load_state_dict(state)
+        list(d3.run(DATA))
+    with pytest.raises(ValueError, match="from position"):
+        d4 = make([])
+        d4.load_state_dict(state)
+        list(d4.run(DATA[start + 1:], offset=start + 1))
