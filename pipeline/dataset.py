@@ -8,6 +8,7 @@ consumed, which makes resumption exact under any number of DataLoader workers (:
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -74,7 +75,7 @@ class BlockDataset(IterableDataset):
     >>> ds.set_epoch(0); next(iter(ds)).blocks[0].decode()    # doctest: +SKIP
     """
 
-    def __init__(self, source: str | Sequence[str], *, shuffle: bool = True, seed: int = 0,
+    def __init__(self, source: str | os.PathLike | Sequence[str | os.PathLike], *, shuffle: bool = True, seed: int = 0,
                  shuffle_buffer: int = 1000, piece_samples: int = 256, on_error: str = "raise",
                  verify: bool = True, rank: int | None = None, world_size: int | None = None,
                  remote: RemoteConfig | None = None, opener: Opener | None = None,

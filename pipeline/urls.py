@@ -7,6 +7,7 @@ A source is a dataset folder or ``manifest.json`` (local path, ``file://``, ``ht
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable, Sequence
 
@@ -42,10 +43,10 @@ def expand_braces(pattern: str) -> list[str]:
     return out
 
 
-def list_shards(source: str | Sequence[str], opener: Opener,
+def list_shards(source: str | os.PathLike | Sequence[str | os.PathLike], opener: Opener,
                 limits: Limits = DEFAULT_LIMITS) -> list[DatasetShard]:
     """The shards of ``source`` in order (counts filled from the manifest where there is one)."""
-    items = [source] if isinstance(source, str) else [str(s) for s in source]
+    items = [str(source)] if isinstance(source, (str, os.PathLike)) else [str(s) for s in source]
     out: list[DatasetShard] = []
     for item in items:
         for name in expand_braces(str(item)):
