@@ -22,5 +22,7 @@ lint:
 shards:
 	$(PY) -m blocklm.tools.make_shards --corpora $(CORPORA) --out $(SHARDS)
 
+# One line per benchmark; each prints its table with its baseline measured in the same run.
 bench:
-	@echo "make bench: not yet (each benchmark lands with its issue)"; exit 2
+	$(PY) -m blocklm.tools.cli bench convert $(CORPORA)/images $(CORPORA)/audio
+	@# placeholder: the read, dispatch, model and gpu benchmarks add their lines here

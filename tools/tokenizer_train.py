@@ -7,11 +7,13 @@ single-threaded on all of it without sampling or shuffling, so the same text giv
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from blocklm.formats import iter_dataset
+from blocklm.formats.writer import atomic_write
 
 from .dataset_open import opener_for
 
@@ -63,11 +65,20 @@ def train_tokenizer(inputs: list[str], out_prefix: str | Path,
     lines = list(iter_text_lines(inputs, modes))
     if not lines:
         raise ValueError("no text to train on (no utf8 text blocks or lines found)")
+    buf = io.BytesIO()
+    # model_writer instead of model_prefix: the output path is then not recorded in the model,
+    # so the same text gives the same bytes wherever the model is written
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_prefix=str(out_prefix),
+        sentence_iterator=iter(lines), model_writer=buf,
         vocab_size=cfg.vocab_size, model_type=cfg.model_type,
         character_coverage=cfg.character_coverage, byte_fallback=cfg.byte_fallback,
         input_sentence_size=0, shuffle_input_sentence=False, num_threads=1,
         minloglevel=2, hard_vocab_limit=False,
     )
-    return out_prefix.with_suffix(".model"), out_prefix.with_suffix(".vocab"), len(lines)
+    model = out_prefix.with_name(out_prefix.name + ".model")
+    vocab = out_prefix.with_name(out_prefix.name + ".vocab")
+    sp = spm.SentencePieceProcessor(model_proto=buf.getvalue())
+    atomic_write(vocab, "".join(f"{sp.id_to_piece(i)}\t{sp.get_score(i):g}\n"
+                                for i in range(sp.get_piece_size())).encode("utf-8"))
+    atomic_write(model, buf.getvalue())
+    return model, vocab, len(lines)

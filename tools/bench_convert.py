@@ -1,0 +1,125 @@
+"""``blocktool bench convert``: conversion speed beside its baselines, in one run.
+
+Rows: a plain read of the files (the I/O ceiling), ``webdataset.ShardWriter`` writing the same
+files as samples (no validation), and ``blocktool convert`` (full decode of every file, checksums,
+index) with 1 worker and with all cores. MB/s counts input file bytes; each figure is the median
+of ``--repeat`` runs, after one untimed read that puts the files in the page cache for every row.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import click
+
+from .convert_items import AUDIO_EXTS, IMAGE_EXTS
+from .convert_options import ConvertOptions
+from .convert_run import run_convert
+
+
+def bench_files(inputs: list[str]) -> list[Path]:
+    """The image and audio files under ``inputs``, sorted."""
+    files: list[Path] = []
+    for root in inputs:
+        p = Path(root)
+        cands = sorted(p.rglob("*")) if p.is_dir() else [p]
+        files += [f for f in cands if f.is_file()
+                  and f.suffix[1:].lower() in IMAGE_EXTS | AUDIO_EXTS]
+    return files
+
+
+def plain_read(files: list[Path], tmp: Path) -> None:
+    for f in files:
+        with open(f, "rb") as fh:
+            fh.read()
+
+
+def wds_write(files: list[Path], tmp: Path) -> None:
+    import webdataset as wds
+
+    with wds.ShardWriter(str(tmp / "wds-%06d.tar"), maxsize=256 << 20, verbose=0) as sink:
+        for i, f in enumerate(files):
+            sink.write({"__key__": f"{i:08d}", f.suffix[1:].lower(): f.read_bytes()})
+
+
+def convert_with(workers: int, inputs: list[str]):
+    def run(files: list[Path], tmp: Path) -> None:
+        rep = run_convert(inputs, tmp / "out", ConvertOptions(workers=workers, quiet=True))
+        if rep.samples != len(files):
+            raise click.ClickException(f"converted {rep.samples} of {len(files)} files "
+                                       f"({len(rep.rejected)} rejected)")
+    return run
+
+
+def measure(fn, files: list[Path], repeat: int) -> float:
+    """Median seconds of ``repeat`` runs, each into a fresh temporary folder."""
+    times = []
+    for _ in range(repeat):
+        tmp = Path(tempfile.mkdtemp(prefix="bench-convert-"))
+        try:
+            t0 = time.perf_counter()
+            fn(files, tmp)
+            times.append(time.perf_counter() - t0)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return statistics.median(times)
+
+
+def run_bench(inputs: list[str], repeat: int = 3, workers: int | None = None) -> dict:
+    """All rows of the benchmark as a dict (the ``--json`` output)."""
+    files = bench_files(inputs)
+    if not files:
+        raise click.ClickException(f"no image or audio files under {' '.join(inputs)}")
+    nbytes = sum(f.stat().st_size for f in files)
+    n = workers or os.cpu_count() or 1
+    plain_read(files, Path("."))  # warm the page cache for every row
+    rows = [("plain read (I/O ceiling)", plain_read),
+            ("webdataset.ShardWriter, 1 process", wds_write),
+            ("blocktool convert, 1 worker", convert_with(1, inputs)),
+            (f"blocktool convert, {n} workers", convert_with(n, inputs))]
+    out = {"files": len(files), "bytes": nbytes, "cores": os.cpu_count(), "repeat": repeat,
+           "rows": []}
+    for name, fn in rows:
+        s = measure(fn, files, repeat)
+        out["rows"].append({"name": name, "seconds": round(s, 3),
+                            "mb_per_s": round(nbytes / 1e6 / s, 1),
+                            "files_per_s": round(len(files) / s, 1)})
+    base = out["rows"][1]["mb_per_s"]
+    for r in out["rows"]:
+        r["vs_shardwriter"] = round(r["mb_per_s"] / base, 2)
+    return out
+
+
+def format_table(res: dict) -> str:
+    lines = [f"{res['files']} files, {res['bytes'] / 1e6:.1f} MB, {res['cores']} cores, "
+             f"median of {res['repeat']} runs", "",
+             "| what | seconds | MB/s | files/s | vs ShardWriter |", "|---|---:|---:|---:|---:|"]
+    for r in res["rows"]:
+        lines.append(f"| {r['name']} | {r['seconds']:.2f} | {r['mb_per_s']:.1f} | "
+                     f"{r['files_per_s']:.0f} | {r['vs_shardwriter']:.2f}x |")
+    return "\n".join(lines)
+
+
+@click.command()
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("--repeat", "-r", type=int, default=3, show_default=True)
+@click.option("--workers", "-j", type=int, default=None, help="The all-cores row (default: all).")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+def bench_convert(inputs, repeat, workers, as_json):
+    """Convert speed (MB/s, files/s) with 1 and all workers, beside webdataset.ShardWriter
+    writing the same files and a plain read of them, all in one run.
+
+    \b
+    Example:
+      blocktool bench convert ../shared/corpora/images ../shared/corpora/audio
+    """
+    res = run_bench(list(inputs), repeat, workers)
+    click.echo(json.dumps(res, indent=1) if as_json else format_table(res))
+    sys.stdout.flush()
