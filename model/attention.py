@@ -1,0 +1,137 @@
+"""Banked causal linear attention with write-only decay.
+
+Linear attention ("Transformers are RNNs", Katharopoulos et al. 2020) keeps, per head, a state
+``S = sum_s phi(k_s) v_s^T`` and a normaliser ``z = sum_s phi(k_s)``; the output for a query is
+``phi(q) S / (phi(q) . z)``. Here the state is split over N memory *banks* (per layer, per head):
+
+* write: each token picks banks with probabilities ``w = softmax(write logits)`` and a retention
+  ``g = sigmoid(decay logit)``. Bank n becomes ``S_n <- a_n S_n + w_n phi(k) v^T`` with
+  ``a_n = 1 - w_n (1 - g)``: a bank decays only in proportion to how much it is written to, and a
+  bank written with probability 0 is left exactly as it was.
+* read: ``r = softmax(read logits)`` selects a superposition ``sum_n r_n S_n`` (and of the
+  normalisers) that the query attends to. Reading never changes a bank.
+
+A token writes before it reads, so it always sees itself. Numerics: everything from the feature
+map on runs in fp32 with autocast off; ``phi = elu + 1 > 0`` makes the normaliser positive, and
+``num / (den + eps)`` bounds both the output (by max |v|) and its gradient; the retention bias is
+initialised near 1 (``decay_init``) so memories last hundreds of writes.
+
+Two forms compute the same function: :meth:`BankedAttention.forward` (parallel within chunks of
+``chunk`` steps, recurrent across chunks) and :meth:`BankedAttention.step` (one step).
+Memory per layer: ``S`` [B, H, N, D, D] and ``z`` [B, H, N, D], fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import AttentionConfig
+
+
+def upcast(t: Tensor) -> Tensor:
+    """fp16/bf16 -> fp32; fp32 and fp64 (gradient checks) are kept as they are."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def feature_map(x: Tensor) -> Tensor:
+    """Positive kernel feature map ``elu(x) + 1``."""
+    return F.elu(x) + 1.0
+
+
+def bank_write(S: Tensor, z: Tensor, k: Tensor, v: Tensor, w: Tensor, g: Tensor
+               ) -> tuple[Tensor, Tensor]:
+    """Write one step. S [B,H,N,D,E], z [B,H,N,D], k [B,H,D], v [B,H,E], w [B,H,N], g [B,H]."""
+    a = 1.0 - w * (1.0 - g[..., None])  # [B,H,N]; 1 where w == 0
+    S = a[..., None, None] * S + w[..., None, None] * k[:, :, None, :, None] * v[:, :, None, None, :]
+    z = a[..., None] * z + w[..., None] * k[:, :, None, :]
+    return S, z
+
+
+def bank_read(S: Tensor, z: Tensor, q: Tensor, r: Tensor, eps: float) -> Tensor:
+    """Read one step (pure: S and z are not modified). q [B,H,D], r [B,H,N] -> [B,H,E]."""
+    num = torch.einsum("bhn,bhd,bhnde->bhe", r, q, S)
+    den = torch.einsum("bhn,bhd,bhnd->bh", r, q, z)
+    return num / (den[..., None] + eps)
+
+
+class BankedAttention(nn.Module):
+    """Multi-head banked linear attention on width ``d`` (the decoder's core width)."""
+
+    def __init__(self, cfg: AttentionConfig, d: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        H, D, N = cfg.heads, cfg.head_dim, cfg.banks
+        self.qkv = nn.Linear(d, 3 * H * D)
+        self.select = nn.Linear(d, 2 * H * N + H)  # read logits, write logits, retention logit
+        self.out = nn.Linear(H * D, d)
+        with torch.no_grad():
+            self.select.bias[2 * H * N:].fill_(cfg.decay_init)
+
+    def state_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Per-example shapes of this layer's memory (fp32)."""
+        H, D, N = self.cfg.heads, self.cfg.head_dim, self.cfg.banks
+        return {"S": (H, N, D, D), "z": (H, N, D)}
+
+    def _project(self, x: Tensor, mask: Tensor | None):
+        """x [B,T,d] -> q,k [B,H,T,D], v [B,H,T,D], r,w [B,H,T,N], g [B,H,T] (all fp32)."""
+        B, T, _ = x.shape
+        H, D, N = self.cfg.heads, self.cfg.head_dim, self.cfg.banks
+        q, k, v = upcast(self.qkv(x)).view(B, T, 3, H, D).permute(2, 0, 3, 1, 4)
+        sel = upcast(self.select(x))
+        r = sel[..., :H * N].view(B, T, H, N).softmax(-1).transpose(1, 2)
+        w = sel[..., H * N:2 * H * N].view(B, T, H, N).softmax(-1).transpose(1, 2)
+        g = torch.sigmoid(sel[..., 2 * H * N:]).transpose(1, 2)
+        if mask is not None:  # padded steps write nothing, so the memory passes through them
+            w = w * mask[:, None, :, None].to(w.dtype)
+        return feature_map(q), feature_map(k), v, r, w, g
+
+    def forward(self, x: Tensor, S: Tensor, z: Tensor, mask: Tensor | None = None
+                ) -> tuple[Tensor, Tensor, Tensor]:
+        """Chunked parallel form. x [B,T,d] -> y [B,T,d], new S, new z."""
+        q, k, v, r, w, g = self._project(x, mask)  # projections may run under autocast
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            B, H, T, D = q.shape
+            eps, C = self.cfg.eps, self.cfg.chunk
+            # log a = log(1 - w (1 - g)) >= log g > -inf: safe to cumulate in log space
+            la = torch.log1p(-w * (1.0 - g[..., None]))  # [B,H,T,N]
+            outs = []
+            for t0 in range(0, T, C):
+                sl = slice(t0, min(T, t0 + C))
+                o, S, z = self._chunk(q[:, :, sl], k[:, :, sl], v[:, :, sl], r[:, :, sl],
+                                      w[:, :, sl], la[:, :, sl], S, z, eps)
+                outs.append(o)
+            o = torch.cat(outs, dim=2).transpose(1, 2).reshape(B, T, H * D)  # [B,T,H*D]
+        return self.out(o.to(x.dtype)), S, z
+
+    @staticmethod
+    def _chunk(q, k, v, r, w, la, S, z, eps):
+        """One chunk of c steps: q,k,v [B,H,c,D], r,w,la [B,H,c,N], S [B,H,N,D,D], z [B,H,N,D]."""
+        c = la.cumsum(dim=2)  # [B,H,c,N] inclusive log-decay from the chunk start
+        Tc = q.shape[2]
+        causal = torch.ones(Tc, Tc, dtype=torch.bool, device=q.device).tril()
+        diff = c[:, :, :, None, :] - c[:, :, None, :, :]  # [B,H,t,s,N] = log prod_{s<u<=t} a_u
+        diff = diff.masked_fill(~causal[None, None, :, :, None], float("-inf"))
+        # decay-weighted bank overlap between reader t and writer s
+        G = (r[:, :, :, None, :] * w[:, :, None, :, :] * diff.exp()).sum(-1)  # [B,H,t,s]
+        A = (q @ k.transpose(-1, -2)) * G  # [B,H,t,s], >= 0
+        rc = r * c.exp()  # [B,H,c,N]: read weight on the chunk-start memory
+        num = A @ v + torch.einsum("bhtn,bhtd,bhnde->bhte", rc, q, S)
+        den = A.sum(-1) + torch.einsum("bhtn,bhtd,bhnd->bht", rc, q, z)
+        o = num / (den[..., None] + eps)  # [B,H,c,D]
+        cT = c[:, :, -1]  # [B,H,N]
+        wd = w * (cT[:, :, None, :] - c).exp()  # [B,H,c,N]: write weight decayed to chunk end
+        S = cT.exp()[..., None, None] * S + torch.einsum("bhtn,bhtd,bhte->bhnde", wd, k, v)
+        z = cT.exp()[..., None] * z + torch.einsum("bhtn,bhtd->bhnd", wd, k)
+        return o, S, z
+
+    def step(self, x: Tensor, S: Tensor, z: Tensor, mask: Tensor | None = None
+             ) -> tuple[Tensor, Tensor, Tensor]:
+        """Recurrent form, one step. x [B,d] -> y [B,d], new S, new z."""
+        m = None if mask is None else mask[:, None]
+        q, k, v, r, w, g = self._project(x[:, None], m)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            S, z = bank_write(S, z, k[:, :, 0], v[:, :, 0], w[:, :, 0], g[:, :, 0])
+            o = bank_read(S, z, q[:, :, 0], r[:, :, 0], self.cfg.eps)  # [B,H,D]
+        return self.out(o.reshape(x.shape[0], -1).to(x.dtype)), S, z

@@ -1,0 +1,172 @@
+"""BlockLM: mode supports + shared recurrent decoder + next-mode/shape heads.
+
+The entry points the dispatcher and the trainer call; see the package docstring for the
+protocol (one call per batch of same-mode blocks, states stacked along dim 0).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .config import ModelConfig, SampleConfig
+from .decoder import Decoder
+from .heads import END, Heads
+from .support import ModeSupport, Registry, default_registry
+
+
+@dataclass
+class BlockLoss:
+    """Per-example loss terms of one block, in bits (sum them, divide by the counts)."""
+
+    bits: Tensor  # [B] content bits summed over the block
+    elements: Tensor  # [B] elements they are reported per (characters, sub-pixels, samples)
+    mode_bits: Tensor  # [B] bits of this block's mode, predicted from the incoming state
+    shape_bits: Tensor  # [B] bits of this block's shape given its mode, from the incoming state
+
+    @property
+    def bits_per_element(self) -> Tensor:
+        """[B] content bits per element (0 for empty blocks)."""
+        return self.bits / self.elements.clamp(min=1)
+
+
+@dataclass
+class BlockResult:
+    """What :meth:`BlockLM.run_block` returns."""
+
+    loss: BlockLoss | None  # None when run with targets=False
+    state: Tensor  # [B, state_size] fp32: the context after the block
+    outputs: Tensor  # [B,T,d_model] decoder outputs
+    mode_logits: Tensor  # [B, modes+1] next-mode logits from the new state (last = end)
+
+
+class BlockLM(nn.Module):
+    """The block-list model. ``cfg.modes`` names the modes; ``registry`` builds their supports."""
+
+    def __init__(self, cfg: ModelConfig, registry: Registry | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        registry = registry or default_registry()
+        d = cfg.decoder.d_model
+        self.supports = nn.ModuleDict({m: registry.build(m, c, d) for m, c in cfg.modes.items()})
+        self.decoder = Decoder(cfg.decoder)
+        self.heads = Heads(cfg.heads, d, {m: s.shape_spec() for m, s in self.supports.items()})
+
+    @property
+    def modes(self) -> list[str]:
+        """Registered mode names, then ``"end"`` (the classes of the next-mode head)."""
+        return self.heads.names
+
+    @property
+    def state_size(self) -> int:
+        """Length of one example's state vector."""
+        return self.decoder.layout.size
+
+    def support(self, mode: str) -> ModeSupport:
+        """The support of ``mode``."""
+        if mode not in self.supports:
+            raise KeyError(f"unknown mode {mode!r} (known: {list(self.supports)})")
+        return self.supports[mode]
+
+    def initial_state(self, batch: int, device=None) -> Tensor:
+        """The state before an example's first block: [batch, state_size] fp32."""
+        return self.decoder.initial_state(batch, device)
+
+    def steps(self, mode: str, shape: tuple[int, ...]) -> int:
+        """Decoder steps a block costs (the dispatcher's cost model)."""
+        return self.support(mode).steps(tuple(shape))
+
+    def summary(self, state: Tensor) -> Tensor:
+        """The summary vector [B,d_model] inside a state."""
+        return self.decoder.layout.unpack(state)["summary"]
+
+    def run_block(self, mode: str, contents: list, state: Tensor | None = None,
+                  targets: bool = True) -> BlockResult:
+        """Run a batch of blocks of one mode, each continuing its own example's state.
+
+        contents: decoded contents (text ``str``, image uint8 [H,W,C], audio [frames,ch]);
+        state: [B, state_size] (None: start of examples). With ``targets`` the result carries
+        per-example losses: content bits and element counts, and the bits of predicting this
+        block's mode and shape from the incoming state.
+        """
+        sup = self.support(mode)
+        device = self.start_device()
+        if state is None:
+            state = self.initial_state(len(contents), device)
+        batch = sup.target(contents, device)
+        h, new_state = self.decoder(sup.embed(batch), state, batch.steps)  # [B,T,d]
+        loss = None
+        if targets:
+            bits, elements = sup.loss(sup.distribution(h, batch), batch)
+            summary = self.summary(state)
+            loss = BlockLoss(bits, elements, self.heads.mode_bits(summary, [mode] * len(contents)),
+                             self.heads.shape_bits(summary, mode, batch.shapes))
+        return BlockResult(loss, new_state, h, self.heads.mode_logits(self.summary(new_state)))
+
+    def end_bits(self, state: Tensor) -> Tensor:
+        """Bits of predicting end-of-example from the state after the last block: [B]."""
+        return self.heads.mode_bits(self.summary(state), [END] * state.shape[0])
+
+    @torch.no_grad()
+    def predict_next(self, state: Tensor, sampling: SampleConfig | None = None,
+                     generator: torch.Generator | None = None) -> list[tuple[str, tuple | None]]:
+        """Next (mode, shape) per example; ("end", None) ends it. sampling None: most likely."""
+        from .sampling import sample_logits
+
+        summary = self.summary(state)
+        logits = self.heads.mode_logits(summary)
+        idx = logits.argmax(-1) if sampling is None else sample_logits(logits, sampling, generator)
+        out: list[tuple[str, tuple | None]] = []
+        for i, k in enumerate(idx.tolist()):
+            mode = self.modes[k]
+            if mode == END:
+                out.append((END, None))
+                continue
+            ctx = self.heads.trunk(summary[i:i + 1])
+            shp, _ = self.heads.shape[mode].predict(ctx, sampling, generator)
+            out.append((mode, tuple(int(v) for v in shp[0].tolist())))
+        return out
+
+    @torch.no_grad()
+    def generate_block(self, mode: str, shapes: list[tuple[int, ...]], state: Tensor | None = None,
+                       sampling: SampleConfig | None = None,
+                       generator: torch.Generator | None = None) -> tuple[list, Tensor]:
+        """Sample one block of ``mode`` per example with the requested shapes.
+
+        Returns the contents (text ``str``, image uint8 [H,W,C], audio int16 [frames,ch]) and
+        the state after the block (as if the sampled block had been run).
+        """
+        sup, sampling = self.support(mode), sampling or SampleConfig()
+        shapes = [tuple(int(d) for d in s) for s in shapes]
+        device = self.start_device()
+        B = len(shapes)
+        state = self.initial_state(B, device) if state is None else state
+        elems: list[list[Tensor]] = [[] for _ in range(B)]
+        done = [sup.complete(torch.zeros(0, sup.elements_per_step, dtype=torch.long), s)
+                for s in shapes]
+        final = [False] * B  # the summary step (consuming the last elements) has run
+        prev: Tensor | None = None
+        t = 0
+        while not all(final):
+            active = torch.tensor([not f for f in final], device=device)
+            step = sup.step_inputs(prev, shapes, t, device)
+            h, state = self.decoder.step(sup.embed(step)[:, 0], state, active)  # [B,d]
+            final = [f or d for f, d in zip(final, done)]
+            if not all(done):
+                v = sup.sample(h, shapes, t, sampling, generator)  # [B,E]
+                for i in range(B):
+                    if not done[i]:
+                        elems[i].append(v[i].cpu())
+                        done[i] = sup.complete(torch.stack(elems[i]), shapes[i])
+                prev = v
+            t += 1
+        E = sup.elements_per_step
+        contents = [sup.assemble(torch.stack(e) if e else torch.zeros(0, E, dtype=torch.long), s)
+                    for e, s in zip(elems, shapes)]
+        return contents, state
+
+    def start_device(self) -> torch.device:
+        """The device of the model's parameters."""
+        return next(self.parameters()).device

@@ -1,0 +1,100 @@
+"""Configuration dataclasses, one per component (presets live in :mod:`blocklm.model.presets`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class AttentionConfig:
+    """Banked causal linear attention (one per decoder layer)."""
+
+    heads: int = 4
+    head_dim: int = 16
+    banks: int = 4  # N memory banks per layer
+    chunk: int = 64  # parallel within a chunk, recurrent across chunks
+    decay_init: float = 5.0  # bias of the retention logit: sigmoid(5) ~ 0.993 -> long memories
+    eps: float = 1e-3  # normaliser guard: out = num / (den + eps)
+
+
+@dataclass
+class StackConfig:
+    """The differentiable processing stack (see :mod:`blocklm.model.stack`)."""
+
+    enabled: bool = True
+    depth: int = 16  # K cells kept in the state; pushes past the bottom fall off
+    width: int = 16  # width of a stack cell
+    hidden: int = 64  # controller width
+    max_steps: int = 2  # ponder iterations per decoder step
+    epsilon: float = 0.01  # stop once 1 - epsilon of a unit of mass has left the stack
+
+
+@dataclass
+class DecoderConfig:
+    """The shared recurrent decoder: bottleneck layers of banked attention + feed-forward."""
+
+    d_model: int = 64  # large embedding width
+    d_core: int = 32  # bottleneck width seen by the attention
+    d_ff: int = 128
+    layers: int = 2
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    stack: StackConfig = field(default_factory=StackConfig)
+
+
+@dataclass
+class TextConfig:
+    """Text support: sentencepiece tokens, loss reported per character."""
+
+    tokenizer_path: str | None = "data/shards/tokenizer.model"
+    vocab_size: int | None = None  # None: read from the tokenizer
+    chars_per_token: float = 4.0  # cost-model estimate for steps(shape)
+    max_chars: int = 1 << 16  # length bins of the shape head cover 1..max_chars
+
+
+@dataclass
+class ImageConfig:
+    """Image support: 8-bit sub-pixels, one decoder step per patch of patch x patch x 4."""
+
+    patch: int = 4
+    head_width: int = 64  # width of the within-patch autoregressive head
+    max_side: int = 4096  # height/width bins of the shape head cover 1..max_side
+
+
+@dataclass
+class AudioConfig:
+    """Audio support: 8-bit mu-law, one decoder step per frame of `frame` samples x channels."""
+
+    frame: int = 16
+    max_channels: int = 2
+    head_width: int = 64
+    mu: int = 255
+    sample_rate: int = 16000  # rate given to generated audio when none is known
+    max_frames: int = 1 << 22
+
+
+@dataclass
+class HeadsConfig:
+    """Next-mode and shape heads, read from the block summary held in the state."""
+
+    hidden: int = 64
+    bins: int = 48  # log-spaced bins per size dimension
+
+
+@dataclass
+class SampleConfig:
+    """How to draw from a distribution. top_k=0 and top_p=1 disable those filters."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    adaptive: bool = False  # adaptive temperature of "softmax is not enough"
+
+
+@dataclass
+class ModelConfig:
+    """The whole model: a decoder, the mode supports (name -> config) and the heads."""
+
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    modes: dict[str, object] = field(default_factory=lambda: {
+        "text": TextConfig(), "image": ImageConfig(), "audio": AudioConfig()})
+    heads: HeadsConfig = field(default_factory=HeadsConfig)

@@ -1,0 +1,143 @@
+"""The shared recurrent decoder and its state.
+
+Per decoder step the input embedding (d_model, from a mode support) goes through ``layers``
+bottleneck layers and then the processing stack:
+
+    layer:  u = down(x)                        [B,T,d_core]   the bottleneck
+            c = u + attn(rmsnorm(u))           [B,T,d_core]   banked linear attention
+            x = rmsnorm(x + ff([c, x]))        [B,T,d_model]  concat with the large embedding
+    stack:  h = rmsnorm(x + stack_step(x))     [B,T,d_model]  one stack step per time step
+
+The *state* handed between blocks is one fp32 tensor per example, [B, state_size], holding every
+layer's bank memories, the stack (cells and strengths) and the summary (the decoder output of the
+block's last step, read by the next-mode and shape heads). Per-example states stack along dim 0,
+so the dispatcher can batch any blocks of any examples. :class:`StateLayout` names the slices.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from .attention import BankedAttention
+from .config import DecoderConfig
+from .stack import ProcessingStack
+
+
+class StateLayout:
+    """Named slices of the flat per-example state vector."""
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]]) -> None:
+        self.shapes = dict(shapes)
+        self.offsets: dict[str, tuple[int, int]] = {}
+        o = 0
+        for name, shp in self.shapes.items():
+            n = math.prod(shp)
+            self.offsets[name] = (o, o + n)
+            o += n
+        self.size = o
+
+    def unpack(self, state: Tensor) -> dict[str, Tensor]:
+        """[B, size] -> name -> [B, *shape] (views)."""
+        B = state.shape[0]
+        return {n: state[:, a:b].view(B, *self.shapes[n]) for n, (a, b) in self.offsets.items()}
+
+    def pack(self, parts: dict[str, Tensor]) -> Tensor:
+        """name -> [B, *shape] -> [B, size] (fp32 unless given fp64)."""
+        B = next(iter(parts.values())).shape[0]
+        flat = [parts[n].reshape(B, -1) for n in self.shapes]
+        dtype = torch.float64 if any(f.dtype == torch.float64 for f in flat) else torch.float32
+        return torch.cat([f.to(dtype) for f in flat], dim=1)
+
+
+class BottleneckLayer(nn.Module):
+    """Large embedding -> core width -> banked attention -> concat -> feed-forward -> add+norm."""
+
+    def __init__(self, cfg: DecoderConfig) -> None:
+        super().__init__()
+        self.down = nn.Linear(cfg.d_model, cfg.d_core)
+        self.norm_core = nn.RMSNorm(cfg.d_core)
+        self.attn = BankedAttention(cfg.attention, cfg.d_core)
+        self.ff = nn.Sequential(nn.Linear(cfg.d_core + cfg.d_model, cfg.d_ff), nn.GELU(),
+                                nn.Linear(cfg.d_ff, cfg.d_model))
+        self.norm = nn.RMSNorm(cfg.d_model)
+
+    def _finish(self, x: Tensor, u: Tensor, a: Tensor) -> Tensor:
+        c = u + a  # [..., d_core]
+        return self.norm(x + self.ff(torch.cat([c, x.to(c.dtype)], -1)))
+
+    def forward(self, x, S, z, mask=None):
+        """x [B,T,d_model] -> x [B,T,d_model], S, z (chunked parallel)."""
+        u = self.down(x)
+        a, S, z = self.attn(self.norm_core(u), S, z, mask)
+        return self._finish(x, u, a), S, z
+
+    def step(self, x, S, z, mask=None):
+        """x [B,d_model] -> x [B,d_model], S, z (one recurrent step)."""
+        u = self.down(x)
+        a, S, z = self.attn.step(self.norm_core(u), S, z, mask)
+        return self._finish(x, u, a), S, z
+
+
+class Decoder(nn.Module):
+    """Bottleneck layers + processing stack; ``forward`` (a block) and ``step`` (one step)."""
+
+    def __init__(self, cfg: DecoderConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.norm_in = nn.RMSNorm(cfg.d_model)
+        self.layers = nn.ModuleList(BottleneckLayer(cfg) for _ in range(cfg.layers))
+        self.stack = ProcessingStack(cfg.stack, cfg.d_model) if cfg.stack.enabled else None
+        self.norm_out = nn.RMSNorm(cfg.d_model) if self.stack is not None else nn.Identity()
+        shapes: dict[str, tuple[int, ...]] = {}
+        for i, layer in enumerate(self.layers):
+            for n, shp in layer.attn.state_shapes().items():
+                shapes[f"{n}{i}"] = shp
+        if self.stack is not None:
+            shapes.update(self.stack.state_shapes())
+        shapes["summary"] = (cfg.d_model,)
+        self.layout = StateLayout(shapes)
+
+    def initial_state(self, batch: int, device=None, dtype=torch.float32) -> Tensor:
+        """Empty memories, empty stack, zero summary: [batch, state_size]."""
+        return torch.zeros(batch, self.layout.size, device=device, dtype=dtype)
+
+    def forward(self, x: Tensor, state: Tensor, mask: Tensor | None = None
+                ) -> tuple[Tensor, Tensor]:
+        """A whole block. x [B,T,d_model], state [B,size], mask [B,T] (True = real step; real
+        steps form a prefix) -> outputs [B,T,d_model], state after each example's last real step.
+        """
+        st = self.layout.unpack(state)
+        new: dict[str, Tensor] = {}
+        x = self.norm_in(x)
+        for i, layer in enumerate(self.layers):
+            x, new[f"S{i}"], new[f"z{i}"] = layer(x, st[f"S{i}"], st[f"z{i}"], mask)
+        if self.stack is not None:
+            V, s, ys = st["V"], st["s"], []
+            for t in range(x.shape[1]):  # the stack is a step recurrence
+                m = None if mask is None else mask[:, t]
+                y, V, s, _ = self.stack.step(x[:, t], V, s, m)
+                ys.append(y)
+            x = self.norm_out(x + torch.stack(ys, 1).to(x.dtype))
+            new["V"], new["s"] = V, s
+        B, T = x.shape[:2]
+        last = (mask.long().sum(1) - 1).clamp(min=0) if mask is not None else \
+            torch.full((B,), T - 1, device=x.device)
+        new["summary"] = x[torch.arange(B, device=x.device), last]
+        return x, self.layout.pack(new)
+
+    def step(self, x: Tensor, state: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """One step. x [B,d_model], state [B,size], mask [B] -> output [B,d_model], new state."""
+        st = self.layout.unpack(state)
+        new: dict[str, Tensor] = {}
+        x = self.norm_in(x)
+        for i, layer in enumerate(self.layers):
+            x, new[f"S{i}"], new[f"z{i}"] = layer.step(x, st[f"S{i}"], st[f"z{i}"], mask)
+        if self.stack is not None:
+            y, new["V"], new["s"], _ = self.stack.step(x, st["V"], st["s"], mask)
+            x = self.norm_out(x + y.to(x.dtype))
+        summary = x if mask is None else torch.where(mask[:, None], x, st["summary"].to(x.dtype))
+        new["summary"] = summary
+        return x, self.layout.pack(new)

@@ -1,0 +1,87 @@
+"""Shared machinery of the 8-bit modes (image, audio): one decoder step per patch/frame.
+
+A step carries ``E`` 8-bit elements (a patch's sub-pixels, a frame's mu-law samples). The step's
+input embedding is a linear map of the previous step's elements; its elements are predicted from
+the decoder output by a small *within-step autoregressive* head, so the likelihood is exact and
+discrete: ``p(step) = prod_e p(x_e | h, x_<e)`` with
+
+    logits_e = mlp(ctx(h) + pos_e + sum_{j<e} val[j, x_j])        [B,T,E,256]
+
+(the sum over earlier elements is a cumulative sum, so training is parallel over e; sampling
+walks e = 0..E-1). Elements outside the content (padding, absent channels) are fixed at 0, never
+count in the loss and are forced to 0 when sampling.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .config import SampleConfig
+from .sampling import sample_logits
+from .support import BlockBatch, ModeSupport
+
+
+class ElementHead(nn.Module):
+    """Within-step autoregressive head over E elements of a 256-value vocabulary."""
+
+    def __init__(self, E: int, d_model: int, width: int, vocab: int = 256) -> None:
+        super().__init__()
+        self.E = E
+        self.ctx = nn.Linear(d_model, width)
+        self.pos = nn.Parameter(torch.randn(E, width) * 0.02)
+        self.val = nn.Parameter(torch.randn(E, vocab, width) * 0.02)
+        self.out = nn.Sequential(nn.GELU(), nn.Linear(width, width), nn.GELU(),
+                                 nn.Linear(width, vocab))
+
+    def logits(self, h: Tensor, values: Tensor) -> Tensor:
+        """h [B,T,d], values [B,T,E] long (teacher forcing) -> logits [B,T,E,V]."""
+        c = self.ctx(h)[..., None, :] + self.pos  # [B,T,E,w]
+        ve = self.val[torch.arange(self.E, device=values.device), values]  # [B,T,E,w]
+        prev = ve.cumsum(-2) - ve  # sum over the earlier elements of the same step
+        return self.out(c + prev.to(c.dtype))
+
+    def sample(self, h: Tensor, emask: Tensor, cfg: SampleConfig,
+               generator: torch.Generator | None) -> Tensor:
+        """h [B,d], emask [B,E] bool -> elements [B,E] long (0 where emask is False)."""
+        c = self.ctx(h)[:, None, :] + self.pos  # [B,E,w]
+        acc = torch.zeros_like(c[:, 0])
+        out = torch.zeros(h.shape[0], self.E, dtype=torch.long, device=h.device)
+        for e in range(self.E):
+            v = sample_logits(self.out(c[:, e] + acc), cfg, generator)  # [B]
+            v = torch.where(emask[:, e], v, torch.zeros_like(v))
+            out[:, e] = v
+            acc = acc + self.val[e, v].to(acc.dtype)
+        return out
+
+
+class PatchSupport(ModeSupport):
+    """Base of supports whose steps are patches/frames of 8-bit elements."""
+
+    vocab = 256
+
+    def __init__(self, d_model: int, E: int, head_width: int) -> None:
+        super().__init__(d_model)
+        self.elements_per_step = E
+        self.inp = nn.Linear(E, d_model)
+        self.cond_in = nn.Linear(self.cond_dims, d_model)
+        self.head = ElementHead(E, d_model, head_width)
+
+    def element_mask(self, shape: tuple[int, ...], t: int) -> Tensor:
+        """Which of step t's E elements exist in a block of this shape: [E] bool."""
+        raise NotImplementedError
+
+    def embed_elements(self, inputs: Tensor, cond: Tensor) -> Tensor:
+        """[B,T,E] long, [B,C] -> [B,T,d_model]."""
+        x = inputs.to(self.inp.weight.dtype) / 127.5 - 1.0
+        return self.inp(x) + self.cond_in(cond.to(x.dtype))[:, None, :]
+
+    def distribution(self, h: Tensor, batch: BlockBatch) -> Tensor:
+        """[B,T,d] -> logits [B,T,E,256], each element conditioned on the earlier ones."""
+        return self.head.logits(h, batch.targets)
+
+    def sample(self, h: Tensor, shapes: list, t: int, cfg: SampleConfig,
+               generator: torch.Generator | None) -> Tensor:
+        """Step t's elements [B,E], drawn element by element."""
+        emask = torch.stack([self.element_mask(s, t) for s in shapes]).to(h.device)
+        return self.head.sample(h, emask, cfg, generator)

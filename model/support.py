@@ -1,0 +1,219 @@
+"""The mode-support interface and the registry that new modes plug into.
+
+A :class:`ModeSupport` holds everything mode-specific (design note 000): **embed** (step inputs ->
+d_model embeddings), **target** (contents -> shifted inputs with a start token, targets, masks),
+**distribution** (decoder outputs -> logits over the mode's own vocabulary), **loss** (bits per
+element: per character, sub-pixel or audio sample) and **sample** (temperature, top-k/top-p,
+adaptive temperature). A block of ``n`` decoder steps' worth of elements costs ``n + 1`` decoder
+steps: step 0 consumes the start token and step t consumes step t-1's elements; the output of step
+t < n predicts step t's elements and the output of step n (after the whole block was consumed) is
+the block *summary* kept in the state for the next-mode and shape heads.
+
+Each decoder step carries ``E = elements_per_step`` elements (text: 1 token; image: one patch of
+sub-pixels; audio: one frame of samples), each from a vocabulary of ``vocab`` values.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .config import SampleConfig
+from .sampling import sample_logits
+
+LN2 = math.log(2.0)
+
+
+@dataclass
+class BlockBatch:
+    """A batch of blocks of one mode, ready for the decoder (T = longest block's steps)."""
+
+    mode: str
+    shapes: list[tuple[int, ...]]
+    inputs: Tensor  # [B,T,E] long: the previous step's elements (zeros at the start step)
+    start: Tensor  # [B,T] bool: the start-token step (t == 0)
+    positions: Tensor  # [B,T,P] float: coordinates, from the block start, of what step t predicts
+    cond: Tensor  # [B,C] float: per-block conditioning from the shape (may be [B,0])
+    targets: Tensor  # [B,T,E] long
+    mask: Tensor  # [B,T,E] bool: the element counts toward the loss (padding never does)
+    steps: Tensor  # [B,T] bool: real decoder steps, a prefix (includes the summary step)
+    elements: Tensor  # [B] float: what bits are reported per (characters, sub-pixels, samples)
+
+    def to(self, device) -> BlockBatch:
+        """The same batch on ``device``."""
+        kw = {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in self.__dict__.items()}
+        return BlockBatch(**kw)
+
+
+def sinusoid(pos: Tensor, d: int) -> Tensor:
+    """Sinusoidal features of coordinates. pos [..., P] -> [..., d] (d split over P coordinates)."""
+    P = pos.shape[-1]
+    per = (d // P) // 2 * 2
+    half = per // 2
+    freq = torch.exp(-math.log(10000.0) * torch.arange(half, device=pos.device) / max(half, 1))
+    ang = pos.float()[..., None] * freq  # [..., P, half]
+    feats = torch.cat([ang.sin(), ang.cos()], -1).flatten(-2)  # [..., P*per]
+    return nn.functional.pad(feats, (0, d - feats.shape[-1]))
+
+
+class ModeSupport(nn.Module):
+    """Base class of a mode support. Subclasses implement the methods that raise here."""
+
+    name: str = "?"
+    elements_per_step: int = 1
+    vocab: int = 256
+    position_dims: int = 1
+    cond_dims: int = 0
+    shape_dims: tuple[str, ...] = ()  # names of the shape entries the shape head predicts
+
+    def __init__(self, d_model: int) -> None:
+        super().__init__()
+        self.d_model = d_model
+        self.start_token = nn.Parameter(torch.randn(d_model) * 0.02)
+
+    # -- shape ---------------------------------------------------------------------------------
+    def shape_of(self, content) -> tuple[int, ...]:
+        """The shape of one decoded content (text [n_chars], image [H,W,C], audio [frames,ch])."""
+        raise NotImplementedError
+
+    def steps(self, shape: tuple[int, ...]) -> int:
+        """Decoder steps a block of this shape costs, summary step included (cost model)."""
+        raise NotImplementedError
+
+    def shape_spec(self) -> list[tuple[str, object]]:
+        """Per shape entry: ("size", max) for log-binned sizes or ("choice", values)."""
+        raise NotImplementedError
+
+    def positions_of(self, shape: tuple[int, ...], T: int) -> Tensor:
+        """Coordinates [T,P] of what steps 0..T-1 of a block of this shape predict."""
+        raise NotImplementedError
+
+    def cond_of(self, shape: tuple[int, ...]) -> Tensor:
+        """Per-block conditioning [C] derived from the shape (known when sampling too)."""
+        return torch.zeros(self.cond_dims)
+
+    def elements_of(self, shape: tuple[int, ...]) -> int:
+        """How many elements bits are reported per (characters, sub-pixels, samples)."""
+        return math.prod(shape)
+
+    # -- training ------------------------------------------------------------------------------
+    def encode(self, content) -> tuple[Tensor, Tensor]:
+        """One content -> its steps' elements [n,E] long and their loss mask [n,E] bool."""
+        raise NotImplementedError
+
+    def target(self, contents: list, device=None) -> BlockBatch:
+        """Contents -> shifted inputs with a start token, targets and masks (padded to T)."""
+        shapes = [self.shape_of(c) for c in contents]
+        enc = [self.encode(c) for c in contents]
+        B, E = len(contents), self.elements_per_step
+        T = max(v.shape[0] for v, _ in enc) + 1
+        inputs = torch.zeros(B, T, E, dtype=torch.long)
+        targets = torch.zeros(B, T, E, dtype=torch.long)
+        mask = torch.zeros(B, T, E, dtype=torch.bool)
+        steps = torch.zeros(B, T, dtype=torch.bool)
+        positions = torch.zeros(B, T, self.position_dims)
+        for i, ((v, m), shp) in enumerate(zip(enc, shapes)):
+            n = v.shape[0]
+            inputs[i, 1:n + 1], targets[i, :n], mask[i, :n] = v, v, m
+            steps[i, :n + 1] = True
+            positions[i, :n + 1] = self.positions_of(shp, n + 1)
+        start = torch.zeros(B, T, dtype=torch.bool)
+        start[:, 0] = True
+        cond = torch.stack([self.cond_of(s) for s in shapes]).view(B, self.cond_dims)
+        elements = torch.tensor([float(self.elements_of(s)) for s in shapes])
+        return BlockBatch(self.name, shapes, inputs, start, positions, cond, targets, mask,
+                          steps, elements).to(device)
+
+    def embed_elements(self, inputs: Tensor, cond: Tensor) -> Tensor:
+        """Previous-step elements [B,T,E] long + cond [B,C] -> [B,T,d_model]."""
+        raise NotImplementedError
+
+    def embed(self, batch: BlockBatch) -> Tensor:
+        """Step inputs -> embeddings [B,T,d_model] (start token, elements, positions)."""
+        x = self.embed_elements(batch.inputs, batch.cond)  # [B,T,d]
+        x = torch.where(batch.start[..., None], self.start_token.to(x.dtype), x)
+        return x + sinusoid(batch.positions, self.d_model).to(x.dtype)
+
+    def distribution(self, h: Tensor, batch: BlockBatch) -> Tensor:
+        """Decoder outputs [B,T,d] -> logits [B,T,E,vocab] (teacher-forced within a step)."""
+        raise NotImplementedError
+
+    def loss(self, logits: Tensor, batch: BlockBatch) -> tuple[Tensor, Tensor]:
+        """Bits summed per example [B] and the element count [B] they are reported per."""
+        nll = nn.functional.cross_entropy(logits.float().flatten(0, -2), batch.targets.flatten(),
+                                          reduction="none").view(batch.targets.shape)
+        bits = (nll * batch.mask).flatten(1).sum(1) / LN2
+        return bits, batch.elements
+
+    # -- sampling ------------------------------------------------------------------------------
+    def step_inputs(self, prev: Tensor | None, shapes: list, t: int, device) -> BlockBatch:
+        """A one-step batch for generation step t (prev: step t-1's elements [B,E])."""
+        B, E = len(shapes), self.elements_per_step
+        inputs = torch.zeros(B, 1, E, dtype=torch.long) if prev is None else prev.cpu()[:, None]
+        positions = torch.stack([self.positions_of(s, t + 1)[t] for s in shapes])[:, None]
+        cond = torch.stack([self.cond_of(s) for s in shapes]).view(B, self.cond_dims)
+        start = torch.full((B, 1), t == 0)
+        none = torch.zeros(B, 1, E, dtype=torch.long)
+        return BlockBatch(self.name, list(shapes), inputs, start, positions, cond, none,
+                          none.bool(), start | True, torch.zeros(B)).to(device)
+
+    def sample(self, h: Tensor, shapes: list, t: int, cfg: SampleConfig,
+               generator: torch.Generator | None) -> Tensor:
+        """Draw step t's elements from decoder outputs h [B,d] -> [B,E] long."""
+        logits = self.distribution(h[:, None], None)[:, 0]  # [B,E,V]
+        return sample_logits(logits, cfg, generator)
+
+    def max_steps(self, shape: tuple[int, ...]) -> int:
+        """Upper bound on element steps when generating a block of this shape."""
+        return self.steps(shape) - 1
+
+    def complete(self, elements: Tensor, shape: tuple[int, ...]) -> bool:
+        """Whether the elements generated so far [n,E] fill the shape."""
+        return elements.shape[0] >= self.max_steps(shape)
+
+    def assemble(self, elements: Tensor, shape: tuple[int, ...]):
+        """Generated elements [n,E] -> decoded content of the requested shape."""
+        raise NotImplementedError
+
+
+SupportFactory = Callable[[object, int], ModeSupport]
+
+
+class Registry:
+    """Mode name -> factory ``(mode_config, d_model) -> ModeSupport``. Register to add a mode."""
+
+    def __init__(self) -> None:
+        self._factories: dict[str, SupportFactory] = {}
+
+    def register(self, name: str, factory: SupportFactory) -> None:
+        """Add a mode; its config goes in ``ModelConfig.modes[name]``."""
+        if name in self._factories:
+            raise ValueError(f"mode {name!r} is already registered")
+        self._factories[name] = factory
+
+    def names(self) -> list[str]:
+        """Registered mode names, in registration order."""
+        return list(self._factories)
+
+    def build(self, name: str, cfg: object, d_model: int) -> ModeSupport:
+        """Construct the support of a registered mode."""
+        if name not in self._factories:
+            raise KeyError(f"mode {name!r} is not registered (known: {self.names()})")
+        return self._factories[name](cfg, d_model)
+
+
+def default_registry() -> Registry:
+    """A fresh registry holding the built-in modes: text, image, audio."""
+    from .audio import AudioSupport
+    from .image import ImageSupport
+    from .text import TextSupport
+
+    reg = Registry()
+    reg.register("text", TextSupport)
+    reg.register("image", ImageSupport)
+    reg.register("audio", AudioSupport)
+    return reg

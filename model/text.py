@@ -1,0 +1,110 @@
+"""Text support: ``str`` contents of shape ``[n_chars]``, sentencepiece tokens, bits per character.
+
+One decoder step per token. The tokenizer is a sentencepiece model file (``make shards`` trains
+one at ``data/shards/tokenizer.model``; ``TextConfig.tokenizer_path``). Positions are the token
+index from the block start. The loss is summed over tokens and reported per *character* of the
+original string, so runs with different tokenizers compare. ``steps(shape)`` is an estimate
+(``n_chars / chars_per_token``) since the token count is only known after tokenizing.
+
+Sampling never draws control/unknown pieces and stops once the decoded text has ``n_chars``
+characters; the result is cut (or, if the step cap is hit, padded with spaces) to exactly
+``n_chars`` so it always has the requested shape.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from .config import SampleConfig, TextConfig
+from .sampling import sample_logits
+from .support import BlockBatch, ModeSupport
+
+
+def load_tokenizer(path: str):
+    """A sentencepiece processor from a model file."""
+    import sentencepiece as spm
+
+    return spm.SentencePieceProcessor(model_file=str(path))
+
+
+class TextSupport(ModeSupport):
+    """Mode support for sentencepiece-tokenized text."""
+
+    name = "text"
+    position_dims = 1
+    cond_dims = 0
+    shape_dims = ("chars",)
+
+    def __init__(self, cfg: TextConfig, d_model: int) -> None:
+        super().__init__(d_model)
+        self.cfg = cfg
+        self._sp = None
+        vocab = cfg.vocab_size
+        if vocab is None:
+            if cfg.tokenizer_path is None:
+                raise ValueError("TextConfig needs a tokenizer_path or a vocab_size")
+            vocab = self.tokenizer.get_piece_size()
+        self.vocab = int(vocab)
+        self.emb = nn.Embedding(self.vocab, d_model)
+        self.unembed = nn.Linear(d_model, self.vocab)
+
+    @property
+    def tokenizer(self):
+        """The sentencepiece processor, loaded on first use (its size must fit the vocab)."""
+        if self._sp is None:
+            sp = load_tokenizer(self.cfg.tokenizer_path)
+            if self.cfg.vocab_size is not None and sp.get_piece_size() > self.cfg.vocab_size:
+                raise ValueError(f"tokenizer {self.cfg.tokenizer_path} has "
+                                 f"{sp.get_piece_size()} pieces > vocab_size {self.cfg.vocab_size}")
+            self._sp = sp
+        return self._sp
+
+    def shape_of(self, content) -> tuple[int, ...]:
+        if not isinstance(content, str):
+            raise ValueError(f"text content must be str, got {type(content).__name__}")
+        return (len(content),)
+
+    def steps(self, shape: tuple[int, ...]) -> int:
+        return math.ceil(shape[0] / self.cfg.chars_per_token) + 1
+
+    def shape_spec(self):
+        return [("size", self.cfg.max_chars)]
+
+    def positions_of(self, shape, T: int) -> Tensor:
+        return torch.arange(T).float()[:, None]
+
+    def encode(self, content) -> tuple[Tensor, Tensor]:
+        self.shape_of(content)
+        ids = torch.tensor(self.tokenizer.encode(content, out_type=int), dtype=torch.long)
+        return ids[:, None], torch.ones(len(ids), 1, dtype=torch.bool)
+
+    def embed_elements(self, inputs: Tensor, cond: Tensor) -> Tensor:
+        return self.emb(inputs[..., 0])  # [B,T,d]
+
+    def distribution(self, h: Tensor, batch: BlockBatch | None) -> Tensor:
+        return self.unembed(h)[..., None, :]  # [B,T,1,V]
+
+    def sample(self, h: Tensor, shapes: list, t: int, cfg: SampleConfig,
+               generator: torch.Generator | None) -> Tensor:
+        logits = self.distribution(h, None)[:, 0].float()  # [B,V]
+        sp = self.tokenizer
+        banned = [i for i in range(sp.get_piece_size()) if sp.is_control(i) or sp.is_unknown(i)]
+        banned += list(range(sp.get_piece_size(), self.vocab))
+        if banned:
+            logits[:, banned] = float("-inf")
+        return sample_logits(logits, cfg, generator)[:, None]  # [B,1]
+
+    def max_steps(self, shape) -> int:
+        return 4 * shape[0]  # a piece covers at least one UTF-8 byte
+
+    def complete(self, elements: Tensor, shape) -> bool:
+        if elements.shape[0] >= self.max_steps(shape):
+            return True
+        return len(self.tokenizer.decode(elements[:, 0].tolist())) >= shape[0]
+
+    def assemble(self, elements: Tensor, shape) -> str:
+        text = self.tokenizer.decode(elements[:, 0].tolist())[:shape[0]]
+        return text + " " * (shape[0] - len(text))

@@ -1,0 +1,35 @@
+"""Shared fixtures of the model tests: a tiny sentencepiece tokenizer and tiny models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from blocklm.model.blocklm import BlockLM
+from blocklm.model.presets import tiny
+
+CORPUS = Path(__file__).resolve().parents[3] / "shared" / "corpora" / "text" / "tinyshakespeare.txt"
+FALLBACK = "First Citizen: Before we proceed any further, hear me speak.\nAll: Speak, speak.\n" * 50
+
+
+@pytest.fixture(scope="session")
+def tokenizer_path(tmp_path_factory) -> str:
+    """A 400-piece byte-fallback BPE model trained on a slice of tinyshakespeare."""
+    import sentencepiece as spm
+
+    text = CORPUS.read_text()[:50000] if CORPUS.exists() else FALLBACK
+    prefix = tmp_path_factory.mktemp("spm") / "tok"
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(text.splitlines()), model_prefix=str(prefix), vocab_size=400,
+        model_type="bpe", byte_fallback=True, character_coverage=1.0,
+        normalization_rule_name="identity", add_dummy_prefix=False,
+        remove_extra_whitespaces=False, minloglevel=2)
+    return str(prefix) + ".model"
+
+
+@pytest.fixture()
+def model(tokenizer_path) -> BlockLM:
+    """A tiny BlockLM with all three modes, seeded."""
+    torch.manual_seed(0)
+    return BlockLM(tiny(tokenizer_path=tokenizer_path))
