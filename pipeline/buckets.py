@@ -210,7 +210,7 @@ def estimate_buckets(
     exact_max: int = 16,
     max_width: float | None = 0.06,
     min_share: float = 0.002,
-    max_merge_pad: float = 0.25,
+    max_merge_pad: float = 0.05,
 ) -> BucketSpec:
     """Bucket boundaries from ``(mode, shape)`` pairs (see the module docstring).
 

@@ -161,7 +161,8 @@ class Dispatcher:
     def _finish(self, ex: Example, err: Exception | None = None) -> None:
         del self._in_flight[ex.eid]
         self.counts["finished"] += 1
-        self._finished.append(Finished(ex.eid, ex.key, ex.state, ex.outputs, ex.generated, err))
+        self._finished.append(Finished(ex.eid, ex.key, ex.state, ex.outputs or [],
+                                       ex.generated or [], err))
 
     # -- admission ----------------------------------------------------------------------------
     def _prepare(self, sample: Any) -> list[Piece]:
@@ -312,8 +313,12 @@ class Dispatcher:
             r._ex = None  # a finished batch does not keep examples alive
             ex.state = res.state
             if keep:
+                if not ex.outputs:
+                    ex.outputs = []
                 ex.outputs.append((r.block, r.part, res.output))
             if res.block is not None:
+                if not ex.generated:
+                    ex.generated = []
                 ex.generated.append((r.mode, r.shape, res.block))
             ex.next += 1
             if ex.next < len(ex.pieces):

@@ -104,6 +104,8 @@ class Bucket:
         return reqs, ms, len(reqs) * each, total  # type: ignore[return-value]
 
 
+_NONE: list = []  # shared, never appended to: replaced by a fresh list on first use
+
 # (block, part, mode, shape, inputs, targets): one request's worth of an example
 Piece = tuple[int, int, str, tuple, Any, Any]
 
@@ -121,5 +123,5 @@ class Example:
         self.nsrc = 0
         self.next = 0
         self.state: Any = None
-        self.outputs: list = []
-        self.generated: list = []
+        self.outputs: list = _NONE  # a list once there is something to keep (fewer allocations)
+        self.generated: list = _NONE

@@ -109,6 +109,6 @@ def restore_examples(d: Dispatcher, rs: dict[str, Any], it: Iterator) -> None:
         ex.pieces += [(b, part, mode, tuple(shape), None, None)
                       for b, part, mode, shape in e["extra"]]
         ex.next, ex.state = e["next"], e["state"]
-        ex.outputs, ex.generated = list(e["outputs"]), list(e["generated"])
+        ex.outputs, ex.generated = list(e["outputs"]), list(e["generated"])  # fresh lists
         d._in_flight[ex.eid] = ex
         d._issue(ex, d._now() if d._wall else e["t"], seq=e["seq"])

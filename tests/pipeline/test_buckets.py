@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
+
 from blocklm.pipeline.buckets import BucketSpec, ModeBuckets, estimate_buckets
 from blocklm.pipeline.cost import DefaultCost, ModeCost, cost_from_supports, default_cost
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
+
 from blocklm.formats import Block, Sample
 from blocklm.pipeline.buckets import BucketSpec, estimate_buckets
 from blocklm.pipeline.dispatch import Dispatcher

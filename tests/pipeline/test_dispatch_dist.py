@@ -6,6 +6,7 @@ import random
 import threading
 
 import pytest
+
 from blocklm.formats import Block, Sample
 from blocklm.pipeline.buckets import BucketSpec
 from blocklm.pipeline.dispatch import Dispatcher

@@ -6,6 +6,7 @@ import pickle
 import random
 
 import pytest
+
 from blocklm.formats import Block, Sample
 from blocklm.pipeline.buckets import estimate_buckets
 from blocklm.pipeline.dispatch import Dispatcher
