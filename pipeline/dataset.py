@@ -15,11 +15,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
 from blocklm.formats.block import Sample
 from blocklm.formats.errors import FormatError
 from blocklm.formats.limits import DEFAULT_LIMITS, Limits
 from blocklm.formats.reader import DatasetShard, Opener
-from torch.utils.data import IterableDataset, get_worker_info
 
 from .errors import StateError
 from .fastpath import IndexCache
@@ -88,10 +89,12 @@ class BlockDataset(IterableDataset):
         self.transform = transform
         self.limits = limits
         self.stats = LoaderStats()
+        before = getattr(self.opener, "retries", 0)
         shards = list_shards(source, self.opener, limits)
         skip = self.config.on_error == "skip"
         self.counts = count_samples(shards, self.opener, limits,
                                     on_missing=self._missing_shard if skip else None)
+        self.stats.retries += getattr(self.opener, "retries", 0) - before
         self.urls = [s.url for s in shards]
         self.index_xxh3 = [s.index_xxh3 for s in shards]
         self.epoch = 0

@@ -15,6 +15,7 @@ from collections import OrderedDict
 
 import xxhash
 import zstandard
+
 from blocklm.formats.block import Block, Sample
 from blocklm.formats.index import IndexEntry
 from blocklm.formats.reader import BlockDecoder

@@ -51,12 +51,14 @@ class RemoteConfig:
 class HTTPSource:
     """A :class:`ByteSource` over an HTTP(S) URL, read with ``Range`` requests."""
 
-    def __init__(self, url: str, config: RemoteConfig, session: Callable[[], Any]) -> None:
+    def __init__(self, url: str, config: RemoteConfig, session: Callable[[], Any],
+                 on_retry: Callable[[], None] | None = None) -> None:
         self.name = self.url = url
         self.config = config
         self._session = session
         self._size: int | None = None
         self.retries = 0  # transient failures retried, for the loader's stats
+        self._on_retry = on_retry
 
     def _transient(self) -> tuple[type[BaseException], ...]:
         import requests
@@ -97,6 +99,8 @@ class HTTPSource:
             raise SourceError(f"giving up after {att.total} failures ({done} bytes received): "
                               f"{type(e).__name__}: {e}", shard=self.url) from None
         self.retries += 1
+        if self._on_retry is not None:
+            self._on_retry()
 
     def read(self, offset: int, length: int) -> bytes:
         """``length`` bytes from ``offset``; a cut connection resumes at the next missing byte."""
@@ -149,13 +153,15 @@ class FsspecSource:
     its own, so a failure costs at most one chunk.
     """
 
-    def __init__(self, url: str, path: str, config: RemoteConfig, fs: Callable[[], Any]) -> None:
+    def __init__(self, url: str, path: str, config: RemoteConfig, fs: Callable[[], Any],
+                 on_retry: Callable[[], None] | None = None) -> None:
         self.name = self.url = url
         self.path = path
         self.config = config
         self._fs = fs
         self._size: int | None = None
         self.retries = 0
+        self._on_retry = on_retry
 
     def _call(self, fn: Callable[[], Any], done: int) -> Any:
         att = Attempts(self.config.retry)
@@ -171,6 +177,8 @@ class FsspecSource:
                     raise SourceError(f"giving up after {att.total} failures: "
                                       f"{type(e).__name__}: {e}", shard=self.url) from None
                 self.retries += 1
+                if self._on_retry is not None:
+                    self._on_retry()
 
     def size(self) -> int:
         if self._size is None:
@@ -233,6 +241,7 @@ class RemoteOpener:
         self._clients: dict[str, Any] = {}
         self._pid = os.getpid()
         self._cache = None
+        self.retries = 0  # retries of every source this opener made, in this process
         if self.config.cache_dir and self.config.cache_bytes > 0:
             from .cache import ShardCache
 
@@ -241,6 +250,7 @@ class RemoteOpener:
     def __getstate__(self) -> dict[str, Any]:
         d = dict(self.__dict__)
         d["_clients"] = {}
+        d["retries"] = 0
         return d
 
     def _client(self, kind: str) -> Any:
@@ -265,11 +275,13 @@ class RemoteOpener:
             creds: dict[str, Any] = {"anon": cfg.s3_anon}
             if cfg.s3_key is not None:
                 creds.update(key=cfg.s3_key, secret=cfg.s3_secret)
-            return s3fs.S3FileSystem(
-                endpoint_url=cfg.s3_endpoint_url, skip_instance_cache=True, retries=1,
+            fs = s3fs.S3FileSystem(
+                endpoint_url=cfg.s3_endpoint_url, skip_instance_cache=True,
                 client_kwargs={"region_name": cfg.s3_region},
                 config_kwargs={"connect_timeout": cfg.timeout, "read_timeout": cfg.timeout,
-                               "retries": {"max_attempts": 1}}, **creds)
+                               "retries": {"total_max_attempts": 1}}, **creds)
+            fs.retries = 1  # s3fs's own retry loop off: ours counts, backs off and is bounded
+            return fs
         import fsspec
 
         return fsspec.filesystem(kind, skip_instance_cache=True, **cfg.storage_options)
@@ -280,10 +292,13 @@ class RemoteOpener:
         if scheme in ("", "file"):
             return LocalSource(url[7:] if scheme == "file" else url)
         if scheme in ("http", "https"):
-            return HTTPSource(url, self.config, lambda: self._client("http"))
+            return HTTPSource(url, self.config, lambda: self._client("http"), self._note_retry)
         kind = "s3" if scheme in ("s3", "s3a") else scheme
         path = url.partition("://")[2] if kind == "s3" else url
-        return FsspecSource(url, path, self.config, lambda: self._client(kind))
+        return FsspecSource(url, path, self.config, lambda: self._client(kind), self._note_retry)
+
+    def _note_retry(self) -> None:
+        self.retries += 1
 
     def __call__(self, url: str) -> ByteSource:
         src = self.remote(url)

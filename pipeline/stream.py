@@ -60,6 +60,7 @@ class RunReader:
             self._open.move_to_end(s)
             return o
         url = self.urls[s]
+        before = self._retries()
         try:
             comp = self.indexes.get(url)
             if comp is None:
@@ -74,6 +75,7 @@ class RunReader:
             o = _Open(comp.entries, self.opener(url), FastDecoder(comp, dec), None)
         except FormatError as e:
             o = _Open(None, None, None, e)
+        self.stats.retries += self._retries() - before
         self._open[s] = o
         while len(self._open) > OPEN_SHARDS:
             _, old = self._open.popitem(last=False)
@@ -109,7 +111,7 @@ class RunReader:
                 end = e.offset + e.size
                 j += 1
             src = o.source
-            before = getattr(src, "retries", 0)
+            before = self._retries()
             try:
                 buf = src.read(start, end - start)
             except FormatError as err:
@@ -118,7 +120,7 @@ class RunReader:
                 i = j
                 continue
             finally:
-                self.stats.retries += getattr(src, "retries", 0) - before
+                self.stats.retries += self._retries() - before
             self.stats.bytes += end - start
             sample = o.decoder.sample
             mv = memoryview(buf)
@@ -129,6 +131,10 @@ class RunReader:
                     yield positions[k], with_key(err, url, entries[local[k]].key)
             del mv
             i = j
+
+    def _retries(self) -> int:
+        """Retries so far of the opener's sources (0 for openers that do not count them)."""
+        return getattr(self.opener, "retries", 0)
 
     def close(self) -> None:
         for o in self._open.values():

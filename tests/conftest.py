@@ -23,6 +23,7 @@ closes everything the fixture opened.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import socket
@@ -149,6 +150,7 @@ class S3:
     def __init__(self) -> None:
         from moto.server import ThreadedMotoServer
 
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one log line per request
         self.port = free_port()
         self.endpoint = f"http://{HOST}:{self.port}"
         self._server = ThreadedMotoServer(ip_address=HOST, port=self.port, verbose=False)
@@ -213,6 +215,7 @@ class FaultProxy:
         self.faults: deque[Fault] = deque()
         self.connections = 0
         self.faults_done = 0
+        self.requests: list[bytes] = []  # the first bytes of every chunk clients sent (bounded)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._socks: list[socket.socket] = []
@@ -256,7 +259,7 @@ class FaultProxy:
             return
         with self._lock:
             self._socks.append(up)
-        threading.Thread(target=self._pump, args=(client, up, None), daemon=True).start()
+        threading.Thread(target=self._pump, args=(client, up, None, True), daemon=True).start()
         self._pump(up, client, fault)
 
     def _answer_error(self, client: socket.socket, fault: Fault) -> None:
@@ -276,13 +279,18 @@ class FaultProxy:
         finally:
             client.close()
 
-    def _pump(self, src: socket.socket, dst: socket.socket, fault: Fault | None) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket, fault: Fault | None,
+              record: bool = False) -> None:
         passed = 0
         try:
             while not self._stop.is_set():
                 data = src.recv(65536)
                 if not data:
                     break
+                if record:
+                    with self._lock:
+                        if len(self.requests) < 10000:
+                            self.requests.append(data[:2048])
                 if fault is not None and passed + len(data) > fault.after:
                     dst.sendall(data[:fault.after - passed])
                     with self._lock:

@@ -6,11 +6,12 @@ import shutil
 
 import numpy as np
 import pytest
+from torch.utils.data import DataLoader
+
 from blocklm.formats import ShardReader, iter_dataset
 from blocklm.pipeline import BlockDataset, expand_braces
 from blocklm.pipeline.shuffle import buffer_order, rng_for
 from blocklm.pipeline.split import plan_epoch
-from torch.utils.data import DataLoader
 
 
 def keys(it) -> list[str]:

@@ -10,9 +10,10 @@ import json
 from collections import Counter
 
 import pytest
-from blocklm.pipeline import BlockDataset, StateError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+from blocklm.pipeline import BlockDataset, StateError
 
 pytestmark = pytest.mark.filterwarnings("ignore:.set_vital. is deprecated")
 StatefulDataLoader = pytest.importorskip("torchdata.stateful_dataloader").StatefulDataLoader
