@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 
 import xxhash
+
 from blocklm.formats.block import MAX_KEY_CHARS
 
 _BAD = re.compile(r"[^A-Za-z0-9_\-]")

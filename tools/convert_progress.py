@@ -18,7 +18,7 @@ class Progress:
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, initial=initial, unit="file", file=sys.stderr,
-                            dynamic_ncols=True, smoothing=0.1)
+                            smoothing=0.1)
 
     def update(self, nbytes: int) -> None:
         self.bytes += nbytes

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import xxhash
+
 from blocklm.formats import ShardInfo, ShardWriter, canonical_json
 from blocklm.formats.writer import atomic_write
 

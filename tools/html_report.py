@@ -12,6 +12,7 @@ import html
 import io
 
 import numpy as np
+
 from blocklm.formats import FormatError, ShardReader, iter_index, resolve_dataset
 
 from .dataset_open import opener_for

@@ -52,8 +52,9 @@ def small_text(corpora, tmp_path) -> Path:
 @pytest.fixture
 def run_cli():
     """Invoke ``blocktool`` in-process; returns the click Result (stdout and stderr split)."""
-    from blocklm.tools.cli import main
     from click.testing import CliRunner
+
+    from blocklm.tools.cli import main
 
     def run(*args: str):
         return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)

@@ -6,6 +6,7 @@ import json
 import shutil
 
 import pytest
+
 from blocklm.tools.convert_options import ConvertOptions
 from blocklm.tools.convert_run import run_convert
 

@@ -9,6 +9,7 @@ import struct
 
 import numpy as np
 import pytest
+
 from blocklm.formats import iter_dataset
 from blocklm.tools.convert_options import ConvertOptions
 from blocklm.tools.convert_run import StrictStop, run_convert

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+
 from blocklm.formats import iter_dataset
 from blocklm.tools.convert_options import ConvertOptions
 from blocklm.tools.convert_run import run_convert

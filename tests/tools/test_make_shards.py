@@ -6,6 +6,7 @@ import json
 import os
 
 import pytest
+
 from blocklm.formats import iter_dataset
 from blocklm.tools.convert_keys import KeyAllocator, path_key
 from blocklm.tools.make_shards import make_shards
@@ -97,3 +98,27 @@ def test_report_json_is_valid(tmp_path, small_text, run_cli):
     assert run_cli("convert", small_text, "--out", tmp_path / "o", "-q").exit_code == 0
     rep = json.loads((tmp_path / "o/report.json").read_text())
     assert rep["complete"] and rep["inputs"] == rep["samples"] > 0 and rep["rejected"] == []
+
+
+def test_progress_bar_on_a_terminal(monkeypatch):
+    import io
+    import sys
+
+    from blocklm.tools.convert_progress import Progress
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    err = Tty()
+    monkeypatch.setattr(sys, "stderr", err)
+    p = Progress(False, 0, 3)
+    p.update(2_000_000)
+    p.reject("x.png", "bad")
+    p.update(1_000_000)
+    p.close()
+    out = err.getvalue()
+    assert "3/3" in out and "MB/s" in out and "rejected: x.png: bad\n" in out
+    err.truncate(0)
+    Progress(True, 0, 3).close()  # --quiet: no bar
+    assert err.getvalue() == ""
