@@ -115,6 +115,10 @@ def prepare_out(out: Path, opts: ConvertOptions, fp: str) -> tuple[dict | None, 
     if state is not None and state["_from"] == REPORT:
         return state, []  # finished: nothing to touch
     previous = [ShardInfo(**s) for s in state["shard_infos"]] if state else []
+    for s in previous:
+        if not (out / s.shard).is_file() or not (out / s.index).is_file():
+            raise ConvertError(f"cannot resume: {out / s.shard} or its index is missing (run "
+                               "without --resume to start over)")
     for p in _own_files(out, opts.prefix):
         if p.name.endswith(".tmp") or _shard_number(p) >= len(previous):
             p.unlink()

@@ -122,3 +122,11 @@ def test_cat_image_is_the_original_file(bsd100, corpora, tmp_path, run_cli):
     assert res.stdout.strip().endswith("bsd100__img_007.0.image.png")
     assert (tmp_path / "bsd100__img_007.0.image.png").read_bytes() == \
         (corpora / "images/bsd100/img_007.png").read_bytes()
+
+
+def test_single_tar_paths(pairs, run_cli):
+    tar = pairs / "shard-000000.tar"
+    assert run_cli("verify", tar).exit_code == 0
+    assert len(run_cli("ls", tar).stdout.splitlines()) == 2
+    s = json.loads(run_cli("inspect", tar, "--json").stdout)
+    assert s["samples"] == 2 and s["shards"] == 1

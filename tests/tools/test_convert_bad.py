@@ -132,3 +132,8 @@ def test_missing_input_is_reported(tmp_path):
     rep = run_convert([str(tmp_path / "nothing.png")], tmp_path / "o",
                       ConvertOptions(workers=1, quiet=True))
     assert rep.rejected == [{"path": str(tmp_path / "nothing.png"), "reason": "does not exist"}]
+
+
+def test_forced_kind_rejects_what_is_not_that_kind(small_text, tmp_path, run_cli):
+    res = run_cli("convert", small_text, "--kind", "images", "--out", tmp_path / "o", "-q")
+    assert res.exit_code == 3 and "not a readable image" in res.stderr

@@ -89,3 +89,20 @@ def test_kill_and_resume_gives_the_same_shards(corpora, tmp_path):
     assert rep["resumed_at"] > 0 and rep["rejected"] == want["rejected"]
     assert (rep["inputs"], rep["samples"]) == (want["inputs"], want["samples"]) == (602, 600)
     assert not list(out.glob("*.tmp")) and not (out / "progress.json").exists()
+
+
+def test_resume_refuses_other_options_or_missing_shards(audio_dir, tmp_path, run_cli):
+    out = tmp_path / "o"
+    opts = ConvertOptions(workers=1, shard_samples=2, quiet=True)
+    run_convert([str(audio_dir)], out, opts)
+    res = run_cli("convert", audio_dir, "--out", out, "--shard-samples", "3", "--resume", "-q")
+    assert res.exit_code == 2 and "other inputs or options" in res.stderr
+    # an interrupted job whose journal names a shard that is gone
+    journal = {"fingerprint": json.loads((out / "report.json").read_text())["fingerprint"],
+               "next_item": 2, "samples": 2, "rejected": [],
+               "shard_infos": [json.loads((out / "manifest.json").read_text())["shards"][0]]}
+    (out / "report.json").unlink()
+    (out / "progress.json").write_text(json.dumps(journal))
+    (out / "shard-000000.tar").unlink()
+    res = run_cli("convert", audio_dir, "--out", out, "--shard-samples", "2", "--resume", "-q")
+    assert res.exit_code == 2 and "is missing" in res.stderr
