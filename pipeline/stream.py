@@ -15,10 +15,11 @@ from collections.abc import Iterator
 from blocklm.formats.block import Sample
 from blocklm.formats.errors import FormatError, IndexMismatchError
 from blocklm.formats.limits import Limits
-from blocklm.formats.reader import RUN_BYTES, BlockDecoder, ByteSource, Opener, load_index
+from blocklm.formats.reader import RUN_BYTES, BlockDecoder, ByteSource, Opener
 
 from .fastpath import CompiledShard, FastDecoder, IndexCache
 from .stats import LoaderStats
+from .urls import load_index_typed
 
 OPEN_SHARDS = 4  # indexes and sources kept open per process (LRU): bounds memory over epochs
 
@@ -64,7 +65,7 @@ class RunReader:
         try:
             comp = self.indexes.get(url)
             if comp is None:
-                idx = load_index(url, opener=self.opener, limits=self.limits,
+                idx = load_index_typed(url, opener=self.opener, limits=self.limits,
                                  expect_xxh3=self.index_xxh3[s])
                 if len(idx.samples) != self.counts[s]:
                     raise IndexMismatchError(f"index lists {len(idx.samples)} samples, manifest "

@@ -12,8 +12,11 @@ import re
 from collections.abc import Callable, Sequence
 
 from blocklm.formats.errors import FormatError
+from blocklm.formats.index import ShardIndex
 from blocklm.formats.limits import DEFAULT_LIMITS, Limits
 from blocklm.formats.reader import DatasetShard, Opener, load_index, resolve_dataset
+
+from .errors import NotFoundError, SourceError
 
 MAX_EXPANSION = 1_000_000  # a brace pattern never expands to more names than this
 _BRACE = re.compile(r"\{([^{}]*)\}")
@@ -59,6 +62,17 @@ def list_shards(source: str | os.PathLike | Sequence[str | os.PathLike], opener:
     return out
 
 
+def load_index_typed(url: str, **kw) -> ShardIndex:
+    """``load_index``, with the ``OSError`` its scan fallback can raise (``LocalSource.open`` of a
+    missing shard) turned into a :class:`NotFoundError`/:class:`SourceError` naming the shard."""
+    try:
+        return load_index(url, **kw)
+    except FileNotFoundError as e:
+        raise NotFoundError(f"cannot open: {e.strerror}", shard=url) from None
+    except OSError as e:
+        raise SourceError(f"cannot read: {e}", shard=url) from None
+
+
 def count_samples(shards: list[DatasetShard], opener: Opener, limits: Limits,
                   on_missing: Callable[[DatasetShard, FormatError], None] | None = None,
                   ) -> list[int]:
@@ -72,8 +86,8 @@ def count_samples(shards: list[DatasetShard], opener: Opener, limits: Limits,
             counts.append(s.samples)
             continue
         try:
-            counts.append(len(load_index(s.url, opener=opener, limits=limits,
-                                         expect_xxh3=s.index_xxh3).samples))
+            counts.append(len(load_index_typed(s.url, opener=opener, limits=limits,
+                                               expect_xxh3=s.index_xxh3).samples))
         except FormatError as e:
             if on_missing is None:
                 raise
