@@ -28,19 +28,18 @@ padding-left:.6em;margin:.6em 0;white-space:pre-wrap;font-family:serif}"""
 def pick_samples(path: str, summary: dict, opener) -> dict[str, list[tuple[str, int, str]]]:
     """Per kind, up to ``PICKS[kind]`` (shard, index in shard, key), evenly spread."""
     kinds = {m: mode_kind(_counter(c)) for m, c in summary["codecs"].items()}
-    want: dict[str, list] = {k: [] for k in PICKS}
-    counts = {k: sum(summary["blocks"][m] for m in kinds if kinds[m] == k) for k in PICKS}
-    seen = {k: 0 for k in PICKS}
+    cands: dict[str, list] = {k: [] for k in PICKS}
     pos: dict[str, int] = {}
     for shard, e in iter_index(path, opener=opener):
         i = pos.get(shard, 0)
         pos[shard] = i + 1
         for k in {kinds[b.mode] for b in e.blocks} & set(PICKS):
-            step = max(1, counts[k] // PICKS[k])
-            if seen[k] % step == 0 and len(want[k]) < PICKS[k]:
-                want[k].append((shard, i, e.key))
-            seen[k] += 1
-    return want
+            cands[k].append((shard, i, e.key))
+    out = {}
+    for k, c in cands.items():
+        n = min(PICKS[k], len(c))
+        out[k] = [c[j * len(c) // n] for j in range(n)] if n else []
+    return out
 
 
 def _counter(d: dict):
