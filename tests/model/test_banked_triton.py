@@ -1,0 +1,188 @@
+"""The banked-attention kernels' reference agrees with the model's step form (CPU, always run);
+the Triton kernels agree with the reference (GPU only; the kernels under Triton's CPU interpreter
+when triton is installed)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from blocklm.model import banked_triton as bt
+from blocklm.model.attention import bank_read, bank_write, feature_map
+
+CUDA = torch.cuda.is_available()
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def leaves(B, H, T, D, E, N, seed, state=True, device="cpu"):
+    """Fresh random unconstrained inputs: q, k, v pre-feature-map, read/write/retention logits."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=1.0, shift=0.0):
+        return (torch.randn(*shape, generator=gen) * scale + shift).to(device)
+
+    xs = [rnd(B, H, T, D), rnd(B, H, T, D), rnd(B, H, T, E), rnd(B, H, T, N, scale=2.0),
+          rnd(B, H, T, N, scale=2.0), rnd(B, H, T, scale=2.0, shift=1.0)]
+    if state:
+        xs += [torch.rand(B, H, N, D, E, generator=gen).to(device),
+               torch.rand(B, H, N, D, generator=gen).to(device)]
+    return [x.requires_grad_(True) for x in xs]
+
+
+def project(xs, dtype=torch.float32):
+    """Leaves -> the function's inputs (q, k, v in ``dtype``; r, w, g, states fp32)."""
+    q, k, v = (feature_map(xs[0]).to(dtype), feature_map(xs[1]).to(dtype), xs[2].to(dtype))
+    r, w, g = xs[3].softmax(-1), xs[4].softmax(-1), torch.sigmoid(xs[5])
+    S0, z0 = (xs[6], xs[7]) if len(xs) > 6 else (None, None)
+    return q, k, v, r, w, g, S0, z0
+
+
+def step_form(q, k, v, r, w, g, S0, z0, eps):
+    """The model's recurrent form: bank_write then bank_read, one step at a time."""
+    B, H, T, D = q.shape
+    E, N = v.shape[-1], r.shape[-1]
+    S = S0 if S0 is not None else q.new_zeros(B, H, N, D, E)
+    z = z0 if z0 is not None else q.new_zeros(B, H, N, D)
+    outs = []
+    for t in range(T):
+        S, z = bank_write(S, z, k[:, :, t], v[:, :, t], w[:, :, t], g[:, :, t])
+        outs.append(bank_read(S, z, q[:, :, t], r[:, :, t], eps))
+    return torch.stack(outs, 2), S, z
+
+
+def outputs_and_grads(fn, xs, dtype=torch.float32, chunk=None, seed=123):
+    """Run fn on projected leaves; backprop fixed random cotangents of (out, S, z)."""
+    args = project(xs, dtype)
+    o, S, z = fn(*args, eps=1e-3) if chunk is None else fn(*args, eps=1e-3, chunk=chunk)
+    gen = torch.Generator().manual_seed(seed)
+    cot = [torch.randn(t.shape, generator=gen).to(t.device) for t in (o, S, z)]
+    loss = sum((t.float() * c).sum() for t, c in zip((o, S, z), cot))
+    grads = torch.autograd.grad(loss, xs)
+    return [o.float(), S, z] + [gr.float() for gr in grads]
+
+
+NAMES = ["out", "S", "z", "dq", "dk", "dv", "dr_logits", "dw_logits", "dg_logit", "dS0", "dz0"]
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize("T,chunk,N,state", [(11, 4, 3, True), (9, 16, 2, False), (8, 8, 1, True)])
+def test_reference_equals_step_form(T, chunk, N, state):
+    xs = leaves(2, 2, T, 4, 5, N, seed=T + N, state=state)
+    ref = outputs_and_grads(bt.banked_attention_reference, xs, chunk=chunk)
+    step = outputs_and_grads(step_form, xs)
+    for name, a, b in zip(NAMES, ref, step):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5), (name, (a - b).abs().max().item())
+
+
+def test_dispatch_on_cpu_uses_reference():
+    xs = leaves(1, 2, 10, 16, 16, 2, seed=3)
+    a = bt.banked_attention(*project(xs), chunk=4)
+    b = bt.banked_attention_reference(*project(xs), chunk=4)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
+def test_imports_without_triton(monkeypatch):
+    monkeypatch.setitem(sys.modules, "triton", None)  # `import triton` now raises ImportError
+    monkeypatch.setitem(sys.modules, "triton.language", None)
+    spec = importlib.util.spec_from_file_location("_bt_no_triton", bt.__file__)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert not mod.HAS_TRITON
+    xs = leaves(1, 1, 6, 16, 16, 2, seed=4)
+    o, S, z = mod.banked_attention(*project(xs), chunk=4)
+    assert o.shape == (1, 1, 6, 16) and S.shape == (1, 1, 2, 16, 16) and z.shape == (1, 1, 2, 16)
+
+
+_INTERP = """
+import sys, torch
+import triton.runtime.interpreter as I
+_orig = I._patch_lang_tensor
+def _patched(tensor, scope):  # numpy >= 2 refuses int() of a 1-element array
+    _orig(tensor, scope)
+    scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+I._patch_lang_tensor = _patched
+sys.path.insert(0, {tests!r})
+from test_banked_triton import leaves, outputs_and_grads, rel, NAMES
+from blocklm.model import banked_triton as bt
+for T, D, E, N, C, st in [(40, 16, 16, 3, 16, True), (30, 16, 32, 1, 16, False)]:
+    xs = leaves(1, 2, T, D, E, N, seed=T, state=st)
+    a = outputs_and_grads(bt.banked_attention_triton, xs, chunk=C)
+    b = outputs_and_grads(bt.banked_attention_reference, xs, chunk=C)
+    for name, x, y in zip(NAMES, a, b):
+        e = rel(x, y) if y.norm() > 0 else x.norm().item()
+        assert e < 1e-5, (T, N, name, e)
+print("ok")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_kernels_under_triton_interpreter():
+    """fp32 inputs through the real kernels on the CPU (``TRITON_INTERPRET=1``, fresh process)."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    code = _INTERP.format(tests=str(Path(__file__).parent))
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
+
+
+# ---- GPU: Triton against the fp32 reference on the same bf16-rounded inputs -----------------
+
+GPU_CASES = [  # B, H, T, D, E, N, chunk, incoming state
+    (2, 3, 200, 64, 64, 4, 64, True),  # T not a multiple of the chunk
+    (1, 2, 256, 128, 128, 4, 64, False),
+    (2, 2, 77, 32, 32, 1, 32, True),
+    (1, 2, 300, 128, 128, 2, 128, True),
+    (2, 1, 64, 64, 128, 3, 16, False),
+]
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+@pytest.mark.parametrize("case", GPU_CASES)
+def test_triton_matches_reference_bf16(case):
+    B, H, T, D, E, N, C, state = case
+    xs = leaves(B, H, T, D, E, N, seed=sum(case), state=state, device="cuda")
+    fast = outputs_and_grads(bt.banked_attention_triton, xs, dtype=torch.bfloat16, chunk=C)
+    ref = outputs_and_grads(bt.banked_attention_reference, xs, dtype=torch.bfloat16, chunk=C)
+    errs = {}
+    for name, a, b in zip(NAMES, fast, ref):
+        assert torch.isfinite(a).all(), name
+        if b.norm() == 0:  # one bank: the selectors' logits get exactly zero gradient
+            assert a.norm() == 0, name
+            continue
+        errs[name] = rel(a, b)
+    print(case, " ".join(f"{k}={v:.1e}" for k, v in errs.items()))
+    bad = {k: v for k, v in errs.items() if not v < 2e-2}
+    assert not bad, bad
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+def test_dispatch_on_cuda_uses_triton_and_fp32_works(monkeypatch):
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return triton_fn(*args, **kwargs)
+
+    triton_fn = bt.banked_attention_triton
+    monkeypatch.setattr(bt, "banked_attention_triton", spy)
+    xs = leaves(1, 2, 100, 64, 64, 4, seed=7, device="cuda")
+    fast = outputs_and_grads(bt.banked_attention, xs, chunk=64)  # fp32 inputs: tf32 dots
+    assert calls
+    ref = outputs_and_grads(bt.banked_attention_reference, xs, chunk=64)
+    errs = {name: rel(a, b) for name, a, b in zip(NAMES, fast, ref)}
+    print("fp32", " ".join(f"{k}={v:.1e}" for k, v in errs.items()))
+    assert max(errs.values()) < 1e-2, errs
+    assert fast[0].dtype == torch.float32
