@@ -54,8 +54,9 @@ class KeyAllocator:
         self.used: set[str] = set()
 
     def take(self, key: str, seed: str) -> str:
-        """``key`` if unused, else ``key-HASH8`` (and ``-N`` if even that is taken)."""
-        out = key
+        """``key`` (shortened to fit) if unused, else ``key-HASH8`` (and ``-N`` if even that is
+        taken)."""
+        key = out = fit_key(key, seed)
         if out in self.used:
             h = xxhash.xxh32_hexdigest(seed.encode("utf-8"))
             out = fit_key(key[:MAX_KEY_CHARS - 9] + "-" + h, seed + "#")

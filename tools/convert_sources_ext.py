@@ -17,7 +17,7 @@ import tarfile
 from collections.abc import Iterator
 
 from .convert_items import Item, Part, how_for_ext
-from .convert_keys import KeyAllocator, path_key
+from .convert_keys import KeyAllocator, path_key, sanitize_segment
 from .convert_options import ConvertOptions
 
 WDS_TEXT = {"txt", "text", "json", "cls", "cls2", "caption", "transcript", "md"}
@@ -145,7 +145,7 @@ def hf_items(path: str, key: str, opts: ConvertOptions, keys: KeyAllocator,
     splits = sorted(ds.items()) if isinstance(ds, datasets.DatasetDict) else [("", ds)]
     for name, d in splits:
         kinds = _feature_kinds(d.features.to_dict())
-        k = f"{key}/{name}" if name else key
+        k = f"{key}/{sanitize_segment(name)}" if name else key
         yield from _row_items(f"{path}{'/' + name if name else ''}", k,
                               d.data.table.to_batches(max_chunksize=256), kinds, opts, keys,
                               skipped)

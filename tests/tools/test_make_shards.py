@@ -122,3 +122,15 @@ def test_progress_bar_on_a_terminal(monkeypatch):
     err.truncate(0)
     Progress(True, 0, 3).close()  # --quiet: no bar
     assert err.getvalue() == ""
+
+
+def test_long_names_that_hold_many_samples_get_valid_keys(tmp_path):
+    from blocklm.tools.convert_options import ConvertOptions
+    from blocklm.tools.convert_run import run_convert
+
+    p = tmp_path / ("a_rather_long_file_name_for_a_text_corpus_" + "x" * 20 + ".txt")
+    p.write_text("one\n\ntwo\n")
+    rep = run_convert([str(p)], tmp_path / "o", ConvertOptions(workers=1, quiet=True))
+    keys = [s.key for s in iter_dataset(tmp_path / "o")]
+    assert rep.rejected == [] and len(keys) == 2 and len(set(keys)) == 2
+    assert all(len(k) <= 64 for k in keys)
