@@ -93,13 +93,16 @@ class Bucket:
             reqs.append(r)
             ms, each = nm, c
             total += r.cost
-        # what remains: recompute its max shape and fullness
-        ms2: Shape | None = None
-        for r in q:
-            ms2 = r.shape if ms2 is None else _emax(ms2, r.shape)
-        self.maxshape = ms2
-        self.maxcost = 0 if ms2 is None else cost(ms2)
+        # What remains: recompute its max shape when that costs no more than the batch did;
+        # a longer queue keeps the old max, an upper bound that is tight within the bucket's
+        # narrow width (it only guides scheduling: the next take() uses the real shapes).
         n = len(q)
+        if n <= 2 * len(reqs):
+            ms2: Shape | None = None
+            for r in q:
+                ms2 = r.shape if ms2 is None else _emax(ms2, r.shape)
+            self.maxshape = ms2
+            self.maxcost = 0 if ms2 is None else cost(ms2)
         self.full = bool(n) and ((n + 1) * self.maxcost > budget or (cap is not None and n >= cap))
         return reqs, ms, len(reqs) * each, total  # type: ignore[return-value]
 

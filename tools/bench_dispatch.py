@@ -4,9 +4,13 @@ Both run in the same process over the same examples, token budget, TTL and in-fl
 no-op runner that only counts; shapes come from the dataset's shard indexes (no payload is read)
 or, with ``--synthetic``, from the sample corpora's real shapes (tinyshakespeare passages, FSDD
 clip lengths, image sizes). ``requests_per_s`` is the bucketed dispatcher's own overhead: requests
-dispatched per second of wall time (prefetch thread included), best of ``--timing-runs`` runs over
-the examples repeated to at least ``--min-requests`` requests (small corpora would otherwise time
-mostly start-up).
+dispatched per second of wall time, best of ``--timing-runs`` runs over the examples repeated to at
+least ``--min-requests`` requests (small corpora would otherwise time mostly start-up). The bench
+decodes nothing, so by default it runs without the read-ahead thread (``--prefetch 0``), which
+here would only add GIL hand-offs; ``requests_per_s_prefetch_thread`` times the same run with the
+thread (``DispatchConfig.prefetch=256``), as training uses it to decode ahead;
+``requests_per_cpu_s`` divides by the process's CPU time instead of wall time, the steadier figure
+on a machine shared with other jobs.
 """
 
 from __future__ import annotations
@@ -77,8 +81,8 @@ def index_entries(path: str) -> list:
     return [entry for _shard, entry in iter_index(path)]
 
 
-def run_one(entries, spec, config) -> tuple[dict, float, int]:
-    """Dispatch ``entries`` with a no-op runner; (metrics, seconds, requests)."""
+def run_one(entries, spec, config) -> tuple[dict, float, int, float]:
+    """Dispatch ``entries`` with a no-op runner; (metrics, seconds, requests, CPU seconds)."""
     from blocklm.pipeline.dispatch import Dispatcher
     from blocklm.pipeline.dispatch_types import Result
 
@@ -92,11 +96,11 @@ def run_one(entries, spec, config) -> tuple[dict, float, int]:
 
     modes = sorted({b.mode for e in entries for b in e.blocks})
     d = Dispatcher({m: runner for m in modes}, spec, config)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for _ in d.run(entries):
         pass
-    dt = time.perf_counter() - t0
-    return d.metrics(), dt, count[0]
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return d.metrics(), dt, count[0], cpu
 
 
 def _summary(metrics: dict) -> dict:
@@ -125,9 +129,11 @@ def _summary(metrics: dict) -> dict:
 @click.option("--min-requests", default=100_000, show_default=True,
               help="Requests per timing run.")
 @click.option("--timing-runs", default=3, show_default=True, help="Timing runs (best is kept).")
+@click.option("--prefetch", default=0, show_default=True,
+              help="Read-ahead depth of the main runs (0: no thread).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def bench_dispatch(source, synthetic, corpora, budget, in_flight, ttl, repeat, min_requests,
-                   timing_runs, as_json):
+                   timing_runs, prefetch, as_json):
     """Shape-bucketed dispatcher vs FIFO batching per mode, same budget, no-op runner.
 
     \b
@@ -144,18 +150,27 @@ def bench_dispatch(source, synthetic, corpora, budget, in_flight, ttl, repeat, m
     spec = estimate_buckets((b.mode, b.shape) for e in entries for b in e.blocks)
     modes = sorted({b.mode for e in entries for b in e.blocks})
     data = entries * repeat
-    config = DispatchConfig(budget=budget, max_in_flight=in_flight, ttl_steps=ttl, decode=False)
-    bucketed, _, n_run = run_one(data, spec, config)
-    fifo, _, _ = run_one(data, BucketSpec.fifo(modes), config)
+    config = DispatchConfig(budget=budget, max_in_flight=in_flight, ttl_steps=ttl, decode=False,
+                            prefetch=prefetch)
+    threaded = DispatchConfig(budget=budget, max_in_flight=in_flight, ttl_steps=ttl, decode=False,
+                              prefetch=256)
+    bucketed, _, n_run, _ = run_one(data, spec, config)
+    fifo, *_ = run_one(data, BucketSpec.fifo(modes), config)
     per_pass = max(1, sum(len(e.blocks) for e in entries))
     timing = entries * max(1, math.ceil(min_requests / per_pass))
-    dt, n = math.inf, 0
+    dt = dt_thread = cpu = math.inf
+    n = 0
     for _ in range(max(1, timing_runs)):
-        _, t, n = run_one(timing, spec, config)
-        dt = min(dt, t)
+        _, t, n, c = run_one(timing, spec, config)
+        dt, cpu = min(dt, t), min(cpu, c)
+        _, t, _, _ = run_one(timing, spec, threaded)
+        dt_thread = min(dt_thread, t)
     out = {"bucketed": _summary(bucketed), "fifo": _summary(fifo),
            "requests_per_s": round(n / dt), "requests": n, "seconds": round(dt, 3),
+           "requests_per_cpu_s": round(n / cpu),
+           "requests_per_s_prefetch_thread": round(n / dt_thread),
            "config": {"budget": budget, "in_flight": in_flight, "ttl_steps": ttl,
+                      "prefetch": prefetch,
                       "repeat": repeat, "examples": len(entries), "timing_requests": n,
                       "buckets": {m: len(set(spec.of(m).key(b.shape) for e in entries
                                              for b in e.blocks if b.mode == m)) for m in modes}}}
@@ -164,7 +179,9 @@ def bench_dispatch(source, synthetic, corpora, budget, in_flight, ttl, repeat, m
         return
     click.echo(f"{len(entries)} examples x {repeat} ({n_run} requests), budget {budget}, "
                f"K {in_flight}, TTL {ttl} steps; dispatcher overhead: {n} requests in "
-               f"{dt:.2f} s = {n / dt:,.0f} requests/s (best of {timing_runs})")
+               f"{dt:.2f} s = {n / dt:,.0f} requests/s (best of {timing_runs}; "
+               f"{n / cpu:,.0f} per CPU second; {n / dt_thread:,.0f} with the read-ahead "
+               f"thread)")
     click.echo(f"{'mode':8} {'batching':9} {'padding':>8} {'ttl-forced':>10} {'batches':>8} "
                f"{'fill':>6} {'age p99':>8}")
     for name, res in (("bucketed", out["bucketed"]), ("fifo", out["fifo"])):
