@@ -147,6 +147,7 @@ GPU_CASES = [  # B, H, T, D, E, N, chunk, incoming state
 ]
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
 @pytest.mark.parametrize("case", GPU_CASES)
@@ -167,6 +168,7 @@ def test_triton_matches_reference_bf16(case):
     assert not bad, bad
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
 def test_dispatch_on_cuda_uses_triton_and_fp32_works(monkeypatch):

@@ -1,0 +1,185 @@
+"""``blocktool bench gpu``: banked-attention kernels against SDPA and the PyTorch reference.
+
+Forward + backward of one attention call, bf16 q, k, v [B,H,T,D] (r, w, g in fp32 as the decoder
+produces them), at B=4, H=16, D=128 by default; median of CUDA-event timings after warm-up.
+Baselines in the same run: SDPA causal (``F.scaled_dot_product_attention``) and the plain PyTorch
+chunked reference (:func:`blocklm.model.banked_triton.banked_attention_reference`, skipped above
+``--ref-max-tokens``), plus a bf16 matmul's TFLOP/s as the machine's ceiling.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import click
+
+
+def _median_ms(fn, reps: int, warmup: int = 3, budget_ms: float = 3000.0) -> float:
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times: list[float] = []
+    total = 0.0
+    while len(times) < reps and (total < budget_ms or len(times) < 3):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+        total += times[-1]
+    return statistics.median(times)
+
+
+def matmul_tflops(n: int = 8192, reps: int = 20) -> float:
+    """bf16 n x n x n product through torch, random operands."""
+    import torch
+
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    ms = _median_ms(lambda: a @ b, reps)
+    return 2 * n**3 / ms / 1e9
+
+
+def _inputs(B, H, T, D, N, seed=0):
+    import torch
+    import torch.nn.functional as F
+
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+
+    def rnd(*shape, dtype=torch.bfloat16):
+        return torch.randn(*shape, device="cuda", generator=gen).to(dtype)
+
+    q, k = (F.elu(rnd(B, H, T, D)) + 1).requires_grad_(), (F.elu(rnd(B, H, T, D)) + 1).requires_grad_()
+    v = rnd(B, H, T, D).requires_grad_()
+    f32 = torch.float32
+    r = rnd(B, H, T, N, dtype=f32).softmax(-1).requires_grad_()
+    w = rnd(B, H, T, N, dtype=f32).softmax(-1).requires_grad_()
+    g = torch.sigmoid(rnd(B, H, T, dtype=f32) + 4).requires_grad_()
+    return q, k, v, r, w, g
+
+
+def _fwd_bwd(fn, xs, do):
+    import torch
+
+    def run():
+        o = fn(*xs)
+        torch.autograd.grad(o, xs, do)
+    return run
+
+
+def kernel_resources() -> dict:
+    """Registers, spills and shared memory of the compiled Triton kernels (as far as exposed)."""
+    from blocklm.model import banked_triton as bt
+
+    out = {}
+    for name in ("_fwd_h", "_fwd_o", "_bwd_dh", "_bwd_dqk", "_bwd_dv"):
+        try:
+            caches = getattr(bt, name).device_caches
+            for dev_cache in caches.values():
+                for ker in dev_cache[0].values():
+                    out.setdefault(name, []).append(
+                        {"regs": ker.n_regs, "spills": ker.n_spills,
+                         "shared": ker.metadata.shared, "warps": ker.metadata.num_warps})
+        except Exception as e:  # noqa: BLE001 - diagnostics only, never fail the benchmark
+            out[name] = repr(e)[:200]
+    return out
+
+
+@click.command("bench_gpu")
+@click.option("--batch", default=4, show_default=True)
+@click.option("--heads", default=16, show_default=True)
+@click.option("--dim", default=128, show_default=True, help="Head dim D (= value dim E).")
+@click.option("--tokens", default="1024,4096,16384", show_default=True)
+@click.option("--banks", default=None, type=int,
+              help="Bank count N (default: the model's AttentionConfig default).")
+@click.option("--chunks", default="64", show_default=True,
+              help="Chunk sizes of the Triton kernels to time, comma-separated.")
+@click.option("--ref-max-tokens", default=4096, show_default=True,
+              help="Skip the PyTorch reference above this length (it is slow).")
+@click.option("--reps", default=30, show_default=True, help="Timed repetitions (median).")
+@click.option("--out", "out_path", default=None, help="Also write the JSON figures here.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
+def bench_gpu(batch, heads, dim, tokens, banks, chunks, ref_max_tokens, reps, out_path, as_json):
+    """Forward + backward time of SDPA causal, the banked Triton kernels (N banks and 1 bank) and
+    the PyTorch chunked reference, bf16, on CUDA; with a bf16 matmul ceiling.
+
+    \b
+    Example:
+      blocktool bench gpu --json
+      blocktool bench gpu --tokens 1024,4096 --chunks 64,128 --out bench.json
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from blocklm.model import banked_triton as bt
+    from blocklm.model.config import AttentionConfig
+
+    if not torch.cuda.is_available():
+        raise click.ClickException("bench gpu needs a CUDA device (torch.cuda.is_available() "
+                                   "is False); run it on the GPU machine")
+    if not bt.HAS_TRITON:
+        raise click.ClickException("bench gpu needs triton (not importable here)")
+    acfg = AttentionConfig()
+    N = banks or acfg.banks
+    B, H, D = batch, heads, dim
+    Ts = [int(t) for t in tokens.split(",")]
+    Cs = [int(c) for c in chunks.split(",")]
+    res: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                 "shape": {"B": B, "H": H, "D": D, "banks": N}, "eps": acfg.eps,
+                 "matmul_bf16_tflops": round(matmul_tflops(), 1), "rows": []}
+    for T in Ts:
+        row: dict = {"tokens": T}
+        q, k, v, r, w, g = _inputs(B, H, T, D, N, seed=T)
+        do = torch.randn_like(v)
+
+        def sdpa(q, k, v):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        row["sdpa_ms"] = _median_ms(_fwd_bwd(sdpa, (q, k, v), do), reps)
+        for C in Cs:
+            for n_banks in (N, 1):
+                xs = (q, k, v, r, w, g) if n_banks == N else (q, k, v) + _inputs(
+                    B, H, T, D, 1, seed=T + 1)[3:]
+
+                def banked(q, k, v, r, w, g, C=C):
+                    return bt.banked_attention(q, k, v, r, w, g, eps=acfg.eps, chunk=C)[0]
+                torch.cuda.reset_peak_memory_stats()
+                row[f"banked_N{n_banks}_C{C}_ms"] = _median_ms(_fwd_bwd(banked, xs, do), reps)
+                row[f"banked_N{n_banks}_C{C}_peak_gib"] = round(
+                    torch.cuda.max_memory_allocated() / 2**30, 2)
+        if T <= ref_max_tokens:
+            def ref(q, k, v, r, w, g):
+                return bt.banked_attention_reference(q, k, v, r, w, g, eps=acfg.eps,
+                                                     chunk=acfg.chunk)[0].to(v.dtype)
+            row[f"reference_N{N}_ms"] = _median_ms(_fwd_bwd(ref, (q, k, v, r, w, g), do),
+                                                   min(reps, 5), warmup=1)
+        res["rows"].append({k_: (round(x, 3) if isinstance(x, float) else x)
+                            for k_, x in row.items()})
+        del q, k, v, r, w, g, do
+        torch.cuda.empty_cache()
+    res["kernels"] = kernel_resources()
+    if out_path:
+        with open(out_path, "w") as f:
+            json.dump(res, f, indent=1)
+    if as_json:
+        click.echo(json.dumps(res))
+        return
+    _table(res, N, Cs)
+
+
+def _table(res: dict, N: int, Cs: list[int]) -> None:
+    s = res["shape"]
+    click.echo(f"{res['device']}, torch {res['torch']}; bf16 matmul "
+               f"{res['matmul_bf16_tflops']} TFLOP/s; fwd+bwd ms (median, CUDA events), "
+               f"B={s['B']} H={s['H']} D={s['D']}")
+    cols = ["sdpa_ms"] + [f"banked_N{n}_C{c}_ms" for c in Cs for n in (N, 1)] + \
+        [f"reference_N{N}_ms"]
+    heads = ["SDPA causal"] + [f"banked N={n} C={c}" for c in Cs for n in (N, 1)] + \
+        [f"PyTorch ref N={N}"]
+    click.echo(f"{'tokens':>7} " + " ".join(f"{h:>16}" for h in heads))
+    for row in res["rows"]:
+        cells = [f"{row[c]:16.3f}" if c in row else f"{'-':>16}" for c in cols]
+        click.echo(f"{row['tokens']:>7} " + " ".join(cells))
