@@ -309,8 +309,12 @@ if HAS_TRITON:
         tl.store(dv + bh * T * E + t[:, None] * E + ov[None, :], b_dv.to(dv.dtype.element_ty))
 
 
+# Launch settings (tile widths of the state kernels, warps per program); benchmarks may sweep them.
+KERNEL_OPTS = {"tile": 64, "warps_h": 4, "warps_o": 4, "warps_dqk": 8, "warps_dv": 4}
+
+
 def _tile(n: int) -> int:
-    return min(n, 64)
+    return min(n, KERNEL_OPTS["tile"])
 
 
 class BankedAttentionFn(torch.autograd.Function):
@@ -333,11 +337,11 @@ class BankedAttentionFn(torch.autograd.Function):
         zz0 = z0.contiguous().float() if has_s0 else zT
         _fwd_h[(D // BK, E // BV, B * H * N)](
             k, v, w, c, hs, zs, s0, zz0, ST, zT, NT, N=N, D=D, E=E, C=C, BK=BK, BV=BV,
-            HAS_S0=has_s0, num_warps=4)
+            HAS_S0=has_s0, num_warps=KERNEL_OPTS["warps_h"])
         o = torch.empty(B, H, T, E, device=dev, dtype=v.dtype)
         den = torch.empty(B, H, T, device=dev, dtype=torch.float32)
         _fwd_o[(E // BV, NT, B * H)](q, k, v, r, w, c, hs, zs, o, den, NT, eps,
-                                     N=N, D=D, E=E, C=C, BV=BV, num_warps=4)
+                                     N=N, D=D, E=E, C=C, BV=BV, num_warps=KERNEL_OPTS["warps_o"])
         ctx.save_for_backward(q, k, v, r, w, c, hs, zs, o, den)
         ctx.meta = (has_s0, C)
         return o, ST, zT
@@ -364,15 +368,17 @@ class BankedAttentionFn(torch.autograd.Function):
         dz0 = torch.empty(B, H, N, D, device=dev, dtype=torch.float32)
         _bwd_dh[(D // BK, E // BV, B * H * N)](
             q, r, c, dy, dden, dhs, dzs, dST.contiguous(), dzT.contiguous(), dS0, dz0, NT,
-            N=N, D=D, E=E, C=C, BK=BK, BV=BV, HAS_DST=has_dst, num_warps=4)
+            N=N, D=D, E=E, C=C, BK=BK, BV=BV, HAS_DST=has_dst,
+            num_warps=KERNEL_OPTS["warps_h"])
         dq, dk = torch.empty_like(q), torch.empty_like(k)
         dv = torch.empty_like(v)
         dr = torch.empty(B, H, T, N, device=dev, dtype=torch.float32)
         dw, dc = torch.empty_like(dr), torch.empty_like(dr)
         _bwd_dqk[(NT, B * H)](q, k, v, r, w, c, hs, zs, dhs, dzs, dy, dden, dq, dk, dr, dw, dc,
-                              NT, N=N, D=D, E=E, C=C, num_warps=8 if D * E >= 8192 else 4)
+                              NT, N=N, D=D, E=E, C=C,
+                              num_warps=KERNEL_OPTS["warps_dqk"] if D * E >= 8192 else 4)
         _bwd_dv[(E // BV, NT, B * H)](q, k, r, w, c, dhs, dy, dv, NT, N=N, D=D, E=E, C=C,
-                                      BV=BV, num_warps=4)
+                                      BV=BV, num_warps=KERNEL_OPTS["warps_dv"])
         return (dq, dk, dv, dr.to(r.dtype), dw.to(w.dtype), dc,
                 dS0 if has_s0 else None, dz0 if has_s0 else None, None, None)
 

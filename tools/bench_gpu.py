@@ -89,6 +89,31 @@ def kernel_resources() -> dict:
     return out
 
 
+SWEEP = [{}, {"warps_dqk": 4}, {"warps_o": 8, "warps_dv": 8}, {"tile": 128}, {"warps_h": 8}]
+
+
+def profile_kernels(fn, iters: int = 3) -> list[dict]:
+    """Per-kernel device time (ms per iteration) of fn, by torch.profiler, largest first."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        t = getattr(e, "self_device_time_total", None)
+        if t is None:
+            t = getattr(e, "self_cuda_time_total", 0)
+        if t > 0:
+            rows.append({"kernel": e.key[:60], "ms": round(t / 1e3 / iters, 4),
+                         "calls": e.count // iters})
+    return sorted(rows, key=lambda r: -r["ms"])[:14]
+
+
 @click.command("bench_gpu")
 @click.option("--batch", default=4, show_default=True)
 @click.option("--heads", default=16, show_default=True)
@@ -101,9 +126,14 @@ def kernel_resources() -> dict:
 @click.option("--ref-max-tokens", default=4096, show_default=True,
               help="Skip the PyTorch reference above this length (it is slow).")
 @click.option("--reps", default=30, show_default=True, help="Timed repetitions (median).")
+@click.option("--sweep", is_flag=True,
+              help="Also time launch-setting variants (banked, N banks) at the longest length.")
+@click.option("--profile", "do_profile", is_flag=True,
+              help="Also list per-kernel times (torch.profiler) at the longest length.")
 @click.option("--out", "out_path", default=None, help="Also write the JSON figures here.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
-def bench_gpu(batch, heads, dim, tokens, banks, chunks, ref_max_tokens, reps, out_path, as_json):
+def bench_gpu(batch, heads, dim, tokens, banks, chunks, ref_max_tokens, reps, sweep, do_profile,
+              out_path, as_json):
     """Forward + backward time of SDPA causal, the banked Triton kernels (N banks and 1 bank) and
     the PyTorch chunked reference, bf16, on CUDA; with a bf16 matmul ceiling.
 
@@ -150,6 +180,22 @@ def bench_gpu(batch, heads, dim, tokens, banks, chunks, ref_max_tokens, reps, ou
                 row[f"banked_N{n_banks}_C{C}_ms"] = _median_ms(_fwd_bwd(banked, xs, do), reps)
                 row[f"banked_N{n_banks}_C{C}_peak_gib"] = round(
                     torch.cuda.max_memory_allocated() / 2**30, 2)
+                if n_banks == N:
+                    with torch.no_grad():
+                        row[f"banked_N{N}_C{C}_fwd_ms"] = _median_ms(
+                            lambda xs=xs: banked(*xs), reps)
+                if n_banks == N and C == Cs[0] and T == Ts[-1]:
+                    if do_profile:
+                        res["profile"] = profile_kernels(_fwd_bwd(banked, xs, do))
+                    if sweep:
+                        res["sweep"] = []
+                        for variant in SWEEP:
+                            saved = dict(bt.KERNEL_OPTS)
+                            bt.KERNEL_OPTS.update(variant)
+                            ms = _median_ms(_fwd_bwd(banked, xs, do), reps)
+                            bt.KERNEL_OPTS.clear()
+                            bt.KERNEL_OPTS.update(saved)
+                            res["sweep"].append({"opts": variant, "ms": round(ms, 3)})
         if T <= ref_max_tokens:
             def ref(q, k, v, r, w, g):
                 return bt.banked_attention_reference(q, k, v, r, w, g, eps=acfg.eps,
@@ -172,6 +218,10 @@ def bench_gpu(batch, heads, dim, tokens, banks, chunks, ref_max_tokens, reps, ou
 
 def _table(res: dict, N: int, Cs: list[int]) -> None:
     s = res["shape"]
+    for r in res.get("profile", []):
+        click.echo(f"profile {r['ms']:9.3f} ms x{r['calls']:<3} {r['kernel']}")
+    for r in res.get("sweep", []):
+        click.echo(f"sweep {r['ms']:9.3f} ms  {r['opts'] or 'defaults'}")
     click.echo(f"{res['device']}, torch {res['torch']}; bf16 matmul "
                f"{res['matmul_bf16_tflops']} TFLOP/s; fwd+bwd ms (median, CUDA events), "
                f"B={s['B']} H={s['H']} D={s['D']}")
