@@ -172,7 +172,12 @@ def run_convert(inputs: list[str], out: str | os.PathLike, opts: ConvertOptions)
     if not any(detect_kind(p, opts.kind) in ("hf", "parquet") for p in inputs):
         items = list(items)  # light items (paths, offsets, short text): gives the bar an ETA
         total = len(items)
-    items = counter.count(items, skip=done)
+    items = counter.count(items)
+    done_hash = _skip(items, done)  # identity of the done items: the inputs must not have changed
+    if state is not None and state.get("done_hash") != done_hash.hexdigest():
+        writer.abort()
+        raise ConvertError(f"cannot resume: the inputs before item {done} changed since the "
+                           "interrupted run (run without --resume to start over)")
     progress = Progress(opts.quiet, done, total)
     try:
         todo = None if total is None else total - done
@@ -182,15 +187,17 @@ def run_convert(inputs: list[str], out: str | os.PathLike, opts: ConvertOptions)
                 progress.reject(res.source, res.error)
                 if opts.strict:
                     raise StrictStop(res.source, res.error)
-                continue
-            before = len(writer.shards)
-            write(res.encoded)
-            if len(writer.shards) != before:  # a shard was finished: items < i are final
-                _write_json(out / JOURNAL, {"fingerprint": fp, "next_item": i,
-                                            "samples": rep.samples, "rejected": rep.rejected,
-                                            "shard_infos": [s.to_json() for s in writer.shards]})
-            rep.samples += 1
-            progress.update(res.payload_bytes)
+            else:
+                before = len(writer.shards)
+                write(res.encoded)
+                if len(writer.shards) != before:  # a shard was finished: items < i are final
+                    _write_json(out / JOURNAL, {
+                        "fingerprint": fp, "next_item": i, "done_hash": done_hash.hexdigest(),
+                        "samples": rep.samples, "rejected": rep.rejected,
+                        "shard_infos": [s.to_json() for s in writer.shards]})
+                rep.samples += 1
+                progress.update(res.payload_bytes)
+            done_hash.update(res.source.encode("utf-8", "surrogateescape") + b"\n")
     except BaseException:
         writer.abort()
         progress.close()
@@ -210,16 +217,23 @@ def run_convert(inputs: list[str], out: str | os.PathLike, opts: ConvertOptions)
 
 
 class _Counter:
-    """Counts every item enumerated, and passes on only those not yet done."""
+    """Counts every item enumerated."""
 
     def __init__(self) -> None:
         self.n = 0
 
-    def count(self, items: Iterator[Item], skip: int) -> Iterator[Item]:
+    def count(self, items) -> Iterator[Item]:
         for it in items:
             self.n += 1
-            if self.n > skip:
-                yield it
+            yield it
+
+
+def _skip(items: Iterator[Item], n: int):
+    """Consume the first ``n`` items (done by an earlier run); the running hash of their sources."""
+    h = xxhash.xxh3_64()
+    for _, it in zip(range(n), items):
+        h.update(it.source.encode("utf-8", "surrogateescape") + b"\n")
+    return h
 
 
 class _PassThrough:

@@ -106,3 +106,34 @@ def test_resume_refuses_other_options_or_missing_shards(audio_dir, tmp_path, run
     (out / "shard-000000.tar").unlink()
     res = run_cli("convert", audio_dir, "--out", out, "--shard-samples", "2", "--resume", "-q")
     assert res.exit_code == 2 and "is missing" in res.stderr
+
+
+def test_resume_refuses_inputs_that_changed(corpora, tmp_path, run_cli):
+    src = tmp_path / "fsdd"
+    src.mkdir()
+    for name in sorted(os.listdir(corpora / "audio/fsdd"))[:6]:
+        os.symlink(corpora / "audio/fsdd" / name, src / name)
+    out = tmp_path / "o"
+    run_convert([str(src)], out, ConvertOptions(workers=1, shard_samples=2, quiet=True))
+    # turn the finished job into one interrupted after its second shard
+    fp = json.loads((out / "report.json").read_text())["fingerprint"]
+    shards = json.loads((out / "manifest.json").read_text())["shards"][:2]
+    run_convert([str(src)], tmp_path / "ref", ConvertOptions(workers=1, shard_samples=2,
+                                                             quiet=True))
+    import xxhash
+
+    h = xxhash.xxh3_64()
+    for name in sorted(os.listdir(src))[:4]:
+        h.update(f"{src / name}\n".encode())
+    journal = {"fingerprint": fp, "next_item": 4, "done_hash": h.hexdigest(), "samples": 4,
+               "rejected": [], "shard_infos": shards}
+    (out / "report.json").unlink()
+    (out / "progress.json").write_text(json.dumps(journal))
+    args = ["convert", src, "--out", out, "--shard-samples", "2", "-j", "1", "-q", "--resume"]
+    os.symlink(corpora / "audio/fsdd/9_theo_9.wav", src / "0_aaa.wav")  # a new first file
+    res = run_cli(*args)
+    assert res.exit_code == 2 and "changed since the interrupted run" in res.stderr
+    (src / "0_aaa.wav").unlink()
+    (out / "progress.json").write_text(json.dumps(journal))
+    assert run_cli(*args).exit_code == 0
+    assert shard_bytes(out) == shard_bytes(tmp_path / "ref")
