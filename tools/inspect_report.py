@@ -92,8 +92,10 @@ def summarize(path: str) -> dict:
     opener = opener_for(path)
     shards = resolve_dataset(path, opener=opener)
     totals: dict[str, dict[str, int]] = {}
+    total_bytes = None
     if not path.endswith(".tar"):
-        totals = read_manifest(path, opener=opener).modes
+        manifest = read_manifest(path, opener=opener)
+        totals, total_bytes = manifest.modes, manifest.bytes
     shapes: dict[str, ModeShapes] = defaultdict(ModeShapes)
     codecs: dict[str, Counter] = defaultdict(Counter)
     blocks: Counter = Counter()
@@ -115,7 +117,8 @@ def summarize(path: str) -> dict:
             sr = b.meta.get("sample_rate")
             if isinstance(sr, int) and sr > 0 and b.shape:
                 ms.seconds.append(b.shape[0] / sr)
-    total_bytes = sum(opener(s.url).size() for s in shards)
+    if total_bytes is None:  # a single .tar: no manifest
+        total_bytes = sum(opener(s.url).size() for s in shards)
     return {
         "path": path,
         "samples": samples,
