@@ -310,7 +310,10 @@ if HAS_TRITON:
 
 
 # Launch settings (tile widths of the state kernels, warps per program); benchmarks may sweep them.
-KERNEL_OPTS = {"tile": 64, "warps_h": 4, "warps_o": 4, "warps_dqk": 8, "warps_dv": 4}
+# stages_dqk: software-pipelining depth of _bwd_dqk (None: Triton's default); at C=128 with
+# D=E=128 the default needs 260 KB of shared memory (limit 227 KB), so that case uses 1.
+KERNEL_OPTS = {"tile": 64, "warps_h": 4, "warps_o": 4, "warps_dqk": 8, "warps_dv": 4,
+               "stages_dqk": None}
 
 
 def _tile(n: int) -> int:
@@ -374,9 +377,11 @@ class BankedAttentionFn(torch.autograd.Function):
         dv = torch.empty_like(v)
         dr = torch.empty(B, H, T, N, device=dev, dtype=torch.float32)
         dw, dc = torch.empty_like(dr), torch.empty_like(dr)
+        stages = KERNEL_OPTS["stages_dqk"] or (1 if C * D * E > 64 * 128 * 128 else None)
+        extra = {} if stages is None else {"num_stages": stages}
         _bwd_dqk[(NT, B * H)](q, k, v, r, w, c, hs, zs, dhs, dzs, dy, dden, dq, dk, dr, dw, dc,
                               NT, N=N, D=D, E=E, C=C,
-                              num_warps=KERNEL_OPTS["warps_dqk"] if D * E >= 8192 else 4)
+                              num_warps=KERNEL_OPTS["warps_dqk"] if D * E >= 8192 else 4, **extra)
         _bwd_dv[(E // BV, NT, B * H)](q, k, r, w, c, dhs, dy, dv, NT, N=N, D=D, E=E, C=C,
                                       BV=BV, num_warps=KERNEL_OPTS["warps_dv"])
         return (dq, dk, dv, dr.to(r.dtype), dw.to(w.dtype), dc,

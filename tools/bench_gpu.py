@@ -62,12 +62,12 @@ def _inputs(B, H, T, D, N, seed=0):
     return q, k, v, r, w, g
 
 
-def _fwd_bwd(fn, xs, do):
+def _fwd_bwd(fn, xs, dout):
     import torch
 
     def run():
         o = fn(*xs)
-        torch.autograd.grad(o, xs, do)
+        torch.autograd.grad(o, xs, dout)
     return run
 
 
@@ -89,7 +89,17 @@ def kernel_resources() -> dict:
     return out
 
 
-SWEEP = [{}, {"warps_dqk": 4}, {"warps_o": 8, "warps_dv": 8}, {"tile": 128}, {"warps_h": 8}]
+SWEEP = [{}, {"warps_dqk": 4}, {"stages_dqk": 1}, {"stages_dqk": 2}, {"warps_o": 8, "warps_dv": 8},
+         {"tile": 128}, {"warps_h": 8}]
+
+
+def _safe(fn):
+    """A timing, or the error's name (one failing configuration must not lose the others)."""
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001 - reported in the figures
+        return f"error: {type(e).__name__}: {str(e)[:120]}"
+
 
 
 def profile_kernels(fn, iters: int = 3) -> list[dict]:
@@ -164,11 +174,11 @@ def bench_gpu(batch, heads, dim, tokens, banks, chunks, ref_max_tokens, reps, sw
     for T in Ts:
         row: dict = {"tokens": T}
         q, k, v, r, w, g = _inputs(B, H, T, D, N, seed=T)
-        do = torch.randn_like(v)
+        dout = torch.randn_like(v)
 
         def sdpa(q, k, v):
             return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        row["sdpa_ms"] = _median_ms(_fwd_bwd(sdpa, (q, k, v), do), reps)
+        row["sdpa_ms"] = _median_ms(_fwd_bwd(sdpa, (q, k, v), dout), reps)
         for C in Cs:
             for n_banks in (N, 1):
                 xs = (q, k, v, r, w, g) if n_banks == N else (q, k, v) + _inputs(
@@ -177,34 +187,38 @@ def bench_gpu(batch, heads, dim, tokens, banks, chunks, ref_max_tokens, reps, sw
                 def banked(q, k, v, r, w, g, C=C):
                     return bt.banked_attention(q, k, v, r, w, g, eps=acfg.eps, chunk=C)[0]
                 torch.cuda.reset_peak_memory_stats()
-                row[f"banked_N{n_banks}_C{C}_ms"] = _median_ms(_fwd_bwd(banked, xs, do), reps)
+                row[f"banked_N{n_banks}_C{C}_ms"] = _safe(
+                    lambda xs=xs, banked=banked, dout=dout: _median_ms(
+                        _fwd_bwd(banked, xs, dout), reps))
                 row[f"banked_N{n_banks}_C{C}_peak_gib"] = round(
                     torch.cuda.max_memory_allocated() / 2**30, 2)
                 if n_banks == N:
                     with torch.no_grad():
-                        row[f"banked_N{N}_C{C}_fwd_ms"] = _median_ms(
-                            lambda xs=xs: banked(*xs), reps)
+                        row[f"banked_N{N}_C{C}_fwd_ms"] = _safe(lambda xs=xs, banked=banked: (
+                            _median_ms(lambda: banked(*xs), reps)))
                 if n_banks == N and C == Cs[0] and T == Ts[-1]:
                     if do_profile:
-                        res["profile"] = profile_kernels(_fwd_bwd(banked, xs, do))
+                        res["profile"] = profile_kernels(_fwd_bwd(banked, xs, dout))
                     if sweep:
                         res["sweep"] = []
                         for variant in SWEEP:
                             saved = dict(bt.KERNEL_OPTS)
                             bt.KERNEL_OPTS.update(variant)
-                            ms = _median_ms(_fwd_bwd(banked, xs, do), reps)
+                            ms = _safe(lambda xs=xs, banked=banked, dout=dout: _median_ms(
+                                _fwd_bwd(banked, xs, dout), reps))
                             bt.KERNEL_OPTS.clear()
                             bt.KERNEL_OPTS.update(saved)
-                            res["sweep"].append({"opts": variant, "ms": round(ms, 3)})
+                            res["sweep"].append({"opts": variant, "ms": (
+                                round(ms, 3) if isinstance(ms, float) else ms)})
         if T <= ref_max_tokens:
             def ref(q, k, v, r, w, g):
                 return bt.banked_attention_reference(q, k, v, r, w, g, eps=acfg.eps,
                                                      chunk=acfg.chunk)[0].to(v.dtype)
-            row[f"reference_N{N}_ms"] = _median_ms(_fwd_bwd(ref, (q, k, v, r, w, g), do),
+            row[f"reference_N{N}_ms"] = _median_ms(_fwd_bwd(ref, (q, k, v, r, w, g), dout),
                                                    min(reps, 5), warmup=1)
         res["rows"].append({k_: (round(x, 3) if isinstance(x, float) else x)
                             for k_, x in row.items()})
-        del q, k, v, r, w, g, do
+        del q, k, v, r, w, g, dout
         torch.cuda.empty_cache()
     res["kernels"] = kernel_resources()
     if out_path:
@@ -221,7 +235,7 @@ def _table(res: dict, N: int, Cs: list[int]) -> None:
     for r in res.get("profile", []):
         click.echo(f"profile {r['ms']:9.3f} ms x{r['calls']:<3} {r['kernel']}")
     for r in res.get("sweep", []):
-        click.echo(f"sweep {r['ms']:9.3f} ms  {r['opts'] or 'defaults'}")
+        click.echo(f"sweep {r['ms']} ms  {r['opts'] or 'defaults'}")
     click.echo(f"{res['device']}, torch {res['torch']}; bf16 matmul "
                f"{res['matmul_bf16_tflops']} TFLOP/s; fwd+bwd ms (median, CUDA events), "
                f"B={s['B']} H={s['H']} D={s['D']}")
@@ -231,5 +245,6 @@ def _table(res: dict, N: int, Cs: list[int]) -> None:
         [f"PyTorch ref N={N}"]
     click.echo(f"{'tokens':>7} " + " ".join(f"{h:>16}" for h in heads))
     for row in res["rows"]:
-        cells = [f"{row[c]:16.3f}" if c in row else f"{'-':>16}" for c in cols]
+        cells = [f"{row[c]:16.3f}" if isinstance(row.get(c), float)
+                 else f"{'err' if c in row else '-':>16}" for c in cols]
         click.echo(f"{row['tokens']:>7} " + " ".join(cells))
