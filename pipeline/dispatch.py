@@ -37,9 +37,10 @@ from .buckets import BucketSpec
 from .cost import CostFn, ModeCost, default_cost
 from .dispatch_buckets import Bucket, Example, Piece
 from .dispatch_dist import IDLE, Agree, choose
-from .dispatch_metrics import ModeStats
+from .dispatch_metrics import ModeStats, dispatcher_report
 from .dispatch_prefetch import Prefetcher
 from .dispatch_resume import restore_examples, save_state
+from .dispatch_split import Splitter, prepare_pieces
 from .dispatch_types import (
     Batch,
     DispatchConfig,
@@ -54,8 +55,6 @@ from .dispatch_types import (
     UnknownModeError,
 )
 
-# splitter(shape, inputs, targets, max_cost, cost_of_shape) -> [(shape, inputs, targets), ...]
-Splitter = Callable[[tuple, Any, Any, int, Callable[[tuple], int]], list[tuple[tuple, Any, Any]]]
 MAX_KEPT_ERRORS = 100
 
 
@@ -167,29 +166,8 @@ class Dispatcher:
     # -- admission ----------------------------------------------------------------------------
     def _prepare(self, sample: Any) -> list[Piece]:
         """Runs in the prefetch thread: decode (or ``prepare``) and split every block."""
-        pieces: list[Piece] = []
-        decode, prep = self.config.decode, self._prepare_fn
-        for i, b in enumerate(sample.blocks):
-            mode, shape = b.mode, tuple(b.shape)
-            try:
-                if prep is not None:
-                    inputs, targets = prep(b)
-                elif decode:
-                    inputs = targets = b.decode()
-                else:
-                    inputs = targets = b
-                split = self._splitters.get(mode)
-                mc = self._mc.get(mode)
-                if split is not None and mc is not None and mc(shape) > self._budget[mode]:
-                    for j, (s, x, y) in enumerate(split(shape, inputs, targets,
-                                                        self._budget[mode], mc)):
-                        pieces.append((i, j, mode, tuple(s), x, y))
-                    continue
-            except Exception as e:
-                raise PrepareError(f"{type(e).__name__}: {e}", key=sample.key, block=i,
-                                   mode=mode) from e
-            pieces.append((i, 0, mode, shape, inputs, targets))
-        return pieces
+        return prepare_pieces(sample, self.config.decode, self._prepare_fn, self._splitters,
+                              self._mc, self._budget)
 
     def _new_example(self, pos: int, sample: Any, pieces: Any) -> Example | None:
         ex = Example(pos, sample.key)
@@ -372,29 +350,7 @@ class Dispatcher:
 
     def metrics(self) -> dict[str, Any]:
         """Metrics as a dict (definitions in :mod:`.dispatch_metrics`)."""
-        pending: Counter[str] = Counter()
-        for b in self._nonempty:
-            pending[b.mode] += len(b.q)
-        scale = 1.0 / self._age_unit
-        modes = {}
-        for m in self.modes:
-            modes[m] = self._stats[m].report(scale)
-            modes[m]["pending"] = pending[m]
-        return {
-            "rank": self.rank,
-            "clock": self.clock,
-            "steps": sum(self.steps_by_mode.values()),
-            "empty_steps": self.empty_steps,
-            "steps_by_mode": dict(sorted(self.steps_by_mode.items())),
-            "examples_in_flight": len(self._in_flight),
-            "examples_in_flight_mean": self._in_flight_sum / self.clock if self.clock else 0.0,
-            "examples_admitted": self.counts["admitted"],
-            "examples_finished": self.counts["finished"],
-            "rejected": {k[9:]: v for k, v in sorted(self.counts.items())
-                         if k.startswith("rejected_")},
-            "truncated": self.counts["truncated"],
-            "modes": modes,
-        }
+        return dispatcher_report(self)
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume (call between steps); see :mod:`.dispatch_resume`."""

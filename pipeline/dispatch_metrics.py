@@ -101,3 +101,29 @@ def percentile(counts: Counter[int], p: float) -> int:
         if acc >= rank:
             return v
     return max(counts)
+
+
+def dispatcher_report(d: Any) -> dict[str, Any]:
+    """``Dispatcher.metrics()``: per-rank counters and per-mode :meth:`ModeStats.report`."""
+    pending: Counter[str] = Counter()
+    for b in d._nonempty:
+        pending[b.mode] += len(b.q)
+    scale = 1.0 / d._age_unit
+    modes = {}
+    for m in d.modes:
+        modes[m] = d._stats[m].report(scale)
+        modes[m]["pending"] = pending[m]
+    return {
+        "rank": d.rank,
+        "clock": d.clock,
+        "steps": sum(d.steps_by_mode.values()),
+        "empty_steps": d.empty_steps,
+        "steps_by_mode": dict(sorted(d.steps_by_mode.items())),
+        "examples_in_flight": len(d._in_flight),
+        "examples_in_flight_mean": d._in_flight_sum / d.clock if d.clock else 0.0,
+        "examples_admitted": d.counts["admitted"],
+        "examples_finished": d.counts["finished"],
+        "rejected": {k[9:]: v for k, v in sorted(d.counts.items()) if k.startswith("rejected_")},
+        "truncated": d.counts["truncated"],
+        "modes": modes,
+    }

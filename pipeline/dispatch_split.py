@@ -1,4 +1,5 @@
-"""Splitting blocks that exceed the batch budget, for modes whose content can be cut in pieces.
+"""Preparing an example's pieces, and splitting blocks that exceed the batch budget for modes
+whose content can be cut in pieces.
 
 A splitter is ``split(shape, inputs, targets, max_cost, cost) -> [(shape, inputs, targets), ...]``
 (``cost(shape) -> int`` is the mode's cost function); pass ``splitters={mode: split}`` to the
@@ -8,10 +9,14 @@ in order, the context carried from piece to piece like from block to block.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
+from .dispatch_types import PrepareError
+
 Shape = tuple[int, ...]
+# splitter(shape, inputs, targets, max_cost, cost_of_shape) -> [(shape, inputs, targets), ...]
+Splitter = Callable[[Shape, Any, Any, int, Callable[[Shape], int]], list[tuple[Shape, Any, Any]]]
 
 
 def split_first_axis(shape: Shape, inputs: Any, targets: Any, max_cost: int,
@@ -39,3 +44,33 @@ def split_first_axis(shape: Shape, inputs: Any, targets: Any, max_cost: int,
                     None if inputs is None else inputs[a:b],
                     None if targets is None else targets[a:b]))
     return out
+
+
+def prepare_pieces(sample: Any, decode: bool, prepare: Callable[[Any], tuple[Any, Any]] | None,
+                   splitters: Mapping[str, Splitter], costs: Mapping[str, Callable[[Shape], int]],
+                   budgets: Mapping[str, int]) -> list[tuple]:
+    """``(block, part, mode, shape, inputs, targets)`` for every block of ``sample``: inputs and
+    targets from ``prepare(block)``, else both ``block.decode()`` (``decode``) or the block
+    itself; blocks over their mode's budget cut by the mode's splitter when it has one. Runs in
+    the read-ahead thread. Raises :class:`PrepareError` naming the sample and block."""
+    pieces: list[tuple] = []
+    for i, b in enumerate(sample.blocks):
+        mode, shape = b.mode, tuple(b.shape)
+        try:
+            if prepare is not None:
+                inputs, targets = prepare(b)
+            elif decode:
+                inputs = targets = b.decode()
+            else:
+                inputs = targets = b
+            split = splitters.get(mode)
+            mc = costs.get(mode)
+            if split is not None and mc is not None and mc(shape) > budgets[mode]:
+                for j, (s, x, y) in enumerate(split(shape, inputs, targets, budgets[mode], mc)):
+                    pieces.append((i, j, mode, tuple(s), x, y))
+                continue
+        except Exception as e:
+            raise PrepareError(f"{type(e).__name__}: {e}", key=sample.key, block=i,
+                               mode=mode) from e
+        pieces.append((i, 0, mode, shape, inputs, targets))
+    return pieces

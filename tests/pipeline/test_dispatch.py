@@ -140,11 +140,36 @@ def test_ttl_forces_a_lone_request_on_the_logical_clock():
     assert m["ttl_forced"] == 1 and m["reasons"]["ttl"] == 1
 
 
-def test_wall_clock_ttl_option():
-    d, log = make([sample("a", text(3))], budget=100, ttl_seconds=1e-9)
-    run_all(d, [sample("a", text(3))])
-    assert log[0].reason == "ttl"  # any wait is past a nanosecond: forced, not stalled
-    assert d.metrics()["modes"]["text"]["queue_age_p99"] >= 0.0
+def test_wall_clock_ttl_option(monkeypatch):
+    # a fake monotonic clock: 1 s passes at every reading. Two length-10 texts fill a bucket
+    # (budget 20) each step; the lone length-50 one outlives its 2.5 s TTL after a few readings.
+    import blocklm.pipeline.dispatch as dispatch_mod
+
+    ticks = iter(range(10**6))
+    monkeypatch.setattr(dispatch_mod.time, "monotonic", lambda: float(next(ticks)))
+    samples = [sample("lone", text(50))] + [sample(f"f{i}", text(10)) for i in range(30)]
+    spec = BucketSpec.explicit({"text": [[10, 50]]})
+    d, log = make(samples, spec=spec, budget=100, max_batch_samples=2, max_in_flight=8,
+                  ttl_seconds=2.5)
+    run_all(d, samples)
+    lone = [b for b in log if any(r.key == "lone" for r in b.requests)]
+    assert len(lone) == 1 and lone[0].reason == "ttl" and 0 < lone[0].step < 10
+    m = d.metrics()["modes"]["text"]
+    assert m["ttl_forced"] == 1
+    assert m["queue_age_p99"] >= 2.5  # ages are reported in seconds
+
+
+def test_abandoning_a_run_stops_the_read_ahead_thread():
+    import threading
+
+    before = threading.active_count()
+    samples = random_samples(300, seed=4)
+    d, _ = make(samples, budget=100, max_in_flight=8, prefetch=8, prefetch_chunk=2)
+    gen = d.run(samples)
+    next(gen)
+    assert threading.active_count() == before + 1
+    gen.close()
+    assert threading.active_count() == before
 
 
 def test_generation_loop_with_toy_runner():
