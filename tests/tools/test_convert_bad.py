@@ -47,6 +47,9 @@ def bad_dir(image_dir, tmp_path):
     buf = io.BytesIO()
     sf.write(buf, np.zeros((0, 1), np.int16), 8000, format="WAV")
     (image_dir / "silent.wav").write_bytes(buf.getvalue())
+    buf = io.BytesIO()
+    sf.write(buf, np.ones((4000, 1), np.int16), 8000, format="WAV")
+    (image_dir / "cut.wav").write_bytes(buf.getvalue()[:5000])  # reads as a shorter clip
     (image_dir / "latin1.txt").write_bytes("caf\xe9 cr\xe8me\n".encode("latin-1"))
     os.symlink(image_dir / "gone.png", image_dir / "dangling.png")
     (image_dir / "data.xyz").write_bytes(b"?")
@@ -57,6 +60,7 @@ def bad_dir(image_dir, tmp_path):
 EXPECT = {
     "truncated.png": "", "corrupt.png": "", "liar.jpg": "not a readable image",
     "weird.tif": "", "empty.png": "empty file", "silent.wav": "no frames",
+    "cut.wav": "truncated WAV",
     "latin1.txt": "not UTF-8", "dangling.png": "unreadable", "data.xyz": "unsupported file type",
 }
 
