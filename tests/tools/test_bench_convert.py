@@ -1,0 +1,29 @@
+"""The convert benchmark runs its rows on a few files; option parsing of convert."""
+
+from __future__ import annotations
+
+import click
+import pytest
+
+from blocklm.tools.bench_convert import format_table, run_bench
+from blocklm.tools.cmd_convert import parse_size
+
+
+def test_bench_rows_on_a_few_files(image_dir, audio_dir):
+    res = run_bench([str(image_dir), str(audio_dir)], repeat=1, workers=2)
+    assert res["files"] == 9
+    names = [r["name"] for r in res["rows"]]
+    assert names == ["plain read (I/O ceiling)", "webdataset.ShardWriter, 1 process",
+                     "blocktool convert, 1 worker", "blocktool convert, 2 workers"]
+    assert res["rows"][1]["vs_shardwriter"] == 1.0
+    assert all(r["mb_per_s"] > 0 and r["cpu_seconds"] >= 0 for r in res["rows"])
+    assert "| blocktool convert, 2 workers |" in format_table(res)
+
+
+def test_shard_size_parsing():
+    assert parse_size("256M") == 256 << 20 and parse_size("1G") == 1 << 30
+    assert parse_size("500k") == 500 << 10 and parse_size("4096") == 4096
+    assert parse_size("1.5MiB") == 3 << 19
+    for bad in ("lots", "0", "-1M"):
+        with pytest.raises(click.BadParameter):
+            parse_size(bad)
