@@ -23,7 +23,8 @@ from blocklm.formats.tar import BLOCK
 from blocklm.formats.writer import header_member, payload_member
 
 _new = object.__new__
-_trusted = Block.trusted
+_xxh3 = xxhash.xxh3_64_hexdigest
+_frame_size = zstandard.frame_content_size
 
 
 def _name_field(name: str) -> bytes:
@@ -53,8 +54,11 @@ class CompiledShard:
 
 
 class FastDecoder:
-    """``sample(i, mv, base)``: sample ``i`` of a compiled shard from ``mv`` (shard bytes from
-    offset ``base``), equal to ``BlockDecoder.sample(entries[i], mv, base)``."""
+    """``sample(i, buf, mv, base)``: sample ``i`` of a compiled shard from ``buf`` (shard bytes
+    from offset ``base``; ``mv`` is ``memoryview(buf)``), equal to
+    ``BlockDecoder.sample(entries[i], buf, base)``. (Header checks use ``bytes.startswith`` at an
+    offset: no slice is made; the size field starts 124 bytes into the header, 388 before the
+    data.)"""
 
     def __init__(self, shard: CompiledShard, decoder: BlockDecoder) -> None:
         self.shard = shard
@@ -62,22 +66,20 @@ class FastDecoder:
         self.verify = decoder.verify
         self._dctx = zstandard.ZstdDecompressor()
 
-    def sample(self, i: int, mv: memoryview, base: int) -> Sample:
+    def sample(self, i: int, buf: bytes, mv: memoryview, base: int) -> Sample:
         key, offset, hname, blocks = self.shard.recs[i]
-        at = offset - base
-        if mv[at:at + len(hname)] != hname:
+        if not buf.startswith(hname, offset - base):
             return self._slow(i, mv, base)
         out = []
         for doff, stored, zstd, xxh3, mname, sfield, mode, shape, codec, meta, size in blocks:
             a = doff - base
-            h = a - BLOCK
-            if mv[h:h + len(mname)] != mname or mv[h + 124:h + 136] != sfield:
+            if not (buf.startswith(mname, a - BLOCK) and buf.startswith(sfield, a - 388)):
                 return self._slow(i, mv, base)
             data = mv[a:a + stored]
-            if self.verify and xxhash.xxh3_64_hexdigest(data) != xxh3:
+            if self.verify and _xxh3(data) != xxh3:
                 return self._slow(i, mv, base)
             if zstd:
-                if stored < 4 or zstandard.frame_content_size(data) != size:
+                if stored < 4 or _frame_size(data) != size:
                     return self._slow(i, mv, base)
                 try:
                     payload = self._dctx.decompress(data, max_output_size=size)
@@ -86,11 +88,13 @@ class FastDecoder:
                 if len(payload) != size:
                     return self._slow(i, mv, base)
             else:
-                payload = bytes(data)
-            out.append(_trusted(mode, shape, codec, payload, meta))
+                payload = buf[a:a + stored]
+            b = _new(Block)
+            b.__dict__ = {"mode": mode, "shape": shape, "codec": codec, "payload": payload,
+                          "meta": meta}  # what Block.trusted sets, in field order
+            out.append(b)
         s = _new(Sample)
-        s.key = key
-        s.blocks = out
+        s.__dict__ = {"key": key, "blocks": out}
         return s
 
     def _slow(self, i: int, mv: memoryview, base: int) -> Sample:

@@ -9,8 +9,9 @@ of each sample it affects, named by shard and key, so the caller decides to rais
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 from blocklm.formats.block import Sample
 from blocklm.formats.errors import FormatError, IndexMismatchError
@@ -22,6 +23,22 @@ from .stats import LoaderStats
 from .urls import load_index_typed
 
 OPEN_SHARDS = 4  # indexes and sources kept open per process (LRU): bounds memory over epochs
+READ_AHEAD = 1  # runs fetched ahead of the one being decoded
+
+
+def _fetch(o: _Open, start: int, end: int, local: list[int]) -> list[Sample | FormatError]:
+    """Read bytes ``[start, end)`` of a shard and cut them into samples ``local`` (run in the
+    read-ahead thread: reads and zstd release the GIL). A sample's error takes its place."""
+    buf = bytes(o.source.read(start, end - start))  # bytes() is a no-op for bytes
+    mv = memoryview(buf)
+    sample = o.decoder.sample
+    out: list[Sample | FormatError] = []
+    for i in local:
+        try:
+            out.append(sample(i, buf, mv, start))
+        except FormatError as e:
+            out.append(e)
+    return out
 
 
 def with_key(err: FormatError, shard: str, key: str | None) -> FormatError:
@@ -61,7 +78,6 @@ class RunReader:
             self._open.move_to_end(s)
             return o
         url = self.urls[s]
-        before = self._retries()
         try:
             comp = self.indexes.get(url)
             if comp is None:
@@ -76,7 +92,6 @@ class RunReader:
             o = _Open(comp.entries, self.opener(url), FastDecoder(comp, dec), None)
         except FormatError as e:
             o = _Open(None, None, None, e)
-        self.stats.retries += self._retries() - before
         self._open[s] = o
         while len(self._open) > OPEN_SHARDS:
             _, old = self._open.popitem(last=False)
@@ -85,20 +100,21 @@ class RunReader:
                 close()
         return o
 
-    def read(self, positions: list[int], shards: list[int], local: list[int],
-             ) -> Iterator[tuple[int, Sample | FormatError]]:
-        """``(position, sample or error)`` for each planned sample, in the given order."""
+    def runs(self, positions: list[int], shards: list[int], local: list[int],
+             ) -> Iterator[tuple[int, int, _Open, int, int]]:
+        """``(i, j, shard, start, end)``: samples ``i..j-1`` of the plan lie in bytes
+        ``[start, end)`` of one shard (``start == end == -1`` when the shard cannot be read)."""
         n = len(positions)
         i = 0
         while i < n:
             s = shards[i]
             o = self.shard(s)
-            url = self.urls[s]
             if o.error is not None:
-                while i < n and shards[i] == s:
-                    key = o.entries[local[i]].key if o.entries else None
-                    yield positions[i], with_key(o.error, url, key)
-                    i += 1
+                j = i
+                while j < n and shards[j] == s:
+                    j += 1
+                yield i, j, o, -1, -1
+                i = j
                 continue
             entries = o.entries
             first = entries[local[i]]
@@ -111,27 +127,58 @@ class RunReader:
                     break
                 end = e.offset + e.size
                 j += 1
-            src = o.source
-            before = self._retries()
-            try:
-                buf = src.read(start, end - start)
-            except FormatError as err:
-                for k in range(i, j):
-                    yield positions[k], with_key(err, url, entries[local[k]].key)
-                i = j
-                continue
-            finally:
-                self.stats.retries += self._retries() - before
-            self.stats.bytes += end - start
-            sample = o.decoder.sample
-            mv = memoryview(buf)
-            for k in range(i, j):
-                try:
-                    yield positions[k], sample(local[k], mv, start)
-                except FormatError as err:
-                    yield positions[k], with_key(err, url, entries[local[k]].key)
-            del mv
+            yield i, j, o, start, end
             i = j
+
+    def read(self, positions: list[int], shards: list[int], local: list[int],
+             ) -> Iterator[tuple[int, Sample | FormatError]]:
+        """``(position, sample or error)`` for each planned sample, in the given order.
+
+        A helper thread reads and cuts the next run while this one is handed out (reads, zstd
+        and checksums release the GIL), so at most ``1 + READ_AHEAD`` runs are held."""
+        retries0, opener0 = self.stats.retries, self._retries()
+        runs = self.runs(positions, shards, local)
+        ahead: deque = deque()
+        pool = ThreadPoolExecutor(1, thread_name_prefix="blocklm-read")
+        try:
+            for _ in range(1 + READ_AHEAD):
+                self._submit(pool, runs, ahead, local)
+            while ahead:
+                (i, j, o, start, end), fut = ahead.popleft()
+                self._submit(pool, runs, ahead, local)
+                url = o.decoder.decoder.shard if o.decoder is not None else self.urls[shards[i]]
+                err: FormatError | None = o.error
+                out: list = []
+                if err is None:
+                    try:
+                        out = fut.result()
+                    except FormatError as e:
+                        err = e
+                self.stats.retries = retries0 + self._retries() - opener0
+                if err is not None:
+                    for k in range(i, j):
+                        key = o.entries[local[k]].key if o.entries is not None else None
+                        yield positions[k], with_key(err, url, key)
+                    continue
+                self.stats.bytes += end - start
+                for k in range(i, j):
+                    s = out[k - i]
+                    if s.__class__ is not Sample:
+                        s = with_key(s, url, o.entries[local[k]].key)
+                    yield positions[k], s
+                del out
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+            self.stats.retries = retries0 + self._retries() - opener0
+
+    @staticmethod
+    def _submit(pool: ThreadPoolExecutor, runs: Iterator, ahead: deque, local: list[int]) -> None:
+        run = next(runs, None)
+        if run is None:
+            return
+        i, j, o, start, end = run
+        fut = None if o.error is not None else pool.submit(_fetch, o, start, end, local[i:j])
+        ahead.append((run, fut))
 
     def _retries(self) -> int:
         """Retries so far of the opener's sources (0 for openers that do not count them)."""

@@ -1,0 +1,226 @@
+"""``blocktool bench read``: loader throughput against its ceiling and webdataset, in one run.
+
+Four measurements over the same shards: a plain sequential read of the shard bytes (the ceiling),
+``webdataset.WebDataset``, ``BlockDataset`` without decoding and ``BlockDataset`` decoding every
+block; plus peak RSS and, with ``--rss-epochs``, RSS growth over many epochs. Each figure is the
+best of ``--repeat`` passes (the first pass also warms the page cache and the loader's index
+cache); the loader's first pass, with its index parsing, is reported as ``blocklm_cold``.
+``--nginx`` serves the local dataset folders with a temporary nginx on 127.0.0.1 and measures
+through HTTP instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import resource
+import shutil
+import socket
+import string
+import subprocess
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import click
+
+RUN = 8 << 20
+NGINX_CONF = string.Template(
+    "daemon off; master_process off; worker_processes 1; pid $t/nginx.pid;\n"
+    "error_log $t/error.log warn; events { worker_connections 256; }\n"
+    "http { access_log off; sendfile on; tcp_nopush on; keepalive_requests 100000;\n"
+    "client_body_temp_path $t/b; proxy_temp_path $t/p; fastcgi_temp_path $t/f;\n"
+    "uwsgi_temp_path $t/u; scgi_temp_path $t/s; default_type application/octet-stream;\n"
+    "server { listen 127.0.0.1:$p; root $w; } }\n")
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        pages = int(f.read().split()[1])
+    return pages * resource.getpagesize() / 2**20
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _best(fn: Callable[[], tuple[int, int]], repeat: int) -> tuple[dict, dict]:
+    """Run ``fn`` (-> samples, bytes) ``repeat`` times: (best pass, first pass) as figures."""
+    runs = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        n, b = fn()
+        dt = max(time.perf_counter() - t, 1e-9)
+        runs.append({"samples_per_s": round(n / dt, 1), "MBps": round(b / dt / 1e6, 1),
+                     "seconds": round(dt, 4), "samples": n, "bytes": b})
+    return max(runs, key=lambda r: r["samples_per_s"]), runs[0]
+
+
+@contextlib.contextmanager
+def serve_nginx(roots: list[Path]) -> Iterator[dict[Path, str]]:
+    """A temporary nginx on 127.0.0.1 serving each folder of ``roots``: folder -> URL."""
+    binary = shutil.which("nginx") or "/usr/sbin/nginx"
+    if not Path(binary).exists():
+        raise click.ClickException("nginx is not installed (apt-get install nginx)")
+    with tempfile.TemporaryDirectory() as tmp, socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        s.close()
+        www = Path(tmp) / "www"
+        www.mkdir()
+        urls = {}
+        for i, r in enumerate(roots):
+            (www / f"d{i}").symlink_to(r.resolve(), target_is_directory=True)
+            urls[r] = f"http://127.0.0.1:{port}/d{i}"
+        conf = Path(tmp) / "nginx.conf"
+        conf.write_text(NGINX_CONF.substitute(t=tmp, p=port, w=www))
+        proc = subprocess.Popen([binary, "-c", str(conf), "-p", tmp], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                    break
+                except OSError:
+                    if time.monotonic() > deadline or proc.poll() is not None:
+                        raise click.ClickException("nginx did not start") from None
+                    time.sleep(0.05)
+            yield urls
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def run_bench(sources: list[str], *, repeat: int = 3, rss_epochs: int = 0,
+              decode: bool = True) -> dict:
+    """The figures of one benchmark run over ``sources`` (folders, manifests or URLs)."""
+    import webdataset as wds
+
+    from blocklm.formats import DEFAULT_LIMITS
+    from blocklm.pipeline import BlockDataset, RemoteOpener
+    from blocklm.pipeline.urls import count_samples, list_shards
+
+    opener = RemoteOpener()
+    shards = list_shards(sources, opener)
+    counts = count_samples(shards, opener, DEFAULT_LIMITS)
+    urls = [s.url for s in shards]
+    total_samples = sum(counts)
+    out: dict = {"sources": sources, "shards": len(urls), "samples": total_samples}
+
+    def raw() -> tuple[int, int]:
+        b = 0
+        for u in urls:
+            src = opener(u)
+            size = src.size()
+            for off in range(0, size, RUN):
+                b += len(src.read(off, min(RUN, size - off)))
+        return total_samples, b
+
+    def webdataset() -> tuple[int, int]:
+        n = 0
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for _ in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
+                n += 1
+        return n, out["bytes"]
+
+    ds = BlockDataset(sources, shuffle=False, opener=opener)
+
+    def blocklm() -> tuple[int, int]:
+        before = ds.stats.bytes
+        n = 0
+        for _ in ds:
+            n += 1
+        return n, ds.stats.bytes - before
+
+    def blocklm_decode() -> tuple[int, int]:
+        before = ds.stats.bytes
+        n = 0
+        for s in ds:
+            for b in s.blocks:
+                b.decode()
+            n += 1
+        return n, ds.stats.bytes - before
+
+    out["raw"], _ = _best(raw, repeat)
+    out["bytes"] = out["raw"]["bytes"]
+    out["webdataset"], _ = _best(webdataset, repeat)
+    out["blocklm"], out["blocklm_cold"] = _best(blocklm, repeat)
+    if decode:
+        out["blocklm_decode"], _ = _best(blocklm_decode, max(1, repeat - 1))
+    out["speedup_vs_webdataset"] = round(out["blocklm"]["samples_per_s"]
+                                         / max(out["webdataset"]["samples_per_s"], 1e-9), 2)
+    if rss_epochs >= 3:
+        shuffled = BlockDataset(sources, seed=0, opener=opener)
+        at: dict[int, float] = {}
+        for epoch in range(1, rss_epochs + 1):
+            shuffled.set_epoch(epoch)
+            for _ in shuffled:
+                pass
+            at[epoch] = _rss_mb()
+        out["rss_epochs"] = {"epochs": rss_epochs, "epoch2_mb": round(at[2], 1),
+                             "last_mb": round(at[rss_epochs], 1),
+                             "growth_pct": round(100 * (at[rss_epochs] - at[2]) / at[2], 2)}
+    out["rss_mb"] = round(_peak_rss_mb(), 1)
+    return out
+
+
+KINDS = ("raw", "webdataset", "blocklm_cold", "blocklm", "blocklm_decode")
+
+
+def format_table(res: dict) -> str:
+    lines = [f"sources: {' '.join(res['sources'])} ({res['shards']} shards, "
+             f"{res['samples']} samples, {res['bytes'] / 1e6:.1f} MB)",
+             f"{'reader':<16}{'samples/s':>12}{'MB/s':>10}"]
+    for k in KINDS:
+        if k in res:
+            lines.append(f"{k:<16}{res[k]['samples_per_s']:>12,.0f}{res[k]['MBps']:>10,.1f}")
+    lines.append(f"blocklm / webdataset: {res['speedup_vs_webdataset']}x samples/s")
+    lines.append(f"peak RSS: {res['rss_mb']} MB")
+    if "rss_epochs" in res:
+        r = res["rss_epochs"]
+        lines.append(f"RSS epoch 2 -> {r['epochs']}: {r['epoch2_mb']} -> {r['last_mb']} MB "
+                     f"({r['growth_pct']:+.2f}%)")
+    return "\n".join(lines)
+
+
+@click.command("read")
+@click.argument("sources", nargs=-1, required=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--repeat", default=3, show_default=True, help="Passes per reader; best counts.")
+@click.option("--rss-epochs", default=0, show_default=True,
+              help="Also read this many shuffled epochs and report RSS growth from epoch 2.")
+@click.option("--nginx", "via_nginx", is_flag=True,
+              help="Serve the local dataset folders with a temporary nginx and read over HTTP.")
+@click.option("--no-decode", is_flag=True, help="Skip the decoding measurement.")
+def bench_read(sources: tuple[str, ...], as_json: bool, repeat: int, rss_epochs: int,
+               via_nginx: bool, no_decode: bool) -> None:
+    """Read throughput: raw bytes, webdataset, BlockDataset, BlockDataset + decode.
+
+    SOURCES are dataset folders, manifests, shard patterns or URLs (read together).
+
+    \b
+    Examples:
+      blocktool bench read data/shards/mixed
+      blocktool bench read data/shards/text --nginx --json
+      blocktool bench read data/shards/mixed --rss-epochs 20
+    """
+    if repeat < 1:
+        raise click.BadParameter("--repeat must be >= 1")
+    with contextlib.ExitStack() as stack:
+        srcs = list(sources)
+        if via_nginx:
+            roots = [Path(s) for s in srcs]
+            if not all(r.is_dir() for r in roots):
+                raise click.BadParameter("--nginx serves local dataset folders")
+            urls = stack.enter_context(serve_nginx(roots))
+            srcs = [urls[r] for r in roots]
+        res = run_bench(srcs, repeat=repeat, rss_epochs=rss_epochs, decode=not no_decode)
+    res["via"] = "nginx" if via_nginx else "local"
+    click.echo(json.dumps(res, indent=1) if as_json else format_table(res))
