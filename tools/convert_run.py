@@ -77,11 +77,14 @@ def fingerprint(inputs: list[str], opts: ConvertOptions) -> str:
     return xxhash.xxh3_64_hexdigest(canonical_json(ident))
 
 
-def enumerate_items(inputs: list[str], opts: ConvertOptions, skipped: list[str]) -> Iterator[Item]:
-    """Every item of every input, in order (the same order on every run)."""
+def enumerate_items(inputs: list[str], opts: ConvertOptions, skipped: list[str],
+                    out: Path | None = None) -> Iterator[Item]:
+    """Every item of every input, in order (the same order on every run); the output folder
+    ``out`` is never read as input, even when it lies inside one."""
     keys = KeyAllocator()
+    exclude = os.path.realpath(out) if out is not None else None
     for path in inputs:
-        yield from iter_input(path, opts, keys, skipped)
+        yield from iter_input(path, opts, keys, skipped, exclude)
 
 
 def _own_files(out: Path, prefix: str) -> list[Path]:
@@ -167,7 +170,7 @@ def run_convert(inputs: list[str], out: str | os.PathLike, opts: ConvertOptions)
     write = getattr(writer, "write_encoded", None) or _encoded_writer(writer)
     skipped: list[str] = []
     counter = _Counter()
-    items = enumerate_items(inputs, opts, skipped)
+    items = enumerate_items(inputs, opts, skipped, out)
     total = None
     if not any(detect_kind(p, opts.kind) in ("hf", "parquet") for p in inputs):
         items = list(items)  # light items (paths, offsets, short text): gives the bar an ETA

@@ -68,13 +68,18 @@ def is_sample_manifest(path: str) -> bool:
     return False
 
 
-def walk_files(root: Path, skipped: list[str]) -> Iterator[Path]:
-    """Files under ``root`` in sorted order, skipping hidden names (recorded in ``skipped``)."""
+def walk_files(root: Path, skipped: list[str], exclude: str | None = None) -> Iterator[Path]:
+    """Files under ``root`` in sorted order, skipping hidden names and the folder ``exclude``
+    (the conversion's own output), each recorded in ``skipped``."""
     for dirpath, dirnames, filenames in os.walk(root):
+        keep = []
         for d in sorted(dirnames):
-            if d.startswith("."):
-                skipped.append(os.path.join(dirpath, d))
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            full = os.path.join(dirpath, d)
+            if d.startswith(".") or (exclude and os.path.realpath(full) == exclude):
+                skipped.append(full)
+            else:
+                keep.append(d)
+        dirnames[:] = keep
         for name in sorted(filenames):
             full = Path(dirpath) / name
             if name.startswith("."):
@@ -84,14 +89,14 @@ def walk_files(root: Path, skipped: list[str]) -> Iterator[Path]:
 
 
 def iter_input(path: str, opts: ConvertOptions, keys: KeyAllocator,
-               skipped: list[str]) -> Iterator[Item]:
-    """The items of one command-line input."""
+               skipped: list[str], exclude: str | None = None) -> Iterator[Item]:
+    """The items of one command-line input (``exclude``: a folder never read, the output)."""
     p = Path(path)
     kind = detect_kind(path, opts.kind)
     prefix = sanitize_segment(strip_ext(p.resolve().name)) if not p.is_dir() else \
         sanitize_segment(p.resolve().name)
     if p.is_dir() and kind != "hf":
-        for f in walk_files(p, skipped):
+        for f in walk_files(p, skipped, exclude):
             rel = f.relative_to(p).as_posix()
             fkind = kind if kind != "dir" else detect_kind(str(f))
             yield from iter_file(str(f), fkind, path_key(prefix, rel), opts, keys, skipped)

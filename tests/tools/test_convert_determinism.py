@@ -137,3 +137,10 @@ def test_resume_refuses_inputs_that_changed(corpora, tmp_path, run_cli):
     (out / "progress.json").write_text(json.dumps(journal))
     assert run_cli(*args).exit_code == 0
     assert shard_bytes(out) == shard_bytes(tmp_path / "ref")
+
+
+def test_output_inside_the_input_is_never_read(audio_dir, tmp_path):
+    out = audio_dir / "shards"
+    for _ in range(2):
+        rep = run_convert([str(audio_dir)], out, ConvertOptions(workers=1, quiet=True))
+        assert rep.samples == 5 and rep.rejected == [] and str(out) in rep.skipped
