@@ -303,7 +303,14 @@ class Dispatcher:
                 issue(ex, now)
             elif res.next is not None and ex.pieces[-1][0] + 1 < max_blocks:
                 mode, shape = res.next
-                ex.pieces.append((ex.pieces[-1][0] + 1, 0, mode, tuple(shape), None, None))
+                shape = tuple(shape)
+                block = ex.pieces[-1][0] + 1
+                if not all(type(v) is int and v >= 0 for v in shape):
+                    self._reject(ex, DispatchError(
+                        f"the runner asked for a next block of invalid shape {shape!r}",
+                        key=ex.key, block=block, mode=mode))
+                    continue
+                ex.pieces.append((block, 0, mode, shape, None, None))
                 issue(ex, now)
             else:
                 if res.next is not None:
@@ -325,7 +332,8 @@ class Dispatcher:
                                  f"got offset {offset}")
             want = lambda p: p >= rs["drawn"] or p in keep  # noqa: E731
         pf = Prefetcher(source, self._prepare, depth=self.config.prefetch,
-                        chunk=self.config.prefetch_chunk, offset=offset, want=want)
+                        chunk=self.config.prefetch_chunk, offset=offset, want=want,
+                        workers=self.config.decode_workers)
         self._exhausted = False
         try:
             it = iter(pf)

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import queue
 import threading
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 _END = object()
@@ -27,26 +29,45 @@ class _SourceFailed:
 Item = tuple[int, Any, Any]  # (position in the source, sample, prepared pieces or an Exception)
 
 
+def _safe(prepare: Callable[[Any], Any], sample: Any) -> Any:
+    try:
+        return prepare(sample)
+    except Exception as e:  # bad data: reported by the dispatcher, never silently skipped
+        return e
+
+
 def _prepared(source: Iterable[Any], offset: int, want: Callable[[int], bool] | None,
-              prepare: Callable[[Any], Any]) -> Iterator[Item]:
-    for pos, sample in enumerate(source, offset):
-        if want is not None and not want(pos):
-            continue
-        try:
-            pieces = prepare(sample)
-        except Exception as e:  # bad data: reported by the dispatcher, never silently skipped
-            pieces = e
-        yield pos, sample, pieces
+              prepare: Callable[[Any], Any], workers: int = 1,
+              window: int = 64) -> Iterator[Item]:
+    wanted = ((pos, s) for pos, s in enumerate(source, offset) if want is None or want(pos))
+    if workers <= 1:
+        for pos, sample in wanted:
+            yield pos, sample, _safe(prepare, sample)
+        return
+    # Several decoders (PIL, soundfile and zstd release the GIL while decoding); results are
+    # still handed over in source order, so batches do not depend on which decoder was faster.
+    with ThreadPoolExecutor(workers, thread_name_prefix="dispatch-decode") as pool:
+        pending: deque = deque()
+        for pos, sample in wanted:
+            pending.append((pos, sample, pool.submit(_safe, prepare, sample)))
+            if len(pending) >= window:
+                p, s, f = pending.popleft()
+                yield p, s, f.result()
+        while pending:
+            p, s, f = pending.popleft()
+            yield p, s, f.result()
 
 
 class Prefetcher:
     """Iterate ``(position, sample, prepare(sample))`` computed ``depth`` samples ahead in a
-    thread (``depth == 0``: in the caller's thread). Call :meth:`close` when abandoning it."""
+    thread (``depth == 0``: in the caller's thread), with ``workers`` decoder threads under it
+    when ``workers > 1``. Call :meth:`close` when abandoning it."""
 
     def __init__(self, source: Iterable[Any], prepare: Callable[[Any], Any], *, depth: int = 256,
-                 chunk: int = 32, offset: int = 0,
-                 want: Callable[[int], bool] | None = None) -> None:
-        self._items = _prepared(source, offset, want, prepare)
+                 chunk: int = 32, offset: int = 0, want: Callable[[int], bool] | None = None,
+                 workers: int = 1) -> None:
+        self._items = _prepared(source, offset, want, prepare, workers if depth > 0 else 1,
+                                max(1, depth))
         self._depth = depth
         self._thread: threading.Thread | None = None
         if depth > 0:
@@ -105,4 +126,6 @@ class Prefetcher:
         except queue.Empty:
             pass
         self._thread.join(timeout=5)
+        if not self._thread.is_alive():
+            self._items.close()  # shuts the decoder pool down now, not at garbage collection
         self._thread = None

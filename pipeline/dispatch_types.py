@@ -48,6 +48,7 @@ class DispatchConfig:
     ttl_seconds: float | None = None
     prefetch: int = 256  # samples prepared ahead by the background thread; 0: no thread
     prefetch_chunk: int = 32  # samples handed over per queue operation
+    decode_workers: int = 1  # threads decoding ahead (order kept); needs prefetch > 0
     decode: bool = True  # inputs = targets = block.decode() (else the block object itself)
     on_oversize: str = "reject"  # "reject": count it and finish the example with the error; "raise"
     keep_outputs: bool = False  # collect every Result.output in the example's Finished record

@@ -208,13 +208,26 @@ def test_generation_is_capped_by_max_blocks():
     assert d.metrics()["modes"]["text"]["requests"] == 7
 
 
-def test_deterministic_with_prefetch_thread():
+def test_generation_with_invalid_next_shape_is_rejected():
+    def bad(batch):
+        return [Result(next=("text", (-1,))) for _ in batch.requests]
+
+    d = Dispatcher({"text": bad}, None, DispatchConfig(prefetch=0), prepare=prep)
+    _, finished = run_all(d, [sample("a", text(1)), sample("b", text(2))])
+    assert [f.key for f in finished] == ["a", "b"]
+    assert all("invalid shape (-1,)" in str(f.error) and "block 1" in str(f.error)
+               for f in finished)
+    assert d.metrics()["rejected"] == {"DispatchError": 2}
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_deterministic_with_prefetch_thread(workers):
     samples = random_samples(200, seed=3)
     spec = estimate_buckets(((b.mode, b.shape) for s in samples for b in s.blocks), length_cost)
 
     def trace():
         d, log = make(samples, spec=spec, budget=150, max_in_flight=32, ttl_steps=6,
-                      prefetch=16, prefetch_chunk=4)
+                      prefetch=16, prefetch_chunk=4, decode_workers=workers)
         run_all(d, samples)
         return [(b.mode, b.reason, [(r.example, r.block) for r in b.requests]) for b in log]
 
