@@ -198,10 +198,17 @@ class BlockDataset(IterableDataset):
         self.epoch = int(check_same(states, "epoch"))
         self._pending = states
         self._pass = None
+        self.stats = self.stats_of(states)
+
+    @staticmethod
+    def stats_of(state: Any) -> LoaderStats:
+        """The stats summed over every worker in a ``state_dict`` (of this dataset or of a
+        ``StatefulDataLoader``): with DataLoader workers, each worker counts in its own process
+        and the main process's :attr:`stats` stays untouched, so read them from here."""
         total = LoaderStats()
-        for s in states:
+        for s in extract_states(state, LOADER_KEY):
             total = total.add(LoaderStats.from_dict(s.get("stats", {})))
-        self.stats = total
+        return total
 
     def _merge(self, states: list[dict[str, Any]], plan: EpochPlan) -> np.ndarray:
         """The mask of positions consumed according to ``states`` (all of one pass)."""

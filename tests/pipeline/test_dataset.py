@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import socket
 
 import numpy as np
 import pytest
@@ -132,3 +133,20 @@ def test_fast_path_falls_back_to_the_format_decoder_on_unusual_headers(small_sha
     tar.write_bytes(bytes(data))
     got = next(iter(BlockDataset(d, shuffle=False)))
     assert got == ShardReader(str(tar))[0]
+
+
+def test_rank_and_world_come_from_torch_distributed(small_shards, small_keys):
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        pytest.skip("a process group already exists")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        ds = BlockDataset(small_shards)
+        assert ds.rank_world() == (0, 1) and len(ds) == len(small_keys)
+        assert BlockDataset(small_shards, rank=1, world_size=2).rank_world() == (1, 2)
+    finally:
+        dist.destroy_process_group()

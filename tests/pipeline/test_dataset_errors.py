@@ -93,6 +93,19 @@ def test_unreadable_shard_without_manifest_is_counted_at_planning(copy, small_ke
     assert len(list(ds)) == len(small_keys) - 45
 
 
+def test_skips_in_workers_are_reported_through_the_loader_state(copy, small_keys):
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    key = flip_payload_byte(copy, "shard-000002.tar", 5)
+    dl = StatefulDataLoader(BlockDataset(copy, on_error="skip"), batch_size=None, num_workers=2,
+                            multiprocessing_context="fork")
+    got = [s.key for s in dl]
+    assert sorted(got) == sorted(k for k in small_keys if k != key)
+    stats = BlockDataset.stats_of(dl.state_dict())
+    assert stats.samples == len(small_keys) - 1 and stats.skips == 1
+    assert stats.skipped[0]["key"] == key
+
+
 def test_error_type_survives_a_worker_process(copy):
     flip_payload_byte(copy, "shard-000000.tar", 0)
     dl = DataLoader(BlockDataset(copy, shuffle=False), batch_size=None, num_workers=1,

@@ -1,0 +1,41 @@
+"""``blocktool bench read``: one run prints every reader's figures; --json has the agreed keys."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+from click.testing import CliRunner
+
+from blocklm.tools.cli import main
+
+KEYS = ("raw", "webdataset", "blocklm", "blocklm_decode")
+
+
+def test_bench_read_json(small_shards):
+    r = CliRunner().invoke(main, ["bench", "read", str(small_shards), "--json", "--repeat", "1",
+                                  "--rss-epochs", "3"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.output)
+    for k in KEYS:
+        assert res[k]["samples_per_s"] > 0 and res[k]["MBps"] > 0
+        assert res[k]["samples"] == res["samples"]
+    assert res["rss_mb"] > 0 and res["rss_epochs"]["epochs"] == 3
+
+
+def test_bench_read_table_through_nginx(small_shards):
+    if shutil.which("nginx") is None and not os.path.exists("/usr/sbin/nginx"):
+        pytest.skip("nginx not installed")
+    r = CliRunner().invoke(main, ["bench", "read", str(small_shards), "--nginx", "--repeat", "1",
+                                  "--no-decode"])
+    assert r.exit_code == 0, r.output
+    assert "http://127.0.0.1:" in r.output
+    for k in ("raw", "webdataset", "blocklm", "peak RSS"):
+        assert k in r.output
+
+
+def test_bench_read_help_has_an_example():
+    r = CliRunner().invoke(main, ["bench", "read", "--help"])
+    assert r.exit_code == 0 and "blocktool bench read data/shards/mixed" in r.output
