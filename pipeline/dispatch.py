@@ -325,6 +325,10 @@ class Dispatcher:
         last ``Step`` with ``batch=None`` may carry examples rejected after the last batch."""
         want = None
         rs = self._restore
+        if rs is None and self._in_flight and offset < self.drawn:
+            raise ValueError(f"{len(self._in_flight)} examples are still in flight from an "
+                             f"earlier run: continue with the rest of the source and "
+                             f"offset={self.drawn}")
         if rs is not None:
             keep = {e["example"] for e in rs["in_flight"]}
             if keep and offset > min(keep):

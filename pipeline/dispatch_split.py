@@ -63,9 +63,9 @@ def prepare_pieces(sample: Any, decode: bool, prepare: Callable[[Any], tuple[Any
                 inputs = targets = b.decode()
             else:
                 inputs = targets = b
-            split = splitters.get(mode)
-            mc = costs.get(mode)
-            if split is not None and mc is not None and mc(shape) > budgets[mode]:
+            split = splitters.get(mode) if splitters else None
+            mc = costs.get(mode) if split is not None else None
+            if mc is not None and mc(shape) > budgets[mode]:
                 for j, (s, x, y) in enumerate(split(shape, inputs, targets, budgets[mode], mc)):
                     pieces.append((i, j, mode, tuple(s), x, y))
                 continue

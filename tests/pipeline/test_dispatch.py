@@ -170,6 +170,11 @@ def test_abandoning_a_run_stops_the_read_ahead_thread():
     assert threading.active_count() == before + 1
     gen.close()
     assert threading.active_count() == before
+    # the same dispatcher continues with the rest of the source, never re-reads it from 0
+    with pytest.raises(ValueError, match="still in flight"):
+        next(d.run(samples))
+    _, finished = run_all(d, samples[d.drawn:], offset=d.drawn)
+    assert d.metrics()["examples_finished"] == 300
 
 
 def test_generation_loop_with_toy_runner():
