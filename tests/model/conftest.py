@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from blocklm.model.blocklm import BlockLM
 from blocklm.model.presets import tiny
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from blocklm.model.attention import BankedAttention, bank_read, bank_write, feature_map
 from blocklm.model.config import AttentionConfig
 

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+
 from blocklm.model.audio import AudioSupport, mu_law_decode, mu_law_encode
 from blocklm.model.blocklm import BlockLM
 from blocklm.model.config import SampleConfig, TextConfig

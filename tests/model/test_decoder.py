@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+
 from blocklm.model.config import AttentionConfig, DecoderConfig, StackConfig
 from blocklm.model.decoder import Decoder
 

@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import torch
+
 from blocklm.model.config import SampleConfig
 from blocklm.model.heads import ShapeHead, SizeBins
 from blocklm.model.sampling import adaptive_beta, adaptive_temperature_softmax, filter_logits

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+
 from blocklm.model.config import StackConfig
 from blocklm.model.stack import ProcessingStack, stack_pop, stack_push, stack_read
 
