@@ -250,12 +250,11 @@ class BlockDataset(IterableDataset):
         reader = RunReader(self.urls, self.counts, self.index_xxh3, opener=self.opener,
                            limits=self.limits, verify=self.config.verify, stats=self.stats,
                            indexes=self._indexes)
-        stream = reader.read(needed.tolist(), shards.tolist(), local.tolist())
+        reads = reader.read(needed.tolist(), shards.tolist(), local.tolist())
+        stream = _reorder(reads, emit.tolist()) if self.config.shuffle else reads
         p, stats, transform = self._pass, self.stats, self.transform
         raise_errors = self.config.on_error == "raise"
         try:
-            if self.config.shuffle:
-                stream = _reorder(stream, emit.tolist())
             for _, s in stream:
                 if isinstance(s, FormatError):
                     if raise_errors:
@@ -267,6 +266,8 @@ class BlockDataset(IterableDataset):
                 stats.samples += 1
                 yield s if transform is None else transform(s)
         finally:
+            stream.close()
+            reads.close()  # stops the read-ahead thread before the sources close
             reader.close()
 
 

@@ -150,3 +150,23 @@ def test_rank_and_world_come_from_torch_distributed(small_shards, small_keys):
         assert BlockDataset(small_shards, rank=1, world_size=2).rank_world() == (1, 2)
     finally:
         dist.destroy_process_group()
+
+
+def test_shuffled_reading_holds_at_most_the_buffer():
+    from blocklm.pipeline.dataset import _reorder
+
+    n, k = 3000, 50
+    order = buffer_order(n, k, rng_for(4))
+    pulled = 0
+
+    def source():
+        nonlocal pulled
+        for i in range(n):
+            pulled += 1
+            yield i, i
+
+    most = 0
+    for t, (pos, _) in enumerate(_reorder(source(), order.tolist())):
+        most = max(most, pulled - t)
+        assert pos == order[t]
+    assert most <= k

@@ -144,3 +144,21 @@ def test_mixture_resumes_exactly(small_shards, tmp_path):
     m2.load_state_dict(roundtrip(m.state_dict()))
     rest = [name(x) for x in m2]
     assert first + rest == order
+
+
+def test_mixture_resumes_through_a_stateful_dataloader(small_shards, small_keys):
+    def mixed():
+        return BlockDataset.mix([make(small_shards, seed=1), make(small_shards, seed=2)],
+                                weights=[1, 1], seed=3, stop="all")
+
+    dl = loader(mixed(), 2, 4)
+    it = iter(dl)
+    first = flat(take(it, 30))
+    state = dl.state_dict()
+    del it, dl
+    dl2 = loader(mixed(), 2, 4)
+    dl2.load_state_dict(state)
+    rest = flat(list(dl2))
+    seen = Counter(first + rest)
+    assert len(first) == 120 and sorted(seen) == sorted(small_keys)
+    assert all(v == 2 for v in seen.values())  # each key once from each of the two sources
