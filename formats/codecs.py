@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,6 +60,7 @@ AUDIO_FILE_CODECS = {"wav", "flac", "ogg", "opus", "mp3", "sph"}
 _PIL_FORMATS = {"PNG": "png", "JPEG": "jpeg", "MPO": "jpeg", "WEBP": "webp", "GIF": "gif",
                 "BMP": "bmp", "TIFF": "tiff"}
 _SF_FORMATS = {"WAV": "wav", "WAVEX": "wav", "FLAC": "flac", "MP3": "mp3", "NIST": "sph"}
+_OBJ_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-f]+>")  # error texts stay the same every run
 _ARRAY_DTYPES = {"tok16": "<u2", "tok32": "<u4", "u8": "u1", "pcm16": "<i2", "f32": "<f4"}
 
 
@@ -195,16 +197,36 @@ def probe_audio(data: bytes, limits: Limits = DEFAULT_LIMITS) -> tuple[str, tupl
     try:
         info = sf.info(io.BytesIO(data))
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as e:
-        raise CodecError(f"not a readable audio file: {e}") from None
+        raise CodecError(f"not a readable audio file: {_OBJ_REPR.sub('<bytes>', str(e))}") \
+            from None
     codec = _SF_FORMATS.get(info.format)
     if info.format == "OGG":
         codec = "opus" if info.subtype == "OPUS" else "ogg"
     if codec is None:
         raise CodecError(f"unsupported audio format {info.format!r}")
+    if codec == "wav":
+        check_wav_complete(data)
     shape = (int(info.frames), int(info.channels))
     limits.check_shape(shape)
     meta: dict[str, MetaValue] = {"sample_rate": int(info.samplerate), "subtype": info.subtype}
     return codec, shape, meta
+
+
+def check_wav_complete(data: bytes) -> None:
+    """Reject a RIFF/WAVE file whose data chunk is cut short. libsndfile reads such a file as a
+    shorter clip without complaint, so neither its header nor a decode would notice."""
+    if data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+        return
+    at = 12
+    while at + 8 <= len(data):
+        cid, size = data[at:at + 4], int.from_bytes(data[at + 4:at + 8], "little")
+        if cid == b"data":
+            have = len(data) - at - 8
+            if size not in (0, 0xFFFFFFFF) and size > have:  # 0 / -1: streamed, size unknown
+                raise CodecError(f"truncated WAV: the data chunk declares {size} bytes, the "
+                                 f"file holds {have}")
+            return
+        at += 8 + size + (size & 1)
 
 
 # ----------------------------------------------------------------------------- decoding

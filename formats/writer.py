@@ -144,7 +144,13 @@ class ShardWriter:
         """Append one sample; keys must be unique within a shard."""
         if self.closed:
             raise FormatError("write() on a closed ShardWriter")
-        data, entry = self._encoder.encode(sample)
+        self.write_encoded(*self._encoder.encode(sample))
+
+    def write_encoded(self, data: bytes, entry: IndexEntry) -> None:
+        """Append a sample already encoded by :meth:`SampleEncoder.encode` (e.g. in a worker
+        process: encoding is the costly part, writing stays in order in one process)."""
+        if self.closed:
+            raise FormatError("write_encoded() on a closed ShardWriter")
         if self._file is not None and self._full(len(data)):
             self._finish_shard()
         if self._file is None:

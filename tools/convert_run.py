@@ -167,7 +167,7 @@ def run_convert(inputs: list[str], out: str | os.PathLike, opts: ConvertOptions)
     rep.rejected = list(state["rejected"]) if state else []
     writer = ShardWriter(out, max_bytes=opts.shard_size, max_samples=opts.shard_samples,
                          prefix=opts.prefix, start=len(previous), previous=previous)
-    write = getattr(writer, "write_encoded", None) or _encoded_writer(writer)
+    write = writer.write_encoded
     skipped: list[str] = []
     counter = _Counter()
     items = enumerate_items(inputs, opts, skipped, out)
@@ -192,7 +192,7 @@ def run_convert(inputs: list[str], out: str | os.PathLike, opts: ConvertOptions)
                     raise StrictStop(res.source, res.error)
             else:
                 before = len(writer.shards)
-                write(res.encoded)
+                write(*res.encoded)
                 if len(writer.shards) != before:  # a shard was finished: items < i are final
                     _write_json(out / JOURNAL, {
                         "fingerprint": fp, "next_item": i, "done_hash": done_hash.hexdigest(),
@@ -237,18 +237,6 @@ def _skip(items: Iterator[Item], n: int):
     for _, it in zip(range(n), items):
         h.update(it.source.encode("utf-8", "surrogateescape") + b"\n")
     return h
-
-
-class _PassThrough:
-    def encode(self, encoded):
-        return encoded
-
-
-def _encoded_writer(writer: ShardWriter):
-    """Write samples the workers already encoded. ShardWriter has no public API for this yet
-    (reported to the format owner), so its encoder is swapped for a pass-through."""
-    writer._encoder = _PassThrough()
-    return writer.write
 
 
 def print_summary(rep: Report, out: str) -> None:

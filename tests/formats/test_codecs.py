@@ -6,6 +6,8 @@ import io
 
 import numpy as np
 import pytest
+from PIL import Image
+
 from blocklm.formats import (
     CodecError,
     Sample,
@@ -19,7 +21,6 @@ from blocklm.formats import (
     text_block,
     tokens_block,
 )
-from PIL import Image
 
 
 def test_utf8_exact_bytes():
@@ -143,3 +144,29 @@ def test_real_png_and_wav_keep_their_bytes(corpora, tmp_path):
     stored = {e.blocks[0].codec: e.blocks[0].zstd for _, e in
               __import__("blocklm.formats", fromlist=["iter_index"]).iter_index(tmp_path)}
     assert stored == {"png": False, "wav": True}
+
+
+def test_truncated_wav_is_rejected_not_shortened(corpora):
+    data = sorted((corpora / "audio" / "fsdd").glob("*.wav"))[0].read_bytes()
+    with pytest.raises(CodecError, match="truncated WAV"):
+        audio_file_block(data[: len(data) // 2])
+
+
+def test_audio_errors_do_not_carry_memory_addresses():
+    with pytest.raises(CodecError) as e:
+        audio_file_block(b"RIFF....garbage")
+    assert " at 0x" not in str(e.value)
+
+
+def test_write_encoded_matches_write(tmp_path):
+    from blocklm.formats.writer import SampleEncoder
+    samples = [Sample(f"e{i}", [text_block("x" * i)]) for i in range(5)]
+    with ShardWriter(tmp_path / "a", max_samples=2) as w:
+        for s in samples:
+            w.write(s)
+    enc = SampleEncoder()
+    with ShardWriter(tmp_path / "b", max_samples=2) as w:
+        for s in samples:
+            w.write_encoded(*enc.encode(s))
+    for f in sorted((tmp_path / "a").iterdir()):
+        assert f.read_bytes() == (tmp_path / "b" / f.name).read_bytes()

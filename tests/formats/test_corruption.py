@@ -9,6 +9,7 @@ import tarfile
 
 import pytest
 import zstandard
+
 from blocklm.formats import (
     ChecksumError,
     FormatError,

@@ -7,6 +7,7 @@ import subprocess
 
 import pytest
 import webdataset as wds
+
 from blocklm.formats import Sample, ShardWriter, bytes_block, iter_index, text_block
 
 

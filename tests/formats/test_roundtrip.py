@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import tempfile
 
-from blocklm.formats import Block, Sample, ShardReader, ShardWriter, iter_dataset, scan_shard
-from blocklm.formats.codecs import CODECS
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+from blocklm.formats import Block, Sample, ShardReader, ShardWriter, iter_dataset, scan_shard
+from blocklm.formats.codecs import CODECS
 
 segment = st.text("abcXYZ019_-", min_size=1, max_size=10)
 keys = st.lists(segment, min_size=1, max_size=3).map("/".join).filter(lambda k: len(k) <= 64)
