@@ -1,0 +1,78 @@
+"""Run configuration: the model, the dispatcher and the optimisation, with named presets.
+
+A preset is a function returning a fresh :class:`RunConfig`; ``--set key=value`` edits one field
+(:mod:`.overrides`), e.g. ``train.lr=1e-3`` or ``model.decoder.layers=4``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from blocklm.model import presets as model_presets
+from blocklm.model.config import ModelConfig
+from blocklm.pipeline.dispatch_types import DispatchConfig
+
+from .overrides import apply_override
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and bookkeeping of a training run."""
+
+    lr: float = 3e-3
+    weight_decay: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.95
+    warmup: int = 50  # optimizer steps of linear warm-up
+    schedule_steps: int = 2000  # length of the cosine decay (optimizer steps)
+    lr_floor: float = 0.1  # the cosine ends at lr * lr_floor
+    grad_clip: float = 1.0
+    tokens_per_step: int = 2048  # decoder steps accumulated per optimizer step
+    log_every: int = 10  # optimizer steps between metrics records
+    checkpoint_every: int = 100  # optimizer steps between checkpoints (0: only at exit)
+    eval_every: int = 0  # optimizer steps between held-out evaluations (0: never)
+    eval_samples: int = 64  # held-out samples per evaluation
+    seed: int = 0
+    shuffle_buffer: int = 1000
+    device: str = "auto"  # "auto": cuda when available, else cpu
+    bf16: bool = True  # autocast to bf16 on CUDA (ignored on CPU: fp32 there)
+
+
+@dataclass
+class RunConfig:
+    """Everything a run needs besides its data."""
+
+    model: ModelConfig
+    dispatch: DispatchConfig
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def tiny() -> RunConfig:
+    """CPU-sized: the tiny model, small batches, a few thousand tokens per optimizer step."""
+    return RunConfig(model=model_presets.tiny(),
+                     dispatch=DispatchConfig(max_in_flight=64, budget=512, ttl_steps=64,
+                                             prefetch=128),
+                     train=TrainConfig(lr=3e-3, tokens_per_step=2048, warmup=20))
+
+
+def small() -> RunConfig:
+    """GPU-sized: the ~125M-parameter model with large token budgets."""
+    return RunConfig(model=model_presets.small(),
+                     dispatch=DispatchConfig(max_in_flight=1024, budget=16384, ttl_steps=256,
+                                             prefetch=1024),
+                     train=TrainConfig(lr=6e-4, tokens_per_step=65536, warmup=200,
+                                       schedule_steps=20000, checkpoint_every=500))
+
+
+PRESETS: dict[str, Callable[[], RunConfig]] = {"tiny": tiny, "small": small}
+
+
+def build_config(preset: str, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """The preset's config with ``key=value`` overrides applied in order."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r} (known: {sorted(PRESETS)})")
+    cfg = PRESETS[preset]()
+    for o in overrides:
+        apply_override(cfg, o)
+    return cfg

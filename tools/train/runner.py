@@ -1,0 +1,137 @@
+"""The model as the dispatcher's runners: one callable per mode, and the loss accumulator.
+
+An example's context between blocks is its decoder state ([state_size] fp32), held by the
+dispatcher inside a :class:`Context`. Gradients flow through contexts across blocks within one
+accumulation window (truncated back-propagation through time at optimizer steps): a context made
+in an earlier window is detached when it is read.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from blocklm.model.blocklm import BlockLM
+from blocklm.model.heads import END
+from blocklm.pipeline.dispatch_types import Batch, Result
+
+
+@dataclass
+class Context:
+    """An example's state after its latest block, tagged with the window that made it."""
+
+    state: Tensor  # [state_size] fp32
+    window: int
+
+
+@dataclass
+class Window:
+    """Loss terms accumulated since the last optimizer step (graph attached)."""
+
+    index: int = 0
+    tokens: int = 0  # decoder steps run
+    bits: dict[str, list[Tensor]] = field(default_factory=lambda: defaultdict(list))
+    elements: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    head_bits: list[Tensor] = field(default_factory=list)  # next-mode + shape + end bits
+    head_count: int = 0  # predictions those bits are over
+    mode_correct: int = 0  # next-mode predictions that were right (argmax), when measured
+    mode_total: int = 0
+    shape_correct: int = 0  # shapes whose most likely bins were all right, when measured
+    shape_total: int = 0
+
+    def objective(self) -> Tensor | None:
+        """Mean over modes of bits per element, plus the heads' mean bits per prediction."""
+        terms = [torch.stack([b.sum() for b in bs]).sum() / max(self.elements[m], 1.0)
+                 for m, bs in self.bits.items() if bs]
+        if self.head_bits:
+            terms.append(torch.cat(self.head_bits).sum() / max(self.head_count, 1))
+        return torch.stack(terms).sum() if terms else None
+
+    def report(self) -> dict[str, float]:
+        """Per-mode bits per element of this window (detached floats)."""
+        return {m: float(torch.stack([b.sum() for b in bs]).sum().detach()) /
+                max(self.elements[m], 1.0) for m, bs in sorted(self.bits.items()) if bs}
+
+
+class ModelRunners:
+    """Builds the per-mode runners over one :class:`BlockLM` and accumulates their losses."""
+
+    def __init__(self, model: BlockLM, device: torch.device, *, train: bool = True,
+                 autocast: bool = False, measure: bool = False) -> None:
+        self.model, self.device, self.train, self.autocast = model, device, train, autocast
+        self.measure = measure  # also count next-mode and shape accuracy (evaluation)
+        self.window = Window()
+
+    def runner(self, mode: str):
+        """The runner of ``mode`` for :class:`blocklm.pipeline.Dispatcher`."""
+        return lambda batch: self.run(mode, batch)
+
+    def _states(self, contexts: list[Context | None]) -> Tensor:
+        init = None
+        rows = []
+        for c in contexts:
+            if c is None:
+                if init is None:
+                    init = self.model.initial_state(1, self.device)[0]
+                rows.append(init)
+            elif c.window == self.window.index:
+                rows.append(c.state)
+            else:
+                rows.append(c.state.detach())
+        return torch.stack(rows)  # [B, state_size]
+
+    def run(self, mode: str, batch: Batch) -> list[Result]:
+        if not batch.requests:
+            return []
+        state = self._states([r.context for r in batch.requests])
+        contents = [r.inputs for r in batch.requests]
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            res = self.model.run_block(mode, contents, state, targets=True)
+        w = self.window
+        loss = res.loss
+        w.tokens += batch.padded_cost
+        w.bits[mode].append(loss.bits.float())
+        w.elements[mode] += float(loss.elements.sum())
+        w.head_bits += [loss.mode_bits.float(), loss.shape_bits.float()]
+        w.head_count += 2 * len(batch.requests)
+        if self.measure:
+            self._accuracy(state, mode, [r.shape for r in batch.requests])
+        new = res.state if self.train else res.state.detach()
+        return [Result(state=Context(new[i], w.index)) for i in range(len(batch.requests))]
+
+    def finish(self, contexts: list[Context]) -> None:
+        """Add the bits of predicting end-of-example after each finished example's last block."""
+        if not contexts:
+            return
+        state = self._states(contexts)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            bits = self.model.end_bits(state)
+        self.window.head_bits.append(bits.float())
+        self.window.head_count += len(contexts)
+        if self.measure:
+            self._accuracy(state, END, [])
+
+    @torch.no_grad()
+    def _accuracy(self, state: Tensor, mode: str, shapes: list[tuple[int, ...]]) -> None:
+        """Count argmax next-mode hits and, for blocks, exact shape-bin hits (greedy)."""
+        heads, w = self.model.heads, self.window
+        summary = self.model.summary(state)
+        pred = heads.mode_logits(summary).argmax(-1)
+        w.mode_correct += int((pred == heads.names.index(mode)).sum())
+        w.mode_total += state.shape[0]
+        if mode == END:
+            return
+        head = heads.shape[mode]
+        _, classes = head.predict(heads.trunk(summary), None, None)
+        true = head._classes(torch.tensor(shapes, device=state.device))
+        w.shape_correct += int((classes == true).all(1).sum())
+        w.shape_total += len(shapes)
+
+    def next_window(self) -> Window:
+        """Close the current window (after its optimizer step) and open the next one."""
+        done = self.window
+        self.window = Window(index=done.index + 1)
+        return done
