@@ -39,7 +39,7 @@ from .dispatch_buckets import Bucket, Example, Piece
 from .dispatch_dist import IDLE, Agree, choose
 from .dispatch_metrics import ModeStats, dispatcher_report
 from .dispatch_prefetch import Prefetcher
-from .dispatch_resume import restore_examples, save_state
+from .dispatch_resume import restore_examples, resume_plan, save_state
 from .dispatch_split import Splitter, prepare_pieces
 from .dispatch_types import (
     Batch,
@@ -112,6 +112,7 @@ class Dispatcher:
         self._in_flight_sum = 0
         self.errors: list[DispatchError] = []  # the first MAX_KEPT_ERRORS rejections
         self._restore: dict | None = None
+        self._prefetcher: Prefetcher | None = None  # of the run in progress
 
     # -- requests ------------------------------------------------------------------------------
     def _now(self) -> float:
@@ -170,7 +171,7 @@ class Dispatcher:
                               self._mc, self._budget)
 
     def _new_example(self, pos: int, sample: Any, pieces: Any) -> Example | None:
-        ex = Example(pos, sample.key)
+        ex = Example(pos, sample.key, sample)
         self._in_flight[pos] = ex
         self.counts["admitted"] += 1
         if isinstance(pieces, Exception):
@@ -329,20 +330,18 @@ class Dispatcher:
             raise ValueError(f"{len(self._in_flight)} examples are still in flight from an "
                              f"earlier run: continue with the rest of the source and "
                              f"offset={self.drawn}")
+        restore_items: Iterator | None = None
         if rs is not None:
-            keep = {e["example"] for e in rs["in_flight"]}
-            if keep and offset > min(keep):
-                raise ValueError(f"resuming needs the source from position {min(keep)}, "
-                                 f"got offset {offset}")
-            want = lambda p: p >= rs["drawn"] or p in keep  # noqa: E731
+            source, offset, want, restore_items = resume_plan(self, rs, source, offset)
         pf = Prefetcher(source, self._prepare, depth=self.config.prefetch,
                         chunk=self.config.prefetch_chunk, offset=offset, want=want,
                         workers=self.config.decode_workers)
+        self._prefetcher = pf
         self._exhausted = False
         try:
             it = iter(pf)
             if rs is not None:
-                restore_examples(self, rs, it)
+                restore_examples(self, rs, restore_items or it)
                 self._restore = None
             while True:
                 self._admit(it)
@@ -354,6 +353,7 @@ class Dispatcher:
                 finished, self._finished = self._finished, []
                 yield Step(self.clock, None, [], finished)  # type: ignore[arg-type]
         finally:
+            self._prefetcher = None
             pf.close()
 
     @property
@@ -364,12 +364,19 @@ class Dispatcher:
         """Metrics as a dict (definitions in :mod:`.dispatch_metrics`)."""
         return dispatcher_report(self)
 
-    def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume (call between steps); see :mod:`.dispatch_resume`."""
-        return save_state(self)
+    def state_dict(self, *, samples: bool = False,
+                   source_state: Callable[[], Any] | None = None) -> dict[str, Any]:
+        """Everything needed to resume (call between steps); see :mod:`.dispatch_resume`.
+
+        ``samples=True`` also stores the in-flight samples and those the read-ahead pulled from
+        the source but the dispatcher has not taken, and ``source_state()`` (e.g. the loader's
+        ``state_dict``) called at that same instant: resume then with the source restored to
+        that state, no replay needed."""
+        return save_state(self, samples, source_state)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`; the next :meth:`run` must get the same source from
+        """Restore :meth:`state_dict`. The next :meth:`run` gets the source restored to
+        ``state["source_state"]`` when the state carries samples, else the same source from
         position ``resume_position(state)`` (or earlier, with ``offset`` set accordingly)."""
         self._restore = state
 

@@ -118,10 +118,11 @@ class Example:
     request, its context state and what it collected. ``nsrc``: pieces that came from the
     sample (the rest were generated)."""
 
-    __slots__ = ("eid", "key", "pieces", "nsrc", "next", "state", "outputs", "generated")
+    __slots__ = ("eid", "key", "sample", "pieces", "nsrc", "next", "state", "outputs",
+                 "generated")
 
-    def __init__(self, eid: int, key: str) -> None:
-        self.eid, self.key = eid, key
+    def __init__(self, eid: int, key: str, sample: Any = None) -> None:
+        self.eid, self.key, self.sample = eid, key, sample
         self.pieces: list[Piece] = []
         self.nsrc = 0
         self.next = 0

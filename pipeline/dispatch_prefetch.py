@@ -36,10 +36,8 @@ def _safe(prepare: Callable[[Any], Any], sample: Any) -> Any:
         return e
 
 
-def _prepared(source: Iterable[Any], offset: int, want: Callable[[int], bool] | None,
-              prepare: Callable[[Any], Any], workers: int = 1,
+def _prepared(wanted: Iterable[tuple[int, Any]], prepare: Callable[[Any], Any], workers: int = 1,
               window: int = 64) -> Iterator[Item]:
-    wanted = ((pos, s) for pos, s in enumerate(source, offset) if want is None or want(pos))
     if workers <= 1:
         for pos, sample in wanted:
             yield pos, sample, _safe(prepare, sample)
@@ -66,8 +64,10 @@ class Prefetcher:
     def __init__(self, source: Iterable[Any], prepare: Callable[[Any], Any], *, depth: int = 256,
                  chunk: int = 32, offset: int = 0, want: Callable[[int], bool] | None = None,
                  workers: int = 1) -> None:
-        self._items = _prepared(source, offset, want, prepare, workers if depth > 0 else 1,
-                                max(1, depth))
+        self._lock = threading.Lock()
+        self._raw: deque[tuple[int, Any]] = deque()  # pulled from the source, not yet taken
+        self._items = _prepared(self._pull(source, offset, want), prepare,
+                                workers if depth > 0 else 1, max(1, depth))
         self._depth = depth
         self._thread: threading.Thread | None = None
         if depth > 0:
@@ -77,6 +77,27 @@ class Prefetcher:
             self._thread = threading.Thread(target=self._work, name="dispatch-prefetch",
                                             daemon=True)
             self._thread.start()
+
+    def _pull(self, source: Iterable[Any], offset: int,
+              want: Callable[[int], bool] | None) -> Iterator[tuple[int, Any]]:
+        """The wanted ``(position, sample)`` of the source, each recorded as pulled-not-taken
+        under the lock, so :meth:`snapshot` never misses a sample in transit."""
+        it = enumerate(source, offset)
+        while True:
+            with self._lock:
+                got = next(it, None)
+                while got is not None and want is not None and not want(got[0]):
+                    got = next(it, None)
+                if got is None:
+                    return
+                self._raw.append(got)
+            yield got
+
+    def snapshot(self, source_state: Callable[[], Any] | None = None) -> tuple[list, Any]:
+        """``([(position, sample), ...] pulled from the source but not yet taken, the source's
+        state)``, both at the same instant (the reader is held between two samples)."""
+        with self._lock:
+            return list(self._raw), None if source_state is None else source_state()
 
     def _put(self, obj: Any) -> bool:
         while not self._stop.is_set():
@@ -104,8 +125,11 @@ class Prefetcher:
             self._put(_SourceFailed(e))
 
     def __iter__(self) -> Iterator[Item]:
+        raw = self._raw
         if self._thread is None:
-            yield from self._items
+            for item in self._items:
+                raw.popleft()
+                yield item
             return
         while True:
             got = self._q.get()
@@ -113,7 +137,9 @@ class Prefetcher:
                 return
             if isinstance(got, _SourceFailed):
                 raise got.exc
-            yield from got
+            for item in got:
+                raw.popleft()  # taken: no longer the read-ahead's
+                yield item
 
     def close(self) -> None:
         """Stop the worker (it may be blocked on a full queue) and wait for it briefly."""

@@ -17,12 +17,21 @@ the saved times are meaningless after a restart: requests are re-queued as new.)
 
 The state is plain Python (ints, strings, lists, dicts) plus the runners' context states, so
 ``torch.save`` can store it.
+
+``state_dict(samples=True, source_state=loader.state_dict)`` instead stores the in-flight samples
+themselves, plus ``read_ahead``: the samples the read-ahead thread had pulled from the source but
+the dispatcher had not taken yet, and ``source_state``: the source's own state taken at that very
+instant (the read-ahead is held between two samples meanwhile). To resume: restore the loader
+from ``state["source_state"]``, ``load_state_dict(state)``, ``run(loader)``: the in-flight
+examples are rebuilt from their saved samples, the read-ahead samples come first, then the
+loader continues; no replay. It costs the in-flight samples' size in the checkpoint.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from .dispatch_buckets import Example
@@ -40,21 +49,36 @@ def _config_fingerprint(d: Dispatcher) -> dict[str, Any]:
     return {k: getattr(d.config, k) for k in _CONFIG_KEYS}
 
 
-def save_state(d: Dispatcher) -> dict[str, Any]:
+def save_state(d: Dispatcher, samples: bool = False,
+               source_state: Callable[[], Any] | None = None) -> dict[str, Any]:
     pending = sorted((r for b in d._nonempty for r in b.q), key=lambda r: r.seq)
     if len(pending) != len(d._in_flight) or d._finished:
         raise RuntimeError("Dispatcher.state_dict() must be called between steps "
                            "(after run() yields a step)")
+    if source_state is not None and not samples:
+        raise ValueError("source_state needs samples=True (a replayed source has no state)")
     in_flight = []
     for r in pending:
         ex = r._ex
-        in_flight.append({
+        e = {
             "example": ex.eid, "key": ex.key, "next": ex.next, "state": ex.state,
             "t": r.t, "seq": r.seq,
             "extra": [[p[0], p[1], p[2], list(p[3])] for p in ex.pieces[ex.nsrc:]],
             "outputs": list(ex.outputs), "generated": list(ex.generated),
-        })
+        }
+        if samples:
+            e["sample"] = ex.sample
+        in_flight.append(e)
+    extra: dict[str, Any] = {}
+    if samples:
+        pf = d._prefetcher
+        if pf is not None:
+            read_ahead, src = pf.snapshot(source_state)
+        else:
+            read_ahead, src = [], None if source_state is None else source_state()
+        extra = {"read_ahead": read_ahead, "source_state": src}
     return {
+        **extra,
         "version": VERSION,
         "config": _config_fingerprint(d),
         "clock": d.clock,
@@ -67,6 +91,22 @@ def save_state(d: Dispatcher) -> dict[str, Any]:
         "in_flight_sum": d._in_flight_sum,
         "stats": {m: s.state() for m, s in d._stats.items()},
     }
+
+
+def resume_plan(d: Dispatcher, rs: dict[str, Any], source: Iterable[Any],
+                offset: int) -> tuple[Iterable[Any], int, Callable[[int], bool] | None,
+                                      Iterator | None]:
+    """How ``run`` reads a resumed source: (source, offset, wanted positions, items of the
+    in-flight examples when the state carries their samples, else ``None``: read from source)."""
+    if "read_ahead" in rs:  # the state carries its samples: no replay
+        items = iter([(e["example"], e["sample"], d._prepare(e["sample"]))
+                      for e in sorted(rs["in_flight"], key=lambda e: e["example"])])
+        return itertools.chain([s for _, s in rs["read_ahead"]], source), rs["drawn"], None, items
+    keep = {e["example"] for e in rs["in_flight"]}
+    if keep and offset > min(keep):
+        raise ValueError(f"resuming needs the source from position {min(keep)}, "
+                         f"got offset {offset}")
+    return source, offset, lambda p: p >= rs["drawn"] or p in keep, None
 
 
 def restore_examples(d: Dispatcher, rs: dict[str, Any], it: Iterator) -> None:

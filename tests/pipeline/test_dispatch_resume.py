@@ -98,3 +98,51 @@ def test_resume_checks_source_and_config():
         d4 = make([])
         d4.load_state_dict(state)
         list(d4.run(DATA[start + 1:], offset=start + 1))
+
+
+class CountingSource:
+    """A loader stand-in with a state: how many samples it has yielded."""
+
+    def __init__(self, data, start=0):
+        self.data, self.pos = data, start
+
+    def __iter__(self):
+        while self.pos < len(self.data):
+            self.pos += 1
+            yield self.data[self.pos - 1]
+
+    def state_dict(self):
+        return {"pos": self.pos}
+
+
+@pytest.mark.parametrize("cut,prefetch", [(5, 8), (40, 8), (40, 0)])
+def test_resume_from_saved_samples_and_source_state(cut, prefetch):
+    full: list = []
+    d = make(full, prefetch=prefetch)
+    for _ in d.run(DATA):
+        pass
+
+    first: list = []
+    d1 = make(first, prefetch=prefetch)
+    src = CountingSource(DATA)
+    gen = d1.run(src)
+    for st in gen:
+        if st.index + 1 == cut:
+            break
+    state = pickle.loads(pickle.dumps(d1.state_dict(samples=True,
+                                                     source_state=src.state_dict)))
+    gen.close()
+    # what the source had yielded = what the dispatcher took + what the read-ahead held
+    assert state["source_state"]["pos"] == state["drawn"] + len(state["read_ahead"])
+    assert [p for p, _ in state["read_ahead"]] == list(range(state["drawn"],
+                                                            state["source_state"]["pos"]))
+
+    second: list = []
+    d2 = make(second, prefetch=prefetch)
+    d2.load_state_dict(state)
+    for _ in d2.run(CountingSource(DATA, start=state["source_state"]["pos"])):
+        pass
+    assert first + second == full
+    assert d2.metrics()["modes"] == d.metrics()["modes"]
+    with pytest.raises(ValueError, match="samples=True"):
+        d2.state_dict(source_state=src.state_dict)
