@@ -18,18 +18,6 @@ CORPORA = Path(__file__).resolve().parents[4] / "shared" / "corpora"
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory) -> str:
-    import sentencepiece as spm
-
-    text = (CORPORA / "text" / "tinyshakespeare.txt").read_text()[:40000]
-    prefix = tmp_path_factory.mktemp("spm") / "tok"
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(text.splitlines()), model_prefix=str(prefix), vocab_size=400,
-        model_type="bpe", byte_fallback=True, character_coverage=1.0, minloglevel=2)
-    return str(prefix) + ".model"
-
-
-@pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> str:
     """Audio clips paired with their digit (audio + text) and text passages."""
     if not CORPORA.is_dir():
