@@ -86,38 +86,30 @@ def generation_config(**overrides: Any) -> DispatchConfig:
     return DispatchConfig(**kw)
 
 
+@dataclass(slots=True, eq=False)
 class Request:
     """One block of one example, waiting in its mode's queue (or handed to a runner).
 
     ``example`` is the example id (its position in the source); ``block`` the block index in
     the example (generated blocks continue the numbering); ``part`` the piece of a block that was
-    split to fit the budget (0 otherwise); ``cost`` the block's cost in tokens; ``t`` its enqueue
-    time on the dispatcher's clock.
+    split to fit the budget (0 otherwise); ``context`` the example's context state (handle) after
+    its previous block; ``cost`` the block's cost in tokens; ``t`` its enqueue time on the
+    dispatcher's clock; ``seq`` its global enqueue order.
     """
 
-    __slots__ = ("example", "key", "block", "part", "mode", "shape", "context", "inputs",
-                 "targets", "cost", "t", "seq", "_ex")
-
-    def __init__(self, example: int, key: str, block: int, part: int, mode: str, shape: Shape,
-                 context: Any, inputs: Any, targets: Any, cost: int, t: float, seq: int,
-                 ex: Any = None) -> None:
-        self.example = example
-        self.key = key
-        self.block = block
-        self.part = part
-        self.mode = mode
-        self.shape = shape
-        self.context = context
-        self.inputs = inputs
-        self.targets = targets
-        self.cost = cost
-        self.t = t
-        self.seq = seq
-        self._ex = ex
-
-    def __repr__(self) -> str:
-        return (f"Request(example={self.example}, key={self.key!r}, block={self.block}, "
-                f"part={self.part}, mode={self.mode!r}, shape={self.shape})")
+    example: int
+    key: str
+    block: int
+    part: int
+    mode: str
+    shape: Shape
+    context: Any
+    inputs: Any
+    targets: Any
+    cost: int
+    t: float
+    seq: int
+    _ex: Any = field(default=None, repr=False)  # the dispatcher's in-flight example record
 
 
 @dataclass(slots=True)
