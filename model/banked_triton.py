@@ -17,8 +17,9 @@ non-positive difference taken inside a chunk, so nothing overflows however stron
 Kernels (bf16 operands, fp32 accumulation, fp32 recurrent states):
 ``_fwd_h`` runs the memory across chunks (one program per bank and state tile) and saves each
 chunk's starting memory (in the input dtype, as a matmul operand); ``_fwd_o`` computes all chunks'
-outputs in parallel; ``_bwd_dh`` runs the memory gradient backwards across chunks; ``_bwd_dqk``
-and ``_bwd_dv`` compute the input gradients of all chunks in parallel. The gradient of the
+outputs in parallel; ``_bwd_prep`` splits the output gradient into numerator and normaliser
+parts; ``_bwd_dh`` runs the memory gradient backwards across chunks; ``_bwd_dqk`` (twice: reads,
+writes) and ``_bwd_dv`` compute the input gradients of all chunks in parallel. The gradient of the
 log-decays is ``dc[t,n] = r dr - w dw`` (+ the chunk-end state term at the chunk's last step),
 turned into gradients of w and g by autograd outside the kernels.
 
@@ -140,7 +141,6 @@ if HAS_TRITON:
         b_k = tl.load(k + bh * T * D + t[:, None] * D + od[None, :])
         b_v = tl.load(v + bh * T * E + t[:, None] * E + ov[None, :])
         causal = ot[:, None] >= ot[None, :]
-        qf = b_q.to(tl.float32)
         M = tl.zeros([C, C], dtype=tl.float32)
         num = tl.zeros([C, BV], dtype=tl.float32)
         dsum = tl.zeros([C], dtype=tl.float32)
@@ -154,9 +154,9 @@ if HAS_TRITON:
             slot = (bh * NT + j) * N + n
             b_hn = tl.load(hs + slot * D * E + od[:, None] * E + ov[None, :])
             b_zn = tl.load(zs + slot * D + od)
-            qs = qf * (b_r * tl.exp(b_c))[:, None]
-            num += tl.dot(qs.to(b_hn.dtype), b_hn)
-            dsum += tl.sum(qs * b_zn[None, :], axis=1)
+            s_n = b_r * tl.exp(b_c)  # row scale: applied to the product, q stays as loaded
+            num += s_n[:, None] * tl.dot(b_q, b_hn.to(b_q.dtype))
+            dsum += s_n * tl.sum(b_q.to(tl.float32) * b_zn[None, :], axis=1)
         A = tl.dot(b_q, tl.trans(b_k)) * M  # M is 0 above the diagonal
         num += tl.dot(A.to(b_v.dtype), b_v)
         dd = dsum + tl.sum(A, axis=1) + eps
@@ -166,10 +166,23 @@ if HAS_TRITON:
             tl.store(den + bh * T + t, dd)
 
     @triton.jit
-    def _bwd_dh(q, r, c, dy, dden, dhs, dzs, dST, dzT, dS0, dz0, NT,
+    def _bwd_prep(do, o, den, dy, dden, E: tl.constexpr, C: tl.constexpr):
+        """out = num / den: dy = do / den (numerator), dden = -(do . out) / den (normaliser)."""
+        j, i_bh = tl.program_id(0), tl.program_id(1)
+        t = i_bh.to(tl.int64) * tl.num_programs(0) * C + j * C + tl.arange(0, C)
+        oe = tl.arange(0, E)
+        b_do = tl.load(do + t[:, None] * E + oe[None, :]).to(tl.float32)
+        b_o = tl.load(o + t[:, None] * E + oe[None, :]).to(tl.float32)
+        b_den = tl.load(den + t)
+        tl.store(dy + t[:, None] * E + oe[None, :], (b_do / b_den[:, None]).to(dy.dtype.element_ty))
+        tl.store(dden + t, -tl.sum(b_do * b_o, axis=1) / b_den)
+
+    @triton.jit
+    def _bwd_dh(q, r, c, dy, dden, hs, zs, dhs, dzs, hd, dST, dzT, dS0, dz0, NT,
                 N: tl.constexpr, D: tl.constexpr, E: tl.constexpr, C: tl.constexpr,
-                BK: tl.constexpr, BV: tl.constexpr, HAS_DST: tl.constexpr):
-        """Memory gradient backwards across chunks; saves the gradient at each chunk's end."""
+                BK: tl.constexpr, BV: tl.constexpr, P2: tl.constexpr, HAS_DST: tl.constexpr):
+        """Memory gradient backwards across chunks; saves the gradient at each chunk's end and
+        this tile's share of <dS_end, S_start> + <dz_end, z_start> (for the decay gradient)."""
         i_k, i_v, i_bhn = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         i_bh, n = i_bhn // N, i_bhn % N
         T = NT * C
@@ -191,8 +204,12 @@ if HAS_TRITON:
             slot = (i_bh.to(tl.int64) * NT + j) * N + n
             tl.store(dhs + slot * D * E + ok[:, None] * E + ov[None, :],
                      b_dh.to(dhs.dtype.element_ty))
+            b_hj = tl.load(hs + slot * D * E + ok[:, None] * E + ov[None, :]).to(tl.float32)
+            part = tl.sum(tl.sum(b_dh * b_hj, axis=1), axis=0)
             if i_v == 0:
                 tl.store(dzs + slot * D + ok, b_dz)
+                part += tl.sum(b_dz * tl.load(zs + slot * D + ok), axis=0)
+            tl.store(hd + slot * P2 + i_k * (E // BV) + i_v, part)
             t = j * C + ot
             b_q = tl.load(qb + t[:, None] * D + ok[None, :])
             b_y = tl.load(yb + t[:, None] * E + ov[None, :])
@@ -209,9 +226,12 @@ if HAS_TRITON:
             tl.store(dz0 + i_bhn.to(tl.int64) * D + ok, b_dz)
 
     @triton.jit
-    def _bwd_dqk(q, k, v, r, w, c, hs, zs, dhs, dzs, dy, dden, dq, dk, dr, dw, dc, NT,
-                 N: tl.constexpr, D: tl.constexpr, E: tl.constexpr, C: tl.constexpr):
-        """dq, dk, dr, dw, dc of one chunk (full D and E)."""
+    def _bwd_dqk(q, k, v, r, w, c, hs, zs, dhs, dzs, hd, dy, dden, dx, dsel, dcw, NT,
+                 N: tl.constexpr, D: tl.constexpr, E: tl.constexpr, C: tl.constexpr,
+                 P2: tl.constexpr, SIDE: tl.constexpr):
+        """One chunk (full D and E). SIDE 0 (reads): dq and dr. SIDE 1 (writes): dk, dw and
+        dcw = -w dw (+ the chunk-end memory term at the last step), so that dc = r dr + dcw.
+        Two launches rather than one kernel keep each under the register file."""
         j, i_bh = tl.program_id(0), tl.program_id(1)
         T = NT * C
         od = tl.arange(0, D)
@@ -225,53 +245,48 @@ if HAS_TRITON:
         b_y = tl.load(dy + bh * T * E + t[:, None] * E + oe[None, :])
         b_dd = tl.load(dden + bh * T + t)
         causal = ot[:, None] >= ot[None, :]
-        qk = tl.dot(b_q, tl.trans(b_k))
         yv = tl.dot(b_y, tl.trans(b_v)) + b_dd[:, None]
-        Bm = tl.where(causal, qk * yv, 0.0)
-        qf = b_q.to(tl.float32)
-        kf = b_k.to(tl.float32)
+        Bm = tl.where(causal, tl.dot(b_q, tl.trans(b_k)) * yv, 0.0)
         M = tl.zeros([C, C], dtype=tl.float32)
-        b_dq = tl.zeros([C, D], dtype=tl.float32)
-        b_dk = tl.zeros([C, D], dtype=tl.float32)
+        b_dx = tl.zeros([C, D], dtype=tl.float32)
         for n in range(N):
             rb = bh * T * N + t * N + n
             b_r = tl.load(r + rb).to(tl.float32)
             b_w = tl.load(w + rb).to(tl.float32)
             b_c = tl.load(c + rb)
-            b_cT = tl.load(c + bh * T * N + (j * C + C - 1) * N + n)
             En = tl.exp(tl.where(causal, b_c[:, None] - b_c[None, :], float("-inf")))
             M += b_r[:, None] * b_w[None, :] * En
-            P = Bm * En
-            dr_n = tl.sum(P * b_w[None, :], axis=1)
-            dw_n = tl.sum(P * b_r[:, None], axis=0)
             slot = (bh * NT + j) * N + n
-            b_hn = tl.load(hs + slot * D * E + od[:, None] * E + oe[None, :])
-            b_zn = tl.load(zs + slot * D + od)
-            b_dhn = tl.load(dhs + slot * D * E + od[:, None] * E + oe[None, :])
-            b_dzn = tl.load(dzs + slot * D + od)
-            # reads of the chunk-start memory
-            ec = tl.exp(b_c)
-            dqt = tl.dot(b_y, tl.trans(b_hn.to(b_y.dtype))) + b_dd[:, None] * b_zn[None, :]
-            b_dq += (b_r * ec)[:, None] * dqt
-            dr_n += ec * tl.sum(qf * dqt, axis=1)
-            # writes into the chunk-end memory
-            ew = tl.exp(b_cT - b_c)
-            dkt = tl.dot(b_v, tl.trans(b_dhn.to(b_v.dtype))) + b_dzn[None, :]
-            b_dk += (b_w * ew)[:, None] * dkt
-            dwi = ew * tl.sum(kf * dkt, axis=1)
-            dw_n += dwi
-            last = tl.exp(b_cT) * (tl.sum(tl.sum(b_dhn.to(tl.float32) * b_hn.to(tl.float32),
-                                                 axis=1), axis=0)
-                                   + tl.sum(b_dzn * b_zn, axis=0)) + tl.sum(b_w * dwi, axis=0)
-            dc_n = b_r * dr_n - b_w * dw_n + tl.where(ot == C - 1, last, 0.0)
-            tl.store(dr + rb, dr_n)
-            tl.store(dw + rb, dw_n)
-            tl.store(dc + rb, dc_n)
-        dA = yv * M
-        b_dq += tl.dot(dA.to(b_k.dtype), b_k)
-        b_dk += tl.dot(tl.trans(dA).to(b_q.dtype), b_q)
-        tl.store(dq + bh * T * D + t[:, None] * D + od[None, :], b_dq.to(dq.dtype.element_ty))
-        tl.store(dk + bh * T * D + t[:, None] * D + od[None, :], b_dk.to(dk.dtype.element_ty))
+            if SIDE == 0:  # reads of the chunk-start memory
+                d_n = tl.sum(Bm * En * b_w[None, :], axis=1)
+                b_hn = tl.load(hs + slot * D * E + od[:, None] * E + oe[None, :])
+                b_zn = tl.load(zs + slot * D + od)
+                ec = tl.exp(b_c)
+                dqt = tl.dot(b_y, tl.trans(b_hn.to(b_y.dtype))) + b_dd[:, None] * b_zn[None, :]
+                b_dx += (b_r * ec)[:, None] * dqt
+                d_n += ec * tl.sum(b_q.to(tl.float32) * dqt, axis=1)
+                tl.store(dsel + rb, d_n)
+            else:  # writes into the chunk-end memory
+                d_n = tl.sum(Bm * En * b_r[:, None], axis=0)
+                b_cT = tl.load(c + bh * T * N + (j * C + C - 1) * N + n)
+                b_dhn = tl.load(dhs + slot * D * E + od[:, None] * E + oe[None, :])
+                b_dzn = tl.load(dzs + slot * D + od)
+                ew = tl.exp(b_cT - b_c)
+                dkt = tl.dot(b_v, tl.trans(b_dhn.to(b_v.dtype))) + b_dzn[None, :]
+                b_dx += (b_w * ew)[:, None] * dkt
+                dwi = ew * tl.sum(b_k.to(tl.float32) * dkt, axis=1)
+                d_n += dwi
+                # d/dc at the last step: <dS_end, S_end> = e^cT <dS_end, S_start> + the writes
+                hdn = tl.sum(tl.load(hd + slot * P2 + tl.arange(0, P2)), axis=0)
+                last = tl.exp(b_cT) * hdn + tl.sum(b_w * dwi, axis=0)
+                tl.store(dsel + rb, d_n)
+                tl.store(dcw + rb, tl.where(ot == C - 1, last, 0.0) - b_w * d_n)
+        dA = yv * M  # M is 0 above the diagonal
+        if SIDE == 0:
+            b_dx += tl.dot(dA.to(b_k.dtype), b_k)
+        else:
+            b_dx += tl.dot(tl.trans(dA).to(b_q.dtype), b_q)
+        tl.store(dx + bh * T * D + t[:, None] * D + od[None, :], b_dx.to(dx.dtype.element_ty))
 
     @triton.jit
     def _bwd_dv(q, k, r, w, c, dhs, dy, dv, NT,
@@ -289,7 +304,6 @@ if HAS_TRITON:
         b_k = tl.load(k + bh * T * D + t[:, None] * D + od[None, :])
         b_y = tl.load(dy + bh * T * E + t[:, None] * E + ov[None, :])
         causal = ot[:, None] >= ot[None, :]
-        kf = b_k.to(tl.float32)
         M = tl.zeros([C, C], dtype=tl.float32)
         b_dv = tl.zeros([C, BV], dtype=tl.float32)
         for n in range(N):
@@ -302,8 +316,7 @@ if HAS_TRITON:
                 tl.where(causal, b_c[:, None] - b_c[None, :], float("-inf")))
             slot = (bh * NT + j) * N + n
             b_dhn = tl.load(dhs + slot * D * E + od[:, None] * E + ov[None, :])
-            kd = kf * (b_w * tl.exp(b_cT - b_c))[:, None]
-            b_dv += tl.dot(kd.to(b_dhn.dtype), b_dhn)
+            b_dv += (b_w * tl.exp(b_cT - b_c))[:, None] * tl.dot(b_k, b_dhn.to(b_k.dtype))
         A = tl.dot(b_q, tl.trans(b_k)) * M
         b_dv += tl.dot(tl.trans(A).to(b_y.dtype), b_y)
         tl.store(dv + bh * T * E + t[:, None] * E + ov[None, :], b_dv.to(dv.dtype.element_ty))
@@ -312,7 +325,7 @@ if HAS_TRITON:
 # Launch settings (tile widths of the state kernels, warps per program); benchmarks may sweep them.
 # stages_dqk: software-pipelining depth of _bwd_dqk (None: Triton's default); at C=128 with
 # D=E=128 the default needs 260 KB of shared memory (limit 227 KB), so that case uses 1.
-KERNEL_OPTS = {"tile": 64, "warps_h": 4, "warps_o": 4, "warps_dqk": 8, "warps_dv": 4,
+KERNEL_OPTS = {"tile": 64, "warps_h": 4, "warps_o": 8, "warps_dqk": 8, "warps_dv": 8,
                "stages_dqk": None}
 
 
@@ -359,9 +372,10 @@ class BankedAttentionFn(torch.autograd.Function):
         BK, BV = _tile(D), _tile(E)
         dev = q.device
         # out = num / den: the numerator's gradient and the normaliser's (a "ones" value column)
-        do = do.float() if do is not None else torch.zeros_like(o, dtype=torch.float32)
-        dy = (do / den[..., None]).to(v.dtype).contiguous()
-        dden = (-(do * o.float()).sum(-1) / den).contiguous()
+        do = do.contiguous() if do is not None else torch.zeros_like(o)
+        dy = torch.empty_like(v)
+        dden = torch.empty_like(den)
+        _bwd_prep[(NT, B * H)](do, o, den, dy, dden, E=E, C=C, num_warps=4)
         has_dst = dST is not None or dzT is not None
         dST = (dST if dST is not None else torch.zeros(B, H, N, D, E, device=dev)).float()
         dzT = (dzT if dzT is not None else torch.zeros(B, H, N, D, device=dev)).float()
@@ -369,19 +383,24 @@ class BankedAttentionFn(torch.autograd.Function):
         dzs = torch.empty_like(zs)
         dS0 = torch.empty(B, H, N, D, E, device=dev, dtype=torch.float32)
         dz0 = torch.empty(B, H, N, D, device=dev, dtype=torch.float32)
+        P2 = max(2, (D // BK) * (E // BV))  # state tiles per bank (>= 2 for tl.arange)
+        hd = torch.zeros(B * H * NT * N * P2, device=dev, dtype=torch.float32)
         _bwd_dh[(D // BK, E // BV, B * H * N)](
-            q, r, c, dy, dden, dhs, dzs, dST.contiguous(), dzT.contiguous(), dS0, dz0, NT,
-            N=N, D=D, E=E, C=C, BK=BK, BV=BV, HAS_DST=has_dst,
+            q, r, c, dy, dden, hs, zs, dhs, dzs, hd, dST.contiguous(), dzT.contiguous(), dS0, dz0,
+            NT, N=N, D=D, E=E, C=C, BK=BK, BV=BV, P2=P2, HAS_DST=has_dst,
             num_warps=KERNEL_OPTS["warps_h"])
         dq, dk = torch.empty_like(q), torch.empty_like(k)
         dv = torch.empty_like(v)
         dr = torch.empty(B, H, T, N, device=dev, dtype=torch.float32)
-        dw, dc = torch.empty_like(dr), torch.empty_like(dr)
+        dw, dcw = torch.empty_like(dr), torch.empty_like(dr)
         stages = KERNEL_OPTS["stages_dqk"] or (1 if C * D * E > 64 * 128 * 128 else None)
         extra = {} if stages is None else {"num_stages": stages}
-        _bwd_dqk[(NT, B * H)](q, k, v, r, w, c, hs, zs, dhs, dzs, dy, dden, dq, dk, dr, dw, dc,
-                              NT, N=N, D=D, E=E, C=C,
-                              num_warps=KERNEL_OPTS["warps_dqk"] if D * E >= 8192 else 4, **extra)
+        warps = KERNEL_OPTS["warps_dqk"] if D * E >= 8192 else 4
+        for side, dx, dsel in ((0, dq, dr), (1, dk, dw)):
+            _bwd_dqk[(NT, B * H)](q, k, v, r, w, c, hs, zs, dhs, dzs, hd, dy, dden, dx, dsel, dcw,
+                                  NT, N=N, D=D, E=E, C=C, P2=P2, SIDE=side, num_warps=warps,
+                                  **extra)
+        dc = torch.addcmul(dcw, r.float(), dr)  # dc = r dr - w dw (+ chunk-end term)
         _bwd_dv[(E // BV, NT, B * H)](q, k, r, w, c, dhs, dy, dv, NT, N=N, D=D, E=E, C=C,
                                       BV=BV, num_warps=KERNEL_OPTS["warps_dv"])
         return (dq, dk, dv, dr.to(r.dtype), dw.to(w.dtype), dc,

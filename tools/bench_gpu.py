@@ -89,7 +89,7 @@ def kernel_resources() -> dict:
     return out
 
 
-SWEEP = [{}, {"warps_dqk": 4}, {"stages_dqk": 1}, {"stages_dqk": 2}, {"warps_o": 8, "warps_dv": 8},
+SWEEP = [{}, {"warps_dqk": 4}, {"stages_dqk": 1}, {"stages_dqk": 2}, {"warps_o": 4, "warps_dv": 4},
          {"tile": 128}, {"warps_h": 8}]
 
 
