@@ -20,11 +20,15 @@ import click
 @click.option("--val", default=None,
               help="Held-out dataset evaluated every train.eval_every steps (bits per element, "
                    "next-mode and shape accuracy).")
+@click.option("--s3-endpoint", default=None,
+              help="Endpoint URL of S3-compatible storage for s3:// data (credentials: the "
+                   "usual AWS chain of s3fs/botocore).")
 @click.option("--steps", type=int, default=None, help="Stop after this many optimizer steps.")
 @click.option("--minutes", type=float, default=None, help="Stop after this many minutes.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def train(preset, data, weights, run, overrides, val, steps, minutes, resume, quiet) -> None:
+def train(preset, data, weights, run, overrides, val, s3_endpoint, steps, minutes, resume,
+          quiet) -> None:
     """Train a block-list model; Ctrl-C or SIGTERM checkpoints and exits.
 
     \b
@@ -39,7 +43,7 @@ def train(preset, data, weights, run, overrides, val, steps, minutes, resume, qu
     from blocklm.tools.train.overrides import OverrideError
 
     if resume:
-        if preset or data or overrides or val:
+        if preset or data or overrides or val or s3_endpoint:
             raise click.UsageError("--resume takes the preset, data and overrides of the run")
         spec = None
     else:
@@ -47,7 +51,8 @@ def train(preset, data, weights, run, overrides, val, steps, minutes, resume, qu
             raise click.UsageError("a new run needs --preset and at least one --data")
         if weights and len(weights) != len(data):
             raise click.UsageError("give one --weight per --data")
-        spec = RunSpec(preset, list(data), list(weights) or None, list(overrides), val)
+        spec = RunSpec(preset, list(data), list(weights) or None, list(overrides), val,
+                       s3_endpoint)
     try:
         summary = run_training(run, spec, steps=steps, minutes=minutes, resume=resume,
                                progress=not quiet)

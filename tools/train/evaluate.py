@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from blocklm.model.blocklm import BlockLM
-from blocklm.pipeline import BlockDataset
+from blocklm.pipeline import BlockDataset, RemoteConfig
 from blocklm.pipeline.cost import cost_from_supports
 from blocklm.pipeline.dispatch import Dispatcher
 from blocklm.pipeline.dispatch_types import DispatchConfig
@@ -44,6 +44,6 @@ def evaluate(model: BlockLM, source: Any, *, samples: int, config: DispatchConfi
             "shape_accuracy": w.shape_correct / max(w.shape_total, 1)}
 
 
-def validation_source(path: str, seed: int) -> BlockDataset:
+def validation_source(path: str, seed: int, remote: RemoteConfig | None = None) -> BlockDataset:
     """A held-out dataset read in order (no shuffling), so every evaluation sees the same data."""
-    return BlockDataset(path, shuffle=False, seed=seed)
+    return BlockDataset(path, shuffle=False, seed=seed, remote=remote)

@@ -10,6 +10,7 @@ their contexts) and the loader's counters; resuming rebuilds the same batches in
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -23,9 +24,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from blocklm.formats import iter_index
 from blocklm.model.blocklm import BlockLM
-from blocklm.pipeline import BlockDataset
-from blocklm.pipeline.buckets import BucketSpec, buckets_from_index
+from blocklm.pipeline import BlockDataset, RemoteConfig, RemoteOpener
+from blocklm.pipeline.buckets import BucketSpec, estimate_buckets
 from blocklm.pipeline.cost import cost_from_supports
 from blocklm.pipeline.dispatch import Dispatcher
 
@@ -48,6 +50,8 @@ class RunSpec:
     weights: list[float] | None = None
     overrides: list[str] = field(default_factory=list)
     val: str | None = None  # held-out dataset evaluated every train.eval_every steps
+    s3_endpoint: str | None = None  # for s3:// data on S3-compatible storage (credentials:
+    # passed to train() as a RemoteConfig, or s3fs's own default chain; never saved here)
 
     def save(self, run: Path) -> None:
         (run / RUN_META).write_text(json.dumps(self.__dict__, indent=1) + "\n")
@@ -76,25 +80,22 @@ def make_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimi
                              lr=t.lr, betas=(t.beta1, t.beta2))
 
 
-def make_source(spec: RunSpec, cfg: RunConfig) -> Any:
+def make_source(spec: RunSpec, cfg: RunConfig, remote: RemoteConfig) -> Any:
     t = cfg.train
-    sets = [BlockDataset(d, shuffle=True, seed=t.seed, shuffle_buffer=t.shuffle_buffer)
+    sets = [BlockDataset(d, shuffle=True, seed=t.seed, shuffle_buffer=t.shuffle_buffer,
+                         remote=remote)
             for d in spec.data]
     if len(sets) == 1:
         return sets[0]
     return BlockDataset.mix(sets, spec.weights or [1.0] * len(sets), seed=t.seed)
 
 
-def make_buckets(data: Sequence[str], cost) -> BucketSpec:
-    """Shape buckets from the local datasets' indexes; remote sources batch FIFO per mode."""
-    local = [d for d in data if "://" not in d or d.startswith("file://")]
-    if len(local) != len(data) or not local:
-        return BucketSpec({})
-    from blocklm.pipeline.buckets import estimate_buckets, shapes_from_index
-
-    if len(local) == 1:
-        return buckets_from_index(local[0], cost)
-    return estimate_buckets((s for d in local for s in shapes_from_index(d)), cost)
+def make_buckets(data: Sequence[str], cost, remote: RemoteConfig) -> BucketSpec:
+    """Shape buckets from the datasets' indexes (manifest and indexes only, local or remote)."""
+    opener = RemoteOpener(remote)
+    shapes = ((b.mode, tuple(b.shape)) for d in data
+              for _, e in iter_index(d, opener=opener) for b in e.blocks)
+    return estimate_buckets(shapes, cost)
 
 
 def _pack_contexts(state: dict[str, Any]) -> dict[str, Any]:
@@ -141,10 +142,11 @@ class StopFlag:
 
 def train(run: str | Path, spec: RunSpec | None = None, *, steps: int | None = None,
           minutes: float | None = None, resume: bool = False, progress: bool = True,
-          tensorboard: bool = True) -> dict[str, Any]:
+          tensorboard: bool = True, remote: RemoteConfig | None = None) -> dict[str, Any]:
     """Train (or resume) the run in folder ``run``; returns a summary of the last window.
 
-    Stops after ``steps`` optimizer steps in total, after ``minutes`` of wall time, or on
+    ``remote`` configures http(s)/s3 reads (timeouts, retries, S3 credentials); the run's
+    ``s3_endpoint`` fills in its endpoint when it has none. Stops after ``steps`` optimizer steps in total, after ``minutes`` of wall time, or on
     SIGINT/SIGTERM, always with a checkpoint.
     """
     run = Path(run)
@@ -168,10 +170,13 @@ def train(run: str | Path, spec: RunSpec | None = None, *, steps: int | None = N
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: warmup_cosine(s, warmup=t.warmup, total=t.schedule_steps,
                                      floor=t.lr_floor))
-    source = make_source(spec, cfg)
+    remote = remote or RemoteConfig()
+    if spec.s3_endpoint and not remote.s3_endpoint_url:
+        remote = dataclasses.replace(remote, s3_endpoint_url=spec.s3_endpoint)
+    source = make_source(spec, cfg, remote)
     cost = cost_from_supports(dict(model.supports))
     runners = ModelRunners(model, device, autocast=device.type == "cuda" and t.bf16)
-    disp_buckets = make_buckets(spec.data, cost)
+    disp_buckets = make_buckets(spec.data, cost, remote)
     disp = Dispatcher({m: runners.runner(m) for m in model.supports}, disp_buckets,
                       cfg.dispatch, cost=cost)
     step, epoch = 0, 0
@@ -246,7 +251,7 @@ def train(run: str | Path, spec: RunSpec | None = None, *, steps: int | None = N
                     log.log(summary)
                     acc, tokens_since, t_log = {}, 0, now
                 if spec.val and t.eval_every and (step % t.eval_every == 0 or step >= target):
-                    ev = evaluate(model, validation_source(spec.val, t.seed),
+                    ev = evaluate(model, validation_source(spec.val, t.seed, remote),
                                   samples=t.eval_samples, config=cfg.dispatch, device=device,
                                   buckets=disp_buckets)
                     log.log({"step": step, "eval_loss": ev["loss"],

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -81,3 +86,42 @@ def test_new_run_refuses_a_used_folder(tmp_path, dataset, tokenizer):
         train(tmp_path, _spec(dataset, tokenizer), steps=1, progress=False, tensorboard=False)
     with pytest.raises(FileNotFoundError, match="no run.json"):
         train(tmp_path / "none", steps=1, resume=True, progress=False, tensorboard=False)
+
+
+@pytest.mark.slow
+def test_training_streams_from_nginx_and_s3(tmp_path, dataset, tokenizer, nginx, s3):
+    shutil.copytree(dataset, nginx.root / "train-mixed")
+    url = s3.upload(Path(dataset), "train", "mixed")
+    for name, src, remote in [("http", nginx.url + "/train-mixed", None),
+                              ("s3", url, s3.config())]:
+        summary = train(tmp_path / name, _spec(src, tokenizer), steps=2, remote=remote,
+                        progress=False, tensorboard=False)
+        assert summary["step"] == 2 and summary["loss"], name
+
+
+@pytest.mark.slow
+def test_sigint_writes_a_usable_checkpoint(tmp_path, dataset, tokenizer):
+    run = tmp_path / "run"
+    args = [sys.executable, "-m", "blocklm.tools.cli", "train", "--preset", "tiny", "--data",
+            dataset, "--out", str(run), "--steps", "100000", "--quiet"]
+    for o in _spec(dataset, tokenizer).overrides:
+        args += ["--set", o]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if (run / "metrics.jsonl").is_file() and len(read_metrics(run)) >= 2:
+                break
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert "stopped (signal)" in err
+    stopped_at = json.loads((run / "summary.json").read_text())["step"]
+    assert stopped_at >= 2
+    summary = train(run, steps=stopped_at + 1, resume=True, progress=False, tensorboard=False)
+    assert summary["step"] == stopped_at + 1
