@@ -16,6 +16,12 @@ map on runs in fp32 with autocast off; ``phi = elu + 1 > 0`` makes the normalise
 ``num / (den + eps)`` bounds both the output (by max |v|) and its gradient; the retention bias is
 initialised near 1 (``decay_init``) so memories last hundreds of writes.
 
+Reading of 003 ("the memories are banked, not defined per layer"): every layer selects among N
+banks by probability, so the banks, not the layers, are the unit of storage; but each layer keeps
+its own pool of N banks. One pool shared by all layers would make layer l at step t read what
+layer l+1 wrote at step t-1, a nonlinear recurrence through time that has no parallel (chunked)
+form; per-layer pools keep training parallel within a chunk, which the fast kernel relies on.
+
 Two forms compute the same function: :meth:`BankedAttention.forward` (parallel within chunks of
 ``chunk`` steps, recurrent across chunks) and :meth:`BankedAttention.step` (one step).
 Memory per layer: ``S`` [B, H, N, D, D] and ``z`` [B, H, N, D], fp32.

@@ -22,6 +22,10 @@ Joulin & Mikolov 2015 and Grefenstette et al. 2015 are the known working recipe)
   out at the bottom when all K cells are in use) = initial mass + pushed mass; for a stack holding
   one unit and no pushes, stack + fallen-off = 1.
 
+* 003 keeps both the embeddings and the memories in stacks; here the stack cells are
+  embedding-width vectors and the bank memories (D x D per head and bank) are not stacked, which
+  would multiply the state by K. The banks keep the long-range content, the stack the nesting.
+
 The step output is a projection of (final read, accumulated popped content, last embedding).
 All stack arithmetic is fp32.
 """

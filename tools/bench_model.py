@@ -51,12 +51,14 @@ def table(res: dict) -> str:
     lines = [f"{'part':<7} {'measure':<34} {'model':>8} {'baseline':>9}"]
     if "stack" in res:
         s = res["stack"]
-        lines.append(f"{'stack':<7} {'reversal acc, len %d-%d' % (s['train_len'] + 1, s['test_len']):<34}"
+        what = f"reversal acc, len {s['train_len'] + 1}-{s['test_len']}"
+        lines.append(f"{'stack':<7} {what:<34}"
                      f" {s['accuracy_long']:>8.4f} {s['no_stack_accuracy_long']:>9.4f}  (no stack)")
     if "banks" in res:
         b = res["banks"]
         n = max(int(k.rsplit("_", 1)[1]) for k in b if k.startswith("accuracy_banks_"))
-        lines.append(f"{'banks':<7} {'recall acc, %d pairs' % b['pairs']:<34}"
+        what = f"recall acc, {b['pairs']} pairs"
+        lines.append(f"{'banks':<7} {what:<34}"
                      f" {b[f'accuracy_banks_{n}']:>8.4f} {b['accuracy_banks_1']:>9.4f}"
                      f"  ({n} banks vs 1)")
     if "heads" in res:

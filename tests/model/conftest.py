@@ -16,7 +16,7 @@ FALLBACK = "First Citizen: Before we proceed any further, hear me speak.\nAll: S
 
 @pytest.fixture(scope="session")
 def tokenizer_path(tmp_path_factory) -> str:
-    """A 400-piece byte-fallback BPE model trained on a slice of tinyshakespeare."""
+    """A byte-fallback BPE model of up to 400 pieces trained on a slice of tinyshakespeare."""
     import sentencepiece as spm
 
     text = CORPUS.read_text()[:50000] if CORPUS.exists() else FALLBACK
@@ -25,7 +25,7 @@ def tokenizer_path(tmp_path_factory) -> str:
         sentence_iterator=iter(text.splitlines()), model_prefix=str(prefix), vocab_size=400,
         model_type="bpe", byte_fallback=True, character_coverage=1.0,
         normalization_rule_name="identity", add_dummy_prefix=False,
-        remove_extra_whitespaces=False, minloglevel=2)
+        remove_extra_whitespaces=False, hard_vocab_limit=False, minloglevel=2)
     return str(prefix) + ".model"
 
 

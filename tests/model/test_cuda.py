@@ -1,0 +1,51 @@
+"""The model core on CUDA (skipped without it): same results as the step form, bf16 autocast."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from blocklm.model.blocklm import BlockLM
+from blocklm.model.config import SampleConfig
+from blocklm.model.presets import tiny
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+def test_blocklm_on_cuda(tokenizer_path):
+    torch.manual_seed(0)
+    model = BlockLM(tiny(tokenizer_path=tokenizer_path)).cuda()
+    img = np.random.default_rng(0).integers(0, 256, (6, 5, 3), dtype=np.uint8)
+    r = model.run_block("image", [img])
+    assert r.state.is_cuda and torch.isfinite(r.loss.bits).all()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        r2 = model.run_block("text", ["Now is the winter", "of"], None)
+        (r2.loss.bits.sum() + r2.loss.mode_bits.sum() + r2.loss.shape_bits.sum()).backward()
+    assert r2.state.dtype == torch.float32 and torch.isfinite(r2.loss.bits).all()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    out, st = model.generate_block("audio", [(9, 2)], r.state, SampleConfig(top_k=8), g)
+    assert out[0].shape == (9, 2) and st.is_cuda
+    mode, _ = model.predict_next(st, SampleConfig(), g)[0]
+    assert mode in model.modes
+
+
+def test_block_equals_steps_on_cuda():
+    from blocklm.model.config import AttentionConfig, DecoderConfig, StackConfig
+    from blocklm.model.decoder import Decoder
+
+    torch.manual_seed(0)
+    dec = Decoder(DecoderConfig(d_model=16, d_core=8, d_ff=32, layers=2,
+                                attention=AttentionConfig(heads=2, head_dim=4, banks=3, chunk=4),
+                                stack=StackConfig(depth=6, width=4, hidden=8))).cuda()
+    x = torch.randn(2, 9, 16, device="cuda")
+    s0 = dec.initial_state(2, "cuda")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    h, s1 = dec(x, s0)
+    s, hs = s0, []
+    for t in range(9):
+        ht, s = dec.step(x[:, t], s)
+        hs.append(ht)
+    torch.testing.assert_close(h, torch.stack(hs, 1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(s1, s, atol=1e-5, rtol=1e-5)
