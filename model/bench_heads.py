@@ -99,7 +99,7 @@ def evaluate(model: BlockLM, data: list, batch: int) -> dict:
                 head = model.heads.shape[truth]
                 ctx = model.heads.trunk(model.summary(st[None]))
                 _, cls = head.predict(ctx, None, None)
-                true_cls = head._classes(torch.tensor([chunk[i][pos][1]]))
+                true_cls = head.classes(torch.tensor([chunk[i][pos][1]]))
                 shape_hit += bool((cls == true_cls).all())
                 shape_n += 1
     return {"mode_accuracy": round(mode_hit / max(mode_n, 1), 4),
@@ -115,7 +115,7 @@ def baseline(model: BlockLM, train: list, test: list) -> dict:
         for a, b in zip(seq, seq[1:]):
             nxt.setdefault(a, Counter())[b] += 1
         for m, s, _ in x:
-            cls = tuple(model.heads.shape[m]._classes(torch.tensor([s]))[0].tolist())
+            cls = tuple(model.heads.shape[m].classes(torch.tensor([s]))[0].tolist())
             shp.setdefault(m, Counter())[cls] += 1
     mh = mn = sh = sn = 0
     for x in test:
@@ -124,7 +124,7 @@ def baseline(model: BlockLM, train: list, test: list) -> dict:
             mh += a in nxt and nxt[a].most_common(1)[0][0] == b
             mn += 1
         for m, s, _ in x:
-            cls = tuple(model.heads.shape[m]._classes(torch.tensor([s]))[0].tolist())
+            cls = tuple(model.heads.shape[m].classes(torch.tensor([s]))[0].tolist())
             sh += m in shp and shp[m].most_common(1)[0][0] == cls
             sn += 1
     return {"mode_accuracy": round(mh / max(mn, 1), 4), "shape_accuracy": round(sh / max(sn, 1), 4)}

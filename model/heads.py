@@ -59,7 +59,7 @@ class ShapeHead(nn.Module):
         self.prev = nn.ModuleList(nn.Embedding(n, hidden) for n in sizes[:-1])  # feeds later entries
         self.out = nn.ModuleList(nn.Linear(hidden, n) for n in sizes)
 
-    def _classes(self, shapes: Tensor) -> Tensor:
+    def classes(self, shapes: Tensor) -> Tensor:
         """Shapes [B,D] -> class index per entry [B,D]."""
         cols = []
         for j, (kind, arg) in enumerate(self.spec):
@@ -76,7 +76,7 @@ class ShapeHead(nn.Module):
 
     def bits(self, ctx: Tensor, shapes: Tensor) -> Tensor:
         """ctx [B,hidden], shapes [B,D] long -> exact bits of each shape [B]."""
-        cls = self._classes(shapes)
+        cls = self.classes(shapes)
         c = torch.tanh(self.inp(ctx))
         total = torch.zeros(ctx.shape[0], device=ctx.device)
         for j in range(len(self.spec)):

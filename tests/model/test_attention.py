@@ -130,3 +130,12 @@ def test_bf16_autocast_keeps_fp32_state():
         y, S, z = att(x, S0, z0)
     assert S.dtype == torch.float32 and z.dtype == torch.float32
     assert torch.isfinite(y.float()).all()
+
+
+def test_gradcheck_float64_full_jacobian():
+    torch.manual_seed(5)
+    att = BankedAttention(AttentionConfig(heads=1, head_dim=2, banks=2, chunk=2), 4).double()
+    x = torch.randn(1, 3, 4, dtype=torch.float64, requires_grad=True)
+    S = torch.rand(1, 1, 2, 2, 2, dtype=torch.float64, requires_grad=True)
+    z = (torch.rand(1, 1, 2, 2, dtype=torch.float64) + 0.5).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x, S, z: att(x, S, z), (x, S, z), eps=1e-6, atol=1e-6)

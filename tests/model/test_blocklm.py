@@ -165,3 +165,16 @@ def test_bf16_autocast_runs(model):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         r = model.run_block("text", ["Hark"])
     assert r.state.dtype == torch.float32 and torch.isfinite(r.loss.bits).all()
+
+
+def test_small_preset_is_about_125m_parameters():
+    with torch.device("meta"):
+        m = BlockLM(presets_small())
+    n = sum(p.numel() for p in m.parameters())
+    assert 110e6 < n < 140e6
+
+
+def presets_small():
+    from blocklm.model.presets import small
+
+    return small(tokenizer_path=None, vocab_size=32000)

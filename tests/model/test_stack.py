@@ -102,3 +102,13 @@ def test_padding_step_leaves_stack_unchanged():
     _, V2, s2, _ = st.step(torch.randn(2, 3), V, s, mask=torch.tensor([False, True]))
     assert torch.equal(V2[0], V[0]) and torch.equal(s2[0], s[0])
     assert not torch.equal(s2[1], s[1])
+
+
+def test_gradcheck_float64_full_jacobian():
+    torch.manual_seed(6)
+    st = ProcessingStack(StackConfig(depth=3, width=2, hidden=3, max_steps=2), 3).double()
+    x = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    V = torch.randn(2, 3, 2, dtype=torch.float64, requires_grad=True)
+    s = (torch.rand(2, 3, dtype=torch.float64) * 0.6).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x, V, s: st.step(x, V, s)[:3], (x, V, s), eps=1e-6,
+                                    atol=1e-6)
