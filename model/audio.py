@@ -62,7 +62,8 @@ class AudioSupport(PatchSupport):
             raise ValueError("8-bit mu-law needs mu = 255")
         self.cfg = cfg
         self.cond_dims = cfg.max_channels
-        super().__init__(d_model, cfg.frame * cfg.max_channels, cfg.head_width)
+        super().__init__(d_model, cfg.frame * cfg.max_channels, cfg.head_width,
+                         cfg.loss_chunk)
 
     def shape_of(self, content) -> tuple[int, ...]:
         a = as_float(content)

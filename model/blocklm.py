@@ -99,7 +99,7 @@ class BlockLM(nn.Module):
         h, new_state = self.decoder(sup.embed(batch), state, batch.steps)  # [B,T,d]
         loss = None
         if targets:
-            bits, elements = sup.loss(sup.distribution(h, batch), batch)
+            bits, elements = sup.bits(h, batch)
             summary = self.summary(state)
             loss = BlockLoss(bits, elements, self.heads.mode_bits(summary, [mode] * len(contents)),
                              self.heads.shape_bits(summary, mode, batch.shapes))

@@ -57,6 +57,7 @@ class ImageConfig:
 
     patch: int = 4
     head_width: int = 64  # width of the within-patch autoregressive head
+    loss_chunk: int = 256  # steps per checkpointed slice of the loss (bounds logit memory)
     max_side: int = 4096  # height/width bins of the shape head cover 1..max_side
 
 
@@ -67,6 +68,7 @@ class AudioConfig:
     frame: int = 16
     max_channels: int = 2
     head_width: int = 64
+    loss_chunk: int = 256  # steps per checkpointed slice of the loss (bounds logit memory)
     mu: int = 255
     sample_rate: int = 16000  # rate given to generated audio when none is known
     max_frames: int = 1 << 22

@@ -33,7 +33,7 @@ class ImageSupport(PatchSupport):
     def __init__(self, cfg: ImageConfig, d_model: int) -> None:
         self.cfg = cfg
         self.P = cfg.patch
-        super().__init__(d_model, self.P * self.P * CMAX, cfg.head_width)
+        super().__init__(d_model, self.P * self.P * CMAX, cfg.head_width, cfg.loss_chunk)
 
     def shape_of(self, content) -> tuple[int, ...]:
         a = np.asarray(content)

@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from .config import SampleConfig
 from .sampling import sample_logits
-from .support import BlockBatch, ModeSupport
+from .support import LN2, BlockBatch, ModeSupport
 
 
 class ElementHead(nn.Module):
@@ -60,9 +61,10 @@ class PatchSupport(ModeSupport):
 
     vocab = 256
 
-    def __init__(self, d_model: int, E: int, head_width: int) -> None:
+    def __init__(self, d_model: int, E: int, head_width: int, loss_chunk: int) -> None:
         super().__init__(d_model)
         self.elements_per_step = E
+        self.loss_chunk = loss_chunk
         self.inp = nn.Linear(E, d_model)
         self.cond_in = nn.Linear(self.cond_dims, d_model)
         self.head = ElementHead(E, d_model, head_width)
@@ -79,6 +81,25 @@ class PatchSupport(ModeSupport):
     def distribution(self, h: Tensor, batch: BlockBatch) -> Tensor:
         """[B,T,d] -> logits [B,T,E,256], each element conditioned on the earlier ones."""
         return self.head.logits(h, batch.targets)
+
+    def _slice_bits(self, h: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
+        logits = self.head.logits(h, targets).float()  # [B,t,E,256]
+        nll = nn.functional.cross_entropy(logits.flatten(0, -2), targets.flatten(),
+                                          reduction="none").view(targets.shape)
+        return (nll * mask).flatten(1).sum(1) / LN2
+
+    def bits(self, h: Tensor, batch: BlockBatch) -> tuple[Tensor, Tensor]:
+        """Bits in slices of ``loss_chunk`` steps, each checkpointed, so the [B,T,E,256] logits
+        of a large image never exist at once (forward or saved for backward)."""
+        T, c = h.shape[1], self.loss_chunk
+        if T <= c:
+            return self._slice_bits(h, batch.targets, batch.mask), batch.elements
+        total = h.new_zeros(h.shape[0], dtype=torch.float32)
+        for t0 in range(0, T, c):
+            sl = slice(t0, t0 + c)
+            total = total + checkpoint(self._slice_bits, h[:, sl], batch.targets[:, sl],
+                                       batch.mask[:, sl], use_reentrant=False)
+        return total, batch.elements
 
     def sample(self, h: Tensor, shapes: list, t: int, cfg: SampleConfig,
                generator: torch.Generator | None) -> Tensor:

@@ -149,6 +149,10 @@ class ModeSupport(nn.Module):
         bits = (nll * batch.mask).flatten(1).sum(1) / LN2
         return bits, batch.elements
 
+    def bits(self, h: Tensor, batch: BlockBatch) -> tuple[Tensor, Tensor]:
+        """Decoder outputs -> (bits [B], elements [B]); supports may bound memory here."""
+        return self.loss(self.distribution(h, batch), batch)
+
     # -- sampling ------------------------------------------------------------------------------
     def step_inputs(self, prev: Tensor | None, shapes: list, t: int, device) -> BlockBatch:
         """A one-step batch for generation step t (prev: step t-1's elements [B,E])."""

@@ -178,3 +178,15 @@ def presets_small():
     from blocklm.model.presets import small
 
     return small(tokenizer_path=None, vocab_size=32000)
+
+
+def test_sliced_loss_equals_whole_loss(model):
+    sup = model.support("image")
+    img = RNG.integers(0, 256, (6, 6, 3), dtype=np.uint8)  # 9 patches + summary = 10 steps
+    r = model.run_block("image", [img])
+    g_whole = torch.autograd.grad(r.loss.bits.sum(), sup.head.val)[0]
+    sup.loss_chunk = 3
+    r2 = model.run_block("image", [img])
+    g_sliced = torch.autograd.grad(r2.loss.bits.sum(), sup.head.val)[0]
+    torch.testing.assert_close(r2.loss.bits, r.loss.bits, atol=1e-4, rtol=1e-6)
+    torch.testing.assert_close(g_sliced, g_whole, atol=1e-5, rtol=1e-5)
