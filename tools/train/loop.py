@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import random
 import signal
 import time
@@ -30,9 +31,11 @@ from blocklm.pipeline import BlockDataset, RemoteConfig, RemoteOpener
 from blocklm.pipeline.buckets import BucketSpec, estimate_buckets
 from blocklm.pipeline.cost import cost_from_supports
 from blocklm.pipeline.dispatch import Dispatcher
+from blocklm.pipeline.dispatch_dist import torch_agree
 
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import RunConfig, build_config
+from .distributed import Collective
 from .evaluate import evaluate, validation_source
 from .metrics import MetricsLog
 from .runner import Context, ModelRunners
@@ -143,138 +146,220 @@ class StopFlag:
 def train(run: str | Path, spec: RunSpec | None = None, *, steps: int | None = None,
           minutes: float | None = None, resume: bool = False, progress: bool = True,
           tensorboard: bool = True, remote: RemoteConfig | None = None) -> dict[str, Any]:
-    """Train (or resume) the run in folder ``run``; returns a summary of the last window.
+    """Train (or resume) the run in folder ``run``; returns a summary of the last logged step.
 
     ``remote`` configures http(s)/s3 reads (timeouts, retries, S3 credentials); the run's
-    ``s3_endpoint`` fills in its endpoint when it has none. Stops after ``steps`` optimizer steps in total, after ``minutes`` of wall time, or on
-    SIGINT/SIGTERM, always with a checkpoint.
+    ``s3_endpoint`` fills in its endpoint when it has none. Stops after ``steps`` optimizer steps
+    in total, after ``minutes`` of wall time, or on SIGINT/SIGTERM, always with a checkpoint.
+    Under ``torchrun`` every rank trains on its share of the data (see :mod:`.distributed`).
     """
-    run = Path(run)
-    if resume:
-        spec = RunSpec.load(run)
-    elif spec is None:
-        raise ValueError("a new run needs a RunSpec (preset and data)")
-    elif (run / "checkpoint.pt").exists():
-        raise FileExistsError(f"{run} already holds a run: resume it or choose another --out")
-    run.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        spec.save(run)
-    cfg = build_config(spec.preset, spec.overrides)
-    t = cfg.train
-    random.seed(t.seed)
-    np.random.seed(t.seed)
-    torch.manual_seed(t.seed)
-    device = pick_device(t.device)
-    model = BlockLM(cfg.model).to(device)
-    opt = make_optimizer(model, cfg)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: warmup_cosine(s, warmup=t.warmup, total=t.schedule_steps,
-                                     floor=t.lr_floor))
-    remote = remote or RemoteConfig()
-    if spec.s3_endpoint and not remote.s3_endpoint_url:
-        remote = dataclasses.replace(remote, s3_endpoint_url=spec.s3_endpoint)
-    source = make_source(spec, cfg, remote)
-    cost = cost_from_supports(dict(model.supports))
-    runners = ModelRunners(model, device, autocast=device.type == "cuda" and t.bf16)
-    disp_buckets = make_buckets(spec.data, cost, remote)
-    disp = Dispatcher({m: runners.runner(m) for m in model.supports}, disp_buckets,
-                      cfg.dispatch, cost=cost)
-    step, epoch = 0, 0
-    if resume:
-        ck = load_checkpoint(run, map_location=device)
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        set_rng_state(ck["rng"])
-        step, epoch = ck["step"], ck["epoch"]
-        runners.window.index = ck["window"]
-        if ck["dispatcher"] is not None:
-            disp.load_state_dict(_unpack_contexts(ck["dispatcher"]))
-    log = MetricsLog(run, tensorboard=tensorboard)
-    target = steps if steps is not None else math.inf
-    deadline = time.monotonic() + 60 * minutes if minutes is not None else math.inf
-    bar = None
-    if progress:
-        from tqdm import tqdm
+    return Trainer(Path(run), spec, resume=resume, remote=remote, progress=progress,
+                   tensorboard=tensorboard).fit(steps=steps, minutes=minutes)
 
-        bar = tqdm(total=None if steps is None else steps, initial=step, unit="step",
-                   disable=None, dynamic_ncols=True)
-    acc: dict[str, list[float]] = {}
-    tokens_since, t_log = 0, time.monotonic()
-    summary: dict[str, Any] = {}
 
-    def checkpoint(mid_epoch: bool) -> None:
-        save_checkpoint(run, {
-            "model": model.state_dict(), "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(), "rng": rng_state(), "step": step, "epoch": epoch,
-            "window": runners.window.index,
-            "dispatcher": _pack_contexts(disp.state_dict()) if mid_epoch else None,
-            "loader": {"epoch": epoch, "stats": getattr(source, "stats", None) and
-                       source.stats.to_dict()},
-        })
+class Trainer:
+    """One training run: builds everything from the run's spec, then :meth:`fit`."""
 
-    stopped = "steps"
-    with StopFlag() as stop:
-        while step < target:
-            source.set_epoch(epoch)
-            finished_epoch = True
-            for st in disp.run(source):
-                runners.finish([f.state for f in st.finished
-                                if f.error is None and isinstance(f.state, Context)])
-                if runners.window.tokens < t.tokens_per_step:
-                    continue
-                w = runners.window
-                objective = w.objective()
-                if objective is not None:
-                    objective.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-                opt.step()
-                sched.step()
-                opt.zero_grad(set_to_none=True)
-                runners.next_window()
-                step += 1
-                tokens_since += w.tokens
-                for m, v in w.report().items():
-                    acc.setdefault(m, []).append(v)
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix({m: f"{v[-1]:.3f}" for m, v in acc.items()})
-                if step % t.log_every == 0 or step >= target:
-                    now = time.monotonic()
-                    summary = {"step": step, "epoch": epoch,
-                               "loss": {m: float(np.mean(v)) for m, v in acc.items()},
-                               "objective": (float(objective.detach()) if objective is not None
-                                             else None),
-                               "grad_norm": float(grad_norm), "lr": sched.get_last_lr()[0],
-                               "tokens_per_s": tokens_since / max(now - t_log, 1e-9),
-                               "dispatch": _dispatch_metrics(disp.metrics())}
-                    log.log(summary)
-                    acc, tokens_since, t_log = {}, 0, now
-                if spec.val and t.eval_every and (step % t.eval_every == 0 or step >= target):
-                    ev = evaluate(model, validation_source(spec.val, t.seed, remote),
-                                  samples=t.eval_samples, config=cfg.dispatch, device=device,
-                                  buckets=disp_buckets)
-                    log.log({"step": step, "eval_loss": ev["loss"],
-                             "eval_mode_accuracy": ev["mode_accuracy"],
-                             "eval_shape_accuracy": ev["shape_accuracy"],
-                             "eval_heads_bits": ev["heads_bits"], "eval_samples": ev["samples"]})
-                done = step >= target or time.monotonic() >= deadline or stop.signal is not None
-                if done or (t.checkpoint_every and step % t.checkpoint_every == 0):
-                    checkpoint(mid_epoch=True)
-                if done:
-                    stopped = ("signal" if stop.signal is not None else
-                               "steps" if step >= target else "minutes")
-                    finished_epoch = False
+    def __init__(self, run: Path, spec: RunSpec | None, *, resume: bool,
+                 remote: RemoteConfig | None, progress: bool, tensorboard: bool) -> None:
+        self.coll = Collective()
+        if resume:
+            spec = RunSpec.load(run)
+        elif spec is None:
+            raise ValueError("a new run needs a RunSpec (preset and data)")
+        elif (run / "checkpoint.pt").exists():
+            raise FileExistsError(f"{run} already holds a run: resume it or choose another --out")
+        self.run, self.spec = run, spec
+        if self.coll.rank == 0:
+            run.mkdir(parents=True, exist_ok=True)
+            if not resume:
+                spec.save(run)
+        self.cfg = cfg = build_config(spec.preset, spec.overrides)
+        t = self.t = cfg.train
+        random.seed(t.seed)
+        np.random.seed(t.seed)
+        torch.manual_seed(t.seed)
+        self.device = pick_device(t.device)
+        self.model = BlockLM(cfg.model).to(self.device)
+        self.opt = make_optimizer(self.model, cfg)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lambda s: warmup_cosine(s, warmup=t.warmup, total=t.schedule_steps,
+                                              floor=t.lr_floor))
+        remote = remote or RemoteConfig()
+        if spec.s3_endpoint and not remote.s3_endpoint_url:
+            remote = dataclasses.replace(remote, s3_endpoint_url=spec.s3_endpoint)
+        self.remote = remote
+        self.source = make_source(spec, cfg, remote)
+        cost = cost_from_supports(dict(self.model.supports))
+        self.modes = sorted(self.model.supports)
+        self.runners = ModelRunners(self.model, self.device,
+                                    autocast=self.device.type == "cuda" and t.bf16)
+        self.buckets = make_buckets(spec.data, cost, remote)
+        agree = torch_agree() if self.coll.world > 1 else None
+        self.disp = Dispatcher({m: self.runners.runner(m) for m in self.modes}, self.buckets,
+                               cfg.dispatch, cost=cost, agree=agree, rank=self.coll.rank)
+        self.step = self.epoch = 0
+        if resume:
+            self._restore()
+        self.log = MetricsLog(run, tensorboard=tensorboard) if self.coll.rank == 0 else None
+        self.progress = progress and self.coll.rank == 0
+        self.acc: dict[str, list[float]] = {}
+        self.tokens_since, self.t_log = 0.0, time.monotonic()
+        self.summary: dict[str, Any] = {}
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def _rank_file(self) -> Path:
+        return self.run / f"rank-{self.coll.rank}.pt"
+
+    def checkpoint(self) -> None:
+        """Model, optimizer, scheduler (rank 0) and each rank's dispatcher, loader and RNG."""
+        mine = {"step": self.step, "world": self.coll.world, "rng": rng_state(),
+                "dispatcher": _pack_contexts(self.disp.state_dict()),
+                "loader": {"epoch": self.epoch, "stats": _loader_stats(self.source)}}
+        if self.coll.world > 1:
+            torch.save(mine, self._rank_file().with_suffix(".tmp"))
+            os.replace(self._rank_file().with_suffix(".tmp"), self._rank_file())
+            torch.distributed.barrier()
+        if self.coll.rank == 0:
+            save_checkpoint(self.run, {
+                "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+                "scheduler": self.sched.state_dict(), "step": self.step, "epoch": self.epoch,
+                "window": self.runners.window.index, **({} if self.coll.world > 1 else mine)})
+        if self.coll.world > 1:
+            torch.distributed.barrier()
+
+    def _restore(self) -> None:
+        ck = load_checkpoint(self.run, map_location=self.device)
+        mine = ck
+        if self.coll.world > 1:
+            mine = torch.load(self._rank_file(), map_location=self.device, weights_only=True)
+            if mine["step"] != ck["step"] or mine["world"] != self.coll.world:
+                raise ValueError(f"{self._rank_file()} is from step {mine['step']} on "
+                                 f"{mine['world']} ranks; the checkpoint is from step "
+                                 f"{ck['step']}, and this run has {self.coll.world} ranks")
+        elif ck.get("world", 1) != 1:
+            raise ValueError(f"the checkpoint was written by {ck['world']} ranks: resume it "
+                             "with torchrun and as many processes")
+        self.model.load_state_dict(ck["model"])
+        self.opt.load_state_dict(ck["optimizer"])
+        self.sched.load_state_dict(ck["scheduler"])
+        set_rng_state(mine["rng"])
+        self.step, self.epoch = ck["step"], ck["epoch"]
+        self.runners.window.index = ck["window"]
+        self.disp.load_state_dict(_unpack_contexts(mine["dispatcher"]))
+
+    # -- steps ---------------------------------------------------------------------------------
+    def optimizer_step(self) -> None:
+        """Back-propagate the window (global normalisers), sum gradients, step, log."""
+        w = self.runners.window
+        sums = self.coll.sum(w.sums(self.modes) + [float(w.tokens)])
+        elements = {m: sums[2 * i + 1] for i, m in enumerate(self.modes)}
+        objective = w.objective(elements, sums[2 * len(self.modes) + 1])
+        if objective is not None:
+            objective.backward()
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.coll.sum_gradients(params)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.t.grad_clip)
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.runners.next_window()
+        self.step += 1
+        self.tokens_since += sums[-1]
+        for i, m in enumerate(self.modes):
+            if sums[2 * i + 1] > 0:
+                self.acc.setdefault(m, []).append(sums[2 * i] / sums[2 * i + 1])
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix({m: f"{v[-1]:.3f}" for m, v in self.acc.items()})
+        if self.step % self.t.log_every == 0 or self.step >= self.target:
+            now = time.monotonic()
+            self.summary = {
+                "step": self.step, "epoch": self.epoch,
+                "loss": {m: float(np.mean(v)) for m, v in self.acc.items()},
+                "heads_bits": sums[-3] / max(sums[-2], 1.0),
+                "grad_norm": float(grad_norm), "lr": self.sched.get_last_lr()[0],
+                "tokens_per_s": self.tokens_since / max(now - self.t_log, 1e-9),
+                "dispatch": _dispatch_metrics(self.disp.metrics())}
+            if self.log is not None:
+                self.log.log(self.summary)
+            self.acc, self.tokens_since, self.t_log = {}, 0.0, now
+        spec, t = self.spec, self.t
+        if spec.val and t.eval_every and (self.step % t.eval_every == 0
+                                          or self.step >= self.target) and self.coll.rank == 0:
+            ev = evaluate(self.model, validation_source(spec.val, t.seed, self.remote),
+                          samples=t.eval_samples, config=self.cfg.dispatch, device=self.device,
+                          buckets=self.buckets)
+            self.log.log({"step": self.step, "eval_loss": ev["loss"],
+                          "eval_mode_accuracy": ev["mode_accuracy"],
+                          "eval_shape_accuracy": ev["shape_accuracy"],
+                          "eval_heads_bits": ev["heads_bits"], "eval_samples": ev["samples"]})
+
+    def fit(self, *, steps: int | None, minutes: float | None) -> dict[str, Any]:
+        t = self.t
+        self.target = steps if steps is not None else math.inf
+        deadline = time.monotonic() + 60 * minutes if minutes is not None else math.inf
+        self.bar = None
+        if self.progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=steps, initial=self.step, unit="step", disable=None,
+                            dynamic_ncols=True)
+        stopped = "steps"
+        with StopFlag() as stop:
+            while self.step < self.target:
+                self.source.set_epoch(self.epoch)
+                ended = None
+                for st in self.disp.run(self.source):
+                    self.runners.finish([f.state for f in st.finished
+                                         if f.error is None and isinstance(f.state, Context)])
+                    if st.batch is None:  # a rank-local tail step: no collectives here
+                        continue
+                    if self.coll.sum([float(self.runners.window.tokens)])[0] < t.tokens_per_step:
+                        continue
+                    ended = self._after_step(deadline, stop)
+                    if ended is not None:
+                        break
+                else:
+                    if self.coll.sum([float(self.runners.window.tokens)])[0] > 0:
+                        ended = self._after_step(deadline, stop)  # the epoch's partial window
+                if ended is not None:
+                    stopped = ended
                     break
-            if not finished_epoch:
-                break
-            epoch += 1
-    if bar is not None:
-        bar.close()
-    log.close()
-    summary = dict(summary, stopped=stopped, step=step)
-    (run / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
-    return summary
+                self.epoch += 1
+        if self.bar is not None:
+            self.bar.close()
+        if self.log is not None:
+            self.log.close()
+        summary = dict(self.summary, stopped=stopped, step=self.step)
+        if self.coll.rank == 0:
+            (self.run / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+        return summary
+
+    def _after_step(self, deadline: float, stop: StopFlag) -> str | None:
+        """Optimizer step, then checkpoint when due or when stopping; returns why it stops."""
+        self.optimizer_step()
+        ended = self._check_stop(deadline, stop)
+        if ended is not None or (self.t.checkpoint_every
+                                 and self.step % self.t.checkpoint_every == 0):
+            self.checkpoint()
+        return ended
+
+    def _check_stop(self, deadline: float, stop: StopFlag) -> str | None:
+        """Why to stop now, agreed by every rank (None: go on)."""
+        flags = self.coll.sum([float(self.step >= self.target),
+                               float(time.monotonic() >= deadline),
+                               float(stop.signal is not None)])
+        if flags[2]:
+            return "signal"
+        if flags[0]:
+            return "steps"
+        return "minutes" if flags[1] else None
+
+
+def _loader_stats(source: Any) -> dict[str, Any] | None:
+    stats = getattr(source, "stats", None)
+    return stats.to_dict() if stats is not None else None
 
 
 def load_model(run: str | Path, device: str = "cpu") -> tuple[BlockLM, RunConfig, RunSpec]:

@@ -42,13 +42,28 @@ class Window:
     shape_correct: int = 0  # shapes whose most likely bins were all right, when measured
     shape_total: int = 0
 
-    def objective(self) -> Tensor | None:
-        """Mean over modes of bits per element, plus the heads' mean bits per prediction."""
-        terms = [torch.stack([b.sum() for b in bs]).sum() / max(self.elements[m], 1.0)
+    def objective(self, elements: dict[str, float] | None = None,
+                  head_count: float | None = None) -> Tensor | None:
+        """Sum over modes of bits per element, plus the heads' mean bits per prediction.
+
+        ``elements``/``head_count`` override the normalisers with global counts (several ranks
+        each back-propagate their share; the shares add up to the global objective)."""
+        elements = self.elements if elements is None else elements
+        head_count = self.head_count if head_count is None else head_count
+        terms = [torch.stack([b.sum() for b in bs]).sum() / max(elements[m], 1.0)
                  for m, bs in self.bits.items() if bs]
         if self.head_bits:
-            terms.append(torch.cat(self.head_bits).sum() / max(self.head_count, 1))
+            terms.append(torch.cat(self.head_bits).sum() / max(head_count, 1))
         return torch.stack(terms).sum() if terms else None
+
+    def sums(self, modes: list[str]) -> list[float]:
+        """[bits, elements] per mode in ``modes`` order, then head bits and head count."""
+        out: list[float] = []
+        for m in modes:
+            bs = self.bits.get(m) or []
+            out += [float(sum(float(b.detach().sum()) for b in bs)), float(self.elements[m])]
+        hb = float(sum(float(b.detach().sum()) for b in self.head_bits))
+        return out + [hb, float(self.head_count)]
 
     def report(self) -> dict[str, float]:
         """Per-mode bits per element of this window (detached floats)."""
@@ -126,7 +141,7 @@ class ModelRunners:
             return
         head = heads.shape[mode]
         _, classes = head.predict(heads.trunk(summary), None, None)
-        true = head._classes(torch.tensor(shapes, device=state.device))
+        true = head.classes(torch.tensor(shapes, device=state.device))
         w.shape_correct += int((classes == true).all(1).sum())
         w.shape_total += len(shapes)
 

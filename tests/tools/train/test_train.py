@@ -71,7 +71,8 @@ def test_training_reduces_loss_and_resumes_exactly(tmp_path, dataset, tokenizer)
     assert 0.0 <= after["mode_accuracy"] <= 1.0 and 0.0 <= after["shape_accuracy"] <= 1.0
 
     half = tmp_path / "half"
-    train(half, _spec(dataset, tokenizer), steps=4, progress=False, tensorboard=False)
+    train(half, _spec(dataset, tokenizer), steps=7, progress=False, tensorboard=False)
+    assert read_metrics(half)[-1]["epoch"] >= 1  # the resume point lies past the first epoch
     train(half, steps=12, resume=True, progress=False, tensorboard=False)
     resumed = read_metrics(half)
     assert [r["step"] for r in resumed] == list(range(1, 13))

@@ -1,0 +1,52 @@
+"""Data-parallel training without DDP's bucket hooks: explicit, deterministic collectives.
+
+Ranks run different modes at the same dispatcher step (the dispatcher keeps their step counts
+equal, padding with empty batches), so some parameters get no gradient on some ranks. Instead of
+``DistributedDataParallel`` (whose reducer expects the same parameters used on every rank), each
+rank back-propagates its share of the window's objective, normalised by the *global* element
+counts, and the gradients are summed across ranks once per optimizer step. The result is the
+gradient of the whole global window, as one process would compute it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+class Collective:
+    """Sums across ranks; a no-op in a single process."""
+
+    def __init__(self) -> None:
+        self.world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        self.rank = dist.get_rank() if self.world > 1 else 0
+
+    def sum(self, values: list[float]) -> list[float]:
+        """Element-wise sum over ranks of a short list of numbers (float64)."""
+        if self.world == 1:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def sum_gradients(self, params: list[torch.nn.Parameter]) -> None:
+        """Sum every parameter's gradient over ranks (missing gradients count as zero)."""
+        if self.world == 1:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        at = 0
+        for p, g in zip(params, grads):
+            n = g.numel()
+            p.grad = flat[at:at + n].view_as(p).clone()
+            at += n
+
+
+def init_from_launcher() -> bool:
+    """Join the process group when started by ``torchrun``; returns whether it did."""
+    if not dist.is_available() or not dist.is_torchelastic_launched():
+        return False
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_world_size() > 1
