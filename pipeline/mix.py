@@ -105,24 +105,30 @@ class MixedDataset(IterableDataset):
         p = self._pass
         alive = p["alive"]
         its = [iter(d) for d in self.datasets]
-        for _ in range(10**12):  # bounded: every draw consumes a sample or retires a source
-            live = [w if a else 0.0 for w, a in zip(self.weights, alive)]
-            total = sum(live)
-            if total <= 0:
-                return
-            u = rng.random() * total
-            p["draws"] += 1
-            i = max(j for j, w in enumerate(live) if w > 0)  # fallback against rounding
-            for j, w in enumerate(live):
-                if w > 0 and u < w:
-                    i = j
-                    break
-                u -= w
-            try:
-                s = next(its[i])
-            except StopIteration:
-                alive[i] = False
-                if self.stop == "first":
+        try:
+            for _ in range(10**12):  # bounded: every draw consumes a sample or retires a source
+                live = [w if a else 0.0 for w, a in zip(self.weights, alive)]
+                total = sum(live)
+                if total <= 0:
                     return
-                continue
-            yield s
+                u = rng.random() * total
+                p["draws"] += 1
+                i = max(j for j, w in enumerate(live) if w > 0)  # fallback against rounding
+                for j, w in enumerate(live):
+                    if w > 0 and u < w:
+                        i = j
+                        break
+                    u -= w
+                try:
+                    s = next(its[i])
+                except StopIteration:
+                    alive[i] = False
+                    if self.stop == "first":
+                        return
+                    continue
+                yield s
+        finally:
+            for it in its:  # stop the sources' read-ahead threads now, not at garbage collection
+                close = getattr(it, "close", None)
+                if close is not None:
+                    close()

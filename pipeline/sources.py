@@ -170,7 +170,9 @@ class FsspecSource:
                 return fn()
             except FileNotFoundError as e:
                 raise NotFoundError(f"not found: {e}", shard=self.url) from None
-            except (PermissionError, FormatError):
+            except PermissionError as e:
+                raise SourceError(f"permission denied: {e}", shard=self.url) from None
+            except FormatError:
                 raise
             except Exception as e:  # noqa: BLE001 - fsspec backends raise anything; retried, bounded
                 if not att.failed(False, done):
