@@ -115,14 +115,23 @@ def test_http_read_resumes_at_the_byte_where_it_stopped(nginx, http_url, small_s
     assert src.retries == 1
 
 
-def test_s3_cut_connections_are_retried(s3, s3_url, small_keys, fault_proxy):
+@pytest.mark.parametrize("kind", ["cut", "error"])
+def test_s3_faults_are_retried(s3, s3_url, small_keys, fault_proxy, kind):
     proxy = fault_proxy(s3.port)
-    proxy.add("cut", after=200, times=3)  # moto closes connections after each response
+    proxy.add(kind, after=200, status=503, times=3)  # moto closes connections after each answer
     ds = BlockDataset(s3_url, seed=1, remote=s3.config(endpoint=proxy.url, timeout=2,
                                                         retry=FAST_RETRY))
     assert sorted(s.key for s in ds) == sorted(small_keys)
     # s3fs absorbs some failures itself (e.g. a failed HEAD falls back to a listing)
     assert proxy.faults_done == 3 and ds.stats.retries >= 1
+
+
+def test_s3_in_dataloader_workers(s3, s3_url, small_keys):
+    from torch.utils.data import DataLoader
+
+    ds = BlockDataset(s3_url, seed=1, remote=s3.config(timeout=5))  # s3fs used before the fork
+    dl = DataLoader(ds, batch_size=None, num_workers=2, multiprocessing_context="fork")
+    assert sorted(s.key for s in dl) == sorted(small_keys)
 
 
 def test_a_stalled_server_times_out_instead_of_hanging(nginx, http_url, fault_proxy):
@@ -143,3 +152,11 @@ def test_missing_remote_data_is_not_retried(http_url):
     with pytest.raises(NotFoundError):
         BlockDataset(http_url + "-missing", remote=RemoteConfig(timeout=2))
     assert time.monotonic() - t < 2
+
+
+def test_http_in_dataloader_workers(http_url, small_keys):
+    from torch.utils.data import DataLoader
+
+    ds = BlockDataset(http_url, seed=6, remote=RemoteConfig(timeout=5))
+    dl = DataLoader(ds, batch_size=None, num_workers=2, multiprocessing_context="fork")
+    assert sorted(s.key for s in dl) == sorted(small_keys)
