@@ -8,8 +8,9 @@ from .cache import ShardCache
 from .dataset import BlockDataset, LoaderConfig
 from .errors import NotFoundError, SourceError, StateError
 from .mix import MixedDataset
+from .opener import RemoteOpener
 from .retry import RetryPolicy
-from .sources import FsspecSource, HTTPSource, RemoteConfig, RemoteOpener
+from .sources import FsspecSource, HTTPSource, RemoteConfig
 from .stats import LoaderStats
 from .urls import expand_braces
 

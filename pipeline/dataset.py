@@ -24,8 +24,9 @@ from blocklm.formats.reader import DatasetShard, Opener
 
 from .errors import StateError
 from .fastpath import IndexCache
+from .opener import RemoteOpener
 from .shuffle import buffer_order, rng_for
-from .sources import RemoteConfig, RemoteOpener
+from .sources import RemoteConfig
 from .split import EpochPlan, from_intervals, plan_epoch, to_intervals, worker_positions
 from .state import LOADER_KEY, STATE_VERSION, check_same, check_workers_unique, extract_states
 from .stats import LoaderStats
