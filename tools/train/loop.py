@@ -35,7 +35,7 @@ from blocklm.pipeline.dispatch_dist import torch_agree
 
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import RunConfig, build_config
-from .distributed import Collective
+from .distributed import Collective, init_from_launcher
 from .evaluate import evaluate, validation_source
 from .metrics import MetricsLog
 from .runner import Context, ModelRunners
@@ -162,6 +162,7 @@ class Trainer:
 
     def __init__(self, run: Path, spec: RunSpec | None, *, resume: bool,
                  remote: RemoteConfig | None, progress: bool, tensorboard: bool) -> None:
+        init_from_launcher()
         self.coll = Collective()
         if resume:
             spec = RunSpec.load(run)
@@ -174,6 +175,8 @@ class Trainer:
             run.mkdir(parents=True, exist_ok=True)
             if not resume:
                 spec.save(run)
+        if self.coll.world > 1:
+            torch.distributed.barrier()  # the run folder exists before any rank writes to it
         self.cfg = cfg = build_config(spec.preset, spec.overrides)
         t = self.t = cfg.train
         random.seed(t.seed)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -126,3 +127,31 @@ def test_sigint_writes_a_usable_checkpoint(tmp_path, dataset, tokenizer):
     assert stopped_at >= 2
     summary = train(run, steps=stopped_at + 1, resume=True, progress=False, tensorboard=False)
     assert summary["step"] == stopped_at + 1
+
+
+@pytest.mark.slow
+def test_two_process_gloo_matches_one_process(tmp_path, dataset, tokenizer):
+    """With one optimizer step per epoch (a window as large as the data), 2 ranks see the same
+    global batch as 1 process: the losses must agree. Ranks hold different modes at the same
+    dispatcher step, so this also shows that uneven modes do not hang."""
+    extra = ["train.tokens_per_step=1000000000", "train.warmup=1"]
+    base = ["-m", "blocklm.tools.cli", "train", "--preset", "tiny", "--data", dataset,
+            "--steps", "2", "--quiet"]
+    for o in _spec(dataset, tokenizer, *extra).overrides:
+        base += ["--set", o]
+    one = subprocess.run([sys.executable, *base, "--out", str(tmp_path / "one")],
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr
+    port = str(29500 + (os.getpid() % 1000))
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_addr", "127.0.0.1", "--master_port", port, *base,
+                          "--out", str(tmp_path / "two")],
+                         capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2]
+    for ra, rb in zip(a, b):
+        assert ra["loss"].keys() == rb["loss"].keys() == {"audio", "text"}
+        for m in ra["loss"]:
+            assert ra["loss"][m] == pytest.approx(rb["loss"][m], rel=1e-4), (m, ra, rb)
+    assert (tmp_path / "two" / "rank-1.pt").is_file()
