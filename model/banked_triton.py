@@ -20,8 +20,9 @@ chunk's starting memory (in the input dtype, as a matmul operand); ``_fwd_o`` co
 outputs in parallel; ``_bwd_prep`` splits the output gradient into numerator and normaliser
 parts; ``_bwd_dh`` runs the memory gradient backwards across chunks; ``_bwd_dqk`` (twice: reads,
 writes) and ``_bwd_dv`` compute the input gradients of all chunks in parallel. The gradient of the
-log-decays is ``dc[t,n] = r dr - w dw`` (+ the chunk-end state term at the chunk's last step),
-turned into gradients of w and g by autograd outside the kernels.
+log-decays is ``dc[t,n] = r dr - w dw`` (+ the chunk-end state term at the chunk's last step);
+its reverse cumsum is the gradient of log a, which the kernels turn into those of w and g. The
+log-decays and their cumsums are computed inside each kernel (no extra passes over memory).
 
 :func:`banked_attention` dispatches: Triton on CUDA when importable and the shapes suit it,
 otherwise :func:`banked_attention_reference` (plain PyTorch, chunked, fp32).
@@ -42,11 +43,6 @@ except ImportError:  # pragma: no cover - depends on the environment
     triton = None
     tl = None
     HAS_TRITON = False
-
-
-def _log_decay(w: Tensor, g: Tensor) -> Tensor:
-    """log a = log(1 - w (1 - g)) >= log g > -inf. w [B,H,T,N], g [B,H,T] -> [B,H,T,N] fp32."""
-    return torch.log1p(-w.float() * (1.0 - g.float()[..., None]))
 
 
 def banked_attention_reference(q: Tensor, k: Tensor, v: Tensor, r: Tensor, w: Tensor, g: Tensor,
@@ -87,7 +83,20 @@ def banked_attention_reference(q: Tensor, k: Tensor, v: Tensor, r: Tensor, w: Te
 if HAS_TRITON:
 
     @triton.jit
-    def _fwd_h(k, v, w, c, hs, zs, S0, z0, ST, zT, NT,
+    def _cum_decay(w_ptrs, g_ptrs, C: tl.constexpr):
+        """w, g of one bank over one chunk -> w, g (fp32), the chunk-local inclusive cumsum c of
+        log a = log1p(-w (1 - g)), and c at the chunk's last step."""
+        b_w = tl.load(w_ptrs).to(tl.float32)
+        b_g = tl.load(g_ptrs).to(tl.float32)
+        x = -b_w * (1.0 - b_g)
+        u = 1.0 + x
+        la = tl.where(u == 1.0, x, tl.log(u) * (x / tl.where(u == 1.0, 1.0, u - 1.0)))  # log1p
+        b_c = tl.cumsum(la, 0)
+        b_cT = tl.sum(tl.where(tl.arange(0, C) == C - 1, b_c, 0.0), 0)
+        return b_w, b_g, b_c, b_cT
+
+    @triton.jit
+    def _fwd_h(k, v, w, g, hs, zs, S0, z0, ST, zT, NT,
                N: tl.constexpr, D: tl.constexpr, E: tl.constexpr, C: tl.constexpr,
                BK: tl.constexpr, BV: tl.constexpr, HAS_S0: tl.constexpr):
         """Memory across chunks for one (batch*head, bank, D-tile, E-tile); saves chunk starts."""
@@ -100,7 +109,7 @@ if HAS_TRITON:
         kb = k + i_bh.to(tl.int64) * T * D
         vb = v + i_bh.to(tl.int64) * T * E
         wb = w + i_bh.to(tl.int64) * T * N + n
-        cb = c + i_bh.to(tl.int64) * T * N + n
+        gb = g + i_bh.to(tl.int64) * T
         b_h = tl.zeros([BK, BV], dtype=tl.float32)
         b_z = tl.zeros([BK], dtype=tl.float32)
         if HAS_S0:
@@ -115,9 +124,7 @@ if HAS_TRITON:
             t = j * C + ot
             b_k = tl.load(kb + t[:, None] * D + ok[None, :])
             b_v = tl.load(vb + t[:, None] * E + ov[None, :])
-            b_w = tl.load(wb + t * N).to(tl.float32)
-            b_c = tl.load(cb + t * N)
-            b_cT = tl.load(cb + (j * C + C - 1) * N)
+            b_w, _, b_c, b_cT = _cum_decay(wb + t * N, gb + t, C)
             kd = b_k.to(tl.float32) * (b_w * tl.exp(b_cT - b_c))[:, None]  # [C,BK]
             b_h = b_h * tl.exp(b_cT) + tl.dot(tl.trans(kd.to(b_v.dtype)), b_v)
             b_z = b_z * tl.exp(b_cT) + tl.sum(kd, axis=0)
@@ -126,7 +133,7 @@ if HAS_TRITON:
             tl.store(zT + i_bhn.to(tl.int64) * D + ok, b_z)
 
     @triton.jit
-    def _fwd_o(q, k, v, r, w, c, hs, zs, o, den, NT, eps,
+    def _fwd_o(q, k, v, r, w, g, hs, zs, o, den, NT, eps,
                N: tl.constexpr, D: tl.constexpr, E: tl.constexpr, C: tl.constexpr,
                BV: tl.constexpr):
         """Outputs of one chunk and E-tile: intra-chunk scores + reads of the chunk-start memory."""
@@ -147,8 +154,7 @@ if HAS_TRITON:
         for n in range(N):
             rb = bh * T * N + t * N + n
             b_r = tl.load(r + rb).to(tl.float32)
-            b_w = tl.load(w + rb).to(tl.float32)
-            b_c = tl.load(c + rb)
+            b_w, _, b_c, _ = _cum_decay(w + rb, g + bh * T + t, C)
             diff = tl.where(causal, b_c[:, None] - b_c[None, :], float("-inf"))
             M += b_r[:, None] * b_w[None, :] * tl.exp(diff)
             slot = (bh * NT + j) * N + n
@@ -178,11 +184,10 @@ if HAS_TRITON:
         tl.store(dden + t, -tl.sum(b_do * b_o, axis=1) / b_den)
 
     @triton.jit
-    def _bwd_dh(q, r, c, dy, dden, hs, zs, dhs, dzs, hd, dST, dzT, dS0, dz0, NT,
+    def _bwd_dh(q, r, w, g, dy, dden, dhs, dzs, dST, dzT, dS0, dz0, NT,
                 N: tl.constexpr, D: tl.constexpr, E: tl.constexpr, C: tl.constexpr,
-                BK: tl.constexpr, BV: tl.constexpr, P2: tl.constexpr, HAS_DST: tl.constexpr):
-        """Memory gradient backwards across chunks; saves the gradient at each chunk's end and
-        this tile's share of <dS_end, S_start> + <dz_end, z_start> (for the decay gradient)."""
+                BK: tl.constexpr, BV: tl.constexpr, HAS_DST: tl.constexpr):
+        """Memory gradient backwards across chunks; saves the gradient at each chunk's end."""
         i_k, i_v, i_bhn = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         i_bh, n = i_bhn // N, i_bhn % N
         T = NT * C
@@ -193,7 +198,8 @@ if HAS_TRITON:
         yb = dy + i_bh.to(tl.int64) * T * E
         db = dden + i_bh.to(tl.int64) * T
         rb = r + i_bh.to(tl.int64) * T * N + n
-        cb = c + i_bh.to(tl.int64) * T * N + n
+        wb = w + i_bh.to(tl.int64) * T * N + n
+        gb = g + i_bh.to(tl.int64) * T
         b_dh = tl.zeros([BK, BV], dtype=tl.float32)
         b_dz = tl.zeros([BK], dtype=tl.float32)
         if HAS_DST:
@@ -204,18 +210,13 @@ if HAS_TRITON:
             slot = (i_bh.to(tl.int64) * NT + j) * N + n
             tl.store(dhs + slot * D * E + ok[:, None] * E + ov[None, :],
                      b_dh.to(dhs.dtype.element_ty))
-            b_hj = tl.load(hs + slot * D * E + ok[:, None] * E + ov[None, :]).to(tl.float32)
-            part = tl.sum(tl.sum(b_dh * b_hj, axis=1), axis=0)
             if i_v == 0:
                 tl.store(dzs + slot * D + ok, b_dz)
-                part += tl.sum(b_dz * tl.load(zs + slot * D + ok), axis=0)
-            tl.store(hd + slot * P2 + i_k * (E // BV) + i_v, part)
             t = j * C + ot
             b_q = tl.load(qb + t[:, None] * D + ok[None, :])
             b_y = tl.load(yb + t[:, None] * E + ov[None, :])
             b_r = tl.load(rb + t * N).to(tl.float32)
-            b_c = tl.load(cb + t * N)
-            b_cT = tl.load(cb + (j * C + C - 1) * N)
+            _, _, b_c, b_cT = _cum_decay(wb + t * N, gb + t, C)
             qs = b_q.to(tl.float32) * (b_r * tl.exp(b_c))[:, None]  # [C,BK]
             b_dh = b_dh * tl.exp(b_cT) + tl.dot(tl.trans(qs.to(b_y.dtype)), b_y)
             if i_v == 0:
@@ -226,12 +227,12 @@ if HAS_TRITON:
             tl.store(dz0 + i_bhn.to(tl.int64) * D + ok, b_dz)
 
     @triton.jit
-    def _bwd_dqk(q, k, v, r, w, c, hs, zs, dhs, dzs, hd, dy, dden, dx, dsel, dcw, NT,
+    def _bwd_dqk(q, k, v, r, w, g, hs, zs, dhs, dzs, hd, dy, dden, dx, dr, dw, dg, NT,
                  N: tl.constexpr, D: tl.constexpr, E: tl.constexpr, C: tl.constexpr,
                  P2: tl.constexpr, SIDE: tl.constexpr):
-        """One chunk (full D and E). SIDE 0 (reads): dq and dr. SIDE 1 (writes): dk, dw and
-        dcw = -w dw (+ the chunk-end memory term at the last step), so that dc = r dr + dcw.
-        Two launches rather than one kernel keep each under the register file."""
+        """One chunk (full D and E). SIDE 0 (reads): dq and dr. SIDE 1 (writes, after SIDE 0 and
+        _bwd_dv): dk, dw and dg, through dc = r dr - w dw (+ the chunk-end memory term at the last
+        step) and d log a = reverse cumsum of dc. Two launches keep each under the register file."""
         j, i_bh = tl.program_id(0), tl.program_id(1)
         T = NT * C
         od = tl.arange(0, D)
@@ -239,21 +240,26 @@ if HAS_TRITON:
         ot = tl.arange(0, C)
         t = j * C + ot
         bh = i_bh.to(tl.int64)
-        b_q = tl.load(q + bh * T * D + t[:, None] * D + od[None, :])
-        b_k = tl.load(k + bh * T * D + t[:, None] * D + od[None, :])
-        b_v = tl.load(v + bh * T * E + t[:, None] * E + oe[None, :])
         b_y = tl.load(dy + bh * T * E + t[:, None] * E + oe[None, :])
         b_dd = tl.load(dden + bh * T + t)
         causal = ot[:, None] >= ot[None, :]
-        yv = tl.dot(b_y, tl.trans(b_v)) + b_dd[:, None]
-        Bm = tl.where(causal, tl.dot(b_q, tl.trans(b_k)) * yv, 0.0)
+        yv = tl.dot(b_y, tl.trans(tl.load(v + bh * T * E + t[:, None] * E + oe[None, :])))
+        yv += b_dd[:, None]
+        if SIDE == 0:
+            b_q = tl.load(q + bh * T * D + t[:, None] * D + od[None, :])
+            qk = tl.dot(b_q, tl.trans(tl.load(k + bh * T * D + t[:, None] * D + od[None, :])))
+        else:
+            b_k = tl.load(k + bh * T * D + t[:, None] * D + od[None, :])
+            b_v = tl.load(v + bh * T * E + t[:, None] * E + oe[None, :])
+            qk = tl.dot(tl.load(q + bh * T * D + t[:, None] * D + od[None, :]), tl.trans(b_k))
+        Bm = tl.where(causal, qk * yv, 0.0)
         M = tl.zeros([C, C], dtype=tl.float32)
         b_dx = tl.zeros([C, D], dtype=tl.float32)
+        b_dg = tl.zeros([C], dtype=tl.float32)
         for n in range(N):
             rb = bh * T * N + t * N + n
             b_r = tl.load(r + rb).to(tl.float32)
-            b_w = tl.load(w + rb).to(tl.float32)
-            b_c = tl.load(c + rb)
+            b_w, b_g, b_c, b_cT = _cum_decay(w + rb, g + bh * T + t, C)
             En = tl.exp(tl.where(causal, b_c[:, None] - b_c[None, :], float("-inf")))
             M += b_r[:, None] * b_w[None, :] * En
             slot = (bh * NT + j) * N + n
@@ -265,10 +271,9 @@ if HAS_TRITON:
                 dqt = tl.dot(b_y, tl.trans(b_hn.to(b_y.dtype))) + b_dd[:, None] * b_zn[None, :]
                 b_dx += (b_r * ec)[:, None] * dqt
                 d_n += ec * tl.sum(b_q.to(tl.float32) * dqt, axis=1)
-                tl.store(dsel + rb, d_n)
+                tl.store(dr + rb, d_n)
             else:  # writes into the chunk-end memory
                 d_n = tl.sum(Bm * En * b_r[:, None], axis=0)
-                b_cT = tl.load(c + bh * T * N + (j * C + C - 1) * N + n)
                 b_dhn = tl.load(dhs + slot * D * E + od[:, None] * E + oe[None, :])
                 b_dzn = tl.load(dzs + slot * D + od)
                 ew = tl.exp(b_cT - b_c)
@@ -279,20 +284,27 @@ if HAS_TRITON:
                 # d/dc at the last step: <dS_end, S_end> = e^cT <dS_end, S_start> + the writes
                 hdn = tl.sum(tl.load(hd + slot * P2 + tl.arange(0, P2)), axis=0)
                 last = tl.exp(b_cT) * hdn + tl.sum(b_w * dwi, axis=0)
-                tl.store(dsel + rb, d_n)
-                tl.store(dcw + rb, tl.where(ot == C - 1, last, 0.0) - b_w * d_n)
+                dc = b_r * tl.load(dr + rb) - b_w * d_n + tl.where(ot == C - 1, last, 0.0)
+                dla = tl.cumsum(dc, 0, reverse=True)  # c is a cumsum of log a within the chunk
+                a = 1.0 - b_w * (1.0 - b_g)  # log a = log1p(-w (1 - g))
+                tl.store(dw + rb, d_n - dla * (1.0 - b_g) / a)
+                b_dg += dla * b_w / a
         dA = yv * M  # M is 0 above the diagonal
-        if SIDE == 0:
-            b_dx += tl.dot(dA.to(b_k.dtype), b_k)
+        if SIDE == 0:  # k and q are loaded again here rather than held through the bank loop
+            b_dx += tl.dot(dA.to(b_q.dtype),
+                           tl.load(k + bh * T * D + t[:, None] * D + od[None, :]))
         else:
-            b_dx += tl.dot(tl.trans(dA).to(b_q.dtype), b_q)
+            b_dx += tl.dot(tl.trans(dA).to(b_k.dtype),
+                           tl.load(q + bh * T * D + t[:, None] * D + od[None, :]))
+            tl.store(dg + bh * T + t, b_dg)
         tl.store(dx + bh * T * D + t[:, None] * D + od[None, :], b_dx.to(dx.dtype.element_ty))
 
     @triton.jit
-    def _bwd_dv(q, k, r, w, c, dhs, dy, dv, NT,
+    def _bwd_dv(q, k, r, w, g, hs, zs, dhs, dzs, hd, dy, dv, NT,
                 N: tl.constexpr, D: tl.constexpr, E: tl.constexpr, C: tl.constexpr,
-                BV: tl.constexpr):
-        """dv of one chunk and E-tile: A^T dy + writes' share of the chunk-end memory gradient."""
+                BV: tl.constexpr, P2: tl.constexpr):
+        """dv of one chunk and E-tile: A^T dy + the writes' share of the chunk-end memory
+        gradient; also this tile's share of <dS_end, S_start> + <dz_end, z_start> per bank."""
         i_v, j, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         T = NT * C
         od = tl.arange(0, D)
@@ -300,24 +312,26 @@ if HAS_TRITON:
         ot = tl.arange(0, C)
         t = j * C + ot
         bh = i_bh.to(tl.int64)
-        b_q = tl.load(q + bh * T * D + t[:, None] * D + od[None, :])
         b_k = tl.load(k + bh * T * D + t[:, None] * D + od[None, :])
-        b_y = tl.load(dy + bh * T * E + t[:, None] * E + ov[None, :])
         causal = ot[:, None] >= ot[None, :]
         M = tl.zeros([C, C], dtype=tl.float32)
         b_dv = tl.zeros([C, BV], dtype=tl.float32)
         for n in range(N):
             rb = bh * T * N + t * N + n
             b_r = tl.load(r + rb).to(tl.float32)
-            b_w = tl.load(w + rb).to(tl.float32)
-            b_c = tl.load(c + rb)
-            b_cT = tl.load(c + bh * T * N + (j * C + C - 1) * N + n)
+            b_w, _, b_c, b_cT = _cum_decay(w + rb, g + bh * T + t, C)
             M += b_r[:, None] * b_w[None, :] * tl.exp(
                 tl.where(causal, b_c[:, None] - b_c[None, :], float("-inf")))
             slot = (bh * NT + j) * N + n
             b_dhn = tl.load(dhs + slot * D * E + od[:, None] * E + ov[None, :])
             b_dv += (b_w * tl.exp(b_cT - b_c))[:, None] * tl.dot(b_k, b_dhn.to(b_k.dtype))
-        A = tl.dot(b_q, tl.trans(b_k)) * M
+            b_hn = tl.load(hs + slot * D * E + od[:, None] * E + ov[None, :])
+            part = tl.sum(tl.sum(b_dhn.to(tl.float32) * b_hn.to(tl.float32), axis=1), axis=0)
+            if i_v == 0:
+                part += tl.sum(tl.load(dzs + slot * D + od) * tl.load(zs + slot * D + od), axis=0)
+            tl.store(hd + slot * P2 + i_v, part)
+        A = tl.dot(tl.load(q + bh * T * D + t[:, None] * D + od[None, :]), tl.trans(b_k)) * M
+        b_y = tl.load(dy + bh * T * E + t[:, None] * E + ov[None, :])
         b_dv += tl.dot(tl.trans(A).to(b_y.dtype), b_y)
         tl.store(dv + bh * T * E + t[:, None] * E + ov[None, :], b_dv.to(dv.dtype.element_ty))
 
@@ -334,11 +348,11 @@ def _tile(n: int) -> int:
 
 
 class BankedAttentionFn(torch.autograd.Function):
-    """Triton chunked banked attention on padded inputs: (q, k, v, r, w, c, S0, z0, eps, C)
-    with T a multiple of C and c the chunk-local cumsum of log a -> (out, S, z)."""
+    """Triton chunked banked attention on padded inputs: (q, k, v, r, w, g, S0, z0, eps, C)
+    with T a multiple of C -> (out, S, z)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, r, w, c, S0, z0, eps, C):
+    def forward(ctx, q, k, v, r, w, g, S0, z0, eps, C):
         B, H, T, D = q.shape
         E, N = v.shape[-1], r.shape[-1]
         NT = T // C
@@ -352,19 +366,19 @@ class BankedAttentionFn(torch.autograd.Function):
         s0 = S0.contiguous().float() if has_s0 else ST
         zz0 = z0.contiguous().float() if has_s0 else zT
         _fwd_h[(D // BK, E // BV, B * H * N)](
-            k, v, w, c, hs, zs, s0, zz0, ST, zT, NT, N=N, D=D, E=E, C=C, BK=BK, BV=BV,
+            k, v, w, g, hs, zs, s0, zz0, ST, zT, NT, N=N, D=D, E=E, C=C, BK=BK, BV=BV,
             HAS_S0=has_s0, num_warps=KERNEL_OPTS["warps_h"])
         o = torch.empty(B, H, T, E, device=dev, dtype=v.dtype)
         den = torch.empty(B, H, T, device=dev, dtype=torch.float32)
-        _fwd_o[(E // BV, NT, B * H)](q, k, v, r, w, c, hs, zs, o, den, NT, eps,
+        _fwd_o[(E // BV, NT, B * H)](q, k, v, r, w, g, hs, zs, o, den, NT, eps,
                                      N=N, D=D, E=E, C=C, BV=BV, num_warps=KERNEL_OPTS["warps_o"])
-        ctx.save_for_backward(q, k, v, r, w, c, hs, zs, o, den)
+        ctx.save_for_backward(q, k, v, r, w, g, hs, zs, o, den)
         ctx.meta = (has_s0, C)
         return o, ST, zT
 
     @staticmethod
     def backward(ctx, do, dST, dzT):
-        q, k, v, r, w, c, hs, zs, o, den = ctx.saved_tensors
+        q, k, v, r, w, g, hs, zs, o, den = ctx.saved_tensors
         has_s0, C = ctx.meta
         B, H, T, D = q.shape
         E, N = v.shape[-1], r.shape[-1]
@@ -383,27 +397,28 @@ class BankedAttentionFn(torch.autograd.Function):
         dzs = torch.empty_like(zs)
         dS0 = torch.empty(B, H, N, D, E, device=dev, dtype=torch.float32)
         dz0 = torch.empty(B, H, N, D, device=dev, dtype=torch.float32)
-        P2 = max(2, (D // BK) * (E // BV))  # state tiles per bank (>= 2 for tl.arange)
-        hd = torch.zeros(B * H * NT * N * P2, device=dev, dtype=torch.float32)
         _bwd_dh[(D // BK, E // BV, B * H * N)](
-            q, r, c, dy, dden, hs, zs, dhs, dzs, hd, dST.contiguous(), dzT.contiguous(), dS0, dz0,
-            NT, N=N, D=D, E=E, C=C, BK=BK, BV=BV, P2=P2, HAS_DST=has_dst,
+            q, r, w, g, dy, dden, dhs, dzs, dST.contiguous(), dzT.contiguous(), dS0, dz0,
+            NT, N=N, D=D, E=E, C=C, BK=BK, BV=BV, HAS_DST=has_dst,
             num_warps=KERNEL_OPTS["warps_h"])
-        dq, dk = torch.empty_like(q), torch.empty_like(k)
+        P2 = max(2, E // BV)  # E-tiles per bank (>= 2 for tl.arange; spare slots stay 0)
+        hd = torch.zeros(B * H * NT * N * P2, device=dev, dtype=torch.float32)
         dv = torch.empty_like(v)
+        _bwd_dv[(E // BV, NT, B * H)](q, k, r, w, g, hs, zs, dhs, dzs, hd, dy, dv, NT,
+                                      N=N, D=D, E=E, C=C, BV=BV, P2=P2,
+                                      num_warps=KERNEL_OPTS["warps_dv"])
+        dq, dk = torch.empty_like(q), torch.empty_like(k)
         dr = torch.empty(B, H, T, N, device=dev, dtype=torch.float32)
-        dw, dcw = torch.empty_like(dr), torch.empty_like(dr)
+        dw = torch.empty_like(dr)
+        dg = torch.empty(B, H, T, device=dev, dtype=torch.float32)
         stages = KERNEL_OPTS["stages_dqk"] or (1 if C * D * E > 64 * 128 * 128 else None)
         extra = {} if stages is None else {"num_stages": stages}
         warps = KERNEL_OPTS["warps_dqk"] if D * E >= 8192 else 4
-        for side, dx, dsel in ((0, dq, dr), (1, dk, dw)):
-            _bwd_dqk[(NT, B * H)](q, k, v, r, w, c, hs, zs, dhs, dzs, hd, dy, dden, dx, dsel, dcw,
-                                  NT, N=N, D=D, E=E, C=C, P2=P2, SIDE=side, num_warps=warps,
-                                  **extra)
-        dc = torch.addcmul(dcw, r.float(), dr)  # dc = r dr - w dw (+ chunk-end term)
-        _bwd_dv[(E // BV, NT, B * H)](q, k, r, w, c, dhs, dy, dv, NT, N=N, D=D, E=E, C=C,
-                                      BV=BV, num_warps=KERNEL_OPTS["warps_dv"])
-        return (dq, dk, dv, dr.to(r.dtype), dw.to(w.dtype), dc,
+        for side, dx in ((0, dq), (1, dk)):  # the writes side reads dr: reads go first
+            _bwd_dqk[(NT, B * H)](q, k, v, r, w, g, hs, zs, dhs, dzs, hd, dy, dden, dx, dr, dw,
+                                  dg, NT, N=N, D=D, E=E, C=C, P2=P2, SIDE=side,
+                                  num_warps=warps, **extra)
+        return (dq, dk, dv, dr.to(r.dtype), dw.to(w.dtype), dg.to(g.dtype),
                 dS0 if has_s0 else None, dz0 if has_s0 else None, None, None)
 
 
@@ -420,8 +435,7 @@ def banked_attention_triton(q: Tensor, k: Tensor, v: Tensor, r: Tensor, w: Tenso
                             ) -> tuple[Tensor, Tensor, Tensor]:
     """Triton path (CUDA tensors, or CPU ones under ``TRITON_INTERPRET=1``). Same contract as
     :func:`banked_attention_reference`; out has v's dtype (use bf16 q, k, v for speed)."""
-    B, H, T, D = q.shape
-    N = r.shape[-1]
+    T = q.shape[2]
     if (S0 is None) != (z0 is None):  # one given: the other starts empty
         if S0 is None:
             S0 = z0.new_zeros(*z0.shape, v.shape[-1])
@@ -431,10 +445,8 @@ def banked_attention_triton(q: Tensor, k: Tensor, v: Tensor, r: Tensor, w: Tenso
     if pad:  # padded steps write nothing (w = 0) and their outputs are dropped
         q, k, v, r, w = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v, r, w))
         g = F.pad(g, (0, pad), value=1.0)
-    Tp = T + pad
-    c = _log_decay(w, g).view(B, H, Tp // chunk, chunk, N).cumsum(3).view(B, H, Tp, N)
     o, S, z = BankedAttentionFn.apply(q.contiguous(), k.contiguous(), v.contiguous(),
-                                      r.contiguous(), w.contiguous(), c.contiguous(),
+                                      r.contiguous(), w.contiguous(), g.contiguous(),
                                       S0, z0, float(eps), chunk)
     return (o[:, :, :T] if pad else o), S, z
 
