@@ -78,7 +78,7 @@ class StackStats:
     pushed: Tensor
     popped: Tensor  # left through the top, accumulated into the output
     overflow: Tensor  # pushed out at the bottom
-    iterations: int
+    iterations: Tensor  # ponder iterations each example ran before it stopped
 
 
 class ProcessingStack(nn.Module):
@@ -111,20 +111,22 @@ class ProcessingStack(nn.Module):
         left = s.new_zeros(B)  # mass that left through the top in this step
         acc = V.new_zeros(B, self.cfg.width)
         pushed, overflow = torch.zeros_like(left), torch.zeros_like(left)
-        it = 0
+        iterations = torch.zeros_like(left)
+        # Always max_steps iterations: a stopped example's actions are exactly 0, which leaves
+        # its stack as it is, so no host sync (`running.any()`) is needed to break early.
         for it in range(1, self.cfg.max_steps + 1):
+            iterations = iterations + running
             read = stack_read(V, s)  # [B,W]
-            e = torch.tanh(upcast(self.ctrl(torch.cat([e, read.to(e.dtype)], -1))))  # [B,Hd]
-            p = upcast(self.act(e)).softmax(-1) if actions is None else actions[:, it - 1]
+            e_new = torch.tanh(upcast(self.ctrl(torch.cat([e, read.to(e.dtype)], -1))))  # [B,Hd]
+            e = torch.where(running[:, None] > 0, e_new, e)  # a stopped example keeps its e
+            p = upcast(self.act(e_new)).softmax(-1) if actions is None else actions[:, it - 1]
             push = p[:, 0] * running
             pop = torch.minimum(p[:, 1] * running, 1.0 - left)  # ACT remainder
             s, popped = stack_pop(s, pop)
             acc = acc + (popped[..., None] * V).sum(1)
             left = left + popped.sum(-1)
-            V, s, fell = stack_push(V, s, torch.tanh(upcast(self.val(e))), push)
+            V, s, fell = stack_push(V, s, torch.tanh(upcast(self.val(e_new))), push)
             pushed, overflow = pushed + push, overflow + fell
             running = running * (left < 1.0 - self.cfg.epsilon).to(s.dtype)
-            if not bool(running.any()):
-                break
         y = self.out(torch.cat([stack_read(V, s), acc, e.to(V.dtype)], -1))  # [B,d_model]
-        return y, V, s, StackStats(pushed, left, overflow, it)
+        return y, V, s, StackStats(pushed, left, overflow, iterations)

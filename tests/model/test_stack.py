@@ -86,12 +86,12 @@ def test_act_stop_after_one_unit_left_or_max_steps():
     a = actions(*[(0.0, 0.6, 0.4)] * 5)
     _, _, s2, stats = st.step(torch.randn(1, 3), V, s, actions=a)
     # 0.6 then the remainder 0.4 of the unit: stop after 2 iterations, exactly one unit left
-    assert stats.iterations == 2
+    assert stats.iterations.tolist() == [2.0]
     torch.testing.assert_close(stats.popped, torch.tensor([1.0]))
     torch.testing.assert_close(s2.sum(), torch.tensor(2.0))
     a = actions(*[(0.0, 0.1, 0.9)] * 5)
     _, _, _, stats = st.step(torch.randn(1, 3), V, s, actions=a)
-    assert stats.iterations == 5  # max_steps reached first
+    assert stats.iterations.tolist() == [5.0]  # max_steps reached first
     torch.testing.assert_close(stats.popped, torch.tensor([0.5]))
 
 
