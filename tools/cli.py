@@ -24,6 +24,7 @@ COMMANDS: dict[str, str] = {
     "train": "blocklm.tools.cmd_train:train",
     "generate": "blocklm.tools.cmd_generate:generate",
     "plot": "blocklm.tools.cmd_plot:plot",
+    "eval": "blocklm.tools.cmd_eval:eval_run",
 }
 
 BENCH: dict[str, str] = {

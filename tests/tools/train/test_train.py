@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -11,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -155,3 +157,20 @@ def test_two_process_gloo_matches_one_process(tmp_path, dataset, tokenizer):
         for m in ra["loss"]:
             assert ra["loss"][m] == pytest.approx(rb["loss"][m], rel=1e-4), (m, ra, rb)
     assert (tmp_path / "two" / "rank-1.pt").is_file()
+
+
+def test_unigram_baseline_matches_hand_computation(tokenizer):
+    from blocklm.formats import raw_image_block
+    from blocklm.model.presets import tiny
+    from blocklm.tools.train.baseline import unigram_bits, unigram_counts
+
+    torch.manual_seed(0)
+    model = BlockLM(tiny(tokenizer_path=tokenizer))
+    px = np.zeros((2, 2, 1), np.uint8)
+    px[0, 0, 0] = 255  # sub-pixels: three 0s and one 255
+    counts = unigram_counts(model, [Sample("i", [raw_image_block(px)])])
+    c, elems = counts["image"]
+    assert elems == 4 and c[0] == 3 and c[255] == 1 and c.sum() == 4
+    # fit on the same data, add-one smoothed over 256 values: p(0) = 4/260, p(255) = 2/260
+    want = -(3 * math.log2(4 / 260) + math.log2(2 / 260)) / 4
+    assert unigram_bits(counts, counts)["image"] == pytest.approx(want)
