@@ -42,6 +42,7 @@ class TextSupport(ModeSupport):
         super().__init__(d_model)
         self.cfg = cfg
         self._sp = None
+        self._banned: list[int] | None = None
         vocab = cfg.vocab_size
         if vocab is None:
             if cfg.tokenizer_path is None:
@@ -90,11 +91,13 @@ class TextSupport(ModeSupport):
     def sample(self, h: Tensor, shapes: list, t: int, cfg: SampleConfig,
                generator: torch.Generator | None) -> Tensor:
         logits = self.distribution(h, None)[:, 0].float()  # [B,V]
-        sp = self.tokenizer
-        banned = [i for i in range(sp.get_piece_size()) if sp.is_control(i) or sp.is_unknown(i)]
-        banned += list(range(sp.get_piece_size(), self.vocab))
-        if banned:
-            logits[:, banned] = float("-inf")
+        if self._banned is None:  # control/unknown pieces and ids beyond the tokenizer
+            sp = self.tokenizer
+            n = sp.get_piece_size()
+            self._banned = [i for i in range(n) if sp.is_control(i) or sp.is_unknown(i)]
+            self._banned += list(range(n, self.vocab))
+        if self._banned:
+            logits[:, self._banned] = float("-inf")
         return sample_logits(logits, cfg, generator)[:, None]  # [B,1]
 
     def max_steps(self, shape) -> int:
