@@ -226,3 +226,13 @@ class _SequentialReader(io.RawIOBase):
         b[:n] = data
         self.pos += n
         return n
+
+
+def __getattr__(name: str) -> Any:
+    # RemoteOpener lived here first and is imported from here elsewhere (tools/dataset_open.py);
+    # it moved to .opener, which imports this module, so it is re-exported lazily.
+    if name == "RemoteOpener":
+        from .opener import RemoteOpener
+
+        return RemoteOpener
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
