@@ -1,10 +1,15 @@
-"""``make shards``: the sample corpora -> ``data/shards/{text,images,audio,mixed}`` and a
+"""``make shards``: the sample corpora -> ``data/shards/{text,images,audio,mixed,mixed-val}`` and a
 sentencepiece tokenizer at ``data/shards/tokenizer.model`` (+ ``.vocab``).
 
 ``mixed`` is converted from a generated sample manifest, ``data/shards/mixed.jsonl`` (paths
 relative to the corpora folder, ``--manifest-root``): each FSDD clip with the digit it speaks as a
 word (audio + text), each image with a caption from its file name (image + text), and consecutive
 pairs of tinyshakespeare paragraphs (text + text), interleaved so every shard holds all three.
+
+``mixed-val`` (from ``mixed-val.jsonl``) holds the same kinds of pairs, held out of ``mixed`` for
+evaluation: the FSDD recordings with index 0-4 (the dataset's own test split, 10%), every tenth
+image, and the last 10% of tinyshakespeare's paragraph pairs (a contiguous slice, as nanoGPT
+holds out its last 10%). ``mixed`` and ``mixed-val`` together cover every input once.
 
 Up to date outputs are kept: each output's stamp (the job's fingerprint plus the size and mtime of
 every input file) is stored in ``data/shards/make_shards.json`` and compared on the next run.
@@ -43,8 +48,10 @@ def input_signature(paths: list[Path]) -> str:
     return h.hexdigest()
 
 
-def mixed_manifest(corpora: Path, text_split: str = "paragraphs") -> list[dict]:
-    """The lines of the mixed sample manifest (paths relative to ``corpora``)."""
+def mixed_manifest(corpora: Path, text_split: str = "paragraphs"
+                   ) -> tuple[list[dict], list[dict]]:
+    """The lines of the mixed sample manifest and of its held-out part (paths relative to
+    ``corpora``)."""
     audio = []
     for f in sorted((corpora / "audio/fsdd").glob("*.wav")):
         digit = int(f.name.split("_")[0])
@@ -64,7 +71,11 @@ def mixed_manifest(corpora: Path, text_split: str = "paragraphs") -> list[dict]:
         for i in range(0, len(passages) - 1, 2):
             texts.append({"key": f"{f.stem}/{i // 2:06d}", "blocks": [
                 {"mode": "text", "text": passages[i]}, {"mode": "text", "text": passages[i + 1]}]})
-    return [x for group in zip_longest(audio, images, texts) for x in group if x is not None]
+    held = {id(x) for x in audio if int(x["key"].rsplit("_", 1)[1]) < 5}
+    held |= {id(x) for x in images[9::10]}
+    held |= {id(x) for x in texts[len(texts) - len(texts) // 10:]}
+    lines = [x for group in zip_longest(audio, images, texts) for x in group if x is not None]
+    return [x for x in lines if id(x) not in held], [x for x in lines if id(x) in held]
 
 
 def make_shards(corpora: Path, out: Path, workers: int | None, shard_size: int,
@@ -76,24 +87,30 @@ def make_shards(corpora: Path, out: Path, workers: int | None, shard_size: int,
         stamps = json.loads(stamps_path.read_text())
     except (OSError, ValueError):
         stamps = {}
-    manifest = out / "mixed.jsonl"
-    lines = mixed_manifest(corpora)
-    data = "".join(json.dumps(x, sort_keys=True) + "\n" for x in lines).encode()
-    if not manifest.exists() or manifest.read_bytes() != data:
-        manifest.write_bytes(data)  # rewritten only when it changes: keeps its mtime stable
+    train_lines, val_lines = mixed_manifest(corpora)
+    manifests = {}
+    for name, part in (("mixed", train_lines), ("mixed-val", val_lines)):
+        manifest = manifests[name] = out / f"{name}.jsonl"
+        data = "".join(json.dumps(x, sort_keys=True) + "\n" for x in part).encode()
+        if not manifest.exists() or manifest.read_bytes() != data:
+            manifest.write_bytes(data)  # rewritten only when it changes: keeps its mtime stable
+    lines = train_lines + val_lines
+    as_manifest = {"manifest_root": str(corpora), "kind": "manifest"}
     jobs = {
         "text": ([corpora / "text"], {}),
         "images": (sorted(p for p in (corpora / "images").iterdir() if p.is_dir()), {}),
         "audio": ([corpora / "audio/fsdd"], {}),
-        "mixed": ([manifest], {"manifest_root": str(corpora), "kind": "manifest"}),
+        "mixed": ([manifests["mixed"]], as_manifest),
+        "mixed-val": ([manifests["mixed-val"]], as_manifest),
     }
     rejected = 0
     for name, (inputs, extra) in jobs.items():
         opts = ConvertOptions(workers=workers, shard_size=shard_size, quiet=True, **extra)
         srcs = [str(p) for p in inputs]
-        deps = inputs + [corpora / p["path"] for x in lines if name == "mixed"
+        mixed = name.startswith("mixed")
+        deps = inputs + [corpora / p["path"] for x in lines if mixed
                          for p in x["blocks"] if "path" in p]
-        stamp = fingerprint(srcs, opts) + ":" + input_signature(deps if name == "mixed" else inputs)
+        stamp = fingerprint(srcs, opts) + ":" + input_signature(deps if mixed else inputs)
         if stamps.get(name) == stamp and (out / name / "report.json").exists():
             log(f"{name}: up to date")
             continue
@@ -126,8 +143,8 @@ def make_shards(corpora: Path, out: Path, workers: int | None, shard_size: int,
 @click.option("--shard-size", type=int, default=8 << 20, show_default=True)
 @click.option("--vocab-size", type=int, default=4096, show_default=True)
 def main(corpora, out, workers, shard_size, vocab_size):
-    """Convert the sample corpora into data/shards/{text,images,audio,mixed} and train the
-    tokenizer; outputs that are up to date are kept.
+    """Convert the sample corpora into data/shards/{text,images,audio,mixed,mixed-val} and train
+    the tokenizer; outputs that are up to date are kept.
 
     \b
     Example:

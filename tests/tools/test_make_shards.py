@@ -31,10 +31,18 @@ def test_make_shards_outputs_and_up_to_date_rerun(mini_corpora, tmp_path):
     out = tmp_path / "shards"
     logs: list[str] = []
     assert make_shards(mini_corpora, out, 1, 1 << 20, 600, log=logs.append) == 0
-    for name in ("text", "images", "audio", "mixed"):
+    for name in ("text", "images", "audio", "mixed", "mixed-val"):
         assert (out / name / "manifest.json").exists()
     assert (out / "tokenizer.model").exists() and (out / "tokenizer.vocab").exists()
-    mixed = {s.key: s for s in iter_dataset(out / "mixed")}
+    train = {s.key: s for s in iter_dataset(out / "mixed")}
+    val = {s.key: s for s in iter_dataset(out / "mixed-val")}
+    assert not set(train) & set(val)
+    assert {"fsdd/0_jackson_0", "fsdd/7_theo_3"} <= set(val)  # FSDD's test split: index 0-4
+    assert "fsdd/9_nicolas_12" in train
+    texts = sorted(k for k in train | val if k.startswith("tinyshakespeare/"))
+    n_val = len(texts) // 10
+    assert n_val >= 1 and set(texts[len(texts) - n_val:]) <= set(val)  # the last 10%
+    mixed = {**train, **val}
     seven = mixed["fsdd/7_theo_3"]
     assert seven.modes == ["audio", "text"] and seven.blocks[1].decode() == "seven"
     cap = mixed["set14/img_003"]
@@ -44,7 +52,7 @@ def test_make_shards_outputs_and_up_to_date_rerun(mini_corpora, tmp_path):
     assert pair.modes == ["text", "text"]
     assert pair.blocks[0].decode().startswith("First Citizen:\nBefore we proceed")
     assert pair.blocks[1].decode() == "All:\nSpeak, speak."
-    assert list(mixed)[:3] == ["fsdd/0_jackson_0", "bsd100/img_001", "tinyshakespeare/000000"]
+    assert list(train)[:3] == ["bsd100/img_001", "tinyshakespeare/000000", "bsd100/img_002"]
     assert len({s.key for s in iter_dataset(out / "images")}) == 3
 
     logs.clear()
@@ -55,7 +63,7 @@ def test_make_shards_outputs_and_up_to_date_rerun(mini_corpora, tmp_path):
     logs.clear()
     make_shards(mini_corpora, out, 1, 1 << 20, 600, log=logs.append)
     assert [line.split(":")[0] for line in logs if "up to date" not in line] == \
-        ["text", "mixed", "tokenizer"]
+        ["text", "mixed", "mixed-val", "tokenizer"]
 
 
 def test_tokenizer_train_cli_is_deterministic(small_text, tmp_path, run_cli):
