@@ -95,7 +95,7 @@ def test_unreadable_shard_without_manifest_is_counted_at_planning(copy, small_ke
 
 
 def test_skips_in_workers_are_reported_through_the_loader_state(copy, small_keys):
-    from torchdata.stateful_dataloader import StatefulDataLoader
+    StatefulDataLoader = pytest.importorskip("torchdata.stateful_dataloader").StatefulDataLoader
 
     key = flip_payload_byte(copy, "shard-000002.tar", 5)
     dl = StatefulDataLoader(BlockDataset(copy, on_error="skip"), batch_size=None, num_workers=2,
