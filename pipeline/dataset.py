@@ -68,6 +68,8 @@ class BlockDataset(IterableDataset):
     error naming shard and key, or "skip" and count it in :attr:`stats`), ``rank``/``world_size``
     (default: ``torch.distributed`` when initialised). Every rank gets ``len(dataset)`` samples per
     epoch (see :mod:`blocklm.pipeline.split` for the policy).
+    ``index_cache_entries`` bounds the compiled shard indexes kept across epochs (about 2 KB per
+    sample, in each process).
 
     Resume with :meth:`state_dict`/:meth:`load_state_dict`, or through torchdata's
     ``StatefulDataLoader``; :meth:`load_state_dict` also takes a whole ``StatefulDataLoader`` state,
@@ -82,7 +84,7 @@ class BlockDataset(IterableDataset):
                  verify: bool = True, rank: int | None = None, world_size: int | None = None,
                  remote: RemoteConfig | None = None, opener: Opener | None = None,
                  transform: Callable[[Sample], Any] | None = None,
-                 limits: Limits = DEFAULT_LIMITS, index_cache_entries: int = 1 << 18) -> None:
+                 limits: Limits = DEFAULT_LIMITS, index_cache_entries: int = 1 << 15) -> None:
         super().__init__()
         self.config = LoaderConfig(shuffle, seed, shuffle_buffer, piece_samples, on_error, verify,
                                    rank, world_size)

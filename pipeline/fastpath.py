@@ -105,7 +105,7 @@ class IndexCache:
     """Compiled indexes of recently read shards, kept across epochs, at most ``max_entries``
     samples in all (least recently used dropped first), so memory stays flat over epochs."""
 
-    def __init__(self, max_entries: int = 1 << 18) -> None:
+    def __init__(self, max_entries: int = 1 << 15) -> None:
         self.max_entries = max_entries
         self._items: OrderedDict[str, CompiledShard] = OrderedDict()
         self._total = 0
