@@ -162,3 +162,29 @@ def test_mixture_resumes_through_a_stateful_dataloader(small_shards, small_keys)
     seen = Counter(first + rest)
     assert len(first) == 120 and sorted(seen) == sorted(small_keys)
     assert all(v == 2 for v in seen.values())  # each key once from each of the two sources
+
+
+@pytest.mark.parametrize("how", ["loader", "dataset"])
+def test_resumed_epoch_then_next_epoch_whole_with_workers(small_shards, small_keys, how):
+    ds = make(small_shards)
+    ds.set_epoch(3)
+    dl = loader(ds, 2, 4)
+    it = iter(dl)
+    first = flat(take(it, 10))
+    state = dl.state_dict()
+    del it, dl
+
+    ds2 = make(small_shards)
+    ds2.set_epoch(3)
+    dl2 = loader(ds2, 2, 4)
+    if how == "loader":
+        dl2.load_state_dict(state)
+    else:
+        ds2.load_state_dict(state)
+    rest = flat(list(dl2))
+    assert sorted(first + rest) == sorted(small_keys)
+    ds2.set_epoch(4)
+    again = flat(list(dl2))
+    assert sorted(again) == sorted(small_keys)
+    ds.set_epoch(4)
+    assert again == flat(list(loader(ds, 2, 4)))  # epoch 4 is epoch 4, resumed or not
