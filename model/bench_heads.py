@@ -38,19 +38,21 @@ def crop(mode: str, content):
     raise ValueError(f"no crop rule for mode {mode!r}")
 
 
-def load(path: str, limit: int, modes: set[str]) -> tuple[list, list]:
-    """(train, held-out) lists of samples as [(mode, shape, cropped content)], split by key."""
+def load(path: str, limit: int, modes: set[str]) -> tuple[list, list, int]:
+    """(train, held-out) lists of samples as [(mode, shape, cropped content)], split by key,
+    and the number of samples left out (empty, or with a mode the model does not register)."""
     from blocklm.formats import iter_dataset
 
-    train, test = [], []
+    train, test, left_out = [], [], 0
     for s in iter_dataset(path):
         if not s.blocks or any(b.mode not in modes for b in s.blocks):
+            left_out += 1
             continue
         blocks = [(b.mode, tuple(b.shape), crop(b.mode, b.decode())) for b in s.blocks]
         (test if zlib.crc32(s.key.encode()) % 10 == 0 else train).append(blocks)
         if len(train) + len(test) >= limit:
             break
-    return train, test
+    return train, test, left_out
 
 
 def run_examples(model: BlockLM, batch: list) -> tuple[torch.Tensor, list, list]:
@@ -137,7 +139,7 @@ def run_heads(path: str, tokenizer: str, steps: int, seed: int, batch: int = 16,
         return {"skipped": f"no {path}: run make shards"}
     torch.manual_seed(seed)
     model = BlockLM(tiny(tokenizer_path=tokenizer))
-    train, test = load(path, limit, set(model.supports))
+    train, test, left_out = load(path, limit, set(model.supports))
     if not train or not test:
         return {"skipped": f"{path} has too few samples of the registered modes"}
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
@@ -150,7 +152,7 @@ def run_heads(path: str, tokenizer: str, steps: int, seed: int, batch: int = 16,
         (bits / batch).backward()
         opt.step()
     res = {"dataset": path, "train_samples": len(train), "test_samples": len(test),
-           "steps": steps, "train_s": round(time.time() - t0, 1)}
+           "left_out_samples": left_out, "steps": steps, "train_s": round(time.time() - t0, 1)}
     res.update(evaluate(model, test, 64))
     res["baseline"] = baseline(model, train, test)
     return res
