@@ -9,6 +9,7 @@ consumed, which makes resumption exact under any number of DataLoader workers (:
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -104,6 +105,7 @@ class BlockDataset(IterableDataset):
         self._pending: list[dict[str, Any]] | None = None
         self._pass: dict[str, Any] | None = None
         self._indexes = IndexCache(index_cache_entries)
+        self._passes_this_epoch = 0
 
     def _missing_shard(self, shard: DatasetShard, err: FormatError) -> None:
         self.stats.skip(err, shard.url, None)
@@ -160,6 +162,7 @@ class BlockDataset(IterableDataset):
         if epoch != self.epoch:
             self._pass = None
         self.epoch = int(epoch)
+        self._passes_this_epoch = 0
 
     def _fingerprint(self) -> dict[str, Any]:
         c = self.config
@@ -229,6 +232,12 @@ class BlockDataset(IterableDataset):
     def __iter__(self) -> Iterator[Any]:
         info = get_worker_info()
         workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
+        self._passes_this_epoch += 1
+        if info is not None and self._passes_this_epoch > 1:
+            warnings.warn("BlockDataset: a DataLoader worker starts a second pass of epoch "
+                          f"{self.epoch}: with persistent_workers=True, set_epoch() in the main "
+                          "process does not reach the workers; use persistent_workers=False",
+                          stacklevel=2)
         plan = self.plan()
         pending, self._pending = self._pending, None
         skip = 0

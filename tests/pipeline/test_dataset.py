@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import socket
+import warnings
 
 import numpy as np
 import pytest
@@ -170,3 +171,21 @@ def test_shuffled_reading_holds_at_most_the_buffer():
         most = max(most, pulled - t)
         assert pos == order[t]
     assert most <= k
+
+
+def test_a_second_pass_in_a_worker_without_set_epoch_warns(small_shards):
+    # as in a persistent DataLoader worker, where set_epoch() in the main process never arrives
+    import torch.utils.data._utils.worker as w
+
+    ds = BlockDataset(small_shards, seed=1)
+    w._worker_info = w.WorkerInfo(id=0, num_workers=1, seed=0, dataset=ds)
+    try:
+        list(ds)
+        with pytest.warns(UserWarning, match="persistent_workers"):
+            next(iter(ds))
+        ds.set_epoch(1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            next(iter(ds))
+    finally:
+        w._worker_info = None
