@@ -107,6 +107,11 @@ class BlockDataset(IterableDataset):
         self._indexes = IndexCache(index_cache_entries)
         self._passes_this_epoch = 0
 
+    def __getstate__(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d["_passes_this_epoch"] = 0  # a worker's copy counts its own passes
+        return d
+
     def _missing_shard(self, shard: DatasetShard, err: FormatError) -> None:
         self.stats.skip(err, shard.url, None)
 
