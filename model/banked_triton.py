@@ -83,20 +83,45 @@ def banked_attention_reference(q: Tensor, k: Tensor, v: Tensor, r: Tensor, w: Te
 if HAS_TRITON:
 
     @triton.jit
-    def _cum_decay(w_ptrs, g_ptrs, C: tl.constexpr):
-        """w, g of one bank over one chunk -> w, g (fp32), the chunk-local inclusive cumsum c of
-        log a = log1p(-w (1 - g)), and c at the chunk's last step."""
-        b_w = tl.load(w_ptrs).to(tl.float32)
-        b_g = tl.load(g_ptrs).to(tl.float32)
-        x = -b_w * (1.0 - b_g)
+    def _decay_prep(w, g, c, N: tl.constexpr, NP: tl.constexpr, C: tl.constexpr):
+        """c = chunk-local inclusive cumsum of log a = log1p(-w (1 - g)), one chunk [C, N]."""
+        j, i_bh = tl.program_id(0), tl.program_id(1)
+        t = i_bh.to(tl.int64) * tl.num_programs(0) * C + j * C + tl.arange(0, C)
+        on = tl.arange(0, NP)
+        m = (on < N)[None, :]
+        b_w = tl.load(w + t[:, None] * N + on[None, :], mask=m, other=0.0).to(tl.float32)
+        b_g = tl.load(g + t).to(tl.float32)
+        x = -b_w * (1.0 - b_g[:, None])
         u = 1.0 + x
         la = tl.where(u == 1.0, x, tl.log(u) * (x / tl.where(u == 1.0, 1.0, u - 1.0)))  # log1p
-        b_c = tl.cumsum(la, 0)
-        b_cT = tl.sum(tl.where(tl.arange(0, C) == C - 1, b_c, 0.0), 0)
-        return b_w, b_g, b_c, b_cT
+        tl.store(c + t[:, None] * N + on[None, :], tl.cumsum(la, 0), mask=m)
 
     @triton.jit
-    def _fwd_h(k, v, w, g, hs, zs, S0, z0, ST, zT, NT,
+    def _bwd_decay(r, w, g, dr, dw, dg, fin, NT, N: tl.constexpr, NP: tl.constexpr,
+                   C: tl.constexpr):
+        """Gradient of the log-decays, one (batch, head): d log a[u] = sum over t >= u of
+        (r dr - w dw)[t] + <dS_T, S_T> + <dz_T, z_T> (the final memory's term), a reverse
+        cumsum over the whole sequence; then to w (dw += d log a * d log a / dw) and g."""
+        i_bh = tl.program_id(0)
+        on = tl.arange(0, NP)
+        m = (on < N)[None, :]
+        carry = tl.load(fin + i_bh * N + on, mask=on < N, other=0.0)
+        for jj in range(NT):
+            t = i_bh.to(tl.int64) * NT * C + (NT - 1 - jj) * C + tl.arange(0, C)
+            ix = t[:, None] * N + on[None, :]
+            b_r = tl.load(r + ix, mask=m, other=0.0).to(tl.float32)
+            b_w = tl.load(w + ix, mask=m, other=0.0).to(tl.float32)
+            b_dr = tl.load(dr + ix, mask=m, other=0.0)
+            b_dw = tl.load(dw + ix, mask=m, other=0.0)
+            b_g = tl.load(g + t).to(tl.float32)
+            dla = tl.cumsum(b_r * b_dr - b_w * b_dw, 0, reverse=True) + carry[None, :]
+            carry = tl.sum(tl.where(tl.arange(0, C)[:, None] == 0, dla, 0.0), 0)
+            a = 1.0 - b_w * (1.0 - b_g[:, None])
+            tl.store(dw + ix, b_dw - dla * (1.0 - b_g[:, None]) / a, mask=m)
+            tl.store(dg + t, tl.sum(dla * b_w / a, 1))
+
+    @triton.jit
+    def _fwd_h(k, v, w, c, hs, zs, S0, z0, ST, zT, NT,
                N: tl.constexpr, D: tl.constexpr, E: tl.constexpr, C: tl.constexpr,
                BK: tl.constexpr, BV: tl.constexpr, HAS_S0: tl.constexpr):
         """Memory across chunks for one (batch*head, bank, D-tile, E-tile); saves chunk starts."""
@@ -109,7 +134,7 @@ if HAS_TRITON:
         kb = k + i_bh.to(tl.int64) * T * D
         vb = v + i_bh.to(tl.int64) * T * E
         wb = w + i_bh.to(tl.int64) * T * N + n
-        gb = g + i_bh.to(tl.int64) * T
+        cb = c + i_bh.to(tl.int64) * T * N + n
         b_h = tl.zeros([BK, BV], dtype=tl.float32)
         b_z = tl.zeros([BK], dtype=tl.float32)
         if HAS_S0:
@@ -124,7 +149,9 @@ if HAS_TRITON:
             t = j * C + ot
             b_k = tl.load(kb + t[:, None] * D + ok[None, :])
             b_v = tl.load(vb + t[:, None] * E + ov[None, :])
-            b_w, _, b_c, b_cT = _cum_decay(wb + t * N, gb + t, C)
+            b_w = tl.load(wb + t * N).to(tl.float32)
+            b_c = tl.load(cb + t * N)
+            b_cT = tl.load(cb + (j * C + C - 1) * N)
             kd = b_k.to(tl.float32) * (b_w * tl.exp(b_cT - b_c))[:, None]  # [C,BK]
             b_h = b_h * tl.exp(b_cT) + tl.dot(tl.trans(kd.to(b_v.dtype)), b_v)
             b_z = b_z * tl.exp(b_cT) + tl.sum(kd, axis=0)
@@ -133,7 +160,7 @@ if HAS_TRITON:
             tl.store(zT + i_bhn.to(tl.int64) * D + ok, b_z)
 
     @triton.jit
-    def _fwd_o(q, k, v, r, w, g, hs, zs, o, den, NT, eps,
+    def _fwd_o(q, k, v, r, w, c, hs, zs, o, den, NT, eps,
                N: tl.constexpr, D: tl.constexpr, E: tl.constexpr, C: tl.constexpr,
                BV: tl.constexpr):
         """Outputs of one chunk and E-tile: intra-chunk scores + reads of the chunk-start memory."""
@@ -154,7 +181,8 @@ if HAS_TRITON:
         for n in range(N):
             rb = bh * T * N + t * N + n
             b_r = tl.load(r + rb).to(tl.float32)
-            b_w, _, b_c, _ = _cum_decay(w + rb, g + bh * T + t, C)
+            b_w = tl.load(w + rb).to(tl.float32)
+            b_c = tl.load(c + rb)
             diff = tl.where(causal, b_c[:, None] - b_c[None, :], float("-inf"))
             M += b_r[:, None] * b_w[None, :] * tl.exp(diff)
             slot = (bh * NT + j) * N + n
@@ -184,7 +212,7 @@ if HAS_TRITON:
         tl.store(dden + t, -tl.sum(b_do * b_o, axis=1) / b_den)
 
     @triton.jit
-    def _bwd_dh(q, r, w, g, dy, dden, dhs, dzs, dST, dzT, dS0, dz0, NT,
+    def _bwd_dh(q, r, c, dy, dden, dhs, dzs, dST, dzT, dS0, dz0, NT,
                 N: tl.constexpr, D: tl.constexpr, E: tl.constexpr, C: tl.constexpr,
                 BK: tl.constexpr, BV: tl.constexpr, HAS_DST: tl.constexpr):
         """Memory gradient backwards across chunks; saves the gradient at each chunk's end."""
@@ -198,8 +226,7 @@ if HAS_TRITON:
         yb = dy + i_bh.to(tl.int64) * T * E
         db = dden + i_bh.to(tl.int64) * T
         rb = r + i_bh.to(tl.int64) * T * N + n
-        wb = w + i_bh.to(tl.int64) * T * N + n
-        gb = g + i_bh.to(tl.int64) * T
+        cb = c + i_bh.to(tl.int64) * T * N + n
         b_dh = tl.zeros([BK, BV], dtype=tl.float32)
         b_dz = tl.zeros([BK], dtype=tl.float32)
         if HAS_DST:
@@ -216,7 +243,8 @@ if HAS_TRITON:
             b_q = tl.load(qb + t[:, None] * D + ok[None, :])
             b_y = tl.load(yb + t[:, None] * E + ov[None, :])
             b_r = tl.load(rb + t * N).to(tl.float32)
-            _, _, b_c, b_cT = _cum_decay(wb + t * N, gb + t, C)
+            b_c = tl.load(cb + t * N)
+            b_cT = tl.load(cb + (j * C + C - 1) * N)
             qs = b_q.to(tl.float32) * (b_r * tl.exp(b_c))[:, None]  # [C,BK]
             b_dh = b_dh * tl.exp(b_cT) + tl.dot(tl.trans(qs.to(b_y.dtype)), b_y)
             if i_v == 0:
@@ -227,12 +255,12 @@ if HAS_TRITON:
             tl.store(dz0 + i_bhn.to(tl.int64) * D + ok, b_dz)
 
     @triton.jit
-    def _bwd_dqk(q, k, v, r, w, g, hs, zs, dhs, dzs, hd, dy, dden, dx, dr, dw, dg, NT,
+    def _bwd_dqk(q, k, v, r, w, c, hs, zs, dhs, dzs, dy, dden, dx, dsel, NT,
                  N: tl.constexpr, D: tl.constexpr, E: tl.constexpr, C: tl.constexpr,
-                 P2: tl.constexpr, SIDE: tl.constexpr):
-        """One chunk (full D and E). SIDE 0 (reads): dq and dr. SIDE 1 (writes, after SIDE 0 and
-        _bwd_dv): dk, dw and dg, through dc = r dr - w dw (+ the chunk-end memory term at the last
-        step) and d log a = reverse cumsum of dc. Two launches keep each under the register file."""
+                 SIDE: tl.constexpr):
+        """One chunk (full D and E). SIDE 0 (reads): dq and dr; SIDE 1 (writes): dk and dw (the
+        direct part; the decay part is _bwd_decay's). Two launches keep each under the register
+        file."""
         j, i_bh = tl.program_id(0), tl.program_id(1)
         T = NT * C
         od = tl.arange(0, D)
@@ -255,11 +283,11 @@ if HAS_TRITON:
         Bm = tl.where(causal, qk * yv, 0.0)
         M = tl.zeros([C, C], dtype=tl.float32)
         b_dx = tl.zeros([C, D], dtype=tl.float32)
-        b_dg = tl.zeros([C], dtype=tl.float32)
         for n in range(N):
             rb = bh * T * N + t * N + n
             b_r = tl.load(r + rb).to(tl.float32)
-            b_w, b_g, b_c, b_cT = _cum_decay(w + rb, g + bh * T + t, C)
+            b_w = tl.load(w + rb).to(tl.float32)
+            b_c = tl.load(c + rb)
             En = tl.exp(tl.where(causal, b_c[:, None] - b_c[None, :], float("-inf")))
             M += b_r[:, None] * b_w[None, :] * En
             slot = (bh * NT + j) * N + n
@@ -271,24 +299,17 @@ if HAS_TRITON:
                 dqt = tl.dot(b_y, tl.trans(b_hn.to(b_y.dtype))) + b_dd[:, None] * b_zn[None, :]
                 b_dx += (b_r * ec)[:, None] * dqt
                 d_n += ec * tl.sum(b_q.to(tl.float32) * dqt, axis=1)
-                tl.store(dr + rb, d_n)
+                tl.store(dsel + rb, d_n)
             else:  # writes into the chunk-end memory
                 d_n = tl.sum(Bm * En * b_r[:, None], axis=0)
+                b_cT = tl.load(c + bh * T * N + (j * C + C - 1) * N + n)
                 b_dhn = tl.load(dhs + slot * D * E + od[:, None] * E + oe[None, :])
                 b_dzn = tl.load(dzs + slot * D + od)
                 ew = tl.exp(b_cT - b_c)
                 dkt = tl.dot(b_v, tl.trans(b_dhn.to(b_v.dtype))) + b_dzn[None, :]
                 b_dx += (b_w * ew)[:, None] * dkt
-                dwi = ew * tl.sum(b_k.to(tl.float32) * dkt, axis=1)
-                d_n += dwi
-                # d/dc at the last step: <dS_end, S_end> = e^cT <dS_end, S_start> + the writes
-                hdn = tl.sum(tl.load(hd + slot * P2 + tl.arange(0, P2)), axis=0)
-                last = tl.exp(b_cT) * hdn + tl.sum(b_w * dwi, axis=0)
-                dc = b_r * tl.load(dr + rb) - b_w * d_n + tl.where(ot == C - 1, last, 0.0)
-                dla = tl.cumsum(dc, 0, reverse=True)  # c is a cumsum of log a within the chunk
-                a = 1.0 - b_w * (1.0 - b_g)  # log a = log1p(-w (1 - g))
-                tl.store(dw + rb, d_n - dla * (1.0 - b_g) / a)
-                b_dg += dla * b_w / a
+                d_n += ew * tl.sum(b_k.to(tl.float32) * dkt, axis=1)
+                tl.store(dsel + rb, d_n)
         dA = yv * M  # M is 0 above the diagonal
         if SIDE == 0:  # k and q are loaded again here rather than held through the bank loop
             b_dx += tl.dot(dA.to(b_q.dtype),
@@ -296,15 +317,14 @@ if HAS_TRITON:
         else:
             b_dx += tl.dot(tl.trans(dA).to(b_k.dtype),
                            tl.load(q + bh * T * D + t[:, None] * D + od[None, :]))
-            tl.store(dg + bh * T + t, b_dg)
         tl.store(dx + bh * T * D + t[:, None] * D + od[None, :], b_dx.to(dx.dtype.element_ty))
 
     @triton.jit
-    def _bwd_dv(q, k, r, w, g, hs, zs, dhs, dzs, hd, dy, dv, NT,
+    def _bwd_dv(q, k, r, w, c, dhs, dy, dv, NT,
                 N: tl.constexpr, D: tl.constexpr, E: tl.constexpr, C: tl.constexpr,
-                BV: tl.constexpr, P2: tl.constexpr):
+                BV: tl.constexpr):
         """dv of one chunk and E-tile: A^T dy + the writes' share of the chunk-end memory
-        gradient; also this tile's share of <dS_end, S_start> + <dz_end, z_start> per bank."""
+        gradient."""
         i_v, j, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         T = NT * C
         od = tl.arange(0, D)
@@ -319,17 +339,14 @@ if HAS_TRITON:
         for n in range(N):
             rb = bh * T * N + t * N + n
             b_r = tl.load(r + rb).to(tl.float32)
-            b_w, _, b_c, b_cT = _cum_decay(w + rb, g + bh * T + t, C)
+            b_w = tl.load(w + rb).to(tl.float32)
+            b_c = tl.load(c + rb)
+            b_cT = tl.load(c + bh * T * N + (j * C + C - 1) * N + n)
             M += b_r[:, None] * b_w[None, :] * tl.exp(
                 tl.where(causal, b_c[:, None] - b_c[None, :], float("-inf")))
             slot = (bh * NT + j) * N + n
             b_dhn = tl.load(dhs + slot * D * E + od[:, None] * E + ov[None, :])
             b_dv += (b_w * tl.exp(b_cT - b_c))[:, None] * tl.dot(b_k, b_dhn.to(b_k.dtype))
-            b_hn = tl.load(hs + slot * D * E + od[:, None] * E + ov[None, :])
-            part = tl.sum(tl.sum(b_dhn.to(tl.float32) * b_hn.to(tl.float32), axis=1), axis=0)
-            if i_v == 0:
-                part += tl.sum(tl.load(dzs + slot * D + od) * tl.load(zs + slot * D + od), axis=0)
-            tl.store(hd + slot * P2 + i_v, part)
         A = tl.dot(tl.load(q + bh * T * D + t[:, None] * D + od[None, :]), tl.trans(b_k)) * M
         b_y = tl.load(dy + bh * T * E + t[:, None] * E + ov[None, :])
         b_dv += tl.dot(tl.trans(A).to(b_y.dtype), b_y)
@@ -339,12 +356,22 @@ if HAS_TRITON:
 # Launch settings (tile widths of the state kernels, warps per program); benchmarks may sweep them.
 # stages_dqk: software-pipelining depth of _bwd_dqk (None: Triton's default); at C=128 with
 # D=E=128 the default needs 260 KB of shared memory (limit 227 KB), so that case uses 1.
-KERNEL_OPTS = {"tile": 64, "warps_h": 4, "warps_o": 8, "warps_dqk": 8, "warps_dv": 8,
+KERNEL_OPTS = {"tile_h": 64, "tile_v": 128, "warps_h": 4, "warps_o": 8, "warps_dqk": 8, "warps_dv": 8,
                "stages_dqk": None}
 
 
-def _tile(n: int) -> int:
-    return min(n, KERNEL_OPTS["tile"])
+def _tiles(D: int, E: int) -> tuple[int, int, int]:
+    """D- and E-tiles of the state kernels, E-tile of the output and dv kernels."""
+    th, tv = KERNEL_OPTS["tile_h"], KERNEL_OPTS["tile_v"]
+    return min(D, th), min(E, th), min(E, tv)
+
+
+def _decay(w: Tensor, g: Tensor, C: int) -> Tensor:
+    """Chunk-local cumsum of log a, [B,H,T,N] fp32 (one small kernel)."""
+    B, H, T, N = w.shape
+    c = torch.empty(B, H, T, N, device=w.device, dtype=torch.float32)
+    _decay_prep[(T // C, B * H)](w, g, c, N=N, NP=triton.next_power_of_2(N), C=C, num_warps=4)
+    return c
 
 
 class BankedAttentionFn(torch.autograd.Function):
@@ -356,8 +383,9 @@ class BankedAttentionFn(torch.autograd.Function):
         B, H, T, D = q.shape
         E, N = v.shape[-1], r.shape[-1]
         NT = T // C
-        BK, BV = _tile(D), _tile(E)
+        BK, BV, BO = _tiles(D, E)
         dev = q.device
+        c = _decay(w, g, C)
         hs = torch.empty(B * H * NT * N * D * E, device=dev, dtype=v.dtype)
         zs = torch.empty(B * H * NT * N * D, device=dev, dtype=torch.float32)
         ST = torch.empty(B, H, N, D, E, device=dev, dtype=torch.float32)
@@ -366,24 +394,24 @@ class BankedAttentionFn(torch.autograd.Function):
         s0 = S0.contiguous().float() if has_s0 else ST
         zz0 = z0.contiguous().float() if has_s0 else zT
         _fwd_h[(D // BK, E // BV, B * H * N)](
-            k, v, w, g, hs, zs, s0, zz0, ST, zT, NT, N=N, D=D, E=E, C=C, BK=BK, BV=BV,
+            k, v, w, c, hs, zs, s0, zz0, ST, zT, NT, N=N, D=D, E=E, C=C, BK=BK, BV=BV,
             HAS_S0=has_s0, num_warps=KERNEL_OPTS["warps_h"])
         o = torch.empty(B, H, T, E, device=dev, dtype=v.dtype)
         den = torch.empty(B, H, T, device=dev, dtype=torch.float32)
-        _fwd_o[(E // BV, NT, B * H)](q, k, v, r, w, g, hs, zs, o, den, NT, eps,
-                                     N=N, D=D, E=E, C=C, BV=BV, num_warps=KERNEL_OPTS["warps_o"])
-        ctx.save_for_backward(q, k, v, r, w, g, hs, zs, o, den)
+        _fwd_o[(E // BO, NT, B * H)](q, k, v, r, w, c, hs, zs, o, den, NT, eps,
+                                     N=N, D=D, E=E, C=C, BV=BO, num_warps=KERNEL_OPTS["warps_o"])
+        ctx.save_for_backward(q, k, v, r, w, g, c, hs, zs, o, den, ST, zT)
         ctx.meta = (has_s0, C)
         return o, ST, zT
 
     @staticmethod
     def backward(ctx, do, dST, dzT):
-        q, k, v, r, w, g, hs, zs, o, den = ctx.saved_tensors
+        q, k, v, r, w, g, c, hs, zs, o, den, ST, zT = ctx.saved_tensors
         has_s0, C = ctx.meta
         B, H, T, D = q.shape
         E, N = v.shape[-1], r.shape[-1]
         NT = T // C
-        BK, BV = _tile(D), _tile(E)
+        BK, BV, BO = _tiles(D, E)
         dev = q.device
         # out = num / den: the numerator's gradient and the normaliser's (a "ones" value column)
         do = do.contiguous() if do is not None else torch.zeros_like(o)
@@ -398,26 +426,27 @@ class BankedAttentionFn(torch.autograd.Function):
         dS0 = torch.empty(B, H, N, D, E, device=dev, dtype=torch.float32)
         dz0 = torch.empty(B, H, N, D, device=dev, dtype=torch.float32)
         _bwd_dh[(D // BK, E // BV, B * H * N)](
-            q, r, w, g, dy, dden, dhs, dzs, dST.contiguous(), dzT.contiguous(), dS0, dz0,
+            q, r, c, dy, dden, dhs, dzs, dST.contiguous(), dzT.contiguous(), dS0, dz0,
             NT, N=N, D=D, E=E, C=C, BK=BK, BV=BV, HAS_DST=has_dst,
             num_warps=KERNEL_OPTS["warps_h"])
-        P2 = max(2, E // BV)  # E-tiles per bank (>= 2 for tl.arange; spare slots stay 0)
-        hd = torch.zeros(B * H * NT * N * P2, device=dev, dtype=torch.float32)
         dv = torch.empty_like(v)
-        _bwd_dv[(E // BV, NT, B * H)](q, k, r, w, g, hs, zs, dhs, dzs, hd, dy, dv, NT,
-                                      N=N, D=D, E=E, C=C, BV=BV, P2=P2,
-                                      num_warps=KERNEL_OPTS["warps_dv"])
+        _bwd_dv[(E // BO, NT, B * H)](q, k, r, w, c, dhs, dy, dv, NT, N=N, D=D, E=E, C=C,
+                                      BV=BO, num_warps=KERNEL_OPTS["warps_dv"])
         dq, dk = torch.empty_like(q), torch.empty_like(k)
         dr = torch.empty(B, H, T, N, device=dev, dtype=torch.float32)
         dw = torch.empty_like(dr)
-        dg = torch.empty(B, H, T, device=dev, dtype=torch.float32)
         stages = KERNEL_OPTS["stages_dqk"] or (1 if C * D * E > 64 * 128 * 128 else None)
         extra = {} if stages is None else {"num_stages": stages}
         warps = KERNEL_OPTS["warps_dqk"] if D * E >= 8192 else 4
-        for side, dx in ((0, dq), (1, dk)):  # the writes side reads dr: reads go first
-            _bwd_dqk[(NT, B * H)](q, k, v, r, w, g, hs, zs, dhs, dzs, hd, dy, dden, dx, dr, dw,
-                                  dg, NT, N=N, D=D, E=E, C=C, P2=P2, SIDE=side,
-                                  num_warps=warps, **extra)
+        for dx, dsel, side in ((dq, dr, 0), (dk, dw, 1)):
+            _bwd_dqk[(NT, B * H)](q, k, v, r, w, c, hs, zs, dhs, dzs, dy, dden, dx, dsel, NT,
+                                  N=N, D=D, E=E, C=C, SIDE=side, num_warps=warps, **extra)
+        # the final memory's share of the decay gradient, then the reverse cumsum over T
+        fin = ((dST * ST).sum((-2, -1)) + (dzT * zT).sum(-1)).contiguous() if has_dst else \
+            torch.zeros(B, H, N, device=dev)
+        dg = torch.empty(B, H, T, device=dev, dtype=torch.float32)
+        _bwd_decay[(B * H,)](r, w, g, dr, dw, dg, fin, NT, N=N, NP=triton.next_power_of_2(N),
+                             C=C, num_warps=4)
         return (dq, dk, dv, dr.to(r.dtype), dw.to(w.dtype), dg.to(g.dtype),
                 dS0 if has_s0 else None, dz0 if has_s0 else None, None, None)
 
