@@ -18,7 +18,11 @@ closes everything the fixture opened.
   (``"cut"`` closes the connection after ``after`` bytes of response, ``"stall"`` sends ``after``
   bytes then goes silent for ``seconds``, ``"error"`` answers HTTP ``status`` without contacting
   the server); once the queue is empty, connections pass through. ``proxy.connections`` and
-  ``proxy.faults_done`` count what happened.
+  ``proxy.faults_done`` count what happened; ``proxy.requests`` keeps the first bytes of what
+  clients sent (to check ``Range`` headers).
+- ``small_shards`` / ``small_keys``: a small session-scoped dataset folder written with
+  ``ShardWriter`` (302 samples in 7 shards, text and bytes blocks plus one real WAV and one real
+  PNG from the corpora) and its keys in written order. Read-only: copy it before corrupting it.
 """
 
 from __future__ import annotations
