@@ -419,12 +419,15 @@ class BankedAttentionFn(torch.autograd.Function):
         dden = torch.empty_like(den)
         _bwd_prep[(NT, B * H)](do, o, den, dy, dden, E=E, C=C, num_warps=4)
         has_dst = dST is not None or dzT is not None
-        dST = (dST if dST is not None else torch.zeros(B, H, N, D, E, device=dev)).float()
-        dzT = (dzT if dzT is not None else torch.zeros(B, H, N, D, device=dev)).float()
         dhs = torch.empty_like(hs)
         dzs = torch.empty_like(zs)
         dS0 = torch.empty(B, H, N, D, E, device=dev, dtype=torch.float32)
         dz0 = torch.empty(B, H, N, D, device=dev, dtype=torch.float32)
+        if has_dst:
+            dST = (dST if dST is not None else torch.zeros_like(ST)).float()
+            dzT = (dzT if dzT is not None else torch.zeros_like(zT)).float()
+        else:  # not read (HAS_DST=False): no zero tensors to fill
+            dST, dzT = dS0, dz0
         _bwd_dh[(D // BK, E // BV, B * H * N)](
             q, r, c, dy, dden, dhs, dzs, dST.contiguous(), dzT.contiguous(), dS0, dz0,
             NT, N=N, D=D, E=E, C=C, BK=BK, BV=BV, HAS_DST=has_dst,

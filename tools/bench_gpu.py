@@ -139,7 +139,7 @@ def profile_kernels(fn, iters: int = 3) -> list[dict]:
 @click.option("--sweep", is_flag=True,
               help="Also time launch-setting variants (banked, N banks) at the longest length.")
 @click.option("--profile", "do_profile", is_flag=True,
-              help="Also list per-kernel times (torch.profiler) at the longest length.")
+              help="Also list per-kernel times (torch.profiler) of the banked kernels, N banks.")
 @click.option("--out", "out_path", default=None, help="Also write the JSON figures here.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 def bench_gpu(batch, heads, dim, tokens, banks, chunks, ref_max_tokens, reps, sweep, do_profile,
@@ -196,9 +196,10 @@ def bench_gpu(batch, heads, dim, tokens, banks, chunks, ref_max_tokens, reps, sw
                     with torch.no_grad():
                         row[f"banked_N{N}_C{C}_fwd_ms"] = _safe(lambda xs=xs, banked=banked: (
                             _median_ms(lambda: banked(*xs), reps)))
+                if n_banks == N and C == Cs[0] and do_profile:
+                    res.setdefault("profile", {})[str(T)] = profile_kernels(
+                        _fwd_bwd(banked, xs, dout))
                 if n_banks == N and C == Cs[0] and T == Ts[-1]:
-                    if do_profile:
-                        res["profile"] = profile_kernels(_fwd_bwd(banked, xs, dout))
                     if sweep:
                         res["sweep"] = []
                         for variant in SWEEP:
@@ -232,8 +233,9 @@ def bench_gpu(batch, heads, dim, tokens, banks, chunks, ref_max_tokens, reps, sw
 
 def _table(res: dict, N: int, Cs: list[int]) -> None:
     s = res["shape"]
-    for r in res.get("profile", []):
-        click.echo(f"profile {r['ms']:9.3f} ms x{r['calls']:<3} {r['kernel']}")
+    for T, rows in res.get("profile", {}).items():
+        for r in rows[:8]:
+            click.echo(f"profile T={T} {r['ms']:9.3f} ms x{r['calls']:<3} {r['kernel']}")
     for r in res.get("sweep", []):
         click.echo(f"sweep {r['ms']} ms  {r['opts'] or 'defaults'}")
     click.echo(f"{res['device']}, torch {res['torch']}; bf16 matmul "
