@@ -2,7 +2,8 @@
 
 Four measurements over the same shards: a plain sequential read of the shard bytes (the ceiling),
 ``webdataset.WebDataset``, ``BlockDataset`` without decoding and ``BlockDataset`` decoding every
-block; plus peak RSS and, with ``--rss-epochs``, RSS growth over many epochs. Each figure is the
+block; plus peak RSS and, with ``--rss-epochs``, RSS growth over many epochs (settled RSS after each
+epoch; growth from the median of epochs 2-4 to the median of the last three). Each figure is the
 best of ``--repeat`` passes (the first pass also warms the page cache and the loader's index
 cache); the loader's first pass, with its index parsing, is reported as ``blocklm_cold``.
 ``--nginx`` serves the local dataset folders with a temporary nginx on 127.0.0.1 and measures
@@ -12,10 +13,13 @@ through HTTP instead.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import gc
 import json
 import resource
 import shutil
 import socket
+import statistics
 import string
 import subprocess
 import tempfile
@@ -40,6 +44,17 @@ def _rss_mb() -> float:
     with open("/proc/self/statm") as f:
         pages = int(f.read().split()[1])
     return pages * resource.getpagesize() / 2**20
+
+
+def _settled_rss_mb() -> float:
+    """RSS after a garbage collection and, on glibc, returning freed heap pages to the system:
+    live memory, not what the allocator happens to keep (which swings by a few % per epoch)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    return _rss_mb()
 
 
 def _peak_rss_mb() -> float:
@@ -156,17 +171,19 @@ def run_bench(sources: list[str], *, repeat: int = 3, rss_epochs: int = 0,
         out["blocklm_decode"], _ = _best(blocklm_decode, max(1, repeat - 1))
     out["speedup_vs_webdataset"] = round(out["blocklm"]["samples_per_s"]
                                          / max(out["webdataset"]["samples_per_s"], 1e-9), 2)
-    if rss_epochs >= 3:
+    if rss_epochs >= 6:
         shuffled = BlockDataset(sources, seed=0, opener=opener)
-        at: dict[int, float] = {}
+        at: list[float] = []
         for epoch in range(1, rss_epochs + 1):
             shuffled.set_epoch(epoch)
             for _ in shuffled:
                 pass
-            at[epoch] = _rss_mb()
-        out["rss_epochs"] = {"epochs": rss_epochs, "epoch2_mb": round(at[2], 1),
-                             "last_mb": round(at[rss_epochs], 1),
-                             "growth_pct": round(100 * (at[rss_epochs] - at[2]) / at[2], 2)}
+            at.append(_settled_rss_mb())
+        early, late = statistics.median(at[1:4]), statistics.median(at[-3:])
+        out["rss_epochs"] = {"epochs": rss_epochs, "epoch2_mb": round(at[1], 1),
+                             "last_mb": round(at[-1], 1), "min_mb": round(min(at[1:]), 1),
+                             "max_mb": round(max(at[1:]), 1),
+                             "growth_pct": round(100 * (late - early) / early, 2)}
     out["rss_mb"] = round(_peak_rss_mb(), 1)
     return out
 
@@ -186,7 +203,8 @@ def format_table(res: dict) -> str:
     if "rss_epochs" in res:
         r = res["rss_epochs"]
         lines.append(f"RSS epoch 2 -> {r['epochs']}: {r['epoch2_mb']} -> {r['last_mb']} MB "
-                     f"({r['growth_pct']:+.2f}%)")
+                     f"(range {r['min_mb']}-{r['max_mb']}; median of epochs 2-4 -> median of the "
+                     f"last 3: {r['growth_pct']:+.2f}%)")
     return "\n".join(lines)
 
 
@@ -195,7 +213,8 @@ def format_table(res: dict) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--repeat", default=3, show_default=True, help="Passes per reader; best counts.")
 @click.option("--rss-epochs", default=0, show_default=True,
-              help="Also read this many shuffled epochs and report RSS growth from epoch 2.")
+              help="Also read this many (>= 6) shuffled epochs and report RSS growth from "
+                   "epochs 2-4 to the last 3 (medians, after gc and malloc_trim).")
 @click.option("--nginx", "via_nginx", is_flag=True,
               help="Serve the local dataset folders with a temporary nginx and read over HTTP.")
 @click.option("--no-decode", is_flag=True, help="Skip the decoding measurement.")
@@ -213,6 +232,8 @@ def bench_read(sources: tuple[str, ...], as_json: bool, repeat: int, rss_epochs:
     """
     if repeat < 1:
         raise click.BadParameter("--repeat must be >= 1")
+    if 0 < rss_epochs < 6:
+        raise click.BadParameter("--rss-epochs needs at least 6 epochs (or 0 for none)")
     with contextlib.ExitStack() as stack:
         srcs = list(sources)
         if via_nginx:

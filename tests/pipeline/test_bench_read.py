@@ -16,13 +16,13 @@ KEYS = ("raw", "webdataset", "blocklm", "blocklm_decode")
 
 def test_bench_read_json(small_shards):
     r = CliRunner().invoke(main, ["bench", "read", str(small_shards), "--json", "--repeat", "1",
-                                  "--rss-epochs", "3"])
+                                  "--rss-epochs", "6"])
     assert r.exit_code == 0, r.output
     res = json.loads(r.output)
     for k in KEYS:
         assert res[k]["samples_per_s"] > 0 and res[k]["MBps"] > 0
         assert res[k]["samples"] == res["samples"]
-    assert res["rss_mb"] > 0 and res["rss_epochs"]["epochs"] == 3
+    assert res["rss_mb"] > 0 and res["rss_epochs"]["epochs"] == 6
 
 
 def test_bench_read_table_through_nginx(small_shards):
