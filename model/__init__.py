@@ -9,6 +9,8 @@ Entry points for the dispatcher (``blocklm.pipeline``) and the trainer::
 
     model.steps(mode, shape) -> int
         Decoder steps a block costs (its elements' steps + 1 summary step); the cost model.
+        For text this is an estimate from the character count; with the content at hand,
+        model.content_steps(mode, content) -> int is exact (the number of rows run_block uses).
     model.initial_state(batch, device=None) -> Tensor[B, model.state_size]  (fp32)
         The context before an example's first block. States are plain per-example rows:
         stack them (torch.cat / index) along dim 0 to batch block i of one example with block

@@ -75,8 +75,13 @@ class BlockLM(nn.Module):
         return self.decoder.initial_state(batch, device)
 
     def steps(self, mode: str, shape: tuple[int, ...]) -> int:
-        """Decoder steps a block costs (the dispatcher's cost model)."""
+        """Decoder steps a block of this shape costs (the dispatcher's cost model; for text an
+        estimate from the character count, see :meth:`content_steps`)."""
         return self.support(mode).steps(tuple(shape))
+
+    def content_steps(self, mode: str, content) -> int:
+        """Exact decoder steps of a decoded block (text: its token count + 1)."""
+        return self.support(mode).content_steps(content)
 
     def summary(self, state: Tensor) -> Tensor:
         """The summary vector [B,d_model] inside a state."""

@@ -84,6 +84,10 @@ class ModeSupport(nn.Module):
         """Decoder steps a block of this shape costs, summary step included (cost model)."""
         raise NotImplementedError
 
+    def content_steps(self, content) -> int:
+        """Exact decoder steps of one decoded content (text tokenizes; others use the shape)."""
+        return self.steps(self.shape_of(content))
+
     def shape_spec(self) -> list[tuple[str, object]]:
         """Per shape entry: ("size", max) for log-binned sizes or ("choice", values)."""
         raise NotImplementedError

@@ -71,6 +71,9 @@ class TextSupport(ModeSupport):
     def steps(self, shape: tuple[int, ...]) -> int:
         return math.ceil(shape[0] / self.cfg.chars_per_token) + 1
 
+    def content_steps(self, content) -> int:
+        return int(self.encode(content)[0].shape[0]) + 1
+
     def shape_spec(self):
         return [("size", self.cfg.max_chars)]
 

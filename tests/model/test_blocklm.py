@@ -190,3 +190,24 @@ def test_sliced_loss_equals_whole_loss(model):
     g_sliced = torch.autograd.grad(r2.loss.bits.sum(), sup.head.val)[0]
     torch.testing.assert_close(r2.loss.bits, r.loss.bits, atol=1e-4, rtol=1e-6)
     torch.testing.assert_close(g_sliced, g_whole, atol=1e-5, rtol=1e-5)
+
+
+def test_content_steps_are_the_steps_run(model):
+    for mode, content in (("text", "Now is the winter of our discontent"), ("image", IMG[0]),
+                          ("audio", AUD[0])):
+        r = model.run_block(mode, [content])
+        assert model.content_steps(mode, content) == r.outputs.shape[1]
+    assert model.content_steps("image", IMG[0]) == model.steps("image", IMG[0].shape)
+
+
+def test_bad_contents_are_named():
+    sup_cfg = tiny(tokenizer_path=None, vocab_size=300)
+    m = BlockLM(sup_cfg)
+    with pytest.raises(ValueError, match="uint8"):
+        m.run_block("image", [np.zeros((2, 2, 3), np.float32)])
+    with pytest.raises(ValueError, match="channels"):
+        m.run_block("audio", [np.zeros((8, 3), np.int16)])
+    with pytest.raises(ValueError, match="str"):
+        m.support("text").shape_of(b"bytes")
+    with pytest.raises(KeyError, match="video"):
+        m.run_block("video", [b""])
