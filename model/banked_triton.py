@@ -20,9 +20,10 @@ chunk's starting memory (in the input dtype, as a matmul operand); ``_fwd_o`` co
 outputs in parallel; ``_bwd_prep`` splits the output gradient into numerator and normaliser
 parts; ``_bwd_dh`` runs the memory gradient backwards across chunks; ``_bwd_dqk`` (twice: reads,
 writes) and ``_bwd_dv`` compute the input gradients of all chunks in parallel. The gradient of the
-log-decays is ``dc[t,n] = r dr - w dw`` (+ the chunk-end state term at the chunk's last step);
-its reverse cumsum is the gradient of log a, which the kernels turn into those of w and g. The
-log-decays and their cumsums are computed inside each kernel (no extra passes over memory).
+log-decays is ``dc[t,n] = r dr - w dw`` (+ the chunk-end state term at the chunk's last step,
+from the inner product of the memory and its gradient); its reverse cumsum within the chunk is
+the gradient of log a, turned into those of w and g by ``_bwd_decay``. The chunk cumsums of
+log a are computed once per call by ``_decay_prep``.
 
 :func:`banked_attention` dispatches: Triton on CUDA when importable and the shapes suit it,
 otherwise :func:`banked_attention_reference` (plain PyTorch, chunked, fp32).
@@ -97,28 +98,47 @@ if HAS_TRITON:
         tl.store(c + t[:, None] * N + on[None, :], tl.cumsum(la, 0), mask=m)
 
     @triton.jit
-    def _bwd_decay(r, w, g, dr, dw, dg, fin, NT, N: tl.constexpr, NP: tl.constexpr,
+    def _bwd_hdot(hs, zs, dhs, dzs, hd, D: tl.constexpr, E: tl.constexpr, BD: tl.constexpr):
+        """<dS_end, S_start> + <dz_end, z_start> of one (batch*head, chunk, bank) slot."""
+        slot = tl.program_id(0).to(tl.int64)
+        oe = tl.arange(0, E)
+        acc = tl.zeros([BD, E], dtype=tl.float32)
+        for d0 in range(0, D, BD):
+            ix = slot * D * E + (d0 + tl.arange(0, BD))[:, None] * E + oe[None, :]
+            acc += tl.load(dhs + ix).to(tl.float32) * tl.load(hs + ix).to(tl.float32)
+        od = tl.arange(0, D)
+        tot = tl.sum(tl.sum(acc, axis=1), axis=0)
+        tot += tl.sum(tl.load(dzs + slot * D + od) * tl.load(zs + slot * D + od), axis=0)
+        tl.store(hd + slot, tot)
+
+    @triton.jit
+    def _bwd_decay(r, w, g, c, dr, dw, dg, hd, wd, N: tl.constexpr, NP: tl.constexpr,
                    C: tl.constexpr):
-        """Gradient of the log-decays, one (batch, head): d log a[u] = sum over t >= u of
-        (r dr - w dw)[t] + <dS_T, S_T> + <dz_T, z_T> (the final memory's term), a reverse
-        cumsum over the whole sequence; then to w (dw += d log a * d log a / dw) and g."""
-        i_bh = tl.program_id(0)
+        """Gradient of the log-decays of one chunk: dc = r dr - w dw, plus at the chunk's last
+        step d/dc_T of the chunk-end memory, <dS_end, S_end> = e^cT <dS_end, S_start> + sum_s
+        w_s dw_s (writes' part); d log a = reverse cumsum of dc within the chunk, then to w, g.
+        Inner products rather than a sequence-long cumsum of dc: that one cancels badly."""
+        j, i_bh = tl.program_id(0), tl.program_id(1)
+        NT = tl.num_programs(0)
+        t = i_bh.to(tl.int64) * NT * C + j * C + tl.arange(0, C)
         on = tl.arange(0, NP)
         m = (on < N)[None, :]
-        carry = tl.load(fin + i_bh * N + on, mask=on < N, other=0.0)
-        for jj in range(NT):
-            t = i_bh.to(tl.int64) * NT * C + (NT - 1 - jj) * C + tl.arange(0, C)
-            ix = t[:, None] * N + on[None, :]
-            b_r = tl.load(r + ix, mask=m, other=0.0).to(tl.float32)
-            b_w = tl.load(w + ix, mask=m, other=0.0).to(tl.float32)
-            b_dr = tl.load(dr + ix, mask=m, other=0.0)
-            b_dw = tl.load(dw + ix, mask=m, other=0.0)
-            b_g = tl.load(g + t).to(tl.float32)
-            dla = tl.cumsum(b_r * b_dr - b_w * b_dw, 0, reverse=True) + carry[None, :]
-            carry = tl.sum(tl.where(tl.arange(0, C)[:, None] == 0, dla, 0.0), 0)
-            a = 1.0 - b_w * (1.0 - b_g[:, None])
-            tl.store(dw + ix, b_dw - dla * (1.0 - b_g[:, None]) / a, mask=m)
-            tl.store(dg + t, tl.sum(dla * b_w / a, 1))
+        ix = t[:, None] * N + on[None, :]
+        b_r = tl.load(r + ix, mask=m, other=0.0).to(tl.float32)
+        b_w = tl.load(w + ix, mask=m, other=0.0).to(tl.float32)
+        b_dw = tl.load(dw + ix, mask=m, other=0.0)
+        b_g = tl.load(g + t).to(tl.float32)
+        slot = (i_bh.to(tl.int64) * NT + j) * N + on
+        b_cT = tl.load(c + (i_bh.to(tl.int64) * NT * C + j * C + C - 1) * N + on, mask=on < N,
+                       other=0.0)
+        last = tl.exp(b_cT) * tl.load(hd + slot, mask=on < N, other=0.0) + tl.load(
+            wd + slot, mask=on < N, other=0.0)
+        dc = b_r * tl.load(dr + ix, mask=m, other=0.0) - b_w * b_dw
+        dc += tl.where((tl.arange(0, C) == C - 1)[:, None], last[None, :], 0.0)
+        dla = tl.cumsum(dc, 0, reverse=True)
+        a = 1.0 - b_w * (1.0 - b_g[:, None])
+        tl.store(dw + ix, b_dw - dla * (1.0 - b_g[:, None]) / a, mask=m)
+        tl.store(dg + t, tl.sum(dla * b_w / a, 1))
 
     @triton.jit
     def _fwd_h(k, v, w, c, hs, zs, S0, z0, ST, zT, NT,
@@ -255,12 +275,12 @@ if HAS_TRITON:
             tl.store(dz0 + i_bhn.to(tl.int64) * D + ok, b_dz)
 
     @triton.jit
-    def _bwd_dqk(q, k, v, r, w, c, hs, zs, dhs, dzs, dy, dden, dx, dsel, NT,
+    def _bwd_dqk(q, k, v, r, w, c, hs, zs, dhs, dzs, dy, dden, dx, dsel, wd, NT,
                  N: tl.constexpr, D: tl.constexpr, E: tl.constexpr, C: tl.constexpr,
                  SIDE: tl.constexpr):
-        """One chunk (full D and E). SIDE 0 (reads): dq and dr; SIDE 1 (writes): dk and dw (the
-        direct part; the decay part is _bwd_decay's). Two launches keep each under the register
-        file."""
+        """One chunk (full D and E). SIDE 0 (reads): dq and dr; SIDE 1 (writes): dk, dw (the
+        direct part; the decay part is _bwd_decay's) and per bank sum_s w_s dw_s of the memory
+        writes. Two launches keep each under the register file."""
         j, i_bh = tl.program_id(0), tl.program_id(1)
         T = NT * C
         od = tl.arange(0, D)
@@ -308,8 +328,9 @@ if HAS_TRITON:
                 ew = tl.exp(b_cT - b_c)
                 dkt = tl.dot(b_v, tl.trans(b_dhn.to(b_v.dtype))) + b_dzn[None, :]
                 b_dx += (b_w * ew)[:, None] * dkt
-                d_n += ew * tl.sum(b_k.to(tl.float32) * dkt, axis=1)
-                tl.store(dsel + rb, d_n)
+                dwi = ew * tl.sum(b_k.to(tl.float32) * dkt, axis=1)
+                tl.store(dsel + rb, d_n + dwi)
+                tl.store(wd + slot, tl.sum(b_w * dwi, axis=0))
         dA = yv * M  # M is 0 above the diagonal
         if SIDE == 0:  # k and q are loaded again here rather than held through the bank loop
             b_dx += tl.dot(dA.to(b_q.dtype),
@@ -400,13 +421,13 @@ class BankedAttentionFn(torch.autograd.Function):
         den = torch.empty(B, H, T, device=dev, dtype=torch.float32)
         _fwd_o[(E // BO, NT, B * H)](q, k, v, r, w, c, hs, zs, o, den, NT, eps,
                                      N=N, D=D, E=E, C=C, BV=BO, num_warps=KERNEL_OPTS["warps_o"])
-        ctx.save_for_backward(q, k, v, r, w, g, c, hs, zs, o, den, ST, zT)
+        ctx.save_for_backward(q, k, v, r, w, g, c, hs, zs, o, den)
         ctx.meta = (has_s0, C)
         return o, ST, zT
 
     @staticmethod
     def backward(ctx, do, dST, dzT):
-        q, k, v, r, w, g, c, hs, zs, o, den, ST, zT = ctx.saved_tensors
+        q, k, v, r, w, g, c, hs, zs, o, den = ctx.saved_tensors
         has_s0, C = ctx.meta
         B, H, T, D = q.shape
         E, N = v.shape[-1], r.shape[-1]
@@ -424,8 +445,8 @@ class BankedAttentionFn(torch.autograd.Function):
         dS0 = torch.empty(B, H, N, D, E, device=dev, dtype=torch.float32)
         dz0 = torch.empty(B, H, N, D, device=dev, dtype=torch.float32)
         if has_dst:
-            dST = (dST if dST is not None else torch.zeros_like(ST)).float()
-            dzT = (dzT if dzT is not None else torch.zeros_like(zT)).float()
+            dST = (dST if dST is not None else torch.zeros_like(dS0)).float()
+            dzT = (dzT if dzT is not None else torch.zeros_like(dz0)).float()
         else:  # not read (HAS_DST=False): no zero tensors to fill
             dST, dzT = dS0, dz0
         _bwd_dh[(D // BK, E // BV, B * H * N)](
@@ -438,18 +459,19 @@ class BankedAttentionFn(torch.autograd.Function):
         dq, dk = torch.empty_like(q), torch.empty_like(k)
         dr = torch.empty(B, H, T, N, device=dev, dtype=torch.float32)
         dw = torch.empty_like(dr)
+        wd = torch.empty(B * H * NT * N, device=dev, dtype=torch.float32)
         stages = KERNEL_OPTS["stages_dqk"] or (1 if C * D * E > 64 * 128 * 128 else None)
         extra = {} if stages is None else {"num_stages": stages}
         warps = KERNEL_OPTS["warps_dqk"] if D * E >= 8192 else 4
         for dx, dsel, side in ((dq, dr, 0), (dk, dw, 1)):
-            _bwd_dqk[(NT, B * H)](q, k, v, r, w, c, hs, zs, dhs, dzs, dy, dden, dx, dsel, NT,
+            _bwd_dqk[(NT, B * H)](q, k, v, r, w, c, hs, zs, dhs, dzs, dy, dden, dx, dsel, wd, NT,
                                   N=N, D=D, E=E, C=C, SIDE=side, num_warps=warps, **extra)
-        # the final memory's share of the decay gradient, then the reverse cumsum over T
-        fin = ((dST * ST).sum((-2, -1)) + (dzT * zT).sum(-1)).contiguous() if has_dst else \
-            torch.zeros(B, H, N, device=dev)
+        hd = torch.empty_like(wd)
+        _bwd_hdot[(B * H * NT * N,)](hs, zs, dhs, dzs, hd, D=D, E=E, BD=min(D, 8192 // E),
+                                     num_warps=4)
         dg = torch.empty(B, H, T, device=dev, dtype=torch.float32)
-        _bwd_decay[(B * H,)](r, w, g, dr, dw, dg, fin, NT, N=N, NP=triton.next_power_of_2(N),
-                             C=C, num_warps=4)
+        _bwd_decay[(NT, B * H)](r, w, g, c, dr, dw, dg, hd, wd, N=N,
+                                NP=triton.next_power_of_2(N), C=C, num_warps=4)
         return (dq, dk, dv, dr.to(r.dtype), dw.to(w.dtype), dg.to(g.dtype),
                 dS0 if has_s0 else None, dz0 if has_s0 else None, None, None)
 

@@ -89,8 +89,8 @@ def kernel_resources() -> dict:
     return out
 
 
-SWEEP = [{}, {"tile_v": 64}, {"tile_h": 128}, {"tile_h": 128, "warps_h": 8}, {"stages_dqk": 2},
-         {"warps_o": 4, "warps_dv": 4}]
+SWEEP = [{}, {"tile_h": 128}, {"tile_h": 128, "warps_h": 8}, {"stages_dqk": 1}, {"stages_dqk": 2},
+         {"warps_dqk": 4}]
 
 
 def _safe(fn):

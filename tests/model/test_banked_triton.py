@@ -144,6 +144,7 @@ GPU_CASES = [  # B, H, T, D, E, N, chunk, incoming state
     (2, 2, 77, 32, 32, 1, 32, True),
     (1, 2, 300, 128, 128, 2, 128, True),
     (2, 1, 64, 64, 128, 3, 16, False),
+    (1, 2, 2048, 64, 64, 4, 64, True),  # long: the decay gradient must not cancel over T
 ]
 
 
