@@ -165,9 +165,10 @@ class ModeSupport(nn.Module):
         positions = torch.stack([self.positions_of(s, t + 1)[t] for s in shapes])[:, None]
         cond = torch.stack([self.cond_of(s) for s in shapes]).view(B, self.cond_dims)
         start = torch.full((B, 1), t == 0)
-        none = torch.zeros(B, 1, E, dtype=torch.long)
+        none = torch.zeros(B, 1, E, dtype=torch.long)  # no targets when sampling
+        real = torch.ones(B, 1, dtype=torch.bool)
         return BlockBatch(self.name, list(shapes), inputs, start, positions, cond, none,
-                          none.bool(), start | True, torch.zeros(B)).to(device)
+                          none.bool(), real, torch.zeros(B)).to(device)
 
     def sample(self, h: Tensor, shapes: list, t: int, cfg: SampleConfig,
                generator: torch.Generator | None) -> Tensor:
