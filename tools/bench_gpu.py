@@ -89,8 +89,9 @@ def kernel_resources() -> dict:
     return out
 
 
-SWEEP = [{}, {"tile_h": 128}, {"tile_h": 128, "warps_h": 8}, {"stages_dqk": 1}, {"stages_dqk": 2},
-         {"warps_dqk": 4}]
+SWEEP = [{}, {"tile_dqk": 64}, {"tile_dqk": 64, "stages_dqk": 1}, {"stages_dqk": 1},
+         {"tile_h": 128}, {"tile_h": 128, "tile_dqk": 64, "stages_dqk": 1},
+         {"tile_dqk": 32}]
 
 
 def _safe(fn):
