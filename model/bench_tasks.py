@@ -4,6 +4,8 @@
   BLANK steps (per-token accuracy there). Trained at n <= ``train_len``, tested at
   ``train_len < n <= test_len``; the same decoder without the stack is trained beside it. No
   position features are given, so nothing but the recurrent state can carry the order.
+* Stack, second task: Dyck-2. After each bracket, predict the type of the innermost open bracket
+  (or "none"): the bracket the next closer must match. Same lengths, same two models.
 * Banks: associative recall. Each step carries a (key, value) pair, then query steps carry a key
   and must output its value; N banks against 1 bank at the same size.
 
@@ -63,6 +65,51 @@ class ReversalTask:
             lmask[i, k:2 * k] = True
             steps[i, :2 * k] = True
         return tokens, steps, targets, lmask
+
+
+@dataclass
+class DyckTask:
+    """Dyck-2: after each bracket, predict the type of the innermost open bracket (0, 1) or
+    2 when none is open: the bracket the next closer must match."""
+
+    def batch(self, B: int, lo: int, hi: int, g: torch.Generator):
+        """tokens (0 '(', 1 '[', 2 ')', 3 ']'), steps, targets, loss mask: [B, hi] (hi even)."""
+        tokens = torch.zeros(B, hi, dtype=torch.long)
+        targets = torch.zeros(B, hi, dtype=torch.long)
+        steps = torch.zeros(B, hi, dtype=torch.bool)
+        for i in range(B):
+            n = 2 * int(torch.randint(max(1, lo // 2), hi // 2 + 1, (1,), generator=g))
+            u = torch.rand(n, generator=g).tolist()
+            kinds = torch.randint(0, 2, (n,), generator=g).tolist()
+            stack: list[int] = []
+            for t in range(n):
+                if stack and (len(stack) == n - t or u[t] < 0.5):
+                    tokens[i, t] = 2 + stack.pop()
+                else:
+                    stack.append(kinds[t])
+                    tokens[i, t] = kinds[t]
+                targets[i, t] = stack[-1] if stack else 2
+            steps[i, :n] = True
+        return tokens, steps, targets, steps.clone()
+
+
+def run_dyck(train_len: int, test_len: int, steps: int, seed: int, batch: int = 32,
+             lr: float = 3e-3, test_batches: int = 4) -> dict:
+    """Dyck-2 with and without the stack; per-token accuracy on lengths train_len+2..test_len."""
+    task = DyckTask()
+    res = {"task": "dyck2", "train_len": train_len, "test_len": test_len, "steps": steps}
+    g = torch.Generator().manual_seed(seed + 1)
+    test = [task.batch(batch, train_len + 2, test_len, g) for _ in range(test_batches)]
+    for name, enabled in (("", True), ("no_stack_", False)):
+        torch.manual_seed(seed)
+        m = SeqModel(4, 3, stack_config(train_len + 2, enabled))
+        secs = train(m, lambda gg, f: task.batch(batch, 2, curriculum(train_len, f) // 2 * 2, gg),
+                     steps, lr, seed)
+        big = SeqModel(4, 3, stack_config(test_len + 2, enabled))
+        big.load_state_dict(m.state_dict())
+        res[f"{name}accuracy_long"] = round(accuracy(big, test), 4)
+        res[f"{name}train_s"] = round(secs, 1)
+    return res
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """``blocktool bench model``: each part of the model core against the same model without it.
 
-* stack: string reversal trained at lengths <= train_len, tested at train_len+1..test_len, with
-  the processing stack and (baseline, same run) without it;
+* stack: string reversal (and, under ``stack.dyck2``, Dyck-2) trained at lengths <= train_len,
+  tested at train_len+1..test_len, with the processing stack and (baseline, same run) without it;
 * banks: associative recall with N memory banks and (baseline) with 1 bank;
 * heads: next-mode and shape accuracy on the held-out split of ``data/shards/mixed`` and
   (baseline) the most-frequent-class predictor counted on the training split.
@@ -18,9 +18,11 @@ import time
 import click
 
 FULL = {"stack": dict(train_len=40, test_len=100, steps=300),
+        "dyck2": dict(train_len=40, test_len=100, steps=300),
         "banks": dict(banks=(1, 8), steps=400),
         "heads": dict(steps=150, limit=2000)}
 QUICK = {"stack": dict(train_len=12, test_len=30, steps=100),
+         "dyck2": dict(train_len=12, test_len=30, steps=150),
          "banks": dict(banks=(1, 8), steps=200),
          "heads": dict(steps=15, limit=300)}
 
@@ -30,7 +32,7 @@ def run(quick: bool, seed: int, data: str, tokenizer: str, parts: tuple[str, ...
     import torch
 
     from blocklm.model.bench_heads import run_heads
-    from blocklm.model.bench_tasks import run_banks, run_stack
+    from blocklm.model.bench_tasks import run_banks, run_dyck, run_stack
 
     torch.set_num_threads(1)
     cfg = QUICK if quick else FULL
@@ -38,6 +40,7 @@ def run(quick: bool, seed: int, data: str, tokenizer: str, parts: tuple[str, ...
     t0 = time.time()
     if "stack" in parts:
         out["stack"] = run_stack(seed=seed, **cfg["stack"])
+        out["stack"]["dyck2"] = run_dyck(seed=seed, **cfg["dyck2"])
     if "banks" in parts:
         out["banks"] = run_banks(seed=seed, lr=1e-2, **cfg["banks"])
     if "heads" in parts:
@@ -54,6 +57,11 @@ def table(res: dict) -> str:
         what = f"reversal acc, len {s['train_len'] + 1}-{s['test_len']}"
         lines.append(f"{'stack':<7} {what:<34}"
                      f" {s['accuracy_long']:>8.4f} {s['no_stack_accuracy_long']:>9.4f}  (no stack)")
+        if "dyck2" in s:
+            d = s["dyck2"]
+            what = f"dyck-2 acc, len {d['train_len'] + 2}-{d['test_len']}"
+            lines.append(f"{'stack':<7} {what:<34} {d['accuracy_long']:>8.4f}"
+                         f" {d['no_stack_accuracy_long']:>9.4f}  (no stack)")
     if "banks" in res:
         b = res["banks"]
         n = max(int(k.rsplit("_", 1)[1]) for k in b if k.startswith("accuracy_banks_"))

@@ -8,7 +8,7 @@ import torch
 from click.testing import CliRunner
 
 from blocklm.model.bench_heads import run_heads
-from blocklm.model.bench_tasks import RecallTask, ReversalTask, curriculum
+from blocklm.model.bench_tasks import DyckTask, RecallTask, ReversalTask, curriculum
 from blocklm.tools.bench_model import bench_model, table
 
 
@@ -48,9 +48,27 @@ def test_heads_skip_without_data(tmp_path):
 
 def test_table_renders_every_section():
     res = {"stack": {"train_len": 40, "test_len": 100, "accuracy_long": 1.0,
-                     "no_stack_accuracy_long": 0.3},
+                     "no_stack_accuracy_long": 0.3,
+                     "dyck2": {"train_len": 40, "test_len": 100, "accuracy_long": 1.0,
+                               "no_stack_accuracy_long": 0.88}},
            "banks": {"pairs": 24, "accuracy_banks_1": 0.4, "accuracy_banks_8": 0.9},
            "heads": {"skipped": "no data/shards/mixed: run make shards"}}
     text = table(res)
     assert "41-100" in text and "8 banks vs 1" in text and "skipped" in text
+    assert "dyck-2 acc, len 42-100" in text
     json.dumps(res)
+
+
+def test_dyck_targets_are_the_innermost_open_bracket():
+    g = torch.Generator().manual_seed(3)
+    tok, steps, tgt, lm = DyckTask().batch(6, 2, 20, g)
+    for i in range(6):
+        stack = []
+        for t in range(int(steps[i].sum())):
+            k = int(tok[i, t])
+            if k < 2:
+                stack.append(k)
+            else:
+                assert stack and stack.pop() == k - 2  # closers match
+            assert int(tgt[i, t]) == (stack[-1] if stack else 2)
+        assert stack == []  # balanced
