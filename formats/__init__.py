@@ -22,6 +22,7 @@ from .errors import (
     FormatError,
     IndexMismatchError,
     LimitError,
+    MissingFileError,
     TruncatedShardError,
     UnsafeMemberError,
 )
@@ -47,6 +48,7 @@ __all__ = [
     "audio_file_block", "bytes_block", "decode_block", "image_file_block", "pcm_block",
     "raw_image_block", "text_block", "tokens_block",
     "FormatError", "ChecksumError", "CodecError", "IndexMismatchError", "LimitError",
+    "MissingFileError",
     "TruncatedShardError", "UnsafeMemberError", "Limits", "DEFAULT_LIMITS",
     "BlockInfo", "IndexEntry", "Manifest", "ShardIndex", "ShardInfo", "checksum",
     "ByteSource", "DatasetShard", "LocalSource", "ShardReader", "build_index", "iter_dataset",

@@ -62,3 +62,7 @@ class TruncatedShardError(FormatError):
 
 class CodecError(FormatError):
     """A payload cannot be encoded or decoded by its codec, or does not match its shape."""
+
+
+class MissingFileError(FormatError):
+    """A shard, index or manifest does not exist where it was looked for."""

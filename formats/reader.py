@@ -16,7 +16,14 @@ from typing import BinaryIO, Protocol
 import zstandard
 
 from .block import Block, Sample
-from .errors import ChecksumError, FormatError, IndexMismatchError, LimitError, TruncatedShardError
+from .errors import (
+    ChecksumError,
+    FormatError,
+    IndexMismatchError,
+    LimitError,
+    MissingFileError,
+    TruncatedShardError,
+)
 from .index import (
     MANIFEST_NAME,
     BlockInfo,
@@ -61,6 +68,8 @@ class LocalSource:
         if self._fd is None:
             try:
                 self._fd = os.open(self.path, os.O_RDONLY)
+            except FileNotFoundError:
+                raise MissingFileError("no such file", shard=self.name) from None
             except OSError as e:
                 raise FormatError(f"cannot open: {e.strerror}", shard=self.name) from None
         return self._fd
@@ -76,7 +85,12 @@ class LocalSource:
         return data
 
     def open(self) -> BinaryIO:
-        return open(self.path, "rb")
+        try:
+            return open(self.path, "rb")
+        except FileNotFoundError:
+            raise MissingFileError("no such file", shard=self.name) from None
+        except OSError as e:
+            raise FormatError(f"cannot open: {e.strerror}", shard=self.name) from None
 
     def close(self) -> None:
         if self._fd is not None:
@@ -211,14 +225,16 @@ class ShardReader:
 
 def load_index(shard: str, *, opener: Opener = local_opener, limits: Limits = DEFAULT_LIMITS,
                expect_xxh3: str | None = None) -> ShardIndex:
-    """Load the index beside ``shard``; build it by scanning if it is missing (local only)."""
+    """Load the index beside ``shard``; build it by scanning the shard if there is none (and no
+    manifest promised one). Any other failure to read the index is raised, never papered over
+    by a scan (which, remotely, would download the whole shard)."""
     base, _, name = shard.rpartition("/")
     iname = index_name(name)
     ipath = join_url(base, iname) if base else iname
     try:
         src = opener(ipath)
         data = src.read(0, min(src.size(), limits.max_index_bytes + 1))
-    except (FormatError, FileNotFoundError):
+    except (MissingFileError, FileNotFoundError):
         if expect_xxh3 is not None:
             raise
         return build_index(shard, opener=opener, limits=limits)

@@ -6,14 +6,14 @@ known, the sample key, and they survive crossing a DataLoader worker's process b
 
 from __future__ import annotations
 
-from blocklm.formats.errors import FormatError
+from blocklm.formats.errors import FormatError, MissingFileError
 
 
 class SourceError(FormatError):
     """A remote or local read failed for good (retries exhausted, or an error not worth retrying)."""
 
 
-class NotFoundError(SourceError):
+class NotFoundError(SourceError, MissingFileError):
     """The shard, index or manifest does not exist at its URL (HTTP 404, missing S3 key or file)."""
 
 

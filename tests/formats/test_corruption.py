@@ -206,3 +206,26 @@ def test_missing_index_is_rebuilt_by_scanning(shard):
     want = [s.key for s in ShardReader(str(shard))]
     shard.with_name("shard-000000.index.json").unlink()
     assert [s.key for s in ShardReader(str(shard))] == want
+
+
+def test_missing_shard_is_a_typed_error_naming_it(tmp_path):
+    from blocklm.formats import MissingFileError
+    missing = str(tmp_path / "shard-000000.tar")
+    with pytest.raises(MissingFileError) as e:
+        load_index(missing)
+    assert e.value.shard == missing
+
+
+def test_an_unreadable_index_is_not_replaced_by_a_scan(shard, monkeypatch):
+    from blocklm.formats import reader
+    calls = []
+    monkeypatch.setattr(reader, "build_index", lambda *a, **k: calls.append(a))
+
+    class Flaky(reader.LocalSource):
+        def read(self, offset, length):
+            if self.name.endswith(".index.json"):
+                raise FormatError("connection reset", shard=self.name)
+            return super().read(offset, length)
+    with pytest.raises(FormatError, match="connection reset"):
+        load_index(str(shard), opener=Flaky)
+    assert calls == []
