@@ -112,12 +112,11 @@ if HAS_TRITON:
         tl.store(hd + slot, tot)
 
     @triton.jit
-    def _bwd_decay(r, w, g, c, drp, dwp, dr, dw, dg, hd, wd, N: tl.constexpr,
-                   NP: tl.constexpr, C: tl.constexpr, NK: tl.constexpr):
+    def _bwd_decay(r, w, g, c, dr, dw, dg, hd, wd, N: tl.constexpr, NP: tl.constexpr,
+                   C: tl.constexpr):
         """Gradient of the log-decays of one chunk: dc = r dr - w dw, plus at the chunk's last
         step d/dc_T of the chunk-end memory, <dS_end, S_end> = e^cT <dS_end, S_start> + sum_s
         w_s dw_s (writes' part); d log a = reverse cumsum of dc within the chunk, then to w, g.
-        Sums the NK D-slice shares of dr, dw and sum_s w_s dw_s first.
         Inner products rather than a sequence-long cumsum of dc: that one cancels badly."""
         j, i_bh = tl.program_id(0), tl.program_id(1)
         NT = tl.num_programs(0)
@@ -127,22 +126,14 @@ if HAS_TRITON:
         ix = t[:, None] * N + on[None, :]
         b_r = tl.load(r + ix, mask=m, other=0.0).to(tl.float32)
         b_w = tl.load(w + ix, mask=m, other=0.0).to(tl.float32)
-        size = tl.num_programs(1).to(tl.int64) * NT * C * N  # one share buffer
-        b_dw = tl.zeros([C, NP], dtype=tl.float32)
-        b_dr = tl.zeros([C, NP], dtype=tl.float32)
-        b_wd = tl.zeros([NP], dtype=tl.float32)
-        for i in range(NK):
-            b_dw += tl.load(dwp + i * size + ix, mask=m, other=0.0)
-            b_dr += tl.load(drp + i * size + ix, mask=m, other=0.0)
+        b_dw = tl.load(dw + ix, mask=m, other=0.0)
         b_g = tl.load(g + t).to(tl.float32)
         slot = (i_bh.to(tl.int64) * NT + j) * N + on
         b_cT = tl.load(c + (i_bh.to(tl.int64) * NT * C + j * C + C - 1) * N + on, mask=on < N,
                        other=0.0)
-        for i in range(NK):
-            b_wd += tl.load(wd + i * (size // C) + slot, mask=on < N, other=0.0)
-        last = tl.exp(b_cT) * tl.load(hd + slot, mask=on < N, other=0.0) + b_wd
-        tl.store(dr + ix, b_dr, mask=m)
-        dc = b_r * b_dr - b_w * b_dw
+        last = tl.exp(b_cT) * tl.load(hd + slot, mask=on < N, other=0.0) + tl.load(
+            wd + slot, mask=on < N, other=0.0)
+        dc = b_r * tl.load(dr + ix, mask=m, other=0.0) - b_w * b_dw
         dc += tl.where((tl.arange(0, C) == C - 1)[:, None], last[None, :], 0.0)
         dla = tl.cumsum(dc, 0, reverse=True)
         a = 1.0 - b_w * (1.0 - b_g[:, None])
@@ -286,35 +277,32 @@ if HAS_TRITON:
     @triton.jit
     def _bwd_dqk(q, k, v, r, w, c, hs, zs, dhs, dzs, dy, dden, dx, dsel, wd, NT,
                  N: tl.constexpr, D: tl.constexpr, E: tl.constexpr, C: tl.constexpr,
-                 BD: tl.constexpr, SIDE: tl.constexpr):
-        """One chunk and one BD-wide slice of D (the scores use all of D and E). SIDE 0 (reads):
-        dq and this slice's share of dr; SIDE 1 (writes): dk, the share of dw (its direct part;
-        the decay part is _bwd_decay's) and of sum_s w_s dw_s per bank. Shares of slice i go to
-        dsel[i], wd[i]. Two launches (and D slices) keep each program under the register file."""
-        j, i_bh, i_d = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+                 SIDE: tl.constexpr):
+        """One chunk (full D and E). SIDE 0 (reads): dq and dr; SIDE 1 (writes): dk, dw (the
+        direct part; the decay part is _bwd_decay's) and per bank sum_s w_s dw_s of the memory
+        writes. Two launches keep each under the register file."""
+        j, i_bh = tl.program_id(0), tl.program_id(1)
         T = NT * C
         od = tl.arange(0, D)
-        ods = i_d * BD + tl.arange(0, BD)
         oe = tl.arange(0, E)
         ot = tl.arange(0, C)
         t = j * C + ot
         bh = i_bh.to(tl.int64)
-        part = i_d.to(tl.int64) * tl.num_programs(1) * T * N  # this slice's share buffer
         b_y = tl.load(dy + bh * T * E + t[:, None] * E + oe[None, :])
         b_dd = tl.load(dden + bh * T + t)
         causal = ot[:, None] >= ot[None, :]
         yv = tl.dot(b_y, tl.trans(tl.load(v + bh * T * E + t[:, None] * E + oe[None, :])))
         yv += b_dd[:, None]
-        qk = tl.dot(tl.load(q + bh * T * D + t[:, None] * D + od[None, :]),
-                    tl.trans(tl.load(k + bh * T * D + t[:, None] * D + od[None, :])))
         if SIDE == 0:
-            b_x = tl.load(q + bh * T * D + t[:, None] * D + ods[None, :])  # q slice
+            b_q = tl.load(q + bh * T * D + t[:, None] * D + od[None, :])
+            qk = tl.dot(b_q, tl.trans(tl.load(k + bh * T * D + t[:, None] * D + od[None, :])))
         else:
-            b_x = tl.load(k + bh * T * D + t[:, None] * D + ods[None, :])  # k slice
+            b_k = tl.load(k + bh * T * D + t[:, None] * D + od[None, :])
             b_v = tl.load(v + bh * T * E + t[:, None] * E + oe[None, :])
-        Bm = tl.where(causal & (i_d == 0), qk * yv, 0.0)  # intra terms: counted by slice 0
+            qk = tl.dot(tl.load(q + bh * T * D + t[:, None] * D + od[None, :]), tl.trans(b_k))
+        Bm = tl.where(causal, qk * yv, 0.0)
         M = tl.zeros([C, C], dtype=tl.float32)
-        b_dx = tl.zeros([C, BD], dtype=tl.float32)
+        b_dx = tl.zeros([C, D], dtype=tl.float32)
         for n in range(N):
             rb = bh * T * N + t * N + n
             b_r = tl.load(r + rb).to(tl.float32)
@@ -325,32 +313,32 @@ if HAS_TRITON:
             slot = (bh * NT + j) * N + n
             if SIDE == 0:  # reads of the chunk-start memory
                 d_n = tl.sum(Bm * En * b_w[None, :], axis=1)
-                b_hn = tl.load(hs + slot * D * E + ods[:, None] * E + oe[None, :])
-                b_zn = tl.load(zs + slot * D + ods)
+                b_hn = tl.load(hs + slot * D * E + od[:, None] * E + oe[None, :])
+                b_zn = tl.load(zs + slot * D + od)
                 ec = tl.exp(b_c)
                 dqt = tl.dot(b_y, tl.trans(b_hn.to(b_y.dtype))) + b_dd[:, None] * b_zn[None, :]
                 b_dx += (b_r * ec)[:, None] * dqt
-                d_n += ec * tl.sum(b_x.to(tl.float32) * dqt, axis=1)
-                tl.store(dsel + part + rb, d_n)
+                d_n += ec * tl.sum(b_q.to(tl.float32) * dqt, axis=1)
+                tl.store(dsel + rb, d_n)
             else:  # writes into the chunk-end memory
                 d_n = tl.sum(Bm * En * b_r[:, None], axis=0)
                 b_cT = tl.load(c + bh * T * N + (j * C + C - 1) * N + n)
-                b_dhn = tl.load(dhs + slot * D * E + ods[:, None] * E + oe[None, :])
-                b_dzn = tl.load(dzs + slot * D + ods)
+                b_dhn = tl.load(dhs + slot * D * E + od[:, None] * E + oe[None, :])
+                b_dzn = tl.load(dzs + slot * D + od)
                 ew = tl.exp(b_cT - b_c)
                 dkt = tl.dot(b_v, tl.trans(b_dhn.to(b_v.dtype))) + b_dzn[None, :]
                 b_dx += (b_w * ew)[:, None] * dkt
-                dwi = ew * tl.sum(b_x.to(tl.float32) * dkt, axis=1)
-                tl.store(dsel + part + rb, d_n + dwi)
-                tl.store(wd + part // C + slot, tl.sum(b_w * dwi, axis=0))
+                dwi = ew * tl.sum(b_k.to(tl.float32) * dkt, axis=1)
+                tl.store(dsel + rb, d_n + dwi)
+                tl.store(wd + slot, tl.sum(b_w * dwi, axis=0))
         dA = yv * M  # M is 0 above the diagonal
-        if SIDE == 0:
-            b_dx += tl.dot(dA.to(b_x.dtype),
-                           tl.load(k + bh * T * D + t[:, None] * D + ods[None, :]))
+        if SIDE == 0:  # k and q are loaded again here rather than held through the bank loop
+            b_dx += tl.dot(dA.to(b_q.dtype),
+                           tl.load(k + bh * T * D + t[:, None] * D + od[None, :]))
         else:
-            b_dx += tl.dot(tl.trans(dA).to(b_x.dtype),
-                           tl.load(q + bh * T * D + t[:, None] * D + ods[None, :]))
-        tl.store(dx + bh * T * D + t[:, None] * D + ods[None, :], b_dx.to(dx.dtype.element_ty))
+            b_dx += tl.dot(tl.trans(dA).to(b_k.dtype),
+                           tl.load(q + bh * T * D + t[:, None] * D + od[None, :]))
+        tl.store(dx + bh * T * D + t[:, None] * D + od[None, :], b_dx.to(dx.dtype.element_ty))
 
     @triton.jit
     def _bwd_dv(q, k, r, w, c, dhs, dy, dv, NT,
@@ -386,11 +374,12 @@ if HAS_TRITON:
         tl.store(dv + bh * T * E + t[:, None] * E + ov[None, :], b_dv.to(dv.dtype.element_ty))
 
 
-# Launch settings (tile widths of the state kernels, warps per program); benchmarks may sweep them.
-# stages_dqk: software-pipelining depth of _bwd_dqk (None: Triton's default); at C=128 with
-# D=E=128 the default needs 260 KB of shared memory (limit 227 KB), so that case uses 1.
-KERNEL_OPTS = {"tile_h": 64, "tile_v": 128, "tile_dqk": 128, "warps_h": 4, "warps_o": 8,
-               "warps_dqk": 8, "warps_dv": 8, "stages_dqk": None}
+# Launch settings (tile widths, warps per program); benchmarks may sweep them. Defaults: the best
+# measured on an H200 at B=4, H=16, D=128, N=4 (model/GPU_NOTES.md). stages_dqk: pipelining depth
+# of _bwd_dqk (None: Triton's default, which at C=128 with D=E=128 needs more shared memory than
+# the 227 KB there are, so that case uses 1).
+KERNEL_OPTS = {"tile_h": 128, "tile_v": 128, "warps_h": 4, "warps_o": 8, "warps_dqk": 8,
+               "warps_dv": 8, "stages_dqk": 1}
 
 
 def _tiles(D: int, E: int) -> tuple[int, int, int]:
@@ -469,26 +458,21 @@ class BankedAttentionFn(torch.autograd.Function):
         _bwd_dv[(E // BO, NT, B * H)](q, k, r, w, c, dhs, dy, dv, NT, N=N, D=D, E=E, C=C,
                                       BV=BO, num_warps=KERNEL_OPTS["warps_dv"])
         dq, dk = torch.empty_like(q), torch.empty_like(k)
-        BD = min(D, KERNEL_OPTS["tile_dqk"])
-        NK = D // BD
-        drp = torch.empty(NK, B, H, T, N, device=dev, dtype=torch.float32)  # D-slice shares
-        dwp = torch.empty_like(drp)
-        wdp = torch.empty(NK, B * H * NT * N, device=dev, dtype=torch.float32)
-        stages = KERNEL_OPTS["stages_dqk"] or (1 if C * BD * E > 64 * 128 * 128 else None)
-        extra = {} if stages is None else {"num_stages": stages}
-        warps = KERNEL_OPTS["warps_dqk"] if BD * E >= 8192 else 4
-        for dx, dsel, side in ((dq, drp, 0), (dk, dwp, 1)):
-            _bwd_dqk[(NT, B * H, NK)](q, k, v, r, w, c, hs, zs, dhs, dzs, dy, dden, dx, dsel, wdp,
-                                      NT, N=N, D=D, E=E, C=C, BD=BD, SIDE=side, num_warps=warps,
-                                      **extra)
-        hd = torch.empty(B * H * NT * N, device=dev, dtype=torch.float32)
-        _bwd_hdot[(B * H * NT * N,)](hs, zs, dhs, dzs, hd, D=D, E=E, BD=min(D, 8192 // E),
-                                     num_warps=4)
         dr = torch.empty(B, H, T, N, device=dev, dtype=torch.float32)
         dw = torch.empty_like(dr)
+        wd = torch.empty(B * H * NT * N, device=dev, dtype=torch.float32)
+        stages = KERNEL_OPTS["stages_dqk"] or (1 if C * D * E > 64 * 128 * 128 else None)
+        extra = {} if stages is None else {"num_stages": stages}
+        warps = KERNEL_OPTS["warps_dqk"] if D * E >= 8192 else 4
+        for dx, dsel, side in ((dq, dr, 0), (dk, dw, 1)):
+            _bwd_dqk[(NT, B * H)](q, k, v, r, w, c, hs, zs, dhs, dzs, dy, dden, dx, dsel, wd, NT,
+                                  N=N, D=D, E=E, C=C, SIDE=side, num_warps=warps, **extra)
+        hd = torch.empty_like(wd)
+        _bwd_hdot[(B * H * NT * N,)](hs, zs, dhs, dzs, hd, D=D, E=E, BD=min(D, 8192 // E),
+                                     num_warps=4)
         dg = torch.empty(B, H, T, device=dev, dtype=torch.float32)
-        _bwd_decay[(NT, B * H)](r, w, g, c, drp, dwp, dr, dw, dg, hd, wdp, N=N,
-                                NP=triton.next_power_of_2(N), C=C, NK=NK, num_warps=4)
+        _bwd_decay[(NT, B * H)](r, w, g, c, dr, dw, dg, hd, wd, N=N,
+                                NP=triton.next_power_of_2(N), C=C, num_warps=4)
         return (dq, dk, dv, dr.to(r.dtype), dw.to(w.dtype), dg.to(g.dtype),
                 dS0 if has_s0 else None, dz0 if has_s0 else None, None, None)
 

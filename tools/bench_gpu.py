@@ -89,9 +89,8 @@ def kernel_resources() -> dict:
     return out
 
 
-SWEEP = [{}, {"tile_dqk": 64}, {"tile_dqk": 64, "stages_dqk": 1}, {"stages_dqk": 1},
-         {"tile_h": 128}, {"tile_h": 128, "tile_dqk": 64, "stages_dqk": 1},
-         {"tile_dqk": 32}]
+SWEEP = [{}, {"tile_h": 64}, {"stages_dqk": 3}, {"tile_h": 64, "stages_dqk": 3}, {"warps_h": 8},
+         {"stages_dqk": 2}]
 
 
 def _safe(fn):

@@ -172,16 +172,6 @@ def test_triton_matches_reference_bf16(case):
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
-@pytest.mark.parametrize("tile", [32, 64])
-def test_triton_d_slices_bf16(monkeypatch, tile):
-    """dq/dk computed in D slices (shares of dr, dw summed later) give the same function."""
-    monkeypatch.setitem(bt.KERNEL_OPTS, "tile_dqk", tile)
-    test_triton_matches_reference_bf16((1, 2, 256, 128, 128, 4, 64, True))
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not CUDA, reason="needs CUDA")
-@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
 def test_dispatch_on_cuda_uses_triton_and_fp32_works(monkeypatch):
     calls = []
 
