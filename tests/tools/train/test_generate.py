@@ -14,6 +14,7 @@ from blocklm.model.blocklm import BlockLM
 from blocklm.model.config import SampleConfig
 from blocklm.model.presets import tiny
 from blocklm.tools.cli import main
+from blocklm.tools.train.config import build_config
 from blocklm.tools.train.generate import GenerateConfig, fit_shape, generate
 
 
@@ -53,9 +54,10 @@ def test_generate_cli_writes_files(tokenizer, tmp_path):
 
     run = tmp_path / "run"
     run.mkdir()
-    RunSpec("tiny", ["unused"], None, [f"model.modes.text.tokenizer_path={tokenizer}"]).save(run)
+    spec = RunSpec("tiny", ["unused"], None, [f"model.modes.text.tokenizer_path={tokenizer}"])
+    spec.save(run)
     torch.manual_seed(0)
-    model = BlockLM(tiny(tokenizer_path=tokenizer))
+    model = BlockLM(build_config(spec.preset, spec.overrides).model)
     save_checkpoint(run, {"model": model.state_dict()})
     res = CliRunner().invoke(main, ["generate", str(run), "--out", str(tmp_path / "g"), "--n",
                                     "2", "--max-blocks", "3", "--max-block-steps", "16",
