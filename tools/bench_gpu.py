@@ -89,8 +89,7 @@ def kernel_resources() -> dict:
     return out
 
 
-SWEEP = [{}, {"tile_h": 64}, {"stages_dqk": 3}, {"tile_h": 64, "stages_dqk": 3}, {"warps_h": 8},
-         {"stages_dqk": 2}]
+SWEEP = [{}, {"tile_h": 64}, {"tile_h": 128}, {"stages_dqk": 3}, {"warps_h": 8}]
 
 
 def _safe(fn):
