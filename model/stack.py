@@ -18,10 +18,10 @@ Joulin & Mikolov 2015 and Grefenstette et al. 2015 are the known working recipe)
   (ACT-style output accumulation); at most one unit may leave per decoder step (ACT's remainder:
   the last pop is clipped to what is left of the unit). The loop stops once the mass that left
   reaches ``1 - epsilon`` or after ``max_steps`` iterations (both configurable).
-* Mass is explicit and conserved: stack mass + mass that fell off (popped at the top or pushed
-  out at the bottom when all K cells are in use) = initial mass + pushed mass; for a stack holding
-  one unit and no pushes, stack + fallen-off = 1.
-
+* Mass is explicit and conserved: stack mass + mass that fell off (popped at the top, or the
+  strength of the bottom cell when a push shifts it past cell K) = initial mass + pushed mass;
+  for a stack holding one unit and no pushes, stack + fallen-off = 1. Every non-zero push takes
+  a cell, however weak, so K bounds how many pushes back the stack can remember.
 * 003 keeps both the embeddings and the memories in stacks; here the stack cells are
   embedding-width vectors and the bank memories (D x D per head and bank) are not stacked, which
   would multiply the state by K. The banks keep the long-range content, the stack the nesting.
