@@ -27,6 +27,7 @@ from .errors import (
     UnsafeMemberError,
 )
 from .index import BlockInfo, IndexEntry, Manifest, ShardIndex, ShardInfo, checksum
+from .integrity import check_integrity
 from .limits import DEFAULT_LIMITS, Limits
 from .reader import (
     ByteSource,
@@ -46,7 +47,7 @@ from .writer import ShardWriter, index_name, shard_name
 __all__ = [
     "Block", "Sample", "canonical_json", "check_key",
     "audio_file_block", "bytes_block", "decode_block", "image_file_block", "pcm_block",
-    "raw_image_block", "text_block", "tokens_block",
+    "raw_image_block", "text_block", "tokens_block", "check_integrity",
     "FormatError", "ChecksumError", "CodecError", "IndexMismatchError", "LimitError",
     "MissingFileError",
     "TruncatedShardError", "UnsafeMemberError", "Limits", "DEFAULT_LIMITS",

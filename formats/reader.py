@@ -33,6 +33,7 @@ from .index import (
     checksum,
     parse_sample_header,
 )
+from .lazy import StoredBlock
 from .limits import DEFAULT_LIMITS, Limits
 from .tar import BLOCK, header_matches, padded, parse_header
 from .writer import header_member, index_name, payload_member
@@ -119,31 +120,28 @@ class BlockDecoder:
 
     def __init__(self, shard: str, *, verify: bool = True, limits: Limits = DEFAULT_LIMITS) -> None:
         self.shard, self.verify, self.limits = shard, verify, limits
-        self._dctx = zstandard.ZstdDecompressor()
 
-    def payload(self, stored: bytes | memoryview, info: BlockInfo, key: str, j: int) -> bytes:
-        """Check and un-store one block's member bytes into its codec payload."""
+    def block(self, stored: bytes | memoryview, info: BlockInfo, key: str, j: int) -> Block:
+        """Check one block's member bytes and make its :class:`Block` (a zstd payload stays
+        compressed until used: :class:`~blocklm.formats.lazy.StoredBlock`)."""
         if self.verify and checksum(stored) != info.xxh3:
             raise ChecksumError(f"payload checksum {checksum(stored)} != recorded {info.xxh3} "
                                 f"({info.stored} stored bytes)", shard=self.shard, key=key,
                                 block=j)
         if not info.zstd:
-            return bytes(stored)
+            return Block.trusted(info.mode, info.shape, info.codec, bytes(stored), info.meta)
         declared = zstandard.frame_content_size(stored) if len(stored) >= 4 else -2
         if declared != info.size:
             raise FormatError(f"zstd frame declares {declared} bytes, index says {info.size}",
                               shard=self.shard, key=key, block=j)
         self.limits.check_bytes(declared, "decompressed payload", shard=self.shard, key=key,
                                 block=j)
-        try:
-            out = self._dctx.decompress(stored, max_output_size=info.size)
-        except zstandard.ZstdError as e:
-            raise FormatError(f"zstd payload does not decompress: {e}", shard=self.shard,
-                              key=key, block=j) from None
-        if len(out) != info.size:
-            raise FormatError(f"decompressed to {len(out)} bytes, expected {info.size}",
-                              shard=self.shard, key=key, block=j)
-        return out
+        return StoredBlock.lazy(info.mode, info.shape, info.codec, info.meta, bytes(stored),
+                                info.size, self.limits.max_payload_bytes, (self.shard, key, j))
+
+    def payload(self, stored: bytes | memoryview, info: BlockInfo, key: str, j: int) -> bytes:
+        """Check one block's member bytes and return its payload, decompressed now."""
+        return self.block(stored, info, key, j).payload
 
     def sample(self, entry: IndexEntry, buf: bytes | memoryview, base: int) -> Sample:
         """The sample of ``entry`` from ``buf``, which holds shard bytes from offset ``base``."""
@@ -169,8 +167,7 @@ class BlockDecoder:
                     raise IndexMismatchError(f"no member {name!r} of {info.stored} bytes before "
                                              f"offset {info.offset}", shard=self.shard, key=key,
                                              block=j)
-            payload = self.payload(mv[at:at + info.stored], info, key, j)
-            blocks.append(Block.trusted(info.mode, info.shape, info.codec, payload, info.meta))
+            blocks.append(self.block(mv[at:at + info.stored], info, key, j))
         return Sample.trusted(key, blocks)
 
 
@@ -293,8 +290,7 @@ def scan_shard(stream: BinaryIO, *, shard: str, verify: bool = True,
                 raise FormatError(f"expected member {want!r} of {info.stored} bytes, found {got}",
                                   shard=shard, key=key, block=j)
             info.offset = m[2]
-            payload = dec.payload(data(info.stored, limits.max_payload_bytes), info, key, j)
-            blocks.append(Block.trusted(info.mode, info.shape, info.codec, payload, info.meta))
+            blocks.append(dec.block(data(info.stored, limits.max_payload_bytes), info, key, j))
         yield IndexEntry(key, start, pos - start, infos), Sample(key, blocks)
 
 

@@ -3,7 +3,8 @@
 The format's :meth:`BlockDecoder.sample` rebuilds member names and parses tar headers for every
 sample; at tens of thousands of samples per second that Python work is the bottleneck. Here each
 index entry is compiled once (member names and size fields as bytes) and a sample is checked by
-comparing those bytes in place, verifying the payload checksum and undoing zstd, with the same
+comparing those bytes in place, verifying the payload checksum and checking zstd frames (left
+compressed until used, as the format's decoder leaves them), with the same
 checks in the same order. Any check that does not pass here hands the sample to the format's
 decoder, which raises its own typed error (or returns the sample, when a header is merely written
 differently from what this writer produces): results and errors are identical by construction.
@@ -18,6 +19,7 @@ import zstandard
 
 from blocklm.formats.block import Block, Sample
 from blocklm.formats.index import IndexEntry
+from blocklm.formats.lazy import StoredBlock
 from blocklm.formats.reader import BlockDecoder
 from blocklm.formats.tar import BLOCK
 from blocklm.formats.writer import header_member, payload_member
@@ -25,6 +27,7 @@ from blocklm.formats.writer import header_member, payload_member
 _new = object.__new__
 _xxh3 = xxhash.xxh3_64_hexdigest
 _frame_size = zstandard.frame_content_size
+_lazy = StoredBlock.lazy
 
 
 def _name_field(name: str) -> bytes:
@@ -64,7 +67,7 @@ class FastDecoder:
         self.shard = shard
         self.decoder = decoder
         self.verify = decoder.verify
-        self._dctx = zstandard.ZstdDecompressor()
+        self._cap = decoder.limits.max_payload_bytes
 
     def sample(self, i: int, buf: bytes, mv: memoryview, base: int) -> Sample:
         key, offset, hname, blocks = self.shard.recs[i]
@@ -78,20 +81,15 @@ class FastDecoder:
             data = mv[a:a + stored]
             if self.verify and _xxh3(data) != xxh3:
                 return self._slow(i, mv, base)
-            if zstd:
-                if stored < 4 or _frame_size(data) != size:
+            if zstd:  # decompressed on first use, as the format's decoder does
+                if stored < 4 or _frame_size(data) != size or size > self._cap:
                     return self._slow(i, mv, base)
-                try:
-                    payload = self._dctx.decompress(data, max_output_size=size)
-                except zstandard.ZstdError:
-                    return self._slow(i, mv, base)
-                if len(payload) != size:
-                    return self._slow(i, mv, base)
-            else:
-                payload = buf[a:a + stored]
+                out.append(_lazy(mode, shape, codec, meta, buf[a:a + stored], size, self._cap,
+                                 (self.decoder.shard, key, len(out))))
+                continue
             b = _new(Block)
-            b.__dict__ = {"mode": mode, "shape": shape, "codec": codec, "payload": payload,
-                          "meta": meta}  # what Block.trusted sets, in field order
+            b.__dict__ = {"mode": mode, "shape": shape, "codec": codec,
+                          "payload": buf[a:a + stored], "meta": meta}  # as Block.trusted sets
             out.append(b)
         s = _new(Sample)
         s.__dict__ = {"key": key, "blocks": out}

@@ -229,3 +229,24 @@ def test_an_unreadable_index_is_not_replaced_by_a_scan(shard, monkeypatch):
     with pytest.raises(FormatError, match="connection reset"):
         load_index(str(shard), opener=Flaky)
     assert calls == []
+
+
+def test_zstd_payload_is_decompressed_on_use_with_a_named_error(shard):
+    import pickle
+
+    from blocklm.formats.lazy import StoredBlock
+    idx = load_index(str(shard))
+    target = idx.samples[1].blocks[0]
+    assert target.zstd
+    good = ShardReader(str(shard))[1]
+    blk = good.blocks[0]
+    assert isinstance(blk, StoredBlock) and "compressed" in repr(blk)
+    assert pickle.loads(pickle.dumps(blk)) == blk  # our own objects between worker processes
+    assert blk.decode().startswith("sample 1 ")
+    data = bytearray(shard.read_bytes())
+    data[target.offset + target.stored - 6] ^= 0xFF  # deep inside the frame
+    shard.write_bytes(bytes(data))
+    lazy = ShardReader(str(shard), verify=False)[1]  # no checksum: the damage shows on use
+    with pytest.raises(FormatError) as e:
+        _ = lazy.blocks[0].payload
+    assert (e.value.key, e.value.block) == ("k1", 0)

@@ -1,0 +1,81 @@
+"""Blocks whose zstd-stored payload is decompressed on first use.
+
+Reading a shard verifies every stored payload's checksum at once (that needs no decompression),
+but leaves the zstd frame compressed until ``block.payload`` (or ``block.decode()``) is used, like
+a reader of the raw tar would: routing, shape bucketing and sample skipping never pay for it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import zstandard
+
+from .block import Block, MetaValue
+from .errors import FormatError
+
+
+def decompress(stored: bytes | memoryview, size: int, cap: int, *, shard: str | None = None,
+               key: str | None = None, block: int | None = None,
+               dctx: zstandard.ZstdDecompressor | None = None) -> bytes:
+    """Undo the storage compression of one payload, checking its declared and real sizes
+    against ``size`` and the ``cap`` before allocating."""
+    where = {"shard": shard, "key": key, "block": block}
+    declared = zstandard.frame_content_size(stored) if len(stored) >= 4 else -2
+    if declared != size:
+        raise FormatError(f"zstd frame declares {declared} bytes, index says {size}", **where)
+    if declared > cap:
+        from .errors import LimitError
+
+        raise LimitError(f"decompressed payload of {declared} bytes exceeds limit {cap}",
+                         **where)
+    try:
+        out = (dctx or zstandard.ZstdDecompressor()).decompress(stored, max_output_size=size)
+    except zstandard.ZstdError as e:
+        raise FormatError(f"zstd payload does not decompress: {e}", **where) from None
+    if len(out) != size:
+        raise FormatError(f"decompressed to {len(out)} bytes, expected {size}", **where)
+    return out
+
+
+class StoredBlock(Block):
+    """A :class:`Block` read from a shard; its payload is decompressed when first used.
+
+    It equals any block with the same fields, pickles (as its compressed bytes), and raises a
+    :class:`FormatError` naming shard, key and block if the payload turns out not to decompress.
+    """
+
+    @classmethod
+    def lazy(cls, mode: str, shape: tuple[int, ...], codec: str, meta: dict[str, MetaValue],
+             stored: bytes, size: int, cap: int, where: tuple[str, str, int]) -> StoredBlock:
+        b = object.__new__(cls)
+        b.__dict__.update(mode=mode, shape=shape, codec=codec, meta=meta, _payload=None,
+                          _stored=stored, _size=size, _cap=cap, _where=where)
+        return b
+
+    @property  # type: ignore[override]
+    def payload(self) -> bytes:
+        p = self.__dict__.get("_payload")
+        if p is None:
+            shard, key, block = self._where
+            p = decompress(self._stored, self._size, self._cap, shard=shard, key=key,
+                           block=block)
+            self.__dict__.update(_payload=p, _stored=None)
+        return p
+
+    @payload.setter
+    def payload(self, value: bytes) -> None:
+        self.__dict__.update(_payload=value, _stored=None)
+
+    def __eq__(self, other: Any) -> bool:
+        if not isinstance(other, Block):
+            return NotImplemented
+        return ((self.mode, self.shape, self.codec, self.payload, self.meta)
+                == (other.mode, other.shape, other.codec, other.payload, other.meta))
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        state = "compressed" if self.__dict__.get("_payload") is None else "decompressed"
+        return (f"StoredBlock(mode={self.mode!r}, shape={self.shape!r}, codec={self.codec!r}, "
+                f"{state}, meta={self.meta!r})")
