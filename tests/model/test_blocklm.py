@@ -211,3 +211,10 @@ def test_bad_contents_are_named():
         m.support("text").shape_of(b"bytes")
     with pytest.raises(KeyError, match="video"):
         m.run_block("video", [b""])
+
+
+def test_a_480x320_rgb_image_is_not_460800_steps():
+    from blocklm.model.config import ImageConfig
+    from blocklm.model.image import ImageSupport
+
+    assert ImageSupport(ImageConfig(patch=8), 16).steps((480, 320, 3)) == 60 * 40 + 1
