@@ -13,15 +13,18 @@ import click
 @click.option("--samples", default=500, show_default=True, help="Held-out samples to score.")
 @click.option("--baseline-samples", default=2000, show_default=True,
               help="Training samples the unigram baseline is fit on.")
+@click.option("--key-prefix", default=None,
+              help="Score only samples whose key starts with this (e.g. tinyshakespeare/).")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def eval_run(run, data, samples, baseline_samples, device, as_json) -> None:
+def eval_run(run, data, samples, baseline_samples, key_prefix, device, as_json) -> None:
     """Score a trained run on held-out data: bits per element per mode (text: per character),
     next-mode accuracy, shape accuracy, and each mode's unigram baseline.
 
     \b
-    Example:
+    Examples:
       blocktool eval runs/tiny --data data/shards/mixed-val --json
+      blocktool eval runs/tiny --data data/shards/mixed-val --key-prefix tinyshakespeare/
     """
     import torch
 
@@ -30,20 +33,25 @@ def eval_run(run, data, samples, baseline_samples, device, as_json) -> None:
     from blocklm.tools.train.evaluate import evaluate, validation_source
     from blocklm.tools.train.loop import load_model
 
+    def chosen(samples_):
+        return (s for s in samples_ if key_prefix is None or s.key.startswith(key_prefix))
+
     model, cfg, spec = load_model(run, device)
-    ev = evaluate(model, validation_source(data, cfg.train.seed), samples=samples,
+    ev = evaluate(model, chosen(validation_source(data, cfg.train.seed)), samples=samples,
                   config=cfg.dispatch, device=torch.device(device))
     train_counts: dict = {}
     for d in spec.data:
-        for mode, (c, e) in unigram_counts(model, iter_dataset(d), baseline_samples).items():
+        counts = unigram_counts(model, chosen(iter_dataset(d)), baseline_samples)
+        for mode, (c, e) in counts.items():
             prev = train_counts.get(mode)
             train_counts[mode] = (c + prev[0], e + prev[1]) if prev else (c, e)
-    held = unigram_counts(model, iter_dataset(data), samples)
+    held = unigram_counts(model, chosen(iter_dataset(data)), samples)
     ev["unigram"] = unigram_bits(train_counts, held)
     if as_json:
         click.echo(json.dumps(ev, indent=1))
         return
-    click.echo(f"{run} on {data} ({ev['samples']} samples)")
+    which = f", keys {key_prefix}*" if key_prefix else ""
+    click.echo(f"{run} on {data} ({ev['samples']} samples{which})")
     click.echo("| mode | held-out bits/element | unigram bits/element |")
     click.echo("|---|---:|---:|")
     for mode, v in sorted(ev["loss"].items()):
