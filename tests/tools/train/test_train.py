@@ -72,6 +72,16 @@ def test_training_reduces_loss_and_resumes_exactly(tmp_path, dataset, tokenizer)
         assert after["loss"][mode] < before["loss"][mode] - 0.2, (before, after)
     assert after["heads_bits"] < before["heads_bits"]
     assert 0.0 <= after["mode_accuracy"] <= 1.0 and 0.0 <= after["shape_accuracy"] <= 1.0
+    from click.testing import CliRunner
+
+    from blocklm.tools.cli import main
+    res = CliRunner().invoke(main, ["eval", str(tmp_path / "full"), "--data", dataset,
+                                    "--samples", "40", "--baseline-samples", "40", "--json",
+                                    "--key-prefix", "a"])
+    assert res.exit_code == 0, res.output
+    ev = json.loads(res.output)
+    assert ev["samples"] == 20 and set(ev["unigram"]) == {"audio", "text"}
+    assert ev["loss"]["audio"] == pytest.approx(after["loss"]["audio"], rel=0.2)
 
     half = tmp_path / "half"
     train(half, _spec(dataset, tokenizer), steps=7, progress=False, tensorboard=False)
