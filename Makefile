@@ -23,6 +23,9 @@ shards:
 	$(PY) -m blocklm.tools.make_shards --corpora $(CORPORA) --out $(SHARDS)
 
 # One line per benchmark; each prints its table with its baseline measured in the same run.
-bench:
+# The GPU benchmark needs CUDA: run `blocktool bench gpu` on a GPU machine.
+bench: shards
 	$(PY) -m blocklm.tools.cli bench convert $(CORPORA)/images $(CORPORA)/audio
-	@# placeholder: the read, dispatch, model and gpu benchmarks add their lines here
+	$(PY) -m blocklm.tools.cli bench read $(SHARDS)/text $(SHARDS)/images $(SHARDS)/audio $(SHARDS)/mixed
+	$(PY) -m blocklm.tools.cli bench dispatch $(SHARDS)/mixed
+	$(PY) -m blocklm.tools.cli bench model --quick
