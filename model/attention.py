@@ -88,7 +88,8 @@ class BankedAttention(nn.Module):
         sel = upcast(self.select(x))
         r = sel[..., :H * N].view(B, T, H, N).softmax(-1).transpose(1, 2)
         w = sel[..., H * N:2 * H * N].view(B, T, H, N).softmax(-1).transpose(1, 2)
-        g = torch.sigmoid(sel[..., 2 * H * N:]).transpose(1, 2)
+        # retention >= 1e-6 keeps log a finite (a = 1 - w (1 - g) >= g) even for saturated logits
+        g = torch.sigmoid(sel[..., 2 * H * N:]).clamp(min=1e-6).transpose(1, 2)
         if mask is not None:  # padded steps write nothing, so the memory passes through them
             w = w * mask[:, None, :, None].to(w.dtype)
         return feature_map(q), feature_map(k), v, r, w, g

@@ -139,3 +139,19 @@ def test_gradcheck_float64_full_jacobian():
     S = torch.rand(1, 1, 2, 2, 2, dtype=torch.float64, requires_grad=True)
     z = (torch.rand(1, 1, 2, 2, dtype=torch.float64) + 0.5).requires_grad_(True)
     assert torch.autograd.gradcheck(lambda x, S, z: att(x, S, z), (x, S, z), eps=1e-6, atol=1e-6)
+
+
+def test_saturated_selectors_stay_finite():
+    att = make(chunk=8)
+    with torch.no_grad():  # write with probability 1 and retention 0: full overwrite every step
+        att.select.weight.zero_()
+        att.select.bias.zero_()
+        att.select.bias[6:12] = torch.tensor([1e4, -1e4, -1e4] * 2)
+        att.select.bias[12:] = -1e4
+    x = torch.randn(2, 12, 8, requires_grad=True)
+    S0, z0 = zero_state(att, 2)
+    y, S, z = att(x, S0, z0)
+    y.sum().backward()
+    assert torch.isfinite(y).all() and torch.isfinite(S).all() and torch.isfinite(x.grad).all()
+    y2, _, _ = run_steps(att, x.detach(), S0, z0)
+    torch.testing.assert_close(y.detach(), y2, atol=1e-5, rtol=1e-5)
