@@ -73,12 +73,12 @@ def _fwd_bwd(fn, xs, dout):
 
 def kernel_resources() -> dict:
     """Registers, spills and shared memory of the compiled Triton kernels (as far as exposed)."""
-    from blocklm.model import banked_triton as bt
+    from blocklm.model import banked_kernels as bk
 
     out = {}
-    for name in ("_fwd_h", "_fwd_o", "_bwd_dh", "_bwd_dqk", "_bwd_dv"):
+    for name in ("fwd_h", "fwd_o", "bwd_dh", "bwd_dqk", "bwd_dv", "bwd_hdot", "bwd_decay"):
         try:
-            caches = getattr(bt, name).device_caches
+            caches = getattr(bk, name).device_caches
             for dev_cache in caches.values():
                 for ker in dev_cache[0].values():
                     out.setdefault(name, []).append(

@@ -92,12 +92,15 @@ def test_dispatch_on_cpu_uses_reference():
 
 
 def test_imports_without_triton(monkeypatch):
+    import blocklm.model as pkg
+
     monkeypatch.setitem(sys.modules, "triton", None)  # `import triton` now raises ImportError
     monkeypatch.setitem(sys.modules, "triton.language", None)
-    spec = importlib.util.spec_from_file_location("_bt_no_triton", bt.__file__)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    assert not mod.HAS_TRITON
+    for name in ("banked_triton", "banked_kernels"):  # re-imported below, restored afterwards
+        monkeypatch.delitem(sys.modules, f"blocklm.model.{name}", raising=False)
+        monkeypatch.setattr(pkg, name, getattr(pkg, name, None), raising=False)
+    mod = importlib.import_module("blocklm.model.banked_triton")
+    assert mod is not bt and not mod.HAS_TRITON
     xs = leaves(1, 1, 6, 16, 16, 2, seed=4)
     o, S, z = mod.banked_attention(*project(xs), chunk=4)
     assert o.shape == (1, 1, 6, 16) and S.shape == (1, 1, 2, 16, 16) and z.shape == (1, 1, 2, 16)

@@ -1,0 +1,320 @@
+"""Triton kernels of banked, write-decayed causal linear attention (see
+:mod:`blocklm.model.banked_triton` for the function, the layout and the autograd wrapper).
+
+All kernels take contiguous [B*H, T, ...] tensors with T a multiple of the chunk C; c is the
+chunk-local inclusive cumsum of log a (``decay_prep``). Saved chunk-start memories ``hs``
+[B*H, T/C, N, D, E] (input dtype) and normalisers ``zs`` [B*H, T/C, N, D] (fp32); their gradients
+``dhs``/``dzs`` are those at each chunk's end. bf16 matmul operands, fp32 accumulation; every exp is
+of a non-positive in-chunk difference.
+
+Forward: ``fwd_h`` (memory across chunks, one program per bank and state tile), ``fwd_o``
+(outputs of all chunks in parallel). Backward: ``bwd_prep`` (numerator/normaliser split of the
+output gradient), ``bwd_dh`` (memory gradient backwards across chunks), ``bwd_dv``, ``bwd_dqk``
+(twice: reads -> dq, dr; writes -> dk, dw), ``bwd_hdot`` (<dS_end, S_start> per chunk and bank) and
+``bwd_decay`` (gradient of the log-decays within each chunk, then of w and g).
+"""
+
+from __future__ import annotations
+
+try:  # optional: CPU machines (and CI) have no triton
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - depends on the environment
+    triton = None
+    tl = None
+    HAS_TRITON = False
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def decay_prep(w, g, c, N: tl.constexpr, NP: tl.constexpr, C: tl.constexpr):
+        """c = chunk-local inclusive cumsum of log a = log1p(-w (1 - g)), one chunk [C, N]."""
+        j, i_bh = tl.program_id(0), tl.program_id(1)
+        t = i_bh.to(tl.int64) * tl.num_programs(0) * C + j * C + tl.arange(0, C)
+        on = tl.arange(0, NP)
+        m = (on < N)[None, :]
+        b_w = tl.load(w + t[:, None] * N + on[None, :], mask=m, other=0.0).to(tl.float32)
+        b_g = tl.load(g + t).to(tl.float32)
+        x = -b_w * (1.0 - b_g[:, None])
+        u = 1.0 + x
+        la = tl.where(u == 1.0, x, tl.log(u) * (x / tl.where(u == 1.0, 1.0, u - 1.0)))  # log1p
+        tl.store(c + t[:, None] * N + on[None, :], tl.cumsum(la, 0), mask=m)
+
+    @triton.jit
+    def bwd_hdot(hs, zs, dhs, dzs, hd, D: tl.constexpr, E: tl.constexpr, BD: tl.constexpr):
+        """<dS_end, S_start> + <dz_end, z_start> of one (batch*head, chunk, bank) slot."""
+        slot = tl.program_id(0).to(tl.int64)
+        oe = tl.arange(0, E)
+        acc = tl.zeros([BD, E], dtype=tl.float32)
+        for d0 in range(0, D, BD):
+            ix = slot * D * E + (d0 + tl.arange(0, BD))[:, None] * E + oe[None, :]
+            acc += tl.load(dhs + ix).to(tl.float32) * tl.load(hs + ix).to(tl.float32)
+        od = tl.arange(0, D)
+        tot = tl.sum(tl.sum(acc, axis=1), axis=0)
+        tot += tl.sum(tl.load(dzs + slot * D + od) * tl.load(zs + slot * D + od), axis=0)
+        tl.store(hd + slot, tot)
+
+    @triton.jit
+    def bwd_decay(r, w, g, c, dr, dw, dg, hd, wd, N: tl.constexpr, NP: tl.constexpr,
+                   C: tl.constexpr):
+        """Gradient of the log-decays of one chunk: dc = r dr - w dw, plus at the chunk's last
+        step d/dc_T of the chunk-end memory, <dS_end, S_end> = e^cT <dS_end, S_start> + sum_s
+        w_s dw_s (writes' part); d log a = reverse cumsum of dc within the chunk, then to w, g.
+        Inner products rather than a sequence-long cumsum of dc: that one cancels badly."""
+        j, i_bh = tl.program_id(0), tl.program_id(1)
+        NT = tl.num_programs(0)
+        t = i_bh.to(tl.int64) * NT * C + j * C + tl.arange(0, C)
+        on = tl.arange(0, NP)
+        m = (on < N)[None, :]
+        ix = t[:, None] * N + on[None, :]
+        b_r = tl.load(r + ix, mask=m, other=0.0).to(tl.float32)
+        b_w = tl.load(w + ix, mask=m, other=0.0).to(tl.float32)
+        b_dw = tl.load(dw + ix, mask=m, other=0.0)
+        b_g = tl.load(g + t).to(tl.float32)
+        slot = (i_bh.to(tl.int64) * NT + j) * N + on
+        b_cT = tl.load(c + (i_bh.to(tl.int64) * NT * C + j * C + C - 1) * N + on, mask=on < N,
+                       other=0.0)
+        last = tl.exp(b_cT) * tl.load(hd + slot, mask=on < N, other=0.0) + tl.load(
+            wd + slot, mask=on < N, other=0.0)
+        dc = b_r * tl.load(dr + ix, mask=m, other=0.0) - b_w * b_dw
+        dc += tl.where((tl.arange(0, C) == C - 1)[:, None], last[None, :], 0.0)
+        dla = tl.cumsum(dc, 0, reverse=True)
+        a = 1.0 - b_w * (1.0 - b_g[:, None])
+        tl.store(dw + ix, b_dw - dla * (1.0 - b_g[:, None]) / a, mask=m)
+        tl.store(dg + t, tl.sum(dla * b_w / a, 1))
+
+    @triton.jit
+    def fwd_h(k, v, w, c, hs, zs, S0, z0, ST, zT, NT,
+               N: tl.constexpr, D: tl.constexpr, E: tl.constexpr, C: tl.constexpr,
+               BK: tl.constexpr, BV: tl.constexpr, HAS_S0: tl.constexpr):
+        """Memory across chunks for one (batch*head, bank, D-tile, E-tile); saves chunk starts."""
+        i_k, i_v, i_bhn = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        i_bh, n = i_bhn // N, i_bhn % N
+        T = NT * C
+        ok = i_k * BK + tl.arange(0, BK)
+        ov = i_v * BV + tl.arange(0, BV)
+        ot = tl.arange(0, C)
+        kb = k + i_bh.to(tl.int64) * T * D
+        vb = v + i_bh.to(tl.int64) * T * E
+        wb = w + i_bh.to(tl.int64) * T * N + n
+        cb = c + i_bh.to(tl.int64) * T * N + n
+        b_h = tl.zeros([BK, BV], dtype=tl.float32)
+        b_z = tl.zeros([BK], dtype=tl.float32)
+        if HAS_S0:
+            b_h += tl.load(S0 + i_bhn.to(tl.int64) * D * E + ok[:, None] * E + ov[None, :])
+            b_z += tl.load(z0 + i_bhn.to(tl.int64) * D + ok)
+        for j in range(NT):
+            slot = (i_bh.to(tl.int64) * NT + j) * N + n
+            tl.store(hs + slot * D * E + ok[:, None] * E + ov[None, :],
+                     b_h.to(hs.dtype.element_ty))
+            if i_v == 0:
+                tl.store(zs + slot * D + ok, b_z)
+            t = j * C + ot
+            b_k = tl.load(kb + t[:, None] * D + ok[None, :])
+            b_v = tl.load(vb + t[:, None] * E + ov[None, :])
+            b_w = tl.load(wb + t * N).to(tl.float32)
+            b_c = tl.load(cb + t * N)
+            b_cT = tl.load(cb + (j * C + C - 1) * N)
+            kd = b_k.to(tl.float32) * (b_w * tl.exp(b_cT - b_c))[:, None]  # [C,BK]
+            b_h = b_h * tl.exp(b_cT) + tl.dot(tl.trans(kd.to(b_v.dtype)), b_v)
+            b_z = b_z * tl.exp(b_cT) + tl.sum(kd, axis=0)
+        tl.store(ST + i_bhn.to(tl.int64) * D * E + ok[:, None] * E + ov[None, :], b_h)
+        if i_v == 0:
+            tl.store(zT + i_bhn.to(tl.int64) * D + ok, b_z)
+
+    @triton.jit
+    def fwd_o(q, k, v, r, w, c, hs, zs, o, den, NT, eps,
+               N: tl.constexpr, D: tl.constexpr, E: tl.constexpr, C: tl.constexpr,
+               BV: tl.constexpr):
+        """Outputs of one chunk and E-tile: intra-chunk scores + reads of the chunk-start memory."""
+        i_v, j, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        T = NT * C
+        od = tl.arange(0, D)
+        ov = i_v * BV + tl.arange(0, BV)
+        ot = tl.arange(0, C)
+        t = j * C + ot
+        bh = i_bh.to(tl.int64)
+        b_q = tl.load(q + bh * T * D + t[:, None] * D + od[None, :])
+        b_k = tl.load(k + bh * T * D + t[:, None] * D + od[None, :])
+        b_v = tl.load(v + bh * T * E + t[:, None] * E + ov[None, :])
+        causal = ot[:, None] >= ot[None, :]
+        M = tl.zeros([C, C], dtype=tl.float32)
+        num = tl.zeros([C, BV], dtype=tl.float32)
+        dsum = tl.zeros([C], dtype=tl.float32)
+        for n in range(N):
+            rb = bh * T * N + t * N + n
+            b_r = tl.load(r + rb).to(tl.float32)
+            b_w = tl.load(w + rb).to(tl.float32)
+            b_c = tl.load(c + rb)
+            diff = tl.where(causal, b_c[:, None] - b_c[None, :], float("-inf"))
+            M += b_r[:, None] * b_w[None, :] * tl.exp(diff)
+            slot = (bh * NT + j) * N + n
+            b_hn = tl.load(hs + slot * D * E + od[:, None] * E + ov[None, :])
+            b_zn = tl.load(zs + slot * D + od)
+            s_n = b_r * tl.exp(b_c)  # row scale: applied to the product, q stays as loaded
+            num += s_n[:, None] * tl.dot(b_q, b_hn.to(b_q.dtype))
+            dsum += s_n * tl.sum(b_q.to(tl.float32) * b_zn[None, :], axis=1)
+        A = tl.dot(b_q, tl.trans(b_k)) * M  # M is 0 above the diagonal
+        num += tl.dot(A.to(b_v.dtype), b_v)
+        dd = dsum + tl.sum(A, axis=1) + eps
+        tl.store(o + bh * T * E + t[:, None] * E + ov[None, :],
+                 (num / dd[:, None]).to(o.dtype.element_ty))
+        if i_v == 0:
+            tl.store(den + bh * T + t, dd)
+
+    @triton.jit
+    def bwd_prep(do, o, den, dy, dden, E: tl.constexpr, C: tl.constexpr):
+        """out = num / den: dy = do / den (numerator), dden = -(do . out) / den (normaliser)."""
+        j, i_bh = tl.program_id(0), tl.program_id(1)
+        t = i_bh.to(tl.int64) * tl.num_programs(0) * C + j * C + tl.arange(0, C)
+        oe = tl.arange(0, E)
+        b_do = tl.load(do + t[:, None] * E + oe[None, :]).to(tl.float32)
+        b_o = tl.load(o + t[:, None] * E + oe[None, :]).to(tl.float32)
+        b_den = tl.load(den + t)
+        tl.store(dy + t[:, None] * E + oe[None, :], (b_do / b_den[:, None]).to(dy.dtype.element_ty))
+        tl.store(dden + t, -tl.sum(b_do * b_o, axis=1) / b_den)
+
+    @triton.jit
+    def bwd_dh(q, r, c, dy, dden, dhs, dzs, dST, dzT, dS0, dz0, NT,
+                N: tl.constexpr, D: tl.constexpr, E: tl.constexpr, C: tl.constexpr,
+                BK: tl.constexpr, BV: tl.constexpr, HAS_DST: tl.constexpr):
+        """Memory gradient backwards across chunks; saves the gradient at each chunk's end."""
+        i_k, i_v, i_bhn = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        i_bh, n = i_bhn // N, i_bhn % N
+        T = NT * C
+        ok = i_k * BK + tl.arange(0, BK)
+        ov = i_v * BV + tl.arange(0, BV)
+        ot = tl.arange(0, C)
+        qb = q + i_bh.to(tl.int64) * T * D
+        yb = dy + i_bh.to(tl.int64) * T * E
+        db = dden + i_bh.to(tl.int64) * T
+        rb = r + i_bh.to(tl.int64) * T * N + n
+        cb = c + i_bh.to(tl.int64) * T * N + n
+        b_dh = tl.zeros([BK, BV], dtype=tl.float32)
+        b_dz = tl.zeros([BK], dtype=tl.float32)
+        if HAS_DST:
+            b_dh += tl.load(dST + i_bhn.to(tl.int64) * D * E + ok[:, None] * E + ov[None, :])
+            b_dz += tl.load(dzT + i_bhn.to(tl.int64) * D + ok)
+        for jj in range(NT):
+            j = NT - 1 - jj
+            slot = (i_bh.to(tl.int64) * NT + j) * N + n
+            tl.store(dhs + slot * D * E + ok[:, None] * E + ov[None, :],
+                     b_dh.to(dhs.dtype.element_ty))
+            if i_v == 0:
+                tl.store(dzs + slot * D + ok, b_dz)
+            t = j * C + ot
+            b_q = tl.load(qb + t[:, None] * D + ok[None, :])
+            b_y = tl.load(yb + t[:, None] * E + ov[None, :])
+            b_r = tl.load(rb + t * N).to(tl.float32)
+            b_c = tl.load(cb + t * N)
+            b_cT = tl.load(cb + (j * C + C - 1) * N)
+            qs = b_q.to(tl.float32) * (b_r * tl.exp(b_c))[:, None]  # [C,BK]
+            b_dh = b_dh * tl.exp(b_cT) + tl.dot(tl.trans(qs.to(b_y.dtype)), b_y)
+            if i_v == 0:
+                b_dd = tl.load(db + t)
+                b_dz = b_dz * tl.exp(b_cT) + tl.sum(qs * b_dd[:, None], axis=0)
+        tl.store(dS0 + i_bhn.to(tl.int64) * D * E + ok[:, None] * E + ov[None, :], b_dh)
+        if i_v == 0:
+            tl.store(dz0 + i_bhn.to(tl.int64) * D + ok, b_dz)
+
+    @triton.jit
+    def bwd_dqk(q, k, v, r, w, c, hs, zs, dhs, dzs, dy, dden, dx, dsel, wd, NT,
+                 N: tl.constexpr, D: tl.constexpr, E: tl.constexpr, C: tl.constexpr,
+                 SIDE: tl.constexpr):
+        """One chunk (full D and E). SIDE 0 (reads): dq and dr; SIDE 1 (writes): dk, dw (the
+        direct part; the decay part is bwd_decay's) and per bank sum_s w_s dw_s of the memory
+        writes. Two launches keep each under the register file."""
+        j, i_bh = tl.program_id(0), tl.program_id(1)
+        T = NT * C
+        od = tl.arange(0, D)
+        oe = tl.arange(0, E)
+        ot = tl.arange(0, C)
+        t = j * C + ot
+        bh = i_bh.to(tl.int64)
+        b_y = tl.load(dy + bh * T * E + t[:, None] * E + oe[None, :])
+        b_dd = tl.load(dden + bh * T + t)
+        causal = ot[:, None] >= ot[None, :]
+        yv = tl.dot(b_y, tl.trans(tl.load(v + bh * T * E + t[:, None] * E + oe[None, :])))
+        yv += b_dd[:, None]
+        if SIDE == 0:
+            b_q = tl.load(q + bh * T * D + t[:, None] * D + od[None, :])
+            qk = tl.dot(b_q, tl.trans(tl.load(k + bh * T * D + t[:, None] * D + od[None, :])))
+        else:
+            b_k = tl.load(k + bh * T * D + t[:, None] * D + od[None, :])
+            b_v = tl.load(v + bh * T * E + t[:, None] * E + oe[None, :])
+            qk = tl.dot(tl.load(q + bh * T * D + t[:, None] * D + od[None, :]), tl.trans(b_k))
+        Bm = tl.where(causal, qk * yv, 0.0)
+        M = tl.zeros([C, C], dtype=tl.float32)
+        b_dx = tl.zeros([C, D], dtype=tl.float32)
+        for n in range(N):
+            rb = bh * T * N + t * N + n
+            b_r = tl.load(r + rb).to(tl.float32)
+            b_w = tl.load(w + rb).to(tl.float32)
+            b_c = tl.load(c + rb)
+            En = tl.exp(tl.where(causal, b_c[:, None] - b_c[None, :], float("-inf")))
+            M += b_r[:, None] * b_w[None, :] * En
+            slot = (bh * NT + j) * N + n
+            if SIDE == 0:  # reads of the chunk-start memory
+                d_n = tl.sum(Bm * En * b_w[None, :], axis=1)
+                b_hn = tl.load(hs + slot * D * E + od[:, None] * E + oe[None, :])
+                b_zn = tl.load(zs + slot * D + od)
+                ec = tl.exp(b_c)
+                dqt = tl.dot(b_y, tl.trans(b_hn.to(b_y.dtype))) + b_dd[:, None] * b_zn[None, :]
+                b_dx += (b_r * ec)[:, None] * dqt
+                d_n += ec * tl.sum(b_q.to(tl.float32) * dqt, axis=1)
+                tl.store(dsel + rb, d_n)
+            else:  # writes into the chunk-end memory
+                d_n = tl.sum(Bm * En * b_r[:, None], axis=0)
+                b_cT = tl.load(c + bh * T * N + (j * C + C - 1) * N + n)
+                b_dhn = tl.load(dhs + slot * D * E + od[:, None] * E + oe[None, :])
+                b_dzn = tl.load(dzs + slot * D + od)
+                ew = tl.exp(b_cT - b_c)
+                dkt = tl.dot(b_v, tl.trans(b_dhn.to(b_v.dtype))) + b_dzn[None, :]
+                b_dx += (b_w * ew)[:, None] * dkt
+                dwi = ew * tl.sum(b_k.to(tl.float32) * dkt, axis=1)
+                tl.store(dsel + rb, d_n + dwi)
+                tl.store(wd + slot, tl.sum(b_w * dwi, axis=0))
+        dA = yv * M  # M is 0 above the diagonal
+        if SIDE == 0:  # k and q are loaded again here rather than held through the bank loop
+            b_dx += tl.dot(dA.to(b_q.dtype),
+                           tl.load(k + bh * T * D + t[:, None] * D + od[None, :]))
+        else:
+            b_dx += tl.dot(tl.trans(dA).to(b_k.dtype),
+                           tl.load(q + bh * T * D + t[:, None] * D + od[None, :]))
+        tl.store(dx + bh * T * D + t[:, None] * D + od[None, :], b_dx.to(dx.dtype.element_ty))
+
+    @triton.jit
+    def bwd_dv(q, k, r, w, c, dhs, dy, dv, NT,
+                N: tl.constexpr, D: tl.constexpr, E: tl.constexpr, C: tl.constexpr,
+                BV: tl.constexpr):
+        """dv of one chunk and E-tile: A^T dy + the writes' share of the chunk-end memory
+        gradient."""
+        i_v, j, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        T = NT * C
+        od = tl.arange(0, D)
+        ov = i_v * BV + tl.arange(0, BV)
+        ot = tl.arange(0, C)
+        t = j * C + ot
+        bh = i_bh.to(tl.int64)
+        b_k = tl.load(k + bh * T * D + t[:, None] * D + od[None, :])
+        causal = ot[:, None] >= ot[None, :]
+        M = tl.zeros([C, C], dtype=tl.float32)
+        b_dv = tl.zeros([C, BV], dtype=tl.float32)
+        for n in range(N):
+            rb = bh * T * N + t * N + n
+            b_r = tl.load(r + rb).to(tl.float32)
+            b_w = tl.load(w + rb).to(tl.float32)
+            b_c = tl.load(c + rb)
+            b_cT = tl.load(c + bh * T * N + (j * C + C - 1) * N + n)
+            M += b_r[:, None] * b_w[None, :] * tl.exp(
+                tl.where(causal, b_c[:, None] - b_c[None, :], float("-inf")))
+            slot = (bh * NT + j) * N + n
+            b_dhn = tl.load(dhs + slot * D * E + od[:, None] * E + ov[None, :])
+            b_dv += (b_w * tl.exp(b_cT - b_c))[:, None] * tl.dot(b_k, b_dhn.to(b_k.dtype))
+        A = tl.dot(tl.load(q + bh * T * D + t[:, None] * D + od[None, :]), tl.trans(b_k)) * M
+        b_y = tl.load(dy + bh * T * E + t[:, None] * E + ov[None, :])
+        b_dv += tl.dot(tl.trans(A).to(b_y.dtype), b_y)
+        tl.store(dv + bh * T * E + t[:, None] * E + ov[None, :], b_dv.to(dv.dtype.element_ty))
