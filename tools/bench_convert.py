@@ -1,8 +1,9 @@
 """``blocktool bench convert``: conversion speed beside its baselines, in one run.
 
 Rows: a plain read of the files (the I/O ceiling), ``webdataset.ShardWriter`` writing the same
-files as samples (no validation), and ``blocktool convert`` (full decode of every file, checksums,
-index) with 1 worker and with all cores. MB/s counts input file bytes; each figure is the median
+files as samples (no validation), and ``blocktool convert`` (structural check of PNG, JPEG and WAV
+files, full decode of the other formats, checksums, index) with 1 worker and with all cores;
+``--deep-check`` adds the same two rows with every file fully decoded. MB/s counts input file bytes; each figure is the median
 of ``--repeat`` runs, after one untimed read that puts the files in the page cache for every row.
 CPU seconds (this process and its workers) show the work done whatever else loads the machine.
 """
@@ -51,9 +52,10 @@ def wds_write(files: list[Path], tmp: Path) -> None:
             sink.write({"__key__": f"{i:08d}", f.suffix[1:].lower(): f.read_bytes()})
 
 
-def convert_with(workers: int, inputs: list[str]):
+def convert_with(workers: int, inputs: list[str], deep_check: bool = False):
     def run(files: list[Path], tmp: Path) -> None:
-        rep = run_convert(inputs, tmp / "out", ConvertOptions(workers=workers, quiet=True))
+        rep = run_convert(inputs, tmp / "out", ConvertOptions(workers=workers, quiet=True,
+                                                              deep_check=deep_check))
         if rep.samples != len(files):
             raise click.ClickException(f"converted {rep.samples} of {len(files)} files "
                                        f"({len(rep.rejected)} rejected)")
@@ -81,8 +83,10 @@ def measure(fn, files: list[Path], repeat: int) -> tuple[float, float]:
     return statistics.median(times), statistics.median(cpus)
 
 
-def run_bench(inputs: list[str], repeat: int = 3, workers: int | None = None) -> dict:
-    """All rows of the benchmark as a dict (the ``--json`` output)."""
+def run_bench(inputs: list[str], repeat: int = 3, workers: int | None = None,
+              deep_check: bool = False) -> dict:
+    """All rows of the benchmark as a dict (the ``--json`` output); ``deep_check`` adds the
+    ``--deep-check`` rows."""
     files = bench_files(inputs)
     if not files:
         raise click.ClickException(f"no image or audio files under {' '.join(inputs)}")
@@ -93,6 +97,9 @@ def run_bench(inputs: list[str], repeat: int = 3, workers: int | None = None) ->
             ("webdataset.ShardWriter, 1 process", wds_write),
             ("blocktool convert, 1 worker", convert_with(1, inputs)),
             (f"blocktool convert, {n} workers", convert_with(n, inputs))]
+    if deep_check:
+        rows += [("blocktool convert --deep-check, 1 worker", convert_with(1, inputs, True)),
+                 (f"blocktool convert --deep-check, {n} workers", convert_with(n, inputs, True))]
     out = {"files": len(files), "bytes": nbytes, "cores": os.cpu_count(), "repeat": repeat,
            "rows": []}
     for name, fn in rows:
@@ -123,14 +130,16 @@ def format_table(res: dict) -> str:
 @click.option("--repeat", "-r", type=int, default=3, show_default=True)
 @click.option("--workers", "-j", type=int, default=None, help="The all-cores row (default: all).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
-def bench_convert(inputs, repeat, workers, as_json):
+@click.option("--deep-check", is_flag=True,
+              help="Add rows for `convert --deep-check` (every file fully decoded).")
+def bench_convert(inputs, repeat, workers, as_json, deep_check):
     """Convert speed (MB/s, files/s) with 1 and all workers, beside webdataset.ShardWriter
     writing the same files and a plain read of them, all in one run.
 
     \b
     Example:
-      blocktool bench convert ../shared/corpora/images ../shared/corpora/audio
+      blocktool bench convert ../shared/corpora/images ../shared/corpora/audio --repeat 5
     """
-    res = run_bench(list(inputs), repeat, workers)
+    res = run_bench(list(inputs), repeat, workers, deep_check)
     click.echo(json.dumps(res, indent=1) if as_json else format_table(res))
     sys.stdout.flush()

@@ -44,8 +44,13 @@ def parse_size(text: str) -> int:
 @click.option("--resume", is_flag=True, help="Continue an interrupted run into the same --out.")
 @click.option("--strict", is_flag=True, help="Stop at the first bad input (exit 1).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary line.")
+@click.option("--deep-check", is_flag=True,
+              help="Also fully decode every image and audio file. By default PNG, JPEG and WAV "
+                   "files get a structural check instead (PNG chunk CRCs, JPEG segments and EOI, "
+                   "WAV chunks), which catches truncation and, for PNG, any changed byte; other "
+                   "formats are always decoded.")
 def convert(inputs, out, kind, workers, shard_size, shard_samples, text_split, text_errors,
-            text_field, manifest_root, prefix, resume, strict, quiet):
+            text_field, manifest_root, prefix, resume, strict, quiet, deep_check):
     """Convert folders of images/audio, text, JSONL, sample manifests, WebDataset tars,
     Hugging Face datasets or parquet files into block-list shards.
 
@@ -53,6 +58,9 @@ def convert(inputs, out, kind, workers, shard_size, shard_samples, text_split, t
     rejected input is also one line on stderr. Exit 0: nothing rejected; 3: some inputs
     rejected (the rest converted, all shards valid); 1: stopped by --strict; 2: usage error.
     The same inputs and options give byte-identical shards whatever --workers.
+
+    Truncated and corrupt images and audio are rejected: PNG, JPEG and WAV by a structural
+    check, other formats by a full decode (--deep-check decodes every file).
 
     A sample manifest (.jsonl) has one sample per line, e.g.
     [{"mode": "audio", "path": "a.wav"}, {"mode": "text", "text": "seven"}]
@@ -62,6 +70,7 @@ def convert(inputs, out, kind, workers, shard_size, shard_samples, text_split, t
     Example:
       blocktool convert ../shared/corpora/images/bsd100 --out data/shards/bsd100 --workers 2
       blocktool convert corpus.txt --text-split lines --out data/shards/text --resume
+      blocktool convert photos/ --out data/shards/photos --deep-check
     """
     from .convert_run import ConvertError, StrictStop, print_summary, run_convert
 
@@ -70,7 +79,8 @@ def convert(inputs, out, kind, workers, shard_size, shard_samples, text_split, t
                               text_field=text_field, manifest_root=manifest_root,
                               workers=workers,
                               shard_size=parse_size(shard_size), shard_samples=shard_samples,
-                              prefix=prefix, resume=resume, strict=strict, quiet=quiet)
+                              prefix=prefix, resume=resume, strict=strict, quiet=quiet,
+                              deep_check=deep_check)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     try:

@@ -2,8 +2,11 @@
 into encoded shard bytes or a rejection.
 
 Sources (``convert_sources*``) enumerate items cheaply in the parent process; workers read, build,
-fully decode (to catch truncated or corrupt files that headers alone accept) and encode them in
-parallel. Items are small and picklable: file contents are read by the worker, not the parent.
+check and encode them in parallel. Headers alone accept truncated and corrupt files, so every
+image and audio file is checked: PNG, JPEG and WAV by their structure (chunk CRCs, segment
+lengths, end markers: ``blocklm.formats.integrity``), every other format by a full decode, and
+all of them by a full decode as well with ``deep_check`` (``--deep-check``). Items are small and
+picklable: file contents are read by the worker, not the parent.
 """
 
 from __future__ import annotations
@@ -18,9 +21,11 @@ from blocklm.formats import (
     Sample,
     audio_file_block,
     bytes_block,
+    check_integrity,
     image_file_block,
     text_block,
 )
+from blocklm.formats.integrity import INTEGRITY_CODECS
 from blocklm.formats.writer import SampleEncoder
 
 IMAGE_EXTS = {"png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff"}
@@ -92,8 +97,9 @@ def read_part(p: Part) -> bytes:
         return data
 
 
-def build_block(p: Part) -> Block:
-    """Build and fully validate one block; raises FormatError/CodecError/OSError/ValueError."""
+def build_block(p: Part, deep_check: bool = False) -> Block:
+    """Build and validate one block (``deep_check``: decode every image and audio file, even those
+    a structural check covers); raises FormatError/CodecError/OSError/ValueError."""
     if p.text is not None:
         return text_block(p.text, p.mode, p.meta)
     data = read_part(p)
@@ -120,12 +126,18 @@ def build_block(p: Part) -> Block:
         return text_block(text, p.mode, p.meta)
     else:
         return bytes_block(p.mode, (len(data),), data, meta=p.meta)
-    b.decode()  # full decode: headers alone accept truncated and corrupt files
+    # headers alone accept truncated and corrupt files: check the structure where the format
+    # allows it (one pass over the bytes), else decode (the decode re-reads the header: cheap)
+    if b.codec in INTEGRITY_CODECS:
+        check_integrity(b.codec, b.payload)
+    if deep_check or b.codec not in INTEGRITY_CODECS:
+        b.decode()
     return b
 
 
 def _sniff(data: bytes) -> str:
-    """Image or audio or bytes, by trying the format's header probes."""
+    """Image or audio or bytes, by trying the format's header probes (only for parts of no known
+    kind: the builder then probes the header once more, which is cheap; nothing is decoded)."""
     from blocklm.formats.codecs import probe_audio, probe_image
 
     for how, probe in (("image", probe_image), ("audio", probe_audio)):
@@ -140,8 +152,9 @@ def _sniff(data: bytes) -> str:
 _ENCODER: SampleEncoder | None = None  # one per worker process: holds a zstd context
 
 
-def process(item: Item) -> Result:
-    """Worker entry point: the item's encoded sample, or the reason it is rejected."""
+def process(item: Item, deep_check: bool = False) -> Result:
+    """Worker entry point: the item's encoded sample, or the reason it is rejected
+    (``deep_check``: see :func:`build_block`)."""
     global _ENCODER
     if item.error is not None:
         return Result(item.source, error=item.error)
@@ -149,7 +162,7 @@ def process(item: Item) -> Result:
         blocks = []
         for i, p in enumerate(item.parts):
             try:
-                blocks.append(build_block(p))
+                blocks.append(build_block(p, deep_check))
             except (FormatError, OSError, ValueError) as e:
                 where = f"block {i} ({p.path})" if p.path and len(item.parts) > 1 else \
                     (f"block {i}" if len(item.parts) > 1 else "")

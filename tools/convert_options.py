@@ -15,7 +15,8 @@ class ConvertOptions:
 
     ``kind`` forces every input to one kind (else detected per file, see ``convert_sources``);
     ``text_split`` is ``lines``, ``paragraphs`` or ``chars:N``; ``text_errors`` is ``strict``
-    (non-UTF-8 text is rejected) or ``replace``.
+    (non-UTF-8 text is rejected) or ``replace``. ``deep_check`` decodes every image and audio
+    file even where a structural check covers the format (PNG, JPEG, WAV).
     """
 
     kind: str | None = None
@@ -31,6 +32,7 @@ class ConvertOptions:
     resume: bool = False
     strict: bool = False
     quiet: bool = False
+    deep_check: bool = False
 
     def __post_init__(self) -> None:
         if self.kind is not None and self.kind not in KINDS:
@@ -50,6 +52,8 @@ class ConvertOptions:
         d = asdict(self)
         for k in ("workers", "resume", "strict", "quiet"):
             d.pop(k)
+        if not self.deep_check:  # it may reject more inputs; off, jobs keep their old identity
+            d.pop("deep_check")
         if self.manifest_root is not None:
             d["manifest_root"] = os.path.abspath(self.manifest_root)
         return d

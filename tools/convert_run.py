@@ -18,6 +18,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import xxhash
@@ -137,15 +138,17 @@ def _write_json(path: Path, obj: dict) -> None:
     atomic_write(path, json.dumps(obj, indent=1, sort_keys=True).encode("utf-8") + b"\n")
 
 
-def _results(items: Iterator[Item], n_workers: int, total: int | None) -> Iterator[Result]:
+def _results(items: Iterator[Item], n_workers: int, total: int | None,
+             deep_check: bool = False) -> Iterator[Result]:
+    work = partial(process, deep_check=deep_check)
     if n_workers == 1:
-        yield from map(process, items)
+        yield from map(work, items)
         return
     # chunks cut the per-item IPC cost; 8 chunks per worker at least keep the load balanced
     chunk = 16 if total is None else max(1, min(32, total // (8 * n_workers)))
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
     with ctx.Pool(n_workers) as pool:
-        yield from pool.imap(process, items, chunksize=chunk)
+        yield from pool.imap(work, items, chunksize=chunk)
 
 
 def run_convert(inputs: list[str], out: str | os.PathLike, opts: ConvertOptions) -> Report:
@@ -184,7 +187,7 @@ def run_convert(inputs: list[str], out: str | os.PathLike, opts: ConvertOptions)
     progress = Progress(opts.quiet, done, total)
     try:
         todo = None if total is None else total - done
-        for i, res in enumerate(_results(items, opts.n_workers, todo), start=done):
+        for i, res in enumerate(_results(items, opts.n_workers, todo, opts.deep_check), start=done):
             if res.error is not None:
                 rep.rejected.append({"path": res.source, "reason": res.error})
                 progress.reject(res.source, res.error)

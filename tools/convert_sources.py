@@ -41,6 +41,11 @@ def detect_kind(path: str, forced: str | None = None) -> str:
         return forced
     if p.is_dir():
         return "hf" if is_hf_dir(p) else "dir"
+    return file_kind(path)
+
+
+def file_kind(path: str) -> str:
+    """The kind of a path known not to be a folder, by its extension (no file system access)."""
     ext = ext_of(path)
     if ext in IMAGE_EXTS:
         return "images"
@@ -68,9 +73,12 @@ def is_sample_manifest(path: str) -> bool:
     return False
 
 
-def walk_files(root: Path, skipped: list[str], exclude: str | None = None) -> Iterator[Path]:
-    """Files under ``root`` in sorted order, skipping hidden names and the folder ``exclude``
-    (the conversion's own output), each recorded in ``skipped``."""
+def walk_files(root: Path, skipped: list[str],
+               exclude: str | None = None) -> Iterator[tuple[str, str]]:
+    """``(path, path relative to root)`` of the files under ``root`` in sorted order, skipping
+    hidden names and the folder ``exclude`` (the conversion's own output), each recorded in
+    ``skipped``. Paths are spelled as ``str(Path(dirpath) / name)``; they are joined as strings,
+    once per folder through ``pathlib``, since a walk can list millions of files."""
     for dirpath, dirnames, filenames in os.walk(root):
         keep = []
         for d in sorted(dirnames):
@@ -80,12 +88,16 @@ def walk_files(root: Path, skipped: list[str], exclude: str | None = None) -> It
             else:
                 keep.append(d)
         dirnames[:] = keep
+        here = Path(dirpath)
+        base = str(here)
+        base = "" if base == "." else (base if base.endswith("/") else base + "/")
+        rel_dir = here.relative_to(root).as_posix()
+        rel_dir = "" if rel_dir == "." else rel_dir + "/"
         for name in sorted(filenames):
-            full = Path(dirpath) / name
             if name.startswith("."):
-                skipped.append(str(full))
+                skipped.append(base + name)
             else:
-                yield full
+                yield base + name, rel_dir + name
 
 
 def iter_input(path: str, opts: ConvertOptions, keys: KeyAllocator,
@@ -96,10 +108,9 @@ def iter_input(path: str, opts: ConvertOptions, keys: KeyAllocator,
     prefix = sanitize_segment(strip_ext(p.resolve().name)) if not p.is_dir() else \
         sanitize_segment(p.resolve().name)
     if p.is_dir() and kind != "hf":
-        for f in walk_files(p, skipped, exclude):
-            rel = f.relative_to(p).as_posix()
-            fkind = kind if kind != "dir" else detect_kind(str(f))
-            yield from iter_file(str(f), fkind, path_key(prefix, rel), opts, keys, skipped)
+        for f, rel in walk_files(p, skipped, exclude):
+            fkind = kind if kind != "dir" else file_kind(f)  # os.walk lists folders apart
+            yield from iter_file(f, fkind, path_key(prefix, rel), opts, keys, skipped)
         return
     if not p.exists():
         yield Item(path, error="does not exist")

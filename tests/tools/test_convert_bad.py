@@ -6,6 +6,7 @@ import io
 import json
 import os
 import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -65,9 +66,10 @@ EXPECT = {
 }
 
 
-def test_bad_files_rejected_and_good_ones_kept(bad_dir, tmp_path, run_cli):
+@pytest.mark.parametrize("deep", [False, True], ids=["structural", "deep-check"])
+def test_bad_files_rejected_and_good_ones_kept(bad_dir, tmp_path, run_cli, deep):
     out = tmp_path / "out"
-    res = run_cli("convert", bad_dir, "--out", out, "-j", "2", "-q")
+    res = run_cli("convert", bad_dir, "--out", out, "-j", "2", "-q", *(["--deep-check"] * deep))
     assert res.exit_code == 3, res.output
     rep = json.loads((out / "report.json").read_text())
     reasons = {os.path.basename(r["path"]): r["reason"] for r in rep["rejected"]}
@@ -80,6 +82,36 @@ def test_bad_files_rejected_and_good_ones_kept(bad_dir, tmp_path, run_cli):
     assert any(p.endswith(".hidden") for p in rep["skipped"])
     assert len(list(iter_dataset(out))) == 4
     assert run_cli("verify", out, "-q").exit_code == 0
+
+
+def _png_with_bad_deflate_and_good_crcs(png: bytes) -> bytes:
+    """``png`` with bytes of its first IDAT's compressed data overwritten and the chunk's CRC
+    recomputed: structurally sound, but the pixels do not decompress."""
+    at = 8
+    while png[at + 4:at + 8] != b"IDAT":
+        at += 12 + int.from_bytes(png[at:at + 4], "big")
+    n = int.from_bytes(png[at:at + 4], "big")
+    bad = bytearray(png)
+    bad[at + 8 + n // 2: at + 8 + n // 2 + 64] = b"\x55" * 64
+    bad[at + 8 + n:at + 12 + n] = zlib.crc32(bad[at + 4:at + 8 + n]).to_bytes(4, "big")
+    return bytes(bad)
+
+
+def test_deep_check_decodes_what_the_structural_check_passes(image_dir, tmp_path, run_cli):
+    """The structural check does not inflate PNG data: a file rebuilt with valid CRCs around
+    damaged compressed data passes it (the documented limit); --deep-check decodes and rejects it.
+    The good files give the same shards either way."""
+    png = (image_dir / "img_001.png").read_bytes()
+    (image_dir / "recrc.png").write_bytes(_png_with_bad_deflate_and_good_crcs(png))
+    res = run_cli("convert", image_dir, "--out", tmp_path / "a", "-j", "1", "-q")
+    assert res.exit_code == 0, res.output
+    res = run_cli("convert", image_dir, "--out", tmp_path / "b", "-j", "1", "-q", "--deep-check")
+    assert res.exit_code == 3 and "recrc.png: image does not decode" in res.stderr
+    (image_dir / "recrc.png").unlink()
+    run_cli("convert", image_dir, "--out", tmp_path / "c", "-j", "1", "-q")
+    run_cli("convert", image_dir, "--out", tmp_path / "d", "-j", "1", "-q", "--deep-check")
+    assert (tmp_path / "c/shard-000000.tar").read_bytes() == \
+        (tmp_path / "d/shard-000000.tar").read_bytes()
 
 
 def test_text_errors_replace_keeps_the_text(bad_dir, tmp_path):

@@ -97,6 +97,12 @@ def test_resume_refuses_other_options_or_missing_shards(audio_dir, tmp_path, run
     run_convert([str(audio_dir)], out, opts)
     res = run_cli("convert", audio_dir, "--out", out, "--shard-samples", "3", "--resume", "-q")
     assert res.exit_code == 2 and "other inputs or options" in res.stderr
+    # --deep-check may reject more inputs: a job keeps it (and, off, its fingerprint from before
+    # the option existed, so older journals and make_shards stamps stay valid)
+    assert "deep_check" not in opts.fingerprint_fields()
+    res = run_cli("convert", audio_dir, "--out", out, "--shard-samples", "2", "--resume", "-q",
+                  "--deep-check")
+    assert res.exit_code == 2 and "other inputs or options" in res.stderr
     # an interrupted job whose journal names a shard that is gone
     journal = {"fingerprint": json.loads((out / "report.json").read_text())["fingerprint"],
                "next_item": 2, "samples": 2, "rejected": [],
