@@ -204,9 +204,13 @@ def banked_attention_triton(q: Tensor, k: Tensor, v: Tensor, r: Tensor, w: Tenso
     if pad:  # padded steps write nothing (w = 0) and their outputs are dropped
         q, k, v, r, w = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v, r, w))
         g = F.pad(g, (0, pad), value=1.0)
-    o, S, z = BankedAttentionFn.apply(q.contiguous(), k.contiguous(), v.contiguous(),
-                                      r.contiguous(), w.contiguous(), g.contiguous(),
-                                      S0, z0, float(eps), chunk)
+    args = (q.contiguous(), k.contiguous(), v.contiguous(), r.contiguous(), w.contiguous(),
+            g.contiguous(), S0, z0, float(eps), chunk)
+    if q.is_cuda:  # Triton launches on the current device: make it q's
+        with torch.cuda.device(q.device):
+            o, S, z = BankedAttentionFn.apply(*args)
+    else:  # CPU tensors: only under TRITON_INTERPRET=1
+        o, S, z = BankedAttentionFn.apply(*args)
     return (o[:, :, :T] if pad else o), S, z
 
 
