@@ -74,7 +74,7 @@ def run_examples(model: BlockLM, batch: list) -> tuple[torch.Tensor, list, list]
         for mode, idx in groups.items():
             r = model.run_block(mode, [batch[i][pos][2] for i in idx], state[idx])
             # the true shape is the target even though the content was cut
-            summary = model.summary(state[idx])
+            summary = model.head_input(state[idx])
             shape_bits = model.heads.shape_bits(summary, mode, [batch[i][pos][1] for i in idx])
             total = total + r.loss.mode_bits.sum() + shape_bits.sum()
             new = new.index_copy(0, torch.tensor(idx), r.state)
@@ -94,12 +94,12 @@ def evaluate(model: BlockLM, data: list, batch: int) -> dict:
         _, bounds, _ = run_examples(model, chunk)
         for i, pos, st in bounds:
             truth = chunk[i][pos][0] if pos < len(chunk[i]) else END
-            pred = model.modes[int(model.heads.mode_logits(model.summary(st[None])).argmax())]
+            pred = model.modes[int(model.heads.mode_logits(model.head_input(st[None])).argmax())]
             mode_hit += pred == truth
             mode_n += 1
             if truth != END:
                 head = model.heads.shape[truth]
-                ctx = model.heads.trunk(model.summary(st[None]))
+                ctx = model.heads.trunk(model.head_input(st[None]))
                 _, cls = head.predict(ctx, None, None)
                 true_cls = head.classes(torch.tensor([chunk[i][pos][1]]))
                 shape_hit += bool((cls == true_cls).all())

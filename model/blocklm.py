@@ -52,7 +52,13 @@ class BlockLM(nn.Module):
         d = cfg.decoder.d_model
         self.supports = nn.ModuleDict({m: registry.build(m, c, d) for m, c in cfg.modes.items()})
         self.decoder = Decoder(cfg.decoder)
-        self.heads = Heads(cfg.heads, d, {m: s.shape_spec() for m, s in self.supports.items()})
+        # The heads read the decoder's block summary plus the example's block history: how many
+        # blocks of each mode came so far and which mode came last. The history is exact
+        # bookkeeping kept in the state (2M floats), so "what comes next" can depend on where the
+        # example stands (e.g. a caption after an image, then the end) without the decoder
+        # having to learn to count blocks in its memories.
+        self.heads = Heads(cfg.heads, d + 2 * len(self.supports),
+                           {m: s.shape_spec() for m, s in self.supports.items()})
 
     @property
     def modes(self) -> list[str]:
@@ -61,8 +67,27 @@ class BlockLM(nn.Module):
 
     @property
     def state_size(self) -> int:
-        """Length of one example's state vector."""
-        return self.decoder.layout.size
+        """Length of one example's state vector: the decoder's state, then the block history
+        (per-mode block counts [M], one-hot of the last block's mode [M])."""
+        return self.decoder.layout.size + 2 * len(self.supports)
+
+    def _split(self, state: Tensor) -> tuple[Tensor, Tensor]:
+        """state [B,S] -> decoder state [B,S-2M], history [B,2M]."""
+        n = self.decoder.layout.size
+        return state[:, :n], state[:, n:]
+
+    def _history_after(self, history: Tensor, mode: str) -> Tensor:
+        """history [B,2M] after one more block of ``mode``: its count + 1, last = mode."""
+        M = len(self.supports)
+        onehot = torch.zeros(history.shape[0], M, device=history.device, dtype=history.dtype)
+        onehot[:, list(self.supports).index(mode)] = 1.0
+        return torch.cat([history[:, :M] + onehot, onehot], 1)
+
+    def head_input(self, state: Tensor) -> Tensor:
+        """What the next-mode and shape heads read: [summary, log1p(counts), last] [B,d+2M]."""
+        M = len(self.supports)
+        _, hist = self._split(state)
+        return torch.cat([self.summary(state), torch.log1p(hist[:, :M]), hist[:, M:]], 1)
 
     def support(self, mode: str) -> ModeSupport:
         """The support of ``mode``."""
@@ -72,7 +97,7 @@ class BlockLM(nn.Module):
 
     def initial_state(self, batch: int, device=None) -> Tensor:
         """The state before an example's first block: [batch, state_size] fp32."""
-        return self.decoder.initial_state(batch, device)
+        return torch.zeros(batch, self.state_size, device=device)
 
     def steps(self, mode: str, shape: tuple[int, ...]) -> int:
         """Decoder steps a block of this shape costs (the dispatcher's cost model; for text an
@@ -85,7 +110,7 @@ class BlockLM(nn.Module):
 
     def summary(self, state: Tensor) -> Tensor:
         """The summary vector [B,d_model] inside a state."""
-        return self.decoder.layout.unpack(state)["summary"]
+        return self.decoder.layout.unpack(self._split(state)[0])["summary"]
 
     def run_block(self, mode: str, contents: list, state: Tensor | None = None,
                   targets: bool = True) -> BlockResult:
@@ -101,18 +126,20 @@ class BlockLM(nn.Module):
         if state is None:
             state = self.initial_state(len(contents), device)
         batch = sup.target(contents, device)
-        h, new_state = self.decoder(sup.embed(batch), state, batch.steps)  # [B,T,d]
+        dec_state, history = self._split(state)
+        h, dec_new = self.decoder(sup.embed(batch), dec_state, batch.steps)  # [B,T,d]
+        new_state = torch.cat([dec_new, self._history_after(history, mode)], 1)
         loss = None
         if targets:
             bits, elements = sup.bits(h, batch)
-            summary = self.summary(state)
-            loss = BlockLoss(bits, elements, self.heads.mode_bits(summary, [mode] * len(contents)),
-                             self.heads.shape_bits(summary, mode, batch.shapes))
-        return BlockResult(loss, new_state, h, self.heads.mode_logits(self.summary(new_state)))
+            ctx = self.head_input(state)
+            loss = BlockLoss(bits, elements, self.heads.mode_bits(ctx, [mode] * len(contents)),
+                             self.heads.shape_bits(ctx, mode, batch.shapes))
+        return BlockResult(loss, new_state, h, self.heads.mode_logits(self.head_input(new_state)))
 
     def end_bits(self, state: Tensor) -> Tensor:
         """Bits of predicting end-of-example from the state after the last block: [B]."""
-        return self.heads.mode_bits(self.summary(state), [END] * state.shape[0])
+        return self.heads.mode_bits(self.head_input(state), [END] * state.shape[0])
 
     @torch.no_grad()
     def predict_next(self, state: Tensor, sampling: SampleConfig | None = None,
@@ -120,7 +147,7 @@ class BlockLM(nn.Module):
         """Next (mode, shape) per example; ("end", None) ends it. sampling None: most likely."""
         from .sampling import sample_logits
 
-        summary = self.summary(state)
+        summary = self.head_input(state)
         logits = self.heads.mode_logits(summary)
         idx = logits.argmax(-1) if sampling is None else sample_logits(logits, sampling, generator)
         out: list[tuple[str, tuple | None]] = []
@@ -148,6 +175,7 @@ class BlockLM(nn.Module):
         device = self.start_device()
         B = len(shapes)
         state = self.initial_state(B, device) if state is None else state
+        state, history = self._split(state)  # the decoder steps on its own part
         elems: list[list[Tensor]] = [[] for _ in range(B)]
         done = [sup.complete(torch.zeros(0, sup.elements_per_step, dtype=torch.long), s)
                 for s in shapes]
@@ -170,7 +198,7 @@ class BlockLM(nn.Module):
         E = sup.elements_per_step
         contents = [sup.assemble(torch.stack(e) if e else torch.zeros(0, E, dtype=torch.long), s)
                     for e, s in zip(elems, shapes)]
-        return contents, state
+        return contents, torch.cat([state, self._history_after(history, mode)], 1)
 
     def start_device(self) -> torch.device:
         """The device of the model's parameters."""

@@ -218,3 +218,27 @@ def test_a_480x320_rgb_image_is_not_460800_steps():
     from blocklm.model.image import ImageSupport
 
     assert ImageSupport(ImageConfig(patch=8), 16).steps((480, 320, 3)) == 60 * 40 + 1
+
+
+def test_state_carries_the_block_history_the_heads_read(model):
+    M = len(model.supports)
+    names = list(model.supports)
+    s0 = model.initial_state(2)
+    r1 = model.run_block("audio", [np.zeros((40, 1), np.int16)] * 2, s0)
+    r2 = model.run_block("text", ["seven", "one"], r1.state)
+    hist = r2.state[:, -2 * M:]
+    counts, last = hist[:, :M], hist[:, M:]
+    assert counts[:, names.index("audio")].tolist() == [1.0, 1.0]
+    assert counts[:, names.index("text")].tolist() == [1.0, 1.0]
+    assert last[:, names.index("text")].tolist() == [1.0, 1.0] and last.sum().item() == 2.0
+    ctx = model.head_input(r2.state)
+    assert ctx.shape == (2, model.cfg.decoder.d_model + 2 * M)
+    # the heads see the history: changing only the counts changes the next-mode prediction
+    bumped = r2.state.clone()
+    bumped[:, -2 * M + names.index("text")] += 3.0
+    assert not torch.allclose(model.heads.mode_logits(model.head_input(bumped)),
+                              model.heads.mode_logits(ctx))
+    # generation keeps the same bookkeeping
+    _, g = model.generate_block("text", [(3,), (3,)], r1.state,
+                                generator=torch.Generator().manual_seed(0))
+    assert torch.equal(g[:, -2 * M:], hist)

@@ -133,7 +133,7 @@ class ModelRunners:
     def _accuracy(self, state: Tensor, mode: str, shapes: list[tuple[int, ...]]) -> None:
         """Count argmax next-mode hits and, for blocks, exact shape-bin hits (greedy)."""
         heads, w = self.model.heads, self.window
-        summary = self.model.summary(state)
+        summary = self.model.head_input(state)
         pred = heads.mode_logits(summary).argmax(-1)
         w.mode_correct += int((pred == heads.names.index(mode)).sum())
         w.mode_total += state.shape[0]
