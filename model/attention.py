@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .banked_triton import banked_attention_triton, triton_supports
 from .config import AttentionConfig
 
 
@@ -98,19 +99,29 @@ class BankedAttention(nn.Module):
                 ) -> tuple[Tensor, Tensor, Tensor]:
         """Chunked parallel form. x [B,T,d] -> y [B,T,d], new S, new z."""
         q, k, v, r, w, g = self._project(x, mask)  # projections may run under autocast
+        B, H, T, D = q.shape
         with torch.autocast(device_type=x.device.type, enabled=False):
-            B, H, T, D = q.shape
-            eps, C = self.cfg.eps, self.cfg.chunk
-            # log a = log(1 - w (1 - g)) >= log g > -inf: safe to cumulate in log space
-            la = torch.log1p(-w * (1.0 - g[..., None]))  # [B,H,T,N]
-            outs = []
-            for t0 in range(0, T, C):
-                sl = slice(t0, min(T, t0 + C))
-                o, S, z = self._chunk(q[:, :, sl], k[:, :, sl], v[:, :, sl], r[:, :, sl],
-                                      w[:, :, sl], la[:, :, sl], S, z, eps)
-                outs.append(o)
-            o = torch.cat(outs, dim=2).transpose(1, 2).reshape(B, T, H * D)  # [B,T,H*D]
-        return self.out(o.to(x.dtype)), S, z
+            o, S, z = self._mix(q, k, v, r, w, g, S, z)  # [B,H,T,D]
+        o = o.transpose(1, 2).reshape(B, T, H * D)  # [B,T,H*D]
+        return self.out(o.to(x.dtype)), S, z  # autocast applies again here
+
+    def _mix(self, q: Tensor, k: Tensor, v: Tensor, r: Tensor, w: Tensor, g: Tensor, S: Tensor,
+             z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The attention itself, autocast off: the Triton kernels on CUDA where the shapes suit
+        them (banked_triton.py, bf16 operands, fp32 states), else this chunk loop (fp32)."""
+        eps, C = self.cfg.eps, self.cfg.chunk
+        if q.is_cuda and triton_supports(q, v, C):
+            lp = torch.bfloat16
+            return banked_attention_triton(q.to(lp), k.to(lp), v.to(lp), r, w, g, S, z, eps, C)
+        # log a = log(1 - w (1 - g)) >= log g > -inf: safe to cumulate in log space
+        la = torch.log1p(-w * (1.0 - g[..., None]))  # [B,H,T,N]
+        outs = []
+        for t0 in range(0, q.shape[2], C):
+            sl = slice(t0, min(q.shape[2], t0 + C))
+            o, S, z = self._chunk(q[:, :, sl], k[:, :, sl], v[:, :, sl], r[:, :, sl],
+                                  w[:, :, sl], la[:, :, sl], S, z, eps)
+            outs.append(o)
+        return torch.cat(outs, dim=2), S, z
 
     @staticmethod
     def _chunk(q, k, v, r, w, la, S, z, eps):
