@@ -38,7 +38,7 @@ def evaluate(model: BlockLM, source: Any, *, samples: int, config: DispatchConfi
         n += len(st.finished)
     model.train(was_training)
     w = runners.window
-    heads = torch.cat(w.head_bits).sum().item() / max(w.head_count, 1) if w.head_bits else None
+    heads = w.heads_report()
     return {"loss": w.report(), "heads_bits": heads, "samples": n,
             "mode_accuracy": w.mode_correct / max(w.mode_total, 1),
             "shape_accuracy": w.shape_correct / max(w.shape_total, 1)}

@@ -38,7 +38,7 @@ from .config import RunConfig, build_config
 from .distributed import Collective, init_from_launcher
 from .evaluate import evaluate, validation_source
 from .metrics import MetricsLog
-from .runner import Context, ModelRunners
+from .runner import HEADS, Context, ModelRunners
 from .schedule import warmup_cosine
 
 RUN_META = "run.json"
@@ -256,8 +256,10 @@ class Trainer:
         """Back-propagate the window (global normalisers), sum gradients, step, log."""
         w = self.runners.window
         sums = self.coll.sum(w.sums(self.modes) + [float(w.tokens)])
+        nm = len(self.modes)
         elements = {m: sums[2 * i + 1] for i, m in enumerate(self.modes)}
-        objective = w.objective(elements, sums[2 * len(self.modes) + 1])
+        heads = {k: (sums[2 * (nm + j)], sums[2 * (nm + j) + 1]) for j, k in enumerate(HEADS)}
+        objective = w.objective(elements, {k: c for k, (_, c) in heads.items()})
         if objective is not None:
             objective.backward()
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -280,7 +282,7 @@ class Trainer:
             self.summary = {
                 "step": self.step, "epoch": self.epoch,
                 "loss": {m: float(np.mean(v)) for m, v in self.acc.items()},
-                "heads_bits": sums[-3] / max(sums[-2], 1.0),
+                "heads_bits": {k: b / max(c, 1.0) for k, (b, c) in heads.items()},
                 "grad_norm": float(grad_norm), "lr": self.sched.get_last_lr()[0],
                 "tokens_per_s": self.tokens_since / max(now - self.t_log, 1e-9),
                 "dispatch": _dispatch_metrics(self.disp.metrics())}

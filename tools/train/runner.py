@@ -18,6 +18,8 @@ from blocklm.model.blocklm import BlockLM
 from blocklm.model.heads import END
 from blocklm.pipeline.dispatch_types import Batch, Result
 
+HEADS = ("next_mode", "shape")  # the head terms of the objective, in this order
+
 
 @dataclass
 class Context:
@@ -35,35 +37,47 @@ class Window:
     tokens: int = 0  # decoder steps run
     bits: dict[str, list[Tensor]] = field(default_factory=lambda: defaultdict(list))
     elements: dict[str, float] = field(default_factory=lambda: defaultdict(float))
-    head_bits: list[Tensor] = field(default_factory=list)  # next-mode + shape + end bits
-    head_count: int = 0  # predictions those bits are over
+    # the heads' bits per kind of prediction (HEADS: next mode incl. end, shape) and counts
+    head_bits: dict[str, list[Tensor]] = field(default_factory=lambda: defaultdict(list))
+    head_count: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     mode_correct: int = 0  # next-mode predictions that were right (argmax), when measured
     mode_total: int = 0
     shape_correct: int = 0  # shapes whose most likely bins were all right, when measured
     shape_total: int = 0
 
     def objective(self, elements: dict[str, float] | None = None,
-                  head_count: float | None = None) -> Tensor | None:
-        """Sum over modes of bits per element, plus the heads' mean bits per prediction.
+                  head_count: dict[str, float] | None = None) -> Tensor | None:
+        """Sum over modes of bits per element, plus each head's mean bits per prediction.
 
-        ``elements``/``head_count`` override the normalisers with global counts (several ranks
-        each back-propagate their share; the shares add up to the global objective)."""
+        The next-mode head and the shape head are separate terms: averaged together, the shape
+        bits (often 10+ per block) would drown the next-mode bits (about 1). ``elements`` /
+        ``head_count`` override the normalisers with global counts (several ranks each
+        back-propagate their share; the shares add up to the global objective)."""
         elements = self.elements if elements is None else elements
         head_count = self.head_count if head_count is None else head_count
         terms = [torch.stack([b.sum() for b in bs]).sum() / max(elements[m], 1.0)
                  for m, bs in self.bits.items() if bs]
-        if self.head_bits:
-            terms.append(torch.cat(self.head_bits).sum() / max(head_count, 1))
+        terms += [torch.cat(bs).sum() / max(head_count[k], 1.0)
+                  for k, bs in self.head_bits.items() if bs]
         return torch.stack(terms).sum() if terms else None
 
     def sums(self, modes: list[str]) -> list[float]:
-        """[bits, elements] per mode in ``modes`` order, then head bits and head count."""
+        """[bits, elements] per mode in ``modes`` order, then [bits, count] per head in HEADS."""
         out: list[float] = []
         for m in modes:
             bs = self.bits.get(m) or []
             out += [float(sum(float(b.detach().sum()) for b in bs)), float(self.elements[m])]
-        hb = float(sum(float(b.detach().sum()) for b in self.head_bits))
-        return out + [hb, float(self.head_count)]
+        for k in HEADS:
+            hb = float(sum(float(b.detach().sum()) for b in self.head_bits.get(k) or []))
+            out += [hb, float(self.head_count[k])]
+        return out
+
+    def heads_report(self) -> float | None:
+        """Mean bits per head prediction (next mode and shape together), detached."""
+        n = sum(self.head_count.values())
+        if not n:
+            return None
+        return sum(float(torch.cat(bs).sum()) for bs in self.head_bits.values() if bs) / n
 
     def report(self) -> dict[str, float]:
         """Per-mode bits per element of this window (detached floats)."""
@@ -110,8 +124,10 @@ class ModelRunners:
         w.tokens += batch.padded_cost
         w.bits[mode].append(loss.bits.float())
         w.elements[mode] += float(loss.elements.sum())
-        w.head_bits += [loss.mode_bits.float(), loss.shape_bits.float()]
-        w.head_count += 2 * len(batch.requests)
+        w.head_bits["next_mode"].append(loss.mode_bits.float())
+        w.head_bits["shape"].append(loss.shape_bits.float())
+        w.head_count["next_mode"] += len(batch.requests)
+        w.head_count["shape"] += len(batch.requests)
         if self.measure:
             self._accuracy(state, mode, [r.shape for r in batch.requests])
         new = res.state if self.train else res.state.detach()
@@ -124,8 +140,8 @@ class ModelRunners:
         state = self._states(contexts)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             bits = self.model.end_bits(state)
-        self.window.head_bits.append(bits.float())
-        self.window.head_count += len(contexts)
+        self.window.head_bits["next_mode"].append(bits.float())
+        self.window.head_count["next_mode"] += len(contexts)
         if self.measure:
             self._accuracy(state, END, [])
 
