@@ -84,10 +84,14 @@ class BlockLM(nn.Module):
         return torch.cat([history[:, :M] + onehot, onehot], 1)
 
     def head_input(self, state: Tensor) -> Tensor:
-        """What the next-mode and shape heads read: [summary, log1p(counts), last] [B,d+2M]."""
+        """What the next-mode and shape heads read: [rms-normalised summary, log1p(counts),
+        last] [B,d+2M]. The summary is normalised so that its scale, which grows with training
+        when no norm follows the last layer, cannot drown the history features."""
         M = len(self.supports)
         _, hist = self._split(state)
-        return torch.cat([self.summary(state), torch.log1p(hist[:, :M]), hist[:, M:]], 1)
+        summary = self.summary(state)
+        summary = nn.functional.rms_norm(summary, (summary.shape[-1],), eps=1e-6)
+        return torch.cat([summary, torch.log1p(hist[:, :M]), hist[:, M:]], 1)
 
     def support(self, mode: str) -> ModeSupport:
         """The support of ``mode``."""
