@@ -42,6 +42,9 @@ class BlockResult:
     mode_logits: Tensor  # [B, modes+1] next-mode logits from the new state (last = end)
 
 
+COUNT_BINS = 4  # the heads see 0, 1, 2 and "3 or more" blocks of each mode
+
+
 class BlockLM(nn.Module):
     """The block-list model. ``cfg.modes`` names the modes; ``registry`` builds their supports."""
 
@@ -57,7 +60,7 @@ class BlockLM(nn.Module):
         # bookkeeping kept in the state (2M floats), so "what comes next" can depend on where the
         # example stands (e.g. a caption after an image, then the end) without the decoder
         # having to learn to count blocks in its memories.
-        self.heads = Heads(cfg.heads, d + 2 * len(self.supports),
+        self.heads = Heads(cfg.heads, d + (COUNT_BINS + 1) * len(self.supports),
                            {m: s.shape_spec() for m, s in self.supports.items()})
 
     @property
@@ -84,14 +87,17 @@ class BlockLM(nn.Module):
         return torch.cat([history[:, :M] + onehot, onehot], 1)
 
     def head_input(self, state: Tensor) -> Tensor:
-        """What the next-mode and shape heads read: [rms-normalised summary, log1p(counts),
-        last] [B,d+2M]. The summary is normalised so that its scale, which grows with training
-        when no norm follows the last layer, cannot drown the history features."""
+        """What the next-mode and shape heads read: [rms-normalised summary, one-hot count bins
+        per mode (0, 1, ..., COUNT_BINS - 1 or more), one-hot last mode] [B, d + (K+1)M]. One-hot
+        bins make "one passage so far" and "two passages so far" linearly separable; the summary
+        is normalised so that its scale cannot drown the history features."""
         M = len(self.supports)
         _, hist = self._split(state)
         summary = self.summary(state)
         summary = nn.functional.rms_norm(summary, (summary.shape[-1],), eps=1e-6)
-        return torch.cat([summary, torch.log1p(hist[:, :M]), hist[:, M:]], 1)
+        counts = hist[:, :M].round().clamp(0, COUNT_BINS - 1).long()  # [B,M]
+        bins = nn.functional.one_hot(counts, COUNT_BINS).to(summary.dtype).flatten(1)  # [B,KM]
+        return torch.cat([summary, bins, hist[:, M:]], 1)
 
     def support(self, mode: str) -> ModeSupport:
         """The support of ``mode``."""

@@ -232,7 +232,8 @@ def test_state_carries_the_block_history_the_heads_read(model):
     assert counts[:, names.index("text")].tolist() == [1.0, 1.0]
     assert last[:, names.index("text")].tolist() == [1.0, 1.0] and last.sum().item() == 2.0
     ctx = model.head_input(r2.state)
-    assert ctx.shape == (2, model.cfg.decoder.d_model + 2 * M)
+    from blocklm.model.blocklm import COUNT_BINS
+    assert ctx.shape == (2, model.cfg.decoder.d_model + (COUNT_BINS + 1) * M)
     # the heads see the history: changing only the counts changes the next-mode prediction
     bumped = r2.state.clone()
     bumped[:, -2 * M + names.index("text")] += 3.0
