@@ -386,3 +386,11 @@ def small_keys(small_shards) -> list[str]:
     from blocklm.formats import iter_index
 
     return [e.key for _, e in iter_index(small_shards)]
+
+
+@pytest.fixture(scope="session")
+def corpora() -> Path:
+    """The sample corpora (read in place); tests that need them skip where they are absent."""
+    if not CORPORA.is_dir():
+        pytest.skip(f"sample corpora not found at {CORPORA}")
+    return CORPORA

@@ -7,15 +7,6 @@ from pathlib import Path
 
 import pytest
 
-CORPORA = Path(__file__).resolve().parents[3] / "shared" / "corpora"
-
-
-@pytest.fixture(scope="session")
-def corpora() -> Path:
-    if not CORPORA.is_dir():
-        pytest.skip(f"sample corpora not found at {CORPORA}")
-    return CORPORA
-
 
 def _subset(corpora: Path, dst: Path, rel: str, names: list[str]) -> Path:
     dst.mkdir(parents=True, exist_ok=True)
