@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import math
 import re
+import struct
 from dataclasses import dataclass
 from typing import Any
 
@@ -192,6 +193,10 @@ def probe_image(data: bytes, limits: Limits = DEFAULT_LIMITS) -> tuple[str, tupl
 def probe_audio(data: bytes, limits: Limits = DEFAULT_LIMITS) -> tuple[str, tuple[int, int],
                                                                       dict[str, MetaValue]]:
     """Read an encoded audio file's codec, ``(frames, channels)`` and sample rate from its header."""
+    fast = _probe_pcm_wav(data)
+    if fast is not None:
+        limits.check_shape(fast[0])
+        return "wav", fast[0], fast[1]
     import soundfile as sf
 
     try:
@@ -210,6 +215,40 @@ def probe_audio(data: bytes, limits: Limits = DEFAULT_LIMITS) -> tuple[str, tupl
     limits.check_shape(shape)
     meta: dict[str, MetaValue] = {"sample_rate": int(info.samplerate), "subtype": info.subtype}
     return codec, shape, meta
+
+
+_WAV_SUBTYPES = {(1, 8): "PCM_U8", (1, 16): "PCM_16", (1, 24): "PCM_24", (1, 32): "PCM_32",
+                 (3, 32): "FLOAT", (3, 64): "DOUBLE"}
+
+
+def _probe_pcm_wav(data: bytes) -> tuple[tuple[int, int], dict[str, MetaValue]] | None:
+    """Shape and metadata of a plain little-endian PCM or float WAV read from its chunks, as
+    libsndfile reports them (frames = data bytes // block size), without libsndfile's virtual-I/O
+    round trips (~50 us a file). Anything less plain (RIFX, WAVE_FORMAT_EXTENSIBLE, other codecs,
+    odd-sized chunks, a streamed or cut data chunk) returns None: libsndfile reads it instead."""
+    n = len(data)
+    if n < 44 or data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+        return None
+    at, fmt = 12, None
+    while at + 8 <= n:
+        cid, size = data[at:at + 4], int.from_bytes(data[at + 4:at + 8], "little")
+        if cid == b"data":
+            if fmt is None or size == 0 or size > n - at - 8:
+                return None
+            tag, channels, rate, _, align, bits = fmt
+            subtype = _WAV_SUBTYPES.get((tag, bits))
+            if subtype is None or not 1 <= channels <= 256 or rate <= 0 \
+                    or align != channels * bits // 8:
+                return None
+            return (size // align, channels), {"sample_rate": rate, "subtype": subtype}
+        if size & 1 or at + 8 + size > n:
+            return None
+        if cid == b"fmt ":
+            if fmt is not None or size < 16:
+                return None
+            fmt = struct.unpack_from("<HHIIHH", data, at + 8)
+        at += 8 + size
+    return None
 
 
 def check_wav_complete(data: bytes) -> None:

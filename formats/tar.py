@@ -21,8 +21,9 @@ def padded(n: int) -> int:
     return (n + BLOCK - 1) // BLOCK * BLOCK
 
 
-def member_header(name: str, size: int) -> bytes:
-    """A deterministic ustar header: mode 0644, uid/gid 0, empty owner names, mtime 0."""
+def _tarfile_header(name: str, size: int) -> bytes:
+    """The reference ustar header, built by :mod:`tarfile` (used for the template and for any
+    name or size the template does not cover)."""
     info = tarfile.TarInfo(name)
     info.size = size
     info.mtime = 0
@@ -34,6 +35,31 @@ def member_header(name: str, size: int) -> bytes:
     if len(buf) != BLOCK:  # pragma: no cover - names are validated to fit
         raise FormatError(f"member name {name!r} does not fit one ustar header")
     return buf
+
+
+# Every header the writer makes differs only in its name, size and checksum fields, so one
+# template built by tarfile is patched in place: ~1 us instead of ~15 us through TarInfo (two
+# headers per sample). The checksum is the byte sum with the checksum field read as 8 spaces.
+_TEMPLATE = bytearray(_tarfile_header("a", 0))
+_TEMPLATE[0:100] = bytes(100)
+_TEMPLATE[124:136] = bytes(12)
+_TEMPLATE[148:156] = b" " * 8
+_TEMPLATE_SUM = sum(_TEMPLATE)
+_MAX_SIZE = 8**11  # 11 octal digits: larger sizes need tarfile's other encodings
+
+
+def member_header(name: str, size: int) -> bytes:
+    """A deterministic ustar header: mode 0644, uid/gid 0, empty owner names, mtime 0
+    (byte-identical to :mod:`tarfile`'s ``USTAR_FORMAT`` header for the same fields)."""
+    enc = name.encode("ascii")
+    if len(enc) > 100 or not 0 <= size < _MAX_SIZE:
+        return _tarfile_header(name, size)
+    hdr = _TEMPLATE.copy()
+    hdr[0:len(enc)] = enc
+    size_field = b"%011o\0" % size
+    hdr[124:136] = size_field
+    hdr[148:155] = b"%06o\0" % (_TEMPLATE_SUM + sum(enc) + sum(size_field))
+    return bytes(hdr)
 
 
 def check_member_name(name: str, **where) -> None:

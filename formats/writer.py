@@ -70,8 +70,14 @@ class SampleEncoder:
         self._zstd = zstandard.ZstdCompressor(level=level, write_content_size=True,
                                               write_checksum=False)
 
-    def encode(self, sample: Sample) -> tuple[bytes, IndexEntry]:
-        """Members of ``sample`` as tar bytes and its index entry, offsets relative to its start."""
+    def encode_parts(self, sample: Sample, validated: bool = False
+                     ) -> tuple[list[bytes], IndexEntry]:
+        """Members of ``sample`` as a list of byte strings to write in order (no joined copy of
+        the payloads) and its index entry, offsets relative to its start (``entry.size`` bytes).
+
+        ``validated``: the caller vouches that the blocks have not changed since they were built
+        (``Block.__post_init__`` validated their fields), so that check is not run twice.
+        """
         key = check_key(sample.key)
         if len(sample.blocks) > self.limits.max_blocks:
             raise FormatError(f"{len(sample.blocks)} blocks > limit {self.limits.max_blocks}",
@@ -79,7 +85,8 @@ class SampleEncoder:
         stored_list: list[bytes] = []
         infos: list[BlockInfo] = []
         for i, b in enumerate(sample.blocks):
-            b.validate(key=key, block=i)
+            if not validated:
+                b.validate(key=key, block=i)
             self.limits.check_shape(b.shape, key=key, block=i)
             self.limits.check_bytes(len(b.payload), "payload", key=key, block=i)
             stored, zstd = b.payload, False
@@ -100,8 +107,13 @@ class SampleEncoder:
             parts.append(stored)
             parts.append(b"\0" * (padded(len(stored)) - len(stored)))
             pos += BLOCK + padded(len(stored))
-        data = b"".join(parts)
-        return data, IndexEntry(key, 0, len(data), infos)
+        return parts, IndexEntry(key, 0, pos, infos)
+
+    def encode(self, sample: Sample, validated: bool = False) -> tuple[bytes, IndexEntry]:
+        """Members of ``sample`` as tar bytes and its index entry, offsets relative to its start
+        (``validated``: see :meth:`encode_parts`)."""
+        parts, entry = self.encode_parts(sample, validated)
+        return b"".join(parts), entry
 
 
 class ShardWriter:
@@ -129,6 +141,7 @@ class ShardWriter:
         self._entries: list[IndexEntry] = []
         self._keys: set[str] = set()
         self._pos = 0
+        self._span: tuple[int, int, int] | None = None  # pending write_span run: fd, offset, size
         self.closed = False
 
     def __enter__(self) -> ShardWriter:
@@ -157,13 +170,61 @@ class ShardWriter:
             self._open_shard()
         if entry.key in self._keys:
             raise FormatError("duplicate key in shard", shard=self._name, key=entry.key)
+        self.flush_spans()
+        self._file.write(data)
+        entry.size = len(data)
+        self._add_entry(entry)
+
+    def write_span(self, src_fd: int, src_offset: int, entry: IndexEntry) -> None:
+        """Append a sample already encoded into a file (``entry.size`` bytes at ``src_offset`` of
+        ``src_fd``, e.g. a worker's spill file), with the same shard boundaries as
+        :meth:`write_encoded`. The bytes are copied in the kernel (``copy_file_range``), runs of
+        adjacent samples in one go, when the shard is finished or :meth:`flush_spans` is called;
+        ``src_fd`` must stay open until then."""
+        if self.closed:
+            raise FormatError("write_span() on a closed ShardWriter")
+        if self._file is not None and self._full(entry.size):
+            self._finish_shard()
+        if self._file is None:
+            self._open_shard()
+        if entry.key in self._keys:
+            raise FormatError("duplicate key in shard", shard=self._name, key=entry.key)
+        span = self._span
+        if span is not None and (span[0] != src_fd or span[1] + span[2] != src_offset):
+            self.flush_spans()
+            span = None
+        self._span = (src_fd, src_offset, entry.size) if span is None else \
+            (src_fd, span[1], span[2] + entry.size)
+        self._add_entry(entry)
+
+    def flush_spans(self) -> None:
+        """Copy the pending run of :meth:`write_span` samples into the open shard."""
+        if self._span is None:
+            return
+        src_fd, src_off, size = self._span
+        self._span = None
+        f = self._file
+        f.flush()  # the span is the tail of the shard: it ends at self._pos
+        start, done = self._pos - size, 0
+        while done < size:
+            try:
+                n = os.copy_file_range(src_fd, f.fileno(), size - done, src_off + done,
+                                       start + done)
+            except (AttributeError, OSError):  # no copy_file_range here: copy through memory
+                n = os.pwrite(f.fileno(), os.pread(src_fd, min(size - done, 1 << 24),
+                                                   src_off + done), start + done)
+            if n <= 0:
+                raise FormatError(f"spill file ends {size - done} bytes early", shard=self._name)
+            done += n
+        f.seek(start + size)
+
+    def _add_entry(self, entry: IndexEntry) -> None:
         entry.offset += self._pos
         for b in entry.blocks:
             b.offset += self._pos
-        self._file.write(data)
         self._keys.add(entry.key)
         self._entries.append(entry)
-        self._pos += len(data)
+        self._pos += entry.size
 
     def _full(self, incoming: int) -> bool:
         if self.max_samples is not None and len(self._entries) >= self.max_samples:
@@ -178,6 +239,7 @@ class ShardWriter:
         self._entries, self._keys, self._pos = [], set(), 0
 
     def _finish_shard(self) -> None:
+        self.flush_spans()
         f = self._file
         f.write(END_OF_ARCHIVE)
         f.flush()
@@ -205,6 +267,7 @@ class ShardWriter:
 
     def abort(self) -> None:
         """Drop the open shard's temporary file; finished shards stay."""
+        self._span = None
         if self._file is not None:
             self._file.close()
             self._file = None

@@ -121,3 +121,72 @@ def test_read_blocks_do_not_share_metadata(tmp_path):
     a, b = iter_dataset(tmp_path)
     a.blocks[0].meta["source"] = "changed"
     assert b.blocks[0].meta == {"source": "x"}
+
+
+# --------------------------------------------------------------- fast paths of the writer side
+
+@pytest.mark.parametrize("name", ["a.b", "k/sub.0.audio.wav.zst", "x" * 96 + ".bin",
+                                  "dir/" * 25 + "x.bin"])  # over 100: tarfile, prefix field
+@pytest.mark.parametrize("size", [0, 1, 511, 512, 12_345_678, 8**11 - 1])
+def test_template_header_equals_tarfile(name, size):
+    from blocklm.formats.tar import _tarfile_header, member_header, parse_header
+
+    assert member_header(name, size) == _tarfile_header(name, size)
+    if len(name) <= 100:
+        assert parse_header(member_header(name, size)) == (name, size)
+
+
+@pytest.mark.parametrize("max_bytes", [None, 3000, 9000])
+def test_write_span_equals_write(tmp_path, max_bytes):
+    """Samples spilled to a file and copied with write_span give the same shards as write()."""
+    from blocklm.formats.writer import SampleEncoder
+
+    samples = _samples(12)
+    with ShardWriter(tmp_path / "a", max_bytes=max_bytes) as w:
+        for s in samples:
+            w.write(s)
+    enc = SampleEncoder()
+    spill = [tmp_path / "spill0", tmp_path / "spill1"]
+    entries: list[list] = [[], []]
+    for i, s in enumerate(samples):  # two spill files, as two workers would write them
+        parts, entry = enc.encode_parts(s)
+        with open(spill[i // 6], "ab") as f:
+            f.writelines(parts)
+        entries[i // 6].append(entry)
+    with ShardWriter(tmp_path / "b", max_bytes=max_bytes) as w:
+        for path, ents in zip(spill, entries):
+            fd = os.open(path, os.O_RDONLY)
+            off = 0
+            for e in ents:
+                size = e.size
+                w.write_span(fd, off, e)
+                off += size
+            w.flush_spans()
+            os.close(fd)
+    names = sorted(os.listdir(tmp_path / "a"))
+    assert names == sorted(os.listdir(tmp_path / "b"))
+    for n in names:
+        assert (tmp_path / "a" / n).read_bytes() == (tmp_path / "b" / n).read_bytes(), n
+
+
+@pytest.mark.parametrize("subtype", ["PCM_U8", "PCM_16", "PCM_24", "PCM_32", "FLOAT", "DOUBLE"])
+@pytest.mark.parametrize("channels,frames", [(1, 1), (2, 777), (6, 50)])
+def test_wav_header_probe_equals_libsndfile(subtype, channels, frames):
+    """The RIFF fast path of probe_audio reports what libsndfile reports."""
+    import io
+
+    import numpy as np
+    import soundfile as sf
+
+    from blocklm.formats.codecs import _probe_pcm_wav
+
+    buf = io.BytesIO()
+    sf.write(buf, np.zeros((frames, channels)), 22050, subtype=subtype, format="WAV")
+    data = buf.getvalue()
+    info = sf.info(io.BytesIO(data))
+    assert _probe_pcm_wav(data) == ((frames, channels),
+                                    {"sample_rate": 22050, "subtype": info.subtype})
+    # odd chunks, RIFX, extensible headers or a streamed data size go to libsndfile instead
+    odd = data[:12] + b"junk\x03\x00\x00\x00abc" + data[12:]
+    assert _probe_pcm_wav(odd) is None
+    assert _probe_pcm_wav(data[:40] + b"\0\0\0\0" + data[44:]) is None
