@@ -1,8 +1,10 @@
-"""Blocks whose zstd-stored payload is decompressed on first use.
+"""Blocks whose payload is made on first use: zstd frames decompressed, mapped bytes copied.
 
 Reading a shard verifies every stored payload's checksum at once (that needs no decompression),
 but leaves the zstd frame compressed until ``block.payload`` (or ``block.decode()``) is used, like
 a reader of the raw tar would: routing, shape bucketing and sample skipping never pay for it.
+Likewise a large payload read from a memory-mapped local shard stays a read-only view of the
+mapping (:class:`ViewBlock`, zero-copy; ``block.view``) until ``block.payload`` asks for bytes.
 """
 
 from __future__ import annotations
@@ -67,6 +69,12 @@ class StoredBlock(Block):
     def payload(self, value: bytes) -> None:
         self.__dict__.update(_payload=value, _stored=None)
 
+    def __getstate__(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        if isinstance(d.get("_stored"), memoryview):  # a view of a mapped shard: send its bytes
+            d["_stored"] = bytes(d["_stored"])
+        return d
+
     def __eq__(self, other: Any) -> bool:
         if not isinstance(other, Block):
             return NotImplemented
@@ -78,4 +86,55 @@ class StoredBlock(Block):
     def __repr__(self) -> str:
         state = "compressed" if self.__dict__.get("_payload") is None else "decompressed"
         return (f"StoredBlock(mode={self.mode!r}, shape={self.shape!r}, codec={self.codec!r}, "
+                f"{state}, meta={self.meta!r})")
+
+
+class ViewBlock(Block):
+    """A :class:`Block` whose payload is a read-only ``memoryview`` into a memory-mapped shard.
+
+    ``block.view`` hands out the verified bytes without copying; ``block.payload`` (and therefore
+    ``decode()``) copies them into ``bytes`` once, on first use, and lets go of the view. The view
+    keeps the mapping alive (a mapping is only unmapped when no view of it is left), so a block
+    never points into unmapped memory. It equals any block with the same fields and pickles with
+    its payload as bytes (DataLoader workers send blocks to the main process).
+    """
+
+    @classmethod
+    def of(cls, mode: str, shape: tuple[int, ...], codec: str, meta: dict[str, MetaValue],
+           view: memoryview) -> ViewBlock:
+        b = object.__new__(cls)
+        b.__dict__.update(mode=mode, shape=shape, codec=codec, meta=meta, _payload=None,
+                          _view=view)
+        return b
+
+    @property
+    def view(self) -> memoryview:
+        """The payload without a copy (a view of the mapped shard, or of the bytes once made)."""
+        v = self.__dict__.get("_view")
+        return v if v is not None else memoryview(self.__dict__["_payload"])
+
+    @property  # type: ignore[override]
+    def payload(self) -> bytes:
+        p = self.__dict__.get("_payload")
+        if p is None:
+            p = bytes(self._view)
+            self.__dict__.update(_payload=p, _view=None)
+        return p
+
+    @payload.setter
+    def payload(self, value: bytes) -> None:
+        self.__dict__.update(_payload=value, _view=None)
+
+    def __getstate__(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        if d.get("_view") is not None:
+            d.update(_payload=bytes(d["_view"]), _view=None)
+        return d
+
+    __eq__ = StoredBlock.__eq__
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        state = "view" if self.__dict__.get("_view") is not None else "bytes"
+        return (f"ViewBlock(mode={self.mode!r}, shape={self.shape!r}, codec={self.codec!r}, "
                 f"{state}, meta={self.meta!r})")

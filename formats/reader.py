@@ -7,6 +7,7 @@ checksum (``verify=True``) and every size is capped before allocation (SPEC.md, 
 
 from __future__ import annotations
 
+import mmap
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -58,12 +59,40 @@ class ByteSource(Protocol):
 
 
 class LocalSource:
-    """A :class:`ByteSource` over a local file, read with ``os.pread`` (no shared file offset)."""
+    """A :class:`ByteSource` over a local file, read with ``os.pread`` (no shared file offset),
+    or mapped read-only for zero-copy views (:meth:`mapped`, :meth:`view`)."""
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         self.name = str(path)
         self._fd: int | None = None
+        self._map: mmap.mmap | None = None
+        self._view: memoryview | None = None
+
+    def mapped(self) -> tuple[mmap.mmap, memoryview] | None:
+        """The whole file mapped read-only and a memoryview of it (None for an empty file).
+
+        Slicing the ``mmap`` copies (cheap for short header compares); slicing the view does not.
+        Views stay valid after :meth:`close`: a mapping is unmapped only when its last view is
+        released. (Like any mapping, a file truncated by another process while mapped faults on
+        access: shards are written once, under a temporary name, then renamed.)"""
+        if self._map is None:
+            size = self.size()
+            if size == 0:
+                return None
+            self._map = mmap.mmap(self._fileno(), size, access=mmap.ACCESS_READ)
+            self._view = memoryview(self._map)
+        return self._map, self._view  # type: ignore[return-value]
+
+    def view(self, offset: int, length: int) -> memoryview:
+        """Exactly ``length`` bytes from ``offset`` as a read-only view of the mapped file (no
+        copy); :class:`TruncatedShardError` if the file is shorter."""
+        m = self.mapped()
+        have = 0 if m is None else len(m[0])
+        if offset < 0 or length < 0 or offset + length > have:
+            raise TruncatedShardError(f"wanted {length} bytes at offset {offset}, file has "
+                                      f"{have} bytes", shard=self.name)
+        return m[1][offset:offset + length]  # type: ignore[index]
 
     def _fileno(self) -> int:
         if self._fd is None:
@@ -94,6 +123,7 @@ class LocalSource:
             raise FormatError(f"cannot open: {e.strerror}", shard=self.name) from None
 
     def close(self) -> None:
+        self._map = self._view = None  # unmapped once the views handed out are released
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None

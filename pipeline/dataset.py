@@ -25,6 +25,7 @@ from blocklm.formats.reader import DatasetShard, Opener
 
 from .errors import StateError
 from .fastpath import IndexCache
+from .maps import MapCache
 from .opener import RemoteOpener
 from .shuffle import buffer_order, rng_for
 from .sources import RemoteConfig
@@ -70,7 +71,8 @@ class BlockDataset(IterableDataset):
     (default: ``torch.distributed`` when initialised). Every rank gets ``len(dataset)`` samples per
     epoch (see :mod:`blocklm.pipeline.split` for the policy).
     ``index_cache_entries`` bounds the compiled shard indexes kept across epochs (about 2 KB per
-    sample, in each process).
+    sample, in each process); ``map_cache_bytes`` the local shards kept memory-mapped across
+    epochs (:mod:`blocklm.pipeline.maps`; 0: map each shard afresh every pass).
 
     Resume with :meth:`state_dict`/:meth:`load_state_dict`, or through torchdata's
     ``StatefulDataLoader``; :meth:`load_state_dict` also takes a whole ``StatefulDataLoader`` state,
@@ -85,7 +87,8 @@ class BlockDataset(IterableDataset):
                  verify: bool = True, rank: int | None = None, world_size: int | None = None,
                  remote: RemoteConfig | None = None, opener: Opener | None = None,
                  transform: Callable[[Sample], Any] | None = None,
-                 limits: Limits = DEFAULT_LIMITS, index_cache_entries: int = 1 << 15) -> None:
+                 limits: Limits = DEFAULT_LIMITS, index_cache_entries: int = 1 << 15,
+                 map_cache_bytes: int = 1 << 30) -> None:
         super().__init__()
         self.config = LoaderConfig(shuffle, seed, shuffle_buffer, piece_samples, on_error, verify,
                                    rank, world_size)
@@ -105,6 +108,7 @@ class BlockDataset(IterableDataset):
         self._pending: list[dict[str, Any]] | None = None
         self._pass: dict[str, Any] | None = None
         self._indexes = IndexCache(index_cache_entries)
+        self._maps = MapCache(map_cache_bytes)
         self._passes_this_epoch = 0
 
     def __getstate__(self) -> dict[str, Any]:
@@ -266,7 +270,7 @@ class BlockDataset(IterableDataset):
         shards, local = plan.locate(needed)
         reader = RunReader(self.urls, self.counts, self.index_xxh3, opener=self.opener,
                            limits=self.limits, verify=self.config.verify, stats=self.stats,
-                           indexes=self._indexes)
+                           indexes=self._indexes, maps=self._maps)
         reads = reader.read(needed.tolist(), shards.tolist(), local.tolist())
         stream = _reorder(reads, emit.tolist()) if self.config.shuffle else reads
         p, stats, transform = self._pass, self.stats, self.transform

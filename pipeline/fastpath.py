@@ -19,7 +19,7 @@ import zstandard
 
 from blocklm.formats.block import Block, Sample
 from blocklm.formats.index import IndexEntry
-from blocklm.formats.lazy import StoredBlock
+from blocklm.formats.lazy import StoredBlock, ViewBlock
 from blocklm.formats.reader import BlockDecoder
 from blocklm.formats.tar import BLOCK
 from blocklm.formats.writer import header_member, payload_member
@@ -28,6 +28,7 @@ _new = object.__new__
 _xxh3 = xxhash.xxh3_64_hexdigest
 _frame_size = zstandard.frame_content_size
 _lazy = StoredBlock.lazy
+_view = ViewBlock.of
 
 
 def _name_field(name: str) -> bytes:
@@ -39,6 +40,9 @@ def _size_field(n: int) -> bytes:
     return b"%011o\0" % n  # what tarfile writes for ustar sizes below 8 GiB
 
 
+VIEW_MIN = 16 << 10  # mapped payloads from this size are handed out as views, not copied
+
+
 class CompiledShard:
     """An index's entries plus, per entry, the bytes the fast path compares."""
 
@@ -48,20 +52,28 @@ class CompiledShard:
         self.entries = entries
         recs = []
         for e in entries:
-            blocks = tuple(
-                (b.offset, b.stored, b.zstd, b.xxh3, _name_field(payload_member(e.key, j, b, b.zstd)),
-                 _size_field(b.stored), b.mode, b.shape, b.codec, b.meta, b.size)
-                for j, b in enumerate(e.blocks))
-            recs.append((e.key, e.offset, _name_field(header_member(e.key)), blocks))
+            blocks = []
+            for j, b in enumerate(e.blocks):
+                name = _name_field(payload_member(e.key, j, b, b.zstd))
+                # where the name and size fields start, relative to the payload (512 and 388
+                # bytes before it) and end: compared in place, no tar header is parsed
+                blocks.append((b.offset, b.stored, b.zstd, b.xxh3, name, len(name) - BLOCK,
+                               _size_field(b.stored), b.mode, b.shape, b.codec, b.meta, b.size))
+            hname = _name_field(header_member(e.key))
+            recs.append((e.key, e.offset, hname, len(hname), tuple(blocks)))
         self.recs = recs
 
 
 class FastDecoder:
-    """``sample(i, buf, mv, base)``: sample ``i`` of a compiled shard from ``buf`` (shard bytes
-    from offset ``base``; ``mv`` is ``memoryview(buf)``), equal to
-    ``BlockDecoder.sample(entries[i], buf, base)``. (Header checks use ``bytes.startswith`` at an
-    offset: no slice is made; the size field starts 124 bytes into the header, 388 before the
-    data.)"""
+    """``sample(i, buf, mv, base, views)``: sample ``i`` of a compiled shard from ``buf`` (shard
+    bytes from offset ``base``, as ``bytes`` or a read-only ``mmap``; ``mv`` is
+    ``memoryview(buf)``), equal to ``BlockDecoder.sample(entries[i], buf, base)``. With ``views``
+    (``buf`` is a mapping that outlives the sample) payloads of ``VIEW_MIN`` bytes or more are
+    handed out as views of it (:class:`ViewBlock`), verified in place, never copied.
+
+    The caller has checked that the sample's bytes lie inside ``buf`` (the index's offsets against
+    the file's size), so every slice here is in bounds; header fields are compared as short
+    slices (for ``bytes`` and ``mmap`` alike a copy of under 100 bytes, cheaper than a view)."""
 
     def __init__(self, shard: CompiledShard, decoder: BlockDecoder) -> None:
         self.shard = shard
@@ -69,28 +81,33 @@ class FastDecoder:
         self.verify = decoder.verify
         self._cap = decoder.limits.max_payload_bytes
 
-    def sample(self, i: int, buf: bytes, mv: memoryview, base: int) -> Sample:
-        key, offset, hname, blocks = self.shard.recs[i]
-        if not buf.startswith(hname, offset - base):
+    def sample(self, i: int, buf: bytes, mv: memoryview, base: int, views: bool = False) -> Sample:
+        key, offset, hname, hlen, blocks = self.shard.recs[i]
+        h = offset - base
+        if buf[h:h + hlen] != hname:
             return self._slow(i, mv, base)
         out = []
-        for doff, stored, zstd, xxh3, mname, sfield, mode, shape, codec, meta, size in blocks:
+        for doff, stored, zstd, xxh3, mname, mend, sfield, mode, shape, codec, meta, size in blocks:
             a = doff - base
-            if not (buf.startswith(mname, a - BLOCK) and buf.startswith(sfield, a - 388)):
+            end = a + stored
+            if buf[a - BLOCK:a + mend] != mname or buf[a - 388:a - 376] != sfield:
                 return self._slow(i, mv, base)
-            data = mv[a:a + stored]
+            data = mv[a:end]
             if self.verify and _xxh3(data) != xxh3:
                 return self._slow(i, mv, base)
             if zstd:  # decompressed on first use, as the format's decoder does
                 if stored < 4 or _frame_size(data) != size or size > self._cap:
                     return self._slow(i, mv, base)
-                out.append(_lazy(mode, shape, codec, meta, buf[a:a + stored], size, self._cap,
-                                 (self.decoder.shard, key, len(out))))
-                continue
-            b = _new(Block)
-            b.__dict__ = {"mode": mode, "shape": shape, "codec": codec,
-                          "payload": buf[a:a + stored], "meta": meta}  # as Block.trusted sets
-            out.append(b)
+                out.append(_lazy(mode, shape, codec, meta,
+                                 data if views and stored >= VIEW_MIN else buf[a:end], size,
+                                 self._cap, (self.decoder.shard, key, len(out))))
+            elif views and stored >= VIEW_MIN:
+                out.append(_view(mode, shape, codec, meta, data))
+            else:
+                b = _new(Block)
+                b.__dict__ = {"mode": mode, "shape": shape, "codec": codec,
+                              "payload": buf[a:end], "meta": meta}  # as Block.trusted sets
+                out.append(b)
         s = _new(Sample)
         s.__dict__ = {"key": key, "blocks": out}
         return s
