@@ -9,9 +9,10 @@ of a non-positive in-chunk difference.
 
 Forward: ``fwd_h`` (memory across chunks, one program per bank and state tile), ``fwd_o``
 (outputs of all chunks in parallel). Backward: ``bwd_prep`` (numerator/normaliser split of the
-output gradient), ``bwd_dh`` (memory gradient backwards across chunks), ``bwd_dv``, ``bwd_dqk``
-(twice: reads -> dq, dr; writes -> dk, dw), ``bwd_hdot`` (<dS_end, S_start> per chunk and bank) and
-``bwd_decay`` (gradient of the log-decays within each chunk, then of w and g).
+output gradient), ``bwd_dh`` (memory gradient backwards across chunks), the parallel gradient
+kernels of :mod:`blocklm.model.banked_kernels_bwd` (dq, dk, dv, dr, dw), ``bwd_hdot``
+(<dS_end, S_start> per chunk and bank, unless the reads kernel does it) and ``bwd_decay``
+(gradient of the log-decays within each chunk, then of w and g).
 """
 
 from __future__ import annotations
@@ -166,6 +167,55 @@ if HAS_TRITON:
             tl.store(den + bh * T + t, dd)
 
     @triton.jit
+    def fwd_o_loop(q, k, v, r, w, c, hs, zs, o, den, NT, eps,
+                   N: tl.constexpr, NP: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
+                   C: tl.constexpr, BV: tl.constexpr):
+        """fwd_o for all of E in one program, BV columns at a time: the scores A = (q k^T) * M
+        and the normaliser are formed once, and only a [C, BV] accumulator is live."""
+        j, i_bh = tl.program_id(0), tl.program_id(1)
+        T = NT * C
+        od = tl.arange(0, D)
+        ot = tl.arange(0, C)
+        on = tl.arange(0, NP)
+        t = j * C + ot
+        bh = i_bh.to(tl.int64)
+        b_q = tl.load(tl.make_block_ptr(q + bh * T * D, (T, D), (D, 1), (j * C, 0), (C, D),
+                                        (1, 0)))
+        qk = tl.dot(b_q, tl.trans(tl.load(tl.make_block_ptr(
+            k + bh * T * D, (T, D), (D, 1), (j * C, 0), (C, D), (1, 0)))))
+        causal = ot[:, None] >= ot[None, :]
+        mask = (on < N)[None, :]
+        ix = bh * T * N + t[:, None] * N + on[None, :]
+        b_rs = tl.load(r + ix, mask=mask, other=0.0).to(tl.float32) * tl.exp(
+            tl.load(c + ix, mask=mask, other=0.0))  # [C, NP]: read weight of the chunk start
+        M = tl.zeros([C, C], dtype=tl.float32)
+        dsum = tl.zeros([C], dtype=tl.float32)
+        for n in range(N):
+            rb = bh * T * N + t * N + n
+            b_c = tl.load(c + rb)
+            diff = tl.where(causal, b_c[:, None] - b_c[None, :], float("-inf"))
+            M += tl.load(r + rb).to(tl.float32)[:, None] * tl.load(w + rb).to(
+                tl.float32)[None, :] * tl.exp(diff)
+            b_zn = tl.load(zs + ((bh * NT + j) * N + n) * D + od)
+            s_n = tl.sum(tl.where(on[None, :] == n, b_rs, 0.0), axis=1)
+            dsum += s_n * tl.sum(b_q.to(tl.float32) * b_zn[None, :], axis=1)
+        A = qk * M  # M is 0 above the diagonal
+        dd = dsum + tl.sum(A, axis=1) + eps
+        tl.store(den + bh * T + t, dd)
+        A = A.to(v.dtype.element_ty)
+        for i_v in range(E // BV):
+            num = tl.dot(A, tl.load(tl.make_block_ptr(v + bh * T * E, (T, E), (E, 1),
+                                                      (j * C, i_v * BV), (C, BV), (1, 0))))
+            for n in range(N):
+                slot = (bh * NT + j) * N + n
+                b_hn = tl.load(tl.make_block_ptr(hs + slot * D * E, (D, E), (E, 1),
+                                                 (0, i_v * BV), (D, BV), (1, 0)))
+                s_n = tl.sum(tl.where(on[None, :] == n, b_rs, 0.0), axis=1)
+                num += s_n[:, None] * tl.dot(b_q, b_hn.to(b_q.dtype))
+            tl.store(tl.make_block_ptr(o + bh * T * E, (T, E), (E, 1), (j * C, i_v * BV),
+                                       (C, BV), (1, 0)), (num / dd[:, None]).to(o.dtype.element_ty))
+
+    @triton.jit
     def bwd_prep(do, o, den, dy, dden, E: tl.constexpr, C: tl.constexpr):
         """out = num / den: dy = do / den (numerator), dden = -(do . out) / den (normaliser)."""
         j, i_bh = tl.program_id(0), tl.program_id(1)
@@ -219,102 +269,3 @@ if HAS_TRITON:
         tl.store(dS0 + i_bhn.to(tl.int64) * D * E + ok[:, None] * E + ov[None, :], b_dh)
         if i_v == 0:
             tl.store(dz0 + i_bhn.to(tl.int64) * D + ok, b_dz)
-
-    @triton.jit
-    def bwd_dqk(q, k, v, r, w, c, hs, zs, dhs, dzs, dy, dden, dx, dsel, wd, NT,
-                 N: tl.constexpr, D: tl.constexpr, E: tl.constexpr, C: tl.constexpr,
-                 SIDE: tl.constexpr):
-        """One chunk (full D and E). SIDE 0 (reads): dq and dr; SIDE 1 (writes): dk, dw (the
-        direct part; the decay part is bwd_decay's) and per bank sum_s w_s dw_s of the memory
-        writes. Two launches keep each under the register file."""
-        j, i_bh = tl.program_id(0), tl.program_id(1)
-        T = NT * C
-        od = tl.arange(0, D)
-        oe = tl.arange(0, E)
-        ot = tl.arange(0, C)
-        t = j * C + ot
-        bh = i_bh.to(tl.int64)
-        b_y = tl.load(dy + bh * T * E + t[:, None] * E + oe[None, :])
-        b_dd = tl.load(dden + bh * T + t)
-        causal = ot[:, None] >= ot[None, :]
-        yv = tl.dot(b_y, tl.trans(tl.load(v + bh * T * E + t[:, None] * E + oe[None, :])))
-        yv += b_dd[:, None]
-        if SIDE == 0:
-            b_q = tl.load(q + bh * T * D + t[:, None] * D + od[None, :])
-            qk = tl.dot(b_q, tl.trans(tl.load(k + bh * T * D + t[:, None] * D + od[None, :])))
-        else:
-            b_k = tl.load(k + bh * T * D + t[:, None] * D + od[None, :])
-            b_v = tl.load(v + bh * T * E + t[:, None] * E + oe[None, :])
-            qk = tl.dot(tl.load(q + bh * T * D + t[:, None] * D + od[None, :]), tl.trans(b_k))
-        Bm = tl.where(causal, qk * yv, 0.0)
-        M = tl.zeros([C, C], dtype=tl.float32)
-        b_dx = tl.zeros([C, D], dtype=tl.float32)
-        for n in range(N):
-            rb = bh * T * N + t * N + n
-            b_r = tl.load(r + rb).to(tl.float32)
-            b_w = tl.load(w + rb).to(tl.float32)
-            b_c = tl.load(c + rb)
-            En = tl.exp(tl.where(causal, b_c[:, None] - b_c[None, :], float("-inf")))
-            M += b_r[:, None] * b_w[None, :] * En
-            slot = (bh * NT + j) * N + n
-            if SIDE == 0:  # reads of the chunk-start memory
-                d_n = tl.sum(Bm * En * b_w[None, :], axis=1)
-                b_hn = tl.load(hs + slot * D * E + od[:, None] * E + oe[None, :])
-                b_zn = tl.load(zs + slot * D + od)
-                ec = tl.exp(b_c)
-                dqt = tl.dot(b_y, tl.trans(b_hn.to(b_y.dtype))) + b_dd[:, None] * b_zn[None, :]
-                b_dx += (b_r * ec)[:, None] * dqt
-                d_n += ec * tl.sum(b_q.to(tl.float32) * dqt, axis=1)
-                tl.store(dsel + rb, d_n)
-            else:  # writes into the chunk-end memory
-                d_n = tl.sum(Bm * En * b_r[:, None], axis=0)
-                b_cT = tl.load(c + bh * T * N + (j * C + C - 1) * N + n)
-                b_dhn = tl.load(dhs + slot * D * E + od[:, None] * E + oe[None, :])
-                b_dzn = tl.load(dzs + slot * D + od)
-                ew = tl.exp(b_cT - b_c)
-                dkt = tl.dot(b_v, tl.trans(b_dhn.to(b_v.dtype))) + b_dzn[None, :]
-                b_dx += (b_w * ew)[:, None] * dkt
-                dwi = ew * tl.sum(b_k.to(tl.float32) * dkt, axis=1)
-                tl.store(dsel + rb, d_n + dwi)
-                tl.store(wd + slot, tl.sum(b_w * dwi, axis=0))
-        dA = yv * M  # M is 0 above the diagonal
-        if SIDE == 0:  # k and q are loaded again here rather than held through the bank loop
-            b_dx += tl.dot(dA.to(b_q.dtype),
-                           tl.load(k + bh * T * D + t[:, None] * D + od[None, :]))
-        else:
-            b_dx += tl.dot(tl.trans(dA).to(b_k.dtype),
-                           tl.load(q + bh * T * D + t[:, None] * D + od[None, :]))
-        tl.store(dx + bh * T * D + t[:, None] * D + od[None, :], b_dx.to(dx.dtype.element_ty))
-
-    @triton.jit
-    def bwd_dv(q, k, r, w, c, dhs, dy, dv, NT,
-                N: tl.constexpr, D: tl.constexpr, E: tl.constexpr, C: tl.constexpr,
-                BV: tl.constexpr):
-        """dv of one chunk and E-tile: A^T dy + the writes' share of the chunk-end memory
-        gradient."""
-        i_v, j, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        T = NT * C
-        od = tl.arange(0, D)
-        ov = i_v * BV + tl.arange(0, BV)
-        ot = tl.arange(0, C)
-        t = j * C + ot
-        bh = i_bh.to(tl.int64)
-        b_k = tl.load(k + bh * T * D + t[:, None] * D + od[None, :])
-        causal = ot[:, None] >= ot[None, :]
-        M = tl.zeros([C, C], dtype=tl.float32)
-        b_dv = tl.zeros([C, BV], dtype=tl.float32)
-        for n in range(N):
-            rb = bh * T * N + t * N + n
-            b_r = tl.load(r + rb).to(tl.float32)
-            b_w = tl.load(w + rb).to(tl.float32)
-            b_c = tl.load(c + rb)
-            b_cT = tl.load(c + bh * T * N + (j * C + C - 1) * N + n)
-            M += b_r[:, None] * b_w[None, :] * tl.exp(
-                tl.where(causal, b_c[:, None] - b_c[None, :], float("-inf")))
-            slot = (bh * NT + j) * N + n
-            b_dhn = tl.load(dhs + slot * D * E + od[:, None] * E + ov[None, :])
-            b_dv += (b_w * tl.exp(b_cT - b_c))[:, None] * tl.dot(b_k, b_dhn.to(b_k.dtype))
-        A = tl.dot(tl.load(q + bh * T * D + t[:, None] * D + od[None, :]), tl.trans(b_k)) * M
-        b_y = tl.load(dy + bh * T * E + t[:, None] * E + ov[None, :])
-        b_dv += tl.dot(tl.trans(A).to(b_y.dtype), b_y)
-        tl.store(dv + bh * T * E + t[:, None] * E + ov[None, :], b_dv.to(dv.dtype.element_ty))

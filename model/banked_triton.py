@@ -33,6 +33,7 @@ from .banked_kernels import HAS_TRITON
 
 if HAS_TRITON:
     from . import banked_kernels as K
+    from . import banked_kernels_bwd as KB
 
 
 def banked_attention_reference(q: Tensor, k: Tensor, v: Tensor, r: Tensor, w: Tensor, g: Tensor,
@@ -70,14 +71,15 @@ def banked_attention_reference(q: Tensor, k: Tensor, v: Tensor, r: Tensor, w: Te
     return torch.cat(outs, 2), S, z
 
 
-# Launch settings (tile widths, warps per program); benchmarks may sweep them. Defaults: the best
-# measured on an H200 at B=4, H=16, D=128, N=4 (model/GPU_NOTES.md). stages_dqk: pipelining depth
-# of _bwd_dqk (None: Triton's default, which at C=128 with D=E=128 needs more shared memory than
-# the 227 KB there are, so that case uses 1). tile_h None: 128-wide state tiles when that still
-# leaves >= 128 sequential programs (B*H*N*(D/128)*(E/128)), else 64 (measured at 16K: N=4
-# 13.0 ms with 128 vs 13.6 with 64; N=1, 64 programs, 6.8 ms with 128 vs 5.4 with 64).
-KERNEL_OPTS = {"tile_h": None, "tile_v": 128, "warps_h": 4, "warps_o": 8, "warps_dqk": 8,
-               "warps_dv": 8, "stages_dqk": 1}
+# Launch settings (tile widths, warps per program, fusions); benchmarks may sweep them. Defaults:
+# the best measured on an H200 at B=4, H=16, D=128, N=4 (model/GPU_NOTES.md). tile_h None:
+# 128-wide state tiles when that still leaves >= 128 sequential programs (B*H*N*(D/128)*(E/128)),
+# else 64 (measured at 16K: N=4 13.0 ms with 128 vs 13.6 with 64; N=1, 64 programs, 6.8 vs 5.4
+# ms). tile_dm: D-slice of the backward memory kernels; stages_mem: their pipelining depth (None:
+# Triton's default). fuse_hdot: <dS_end, S_start> in the reads kernel instead of bwd_hdot.
+KERNEL_OPTS = {"tile_h": None, "tile_v": 128, "warps_h": 4, "warps_o": 8, "warps_intra": 4,
+               "tile_dm": 64, "warps_mem": 4, "warps_dv": 8, "stages_mem": None,
+               "fuse_hdot": True, "fwd_o_loop": False}
 
 
 def _pow2(n: int) -> int:
@@ -124,8 +126,13 @@ class BankedAttentionFn(torch.autograd.Function):
             HAS_S0=has_s0, num_warps=KERNEL_OPTS["warps_h"])
         o = torch.empty(B, H, T, E, device=dev, dtype=v.dtype)
         den = torch.empty(B, H, T, device=dev, dtype=torch.float32)
-        K.fwd_o[(E // BO, NT, B * H)](q, k, v, r, w, c, hs, zs, o, den, NT, eps,
-                                      N=N, D=D, E=E, C=C, BV=BO, num_warps=KERNEL_OPTS["warps_o"])
+        if KERNEL_OPTS["fwd_o_loop"]:
+            K.fwd_o_loop[(NT, B * H)](q, k, v, r, w, c, hs, zs, o, den, NT, eps, N=N,
+                                      NP=_pow2(N), D=D, E=E, C=C, BV=BO,
+                                      num_warps=KERNEL_OPTS["warps_o"])
+        else:
+            K.fwd_o[(E // BO, NT, B * H)](q, k, v, r, w, c, hs, zs, o, den, NT, eps, N=N, D=D,
+                                          E=E, C=C, BV=BO, num_warps=KERNEL_OPTS["warps_o"])
         ctx.save_for_backward(q, k, v, r, w, g, c, hs, zs, o, den)
         ctx.meta = (has_s0, C)
         return o, ST, zT
@@ -158,22 +165,33 @@ class BankedAttentionFn(torch.autograd.Function):
             q, r, c, dy, dden, dhs, dzs, dST.contiguous(), dzT.contiguous(), dS0, dz0,
             NT, N=N, D=D, E=E, C=C, BK=BK, BV=BV, HAS_DST=has_dst,
             num_warps=KERNEL_OPTS["warps_h"])
-        dv = torch.empty_like(v)
-        K.bwd_dv[(E // BO, NT, B * H)](q, k, r, w, c, dhs, dy, dv, NT, N=N, D=D, E=E, C=C,
-                                       BV=BO, num_warps=KERNEL_OPTS["warps_dv"])
-        dq, dk = torch.empty_like(q), torch.empty_like(k)
+        # intra-chunk parts first (fp32 partials; dr, dw initialised), then the memory parts
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        dqi = torch.empty(B, H, T, D, device=dev, dtype=torch.float32)
+        dki = torch.empty_like(dqi)
+        dvi = torch.empty(B, H, T, E, device=dev, dtype=torch.float32)
         dr = torch.empty(B, H, T, N, device=dev, dtype=torch.float32)
         dw = torch.empty_like(dr)
-        wd = torch.empty(B * H * NT * N, device=dev, dtype=torch.float32)
-        stages = KERNEL_OPTS["stages_dqk"] or (1 if C * D * E > 64 * 128 * 128 else None)
-        extra = {} if stages is None else {"num_stages": stages}
-        warps = KERNEL_OPTS["warps_dqk"] if D * E >= 8192 else 4
-        for dx, dsel, side in ((dq, dr, 0), (dk, dw, 1)):
-            K.bwd_dqk[(NT, B * H)](q, k, v, r, w, c, hs, zs, dhs, dzs, dy, dden, dx, dsel, wd,
-                                   NT, N=N, D=D, E=E, C=C, SIDE=side, num_warps=warps, **extra)
-        hd = torch.empty_like(wd)
-        K.bwd_hdot[(B * H * NT * N,)](hs, zs, dhs, dzs, hd, D=D, E=E, BD=min(D, 8192 // E),
-                                      num_warps=4)
+        opt = KERNEL_OPTS
+        KB.bwd_intra[(NT, B * H)](q, k, v, r, w, c, dy, dden, dqi, dki, dvi, dr, dw, NT,
+                                  N=N, D=D, E=E, C=C, BD=min(D, E, opt["tile_dm"]),
+                                  num_warps=opt["warps_intra"])
+        hd = torch.empty(B * H * NT * N, device=dev, dtype=torch.float32)
+        wd = torch.empty_like(hd)
+        warps = opt["warps_mem"] if D * E >= 8192 else 4
+        stages = {} if opt["stages_mem"] is None else {"num_stages": opt["stages_mem"]}
+        BM = min(D, opt["tile_dm"])
+        KB.bwd_mem_read[(NT, B * H)](q, r, c, hs, zs, dhs, dzs, dy, dden, dqi, dq, dr, hd, NT,
+                                     N=N, NP=_pow2(N), D=D, E=E, C=C, BD=BM,
+                                     HDOT=opt["fuse_hdot"], num_warps=warps, **stages)
+        KB.bwd_mem_write[(NT, B * H)](k, v, w, c, dhs, dzs, dki, dk, dw, wd, NT, N=N,
+                                      NP=_pow2(N), D=D, E=E, C=C, BD=BM, num_warps=warps,
+                                      **stages)
+        KB.bwd_dv_mem[(E // BO, NT, B * H)](k, w, c, dhs, dvi, dv, NT, N=N, D=D, E=E, C=C,
+                                            BV=BO, num_warps=opt["warps_dv"])
+        if not opt["fuse_hdot"]:
+            K.bwd_hdot[(B * H * NT * N,)](hs, zs, dhs, dzs, hd, D=D, E=E,
+                                          BD=min(D, 8192 // E), num_warps=4)
         dg = torch.empty(B, H, T, device=dev, dtype=torch.float32)
         K.bwd_decay[(NT, B * H)](r, w, g, c, dr, dw, dg, hd, wd, N=N, NP=_pow2(N), C=C,
                                  num_warps=4)

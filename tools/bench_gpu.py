@@ -9,6 +9,7 @@ chunked reference (:func:`blocklm.model.banked_triton.banked_attention_reference
 
 from __future__ import annotations
 
+import importlib
 import json
 import statistics
 
@@ -74,11 +75,13 @@ def _fwd_bwd(fn, xs, dout):
 def kernel_resources() -> dict:
     """Registers, spills and shared memory of the compiled Triton kernels (as far as exposed)."""
     from blocklm.model import banked_kernels as bk
+    from blocklm.model import banked_kernels_bwd as bkb
 
     out = {}
-    for name in ("fwd_h", "fwd_o", "bwd_dh", "bwd_dqk", "bwd_dv", "bwd_hdot", "bwd_decay"):
+    for name in ("fwd_h", "fwd_o", "fwd_o_loop", "bwd_dh", "bwd_intra", "bwd_mem_read",
+                 "bwd_mem_write", "bwd_dv_mem", "bwd_hdot", "bwd_decay"):
         try:
-            caches = getattr(bk, name).device_caches
+            caches = getattr(bk if hasattr(bk, name) else bkb, name).device_caches
             for dev_cache in caches.values():
                 for ker in dev_cache[0].values():
                     out.setdefault(name, []).append(
@@ -89,7 +92,9 @@ def kernel_resources() -> dict:
     return out
 
 
-SWEEP = [{}, {"tile_h": 64}, {"tile_h": 128}, {"stages_dqk": 3}, {"warps_h": 8}]
+SWEEP = [{}, {"fwd_o_loop": True}, {"fwd_o_loop": True, "tile_v": 64}, {"fuse_hdot": False},
+         {"warps_intra": 8}, {"warps_mem": 4}, {"tile_dm": 128}, {"tile_v": 64},
+         {"stages_mem": 2}, {"tile_h": 64}]
 
 
 def _safe(fn):
@@ -139,10 +144,13 @@ def profile_kernels(fn, iters: int = 3) -> list[dict]:
               help="Also time launch-setting variants (banked, N banks) at the longest length.")
 @click.option("--profile", "do_profile", is_flag=True,
               help="Also list per-kernel times (torch.profiler) of the banked kernels, N banks.")
+@click.option("--baseline", default=None,
+              help="Importable module with another banked_attention (e.g. a copy of the previous "
+                   "kernels) to time beside the current one, N banks.")
 @click.option("--out", "out_path", default=None, help="Also write the JSON figures here.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 def bench_gpu(batch, heads, dim, tokens, banks, chunks, ref_max_tokens, reps, sweep, do_profile,
-              out_path, as_json):
+              baseline, out_path, as_json):
     """Forward + backward time of SDPA causal, the banked Triton kernels (N banks and 1 bank) and
     the PyTorch chunked reference, bf16, on CUDA; with a bf16 matmul ceiling.
 
@@ -178,6 +186,13 @@ def bench_gpu(batch, heads, dim, tokens, banks, chunks, ref_max_tokens, reps, sw
         def sdpa(q, k, v):
             return F.scaled_dot_product_attention(q, k, v, is_causal=True)
         row["sdpa_ms"] = _median_ms(_fwd_bwd(sdpa, (q, k, v), dout), reps)
+        if baseline:
+            base = importlib.import_module(baseline)
+
+            def based(q, k, v, r, w, g, base=base):
+                return base.banked_attention(q, k, v, r, w, g, eps=acfg.eps, chunk=Cs[0])[0]
+            row[f"baseline_N{N}_ms"] = _safe(lambda xs=(q, k, v, r, w, g), dout=dout: (
+                _median_ms(_fwd_bwd(based, xs, dout), reps)))
         for C in Cs:
             for n_banks in (N, 1):
                 xs = (q, k, v, r, w, g) if n_banks == N else (q, k, v) + _inputs(
@@ -233,17 +248,18 @@ def bench_gpu(batch, heads, dim, tokens, banks, chunks, ref_max_tokens, reps, sw
 def _table(res: dict, N: int, Cs: list[int]) -> None:
     s = res["shape"]
     for T, rows in res.get("profile", {}).items():
-        for r in rows[:8]:
+        for r in rows[:12]:
             click.echo(f"profile T={T} {r['ms']:9.3f} ms x{r['calls']:<3} {r['kernel']}")
     for r in res.get("sweep", []):
         click.echo(f"sweep {r['ms']} ms  {r['opts'] or 'defaults'}")
     click.echo(f"{res['device']}, torch {res['torch']}; bf16 matmul "
                f"{res['matmul_bf16_tflops']} TFLOP/s; fwd+bwd ms (median, CUDA events), "
                f"B={s['B']} H={s['H']} D={s['D']}")
-    cols = ["sdpa_ms"] + [f"banked_N{n}_C{c}_ms" for c in Cs for n in (N, 1)] + \
+    base = [f"baseline_N{N}_ms"] if any(f"baseline_N{N}_ms" in r for r in res["rows"]) else []
+    cols = ["sdpa_ms"] + base + [f"banked_N{n}_C{c}_ms" for c in Cs for n in (N, 1)] + \
         [f"reference_N{N}_ms"]
-    heads = ["SDPA causal"] + [f"banked N={n} C={c}" for c in Cs for n in (N, 1)] + \
-        [f"PyTorch ref N={N}"]
+    heads = ["SDPA causal"] + [f"baseline N={N}" for _ in base] + \
+        [f"banked N={n} C={c}" for c in Cs for n in (N, 1)] + [f"PyTorch ref N={N}"]
     click.echo(f"{'tokens':>7} " + " ".join(f"{h:>16}" for h in heads))
     for row in res["rows"]:
         cells = [f"{row[c]:16.3f}" if isinstance(row.get(c), float)

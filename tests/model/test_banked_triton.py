@@ -96,7 +96,7 @@ def test_imports_without_triton(monkeypatch):
 
     monkeypatch.setitem(sys.modules, "triton", None)  # `import triton` now raises ImportError
     monkeypatch.setitem(sys.modules, "triton.language", None)
-    for name in ("banked_triton", "banked_kernels"):  # re-imported below, restored afterwards
+    for name in ("banked_triton", "banked_kernels", "banked_kernels_bwd"):  # restored afterwards
         monkeypatch.delitem(sys.modules, f"blocklm.model.{name}", raising=False)
         monkeypatch.setattr(pkg, name, getattr(pkg, name, None), raising=False)
     mod = importlib.import_module("blocklm.model.banked_triton")
@@ -117,13 +117,20 @@ I._patch_lang_tensor = _patched
 sys.path.insert(0, {tests!r})
 from test_banked_triton import leaves, outputs_and_grads, rel, NAMES
 from blocklm.model import banked_triton as bt
-for T, D, E, N, C, st in [(40, 16, 16, 3, 16, True), (30, 16, 32, 1, 16, False)]:
+CASES = [(40, 16, 16, 3, 16, True, {{}}), (30, 16, 32, 1, 16, False, {{}}),
+         # two D-slices in the backward memory kernels, two E-slices in fwd_o_loop, bwd_hdot
+         (70, 32, 32, 4, 32, True, {{"tile_dm": 16, "tile_v": 16, "fwd_o_loop": True}}),
+         (50, 32, 16, 2, 16, False, {{"tile_dm": 16, "fuse_hdot": False}})]
+for T, D, E, N, C, st, opts in CASES:
+    saved = dict(bt.KERNEL_OPTS)
+    bt.KERNEL_OPTS.update(opts)
     xs = leaves(1, 2, T, D, E, N, seed=T, state=st)
     a = outputs_and_grads(bt.banked_attention_triton, xs, chunk=C)
     b = outputs_and_grads(bt.banked_attention_reference, xs, chunk=C)
+    bt.KERNEL_OPTS.update(saved)
     for name, x, y in zip(NAMES, a, b):
         e = rel(x, y) if y.norm() > 0 else x.norm().item()
-        assert e < 1e-5, (T, N, name, e)
+        assert e < 1e-5, (T, N, opts, name, e)
 print("ok")
 """
 
@@ -170,6 +177,26 @@ def test_triton_matches_reference_bf16(case):
     print(case, " ".join(f"{k}={v:.1e}" for k, v in errs.items()))
     bad = {k: v for k, v in errs.items() if not v < 2e-2}
     assert not bad, bad
+
+
+VARIANTS = [{"fwd_o_loop": True}, {"fwd_o_loop": False, "tile_v": 64}, {"fuse_hdot": False},
+            {"tile_dm": 32, "warps_mem": 4}, {"tile_dm": 128, "warps_intra": 8}]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+@pytest.mark.parametrize("opts", VARIANTS)
+def test_launch_variants_match_reference_bf16(opts, monkeypatch):
+    """Every launch setting the benchmark sweeps computes the same function (D = E = 128)."""
+    monkeypatch.setattr(bt, "KERNEL_OPTS", {**bt.KERNEL_OPTS, **opts})
+    xs = leaves(1, 2, 200, 128, 128, 4, seed=11, state=True, device="cuda")
+    fast = outputs_and_grads(bt.banked_attention_triton, xs, dtype=torch.bfloat16, chunk=64)
+    ref = outputs_and_grads(bt.banked_attention_reference, xs, dtype=torch.bfloat16, chunk=64)
+    errs = {name: rel(a, b) for name, a, b in zip(NAMES, fast, ref)}
+    print(opts, " ".join(f"{k}={v:.1e}" for k, v in errs.items()))
+    assert all(torch.isfinite(a).all() for a in fast)
+    assert max(errs.values()) < 2e-2, errs
 
 
 @pytest.mark.gpu
