@@ -25,15 +25,23 @@ from blocklm.formats.tar import BLOCK
 from blocklm.formats.writer import header_member, payload_member
 
 _new = object.__new__
-_xxh3 = xxhash.xxh3_64_hexdigest
+_xxh3 = xxhash.xxh3_64_intdigest  # an int compares faster than a 16-digit string
 _frame_size = zstandard.frame_content_size
-_lazy = StoredBlock.lazy
 _view = ViewBlock.of
 
 
 def _name_field(name: str) -> bytes:
     enc = name.encode("ascii")
     return enc + b"\0" if len(enc) < 100 else enc
+
+
+def _digest(hexdigest: str) -> int:
+    """The recorded checksum as ``xxh3_64_intdigest`` gives it; -1 (never equal, so the format's
+    decoder reports it) if it is not 16 hex digits."""
+    try:
+        return int(hexdigest, 16) if len(hexdigest) == 16 else -1
+    except ValueError:
+        return -1
 
 
 def _size_field(n: int) -> bytes:
@@ -57,7 +65,7 @@ class CompiledShard:
                 name = _name_field(payload_member(e.key, j, b, b.zstd))
                 # where the name and size fields start, relative to the payload (512 and 388
                 # bytes before it) and end: compared in place, no tar header is parsed
-                blocks.append((b.offset, b.stored, b.zstd, b.xxh3, name, len(name) - BLOCK,
+                blocks.append((b.offset, b.stored, b.zstd, _digest(b.xxh3), name, len(name) - BLOCK,
                                _size_field(b.stored), b.mode, b.shape, b.codec, b.meta, b.size))
             hname = _name_field(header_member(e.key))
             recs.append((e.key, e.offset, hname, len(hname), tuple(blocks)))
@@ -98,9 +106,13 @@ class FastDecoder:
             if zstd:  # decompressed on first use, as the format's decoder does
                 if stored < 4 or _frame_size(data) != size or size > self._cap:
                     return self._slow(i, mv, base)
-                out.append(_lazy(mode, shape, codec, meta,
-                                 data if views and stored >= VIEW_MIN else buf[a:end], size,
-                                 self._cap, (self.decoder.shard, key, len(out))))
+                b = _new(StoredBlock)  # as StoredBlock.lazy sets it, without the call
+                b.__dict__ = {"mode": mode, "shape": shape, "codec": codec, "meta": meta,
+                              "_payload": None,
+                              "_stored": data if views and stored >= VIEW_MIN else buf[a:end],
+                              "_size": size, "_cap": self._cap,
+                              "_where": (self.decoder.shard, key, len(out))}
+                out.append(b)
             elif views and stored >= VIEW_MIN:
                 out.append(_view(mode, shape, codec, meta, data))
             else:

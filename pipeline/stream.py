@@ -20,6 +20,7 @@ from blocklm.formats.errors import FormatError, IndexMismatchError, TruncatedSha
 from blocklm.formats.limits import Limits
 from blocklm.formats.reader import RUN_BYTES, BlockDecoder, ByteSource, Opener
 
+from .errors import SourceError
 from .fastpath import CompiledShard, FastDecoder, IndexCache
 from .maps import MapCache
 from .opener import is_remote
@@ -31,31 +32,33 @@ READ_AHEAD = 1  # runs fetched ahead of the one being decoded
 
 
 def _fetch(o: _Open, start: int, end: int, local: list[int]) -> list[Sample | FormatError]:
-    """Read bytes ``[start, end)`` of a shard and cut them into samples ``local`` (run in the
-    read-ahead thread: reads and zstd release the GIL). A sample's error takes its place.
-
-    A local shard is mapped instead of read: the run is checked against the file's size, its
-    page tables filled in one call, and large payloads handed out as views (zero-copy)."""
-    mapped = o.source.mapped() if o.mapped else None
-    if mapped is not None:
-        buf, mv = mapped
-        if end > len(buf):
-            raise TruncatedShardError(f"wanted {end - start} bytes at offset {start}, file has "
-                                      f"{len(buf)} bytes", shard=o.source.name)
-        _populate(buf, start, end)
-        base, views = 0, True
-    else:
-        buf = bytes(o.source.read(start, end - start))  # bytes() is a no-op for bytes
-        mv = memoryview(buf)
-        base, views = start, False
+    """Read bytes ``[start, end)`` of a (remote) shard and cut them into samples ``local`` (run in
+    the read-ahead thread: reads and zstd release the GIL). A sample's error takes its place."""
+    buf = bytes(o.source.read(start, end - start))  # bytes() is a no-op for bytes
+    mv = memoryview(buf)
     sample = o.decoder.sample
     out: list[Sample | FormatError] = []
     for i in local:
         try:
-            out.append(sample(i, buf, mv, base, views))
+            out.append(sample(i, buf, mv, start))
         except FormatError as e:
             out.append(e)
     return out
+
+
+def _map_run(o: _Open, start: int, end: int) -> tuple[mmap.mmap, memoryview]:
+    """A local shard's mapping, checked to hold bytes ``[start, end)`` (the index's offsets are
+    untrusted until checked against the file's size), their page tables filled in one call."""
+    try:
+        mapped = o.source.mapped()
+    except (OSError, ValueError) as e:
+        raise SourceError(f"cannot map the file: {e}", shard=o.url) from None
+    have = 0 if mapped is None else len(mapped[0])
+    if end > have:
+        raise TruncatedShardError(f"wanted {end - start} bytes at offset {start}, file has "
+                                  f"{have} bytes", shard=o.url)
+    _populate(mapped[0], start, end)
+    return mapped
 
 
 def _populate(m: mmap.mmap, start: int, end: int) -> None:
@@ -90,6 +93,22 @@ class _Open:
         self.url, self.entries, self.source, self.decoder = url, entries, source, decoder
         self.error = error
         self.mapped = callable(getattr(source, "mapped", None))  # a local file: map, not read
+
+
+class _LazyPool:
+    """The read-ahead thread, started only when a remote run needs it."""
+
+    def __init__(self) -> None:
+        self._pool: ThreadPoolExecutor | None = None
+
+    def submit(self, *args):  # noqa: ANN002, ANN201 - ThreadPoolExecutor.submit
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="blocklm-read")
+        return self._pool.submit(*args)
+
+    def shutdown(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 class RunReader:
@@ -184,24 +203,30 @@ class RunReader:
              ) -> Iterator[tuple[int, Sample | FormatError]]:
         """``(position, sample or error)`` for each planned sample, in the given order.
 
-        A helper thread reads and cuts the next run while this one is handed out (reads, zstd
-        and checksums release the GIL), so at most ``1 + READ_AHEAD`` runs are held."""
+        A local shard is mapped, and its samples are cut from the mapping one at a time as they
+        are asked for (large payloads as views, no copy, no thread: there is no I/O to overlap,
+        and Python work in a second thread would only contend for the GIL). For a remote shard a
+        helper thread reads and cuts the next run while this one is handed out (reads, zstd and
+        checksums release the GIL), so at most ``1 + READ_AHEAD`` runs are held."""
         retries0, opener0 = self.stats.retries, self._retries()
         runs = self.runs(positions, shards, local)
         ahead: deque = deque()
-        pool = ThreadPoolExecutor(1, thread_name_prefix="blocklm-read")
+        pool = _LazyPool()
         try:
             for _ in range(1 + READ_AHEAD):
                 self._submit(pool, runs, ahead, local)
             while ahead:
                 (i, j, o, start, end), fut = ahead.popleft()
                 self._submit(pool, runs, ahead, local)
-                url = o.decoder.decoder.shard if o.decoder is not None else self.urls[shards[i]]
+                url = o.url
                 err: FormatError | None = o.error
                 out: list = []
                 if err is None:
                     try:
-                        out = fut.result()
+                        if fut is None:
+                            buf, mv = _map_run(o, start, end)
+                        else:
+                            out = fut.result()
                     except FormatError as e:
                         err = e
                 self.stats.retries = retries0 + self._retries() - opener0
@@ -211,6 +236,16 @@ class RunReader:
                         yield positions[k], with_key(err, url, key)
                     continue
                 self.stats.bytes += end - start
+                if fut is None:  # mapped: cut each sample as it is asked for
+                    sample = o.decoder.sample
+                    for k in range(i, j):
+                        try:
+                            s = sample(local[k], buf, mv, 0, True)
+                        except FormatError as e:
+                            s = with_key(e, url, o.entries[local[k]].key)
+                        yield positions[k], s
+                    del buf, mv
+                    continue
                 for k in range(i, j):
                     s = out[k - i]
                     if s.__class__ is not Sample:
@@ -218,16 +253,17 @@ class RunReader:
                     yield positions[k], s
                 del out
         finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+            pool.shutdown()
             self.stats.retries = retries0 + self._retries() - opener0
 
     @staticmethod
-    def _submit(pool: ThreadPoolExecutor, runs: Iterator, ahead: deque, local: list[int]) -> None:
+    def _submit(pool: _LazyPool, runs: Iterator, ahead: deque, local: list[int]) -> None:
         run = next(runs, None)
         if run is None:
             return
         i, j, o, start, end = run
-        fut = None if o.error is not None else pool.submit(_fetch, o, start, end, local[i:j])
+        fut = None if o.error is not None or o.mapped else pool.submit(_fetch, o, start, end,
+                                                                       local[i:j])
         ahead.append((run, fut))
 
     def _retries(self) -> int:
