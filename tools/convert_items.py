@@ -64,12 +64,14 @@ class Item:
 
 @dataclass
 class Result:
-    """What a worker returns: encoded sample bytes and index entry, or a rejection reason."""
+    """One item's outcome: its encoded sample (bytes and index entry, or where a worker spilled
+    them), or a rejection reason."""
 
     source: str
     encoded: tuple | None = None  # (bytes, IndexEntry) from SampleEncoder.encode
     payload_bytes: int = 0
     error: str | None = None
+    spill: tuple | None = None  # (fd, offset, IndexEntry): entry.size bytes in a spill file
 
 
 def how_for_ext(ext: str) -> str | None:
@@ -152,35 +154,61 @@ def _sniff(data: bytes) -> str:
 _ENCODER: SampleEncoder | None = None  # one per worker process: holds a zstd context
 
 
-def process(item: Item, deep_check: bool = False) -> Result:
-    """Worker entry point: the item's encoded sample, or the reason it is rejected
-    (``deep_check``: see :func:`build_block`)."""
-    global _ENCODER
+def build_sample(item: Item, deep_check: bool = False) -> Sample:
+    """The item's sample, every block built and checked (``deep_check``: see
+    :func:`build_block`); raises :class:`Rejected` with the reason."""
     if item.error is not None:
-        return Result(item.source, error=item.error)
+        raise Rejected(item.error)
+    blocks = []
+    for i, p in enumerate(item.parts):
+        try:
+            blocks.append(build_block(p, deep_check))
+        except (FormatError, OSError, ValueError) as e:
+            where = f"block {i} ({p.path})" if p.path and len(item.parts) > 1 else \
+                (f"block {i}" if len(item.parts) > 1 else "")
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            if isinstance(e, OSError):
+                reason = f"unreadable: {reason}"
+            raise Rejected(_OBJ_REPR.sub("the data", f"{where}: {reason}" if where else reason)) \
+                from None
     try:
-        blocks = []
-        for i, p in enumerate(item.parts):
-            try:
-                blocks.append(build_block(p, deep_check))
-            except (FormatError, OSError, ValueError) as e:
-                where = f"block {i} ({p.path})" if p.path and len(item.parts) > 1 else \
-                    (f"block {i}" if len(item.parts) > 1 else "")
-                reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-                if isinstance(e, OSError):
-                    reason = f"unreadable: {reason}"
-                raise _Reject(f"{where}: {reason}" if where else reason) from None
-        sample = Sample(item.key, blocks)
-        if _ENCODER is None:
-            _ENCODER = SampleEncoder()
-        encoded = _ENCODER.encode(sample)
-        return Result(item.source, encoded, sum(len(b.payload) for b in blocks))
-    except (_Reject, FormatError, ValueError) as e:
-        return Result(item.source, error=_OBJ_REPR.sub("the data", str(e)))
+        return Sample(item.key, blocks)
+    except (FormatError, ValueError) as e:
+        raise Rejected(_OBJ_REPR.sub("the data", str(e))) from None
+
+
+def encoder() -> SampleEncoder:
+    """This process's encoder (one per worker process: it holds a zstd context)."""
+    global _ENCODER
+    if _ENCODER is None:
+        _ENCODER = SampleEncoder()
+    return _ENCODER
+
+
+def encode_item(item: Item, deep_check: bool = False) -> tuple[list[bytes], object, int]:
+    """``(members as byte strings, IndexEntry, payload bytes)`` of the item's sample; raises
+    :class:`Rejected` with the reason."""
+    sample = build_sample(item, deep_check)
+    try:
+        # the blocks were validated when built (Block.__post_init__) and nothing changed them
+        parts, entry = encoder().encode_parts(sample, validated=True)
+    except (FormatError, ValueError) as e:
+        raise Rejected(_OBJ_REPR.sub("the data", str(e))) from None
+    return parts, entry, sum(len(b.payload) for b in sample.blocks)
+
+
+def process(item: Item, deep_check: bool = False) -> Result:
+    """The item's encoded sample, or the reason it is rejected (``deep_check``: see
+    :func:`build_block`)."""
+    try:
+        parts, entry, payload = encode_item(item, deep_check)
+    except Rejected as e:
+        return Result(item.source, error=str(e))
+    return Result(item.source, (b"".join(parts), entry), payload)
 
 
 _OBJ_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-f]+>")  # keeps reasons the same on every run
 
 
-class _Reject(Exception):
-    pass
+class Rejected(Exception):
+    """An input cannot be converted; the message is the reason the report gives."""

@@ -1,8 +1,9 @@
 """The conversion job: parallel, deterministic, resumable, every input accounted for.
 
-Workers build, validate and encode samples in parallel (``multiprocessing`` ``imap``, ordered),
-and the parent writes them in input order, so the shards are byte-identical whatever the number
-of workers. Each finished shard is final (atomic rename); after each one, ``progress.json``
+Workers build, validate and encode contiguous chunks of the inputs in parallel, each into a
+spill file (``convert_parallel``); the parent takes them in input order and copies each sample into
+the shards (``ShardWriter.write_span``), so the shards are byte-identical whatever the number of
+workers. Each finished shard is final (atomic rename); after each one, ``progress.json``
 records how many items are done, the shards so far and the rejections so far. ``--resume``
 re-enumerates the inputs (cheap), skips the done items and continues writing at the next shard
 number, which gives the same bytes as an uninterrupted run. ``report.json`` is written at the end.
@@ -10,15 +11,15 @@ number, which gives the same bytes as an uninterrupted run. ``report.json`` is w
 
 from __future__ import annotations
 
+import itertools
 import json
-import multiprocessing as mp
 import os
 import re
+import shutil
 import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 
 import xxhash
@@ -26,15 +27,17 @@ import xxhash
 from blocklm.formats import ShardInfo, ShardWriter, canonical_json
 from blocklm.formats.writer import atomic_write
 
-from .convert_items import Item, Result, process
+from .convert_items import Item, Result
 from .convert_keys import KeyAllocator
 from .convert_options import ConvertOptions
+from .convert_parallel import parallel_results, spill_dir
 from .convert_progress import Progress
 from .convert_sources import detect_kind, iter_input
 
 REPORT = "report.json"
 JOURNAL = "progress.json"
 VERSION = 1
+BATCH = 2048  # items of a streamed input (hf, parquet) shared out at a time
 
 
 class ConvertError(Exception):
@@ -126,6 +129,7 @@ def prepare_out(out: Path, opts: ConvertOptions, fp: str) -> tuple[dict | None, 
     for p in _own_files(out, opts.prefix):
         if p.name.endswith(".tmp") or _shard_number(p) >= len(previous):
             p.unlink()
+    shutil.rmtree(spill_dir(out, opts.prefix), ignore_errors=True)  # a crashed run's spills
     for name in ("manifest.json", "manifest.json.tmp", f"{JOURNAL}.tmp", f"{REPORT}.tmp"):
         (out / name).unlink(missing_ok=True)
     if state is None:
@@ -138,17 +142,15 @@ def _write_json(path: Path, obj: dict) -> None:
     atomic_write(path, json.dumps(obj, indent=1, sort_keys=True).encode("utf-8") + b"\n")
 
 
-def _results(items: Iterator[Item], n_workers: int, total: int | None,
-             deep_check: bool = False) -> Iterator[Result]:
-    work = partial(process, deep_check=deep_check)
-    if n_workers == 1:
-        yield from map(work, items)
+def _results(items, n_workers: int, out: Path, opts: ConvertOptions,
+             flush) -> Iterator[Result]:
+    """Every item's result in input order (``convert_parallel``: the parent and helpers)."""
+    folder = spill_dir(out, opts.prefix)
+    if isinstance(items, list):
+        yield from parallel_results(items, n_workers, folder, flush, opts.deep_check)
         return
-    # chunks cut the per-item IPC cost; 8 chunks per worker at least keep the load balanced
-    chunk = 16 if total is None else max(1, min(32, total // (8 * n_workers)))
-    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    with ctx.Pool(n_workers) as pool:
-        yield from pool.imap(work, items, chunksize=chunk)
+    while batch := list(itertools.islice(items, BATCH)):  # a stream (hf, parquet): in batches
+        yield from parallel_results(batch, n_workers, folder, flush, opts.deep_check)
 
 
 def run_convert(inputs: list[str], out: str | os.PathLike, opts: ConvertOptions) -> Report:
@@ -178,16 +180,21 @@ def run_convert(inputs: list[str], out: str | os.PathLike, opts: ConvertOptions)
     if not any(detect_kind(p, opts.kind) in ("hf", "parquet") for p in inputs):
         items = list(items)  # light items (paths, offsets, short text): gives the bar an ETA
         total = len(items)
-    items = counter.count(items)
-    done_hash = _skip(items, done)  # identity of the done items: the inputs must not have changed
+    if total is not None:  # a list: the workers can inherit it (see convert_parallel)
+        counter.n = total
+        done_hash = _skip(iter(items), done)
+        items = items[done:]
+    else:
+        items = counter.count(items)
+        done_hash = _skip(items, done)  # identity of the done items: inputs must not have changed
     if state is not None and state.get("done_hash") != done_hash.hexdigest():
         writer.abort()
         raise ConvertError(f"cannot resume: the inputs before item {done} changed since the "
                            "interrupted run (run without --resume to start over)")
     progress = Progress(opts.quiet, done, total)
     try:
-        todo = None if total is None else total - done
-        for i, res in enumerate(_results(items, opts.n_workers, todo, opts.deep_check), start=done):
+        results = _results(items, opts.n_workers, out, opts, writer.flush_spans)
+        for i, res in enumerate(results, start=done):
             if res.error is not None:
                 rep.rejected.append({"path": res.source, "reason": res.error})
                 progress.reject(res.source, res.error)
@@ -195,7 +202,10 @@ def run_convert(inputs: list[str], out: str | os.PathLike, opts: ConvertOptions)
                     raise StrictStop(res.source, res.error)
             else:
                 before = len(writer.shards)
-                write(*res.encoded)
+                if res.spill is not None:
+                    writer.write_span(*res.spill)
+                else:
+                    write(*res.encoded)
                 if len(writer.shards) != before:  # a shard was finished: items < i are final
                     _write_json(out / JOURNAL, {
                         "fingerprint": fp, "next_item": i, "done_hash": done_hash.hexdigest(),

@@ -1,0 +1,86 @@
+"""The parent + helpers design (tools/convert_parallel.py): same bytes as one process however the
+chunks are shared out, spills cleaned up, a failing or dying helper is an error (never a hang)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from blocklm.tools import convert_parallel
+from blocklm.tools.convert_options import ConvertOptions
+from blocklm.tools.convert_run import StrictStop, run_convert
+
+
+def shard_bytes(out):
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir())
+            if p.name.endswith((".tar", ".index.json")) or p.name == "manifest.json"}
+
+
+def test_chunk_bounds_cover_every_item_once():
+    for n, w in [(0, 2), (1, 2), (7, 3), (2114, 2), (100_000, 8)]:
+        b = convert_parallel.chunk_bounds(n, w)
+        assert [i for a, e in b for i in range(a, e)] == list(range(n))
+        assert all(0 < e - a <= convert_parallel.MAX_CHUNK for a, e in b)
+
+
+@pytest.mark.parametrize("per_worker", [1, 4])
+def test_spilled_chunks_and_shard_cuts_give_the_same_bytes(image_dir, audio_dir, small_text,
+                                                           tmp_path, monkeypatch, per_worker):
+    """Helpers' chunks (spill files, copied with write_span) cut by shard boundaries in the
+    middle, with rejections among them, equal a one-process run."""
+    (audio_dir / "zz_bad.wav").write_bytes(b"RIFF....WAVE")
+    inputs = [str(image_dir), str(audio_dir), str(small_text)]
+    ref = tmp_path / "ref"
+    rep1 = run_convert(inputs, ref, ConvertOptions(workers=1, shard_size=40_000, quiet=True))
+    monkeypatch.setattr(convert_parallel, "CHUNKS_PER_WORKER", per_worker)
+    out = tmp_path / "j3"
+    rep3 = run_convert(inputs, out, ConvertOptions(workers=3, shard_size=40_000, quiet=True))
+    assert len([n for n in shard_bytes(ref) if n.endswith(".tar")]) > 3
+    assert shard_bytes(out) == shard_bytes(ref)
+    assert rep3.rejected == rep1.rejected and len(rep1.rejected) == 1
+    assert not (out / "shard-spill.tmp").exists()
+
+
+def _failing_chunk(number, items, folder, deep_check):
+    if number > 0:
+        raise MemoryError("boom")
+    return _real_chunk(number, items, folder, deep_check)
+
+
+def _dying_chunk(number, items, folder, deep_check):
+    os._exit(9)
+
+
+_real_chunk = convert_parallel.convert_chunk
+
+
+@pytest.mark.parametrize("chunk,match", [(_failing_chunk, "(?s)failed on chunk .*MemoryError: boom"),
+                                         (_dying_chunk, "died \\(exit code 9\\)")])
+def test_a_failing_helper_stops_the_job_with_its_error(audio_dir, small_text, tmp_path,
+                                                       monkeypatch, chunk, match):
+    monkeypatch.setattr(convert_parallel, "convert_chunk", chunk)  # the helpers are forked
+    out = tmp_path / "o"
+    with pytest.raises(RuntimeError, match=match):
+        run_convert([str(small_text), str(audio_dir)], out,
+                    ConvertOptions(workers=2, shard_samples=3, quiet=True))
+    assert not (out / "shard-spill.tmp").exists()
+    assert not [p for p in os.listdir(out) if p.endswith(".tmp")]
+
+
+def test_strict_stop_with_helpers_leaves_no_spill(audio_dir, small_text, tmp_path):
+    (audio_dir / "zz_bad.wav").write_bytes(b"RIFF....WAVE")  # the last item: a helper's chunk
+    out = tmp_path / "o"
+    with pytest.raises(StrictStop, match="zz_bad.wav"):
+        run_convert([str(small_text), str(audio_dir)], out,
+                    ConvertOptions(workers=2, shard_samples=3, strict=True, quiet=True))
+    assert not (out / "shard-spill.tmp").exists()
+    assert (out / "report.json").is_file()
+
+
+def test_a_crashed_runs_spill_folder_is_removed(audio_dir, tmp_path):
+    out = tmp_path / "o"
+    (out / "shard-spill.tmp").mkdir(parents=True)
+    (out / "shard-spill.tmp" / "000003").write_bytes(b"x" * 100)
+    rep = run_convert([str(audio_dir)], out, ConvertOptions(workers=1, quiet=True))
+    assert rep.samples == 5 and not (out / "shard-spill.tmp").exists()

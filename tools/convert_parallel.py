@@ -1,0 +1,172 @@
+"""Parallel conversion with no sample bytes through pipes: the parent works too, helpers spill.
+
+The input list is cut into contiguous chunks up front. With ``--workers N`` the parent and ``N-1``
+forked helper processes claim chunks from a shared pair of counters: the parent from the front,
+the helpers from the back, until they meet. The parent converts its chunks in input order and
+writes them straight into the shards (no copy at all). A helper converts a chunk into a spill file
+(``OUT/PREFIX-spill.tmp/NNNNNN``, the encoded samples in order) and sends back only the per-item
+summaries (source, rejection reason or index entry). Once the parent's front run is done, it takes
+the helpers' chunks in input order and hands each sample to :meth:`ShardWriter.write_span`, which
+sets the shard boundaries exactly as for in-process writing and copies the bytes in the kernel
+(``copy_file_range``). So the shards are byte-identical whatever ``N`` and however the chunks were
+shared out.
+
+Why not a ``multiprocessing.Pool`` that returns encoded samples: pickling ~45 MB of samples
+through pipes to an otherwise idle parent made 2 workers slower than 1 on 2 cores.
+
+Helpers are forked (they inherit the item list; a chunk is claimed by number). Without ``fork``
+(Windows) the parent converts everything itself.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import shutil
+import traceback
+from collections.abc import Callable, Iterator
+from multiprocessing.connection import wait
+from pathlib import Path
+
+from .convert_items import Item, Rejected, Result, encode_item, process
+
+CHUNKS_PER_WORKER = 16  # small chunks: the parent and the helpers meet with little idle time
+MAX_CHUNK = 256  # items; bounds a spill file
+
+
+def spill_dir(out: Path, prefix: str) -> Path:
+    """The folder of the helpers' spill files (removed at the end, and by a fresh or resumed
+    run after a crash)."""
+    return out / f"{prefix}-spill.tmp"
+
+
+def chunk_bounds(n: int, n_workers: int) -> list[tuple[int, int]]:
+    """Contiguous ``[start, end)`` chunks covering ``n`` items, about ``CHUNKS_PER_WORKER`` per
+    worker and at most ``MAX_CHUNK`` items each."""
+    if n <= 0:
+        return []
+    size = max(1, min(MAX_CHUNK, -(-n // (n_workers * CHUNKS_PER_WORKER))))
+    return [(a, min(n, a + size)) for a in range(0, n, size)]
+
+
+def convert_chunk(number: int, items: list[Item], folder: str,
+                  deep_check: bool) -> tuple[str, list[tuple]]:
+    """Convert one chunk into its spill file; returns the file's path and, per item,
+    ``(source, error, entry, payload_bytes)`` (``error`` None for a converted item)."""
+    path = os.path.join(folder, f"{number:06d}")
+    records = []
+    with open(path, "wb") as f:
+        for it in items:
+            try:
+                parts, entry, payload = encode_item(it, deep_check)
+            except Rejected as e:
+                records.append((it.source, str(e), None, 0))
+                continue
+            f.writelines(parts)
+            records.append((it.source, None, entry, payload))
+    return path, records
+
+
+def _helper(bounds, items, lo, hi, conn, folder: str, deep_check: bool) -> None:
+    """A helper process: claim chunks from the back until the parent's front run meets them."""
+    k = -1
+    try:
+        while True:
+            with lo.get_lock():
+                if lo.value >= hi.value:
+                    break
+                hi.value -= 1
+                k = hi.value
+            a, b = bounds[k]
+            conn.send((k, *convert_chunk(k, items[a:b], folder, deep_check), None))
+    except BaseException:  # the parent raises it with the chunk named
+        conn.send((k, None, None, traceback.format_exc()))
+    finally:
+        conn.close()
+
+
+def parallel_results(items: list[Item], n_workers: int, folder: Path, flush: Callable[[], None],
+                     deep_check: bool = False) -> Iterator[Result]:
+    """Every item's :class:`Result` in input order, converted by the parent and ``n_workers-1``
+    helpers. A result with ``spill = (fd, offset, entry)`` goes to
+    :meth:`ShardWriter.write_span`; ``flush`` (the writer's ``flush_spans``) is called before a
+    spill file is closed."""
+    bounds = chunk_bounds(len(items), n_workers)
+    if n_workers <= 1 or len(bounds) <= 1 or "fork" not in mp.get_all_start_methods():
+        yield from (process(it, deep_check) for it in items)
+        return
+    ctx = mp.get_context("fork")
+    lo, hi = ctx.Value("q", 0), ctx.Value("q", len(bounds), lock=False)
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    helpers: dict = {}  # receiving end -> process
+    finished = False
+    try:
+        for _ in range(n_workers - 1):
+            recv, send = ctx.Pipe(duplex=False)
+            p = ctx.Process(target=_helper, daemon=True,
+                            args=(bounds, items, lo, hi, send, str(folder), deep_check))
+            p.start()
+            send.close()  # only the helper holds it: its exit shows as EOF here
+            helpers[recv] = p
+        n = 0  # chunks the parent wrote itself, straight into the shards
+        while True:
+            with lo.get_lock():
+                if lo.value >= hi.value:
+                    break
+                lo.value += 1
+            a, b = bounds[n]
+            yield from (process(it, deep_check) for it in items[a:b])
+            n += 1
+        pending: dict[int, tuple] = {}
+        for k in range(n, len(bounds)):
+            while k not in pending:
+                _receive(helpers, pending, k)
+            yield from _spilled(*pending.pop(k), flush)
+        finished = True
+    finally:
+        for conn, p in helpers.items():
+            if finished:  # they have sent everything: let them exit
+                p.join(timeout=5)
+            if p.is_alive():  # an error or --strict stopped the job: stop them now
+                p.kill()
+                p.join()
+            conn.close()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _receive(helpers: dict, pending: dict, want: int) -> None:
+    """Take one message from a helper (waiting for one); raise if a helper failed or died."""
+    if not helpers:
+        raise RuntimeError(f"conversion helpers exited without converting chunk {want}")
+    for conn in wait(list(helpers)):
+        try:
+            k, path, records, error = conn.recv()
+        except EOFError:  # the helper is gone: fine once it has sent all it claimed
+            p = helpers.pop(conn)
+            p.join()
+            conn.close()
+            if p.exitcode != 0:
+                raise RuntimeError(f"a conversion helper process died (exit code {p.exitcode}) "
+                                   f"before chunk {want} was converted") from None
+            continue
+        if error is not None:
+            raise RuntimeError(f"a conversion helper failed on chunk {k}:\n{error}")
+        pending[k] = (path, records)
+
+
+def _spilled(path: str, records: list[tuple], flush: Callable[[], None]) -> Iterator[Result]:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        offset = 0
+        for source, error, entry, payload in records:
+            if error is not None:
+                yield Result(source, error=error)
+                continue
+            size = entry.size
+            yield Result(source, payload_bytes=payload, spill=(fd, offset, entry))
+            offset += size
+        flush()
+    finally:
+        os.close(fd)
+        os.unlink(path)
