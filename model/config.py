@@ -27,6 +27,7 @@ class StackConfig:
     hidden: int = 64  # controller width
     max_steps: int = 2  # ponder iterations per decoder step
     epsilon: float = 0.01  # stop once 1 - epsilon of a unit of mass has left the stack
+    compile: bool = True  # on CUDA, run the step loop through torch.compile (stack_block.py)
 
 
 @dataclass

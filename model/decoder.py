@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from .attention import BankedAttention
 from .config import DecoderConfig
 from .stack import ProcessingStack
+from .stack_block import stack_block
 
 
 class StateLayout:
@@ -115,13 +116,10 @@ class Decoder(nn.Module):
         for i, layer in enumerate(self.layers):
             x, new[f"S{i}"], new[f"z{i}"] = layer(x, st[f"S{i}"], st[f"z{i}"], mask)
         if self.stack is not None:
-            V, s, ys = st["V"], st["s"], []
-            for t in range(x.shape[1]):  # the stack is a step recurrence
-                m = None if mask is None else mask[:, t]
-                y, V, s, _ = self.stack.step(x[:, t], V, s, m)
-                ys.append(y)
-            x = self.norm_out(x + torch.stack(ys, 1).to(x.dtype))
-            new["V"], new["s"] = V, s
+            # the stack is a step recurrence; stack_block batches its time-parallel parts and
+            # compiles the loop on CUDA
+            y, new["V"], new["s"] = stack_block(self.stack, x, st["V"], st["s"], mask)
+            x = self.norm_out(x + y.to(x.dtype))
         B, T = x.shape[:2]
         last = (mask.long().sum(1) - 1).clamp(min=0) if mask is not None else \
             torch.full((B,), T - 1, device=x.device)

@@ -98,18 +98,26 @@ class ProcessingStack(nn.Module):
         """Per-example shapes of the stack state (fp32)."""
         return {"V": (self.cfg.depth, self.cfg.width), "s": (self.cfg.depth,)}
 
-    def step(self, x: Tensor, V: Tensor, s: Tensor, mask: Tensor | None = None,
-             actions: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, StackStats]:
-        """One decoder step. x [B,d_model] -> y [B,d_model], new V, new s, mass stats.
+    def embed(self, x: Tensor) -> Tensor:
+        """x [..., d_model] -> the embedding being processed [..., Hd] (fp32). It reads no state,
+        so a block computes it for all its steps in one call."""
+        return torch.tanh(upcast(self.inp(x)))
 
-        ``mask`` [B] (False: padding, the stack is left as it is). ``actions`` [B,max_steps,3]
-        overrides the controller's (push, pop, no-op) probabilities (tests, analysis).
+    def output(self, read: Tensor, acc: Tensor, e: Tensor) -> Tensor:
+        """Final read [..., W], accumulated popped content [..., W], last embedding [..., Hd] ->
+        the step output [..., d_model]. Reads no state either (one call per block)."""
+        return self.out(torch.cat([read, acc, e.to(read.dtype)], -1))
+
+    def ponder(self, e: Tensor, V: Tensor, s: Tensor, running: Tensor,
+               actions: Tensor | None = None
+               ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, StackStats]:
+        """The 003 loop of one decoder step: the only part that is a recurrence.
+
+        e [B,Hd] (from :meth:`embed`), V [B,K,W], s [B,K], running [B] (1 real step, 0 padding)
+        -> final read [B,W], accumulated output [B,W], last e [B,Hd], new V, new s, stats.
         """
-        B = x.shape[0]
-        e = torch.tanh(upcast(self.inp(x)))  # [B,Hd] the embedding being processed
-        running = s.new_ones(B) if mask is None else mask.to(s.dtype)
-        left = s.new_zeros(B)  # mass that left through the top in this step
-        acc = V.new_zeros(B, self.cfg.width)
+        left = s.new_zeros(e.shape[0])  # mass that left through the top in this step
+        acc = V.new_zeros(e.shape[0], self.cfg.width)
         pushed, overflow = torch.zeros_like(left), torch.zeros_like(left)
         iterations = torch.zeros_like(left)
         # Always max_steps iterations: a stopped example's actions are exactly 0, which leaves
@@ -128,5 +136,16 @@ class ProcessingStack(nn.Module):
             V, s, fell = stack_push(V, s, torch.tanh(upcast(self.val(e_new))), push)
             pushed, overflow = pushed + push, overflow + fell
             running = running * (left < 1.0 - self.cfg.epsilon).to(s.dtype)
-        y = self.out(torch.cat([stack_read(V, s), acc, e.to(V.dtype)], -1))  # [B,d_model]
-        return y, V, s, StackStats(pushed, left, overflow, iterations)
+        stats = StackStats(pushed, left, overflow, iterations)
+        return stack_read(V, s), acc, e, V, s, stats
+
+    def step(self, x: Tensor, V: Tensor, s: Tensor, mask: Tensor | None = None,
+             actions: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, StackStats]:
+        """One decoder step. x [B,d_model] -> y [B,d_model], new V, new s, mass stats.
+
+        ``mask`` [B] (False: padding, the stack is left as it is). ``actions`` [B,max_steps,3]
+        overrides the controller's (push, pop, no-op) probabilities (tests, analysis).
+        """
+        running = s.new_ones(x.shape[0]) if mask is None else mask.to(s.dtype)
+        read, acc, e, V, s, stats = self.ponder(self.embed(x), V, s, running, actions)
+        return self.output(read, acc, e), V, s, stats

@@ -33,6 +33,7 @@ BENCH: dict[str, str] = {
     "dispatch": "blocklm.tools.bench_dispatch:bench_dispatch",
     "model": "blocklm.tools.bench_model:bench_model",
     "gpu": "blocklm.tools.bench_gpu:bench_gpu",
+    "train": "blocklm.tools.bench_train:bench_train",
 }
 
 

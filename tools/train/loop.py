@@ -78,9 +78,10 @@ def make_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimi
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     rest = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     t = cfg.train
+    fused = all(p.is_cuda for p in decay + rest)  # one kernel per step instead of per tensor
     return torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
                               {"params": rest, "weight_decay": 0.0}],
-                             lr=t.lr, betas=(t.beta1, t.beta2))
+                             lr=t.lr, betas=(t.beta1, t.beta2), fused=fused or None)
 
 
 def make_source(spec: RunSpec, cfg: RunConfig, remote: RemoteConfig) -> Any:

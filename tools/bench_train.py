@@ -1,0 +1,238 @@
+"""``blocktool bench train``: training throughput of a preset on the GPU, where the step goes.
+
+For each dataset and each variant (stack off / stack on, eager loop / stack on, compiled loop) it
+builds a fresh :class:`blocklm.tools.train.loop.Trainer`, runs ``--warmup`` optimizer steps (the
+first compiles and autotunes), optionally profiles ``--profile-steps`` steps with torch.profiler
+(GPU kernel time per category), then times optimizer steps until ``--steps`` or ``--seconds``.
+All variants run in the same process, side by side.
+
+Timing: host wall time per optimizer step, split into model calls (the runners' forward,
+including their host syncs), the optimizer step (backward, clipping, AdamW; synchronised at its
+end) and the rest: the dispatcher and the loader, i.e. the time the GPU waits for data. MFU counts
+6 x parameters x tokens/s (all parameters; the attention's and the stack's own arithmetic is not
+in it) against 989 TFLOP/s, the H200's dense bf16 peak.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import click
+
+PEAK_TFLOPS = 989.0  # H200 SXM dense bf16
+VARIANTS = {
+    "off": ["model.decoder.stack.enabled=false"],
+    "eager": ["model.decoder.stack.enabled=true", "model.decoder.stack.compile=false"],
+    "compiled": ["model.decoder.stack.enabled=true", "model.decoder.stack.compile=true"],
+}
+_KERNEL_KINDS = (  # first match wins: (category, substrings of the CUDA kernel name)
+    ("banked attention (Triton)", ("fwd_h", "fwd_o", "bwd_dh", "bwd_dqk", "bwd_dv", "bwd_hdot",
+                                   "bwd_decay", "bwd_prep", "decay_prep")),
+    ("stack (Inductor)", ("triton_",)),
+    ("optimizer", ("adam", "multi_tensor")),
+    ("matmul", ("gemm", "sm90", "cutlass", "cublas", "nvjet", "splitk")),
+)
+
+
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+class StepTimer:
+    """Wraps a trainer's runners and optimizer step with host timers (per optimizer step)."""
+
+    def __init__(self, trainer) -> None:
+        self.tr = trainer
+        self.cur: dict[str, float] = defaultdict(float)
+        self.steps: list[dict[str, float]] = []
+        self.batches: list[tuple[str, int, int]] = []  # mode, requests, padded cost
+        self.hook = lambda n: None  # called after each optimizer step with its number
+        run, fin, opt = trainer.runners.run, trainer.runners.finish, trainer.optimizer_step
+
+        def timed_run(mode, batch):
+            t = time.perf_counter()
+            try:
+                return run(mode, batch)
+            finally:
+                self.cur["model"] += time.perf_counter() - t
+                self.batches.append((mode, len(batch.requests), batch.padded_cost))
+
+        def timed_finish(contexts):
+            t = time.perf_counter()
+            try:
+                return fin(contexts)
+            finally:
+                self.cur["model"] += time.perf_counter() - t
+
+        def timed_opt():
+            tokens = trainer.runners.window.tokens
+            t = time.perf_counter()
+            opt()
+            _sync()
+            end = time.perf_counter()
+            self.cur["optimizer"] += end - t
+            self.steps.append(dict(self.cur, end=end, tokens=tokens, batches=len(self.batches)))
+            self.cur.clear()
+            self.hook(len(self.steps))
+
+        trainer.runners.run, trainer.runners.finish = timed_run, timed_finish
+        trainer.optimizer_step = timed_opt
+
+    def summary(self, first: int, params: int) -> dict:
+        """Figures over the steps after ``first`` (their wall time runs from step first-1's end)."""
+        if len(self.steps) <= first:
+            return {"error": f"only {len(self.steps)} optimizer steps ran (warm-up {first})"}
+        a, sel = self.steps[first - 1], self.steps[first:]
+        wall = sel[-1]["end"] - a["end"]
+        tokens = sum(s["tokens"] for s in sel)
+        model = sum(s.get("model", 0.0) for s in sel)
+        opt = sum(s.get("optimizer", 0.0) for s in sel)
+        tps = tokens / wall
+        nb = sel[-1]["batches"] - a["batches"]
+        per_mode: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
+        for mode, n, cost in self.batches[a["batches"]:sel[-1]["batches"]]:
+            per_mode[mode][0] += 1
+            per_mode[mode][1] += n
+            per_mode[mode][2] += cost
+        return {"steps": len(sel), "wall_s": round(wall, 2), "tokens": tokens,
+                "tokens_per_s": round(tps), "mfu": round(6 * params * tps / PEAK_TFLOPS / 1e12, 4),
+                "share_model_calls": round(model / wall, 3),
+                "share_backward_optimizer": round(opt / wall, 3),
+                "share_data_wait": round(max(wall - model - opt, 0.0) / wall, 3),
+                "batches_per_step": round(nb / len(sel), 1),
+                "batches": {m: {"n": v[0], "requests_mean": round(v[1] / v[0], 1),
+                                "padded_tokens_mean": round(v[2] / v[0])}
+                            for m, v in sorted(per_mode.items())}}
+
+
+def kernel_breakdown(prof) -> dict:
+    """GPU kernel time per category (ms) from a torch.profiler run."""
+    out: dict[str, float] = defaultdict(float)
+    top = []
+    for ev in prof.key_averages():
+        ms = getattr(ev, "device_time_total", getattr(ev, "cuda_time_total", 0.0)) / 1e3
+        if ms <= 0 or ev.key.startswith("ProfilerStep") or not _is_kernel(ev):
+            continue
+        name = ev.key.lower()
+        kind = next((k for k, subs in _KERNEL_KINDS if any(s in name for s in subs)), "other")
+        out[kind] += ms
+        top.append((ms, ev.count, ev.key[:90]))
+    top.sort(reverse=True)
+    return {"by_kind_ms": {k: round(v, 1) for k, v in sorted(out.items(), key=lambda x: -x[1])},
+            "top": [{"ms": round(ms, 2), "calls": n, "kernel": k} for ms, n, k in top[:12]]}
+
+
+def _is_kernel(ev) -> bool:
+    dt = getattr(ev, "device_type", None)
+    return dt is not None and "CUDA" in str(dt) and ev.self_device_time_total > 0 \
+        if hasattr(ev, "self_device_time_total") else "CUDA" in str(dt)
+
+
+def run_variant(data: str, variant: str, extra: list[str], warmup: int, steps: int,
+                seconds: float, profile_steps: int, preset: str = "small") -> dict:
+    """One fresh trainer on ``data`` with the variant's overrides; its figures. One ``fit`` call
+    (the dispatcher cannot restart mid-epoch); the timer's hooks start and stop the profiler and
+    end the run (``trainer.target``) after ``steps`` timed steps or ``seconds``."""
+    import torch
+
+    from blocklm.tools.train.loop import RunSpec, Trainer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = RunSpec(preset=preset, data=[data],
+                       overrides=VARIANTS[variant] + ["train.log_every=1",
+                                                      "train.checkpoint_every=0"] + extra)
+        tr = Trainer(Path(tmp) / "run", spec, resume=False, remote=None, progress=False,
+                     tensorboard=False)
+        params = sum(p.numel() for p in tr.model.parameters())
+        timer = StepTimer(tr)
+        first = warmup + profile_steps  # timed steps start after this many
+        state: dict = {"t0": time.perf_counter()}
+
+        def hook(n: int) -> None:  # called after optimizer step n (1-based)
+            now = time.perf_counter()
+            if n == warmup:
+                state["warmup_s"] = now - state["t0"]
+                if profile_steps:
+                    from torch.profiler import ProfilerActivity, profile
+
+                    state["prof"] = profile(activities=[ProfilerActivity.CPU,
+                                                        ProfilerActivity.CUDA])
+                    state["prof"].__enter__()
+                    state["tp"] = now
+            if profile_steps and n == first:
+                state["prof"].__exit__(None, None, None)
+                state["profile"] = dict(kernel_breakdown(state["prof"]), steps=profile_steps,
+                                        wall_ms=round((now - state["tp"]) * 1e3, 1))
+                timer.steps[-1]["end"] = time.perf_counter()  # trace processing is not timed
+            timed = timer.steps[first - 1]["end"] if n > first else now
+            if n >= first + steps or (n > first and now - timed >= seconds) or \
+                    now - state["t0"] >= seconds + 600:
+                tr.target = n
+        timer.hook = hook
+        tr.fit(steps=10**9, minutes=None)
+        res: dict = {"data": data, "variant": variant, "params": params,
+                     "warmup_s": round(state.get("warmup_s", -1.0), 1)}
+        if "profile" in state:
+            res["profile"] = state["profile"]
+        res.update(timer.summary(first, params) if first else {"error": "no warm-up step"})
+        res["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 1) \
+            if torch.cuda.is_available() else None
+        del tr
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        return res
+
+
+@click.command("train")
+@click.option("--preset", default="small", show_default=True, help="Run preset.")
+@click.option("--data", "datas", multiple=True, default=["data/shards/text", "data/shards/mixed"],
+              show_default=True, help="Dataset folder (repeat for several).")
+@click.option("--variants", default="off,compiled", show_default=True,
+              help=f"Comma-separated, of: {', '.join(VARIANTS)}.")
+@click.option("--set", "extra", multiple=True, help="Extra key=value overrides for every run.")
+@click.option("--warmup", default=2, show_default=True, help="Optimizer steps not timed.")
+@click.option("--steps", default=20, show_default=True, help="Timed optimizer steps (at most).")
+@click.option("--seconds", default=60.0, show_default=True, help="Time cap per variant.")
+@click.option("--profile-steps", default=0, show_default=True,
+              help="Steps profiled (torch.profiler) after the warm-up, before the timing.")
+@click.option("--out", "out_path", default=None, help="Also write the JSON figures here.")
+def bench_train(preset, datas, variants, extra, warmup, steps, seconds, profile_steps, out_path):
+    """Training tokens/s, MFU and the data-wait share of a preset (`small`), per variant.
+
+    \b
+    Example:
+      blocktool bench train --variants off,compiled --seconds 60 --profile-steps 2
+    """
+    rows = []
+    for data in datas:
+        for v in variants.split(","):
+            try:
+                r = run_variant(data, v, list(extra), warmup, steps, seconds, profile_steps,
+                                preset)
+            except Exception as e:  # one failing variant must not lose the others' figures
+                r = {"data": data, "variant": v, "error": f"{type(e).__name__}: {e}"[:2000]}
+            rows.append(r)
+            click.echo(json.dumps(r), err=True)
+            if out_path:
+                Path(out_path).write_text(json.dumps(rows, indent=1))
+    click.echo(f"{'data':<22} {'variant':<9} {'tokens/s':>9} {'MFU':>6} {'model':>6} "
+               f"{'bwd+opt':>7} {'data':>6} {'batches/step':>12}")
+    for r in rows:
+        if "tokens_per_s" not in r:
+            click.echo(f"{r['data']:<22} {r['variant']:<9} {r.get('error', '')[:80]}")
+            continue
+        click.echo(f"{r['data']:<22} {r['variant']:<9} {r['tokens_per_s']:>9} {r['mfu']:>6.3f} "
+                   f"{r['share_model_calls']:>6.2f} {r['share_backward_optimizer']:>7.2f} "
+                   f"{r['share_data_wait']:>6.2f} {r['batches_per_step']:>12}")
+
+
+if __name__ == "__main__":
+    bench_train()
