@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from .block import Block, MetaValue
+from .block import MODE_RE, Block, MetaValue
 from .errors import CodecError
 from .limits import DEFAULT_LIMITS, Limits
 
@@ -123,18 +123,26 @@ def image_file_block(data: bytes, mode: str = "image", meta: dict[str, MetaValue
                      limits: Limits = DEFAULT_LIMITS) -> Block:
     """An encoded image kept byte-for-byte; shape ``[H, W, C]`` and bit depth from its header."""
     codec, shape, probed = probe_image(data, limits)
-    m = dict(probed)
-    m.update(meta or {})
-    return Block(mode, shape, codec, bytes(data), m)
+    return _file_block(mode, shape, codec, data, probed, meta)
 
 
 def audio_file_block(data: bytes, mode: str = "audio", meta: dict[str, MetaValue] | None = None,
                      limits: Limits = DEFAULT_LIMITS) -> Block:
     """An encoded audio file kept byte-for-byte; shape ``[frames, channels]``, ``sample_rate``."""
     codec, shape, probed = probe_audio(data, limits)
-    m = dict(probed)
-    m.update(meta or {})
-    return Block(mode, shape, codec, bytes(data), m)
+    return _file_block(mode, shape, codec, data, probed, meta)
+
+
+def _file_block(mode: str, shape: tuple[int, ...], codec: str, data: bytes,
+                probed: dict[str, MetaValue], meta: dict[str, MetaValue] | None) -> Block:
+    """The block of a probed file. With no caller metadata every field but the mode comes from
+    the probes (known names, scalar values, non-negative ints), so only the mode is checked
+    here; caller metadata goes through the full validation of ``Block``."""
+    if meta or not isinstance(mode, str) or not MODE_RE.match(mode):
+        m = dict(probed)
+        m.update(meta or {})
+        return Block(mode, shape, codec, bytes(data), m)
+    return Block.trusted(mode, tuple(shape), codec, bytes(data), dict(probed))
 
 
 # ----------------------------------------------------------------------------- probing
