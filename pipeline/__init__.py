@@ -22,6 +22,7 @@ from .dispatch_types import (
     training_config,
 )
 from .errors import NotFoundError, SourceError, StateError
+from .hf import hf_columns, hf_data_files, hf_features
 from .mix import MixedDataset
 from .opener import RemoteOpener
 from .retry import RetryPolicy
@@ -33,6 +34,7 @@ __all__ = [
     "BlockDataset", "LoaderConfig", "MixedDataset", "LoaderStats",
     "RemoteConfig", "RemoteOpener", "RetryPolicy", "HTTPSource", "FsspecSource", "ShardCache",
     "SourceError", "NotFoundError", "StateError", "expand_braces",
+    "hf_features", "hf_data_files", "hf_columns",
     "Dispatcher", "DispatchConfig", "Batch", "Request", "Result", "Step", "Finished",
     "training_config", "generation_config", "BucketSpec", "buckets_from_index",
     "estimate_buckets", "cost_from_supports",
