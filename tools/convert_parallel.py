@@ -4,8 +4,8 @@ The input list is cut into contiguous chunks up front. With ``--workers N`` the 
 forked helper processes claim chunks from a shared pair of counters: the parent from the front,
 the helpers from the back, until they meet. The parent converts its chunks in input order and
 writes them straight into the shards (no copy at all). A helper converts a chunk into a spill file
-(``OUT/PREFIX-spill.tmp/NNNNNN``, the encoded samples in order) and sends back only the per-item
-summaries (source, rejection reason or index entry). Once the parent's front run is done, it takes
+(``OUT/PREFIX-spill.tmp/NNNNNN``, the encoded samples in order) and the per-item summaries
+(source, rejection reason or index entry) to ``NNNNNN.rec``, and sends the parent a short note. Once the parent's front run is done, it takes
 the helpers' chunks in input order and hands each sample to :meth:`ShardWriter.write_span`, which
 sets the shard boundaries exactly as for in-process writing and copies the bytes in the kernel
 (``copy_file_range``). So the shards are byte-identical whatever ``N`` and however the chunks were
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import shutil
 import traceback
 from collections.abc import Callable, Iterator
@@ -78,9 +79,14 @@ def _helper(bounds, items, lo, hi, conn, folder: str, deep_check: bool) -> None:
                 hi.value -= 1
                 k = hi.value
             a, b = bounds[k]
-            conn.send((k, *convert_chunk(k, items[a:b], folder, deep_check), None))
+            path, records = convert_chunk(k, items[a:b], folder, deep_check)
+            # the summaries go through a file and the pipe carries a short note: a pipe holds
+            # ~64 KB, and a helper must never wait for the parent, busy with its own chunks
+            with open(path + ".rec", "wb") as f:
+                pickle.dump(records, f, protocol=pickle.HIGHEST_PROTOCOL)
+            conn.send((k, path, None))
     except BaseException:  # the parent raises it with the chunk named
-        conn.send((k, None, None, traceback.format_exc()))
+        conn.send((k, None, traceback.format_exc()))
     finally:
         conn.close()
 
@@ -100,6 +106,7 @@ def parallel_results(items: list[Item], n_workers: int, folder: Path, flush: Cal
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     helpers: dict = {}  # receiving end -> process
+    pending: dict[int, tuple] = {}  # helpers' finished chunks: number -> (spill path, records)
     finished = False
     try:
         for _ in range(n_workers - 1):
@@ -118,7 +125,8 @@ def parallel_results(items: list[Item], n_workers: int, folder: Path, flush: Cal
             a, b = bounds[n]
             yield from (process(it, deep_check) for it in items[a:b])
             n += 1
-        pending: dict[int, tuple] = {}
+            while helpers and wait(list(helpers), timeout=0):  # take notes as they come
+                _receive(helpers, pending, n)
         for k in range(n, len(bounds)):
             while k not in pending:
                 _receive(helpers, pending, k)
@@ -141,7 +149,7 @@ def _receive(helpers: dict, pending: dict, want: int) -> None:
         raise RuntimeError(f"conversion helpers exited without converting chunk {want}")
     for conn in wait(list(helpers)):
         try:
-            k, path, records, error = conn.recv()
+            k, path, error = conn.recv()
         except EOFError:  # the helper is gone: fine once it has sent all it claimed
             p = helpers.pop(conn)
             p.join()
@@ -152,7 +160,9 @@ def _receive(helpers: dict, pending: dict, want: int) -> None:
             continue
         if error is not None:
             raise RuntimeError(f"a conversion helper failed on chunk {k}:\n{error}")
-        pending[k] = (path, records)
+        with open(path + ".rec", "rb") as f:  # written by our own helper, not input data
+            pending[k] = (path, pickle.load(f))
+        os.unlink(path + ".rec")
 
 
 def _spilled(path: str, records: list[tuple], flush: Callable[[], None]) -> Iterator[Result]:
