@@ -8,6 +8,7 @@ under a final shard name always has its index beside it.
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import zstandard
@@ -30,6 +31,7 @@ from .limits import DEFAULT_LIMITS, Limits
 from .tar import BLOCK, END_OF_ARCHIVE, member_header, padded
 
 ZSTD_LEVEL = 3
+SYNC_AHEAD = 8 << 20  # bytes written between background fdatasyncs of an open shard
 
 
 def shard_name(prefix: str, n: int) -> str:
@@ -142,6 +144,8 @@ class ShardWriter:
         self._keys: set[str] = set()
         self._pos = 0
         self._span: tuple[int, int, int] | None = None  # pending write_span run: fd, offset, size
+        self._synced = 0  # bytes of the open shard handed to a sync-ahead
+        self._syncer: threading.Thread | None = None
         self.closed = False
 
     def __enter__(self) -> ShardWriter:
@@ -174,6 +178,8 @@ class ShardWriter:
         self._file.write(data)
         entry.size = len(data)
         self._add_entry(entry)
+        if self._pos - self._synced >= SYNC_AHEAD:
+            self._sync_ahead()
 
     def write_span(self, src_fd: int, src_offset: int, entry: IndexEntry) -> None:
         """Append a sample already encoded into a file (``entry.size`` bytes at ``src_offset`` of
@@ -217,6 +223,27 @@ class ShardWriter:
                 raise FormatError(f"spill file ends {size - done} bytes early", shard=self._name)
             done += n
         f.seek(start + size)
+        if self._pos - self._synced >= SYNC_AHEAD:
+            self._sync_ahead()
+
+    def _sync_ahead(self) -> None:
+        """Start writing the shard's bytes so far to disk in the background (``fdatasync`` in a
+        thread), so the ``fsync`` that finishes the shard waits for the last few MB only
+        instead of the whole shard."""
+        if self._syncer is not None:
+            if self._syncer.is_alive():
+                return
+            self._syncer.join()
+        self._file.flush()
+        self._synced = self._pos
+        self._syncer = threading.Thread(target=os.fdatasync, args=(self._file.fileno(),),
+                                        name="shard-sync-ahead", daemon=True)
+        self._syncer.start()
+
+    def _stop_syncer(self) -> None:
+        if self._syncer is not None:  # before the file is closed: the thread uses its fd
+            self._syncer.join()
+            self._syncer = None
 
     def _add_entry(self, entry: IndexEntry) -> None:
         entry.offset += self._pos
@@ -236,13 +263,14 @@ class ShardWriter:
         self._name = shard_name(self.prefix, self.next_number)
         self.next_number += 1
         self._file = open(self.out_dir / (self._name + ".tmp"), "wb")
-        self._entries, self._keys, self._pos = [], set(), 0
+        self._entries, self._keys, self._pos, self._synced = [], set(), 0, 0
 
     def _finish_shard(self) -> None:
         self.flush_spans()
         f = self._file
         f.write(END_OF_ARCHIVE)
         f.flush()
+        self._stop_syncer()
         os.fsync(f.fileno())
         f.close()
         self._file = None
@@ -268,6 +296,7 @@ class ShardWriter:
     def abort(self) -> None:
         """Drop the open shard's temporary file; finished shards stay."""
         self._span = None
+        self._stop_syncer()
         if self._file is not None:
             self._file.close()
             self._file = None

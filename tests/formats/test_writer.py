@@ -190,3 +190,27 @@ def test_wav_header_probe_equals_libsndfile(subtype, channels, frames):
     odd = data[:12] + b"junk\x03\x00\x00\x00abc" + data[12:]
     assert _probe_pcm_wav(odd) is None
     assert _probe_pcm_wav(data[:40] + b"\0\0\0\0" + data[44:]) is None
+
+
+def test_sync_ahead_keeps_the_bytes_and_stops_on_abort(tmp_path, monkeypatch):
+    """Background fdatasyncs every few bytes change nothing on disk; abort joins the thread."""
+    import threading
+
+    from blocklm.formats import writer as writer_mod
+
+    samples = _samples(30)
+    with ShardWriter(tmp_path / "a", max_samples=12) as w:
+        for s in samples:
+            w.write(s)
+    monkeypatch.setattr(writer_mod, "SYNC_AHEAD", 1000)
+    with ShardWriter(tmp_path / "b", max_samples=12) as w:
+        for s in samples:
+            w.write(s)
+    for n in sorted(os.listdir(tmp_path / "a")):
+        assert (tmp_path / "a" / n).read_bytes() == (tmp_path / "b" / n).read_bytes(), n
+    w = ShardWriter(tmp_path / "c", max_samples=100)
+    for s in samples:
+        w.write(s)
+    w.abort()
+    assert not [t for t in threading.enumerate() if t.name == "shard-sync-ahead"]
+    assert not os.listdir(tmp_path / "c")
