@@ -88,16 +88,27 @@ class BlockLM(nn.Module):
 
     def head_input(self, state: Tensor) -> Tensor:
         """What the next-mode and shape heads read: [rms-normalised summary, one-hot count bins
-        per mode (0, 1, ..., COUNT_BINS - 1 or more), one-hot last mode] [B, d + (K+1)M]. One-hot
-        bins make "one passage so far" and "two passages so far" linearly separable; the summary
-        is normalised so that its scale cannot drown the history features."""
+        per mode (0, 1, ..., COUNT_BINS - 1 or more), one-hot last mode] [B, d + (K+1)M], the
+        one-hots scaled by sqrt(d). One-hot bins make "one passage so far" and "two passages so
+        far" linearly separable; the summary is normalised so that its scale cannot drown the
+        history features.
+
+        Why sqrt(d): under Adam every weight moves by about lr per step whatever its gradient's
+        size, so how fast a feature can pull the logits grows with its magnitude. The summary
+        brings d unit-RMS features, the history only a few ones: at magnitude 1 the summary's
+        weights outran the history's, the heads fitted content cues (which passage is the
+        second one) and never used the counts that decide the next mode (a toy run got 8 of 120
+        held-out determined predictions wrong, 0 with the scaling; see
+        tests/tools/train/test_heads_learn.py). Scaled, each history feature is as large as the
+        whole summary vector."""
         M = len(self.supports)
         _, hist = self._split(state)
         summary = self.summary(state)
         summary = nn.functional.rms_norm(summary, (summary.shape[-1],), eps=1e-6)
         counts = hist[:, :M].round().clamp(0, COUNT_BINS - 1).long()  # [B,M]
         bins = nn.functional.one_hot(counts, COUNT_BINS).to(summary.dtype).flatten(1)  # [B,KM]
-        return torch.cat([summary, bins, hist[:, M:]], 1)
+        scale = summary.shape[-1] ** 0.5
+        return torch.cat([summary, bins * scale, hist[:, M:].to(summary.dtype) * scale], 1)
 
     def support(self, mode: str) -> ModeSupport:
         """The support of ``mode``."""

@@ -56,5 +56,6 @@ def eval_run(run, data, samples, baseline_samples, key_prefix, device, as_json) 
     click.echo("|---|---:|---:|")
     for mode, v in sorted(ev["loss"].items()):
         click.echo(f"| {mode} | {v:.3f} | {ev['unigram'].get(mode, float('nan')):.3f} |")
-    click.echo(f"next-mode accuracy {ev['mode_accuracy']:.3f}, shape accuracy "
+    click.echo(f"next-mode accuracy {ev['mode_accuracy']:.3f} (after the first block "
+               f"{ev['mode_accuracy_later']:.3f}), shape accuracy "
                f"{ev['shape_accuracy']:.3f}, head bits/prediction {ev['heads_bits']:.3f}")

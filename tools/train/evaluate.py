@@ -22,9 +22,12 @@ def evaluate(model: BlockLM, source: Any, *, samples: int, config: DispatchConfi
     """Run the first ``samples`` examples of ``source`` through the dispatcher without gradients.
 
     Returns ``{"loss": {mode: bits per element}, "heads_bits": mean bits per next-mode/shape/end
-    prediction, "mode_accuracy", "shape_accuracy", "samples"}``. Next-mode accuracy counts the
-    argmax of the next-mode head (including end-of-example) against the truth; shape accuracy
-    counts blocks whose most likely shape bins (log-spaced per dimension, greedy) are all right.
+    prediction, "mode_accuracy", "mode_accuracy_later", "shape_accuracy", "samples"}``. Next-mode
+    accuracy counts the argmax of the next-mode head (including end-of-example) against the truth;
+    ``mode_accuracy_later`` counts only the predictions made after an example's first block (the
+    later blocks' modes and the end: on the mixed pairs, fully determined by the history); shape
+    accuracy counts blocks whose most likely shape bins (log-spaced per dimension, greedy) are all
+    right.
     """
     was_training = model.training
     model.eval()
@@ -41,6 +44,7 @@ def evaluate(model: BlockLM, source: Any, *, samples: int, config: DispatchConfi
     heads = w.heads_report()
     return {"loss": w.report(), "heads_bits": heads, "samples": n,
             "mode_accuracy": w.mode_correct / max(w.mode_total, 1),
+            "mode_accuracy_later": w.later_correct / max(w.later_total, 1),
             "shape_accuracy": w.shape_correct / max(w.shape_total, 1)}
 
 

@@ -298,6 +298,7 @@ class Trainer:
                           buckets=self.buckets)
             self.log.log({"step": self.step, "eval_loss": ev["loss"],
                           "eval_mode_accuracy": ev["mode_accuracy"],
+                          "eval_mode_accuracy_later": ev["mode_accuracy_later"],
                           "eval_shape_accuracy": ev["shape_accuracy"],
                           "eval_heads_bits": ev["heads_bits"], "eval_samples": ev["samples"]})
 

@@ -42,6 +42,11 @@ class Window:
     head_count: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     mode_correct: int = 0  # next-mode predictions that were right (argmax), when measured
     mode_total: int = 0
+    # the same over the predictions made after an example's first block (the later blocks'
+    # modes and the end): on block lists whose layout follows from their history (the mixed
+    # pairs) these are determined, unlike the first block's mode
+    later_correct: int = 0
+    later_total: int = 0
     shape_correct: int = 0  # shapes whose most likely bins were all right, when measured
     shape_total: int = 0
 
@@ -129,7 +134,8 @@ class ModelRunners:
         w.head_count["next_mode"] += len(batch.requests)
         w.head_count["shape"] += len(batch.requests)
         if self.measure:
-            self._accuracy(state, mode, [r.shape for r in batch.requests])
+            self._accuracy(state, mode, [r.shape for r in batch.requests],
+                           [r.block > 0 for r in batch.requests])
         new = res.state if self.train else res.state.detach()
         return [Result(state=Context(new[i], w.index)) for i in range(len(batch.requests))]
 
@@ -143,16 +149,22 @@ class ModelRunners:
         self.window.head_bits["next_mode"].append(bits.float())
         self.window.head_count["next_mode"] += len(contexts)
         if self.measure:
-            self._accuracy(state, END, [])
+            self._accuracy(state, END, [], [True] * len(contexts))
 
     @torch.no_grad()
-    def _accuracy(self, state: Tensor, mode: str, shapes: list[tuple[int, ...]]) -> None:
-        """Count argmax next-mode hits and, for blocks, exact shape-bin hits (greedy)."""
+    def _accuracy(self, state: Tensor, mode: str, shapes: list[tuple[int, ...]],
+                  later: list[bool]) -> None:
+        """Count argmax next-mode hits (all, and those after a first block: ``later``) and,
+        for blocks, exact shape-bin hits (greedy)."""
         heads, w = self.model.heads, self.window
         summary = self.model.head_input(state)
         pred = heads.mode_logits(summary).argmax(-1)
-        w.mode_correct += int((pred == heads.names.index(mode)).sum())
+        hit = pred == heads.names.index(mode)
+        later_t = torch.tensor(later, dtype=torch.bool, device=hit.device)
+        w.mode_correct += int(hit.sum())
         w.mode_total += state.shape[0]
+        w.later_correct += int((hit & later_t).sum())
+        w.later_total += int(later_t.sum())
         if mode == END:
             return
         head = heads.shape[mode]
