@@ -37,7 +37,7 @@ from .convert_sources import detect_kind, iter_input
 REPORT = "report.json"
 JOURNAL = "progress.json"
 VERSION = 1
-BATCH = 2048  # items of a streamed input (hf, parquet) shared out at a time
+WINDOW = 4096  # items shared out between the parent and the helpers at a time
 
 
 class ConvertError(Exception):
@@ -144,13 +144,12 @@ def _write_json(path: Path, obj: dict) -> None:
 
 def _results(items, n_workers: int, out: Path, opts: ConvertOptions,
              flush) -> Iterator[Result]:
-    """Every item's result in input order (``convert_parallel``: the parent and helpers)."""
+    """Every item's result in input order (``convert_parallel``: the parent and helpers), in
+    windows of ``WINDOW`` items, which bounds the helpers' spill files to a part of one window."""
     folder = spill_dir(out, opts.prefix)
-    if isinstance(items, list):
-        yield from parallel_results(items, n_workers, folder, flush, opts.deep_check)
-        return
-    while batch := list(itertools.islice(items, BATCH)):  # a stream (hf, parquet): in batches
-        yield from parallel_results(batch, n_workers, folder, flush, opts.deep_check)
+    it = iter(items)
+    while window := list(itertools.islice(it, WINDOW)):
+        yield from parallel_results(window, n_workers, folder, flush, opts.deep_check)
 
 
 def run_convert(inputs: list[str], out: str | os.PathLike, opts: ConvertOptions) -> Report:

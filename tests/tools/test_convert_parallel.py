@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from blocklm.tools import convert_parallel
+from blocklm.tools import convert_parallel, convert_run
 from blocklm.tools.convert_options import ConvertOptions
 from blocklm.tools.convert_run import StrictStop, run_convert
 
@@ -24,16 +24,18 @@ def test_chunk_bounds_cover_every_item_once():
         assert all(0 < e - a <= convert_parallel.MAX_CHUNK for a, e in b)
 
 
-@pytest.mark.parametrize("per_worker", [1, 4])
+@pytest.mark.parametrize("per_worker,window", [(1, 4096), (4, 4096), (2, 9)])
 def test_spilled_chunks_and_shard_cuts_give_the_same_bytes(image_dir, audio_dir, small_text,
-                                                           tmp_path, monkeypatch, per_worker):
+                                                           tmp_path, monkeypatch, per_worker,
+                                                           window):
     """Helpers' chunks (spill files, copied with write_span) cut by shard boundaries in the
-    middle, with rejections among them, equal a one-process run."""
+    middle, with rejections among them, in one window or many, equal a one-process run."""
     (audio_dir / "zz_bad.wav").write_bytes(b"RIFF....WAVE")
     inputs = [str(image_dir), str(audio_dir), str(small_text)]
     ref = tmp_path / "ref"
     rep1 = run_convert(inputs, ref, ConvertOptions(workers=1, shard_size=40_000, quiet=True))
     monkeypatch.setattr(convert_parallel, "CHUNKS_PER_WORKER", per_worker)
+    monkeypatch.setattr(convert_run, "WINDOW", window)
     out = tmp_path / "j3"
     rep3 = run_convert(inputs, out, ConvertOptions(workers=3, shard_size=40_000, quiet=True))
     assert len([n for n in shard_bytes(ref) if n.endswith(".tar")]) > 3
