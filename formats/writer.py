@@ -163,20 +163,25 @@ class ShardWriter:
             raise FormatError("write() on a closed ShardWriter")
         self.write_encoded(*self._encoder.encode(sample))
 
-    def write_encoded(self, data: bytes, entry: IndexEntry) -> None:
+    def write_encoded(self, data: bytes | list[bytes], entry: IndexEntry) -> None:
         """Append a sample already encoded by :meth:`SampleEncoder.encode` (e.g. in a worker
-        process: encoding is the costly part, writing stays in order in one process)."""
+        process: encoding is the costly part, writing stays in order in one process), or the
+        list of byte strings :meth:`SampleEncoder.encode_parts` gives (no joined copy)."""
         if self.closed:
             raise FormatError("write_encoded() on a closed ShardWriter")
-        if self._file is not None and self._full(len(data)):
+        if isinstance(data, list):
+            size = sum(map(len, data))
+        else:
+            size, data = len(data), [data]
+        if self._file is not None and self._full(size):
             self._finish_shard()
         if self._file is None:
             self._open_shard()
         if entry.key in self._keys:
             raise FormatError("duplicate key in shard", shard=self._name, key=entry.key)
         self.flush_spans()
-        self._file.write(data)
-        entry.size = len(data)
+        self._file.writelines(data)
+        entry.size = size
         self._add_entry(entry)
         if self._pos - self._synced >= SYNC_AHEAD:
             self._sync_ahead()

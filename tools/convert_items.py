@@ -68,7 +68,7 @@ class Result:
     them), or a rejection reason."""
 
     source: str
-    encoded: tuple | None = None  # (bytes, IndexEntry) from SampleEncoder.encode
+    encoded: tuple | None = None  # (byte strings, IndexEntry) from SampleEncoder.encode_parts
     payload_bytes: int = 0
     error: str | None = None
     spill: tuple | None = None  # (fd, offset, IndexEntry): entry.size bytes in a spill file
@@ -215,7 +215,7 @@ def process(item: Item, deep_check: bool = False) -> Result:
         parts, entry, payload = encode_item(item, deep_check)
     except Rejected as e:
         return Result(item.source, error=str(e))
-    return Result(item.source, (b"".join(parts), entry), payload)
+    return Result(item.source, (parts, entry), payload)
 
 
 _OBJ_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-f]+>")  # keeps reasons the same on every run
