@@ -31,50 +31,52 @@ if HAS_TRITON:
                   N: tl.constexpr, D: tl.constexpr, E: tl.constexpr, C: tl.constexpr,
                   BD: tl.constexpr):
         """Intra-chunk part of one chunk: fp32 partials of dq, dk, dv; dr, dw initialised with
-        their intra-chunk parts (the memory kernels add the rest). The [C, D] products are
-        formed and stored BD columns at a time (fewer live registers)."""
+        their intra-chunk parts (the memory kernels add the rest). Two bank loops (the bank mix
+        M first, the per-bank sums of dM = (q k^T)(dy v^T) last, the exps recomputed) so that
+        few [C, C] tiles are live at once; [C, D] products BD columns at a time."""
         j, i_bh = tl.program_id(0), tl.program_id(1)
         T = NT * C
         ot = tl.arange(0, C)
         t = j * C + ot
         bh = i_bh.to(tl.int64)
+        causal = ot[:, None] >= ot[None, :]
+        M = tl.zeros([C, C], dtype=tl.float32)
+        for n in range(N):
+            rb = bh * T * N + t * N + n
+            b_c = tl.load(c + rb)
+            M += tl.load(r + rb).to(tl.float32)[:, None] * tl.load(w + rb).to(
+                tl.float32)[None, :] * tl.exp(
+                tl.where(causal, b_c[:, None] - b_c[None, :], float("-inf")))
         p_q = tl.make_block_ptr(q + bh * T * D, (T, D), (D, 1), (j * C, 0), (C, D), (1, 0))
         p_k = tl.make_block_ptr(k + bh * T * D, (T, D), (D, 1), (j * C, 0), (C, D), (1, 0))
         p_y = tl.make_block_ptr(dy + bh * T * E, (T, E), (E, 1), (j * C, 0), (C, E), (1, 0))
         p_v = tl.make_block_ptr(v + bh * T * E, (T, E), (E, 1), (j * C, 0), (C, E), (1, 0))
-        qk = tl.dot(tl.load(p_q), tl.trans(tl.load(p_k)))
         yv = tl.dot(tl.load(p_y), tl.trans(tl.load(p_v)))
         yv += tl.load(dden + bh * T + t)[:, None]  # the normaliser's "ones" value column
-        causal = ot[:, None] >= ot[None, :]
-        Bm = tl.where(causal, qk * yv, 0.0)
-        M = tl.zeros([C, C], dtype=tl.float32)
+        dA = (yv * M).to(q.dtype.element_ty)  # M is 0 above the diagonal
+        for i_d in range(D // BD):
+            p_x = tl.make_block_ptr(k + bh * T * D, (T, D), (D, 1), (j * C, i_d * BD), (C, BD),
+                                    (1, 0))
+            tl.store(tl.make_block_ptr(dqi + bh * T * D, (T, D), (D, 1), (j * C, i_d * BD),
+                                       (C, BD), (1, 0)), tl.dot(dA, tl.load(p_x)))
+            p_x = tl.make_block_ptr(q + bh * T * D, (T, D), (D, 1), (j * C, i_d * BD), (C, BD),
+                                    (1, 0))
+            tl.store(tl.make_block_ptr(dki + bh * T * D, (T, D), (D, 1), (j * C, i_d * BD),
+                                       (C, BD), (1, 0)), tl.dot(tl.trans(dA), tl.load(p_x)))
+        qk = tl.dot(tl.load(p_q), tl.trans(tl.load(p_k)))
+        A = tl.trans(qk * M).to(dy.dtype.element_ty)
+        for i_e in range(E // BD):
+            p_x = tl.make_block_ptr(dy + bh * T * E, (T, E), (E, 1), (j * C, i_e * BD), (C, BD),
+                                    (1, 0))
+            tl.store(tl.make_block_ptr(dvi + bh * T * E, (T, E), (E, 1), (j * C, i_e * BD),
+                                       (C, BD), (1, 0)), tl.dot(A, tl.load(p_x)))
+        Bm = tl.where(causal, qk * yv, 0.0)  # dM
         for n in range(N):
             rb = bh * T * N + t * N + n
-            b_r = tl.load(r + rb).to(tl.float32)
-            b_w = tl.load(w + rb).to(tl.float32)
             b_c = tl.load(c + rb)
-            En = tl.exp(tl.where(causal, b_c[:, None] - b_c[None, :], float("-inf")))
-            M += b_r[:, None] * b_w[None, :] * En
-            BE = Bm * En
-            tl.store(dr + rb, tl.sum(BE * b_w[None, :], axis=1))
-            tl.store(dw + rb, tl.sum(BE * b_r[:, None], axis=0))
-        dA = (yv * M).to(q.dtype.element_ty)  # M is 0 above the diagonal
-        dAt = tl.trans(dA)
-        A = tl.trans(qk * M).to(dy.dtype.element_ty)
-        for i_d in range(D // BD):
-            b_k = tl.load(tl.make_block_ptr(k + bh * T * D, (T, D), (D, 1), (j * C, i_d * BD),
-                                            (C, BD), (1, 0)))
-            tl.store(tl.make_block_ptr(dqi + bh * T * D, (T, D), (D, 1), (j * C, i_d * BD),
-                                       (C, BD), (1, 0)), tl.dot(dA, b_k))
-            b_q = tl.load(tl.make_block_ptr(q + bh * T * D, (T, D), (D, 1), (j * C, i_d * BD),
-                                            (C, BD), (1, 0)))
-            tl.store(tl.make_block_ptr(dki + bh * T * D, (T, D), (D, 1), (j * C, i_d * BD),
-                                       (C, BD), (1, 0)), tl.dot(dAt, b_q))
-        for i_e in range(E // BD):
-            b_y = tl.load(tl.make_block_ptr(dy + bh * T * E, (T, E), (E, 1), (j * C, i_e * BD),
-                                            (C, BD), (1, 0)))
-            tl.store(tl.make_block_ptr(dvi + bh * T * E, (T, E), (E, 1), (j * C, i_e * BD),
-                                       (C, BD), (1, 0)), tl.dot(A, b_y))
+            BE = Bm * tl.exp(tl.where(causal, b_c[:, None] - b_c[None, :], float("-inf")))
+            tl.store(dr + rb, tl.sum(BE * tl.load(w + rb).to(tl.float32)[None, :], axis=1))
+            tl.store(dw + rb, tl.sum(BE * tl.load(r + rb).to(tl.float32)[:, None], axis=0))
 
     @triton.jit
     def bwd_mem_read(q, r, c, hs, zs, dhs, dzs, dy, dden, dqi, dq, dr, hd, NT,
