@@ -3,8 +3,10 @@
 Rows: a plain read of the files (the I/O ceiling), ``webdataset.ShardWriter`` writing the same
 files as samples (no validation), and ``blocktool convert`` (structural check of PNG, JPEG and WAV
 files, full decode of the other formats, checksums, index) with 1 worker and with all cores;
-``--deep-check`` adds the same two rows with every file fully decoded. MB/s counts input file bytes; each figure is the median
-of ``--repeat`` runs, after one untimed read that puts the files in the page cache for every row.
+``--deep-check`` adds the same two rows with every file fully decoded. MB/s counts input file
+bytes; each figure is the median of ``--repeat`` rounds, each round running every row once (so a
+change in the machine's load falls on all rows alike), after one untimed read that puts the files
+in the page cache for every row. The load average before and after is printed with the table.
 CPU seconds (this process and its workers) show the work done whatever else loads the machine.
 """
 
@@ -68,19 +70,35 @@ def _cpu() -> float:
     return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
 
 
-def measure(fn, files: list[Path], repeat: int) -> tuple[float, float]:
-    """Median wall and CPU seconds of ``repeat`` runs, each into a fresh temporary folder."""
-    times, cpus = [], []
+def _once(fn, files: list[Path]) -> tuple[float, float]:
+    """Wall and CPU seconds of one run into a fresh temporary folder."""
+    tmp = Path(tempfile.mkdtemp(prefix="bench-convert-"))
+    try:
+        c0, t0 = _cpu(), time.perf_counter()
+        fn(files, tmp)
+        return time.perf_counter() - t0, _cpu() - c0
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def measure(rows: list, files: list[Path], repeat: int) -> list[tuple[float, float]]:
+    """Median wall and CPU seconds of each row over ``repeat`` rounds. Each round runs every
+    row once, so a change in the machine's load (other jobs) falls on all rows alike."""
+    times: list[list[float]] = [[] for _ in rows]
+    cpus: list[list[float]] = [[] for _ in rows]
     for _ in range(repeat):
-        tmp = Path(tempfile.mkdtemp(prefix="bench-convert-"))
-        try:
-            c0, t0 = _cpu(), time.perf_counter()
-            fn(files, tmp)
-            times.append(time.perf_counter() - t0)
-            cpus.append(_cpu() - c0)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return statistics.median(times), statistics.median(cpus)
+        for i, (_, fn) in enumerate(rows):
+            wall, cpu = _once(fn, files)
+            times[i].append(wall)
+            cpus[i].append(cpu)
+    return [(statistics.median(t), statistics.median(c)) for t, c in zip(times, cpus)]
+
+
+def _load() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except OSError:  # pragma: no cover - not on this platform
+        return None
 
 
 def run_bench(inputs: list[str], repeat: int = 3, workers: int | None = None,
@@ -101,12 +119,12 @@ def run_bench(inputs: list[str], repeat: int = 3, workers: int | None = None,
         rows += [("blocktool convert --deep-check, 1 worker", convert_with(1, inputs, True)),
                  (f"blocktool convert --deep-check, {n} workers", convert_with(n, inputs, True))]
     out = {"files": len(files), "bytes": nbytes, "cores": os.cpu_count(), "repeat": repeat,
-           "rows": []}
-    for name, fn in rows:
-        s, cpu = measure(fn, files, repeat)
+           "load_before": _load(), "rows": []}
+    for (name, _), (s, cpu) in zip(rows, measure(rows, files, repeat)):
         out["rows"].append({"name": name, "seconds": round(s, 3), "cpu_seconds": round(cpu, 3),
                             "mb_per_s": round(nbytes / 1e6 / s, 1),
                             "files_per_s": round(len(files) / s, 1)})
+    out["load_after"] = _load()
     base = out["rows"][1]["mb_per_s"]
     for r in out["rows"]:
         r["vs_shardwriter"] = round(r["mb_per_s"] / base, 2)
@@ -114,8 +132,11 @@ def run_bench(inputs: list[str], repeat: int = 3, workers: int | None = None,
 
 
 def format_table(res: dict) -> str:
+    load = ""
+    if res.get("load_before") is not None:
+        load = f", load average {res['load_before']:.2f} before, {res['load_after']:.2f} after"
     lines = [f"{res['files']} files, {res['bytes'] / 1e6:.1f} MB, {res['cores']} cores, "
-             f"median of {res['repeat']} runs", "",
+             f"median of {res['repeat']} rounds (each round runs every row once){load}", "",
              "| what | seconds | CPU seconds | MB/s | files/s | vs ShardWriter |",
              "|---|---:|---:|---:|---:|---:|"]
     for r in res["rows"]:

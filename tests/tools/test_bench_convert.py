@@ -18,6 +18,17 @@ def test_bench_rows_on_a_few_files(image_dir, audio_dir):
     assert res["rows"][1]["vs_shardwriter"] == 1.0
     assert all(r["mb_per_s"] > 0 and r["cpu_seconds"] >= 0 for r in res["rows"])
     assert "| blocktool convert, 2 workers |" in format_table(res)
+    assert "load average" in format_table(res).splitlines()[0]
+
+
+def test_measure_runs_the_rows_in_rounds(tmp_path):
+    """Rounds interleave the rows (a load change falls on all of them alike)."""
+    from blocklm.tools.bench_convert import measure
+
+    calls = []
+    rows = [("a", lambda files, tmp: calls.append("a")), ("b", lambda files, tmp: calls.append("b"))]
+    res = measure(rows, [], 3)
+    assert calls == ["a", "b"] * 3 and len(res) == 2 and all(w >= 0 for w, _ in res)
 
 
 def test_shard_size_parsing():
