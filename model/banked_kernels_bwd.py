@@ -132,11 +132,12 @@ if HAS_TRITON:
             tl.store(hd + (bh * NT + j) * N + on, d_h, mask=on < N)
 
     @triton.jit
-    def bwd_mem_write(k, v, w, c, dhs, dzs, dki, dk, dw, wd, NT,
+    def bwd_mem_write(k, v, w, c, dhs, dzs, dki, dk, dw, wd, dvi, dv, NT,
                       N: tl.constexpr, NP: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
-                      C: tl.constexpr, BD: tl.constexpr):
+                      C: tl.constexpr, BD: tl.constexpr, DV: tl.constexpr):
         """Writes into the chunk-end memory of one chunk: dk (adds the intra partial), dw += the
-        writes' direct part, per bank sum_s w_s dw_s (for bwd_decay). D in BD-wide slices as in
+        writes' direct part, per bank sum_s w_s dw_s (for bwd_decay); with DV also dv from the
+        same memory-gradient tiles (else bwd_dv_mem reads them again). D in BD-wide slices as in
         bwd_mem_read."""
         j, i_bh = tl.program_id(0), tl.program_id(1)
         T = NT * C
@@ -151,6 +152,9 @@ if HAS_TRITON:
         b_ew = tl.exp(b_cT[None, :] - tl.load(c + ix, mask=mask, other=0.0))  # [C, NP]
         b_ws = tl.load(w + ix, mask=mask, other=0.0).to(tl.float32) * b_ew  # write weight
         d_w = tl.zeros([C, NP], dtype=tl.float32)
+        if DV:
+            acc_v = tl.load(tl.make_block_ptr(dvi + bh * T * E, (T, E), (E, 1), (j * C, 0),
+                                              (C, E), (1, 0)))
         for i_d in range(D // BD):
             od = i_d * BD + tl.arange(0, BD)
             o_x = bh * T * D
@@ -163,10 +167,16 @@ if HAS_TRITON:
                 b_dhn = tl.load(tl.make_block_ptr(dhs + slot * D * E, (E, D), (1, E),
                                                   (0, i_d * BD), (E, BD), (0, 1)))
                 dkt = tl.dot(b_v, b_dhn.to(b_v.dtype)) + tl.load(dzs + slot * D + od)[None, :]
-                acc += tl.sum(tl.where(on[None, :] == n, b_ws, 0.0), axis=1)[:, None] * dkt
+                s_n = tl.sum(tl.where(on[None, :] == n, b_ws, 0.0), axis=1)[:, None]
+                acc += s_n * dkt
                 d_w += tl.where(on[None, :] == n, tl.sum(b_k * dkt, axis=1)[:, None], 0.0)
+                if DV:  # the same tile as [BD, E]: k's slice times it, summed over the slices
+                    acc_v += s_n * tl.dot(b_k.to(b_v.dtype), tl.trans(b_dhn).to(b_v.dtype))
             tl.store(tl.make_block_ptr(dk + o_x, (T, D), (D, 1), (j * C, i_d * BD), (C, BD),
                                        (1, 0)), acc.to(dk.dtype.element_ty))
+        if DV:
+            tl.store(tl.make_block_ptr(dv + bh * T * E, (T, E), (E, 1), (j * C, 0), (C, E),
+                                       (1, 0)), acc_v.to(dv.dtype.element_ty))
         dwi = b_ew * d_w
         tl.store(dw + ix, tl.load(dw + ix, mask=mask, other=0.0) + dwi, mask=mask)
         b_w = tl.load(w + ix, mask=mask, other=0.0).to(tl.float32)

@@ -76,10 +76,11 @@ def banked_attention_reference(q: Tensor, k: Tensor, v: Tensor, r: Tensor, w: Te
 # 128-wide state tiles when that still leaves >= 128 sequential programs (B*H*N*(D/128)*(E/128)),
 # else 64 (measured at 16K: N=4 13.0 ms with 128 vs 13.6 with 64; N=1, 64 programs, 6.8 vs 5.4
 # ms). tile_dm: D-slice of the backward memory kernels; stages_mem: their pipelining depth (None:
-# Triton's default). fuse_hdot: <dS_end, S_start> in the reads kernel instead of bwd_hdot.
+# Triton's default). fuse_hdot: <dS_end, S_start> in the reads kernel instead of bwd_hdot;
+# fuse_dv: dv in the writes kernel instead of bwd_dv_mem; fwd_o_loop: fwd_o over E slices.
 KERNEL_OPTS = {"tile_h": None, "tile_v": 128, "warps_h": 4, "warps_o": 8, "warps_intra": 4,
                "tile_dm": 64, "warps_mem": 4, "warps_dv": 8, "stages_mem": None,
-               "fuse_hdot": True, "fwd_o_loop": False}
+               "fuse_hdot": True, "fuse_dv": False, "fwd_o_loop": False}
 
 
 def _pow2(n: int) -> int:
@@ -184,11 +185,12 @@ class BankedAttentionFn(torch.autograd.Function):
         KB.bwd_mem_read[(NT, B * H)](q, r, c, hs, zs, dhs, dzs, dy, dden, dqi, dq, dr, hd, NT,
                                      N=N, NP=_pow2(N), D=D, E=E, C=C, BD=BM,
                                      HDOT=opt["fuse_hdot"], num_warps=warps, **stages)
-        KB.bwd_mem_write[(NT, B * H)](k, v, w, c, dhs, dzs, dki, dk, dw, wd, NT, N=N,
-                                      NP=_pow2(N), D=D, E=E, C=C, BD=BM, num_warps=warps,
-                                      **stages)
-        KB.bwd_dv_mem[(E // BO, NT, B * H)](k, w, c, dhs, dvi, dv, NT, N=N, D=D, E=E, C=C,
-                                            BV=BO, num_warps=opt["warps_dv"])
+        KB.bwd_mem_write[(NT, B * H)](k, v, w, c, dhs, dzs, dki, dk, dw, wd, dvi, dv, NT, N=N,
+                                      NP=_pow2(N), D=D, E=E, C=C, BD=BM, DV=opt["fuse_dv"],
+                                      num_warps=warps, **stages)
+        if not opt["fuse_dv"]:
+            KB.bwd_dv_mem[(E // BO, NT, B * H)](k, w, c, dhs, dvi, dv, NT, N=N, D=D, E=E, C=C,
+                                                BV=BO, num_warps=opt["warps_dv"])
         if not opt["fuse_hdot"]:
             K.bwd_hdot[(B * H * NT * N,)](hs, zs, dhs, dzs, hd, D=D, E=E,
                                           BD=min(D, 8192 // E), num_warps=4)
