@@ -4,7 +4,7 @@ The input list is cut into contiguous chunks up front. With ``--workers N`` the 
 forked helper processes claim chunks from a shared pair of counters: the parent from the front,
 the helpers from the back, until they meet. The parent converts its chunks in input order and
 writes them straight into the shards (no copy at all). A helper converts a chunk into a spill file
-(``OUT/PREFIX-spill.tmp/NNNNNN``, the encoded samples in order) and the per-item summaries
+(``OUT/PREFIX-spill-PID.tmp/NNNNNN``, the encoded samples in order) and the per-item summaries
 (source, rejection reason or index entry) to ``NNNNNN.rec``, and sends the parent a short note. Once the parent's front run is done, it takes
 the helpers' chunks in input order and hands each sample to :meth:`ShardWriter.write_span`, which
 sets the shard boundaries exactly as for in-process writing and copies the bytes in the kernel
@@ -23,6 +23,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import pickle
+import re
 import shutil
 import traceback
 from collections.abc import Callable, Iterator
@@ -36,9 +37,16 @@ MAX_CHUNK = 256  # items; bounds a spill file
 
 
 def spill_dir(out: Path, prefix: str) -> Path:
-    """The folder of the helpers' spill files (removed at the end, and by a fresh or resumed
-    run after a crash)."""
-    return out / f"{prefix}-spill.tmp"
+    """This run's folder of the helpers' spill files, removed at the end. Its name holds the
+    process id: a helper orphaned by a ``kill -9`` of its parent can never write into the folder
+    of the run that resumes (it stops at its next chunk, and its own folder is gone)."""
+    return out / f"{prefix}-spill-{os.getpid()}.tmp"
+
+
+def stale_spill_dirs(out: Path, prefix: str) -> list[Path]:
+    """Spill folders left by crashed runs (any process id)."""
+    pat = re.compile(rf"^{re.escape(prefix)}-spill-\d+\.tmp$")
+    return [p for p in out.iterdir() if pat.match(p.name)] if out.is_dir() else []
 
 
 def chunk_bounds(n: int, n_workers: int) -> list[tuple[int, int]]:
@@ -68,11 +76,11 @@ def convert_chunk(number: int, items: list[Item], folder: str,
     return path, records
 
 
-def _helper(bounds, items, lo, hi, conn, folder: str, deep_check: bool) -> None:
+def _helper(bounds, items, lo, hi, conn, folder: str, deep_check: bool, parent: int) -> None:
     """A helper process: claim chunks from the back until the parent's front run meets them."""
     k = -1
     try:
-        while True:
+        while os.getppid() == parent:  # an orphan (parent killed) stops
             with lo.get_lock():
                 if lo.value >= hi.value:
                     break
@@ -112,7 +120,7 @@ def parallel_results(items: list[Item], n_workers: int, folder: Path, flush: Cal
         for _ in range(n_workers - 1):
             recv, send = ctx.Pipe(duplex=False)
             p = ctx.Process(target=_helper, daemon=True,
-                            args=(bounds, items, lo, hi, send, str(folder), deep_check))
+                            args=(bounds, items, lo, hi, send, str(folder), deep_check, os.getpid()))
             p.start()
             send.close()  # only the helper holds it: its exit shows as EOF here
             helpers[recv] = p

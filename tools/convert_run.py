@@ -30,7 +30,7 @@ from blocklm.formats.writer import atomic_write
 from .convert_items import Item, Result
 from .convert_keys import KeyAllocator
 from .convert_options import ConvertOptions
-from .convert_parallel import parallel_results, spill_dir
+from .convert_parallel import parallel_results, spill_dir, stale_spill_dirs
 from .convert_progress import Progress
 from .convert_sources import detect_kind, iter_input
 
@@ -129,7 +129,8 @@ def prepare_out(out: Path, opts: ConvertOptions, fp: str) -> tuple[dict | None, 
     for p in _own_files(out, opts.prefix):
         if p.name.endswith(".tmp") or _shard_number(p) >= len(previous):
             p.unlink()
-    shutil.rmtree(spill_dir(out, opts.prefix), ignore_errors=True)  # a crashed run's spills
+    for folder in stale_spill_dirs(out, opts.prefix):  # a crashed run's spill files
+        shutil.rmtree(folder, ignore_errors=True)
     for name in ("manifest.json", "manifest.json.tmp", f"{JOURNAL}.tmp", f"{REPORT}.tmp"):
         (out / name).unlink(missing_ok=True)
     if state is None:

@@ -41,7 +41,7 @@ def test_spilled_chunks_and_shard_cuts_give_the_same_bytes(image_dir, audio_dir,
     assert len([n for n in shard_bytes(ref) if n.endswith(".tar")]) > 3
     assert shard_bytes(out) == shard_bytes(ref)
     assert rep3.rejected == rep1.rejected and len(rep1.rejected) == 1
-    assert not (out / "shard-spill.tmp").exists()
+    assert not [p for p in os.listdir(out) if "spill" in p]
 
 
 def _failing_chunk(number, items, folder, deep_check):
@@ -66,7 +66,7 @@ def test_a_failing_helper_stops_the_job_with_its_error(audio_dir, small_text, tm
     with pytest.raises(RuntimeError, match=match):
         run_convert([str(small_text), str(audio_dir)], out,
                     ConvertOptions(workers=2, shard_samples=3, quiet=True))
-    assert not (out / "shard-spill.tmp").exists()
+    assert not [p for p in os.listdir(out) if "spill" in p]
     assert not [p for p in os.listdir(out) if p.endswith(".tmp")]
 
 
@@ -76,13 +76,26 @@ def test_strict_stop_with_helpers_leaves_no_spill(audio_dir, small_text, tmp_pat
     with pytest.raises(StrictStop, match="zz_bad.wav"):
         run_convert([str(small_text), str(audio_dir)], out,
                     ConvertOptions(workers=2, shard_samples=3, strict=True, quiet=True))
-    assert not (out / "shard-spill.tmp").exists()
+    assert not [p for p in os.listdir(out) if "spill" in p]
     assert (out / "report.json").is_file()
 
 
 def test_a_crashed_runs_spill_folder_is_removed(audio_dir, tmp_path):
     out = tmp_path / "o"
-    (out / "shard-spill.tmp").mkdir(parents=True)
-    (out / "shard-spill.tmp" / "000003").write_bytes(b"x" * 100)
+    (out / "shard-spill-12345.tmp").mkdir(parents=True)
+    (out / "shard-spill-12345.tmp" / "000003").write_bytes(b"x" * 100)
     rep = run_convert([str(audio_dir)], out, ConvertOptions(workers=1, quiet=True))
-    assert rep.samples == 5 and not (out / "shard-spill.tmp").exists()
+    assert rep.samples == 5 and not [p for p in os.listdir(out) if "spill" in p]
+
+
+def test_an_orphaned_helper_claims_nothing(tmp_path):
+    """A helper whose parent is gone (its parent pid changed) stops before its next chunk."""
+    import multiprocessing as mp
+
+    lo, hi = mp.Value("q", 0), mp.Value("q", 4, lock=False)
+    recv, send = mp.Pipe(duplex=False)
+    convert_parallel._helper([(0, 1)] * 4, [], lo, hi, send, str(tmp_path), False,
+                             parent=os.getppid() + 1)
+    assert hi.value == 4 and not os.listdir(tmp_path)
+    with pytest.raises(EOFError):
+        recv.recv()
