@@ -271,33 +271,37 @@ class BlockDataset(IterableDataset):
         reader = RunReader(self.urls, self.counts, self.index_xxh3, opener=self.opener,
                            limits=self.limits, verify=self.config.verify, stats=self.stats,
                            indexes=self._indexes, maps=self._maps)
-        reads = reader.read(needed.tolist(), shards.tolist(), local.tolist())
-        stream = _reorder(reads, emit.tolist()) if self.config.shuffle else reads
+        needed_l = needed.tolist()
+        chunks = reader.chunks(needed_l, shards.tolist(), local.tolist())
+        stream = _reorder(chunks, needed_l, emit.tolist()) if self.config.shuffle else chunks
         p, stats, transform = self._pass, self.stats, self.transform
         raise_errors = self.config.on_error == "raise"
         try:
-            for _, s in stream:
-                if isinstance(s, FormatError):
-                    if raise_errors:
-                        raise s
-                    p["yielded"] += 1
-                    stats.skip(s, s.shard, s.key)
-                    continue
-                p["yielded"] += 1  # counted before the yield: a state taken now includes it
-                stats.samples += 1
-                yield s if transform is None else transform(s)
+            for _, items in stream:
+                for s in items:
+                    if s.__class__ is not Sample and isinstance(s, FormatError):
+                        if raise_errors:
+                            raise s
+                        p["yielded"] += 1
+                        stats.skip(s, s.shard, s.key)
+                        continue
+                    p["yielded"] += 1  # counted before the yield: a state taken now includes it
+                    stats.samples += 1
+                    yield s if transform is None else transform(s)
         finally:
             stream.close()
-            reads.close()  # stops the read-ahead thread before the sources close
+            chunks.close()  # stops the read-ahead thread before the sources close
             reader.close()
 
 
-def _reorder(stream: Iterator[tuple[int, Any]], emit: list[int]) -> Iterator[tuple[int, Any]]:
-    """Items of ``stream`` (ascending positions) in the order ``emit``, holding only those read
-    ahead (at most the shuffle buffer, by construction of the buffer order)."""
+def _reorder(chunks: Iterator[tuple[int, list[Any]]], needed: list[int], emit: list[int],
+             ) -> Iterator[tuple[None, list[Any]]]:
+    """The items of ``chunks`` (of the ascending positions ``needed``) in the order ``emit``,
+    one at a time, holding only those read ahead (at most the shuffle buffer, by construction of
+    the buffer order, plus one chunk)."""
     held: dict[int, Any] = {}
     for pos in emit:
         while pos not in held:
-            q, s = next(stream)
-            held[q] = s
-        yield pos, held.pop(pos)
+            c, items = next(chunks)
+            held.update(zip(needed[c:c + len(items)], items))
+        yield None, [held.pop(pos)]

@@ -27,7 +27,6 @@ from blocklm.formats.writer import header_member, payload_member
 _new = object.__new__
 _xxh3 = xxhash.xxh3_64_intdigest  # an int compares faster than a 16-digit string
 _frame_size = zstandard.frame_content_size
-_view = ViewBlock.of
 
 
 def _name_field(name: str) -> bytes:
@@ -66,7 +65,8 @@ class CompiledShard:
                 # where the name and size fields start, relative to the payload (512 and 388
                 # bytes before it) and end: compared in place, no tar header is parsed
                 blocks.append((b.offset, b.stored, b.zstd, _digest(b.xxh3), name, len(name) - BLOCK,
-                               _size_field(b.stored), b.mode, b.shape, b.codec, b.meta, b.size))
+                               _size_field(b.stored), b.mode, b.shape, b.codec, b.meta, b.size,
+                               b.stored >= VIEW_MIN))
             hname = _name_field(header_member(e.key))
             recs.append((e.key, e.offset, hname, len(hname), tuple(blocks)))
         self.recs = recs
@@ -85,41 +85,44 @@ class FastDecoder:
 
     def __init__(self, shard: CompiledShard, decoder: BlockDecoder) -> None:
         self.shard = shard
+        self.recs = shard.recs
         self.decoder = decoder
         self.verify = decoder.verify
         self._cap = decoder.limits.max_payload_bytes
 
     def sample(self, i: int, buf: bytes, mv: memoryview, base: int, views: bool = False) -> Sample:
-        key, offset, hname, hlen, blocks = self.shard.recs[i]
+        key, offset, hname, hlen, blocks = self.recs[i]
         h = offset - base
         if buf[h:h + hlen] != hname:
             return self._slow(i, mv, base)
+        verify = self.verify
         out = []
-        for doff, stored, zstd, xxh3, mname, mend, sfield, mode, shape, codec, meta, size in blocks:
+        for doff, stored, zstd, xxh3, mname, mend, sfield, mode, shape, codec, meta, size, big \
+                in blocks:
             a = doff - base
             end = a + stored
             if buf[a - BLOCK:a + mend] != mname or buf[a - 388:a - 376] != sfield:
                 return self._slow(i, mv, base)
-            data = mv[a:end]
-            if self.verify and _xxh3(data) != xxh3:
+            view = views and big
+            data = mv[a:end] if view else buf[a:end]  # a view, or the payload's own bytes
+            if verify and _xxh3(data) != xxh3:
                 return self._slow(i, mv, base)
             if zstd:  # decompressed on first use, as the format's decoder does
                 if stored < 4 or _frame_size(data) != size or size > self._cap:
                     return self._slow(i, mv, base)
                 b = _new(StoredBlock)  # as StoredBlock.lazy sets it, without the call
                 b.__dict__ = {"mode": mode, "shape": shape, "codec": codec, "meta": meta,
-                              "_payload": None,
-                              "_stored": data if views and stored >= VIEW_MIN else buf[a:end],
-                              "_size": size, "_cap": self._cap,
-                              "_where": (self.decoder.shard, key, len(out))}
-                out.append(b)
-            elif views and stored >= VIEW_MIN:
-                out.append(_view(mode, shape, codec, meta, data))
+                              "_payload": None, "_stored": data, "_size": size,
+                              "_cap": self._cap, "_where": (self.decoder.shard, key, len(out))}
+            elif view:
+                b = _new(ViewBlock)  # as ViewBlock.of sets it
+                b.__dict__ = {"mode": mode, "shape": shape, "codec": codec, "meta": meta,
+                              "_payload": None, "_view": data}
             else:
-                b = _new(Block)
-                b.__dict__ = {"mode": mode, "shape": shape, "codec": codec,
-                              "payload": buf[a:end], "meta": meta}  # as Block.trusted sets
-                out.append(b)
+                b = _new(Block)  # as Block.trusted sets it
+                b.__dict__ = {"mode": mode, "shape": shape, "codec": codec, "payload": data,
+                              "meta": meta}
+            out.append(b)
         s = _new(Sample)
         s.__dict__ = {"key": key, "blocks": out}
         return s

@@ -155,22 +155,26 @@ def test_rank_and_world_come_from_torch_distributed(small_shards, small_keys):
 
 def test_shuffled_reading_holds_at_most_the_buffer():
     from blocklm.pipeline.dataset import _reorder
+    from blocklm.pipeline.stream import CHUNK
 
     n, k = 3000, 50
     order = buffer_order(n, k, rng_for(4))
+    needed = list(range(0, 2 * n, 2))  # positions; the items say which one they are
     pulled = 0
 
-    def source():
+    def chunks():
         nonlocal pulled
-        for i in range(n):
-            pulled += 1
-            yield i, i
+        for c in range(0, n, CHUNK):
+            part = needed[c:c + CHUNK]
+            pulled += len(part)
+            yield c, [f"item{p}" for p in part]
 
     most = 0
-    for t, (pos, _) in enumerate(_reorder(source(), order.tolist())):
+    emit = [needed[i] for i in order.tolist()]
+    for t, (_, items) in enumerate(_reorder(chunks(), needed, emit)):
         most = max(most, pulled - t)
-        assert pos == order[t]
-    assert most <= k
+        assert items == [f"item{emit[t]}"]
+    assert most <= k + CHUNK  # the buffer, plus the rest of the last chunk read
 
 
 def test_a_second_pass_in_a_worker_without_set_epoch_warns(small_shards):
