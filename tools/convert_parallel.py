@@ -20,6 +20,7 @@ Helpers are forked (they inherit the item list; a chunk is claimed by number). W
 
 from __future__ import annotations
 
+import gc
 import multiprocessing as mp
 import os
 import pickle
@@ -27,13 +28,33 @@ import re
 import shutil
 import traceback
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from multiprocessing.connection import wait
 from pathlib import Path
+
+from blocklm.formats.index import BlockInfo, IndexEntry
 
 from .convert_items import Item, Rejected, Result, encode_item, process
 
 CHUNKS_PER_WORKER = 16  # small chunks: the parent and the helpers meet with little idle time
 MAX_CHUNK = 256  # items; bounds a spill file
+
+
+@contextmanager
+def frozen_heap() -> Iterator[None]:
+    """Leave the objects that exist now (the item list, modules) out of garbage collection
+    until the block ends (``gc.freeze``). A full collection walks every object: ~15 ms in a
+    run of 2,114 files, ~60 ms after a fork, where the walk also copies the pages the helpers
+    share with the parent. Nothing is done if the process already froze objects or turned the
+    collector off (its state is left as it was)."""
+    if gc.get_freeze_count() or not gc.isenabled():
+        yield
+        return
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def spill_dir(out: Path, prefix: str) -> Path:
@@ -72,8 +93,19 @@ def convert_chunk(number: int, items: list[Item], folder: str,
                 records.append((it.source, str(e), None, 0))
                 continue
             f.writelines(parts)
-            records.append((it.source, None, entry, payload))
+            records.append((it.source, None, _flat(entry), payload))
     return path, records
+
+
+# Index entries cross to the parent as plain tuples: unpickling the slotted dataclasses cost
+# ~45 us an entry (their __setstate__ runs in Python), more than converting a WAV.
+def _flat(e: IndexEntry) -> tuple:
+    return e.key, e.offset, e.size, [(b.mode, b.shape, b.codec, b.meta, b.size, b.stored, b.zstd,
+                                      b.xxh3, b.offset) for b in e.blocks]
+
+
+def _entry(t: tuple) -> IndexEntry:
+    return IndexEntry(t[0], t[1], t[2], [BlockInfo(*b) for b in t[3]])
 
 
 def _helper(bounds, items, lo, hi, conn, folder: str, deep_check: bool, parent: int) -> None:
@@ -181,9 +213,9 @@ def _spilled(path: str, records: list[tuple], flush: Callable[[], None]) -> Iter
             if error is not None:
                 yield Result(source, error=error)
                 continue
-            size = entry.size
+            entry = _entry(entry)
             yield Result(source, payload_bytes=payload, spill=(fd, offset, entry))
-            offset += size
+            offset += entry.size
         flush()
     finally:
         os.close(fd)

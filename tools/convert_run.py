@@ -30,7 +30,7 @@ from blocklm.formats.writer import atomic_write
 from .convert_items import Item, Result
 from .convert_keys import KeyAllocator
 from .convert_options import ConvertOptions
-from .convert_parallel import parallel_results, spill_dir, stale_spill_dirs
+from .convert_parallel import frozen_heap, parallel_results, spill_dir, stale_spill_dirs
 from .convert_progress import Progress
 from .convert_sources import detect_kind, iter_input
 
@@ -192,35 +192,36 @@ def run_convert(inputs: list[str], out: str | os.PathLike, opts: ConvertOptions)
         raise ConvertError(f"cannot resume: the inputs before item {done} changed since the "
                            "interrupted run (run without --resume to start over)")
     progress = Progress(opts.quiet, done, total)
-    try:
-        results = _results(items, opts.n_workers, out, opts, writer.flush_spans)
-        for i, res in enumerate(results, start=done):
-            if res.error is not None:
-                rep.rejected.append({"path": res.source, "reason": res.error})
-                progress.reject(res.source, res.error)
-                if opts.strict:
-                    raise StrictStop(res.source, res.error)
-            else:
-                before = len(writer.shards)
-                if res.spill is not None:
-                    writer.write_span(*res.spill)
+    with frozen_heap():  # see convert_parallel.frozen_heap
+        try:
+            results = _results(items, opts.n_workers, out, opts, writer.flush_spans)
+            for i, res in enumerate(results, start=done):
+                if res.error is not None:
+                    rep.rejected.append({"path": res.source, "reason": res.error})
+                    progress.reject(res.source, res.error)
+                    if opts.strict:
+                        raise StrictStop(res.source, res.error)
                 else:
-                    write(*res.encoded)
-                if len(writer.shards) != before:  # a shard was finished: items < i are final
-                    _write_json(out / JOURNAL, {
-                        "fingerprint": fp, "next_item": i, "done_hash": done_hash.hexdigest(),
-                        "samples": rep.samples, "rejected": rep.rejected,
-                        "shard_infos": [s.to_json() for s in writer.shards]})
-                rep.samples += 1
-                progress.update(res.payload_bytes)
-            done_hash.update(res.source.encode("utf-8", "surrogateescape") + b"\n")
-    except BaseException:
-        writer.abort()
-        progress.close()
-        rep.inputs, rep.skipped = counter.n, skipped
-        rep.seconds = time.perf_counter() - t0
-        _write_json(out / REPORT, rep.to_json())
-        raise
+                    before = len(writer.shards)
+                    if res.spill is not None:
+                        writer.write_span(*res.spill)
+                    else:
+                        write(*res.encoded)
+                    if len(writer.shards) != before:  # a shard was finished: items < i are final
+                        _write_json(out / JOURNAL, {
+                            "fingerprint": fp, "next_item": i, "done_hash": done_hash.hexdigest(),
+                            "samples": rep.samples, "rejected": rep.rejected,
+                            "shard_infos": [s.to_json() for s in writer.shards]})
+                    rep.samples += 1
+                    progress.update(res.payload_bytes)
+                done_hash.update(res.source.encode("utf-8", "surrogateescape") + b"\n")
+        except BaseException:
+            writer.abort()
+            progress.close()
+            rep.inputs, rep.skipped = counter.n, skipped
+            rep.seconds = time.perf_counter() - t0
+            _write_json(out / REPORT, rep.to_json())
+            raise
     manifest = writer.close()
     progress.close()
     rep.inputs, rep.skipped, rep.complete = counter.n, skipped, True

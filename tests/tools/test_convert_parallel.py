@@ -99,3 +99,18 @@ def test_an_orphaned_helper_claims_nothing(tmp_path):
     assert hi.value == 4 and not os.listdir(tmp_path)
     with pytest.raises(EOFError):
         recv.recv()
+
+
+def test_frozen_heap_leaves_the_collector_as_it_found_it():
+    import gc
+
+    assert gc.get_freeze_count() == 0
+    with convert_parallel.frozen_heap():
+        assert gc.get_freeze_count() > 0
+    assert gc.get_freeze_count() == 0
+    gc.disable()
+    try:
+        with convert_parallel.frozen_heap():
+            assert gc.get_freeze_count() == 0 and not gc.isenabled()
+    finally:
+        gc.enable()
