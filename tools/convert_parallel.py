@@ -97,8 +97,8 @@ def convert_chunk(number: int, items: list[Item], folder: str,
     return path, records
 
 
-# Index entries cross to the parent as plain tuples: unpickling the slotted dataclasses cost
-# ~45 us an entry (their __setstate__ runs in Python), more than converting a WAV.
+# Index entries cross to the parent as plain tuples: 1.0 us an entry to load and rebuild
+# against 1.8 us for the slotted dataclasses themselves (measured on FSDD entries).
 def _flat(e: IndexEntry) -> tuple:
     return e.key, e.offset, e.size, [(b.mode, b.shape, b.codec, b.meta, b.size, b.stored, b.zstd,
                                       b.xxh3, b.offset) for b in e.blocks]
