@@ -57,6 +57,17 @@ def _settled_rss_mb() -> float:
     return _rss_mb()
 
 
+def _rss_split_mb() -> dict:
+    """Resident memory now, split as the kernel counts it: private (anonymous) pages, and file
+    pages (memory-mapped shards: the page cache, shared and reclaimable)."""
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(("RssAnon:", "RssFile:")):
+                out[line.split(":")[0][3:].lower() + "_mb"] = round(int(line.split()[1]) / 1024, 1)
+    return out
+
+
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -145,7 +156,8 @@ def run_bench(sources: list[str], *, repeat: int = 3, rss_epochs: int = 0,
                 n += 1
         return n, out["bytes"]
 
-    ds = BlockDataset(sources, shuffle=False, opener=opener)
+    ds = BlockDataset(sources, shuffle=False, opener=opener)  # verify=True: checksums checked
+    out["verify"] = ds.config.verify
 
     def blocklm() -> tuple[int, int]:
         before = ds.stats.bytes
@@ -185,6 +197,7 @@ def run_bench(sources: list[str], *, repeat: int = 3, rss_epochs: int = 0,
                              "max_mb": round(max(at[1:]), 1),
                              "growth_pct": round(100 * (late - early) / early, 2)}
     out["rss_mb"] = round(_peak_rss_mb(), 1)
+    out["rss_now"] = _rss_split_mb()
     return out
 
 
@@ -198,8 +211,11 @@ def format_table(res: dict) -> str:
     for k in KINDS:
         if k in res:
             lines.append(f"{k:<16}{res[k]['samples_per_s']:>12,.0f}{res[k]['MBps']:>10,.1f}")
-    lines.append(f"blocklm / webdataset: {res['speedup_vs_webdataset']}x samples/s")
-    lines.append(f"peak RSS: {res['rss_mb']} MB")
+    lines.append(f"blocklm / webdataset: {res['speedup_vs_webdataset']}x samples/s "
+                 f"(blocklm verifies every payload checksum: verify={res.get('verify')})")
+    now = res.get("rss_now", {})
+    lines.append(f"peak RSS: {res['rss_mb']} MB (at the end: {now.get('anon_mb')} MB private, "
+                 f"{now.get('file_mb')} MB mapped file pages)")
     if "rss_epochs" in res:
         r = res["rss_epochs"]
         lines.append(f"RSS epoch 2 -> {r['epochs']}: {r['epoch2_mb']} -> {r['last_mb']} MB "

@@ -23,6 +23,8 @@ def test_bench_read_json(small_shards):
         assert res[k]["samples_per_s"] > 0 and res[k]["MBps"] > 0
         assert res[k]["samples"] == res["samples"]
     assert res["rss_mb"] > 0 and res["rss_epochs"]["epochs"] == 6
+    assert res["verify"] is True  # the reported row checks every payload's checksum
+    assert res["rss_now"]["anon_mb"] > 0 and res["rss_now"]["file_mb"] >= 0
 
 
 def test_bench_read_table_through_nginx(small_shards):
