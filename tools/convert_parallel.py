@@ -165,7 +165,7 @@ def parallel_results(items: list[Item], n_workers: int, folder: Path, flush: Cal
             a, b = bounds[n]
             yield from (process(it, deep_check) for it in items[a:b])
             n += 1
-            while helpers and wait(list(helpers), timeout=0):  # take notes as they come
+            while any(conn.poll() for conn in helpers):  # take notes as they come
                 _receive(helpers, pending, n)
         for k in range(n, len(bounds)):
             while k not in pending:
