@@ -1,18 +1,20 @@
 """Parallel conversion with no sample bytes through pipes: the parent works too, helpers spill.
 
-The input list is cut into contiguous chunks up front. With ``--workers N`` the parent and ``N-1``
-forked helper processes claim chunks from a shared pair of counters: the parent from the front,
-the helpers from the back, until they meet. The parent converts its chunks in input order and
-writes them straight into the shards (no copy at all). A helper converts a chunk into a spill file
-(``OUT/PREFIX-spill-PID.tmp/NNNNNN``, the encoded samples in order) and the per-item summaries
-(source, rejection reason or index entry) to ``NNNNNN.rec``, and sends the parent a short note. Once the parent's front run is done, it takes
+The input list (a window of it: ``convert_run.WINDOW``) is cut into contiguous chunks up front.
+With ``--workers N`` the parent and ``N-1`` forked helper processes claim chunks from a shared
+pair of counters: the parent from the front, the helpers from the back, until they meet. The
+parent converts its chunks in input order straight into the shards (no copy at all). A helper
+converts a chunk into a spill file (``OUT/PREFIX-spill-PID.tmp/NNNNNN``: the encoded samples in
+order), writes the per-item summaries (source, rejection reason or index entry) beside it
+(``NNNNNN.rec``) and sends the parent a short note. Once its front run is done, the parent takes
 the helpers' chunks in input order and hands each sample to :meth:`ShardWriter.write_span`, which
 sets the shard boundaries exactly as for in-process writing and copies the bytes in the kernel
 (``copy_file_range``). So the shards are byte-identical whatever ``N`` and however the chunks were
-shared out.
+shared out, and only the helpers' share of the bytes is written twice.
 
-Why not a ``multiprocessing.Pool`` that returns encoded samples: pickling ~45 MB of samples
-through pipes to an otherwise idle parent made 2 workers slower than 1 on 2 cores.
+Why not a ``multiprocessing.Pool`` that returns encoded samples (the design before): pickling
+~45 MB of samples through pipes to an otherwise idle parent made 2 workers slower than 1 on
+2 cores.
 
 Helpers are forked (they inherit the item list; a chunk is claimed by number). Without ``fork``
 (Windows) the parent converts everything itself.
