@@ -48,6 +48,10 @@ def evaluate(model: BlockLM, source: Any, *, samples: int, config: DispatchConfi
             "shape_accuracy": w.shape_correct / max(w.shape_total, 1)}
 
 
-def validation_source(path: str, seed: int, remote: RemoteConfig | None = None) -> BlockDataset:
-    """A held-out dataset read in order (no shuffling), so every evaluation sees the same data."""
-    return BlockDataset(path, shuffle=False, seed=seed, remote=remote)
+def validation_source(path: str, seed: int, remote: RemoteConfig | None = None,
+                      shuffle: bool = False) -> BlockDataset:
+    """A held-out dataset, the same samples in the same order at every evaluation: in file order,
+    or with ``shuffle`` in one fixed seeded order (epoch 0), so that the first N samples mix the
+    dataset's sources even when its files hold them in runs (``mixed-val`` starts with ~200
+    audio/image examples: an in-order 200-sample evaluation never sees a text+text pair)."""
+    return BlockDataset(path, shuffle=shuffle, seed=seed, remote=remote)

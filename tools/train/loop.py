@@ -293,7 +293,7 @@ class Trainer:
         spec, t = self.spec, self.t
         if spec.val and t.eval_every and (self.step % t.eval_every == 0
                                           or self.step >= self.target) and self.coll.rank == 0:
-            ev = evaluate(self.model, validation_source(spec.val, t.seed, self.remote),
+            ev = evaluate(self.model, validation_source(spec.val, t.seed, self.remote, shuffle=True),
                           samples=t.eval_samples, config=self.cfg.dispatch, device=self.device,
                           buckets=self.buckets)
             self.log.log({"step": self.step, "eval_loss": ev["loss"],

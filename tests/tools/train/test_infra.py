@@ -114,3 +114,21 @@ def test_plot_without_losses_is_a_clear_error(tmp_path):
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 0, "lr": 1.0}) + "\n")
     res = CliRunner().invoke(main, ["plot", str(tmp_path)])
     assert res.exit_code != 0 and "no loss values" in res.output
+
+
+def test_shuffled_validation_source_mixes_runs_the_same_way_every_time(tmp_path):
+    from blocklm.formats import Sample, ShardWriter, text_block
+    from blocklm.tools.train.evaluate import validation_source
+
+    with ShardWriter(tmp_path / "val", max_samples=50) as w:  # two runs of one source each
+        for i in range(200):
+            w.write(Sample(f"{'a' if i < 100 else 'b'}/{i:03d}", [text_block("x")]))
+
+    def first(n, **kw):
+        return [s.key for _, s in zip(range(n), validation_source(str(tmp_path / "val"), 0,
+                                                                   **kw))]
+
+    assert {k[0] for k in first(40)} == {"a"}  # in file order: one source only
+    mixed = first(40, shuffle=True)
+    assert {k[0] for k in mixed} == {"a", "b"}
+    assert first(40, shuffle=True) == mixed  # every evaluation scores the same samples
