@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from blocklm.formats.block import Sample
 from blocklm.formats.errors import FormatError, IndexMismatchError, TruncatedShardError
 from blocklm.formats.limits import Limits
-from blocklm.formats.reader import RUN_BYTES, BlockDecoder, ByteSource, Opener
+from blocklm.formats.reader import RUN_BYTES, BlockDecoder, ByteSource, LocalSource, Opener
 
 from .errors import SourceError
 from .fastpath import CompiledShard, FastDecoder, IndexCache
@@ -85,7 +85,9 @@ class _Open:
                  decoder: FastDecoder | None, error: FormatError | None) -> None:
         self.url, self.entries, self.source, self.decoder = url, entries, source, decoder
         self.error = error
-        self.mapped = callable(getattr(source, "mapped", None))  # a local file: map, not read
+        # a plain local file is mapped, not read; a subclass that changes read() (to count or
+        # filter bytes) is read through it, never bypassed
+        self.mapped = isinstance(source, LocalSource) and type(source).read is LocalSource.read
 
 
 class _LazyPool:

@@ -131,3 +131,19 @@ def test_mapped_shards_are_reused_across_epochs_and_bounded(big_shards, tmp_path
     cache.put(urls[0], LocalSource(urls[0]))
     cache.put(urls[1], LocalSource(urls[1]))
     assert list(cache._items) == [urls[1]]
+
+
+def test_a_source_that_overrides_read_is_read_not_mapped(big_shards):
+    # a LocalSource subclass that filters or counts its reads (fault injection, accounting) must
+    # still see every byte the loader takes: it is never bypassed through a mapping
+    class Counting(LocalSource):
+        calls = 0
+
+        def read(self, offset: int, length: int) -> bytes:
+            Counting.calls += self.name.endswith(".tar")  # not the manifest or an index
+            return super().read(offset, length)
+
+    got = list(BlockDataset(big_shards, shuffle=False, opener=lambda u: Counting(u)))
+    assert Counting.calls >= 3  # one run per shard at least
+    assert all(type(s.blocks[0]).__name__ == "Block" for s in got)  # copied, not views
+    assert got == list(iter_dataset(big_shards))
