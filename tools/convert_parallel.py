@@ -1,8 +1,9 @@
 """Parallel conversion with no sample bytes through pipes: the parent works too, helpers spill.
 
-The input list (a window of it: ``convert_run.WINDOW``) is cut into contiguous chunks up front.
-With ``--workers N`` the parent and ``N-1`` forked helper processes claim chunks from a shared
-pair of counters: the parent from the front, the helpers from the back, until they meet. The
+With ``--workers N`` the parent and ``N-1`` forked helper processes claim contiguous chunks of
+the input list (a window of it: ``convert_run.WINDOW``) from a shared pair of counters: the parent
+from the front, the helpers from the back, until they meet; each claim takes a share of what is
+left, so claims shrink as they meet. The
 parent converts its chunks in input order straight into the shards (no copy at all). A helper
 converts a chunk into a spill file (``OUT/PREFIX-spill-PID.tmp/NNNNNN``: the encoded samples in
 order), writes the per-item summaries (source, rejection reason or index entry) beside it
@@ -38,8 +39,8 @@ from blocklm.formats.index import BlockInfo, IndexEntry
 
 from .convert_items import Item, Rejected, Result, encode_item, process
 
-CHUNKS_PER_WORKER = 16  # small chunks: the parent and the helpers meet with little idle time
-MAX_CHUNK = 256  # items; bounds a spill file
+MIN_CHUNK = 8  # items: the smallest claim (each helper claim costs a spill file and a note)
+MAX_CHUNK = 256  # items: the largest claim; bounds a spill file
 
 
 @contextmanager
@@ -72,20 +73,18 @@ def stale_spill_dirs(out: Path, prefix: str) -> list[Path]:
     return [p for p in out.iterdir() if pat.match(p.name)] if out.is_dir() else []
 
 
-def chunk_bounds(n: int, n_workers: int) -> list[tuple[int, int]]:
-    """Contiguous ``[start, end)`` chunks covering ``n`` items, about ``CHUNKS_PER_WORKER`` per
-    worker and at most ``MAX_CHUNK`` items each."""
-    if n <= 0:
-        return []
-    size = max(1, min(MAX_CHUNK, -(-n // (n_workers * CHUNKS_PER_WORKER))))
-    return [(a, min(n, a + size)) for a in range(0, n, size)]
+def claim_size(remaining: int, n_workers: int) -> int:
+    """Items in the next claim: a share of what is left (guided self-scheduling), so claims
+    shrink as the parent and the helpers meet and neither waits long for the other's last one."""
+    return min(remaining, max(MIN_CHUNK, min(MAX_CHUNK, remaining // (2 * n_workers))))
 
 
-def convert_chunk(number: int, items: list[Item], folder: str,
+def convert_chunk(start: int, items: list[Item], folder: str,
                   deep_check: bool) -> tuple[str, list[tuple]]:
-    """Convert one chunk into its spill file; returns the file's path and, per item,
-    ``(source, error, entry, payload_bytes)`` (``error`` None for a converted item)."""
-    path = os.path.join(folder, f"{number:06d}")
+    """Convert one chunk (the window's items from ``start``) into its spill file; returns the
+    file's path and, per item, ``(source, error, entry, payload_bytes)`` (``error`` None for a
+    converted item)."""
+    path = os.path.join(folder, f"{start:09d}")
     records = []
     with open(path, "wb") as f:
         for it in items:
@@ -110,25 +109,25 @@ def _entry(t: tuple) -> IndexEntry:
     return IndexEntry(t[0], t[1], t[2], [BlockInfo(*b) for b in t[3]])
 
 
-def _helper(bounds, items, lo, hi, conn, folder: str, deep_check: bool, parent: int) -> None:
+def _helper(items, n_workers: int, lo, hi, conn, folder: str, deep_check: bool,
+            parent: int) -> None:
     """A helper process: claim chunks from the back until the parent's front run meets them."""
-    k = -1
+    a = -1
     try:
         while os.getppid() == parent:  # an orphan (parent killed) stops
             with lo.get_lock():
                 if lo.value >= hi.value:
                     break
-                hi.value -= 1
-                k = hi.value
-            a, b = bounds[k]
-            path, records = convert_chunk(k, items[a:b], folder, deep_check)
+                b = hi.value
+                a = hi.value = b - claim_size(b - lo.value, n_workers)
+            path, records = convert_chunk(a, items[a:b], folder, deep_check)
             # the summaries go through a file and the pipe carries a short note: a pipe holds
             # ~64 KB, and a helper must never wait for the parent, busy with its own chunks
             with open(path + ".rec", "wb") as f:
                 pickle.dump(records, f, protocol=pickle.HIGHEST_PROTOCOL)
-            conn.send((k, path, None))
+            conn.send((a, b, path, None))
     except BaseException:  # the parent raises it with the chunk named
-        conn.send((k, None, traceback.format_exc()))
+        conn.send((a, None, None, traceback.format_exc()))
     finally:
         conn.close()
 
@@ -139,40 +138,42 @@ def parallel_results(items: list[Item], n_workers: int, folder: Path, flush: Cal
     helpers. A result with ``spill = (fd, offset, entry)`` goes to
     :meth:`ShardWriter.write_span`; ``flush`` (the writer's ``flush_spans``) is called before a
     spill file is closed."""
-    bounds = chunk_bounds(len(items), n_workers)
-    if n_workers <= 1 or len(bounds) <= 1 or "fork" not in mp.get_all_start_methods():
+    n = len(items)
+    if n_workers <= 1 or n <= MIN_CHUNK or "fork" not in mp.get_all_start_methods():
         yield from (process(it, deep_check) for it in items)
         return
     ctx = mp.get_context("fork")
-    lo, hi = ctx.Value("q", 0), ctx.Value("q", len(bounds), lock=False)
+    lo, hi = ctx.Value("q", 0), ctx.Value("q", n, lock=False)  # hi: under lo's lock
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     helpers: dict = {}  # receiving end -> process
-    pending: dict[int, tuple] = {}  # helpers' finished chunks: number -> (spill path, records)
+    pending: dict[int, tuple] = {}  # helpers' finished chunks: start -> (end, path, records)
     finished = False
     try:
         for _ in range(n_workers - 1):
             recv, send = ctx.Pipe(duplex=False)
-            p = ctx.Process(target=_helper, daemon=True,
-                            args=(bounds, items, lo, hi, send, str(folder), deep_check, os.getpid()))
+            p = ctx.Process(target=_helper, daemon=True, args=(
+                items, n_workers, lo, hi, send, str(folder), deep_check, os.getpid()))
             p.start()
             send.close()  # only the helper holds it: its exit shows as EOF here
             helpers[recv] = p
-        n = 0  # chunks the parent wrote itself, straight into the shards
+        at = 0  # the parent's front run: items before `at` went straight into the shards
         while True:
             with lo.get_lock():
                 if lo.value >= hi.value:
                     break
-                lo.value += 1
-            a, b = bounds[n]
+                a = lo.value
+                b = lo.value = a + claim_size(hi.value - a, n_workers)
             yield from (process(it, deep_check) for it in items[a:b])
-            n += 1
+            at = b
             while any(conn.poll() for conn in helpers):  # take notes as they come
-                _receive(helpers, pending, n)
-        for k in range(n, len(bounds)):
-            while k not in pending:
-                _receive(helpers, pending, k)
-            yield from _spilled(*pending.pop(k), flush)
+                _receive(helpers, pending, at)
+        while at < n:  # the helpers' chunks, in input order
+            while at not in pending:
+                _receive(helpers, pending, at)
+            end, path, records = pending.pop(at)
+            yield from _spilled(path, records, flush)
+            at = end
         finished = True
     finally:
         for conn, p in helpers.items():
@@ -188,22 +189,22 @@ def parallel_results(items: list[Item], n_workers: int, folder: Path, flush: Cal
 def _receive(helpers: dict, pending: dict, want: int) -> None:
     """Take one message from a helper (waiting for one); raise if a helper failed or died."""
     if not helpers:
-        raise RuntimeError(f"conversion helpers exited without converting chunk {want}")
+        raise RuntimeError(f"conversion helpers exited without converting item {want}")
     for conn in wait(list(helpers)):
         try:
-            k, path, error = conn.recv()
+            a, b, path, error = conn.recv()
         except EOFError:  # the helper is gone: fine once it has sent all it claimed
             p = helpers.pop(conn)
             p.join()
             conn.close()
             if p.exitcode != 0:
                 raise RuntimeError(f"a conversion helper process died (exit code {p.exitcode}) "
-                                   f"before chunk {want} was converted") from None
+                                   f"before item {want} was converted") from None
             continue
         if error is not None:
-            raise RuntimeError(f"a conversion helper failed on chunk {k}:\n{error}")
+            raise RuntimeError(f"a conversion helper failed on the chunk at item {a}:\n{error}")
         with open(path + ".rec", "rb") as f:  # written by our own helper, not input data
-            pending[k] = (path, pickle.load(f))
+            pending[a] = (b, path, pickle.load(f))
         os.unlink(path + ".rec")
 
 

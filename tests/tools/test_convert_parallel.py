@@ -17,24 +17,38 @@ def shard_bytes(out):
             if p.name.endswith((".tar", ".index.json")) or p.name == "manifest.json"}
 
 
-def test_chunk_bounds_cover_every_item_once():
-    for n, w in [(0, 2), (1, 2), (7, 3), (2114, 2), (100_000, 8)]:
-        b = convert_parallel.chunk_bounds(n, w)
-        assert [i for a, e in b for i in range(a, e)] == list(range(n))
-        assert all(0 < e - a <= convert_parallel.MAX_CHUNK for a, e in b)
+def test_claims_cover_every_item_once_and_shrink():
+    """The parent's front claims and the helpers' back claims tile the items exactly."""
+    for n, w in [(9, 2), (100, 3), (2114, 2), (100_000, 8)]:
+        lo, hi, front, back = 0, n, [], []
+        while lo < hi:  # alternate: parent, then each helper
+            size = convert_parallel.claim_size(hi - lo, w)
+            front.append((lo, lo + size))
+            lo += size
+            for _ in range(w - 1):
+                if lo < hi:
+                    size = convert_parallel.claim_size(hi - lo, w)
+                    back.append((hi - size, hi))
+                    hi -= size
+        chunks = front + back[::-1]
+        assert [i for a, b in chunks for i in range(a, b)] == list(range(n))
+        assert all(b - a <= convert_parallel.MAX_CHUNK for a, b in chunks)
+        if n > 1000:
+            assert chunks[-len(back)][1] - chunks[-len(back)][0] < chunks[0][1] - chunks[0][0]
 
 
-@pytest.mark.parametrize("per_worker,window", [(1, 4096), (4, 4096), (2, 9)])
+@pytest.mark.parametrize("smallest,largest,window", [(8, 256, 4096), (1, 2, 4096), (2, 3, 9)])
 def test_spilled_chunks_and_shard_cuts_give_the_same_bytes(image_dir, audio_dir, small_text,
-                                                           tmp_path, monkeypatch, per_worker,
-                                                           window):
+                                                           tmp_path, monkeypatch, smallest,
+                                                           largest, window):
     """Helpers' chunks (spill files, copied with write_span) cut by shard boundaries in the
     middle, with rejections among them, in one window or many, equal a one-process run."""
     (audio_dir / "zz_bad.wav").write_bytes(b"RIFF....WAVE")
     inputs = [str(image_dir), str(audio_dir), str(small_text)]
     ref = tmp_path / "ref"
     rep1 = run_convert(inputs, ref, ConvertOptions(workers=1, shard_size=40_000, quiet=True))
-    monkeypatch.setattr(convert_parallel, "CHUNKS_PER_WORKER", per_worker)
+    monkeypatch.setattr(convert_parallel, "MIN_CHUNK", smallest)
+    monkeypatch.setattr(convert_parallel, "MAX_CHUNK", largest)
     monkeypatch.setattr(convert_run, "WINDOW", window)
     out = tmp_path / "j3"
     rep3 = run_convert(inputs, out, ConvertOptions(workers=3, shard_size=40_000, quiet=True))
@@ -57,7 +71,7 @@ def _dying_chunk(number, items, folder, deep_check):
 _real_chunk = convert_parallel.convert_chunk
 
 
-@pytest.mark.parametrize("chunk,match", [(_failing_chunk, "(?s)failed on chunk .*MemoryError: boom"),
+@pytest.mark.parametrize("chunk,match", [(_failing_chunk, "(?s)failed on the chunk at item .*MemoryError: boom"),
                                          (_dying_chunk, "died \\(exit code 9\\)")])
 def test_a_failing_helper_stops_the_job_with_its_error(audio_dir, small_text, tmp_path,
                                                        monkeypatch, chunk, match):
@@ -92,11 +106,11 @@ def test_an_orphaned_helper_claims_nothing(tmp_path):
     """A helper whose parent is gone (its parent pid changed) stops before its next chunk."""
     import multiprocessing as mp
 
-    lo, hi = mp.Value("q", 0), mp.Value("q", 4, lock=False)
+    lo, hi = mp.Value("q", 0), mp.Value("q", 40, lock=False)
     recv, send = mp.Pipe(duplex=False)
-    convert_parallel._helper([(0, 1)] * 4, [], lo, hi, send, str(tmp_path), False,
+    convert_parallel._helper([None] * 40, 2, lo, hi, send, str(tmp_path), False,
                              parent=os.getppid() + 1)
-    assert hi.value == 4 and not os.listdir(tmp_path)
+    assert hi.value == 40 and not os.listdir(tmp_path)
     with pytest.raises(EOFError):
         recv.recv()
 
