@@ -75,12 +75,14 @@ def banked_attention_reference(q: Tensor, k: Tensor, v: Tensor, r: Tensor, w: Te
 # the best measured on an H200 at B=4, H=16, D=128, N=4 (model/GPU_NOTES.md). tile_h None:
 # 128-wide state tiles when that still leaves >= 128 sequential programs (B*H*N*(D/128)*(E/128)),
 # else 64 (measured at 16K: N=4 13.0 ms with 128 vs 13.6 with 64; N=1, 64 programs, 6.8 vs 5.4
-# ms). tile_dm: D-slice of the backward memory kernels; stages_mem: their pipelining depth (None:
-# Triton's default). fuse_hdot: <dS_end, S_start> in the reads kernel instead of bwd_hdot;
-# fuse_dv: dv in the writes kernel instead of bwd_dv_mem; fwd_o_loop: fwd_o over E slices.
-KERNEL_OPTS = {"tile_h": None, "tile_v": 128, "warps_h": 4, "warps_o": 8, "warps_intra": 4,
-               "tile_dm": 64, "warps_mem": 4, "warps_dv": 8, "stages_mem": None,
-               "fuse_hdot": True, "fuse_dv": False, "fwd_o_loop": False}
+# ms); tile_hk / tile_hv override its D / E side. tile_dm: D-slice of the backward memory and
+# intra kernels; stages_mem: the memory kernels' pipelining depth (None: Triton's default).
+# fuse_hdot: <dS_end, S_start> in the reads kernel instead of bwd_hdot; fuse_dv: dv in the
+# writes kernel instead of bwd_dv_mem; fwd_o_loop: fwd_o over E slices. Kernel times of each
+# choice at 16K, N=4: model/GPU_NOTES.md, call 13 (the fusions cost as much as they save).
+KERNEL_OPTS = {"tile_h": None, "tile_hk": None, "tile_hv": None, "tile_v": 128, "warps_h": 4,
+               "warps_o": 8, "warps_intra": 4, "tile_dm": 128, "warps_mem": 4, "warps_dv": 8,
+               "stages_mem": None, "fuse_hdot": False, "fuse_dv": False, "fwd_o_loop": False}
 
 
 def _pow2(n: int) -> int:
@@ -92,7 +94,8 @@ def _tiles(BHN: int, D: int, E: int) -> tuple[int, int, int]:
     th, tv = KERNEL_OPTS["tile_h"], KERNEL_OPTS["tile_v"]
     if th is None:
         th = 128 if BHN * max(1, D // 128) * max(1, E // 128) >= 128 else 64
-    return min(D, th), min(E, th), min(E, tv)
+    bk, bv = KERNEL_OPTS["tile_hk"] or th, KERNEL_OPTS["tile_hv"] or th
+    return min(D, bk), min(E, bv), min(E, tv)
 
 
 def _decay(w: Tensor, g: Tensor, C: int) -> Tensor:

@@ -92,9 +92,9 @@ def kernel_resources() -> dict:
     return out
 
 
-SWEEP = [{}, {"fwd_o_loop": True}, {"fwd_o_loop": True, "tile_v": 64}, {"fuse_hdot": False},
-         {"warps_intra": 8}, {"warps_mem": 4}, {"tile_dm": 128}, {"tile_v": 64},
-         {"stages_mem": 2}, {"tile_h": 64}]
+SWEEP = [{}, {"warps_h": 8}, {"tile_hk": 64}, {"tile_hk": 64, "warps_h": 8},
+         {"tile_hv": 64, "warps_h": 8}, {"tile_h": 64}, {"fuse_hdot": True}, {"fuse_dv": True},
+         {"tile_dm": 64}, {"fwd_o_loop": True}, {"warps_o": 4}, {"stages_mem": 2}]
 
 
 def _safe(fn):

@@ -119,7 +119,8 @@ from test_banked_triton import leaves, outputs_and_grads, rel, NAMES
 from blocklm.model import banked_triton as bt
 CASES = [(40, 16, 16, 3, 16, True, {{}}), (30, 16, 32, 1, 16, False, {{}}),
          # two D-slices in the backward memory kernels, two E-slices in fwd_o_loop, bwd_hdot
-         (70, 32, 32, 4, 32, True, {{"tile_dm": 16, "tile_v": 16, "fwd_o_loop": True}}),
+         (70, 32, 32, 4, 32, True, {{"tile_dm": 16, "tile_v": 16, "fwd_o_loop": True,
+                                     "fuse_hdot": True, "fuse_dv": True, "tile_hk": 16}}),
          (50, 32, 16, 2, 16, False, {{"tile_dm": 16, "fuse_hdot": False}})]
 for T, D, E, N, C, st, opts in CASES:
     saved = dict(bt.KERNEL_OPTS)
@@ -179,8 +180,9 @@ def test_triton_matches_reference_bf16(case):
     assert not bad, bad
 
 
-VARIANTS = [{"fwd_o_loop": True}, {"fwd_o_loop": False, "tile_v": 64}, {"fuse_hdot": False},
-            {"tile_dm": 32, "warps_mem": 4}, {"tile_dm": 128, "warps_intra": 8}]
+VARIANTS = [{"fwd_o_loop": True, "fuse_dv": True}, {"tile_v": 64, "tile_hk": 64},
+            {"fuse_hdot": True, "tile_dm": 64}, {"tile_dm": 32, "warps_mem": 8},
+            {"tile_hv": 64, "warps_h": 8, "warps_intra": 8}]
 
 
 @pytest.mark.gpu
