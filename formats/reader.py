@@ -7,11 +7,9 @@ checksum (``verify=True``) and every size is capped before allocation (SPEC.md, 
 
 from __future__ import annotations
 
-import mmap
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import BinaryIO, Protocol
 
 import zstandard
@@ -36,6 +34,7 @@ from .index import (
 )
 from .lazy import StoredBlock
 from .limits import DEFAULT_LIMITS, Limits
+from .local import LocalSource
 from .tar import BLOCK, header_matches, padded, parse_header
 from .writer import header_member, index_name, payload_member
 
@@ -56,80 +55,6 @@ class ByteSource(Protocol):
     def open(self) -> BinaryIO:
         """A sequential binary stream from the start of the file."""
         ...
-
-
-class LocalSource:
-    """A :class:`ByteSource` over a local file, read with ``os.pread`` (no shared file offset),
-    or mapped read-only for zero-copy views (:meth:`mapped`, :meth:`view`)."""
-
-    def __init__(self, path: str | os.PathLike) -> None:
-        self.path = Path(path)
-        self.name = str(path)
-        self._fd: int | None = None
-        self._map: mmap.mmap | None = None
-        self._view: memoryview | None = None
-
-    def mapped(self) -> tuple[mmap.mmap, memoryview] | None:
-        """The whole file mapped read-only and a memoryview of it (None for an empty file).
-
-        Slicing the ``mmap`` copies (cheap for short header compares); slicing the view does not.
-        Views stay valid after :meth:`close`: a mapping is unmapped only when its last view is
-        released. (Like any mapping, a file truncated by another process while mapped faults on
-        access: shards are written once, under a temporary name, then renamed.)"""
-        if self._map is None:
-            size = self.size()
-            if size == 0:
-                return None
-            self._map = mmap.mmap(self._fileno(), size, access=mmap.ACCESS_READ)
-            self._view = memoryview(self._map)
-        return self._map, self._view  # type: ignore[return-value]
-
-    def view(self, offset: int, length: int) -> memoryview:
-        """Exactly ``length`` bytes from ``offset`` as a read-only view of the mapped file (no
-        copy); :class:`TruncatedShardError` if the file is shorter."""
-        m = self.mapped()
-        have = 0 if m is None else len(m[0])
-        if offset < 0 or length < 0 or offset + length > have:
-            raise TruncatedShardError(f"wanted {length} bytes at offset {offset}, file has "
-                                      f"{have} bytes", shard=self.name)
-        return m[1][offset:offset + length]  # type: ignore[index]
-
-    def _fileno(self) -> int:
-        if self._fd is None:
-            try:
-                self._fd = os.open(self.path, os.O_RDONLY)
-            except FileNotFoundError:
-                raise MissingFileError("no such file", shard=self.name) from None
-            except OSError as e:
-                raise FormatError(f"cannot open: {e.strerror}", shard=self.name) from None
-        return self._fd
-
-    def size(self) -> int:
-        return os.fstat(self._fileno()).st_size
-
-    def read(self, offset: int, length: int) -> bytes:
-        data = os.pread(self._fileno(), length, offset)
-        if len(data) != length:
-            raise TruncatedShardError(f"wanted {length} bytes at offset {offset}, file has "
-                                      f"{self.size()} bytes", shard=self.name)
-        return data
-
-    def open(self) -> BinaryIO:
-        try:
-            return open(self.path, "rb")
-        except FileNotFoundError:
-            raise MissingFileError("no such file", shard=self.name) from None
-        except OSError as e:
-            raise FormatError(f"cannot open: {e.strerror}", shard=self.name) from None
-
-    def close(self) -> None:
-        self._map = self._view = None  # unmapped once the views handed out are released
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-    def __del__(self) -> None:
-        self.close()
 
 
 Opener = Callable[[str], ByteSource]

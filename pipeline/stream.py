@@ -11,7 +11,6 @@ of each sample it affects, named by shard and key, so the caller decides to rais
 from __future__ import annotations
 
 import mmap
-import sys
 from collections import OrderedDict, deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -50,23 +49,8 @@ def _map_run(o: _Open, start: int, end: int) -> tuple[mmap.mmap, memoryview]:
     if end > have:
         raise TruncatedShardError(f"wanted {end - start} bytes at offset {start}, file has "
                                   f"{have} bytes", shard=o.url)
-    _populate(mapped[0], start, end)
+    o.source.populate(start, end)
     return mapped
-
-
-def _populate(m: mmap.mmap, start: int, end: int) -> None:
-    """Map the pages of ``[start, end)`` in one system call rather than one fault per few pages
-    (Linux >= 5.14; elsewhere the pages fault in on first touch, as usual)."""
-    if _POPULATE_READ is None:
-        return
-    a = start - start % mmap.PAGESIZE
-    try:
-        m.madvise(_POPULATE_READ, a, end - a)
-    except (OSError, ValueError):
-        pass
-
-
-_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22 if sys.platform == "linux" else None)
 
 
 def with_key(err: FormatError, shard: str, key: str | None) -> FormatError:

@@ -147,3 +147,16 @@ def test_a_source_that_overrides_read_is_read_not_mapped(big_shards):
     assert Counting.calls >= 3  # one run per shard at least
     assert all(type(s.blocks[0]).__name__ == "Block" for s in got)  # copied, not views
     assert got == list(iter_dataset(big_shards))
+
+
+def test_pages_are_populated_once_per_mapping(big_shards):
+    src = LocalSource(big_shards / "shard-000000.tar")
+    src.populate(0, 10)  # not mapped yet: nothing to do
+    m, _ = src.mapped()
+    n = len(m)
+    assert not any(src._populated)
+    src.populate(100, 200)
+    assert src._populated[0] == 1
+    src.populate(0, n)
+    assert all(src._populated) and len(src._populated) == (n + (1 << 20) - 1) >> 20
+    src.close()
