@@ -25,7 +25,7 @@ from torch import Tensor
 
 from .stack import ProcessingStack
 
-UNROLL = 8  # decoder steps per compiled call: fewer Python/launch round trips, bounded compile
+UNROLL = 2  # decoder steps per compiled call: 8 took 4+ minutes to compile on the device (T1)
 
 _COMPILED: dict[str, Callable] = {}  # backend -> compiled ponder_steps (compiled once, lazily)
 

@@ -8,9 +8,10 @@ All variants run in the same process, side by side.
 
 Timing: host wall time per optimizer step, split into model calls (the runners' forward,
 including their host syncs), the optimizer step (backward, clipping, AdamW; synchronised at its
-end) and the rest: the dispatcher and the loader, i.e. the time the GPU waits for data. MFU counts
-6 x parameters x tokens/s (all parameters; the attention's and the stack's own arithmetic is not
-in it) against 989 TFLOP/s, the H200's dense bf16 peak.
+end) and the rest: the dispatcher and the loader, i.e. the time the GPU waits for data. Tokens
+are padded decoder steps (what the trainer counts), real tokens the blocks' own. MFU counts
+6 x parameters x real tokens/s (all parameters; the attention's and the stack's own arithmetic
+is not in it) against 989 TFLOP/s, the H200's dense bf16 peak.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ class StepTimer:
         self.tr = trainer
         self.cur: dict[str, float] = defaultdict(float)
         self.steps: list[dict[str, float]] = []
-        self.batches: list[tuple[str, int, int]] = []  # mode, requests, padded cost
+        self.batches: list[tuple[str, int, int, int]] = []  # mode, requests, padded, real cost
         self.hook = lambda n: None  # called after each optimizer step with its number
         run, fin, opt = trainer.runners.run, trainer.runners.finish, trainer.optimizer_step
 
@@ -62,7 +63,8 @@ class StepTimer:
                 return run(mode, batch)
             finally:
                 self.cur["model"] += time.perf_counter() - t
-                self.batches.append((mode, len(batch.requests), batch.padded_cost))
+                self.batches.append((mode, len(batch.requests), batch.padded_cost,
+                                     getattr(batch, "cost", batch.padded_cost)))
 
         def timed_finish(contexts):
             t = time.perf_counter()
@@ -96,13 +98,14 @@ class StepTimer:
         opt = sum(s.get("optimizer", 0.0) for s in sel)
         tps = tokens / wall
         nb = sel[-1]["batches"] - a["batches"]
-        per_mode: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
-        for mode, n, cost in self.batches[a["batches"]:sel[-1]["batches"]]:
-            per_mode[mode][0] += 1
-            per_mode[mode][1] += n
-            per_mode[mode][2] += cost
+        per_mode: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0, 0])
+        for mode, n, padded, cost in self.batches[a["batches"]:sel[-1]["batches"]]:
+            for i, v in enumerate((1, n, padded, cost)):
+                per_mode[mode][i] += v
+        real = sum(v[3] for v in per_mode.values())
         return {"steps": len(sel), "wall_s": round(wall, 2), "tokens": tokens,
-                "tokens_per_s": round(tps), "mfu": round(6 * params * tps / PEAK_TFLOPS / 1e12, 4),
+                "tokens_per_s": round(tps), "real_tokens_per_s": round(real / wall),
+                "mfu": round(6 * params * real / wall / PEAK_TFLOPS / 1e12, 4),
                 "share_model_calls": round(model / wall, 3),
                 "share_backward_optimizer": round(opt / wall, 3),
                 "share_data_wait": round(max(wall - model - opt, 0.0) / wall, 3),
@@ -155,7 +158,7 @@ def run_variant(data: str, variant: str, extra: list[str], warmup: int, steps: i
         first = warmup + profile_steps  # timed steps start after this many
         state: dict = {"t0": time.perf_counter()}
 
-        def hook(n: int) -> None:  # called after optimizer step n (1-based)
+        def hook(n: int, tr=tr) -> None:  # called after optimizer step n (1-based)
             now = time.perf_counter()
             if n == warmup:
                 state["warmup_s"] = now - state["t0"]

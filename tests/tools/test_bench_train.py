@@ -29,7 +29,7 @@ class FakeTrainer:
 def test_step_timer_splits_wall_time():
     tr = FakeTrainer()
     timer = StepTimer(tr)
-    batch = SimpleNamespace(requests=[1, 2], padded_cost=100)
+    batch = SimpleNamespace(requests=[1, 2], padded_cost=100, cost=80)
     seen = []
     timer.hook = seen.append
     for _ in range(4):
@@ -39,6 +39,7 @@ def test_step_timer_splits_wall_time():
     assert seen == [1, 2, 3, 4]
     s = timer.summary(1, params=10)
     assert s["steps"] == 3 and s["tokens"] == 300
+    assert abs(s["real_tokens_per_s"] / s["tokens_per_s"] - 0.8) < 0.01  # padding not counted
     assert abs(s["share_model_calls"] + s["share_backward_optimizer"]
                + s["share_data_wait"] - 1.0) < 0.01
     assert 0.25 < s["share_model_calls"] < 0.45 and 0.4 < s["share_data_wait"] < 0.6
