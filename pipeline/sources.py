@@ -123,8 +123,15 @@ class HTTPSource:
                         if not cr.startswith(f"bytes {start}-"):
                             raise SourceError(f"Content-Range {cr!r} does not start at {start}",
                                               shard=self.url)
+                    enc = r.headers.get("Content-Encoding", "identity").strip().lower()
+                    if enc not in ("", "identity"):
+                        raise SourceError(f"server sent Content-Encoding {enc!r} although "
+                                          "asked for identity", shard=self.url)
                     while got < length:
-                        chunk = r.raw.read(min(length - got, MAX_REQUEST_BYTES))
+                        # the body is the bytes themselves (checked above): urllib3's decoding
+                        # layer would only buffer and copy them once more
+                        chunk = r.raw.read(min(length - got, MAX_REQUEST_BYTES),
+                                           decode_content=False)
                         if not chunk:
                             break
                         parts.append(chunk)

@@ -71,7 +71,8 @@ class _Open:
         self.error = error
         # a plain local file is mapped, not read; a subclass that changes read() (to count or
         # filter bytes) is read through it, never bypassed
-        self.mapped = isinstance(source, LocalSource) and type(source).read is LocalSource.read
+        self.mapped = (isinstance(source, LocalSource) and type(source).read is LocalSource.read
+                       and "read" not in vars(source))
 
 
 class _LazyPool:

@@ -148,6 +148,17 @@ def test_a_source_that_overrides_read_is_read_not_mapped(big_shards):
     assert all(type(s.blocks[0]).__name__ == "Block" for s in got)  # copied, not views
     assert got == list(iter_dataset(big_shards))
 
+    reads = []
+
+    def patched(url: str) -> LocalSource:  # read() replaced on the instance, as tests do
+        src = LocalSource(url)
+        orig = src.read
+        src.read = lambda offset, length: reads.append(url) or orig(offset, length)
+        return src
+
+    assert list(BlockDataset(big_shards, shuffle=False, opener=patched)) == got
+    assert sum(u.endswith(".tar") for u in reads) >= 3
+
 
 def test_pages_are_populated_once_per_mapping(big_shards):
     src = LocalSource(big_shards / "shard-000000.tar")

@@ -160,3 +160,35 @@ def test_http_in_dataloader_workers(http_url, small_keys):
     ds = BlockDataset(http_url, seed=6, remote=RemoteConfig(timeout=5))
     dl = DataLoader(ds, batch_size=None, num_workers=2, multiprocessing_context="fork")
     assert sorted(s.key for s in dl) == sorted(small_keys)
+
+
+def test_an_encoded_http_body_is_refused_not_taken_for_the_bytes(tmp_path):
+    # the body is read without urllib3's decoding layer, so a server that compresses despite
+    # "Accept-Encoding: identity" must be caught by its header, not hand out compressed bytes
+    import http.server
+    import threading
+
+    class Gzipping(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's naming
+            body = b"\x1f\x8b" + bytes(30)
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes 0-{len(body) - 1}/{len(body)}")
+            self.send_header("Content-Encoding", "gzip")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Gzipping)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        src = RemoteOpener(RemoteConfig(timeout=5, retry=FAST_RETRY))(
+            f"http://127.0.0.1:{server.server_port}/shard-000000.tar")
+        with pytest.raises(SourceError, match="Content-Encoding 'gzip'") as e:
+            src.read(0, 32)
+        assert e.value.shard.endswith("shard-000000.tar")
+    finally:
+        server.shutdown()
+        server.server_close()
