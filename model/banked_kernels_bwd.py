@@ -4,8 +4,8 @@ order they run in).
 
 The gradient of q, k, v splits into an intra-chunk part (``bwd_intra``: [C, C] score tiles, the
 bank mix M, no memories) and a memory part (``bwd_mem_read``: reads of the chunk-start memory ->
-dq, dr; ``bwd_mem_write``: writes into the chunk-end memory -> dk, dw and optionally dv;
-``bwd_dv_mem`` otherwise). Kept apart so that no program holds the [C, C] tiles and a [D, E]
+dq, dr; ``bwd_mem_write``: writes into the chunk-end memory -> dk, dw; ``bwd_dv_mem``: dv and
+the chunk-end inner products of the decay gradient). Kept apart so that no program holds the [C, C] tiles and a [D, E]
 memory with its [C, D] products at once: the fused form needed 255 registers and spilled
 (model/GPU_NOTES.md, calls 2-8). The intra kernel writes fp32 partials that the memory kernels
 add to before the one bf16 rounding.
@@ -79,14 +79,12 @@ if HAS_TRITON:
             tl.store(dw + rb, tl.sum(BE * tl.load(r + rb).to(tl.float32)[:, None], axis=0))
 
     @triton.jit
-    def bwd_mem_read(q, r, c, hs, zs, dhs, dzs, dy, dden, dqi, dq, dr, hd, NT,
+    def bwd_mem_read(q, r, c, hs, zs, dy, dden, dqi, dq, dr, NT,
                      N: tl.constexpr, NP: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
-                     C: tl.constexpr, BD: tl.constexpr, HDOT: tl.constexpr):
+                     C: tl.constexpr, BD: tl.constexpr):
         """Reads of the chunk-start memory of one chunk: dq (adds the intra partial, rounds
-        once), dr += the reads' part; with HDOT also <dS_end, S_start> + <dz_end, z_start> per
-        bank (the memory tile is loaded here anyway, which saves bwd_hdot's pass). D is done in
-        BD-wide slices, outer loop: a [C, 128] fp32 accumulator next to the [C, E] operand took
-        214+ registers (model/GPU_NOTES.md, call 12); the per-bank sums stay in [C, NP] tiles."""
+        once), dr += the reads' part. D in BD-wide slices (outer loop; the per-bank sums stay in
+        [C, NP] tiles): BD = D is fastest at D = 128 (model/GPU_NOTES.md, call 13)."""
         j, i_bh = tl.program_id(0), tl.program_id(1)
         T = NT * C
         t = j * C + tl.arange(0, C)
@@ -100,7 +98,6 @@ if HAS_TRITON:
         b_rs = tl.load(r + ix, mask=mask, other=0.0).to(tl.float32) * tl.exp(
             tl.load(c + ix, mask=mask, other=0.0))  # [C, NP]: read weight of the chunk start
         d_r = tl.zeros([C, NP], dtype=tl.float32)
-        d_h = tl.zeros([NP], dtype=tl.float32)
         for i_d in range(D // BD):
             od = i_d * BD + tl.arange(0, BD)
             o_x = bh * T * D
@@ -117,28 +114,19 @@ if HAS_TRITON:
                 s_n = tl.sum(tl.where(on[None, :] == n, b_rs, 0.0), axis=1)  # [C]
                 acc += s_n[:, None] * dqt
                 d_r += tl.where(on[None, :] == n, tl.sum(b_q * dqt, axis=1)[:, None], 0.0)
-                if HDOT:
-                    b_dhn = tl.load(tl.make_block_ptr(dhs + slot * D * E, (E, D), (1, E),
-                                                      (0, i_d * BD), (E, BD), (0, 1)))
-                    tot = tl.sum(tl.sum(b_hn.to(tl.float32) * b_dhn.to(tl.float32), 1), 0)
-                    tot += tl.sum(b_zn * tl.load(dzs + slot * D + od), axis=0)
-                    d_h += tl.where(on == n, tot, 0.0)
             tl.store(tl.make_block_ptr(dq + o_x, (T, D), (D, 1), (j * C, i_d * BD), (C, BD),
                                        (1, 0)), acc.to(dq.dtype.element_ty))
         # the reads' share of dr: e^c (q . dqt); r e^c / r = e^c, taken from b_rs without dividing
         ec = tl.exp(tl.load(c + ix, mask=mask, other=0.0))
         tl.store(dr + ix, tl.load(dr + ix, mask=mask, other=0.0) + ec * d_r, mask=mask)
-        if HDOT:
-            tl.store(hd + (bh * NT + j) * N + on, d_h, mask=on < N)
 
     @triton.jit
-    def bwd_mem_write(k, v, w, c, dhs, dzs, dki, dk, dw, wd, dvi, dv, NT,
+    def bwd_mem_write(k, v, w, c, dhs, dzs, dki, dk, dw, wd, NT,
                       N: tl.constexpr, NP: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
-                      C: tl.constexpr, BD: tl.constexpr, DV: tl.constexpr):
+                      C: tl.constexpr, BD: tl.constexpr):
         """Writes into the chunk-end memory of one chunk: dk (adds the intra partial), dw += the
-        writes' direct part, per bank sum_s w_s dw_s (for bwd_decay); with DV also dv from the
-        same memory-gradient tiles (else bwd_dv_mem reads them again). D in BD-wide slices as in
-        bwd_mem_read."""
+        writes' direct part, per bank sum_s w_s dw_s (for bwd_decay). D in BD-wide slices as in
+        bwd_mem_read. (dv from the same tiles here took longer than bwd_dv_mem's extra pass.)"""
         j, i_bh = tl.program_id(0), tl.program_id(1)
         T = NT * C
         t = j * C + tl.arange(0, C)
@@ -152,9 +140,6 @@ if HAS_TRITON:
         b_ew = tl.exp(b_cT[None, :] - tl.load(c + ix, mask=mask, other=0.0))  # [C, NP]
         b_ws = tl.load(w + ix, mask=mask, other=0.0).to(tl.float32) * b_ew  # write weight
         d_w = tl.zeros([C, NP], dtype=tl.float32)
-        if DV:
-            acc_v = tl.load(tl.make_block_ptr(dvi + bh * T * E, (T, E), (E, 1), (j * C, 0),
-                                              (C, E), (1, 0)))
         for i_d in range(D // BD):
             od = i_d * BD + tl.arange(0, BD)
             o_x = bh * T * D
@@ -170,24 +155,21 @@ if HAS_TRITON:
                 s_n = tl.sum(tl.where(on[None, :] == n, b_ws, 0.0), axis=1)[:, None]
                 acc += s_n * dkt
                 d_w += tl.where(on[None, :] == n, tl.sum(b_k * dkt, axis=1)[:, None], 0.0)
-                if DV:  # the same tile as [BD, E]: k's slice times it, summed over the slices
-                    acc_v += s_n * tl.dot(b_k.to(b_v.dtype), tl.trans(b_dhn).to(b_v.dtype))
             tl.store(tl.make_block_ptr(dk + o_x, (T, D), (D, 1), (j * C, i_d * BD), (C, BD),
                                        (1, 0)), acc.to(dk.dtype.element_ty))
-        if DV:
-            tl.store(tl.make_block_ptr(dv + bh * T * E, (T, E), (E, 1), (j * C, 0), (C, E),
-                                       (1, 0)), acc_v.to(dv.dtype.element_ty))
         dwi = b_ew * d_w
         tl.store(dw + ix, tl.load(dw + ix, mask=mask, other=0.0) + dwi, mask=mask)
         b_w = tl.load(w + ix, mask=mask, other=0.0).to(tl.float32)
         tl.store(wd + (bh * NT + j) * N + on, tl.sum(b_w * dwi, axis=0), mask=on < N)
 
     @triton.jit
-    def bwd_dv_mem(k, w, c, dhs, dvi, dv, NT,
+    def bwd_dv_mem(k, w, c, hs, zs, dhs, dzs, dvi, dv, hd, NT,
                    N: tl.constexpr, D: tl.constexpr, E: tl.constexpr, C: tl.constexpr,
-                   BV: tl.constexpr):
+                   BV: tl.constexpr, HDOT: tl.constexpr, BR: tl.constexpr):
         """dv of one chunk and E-tile: the intra partial + the writes' share of the chunk-end
-        memory gradient."""
+        memory gradient. With HDOT (only when BV = E: one program sees the whole [D, E] tile)
+        also <dS_end, S_start> + <dz_end, z_start> per bank, for bwd_decay: this kernel has
+        registers to spare and already streams dS_end, so bwd_hdot's pass is only S_start."""
         i_v, j, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         T = NT * C
         od = tl.arange(0, D)
@@ -204,4 +186,11 @@ if HAS_TRITON:
             slot = (bh * NT + j) * N + n
             b_dhn = tl.load(dhs + slot * D * E + od[:, None] * E + ov[None, :])
             acc += (b_w * tl.exp(b_cT - b_c))[:, None] * tl.dot(b_k, b_dhn.to(b_k.dtype))
+            if HDOT:  # in row slices: two whole fp32 [D, E] tiles would spill
+                part = tl.zeros([BR, E], dtype=tl.float32)
+                for d0 in range(0, D, BR):
+                    ix = slot * D * E + (d0 + tl.arange(0, BR))[:, None] * E + ov[None, :]
+                    part += tl.load(hs + ix).to(tl.float32) * tl.load(dhs + ix).to(tl.float32)
+                tl.store(hd + slot, tl.sum(tl.sum(part, axis=1), axis=0) + tl.sum(
+                    tl.load(zs + slot * D + od) * tl.load(dzs + slot * D + od), axis=0))
         tl.store(dv + bh * T * E + t[:, None] * E + ov[None, :], acc.to(dv.dtype.element_ty))

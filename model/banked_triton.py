@@ -77,12 +77,13 @@ def banked_attention_reference(q: Tensor, k: Tensor, v: Tensor, r: Tensor, w: Te
 # else 64 (measured at 16K: N=4 13.0 ms with 128 vs 13.6 with 64; N=1, 64 programs, 6.8 vs 5.4
 # ms); tile_hk / tile_hv override its D / E side. tile_dm: D-slice of the backward memory and
 # intra kernels; stages_mem: the memory kernels' pipelining depth (None: Triton's default).
-# fuse_hdot: <dS_end, S_start> in the reads kernel instead of bwd_hdot; fuse_dv: dv in the
-# writes kernel instead of bwd_dv_mem; fwd_o_loop: fwd_o over E slices. Kernel times of each
-# choice at 16K, N=4: model/GPU_NOTES.md, call 13 (the fusions cost as much as they save).
-KERNEL_OPTS = {"tile_h": None, "tile_hk": None, "tile_hv": None, "tile_v": 128, "warps_h": 4,
+# hdot_in_dv: <dS_end, S_start> in bwd_dv_mem (when its E-tile is all of E) instead of
+# bwd_hdot; fwd_o_loop: fwd_o over E slices. Kernel times of the choices at 16K, N=4:
+# model/GPU_NOTES.md, calls 13-14 (fusing hdot into the reads kernel or dv into the writes
+# kernel cost as much as it saved, through register pressure).
+KERNEL_OPTS = {"tile_h": None, "tile_hk": 64, "tile_hv": None, "tile_v": 128, "warps_h": 4,
                "warps_o": 8, "warps_intra": 4, "tile_dm": 128, "warps_mem": 4, "warps_dv": 8,
-               "stages_mem": None, "fuse_hdot": False, "fuse_dv": False, "fwd_o_loop": False}
+               "stages_mem": None, "hdot_in_dv": True, "fwd_o_loop": False}
 
 
 def _pow2(n: int) -> int:
@@ -185,16 +186,18 @@ class BankedAttentionFn(torch.autograd.Function):
         warps = opt["warps_mem"] if D * E >= 8192 else 4
         stages = {} if opt["stages_mem"] is None else {"num_stages": opt["stages_mem"]}
         BM = min(D, opt["tile_dm"])
-        KB.bwd_mem_read[(NT, B * H)](q, r, c, hs, zs, dhs, dzs, dy, dden, dqi, dq, dr, hd, NT,
-                                     N=N, NP=_pow2(N), D=D, E=E, C=C, BD=BM,
-                                     HDOT=opt["fuse_hdot"], num_warps=warps, **stages)
-        KB.bwd_mem_write[(NT, B * H)](k, v, w, c, dhs, dzs, dki, dk, dw, wd, dvi, dv, NT, N=N,
-                                      NP=_pow2(N), D=D, E=E, C=C, BD=BM, DV=opt["fuse_dv"],
-                                      num_warps=warps, **stages)
-        if not opt["fuse_dv"]:
-            KB.bwd_dv_mem[(E // BO, NT, B * H)](k, w, c, dhs, dvi, dv, NT, N=N, D=D, E=E, C=C,
-                                                BV=BO, num_warps=opt["warps_dv"])
-        if not opt["fuse_hdot"]:
+        KB.bwd_mem_read[(NT, B * H)](q, r, c, hs, zs, dy, dden, dqi, dq, dr, NT, N=N,
+                                     NP=_pow2(N), D=D, E=E, C=C, BD=BM, num_warps=warps,
+                                     **stages)
+        KB.bwd_mem_write[(NT, B * H)](k, v, w, c, dhs, dzs, dki, dk, dw, wd, NT, N=N,
+                                      NP=_pow2(N), D=D, E=E, C=C, BD=BM, num_warps=warps,
+                                      **stages)
+        hdot = opt["hdot_in_dv"] and BO == E  # one program per whole [D, E] tile
+        KB.bwd_dv_mem[(E // BO, NT, B * H)](k, w, c, hs, zs, dhs, dzs, dvi, dv, hd, NT, N=N,
+                                            D=D, E=E, C=C, BV=BO, HDOT=hdot,
+                                            BR=max(1, min(D, 2048 // E)),
+                                            num_warps=opt["warps_dv"])
+        if not hdot:
             K.bwd_hdot[(B * H * NT * N,)](hs, zs, dhs, dzs, hd, D=D, E=E,
                                           BD=min(D, 8192 // E), num_warps=4)
         dg = torch.empty(B, H, T, device=dev, dtype=torch.float32)

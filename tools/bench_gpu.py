@@ -92,9 +92,9 @@ def kernel_resources() -> dict:
     return out
 
 
-SWEEP = [{}, {"warps_h": 8}, {"tile_hk": 64}, {"tile_hk": 64, "warps_h": 8},
-         {"tile_hv": 64, "warps_h": 8}, {"tile_h": 64}, {"fuse_hdot": True}, {"fuse_dv": True},
-         {"tile_dm": 64}, {"fwd_o_loop": True}, {"warps_o": 4}, {"stages_mem": 2}]
+SWEEP = [{}, {"tile_hk": None}, {"tile_hk": 64, "tile_hv": 64}, {"hdot_in_dv": False},
+         {"tile_hk": 32}, {"warps_intra": 8}, {"warps_dv": 4}, {"stages_mem": 2},
+         {"warps_h": 8}]
 
 
 def _safe(fn):

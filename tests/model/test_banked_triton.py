@@ -120,8 +120,9 @@ from blocklm.model import banked_triton as bt
 CASES = [(40, 16, 16, 3, 16, True, {{}}), (30, 16, 32, 1, 16, False, {{}}),
          # two D-slices in the backward memory kernels, two E-slices in fwd_o_loop, bwd_hdot
          (70, 32, 32, 4, 32, True, {{"tile_dm": 16, "tile_v": 16, "fwd_o_loop": True,
-                                     "fuse_hdot": True, "fuse_dv": True, "tile_hk": 16}}),
-         (50, 32, 16, 2, 16, False, {{"tile_dm": 16, "fuse_hdot": False}})]
+                                     "tile_hk": 16}}),
+         (50, 32, 16, 2, 16, False, {{"tile_dm": 16, "hdot_in_dv": False}}),
+         (40, 64, 64, 2, 16, True, {{}})]  # bwd_dv_mem's inner products in two row slices
 for T, D, E, N, C, st, opts in CASES:
     saved = dict(bt.KERNEL_OPTS)
     bt.KERNEL_OPTS.update(opts)
@@ -180,8 +181,8 @@ def test_triton_matches_reference_bf16(case):
     assert not bad, bad
 
 
-VARIANTS = [{"fwd_o_loop": True, "fuse_dv": True}, {"tile_v": 64, "tile_hk": 64},
-            {"fuse_hdot": True, "tile_dm": 64}, {"tile_dm": 32, "warps_mem": 8},
+VARIANTS = [{"fwd_o_loop": True, "hdot_in_dv": False}, {"tile_v": 64, "tile_hk": None},
+            {"tile_dm": 64, "tile_h": 64}, {"tile_dm": 32, "warps_mem": 8},
             {"tile_hv": 64, "warps_h": 8, "warps_intra": 8}]
 
 
