@@ -28,7 +28,8 @@ def parse_size(text: str) -> int:
               help="Output folder for shards, manifest.json and report.json.")
 @click.option("--kind", type=click.Choice(KINDS), default=None,
               help="Force the input kind (default: detected per file).")
-@click.option("--workers", "-j", type=int, default=None, help="Worker processes (default: all cores).")
+@click.option("--workers", "-j", type=int, default=None,
+              help="Processes converting: this one and N-1 helpers (default: all cores).")
 @click.option("--shard-size", default="256M", show_default=True, help="Maximum bytes per shard.")
 @click.option("--shard-samples", type=int, default=None, help="Maximum samples per shard.")
 @click.option("--text-split", default="paragraphs", show_default=True,
