@@ -92,9 +92,9 @@ def kernel_resources() -> dict:
     return out
 
 
-SWEEP = [{}, {"tile_hk": None}, {"tile_hk": 64, "tile_hv": 64}, {"hdot_in_dv": False},
-         {"tile_hk": 32}, {"warps_intra": 8}, {"warps_dv": 4}, {"stages_mem": 2},
-         {"warps_h": 8}]
+SWEEP = [{}, {"tile_hk": None}, {"tile_hv": 64}, {"tile_hk": 128, "tile_hv": 64},
+         {"hdot_in_dv": False}, {"tile_hk": 32}, {"warps_intra": 8}, {"warps_dv": 4},
+         {"stages_mem": 2}, {"warps_h": 8}, {"tile_v": 64}]
 
 
 def _safe(fn):
@@ -141,7 +141,7 @@ def profile_kernels(fn, iters: int = 3) -> list[dict]:
               help="Skip the PyTorch reference above this length (it is slow).")
 @click.option("--reps", default=30, show_default=True, help="Timed repetitions (median).")
 @click.option("--sweep", is_flag=True,
-              help="Also time launch-setting variants (banked, N banks) at the longest length.")
+              help="Also time launch-setting variants (banked, N banks) at every length.")
 @click.option("--profile", "do_profile", is_flag=True,
               help="Also list per-kernel times (torch.profiler) of the banked kernels, N banks.")
 @click.option("--baseline", default=None,
@@ -213,18 +213,21 @@ def bench_gpu(batch, heads, dim, tokens, banks, chunks, ref_max_tokens, reps, sw
                 if n_banks == N and C == Cs[0] and do_profile:
                     res.setdefault("profile", {})[str(T)] = profile_kernels(
                         _fwd_bwd(banked, xs, dout))
-                if n_banks == N and C == Cs[0] and T == Ts[-1]:
-                    if sweep:
-                        res["sweep"] = []
-                        for variant in SWEEP:
-                            saved = dict(bt.KERNEL_OPTS)
-                            bt.KERNEL_OPTS.update(variant)
-                            ms = _safe(lambda xs=xs, banked=banked, dout=dout: _median_ms(
-                                _fwd_bwd(banked, xs, dout), reps))
-                            bt.KERNEL_OPTS.clear()
-                            bt.KERNEL_OPTS.update(saved)
-                            res["sweep"].append({"opts": variant, "ms": (
-                                round(ms, 3) if isinstance(ms, float) else ms)})
+                if n_banks == N and C == Cs[0] and sweep:
+                    for variant in SWEEP:
+                        saved = dict(bt.KERNEL_OPTS)
+                        bt.KERNEL_OPTS.update(variant)
+                        ms = _safe(lambda xs=xs, banked=banked, dout=dout: _median_ms(
+                            _fwd_bwd(banked, xs, dout), reps))
+                        bt.KERNEL_OPTS.clear()
+                        bt.KERNEL_OPTS.update(saved)
+                        res.setdefault("sweep", []).append({"tokens": T, "opts": variant, "ms": (
+                            round(ms, 3) if isinstance(ms, float) else ms)})
+        # SDPA again after the banked runs: the first timing of a run can catch the clocks low;
+        # the table reports the lower of the two medians (the baseline's better figure)
+        again = _median_ms(_fwd_bwd(sdpa, (q, k, v), dout), reps)
+        row["sdpa_runs_ms"] = [round(row["sdpa_ms"], 3), round(again, 3)]
+        row["sdpa_ms"] = min(row["sdpa_ms"], again)
         if T <= ref_max_tokens:
             def ref(q, k, v, r, w, g):
                 return bt.banked_attention_reference(q, k, v, r, w, g, eps=acfg.eps,
@@ -251,7 +254,7 @@ def _table(res: dict, N: int, Cs: list[int]) -> None:
         for r in rows[:12]:
             click.echo(f"profile T={T} {r['ms']:9.3f} ms x{r['calls']:<3} {r['kernel']}")
     for r in res.get("sweep", []):
-        click.echo(f"sweep {r['ms']} ms  {r['opts'] or 'defaults'}")
+        click.echo(f"sweep T={r['tokens']} {r['ms']} ms  {r['opts'] or 'defaults'}")
     click.echo(f"{res['device']}, torch {res['torch']}; bf16 matmul "
                f"{res['matmul_bf16_tflops']} TFLOP/s; fwd+bwd ms (median, CUDA events), "
                f"B={s['B']} H={s['H']} D={s['D']}")
