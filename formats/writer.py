@@ -146,6 +146,7 @@ class ShardWriter:
         self._span: tuple[int, int, int] | None = None  # pending write_span run: fd, offset, size
         self._synced = 0  # bytes of the open shard handed to a sync-ahead
         self._syncer: threading.Thread | None = None
+        self._sync_error: OSError | None = None
         self.closed = False
 
     def __enter__(self) -> ShardWriter:
@@ -238,17 +239,28 @@ class ShardWriter:
         if self._syncer is not None:
             if self._syncer.is_alive():
                 return
-            self._syncer.join()
+            self._stop_syncer()
         self._file.flush()
         self._synced = self._pos
-        self._syncer = threading.Thread(target=os.fdatasync, args=(self._file.fileno(),),
+        self._syncer = threading.Thread(target=self._fdatasync, args=(self._file.fileno(),),
                                         name="shard-sync-ahead", daemon=True)
         self._syncer.start()
 
+    def _fdatasync(self, fd: int) -> None:
+        try:
+            os.fdatasync(fd)
+        except OSError as e:  # raised by _stop_syncer: the kernel reports a write error once
+            self._sync_error = e
+
     def _stop_syncer(self) -> None:
-        if self._syncer is not None:  # before the file is closed: the thread uses its fd
+        """Wait for the background sync (before the file is closed: it uses the fd) and raise
+        its error, if any: a later ``fsync`` would not report it again."""
+        if self._syncer is not None:
             self._syncer.join()
             self._syncer = None
+        err, self._sync_error = self._sync_error, None
+        if err is not None:
+            raise err
 
     def _add_entry(self, entry: IndexEntry) -> None:
         entry.offset += self._pos
@@ -301,7 +313,10 @@ class ShardWriter:
     def abort(self) -> None:
         """Drop the open shard's temporary file; finished shards stay."""
         self._span = None
-        self._stop_syncer()
+        try:
+            self._stop_syncer()
+        except OSError:  # the shard is dropped anyway
+            pass
         if self._file is not None:
             self._file.close()
             self._file = None

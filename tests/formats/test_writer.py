@@ -214,3 +214,24 @@ def test_sync_ahead_keeps_the_bytes_and_stops_on_abort(tmp_path, monkeypatch):
     w.abort()
     assert not [t for t in threading.enumerate() if t.name == "shard-sync-ahead"]
     assert not os.listdir(tmp_path / "c")
+
+
+def test_a_background_sync_error_is_raised(tmp_path, monkeypatch):
+    """A write error seen by a sync-ahead fdatasync fails the writer (the kernel reports it to
+    one sync call only, so the final fsync would not see it)."""
+    import errno
+
+    from blocklm.formats import writer as writer_mod
+
+    def failing_fdatasync(fd):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(writer_mod, "SYNC_AHEAD", 1000)
+    monkeypatch.setattr(writer_mod.os, "fdatasync", failing_fdatasync)
+    w = ShardWriter(tmp_path / "d", max_samples=100)
+    with pytest.raises(OSError, match="Input/output error"):
+        for s in _samples(30):
+            w.write(s)
+        w.close()
+    w.abort()
+    assert not [n for n in os.listdir(tmp_path / "d") if n.endswith(".tar")]
