@@ -124,8 +124,10 @@ def serve_nginx(roots: list[Path]) -> Iterator[dict[Path, str]]:
 
 
 def run_bench(sources: list[str], *, repeat: int = 3, rss_epochs: int = 0,
-              decode: bool = True) -> dict:
-    """The figures of one benchmark run over ``sources`` (folders, manifests or URLs)."""
+              decode: bool = True, map_cache_mb: int | None = None) -> dict:
+    """The figures of one benchmark run over ``sources`` (folders, manifests or URLs).
+    ``map_cache_mb`` bounds the local shards BlockDataset keeps mapped across passes (None: its
+    default; 0: every pass maps its shards afresh, as on a dataset larger than the cache)."""
     import webdataset as wds
 
     from blocklm.formats import DEFAULT_LIMITS
@@ -156,8 +158,10 @@ def run_bench(sources: list[str], *, repeat: int = 3, rss_epochs: int = 0,
                 n += 1
         return n, out["bytes"]
 
-    ds = BlockDataset(sources, shuffle=False, opener=opener)  # verify=True: checksums checked
+    maps = {} if map_cache_mb is None else {"map_cache_bytes": map_cache_mb << 20}
+    ds = BlockDataset(sources, shuffle=False, opener=opener, **maps)  # verify=True (checksums)
     out["verify"] = ds.config.verify
+    out["map_cache_bytes"] = ds._maps.max_bytes
 
     def blocklm() -> tuple[int, int]:
         before = ds.stats.bytes
@@ -184,7 +188,7 @@ def run_bench(sources: list[str], *, repeat: int = 3, rss_epochs: int = 0,
     out["speedup_vs_webdataset"] = round(out["blocklm"]["samples_per_s"]
                                          / max(out["webdataset"]["samples_per_s"], 1e-9), 2)
     if rss_epochs >= 6:
-        shuffled = BlockDataset(sources, seed=0, opener=opener)
+        shuffled = BlockDataset(sources, seed=0, opener=opener, **maps)
         at: list[float] = []
         for epoch in range(1, rss_epochs + 1):
             shuffled.set_epoch(epoch)
@@ -234,8 +238,11 @@ def format_table(res: dict) -> str:
 @click.option("--nginx", "via_nginx", is_flag=True,
               help="Serve the local dataset folders with a temporary nginx and read over HTTP.")
 @click.option("--no-decode", is_flag=True, help="Skip the decoding measurement.")
+@click.option("--map-cache-mb", type=int, default=None,
+              help="MiB of local shards BlockDataset keeps mapped across passes (default: its "
+                   "own; 0: map afresh every pass, as for a dataset larger than the cache).")
 def bench_read(sources: tuple[str, ...], as_json: bool, repeat: int, rss_epochs: int,
-               via_nginx: bool, no_decode: bool) -> None:
+               via_nginx: bool, no_decode: bool, map_cache_mb: int | None) -> None:
     """Read throughput: raw bytes, webdataset, BlockDataset, BlockDataset + decode.
 
     SOURCES are dataset folders, manifests, shard patterns or URLs (read together).
@@ -245,6 +252,7 @@ def bench_read(sources: tuple[str, ...], as_json: bool, repeat: int, rss_epochs:
       blocktool bench read data/shards/mixed
       blocktool bench read data/shards/text --nginx --json
       blocktool bench read data/shards/mixed --rss-epochs 20
+      blocktool bench read data/shards/images --map-cache-mb 0
     """
     if repeat < 1:
         raise click.BadParameter("--repeat must be >= 1")
@@ -258,6 +266,7 @@ def bench_read(sources: tuple[str, ...], as_json: bool, repeat: int, rss_epochs:
                 raise click.BadParameter("--nginx serves local dataset folders")
             urls = stack.enter_context(serve_nginx(roots))
             srcs = [urls[r] for r in roots]
-        res = run_bench(srcs, repeat=repeat, rss_epochs=rss_epochs, decode=not no_decode)
+        res = run_bench(srcs, repeat=repeat, rss_epochs=rss_epochs, decode=not no_decode,
+                        map_cache_mb=map_cache_mb)
     res["via"] = "nginx" if via_nginx else "local"
     click.echo(json.dumps(res, indent=1) if as_json else format_table(res))

@@ -41,3 +41,11 @@ def test_bench_read_table_through_nginx(small_shards):
 def test_bench_read_help_has_an_example():
     r = CliRunner().invoke(main, ["bench", "read", "--help"])
     assert r.exit_code == 0 and "blocktool bench read data/shards/mixed" in r.output
+
+
+def test_bench_read_without_the_map_cache(small_shards):
+    r = CliRunner().invoke(main, ["bench", "read", str(small_shards), "--json", "--repeat", "1",
+                                  "--no-decode", "--map-cache-mb", "0"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.output)
+    assert res["map_cache_bytes"] == 0 and res["blocklm"]["samples"] == res["samples"]
