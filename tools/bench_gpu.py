@@ -92,9 +92,8 @@ def kernel_resources() -> dict:
     return out
 
 
-SWEEP = [{}, {"tile_hk": None}, {"tile_hv": 64}, {"tile_hk": 128, "tile_hv": 64},
-         {"hdot_in_dv": False}, {"tile_hk": 32}, {"warps_intra": 8}, {"warps_dv": 4},
-         {"stages_mem": 2}, {"warps_h": 8}, {"tile_v": 64}]
+SWEEP = [{}, {"short": 0}, {"tile_hk": None}, {"hdot_in_dv": False}, {"stages_mem": 2},
+         {"warps_intra": 8}]
 
 
 def _safe(fn):

@@ -181,9 +181,9 @@ def test_triton_matches_reference_bf16(case):
     assert not bad, bad
 
 
-VARIANTS = [{"fwd_o_loop": True, "hdot_in_dv": False}, {"tile_v": 64, "tile_hk": None},
-            {"tile_dm": 64, "tile_h": 64}, {"tile_dm": 32, "warps_mem": 8},
-            {"tile_hv": 64, "warps_h": 8, "warps_intra": 8}]
+VARIANTS = [{"fwd_o_loop": True, "hdot_in_dv": False}, {"tile_v": 64, "tile_h": 128},
+            {"tile_dm": 64, "tile_h": 128, "tile_hk": None}, {"tile_dm": 32, "warps_mem": 8},
+            {"tile_hv": 64, "warps_h": 8, "warps_intra": 8}]  # tile_h 128: the long-T tiles
 
 
 @pytest.mark.gpu
