@@ -27,7 +27,9 @@ class StackConfig:
     hidden: int = 64  # controller width
     max_steps: int = 2  # ponder iterations per decoder step
     epsilon: float = 0.01  # stop once 1 - epsilon of a unit of mass has left the stack
-    compile: bool = True  # on CUDA, run the step loop through torch.compile (stack_block.py)
+    # on CUDA, run the step loop through torch.compile (stack_block.py). Off: on the H200 it was
+    # 2.4x slower than eager (2,555 vs 6,046 tokens/s, GPU_NOTES.md call T2): per-call overhead
+    compile: bool = False
 
 
 @dataclass

@@ -194,6 +194,44 @@ def run_variant(data: str, variant: str, extra: list[str], warmup: int, steps: i
         return res
 
 
+def simulate_dispatch(preset: str, data: str, extra: list[str]) -> dict:
+    """One epoch of ``data`` through the preset's dispatcher with no-op runners (CPU, no model
+    calls): batches and sequential decoder steps (the stack's recurrence: each batch runs its
+    padded length step by step) per ``tokens_per_step``, and the padding share."""
+    from blocklm.model.blocklm import BlockLM
+    from blocklm.pipeline import RemoteConfig
+    from blocklm.pipeline.cost import cost_from_supports
+    from blocklm.pipeline.dispatch import Dispatcher
+    from blocklm.pipeline.dispatch_types import Result
+    from blocklm.tools.train.config import build_config
+    from blocklm.tools.train.loop import RunSpec, make_buckets, make_source
+
+    cfg = build_config(preset, extra)
+    cfg.dispatch.decode = False  # the runners never look at the contents
+    supports = dict(BlockLM(cfg.model).supports)
+    cost = cost_from_supports(supports)
+    n: dict[str, float] = defaultdict(float)
+
+    def runner(batch):
+        if batch.requests:
+            n["batches"] += 1
+            n["padded"] += batch.padded_cost
+            n["real"] += batch.cost
+            n["seq_steps"] += cost(batch.mode, batch.padded_shape)
+        return [Result(state=None) for _ in batch.requests]
+
+    remote = RemoteConfig()
+    buckets = make_buckets([data], cost, remote, cfg.train.bucket_max_width)
+    disp = Dispatcher({m: runner for m in supports}, buckets, cfg.dispatch, cost=cost)
+    for _ in disp.run(make_source(RunSpec(preset, [data]), cfg, remote)):
+        pass
+    per = cfg.train.tokens_per_step / max(n["padded"], 1.0)
+    return {"data": data, "bucket_max_width": cfg.train.bucket_max_width,
+            "batches_per_step": round(n["batches"] * per, 1),
+            "sequential_steps_per_step": round(n["seq_steps"] * per),
+            "padding": round(1 - n["real"] / max(n["padded"], 1.0), 3)}
+
+
 @click.command("train")
 @click.option("--preset", default="small", show_default=True, help="Run preset.")
 @click.option("--data", "datas", multiple=True, default=["data/shards/text", "data/shards/mixed"],
@@ -206,14 +244,22 @@ def run_variant(data: str, variant: str, extra: list[str], warmup: int, steps: i
 @click.option("--seconds", default=60.0, show_default=True, help="Time cap per variant.")
 @click.option("--profile-steps", default=0, show_default=True,
               help="Steps profiled (torch.profiler) after the warm-up, before the timing.")
+@click.option("--simulate", is_flag=True,
+              help="Only simulate the dispatcher on the CPU (batches, sequential steps, padding).")
 @click.option("--out", "out_path", default=None, help="Also write the JSON figures here.")
-def bench_train(preset, datas, variants, extra, warmup, steps, seconds, profile_steps, out_path):
+def bench_train(preset, datas, variants, extra, warmup, steps, seconds, profile_steps, simulate,
+                out_path):
     """Training tokens/s, MFU and the data-wait share of a preset (`small`), per variant.
 
     \b
     Example:
-      blocktool bench train --variants off,compiled --seconds 60 --profile-steps 2
+      blocktool bench train --variants off,eager --seconds 60 --profile-steps 2
+      blocktool bench train --simulate --set train.bucket_max_width=0.06
     """
+    if simulate:
+        for data in datas:
+            click.echo(json.dumps(simulate_dispatch(preset, data, list(extra))))
+        return
     rows = []
     for data in datas:
         for v in variants.split(","):

@@ -94,12 +94,14 @@ def make_source(spec: RunSpec, cfg: RunConfig, remote: RemoteConfig) -> Any:
     return BlockDataset.mix(sets, spec.weights or [1.0] * len(sets), seed=t.seed)
 
 
-def make_buckets(data: Sequence[str], cost, remote: RemoteConfig) -> BucketSpec:
-    """Shape buckets from the datasets' indexes (manifest and indexes only, local or remote)."""
+def make_buckets(data: Sequence[str], cost, remote: RemoteConfig,
+                 max_width: float | None = 0.06) -> BucketSpec:
+    """Shape buckets from the datasets' indexes (manifest and indexes only, local or remote);
+    ``max_width``: see :func:`estimate_buckets`."""
     opener = RemoteOpener(remote)
     shapes = ((b.mode, tuple(b.shape)) for d in data
               for _, e in iter_index(d, opener=opener) for b in e.blocks)
-    return estimate_buckets(shapes, cost)
+    return estimate_buckets(shapes, cost, max_width=max_width)
 
 
 def _pack_contexts(state: dict[str, Any]) -> dict[str, Any]:
@@ -198,7 +200,7 @@ class Trainer:
         self.modes = sorted(self.model.supports)
         self.runners = ModelRunners(self.model, self.device,
                                     autocast=self.device.type == "cuda" and t.bf16)
-        self.buckets = make_buckets(spec.data, cost, remote)
+        self.buckets = make_buckets(spec.data, cost, remote, t.bucket_max_width)
         agree = torch_agree() if self.coll.world > 1 else None
         self.disp = Dispatcher({m: self.runners.runner(m) for m in self.modes}, self.buckets,
                                cfg.dispatch, cost=cost, agree=agree, rank=self.coll.rank)
