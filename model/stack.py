@@ -42,16 +42,22 @@ from .attention import upcast
 from .config import StackConfig
 
 
-def stack_read(V: Tensor, s: Tensor) -> Tensor:
-    """Superposition of the top unit of mass. V [B,K,W], s [B,K] -> [B,W]."""
-    above = s.cumsum(-1) - s  # mass strictly above each cell
+def mass_above(s: Tensor) -> Tensor:
+    """Mass strictly above each cell: s [B,K] -> [B,K]."""
+    return s.cumsum(-1) - s
+
+
+def stack_read(V: Tensor, s: Tensor, above: Tensor | None = None) -> Tensor:
+    """Superposition of the top unit of mass. V [B,K,W], s [B,K] -> [B,W]. ``above``:
+    :func:`mass_above` of ``s`` when the caller has it already."""
+    above = mass_above(s) if above is None else above
     weight = torch.minimum(s, F.relu(1.0 - above))
     return (weight[..., None] * V).sum(1)
 
 
-def stack_pop(s: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
+def stack_pop(s: Tensor, u: Tensor, above: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Remove ``u`` [B] units of mass from the top. Returns new strengths and popped mass [B,K]."""
-    above = s.cumsum(-1) - s
+    above = mass_above(s) if above is None else above
     new = F.relu(s - F.relu(u[:, None] - above))
     return new, s - new
 
@@ -109,35 +115,40 @@ class ProcessingStack(nn.Module):
         return self.out(torch.cat([read, acc, e.to(read.dtype)], -1))
 
     def ponder(self, e: Tensor, V: Tensor, s: Tensor, running: Tensor,
-               actions: Tensor | None = None
-               ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, StackStats]:
+               actions: Tensor | None = None, stats: bool = True
+               ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, StackStats | None]:
         """The 003 loop of one decoder step: the only part that is a recurrence.
 
         e [B,Hd] (from :meth:`embed`), V [B,K,W], s [B,K], running [B] (1 real step, 0 padding)
-        -> final read [B,W], accumulated output [B,W], last e [B,Hd], new V, new s, stats.
+        -> final read [B,W], accumulated output [B,W], last e [B,Hd], new V, new s, stats
+        (None with ``stats=False``: the block path skips the bookkeeping; on the GPU every
+        op here is a kernel launch per step, forward and backward).
         """
         left = s.new_zeros(e.shape[0])  # mass that left through the top in this step
         acc = V.new_zeros(e.shape[0], self.cfg.width)
-        pushed, overflow = torch.zeros_like(left), torch.zeros_like(left)
-        iterations = torch.zeros_like(left)
+        if stats:
+            pushed, overflow, iterations = (torch.zeros_like(left) for _ in range(3))
         # Always max_steps iterations: a stopped example's actions are exactly 0, which leaves
         # its stack as it is, so no host sync (`running.any()`) is needed to break early.
         for it in range(1, self.cfg.max_steps + 1):
-            iterations = iterations + running
-            read = stack_read(V, s)  # [B,W]
+            if stats:
+                iterations = iterations + running
+            above = mass_above(s)  # read and pop see the same s: computed once
+            read = stack_read(V, s, above)  # [B,W]
             e_new = torch.tanh(upcast(self.ctrl(torch.cat([e, read.to(e.dtype)], -1))))  # [B,Hd]
             e = torch.where(running[:, None] > 0, e_new, e)  # a stopped example keeps its e
             p = upcast(self.act(e_new)).softmax(-1) if actions is None else actions[:, it - 1]
             push = p[:, 0] * running
             pop = torch.minimum(p[:, 1] * running, 1.0 - left)  # ACT remainder
-            s, popped = stack_pop(s, pop)
+            s, popped = stack_pop(s, pop, above)
             acc = acc + (popped[..., None] * V).sum(1)
             left = left + popped.sum(-1)
             V, s, fell = stack_push(V, s, torch.tanh(upcast(self.val(e_new))), push)
-            pushed, overflow = pushed + push, overflow + fell
+            if stats:
+                pushed, overflow = pushed + push, overflow + fell
             running = running * (left < 1.0 - self.cfg.epsilon).to(s.dtype)
-        stats = StackStats(pushed, left, overflow, iterations)
-        return stack_read(V, s), acc, e, V, s, stats
+        st = StackStats(pushed, left, overflow, iterations) if stats else None
+        return stack_read(V, s), acc, e, V, s, st
 
     def step(self, x: Tensor, V: Tensor, s: Tensor, mask: Tensor | None = None,
              actions: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, StackStats]:

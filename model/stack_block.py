@@ -36,7 +36,7 @@ def ponder_steps(stack: ProcessingStack, e: Tensor, running: Tensor, V: Tensor, 
     [B,U,W], accumulated outputs [B,U,W], last embeddings [B,U,Hd], new V, new s."""
     reads, accs, es = [], [], []
     for u in range(e.shape[1]):
-        read, acc, eu, V, s, _ = stack.ponder(e[:, u], V, s, running[:, u])
+        read, acc, eu, V, s, _ = stack.ponder(e[:, u], V, s, running[:, u], stats=False)
         reads.append(read)
         accs.append(acc)
         es.append(eu)
