@@ -75,8 +75,9 @@ def banked_attention_reference(q: Tensor, k: Tensor, v: Tensor, r: Tensor, w: Te
 # the best measured on an H200 at B=4, H=16, D=128, N=4 (model/GPU_NOTES.md). tile_h None:
 # 128-wide state tiles when that still leaves >= 128 sequential programs (B*H*N*(D/128)*(E/128)),
 # else 64 (measured at 16K: N=4 13.0 ms with 128 vs 13.6 with 64; N=1, 64 programs, 6.8 vs 5.4
-# ms), and 64 for sequences of at most `short` chunks (1K, N=4: 0.89 ms with 64 x 64 tiles
-# against 1.0-1.1 with 64 x 128, call 15); tile_hk / tile_hv override its D / E side. tile_dm: D-slice of the backward memory and
+# ms); `short` > 0 also takes 64 for sequences of at most that many chunks (off: at 1K the
+# call is host-bound, ~0.94 ms of host time against ~0.76 ms on the GPU, and 64 x 64 tiles made
+# the state kernels slower there, call 16); tile_hk / tile_hv override its D / E side. tile_dm: D-slice of the backward memory and
 # intra kernels; stages_mem: the memory kernels' pipelining depth (None: Triton's default).
 # hdot_in_dv: <dS_end, S_start> in bwd_dv_mem (when its E-tile is all of E) instead of
 # bwd_hdot; fwd_o_loop: fwd_o over E slices. Kernel times of the choices at 16K, N=4:
@@ -84,7 +85,7 @@ def banked_attention_reference(q: Tensor, k: Tensor, v: Tensor, r: Tensor, w: Te
 # kernel cost as much as it saved, through register pressure).
 KERNEL_OPTS = {"tile_h": None, "tile_hk": 64, "tile_hv": None, "tile_v": 128, "warps_h": 4,
                "warps_o": 8, "warps_intra": 4, "tile_dm": 128, "warps_mem": 4, "warps_dv": 8,
-               "stages_mem": None, "hdot_in_dv": True, "fwd_o_loop": False, "short": 32}
+               "stages_mem": None, "hdot_in_dv": True, "fwd_o_loop": False, "short": 0}
 
 
 def _pow2(n: int) -> int:
@@ -94,7 +95,7 @@ def _pow2(n: int) -> int:
 def _tiles(BHN: int, NT: int, D: int, E: int) -> tuple[int, int, int]:
     """D- and E-tiles of the state kernels, E-tile of the output and dv kernels."""
     th, tv = KERNEL_OPTS["tile_h"], KERNEL_OPTS["tile_v"]
-    if th is None:  # few chunks: parallelism over state tiles pays more than bigger steps
+    if th is None:  # few chunks: parallelism over state tiles may pay more than bigger steps
         big = BHN * max(1, D // 128) * max(1, E // 128) >= 128 and NT > KERNEL_OPTS["short"]
         th = 128 if big else 64
     bk, bv = KERNEL_OPTS["tile_hk"] or th, KERNEL_OPTS["tile_hv"] or th
