@@ -10,6 +10,8 @@ gradient of the whole global window, as one process would compute it.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
 
@@ -47,6 +49,10 @@ def init_from_launcher() -> bool:
     """Join the process group when started by ``torchrun``; returns whether it did."""
     if not dist.is_available() or not dist.is_torchelastic_launched():
         return False
+    if torch.cuda.is_available():
+        # one GPU per process: torchrun names this process's GPU in LOCAL_RANK (the launcher's
+        # protocol, not configuration); without it every rank would take cuda:0 and NCCL fails
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return dist.get_world_size() > 1

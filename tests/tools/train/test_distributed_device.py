@@ -1,0 +1,20 @@
+"""Under torchrun with CUDA, each process takes the GPU named by LOCAL_RANK (not cuda:0)."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from blocklm.tools.train import distributed
+
+
+def test_each_rank_takes_its_local_gpu(monkeypatch):
+    chosen: list[int] = []
+    monkeypatch.setattr(dist, "is_torchelastic_launched", lambda: True)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert distributed.init_from_launcher() is True
+    assert chosen == [1]
