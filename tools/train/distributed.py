@@ -54,5 +54,7 @@ def init_from_launcher() -> bool:
         # protocol, not configuration); without it every rank would take cuda:0 and NCCL fails
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        # the step's bookkeeping collectives use CPU tensors, the gradients CUDA ones: NCCL alone
+        # has no CPU backend ("No backend type associated with device type cpu")
+        dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
     return dist.get_world_size() > 1

@@ -18,3 +18,16 @@ def test_each_rank_takes_its_local_gpu(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "1")
     assert distributed.init_from_launcher() is True
     assert chosen == [1]
+
+
+def test_cpu_collectives_have_a_backend_next_to_nccl(monkeypatch):
+    backends: list[str] = []
+    monkeypatch.setattr(dist, "is_torchelastic_launched", lambda: True)
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", backends.append)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: None)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    distributed.init_from_launcher()
+    assert backends == ["cpu:gloo,cuda:nccl"]
