@@ -13,16 +13,7 @@ add to before the one bf16 rounding.
 
 from __future__ import annotations
 
-try:  # optional: CPU machines (and CI) have no triton
-    import triton
-    import triton.language as tl
-
-    HAS_TRITON = True
-except ImportError:  # pragma: no cover - depends on the environment
-    triton = None
-    tl = None
-    HAS_TRITON = False
-
+from .banked_kernels import HAS_TRITON, tl, triton  # one optional-import probe for both files
 
 if HAS_TRITON:
 
