@@ -30,6 +30,10 @@ class StackConfig:
     # on CUDA, run the step loop through torch.compile (stack_block.py). Off: on the H200 it was
     # 2.4x slower than eager (2,555 vs 6,046 tokens/s, GPU_NOTES.md call T2): per-call overhead
     compile: bool = False
+    # on CUDA, replay the step loop as CUDA graphs of `graph_unroll` steps, checkpointed per
+    # chunk (stack_graph.py; takes precedence over `compile`)
+    graphs: bool = False
+    graph_unroll: int = 8
 
 
 @dataclass

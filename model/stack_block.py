@@ -57,14 +57,19 @@ def stack_block(stack: ProcessingStack, x: Tensor, V: Tensor, s: Tensor,
     """The stack over a block. x [B,T,d_model], V [B,K,W], s [B,K], mask [B,T] (True: real step)
     -> outputs [B,T,d_model], V and s after the last step.
 
-    ``backend``: the ``torch.compile`` backend of the step loop; None picks "inductor" for CUDA
-    tensors when ``stack.cfg.compile`` is set, else eager (the CPU reference path).
+    ``backend``: the ``torch.compile`` backend of the step loop; None picks, for CUDA tensors,
+    CUDA graphs (``stack.cfg.graphs``, stack_graph.py) or "inductor" (``stack.cfg.compile``),
+    else eager (the CPU reference path).
     """
     B, T, _ = x.shape
-    if backend is None and x.is_cuda and stack.cfg.compile:
-        backend = "inductor"
     e = stack.embed(x)  # [B,T,Hd] all steps at once
     running = s.new_ones(B, T) if mask is None else mask.to(s.dtype)  # [B,T]
+    if backend is None and x.is_cuda and stack.cfg.graphs and T > 0:
+        from .stack_graph import chunked_loop  # CUDA graphs of the loop (stack_graph.py)
+        read, acc, e, V, s = chunked_loop(stack, e, running, V, s, stack.cfg.graph_unroll)
+        return stack.output(read, acc, e), V, s
+    if backend is None and x.is_cuda and stack.cfg.compile:
+        backend = "inductor"
     if backend is None:
         fn, U = ponder_steps, UNROLL
     else:

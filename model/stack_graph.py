@@ -1,0 +1,230 @@
+"""The stack's ponder loop over a block as replayed CUDA graphs, checkpointed per chunk.
+
+On the GPU the eager loop (:func:`blocklm.model.stack_block.ponder_steps`) is host-bound: about
+250 tiny kernel launches per decoder step, forward and backward, each with Python and autograd
+overhead (~4.6 ms a step on the H200, GPU_NOTES.md call T3). Here the loop runs in chunks of
+``U`` decoder steps, each chunk one replay of a captured graph:
+
+* forward: a no-grad graph of U steps; the stack state (V, s) at the start of each chunk is
+  saved (a checkpoint, [B,K,W] + [B,K] per chunk, far less than the per-step activations the
+  eager autograd keeps);
+* backward: for each chunk, last first, one graph that recomputes the chunk's forward with
+  autograd and runs its backward (``torch.autograd.grad``) from the checkpoint and the incoming
+  gradients, adding the parameter gradients into accumulators inside the graph.
+
+The mathematics is the eager loop's: the same ops replayed (the recompute is deterministic), so
+the CPU tests check the chunked, checkpointed autograd function with an eager runner in place of
+the graphs (tests/model/test_stack_graph.py) and the GPU test the graphs
+(tests/model/test_stack_graph_cuda.py). Graphs need static shapes: the batch is padded to a
+bucket (:func:`batch_bucket`) with empty examples and the time axis to a multiple of U with
+padding steps; both leave real examples' results exactly as they are (running = 0 pops and
+pushes nothing). Static inputs and outputs are copied in and out around every replay, so one
+graph serves every chunk, every block and any number of forward calls before their backward
+(the trainer accumulates several batches before one backward), and all graphs can share one
+memory pool: nothing a graph writes in the pool is read after its replay has been copied out.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .stack import ProcessingStack
+from .stack_block import ponder_steps
+
+MAX_GRAPHS = 12  # (batch bucket, autocast) entries kept per stack; least recently used go first
+
+
+def batch_bucket(b: int) -> int:
+    """Padded batch size: a multiple of 8, above 128 of a sixteenth of the next power of two
+    (under 12.5% padding from 64 up), so a few graphs serve every batch size."""
+    step = max(8, (1 << max(b - 1, 1).bit_length()) >> 4)
+    return -(-b // step) * step
+
+
+def stack_params(stack: ProcessingStack) -> list[Tensor]:
+    """The parameters the ponder loop reads (the embedding and output projections run outside)."""
+    return [stack.ctrl.weight, stack.ctrl.bias, stack.act.weight, stack.act.bias,
+            stack.val.weight, stack.val.bias]
+
+
+class _Autocast:
+    """The caller's autocast state, re-entered (without the weight-cast cache, which a graph
+    must not capture) for the recompute in backward and for graph capture."""
+
+    def __init__(self, device_type: str) -> None:
+        self.device_type = device_type
+        self.enabled = torch.is_autocast_enabled(device_type)
+        self.dtype = torch.get_autocast_dtype(device_type)
+
+    def __call__(self):
+        return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.enabled,
+                              cache_enabled=False)
+
+    def key(self) -> tuple:
+        return (self.enabled, self.dtype if self.enabled else None)
+
+
+class EagerRunner:
+    """One chunk forward / recompute+backward with eager ops (the CPU path of the tests, and the
+    body every :class:`GraphRunner` captures)."""
+
+    def __init__(self, stack: ProcessingStack, autocast: _Autocast, U: int) -> None:
+        self.stack, self.autocast, self.U = stack, autocast, U
+        self.grads = [torch.zeros_like(p) for p in stack_params(stack)]
+
+    def zero_grads(self) -> None:
+        for g in self.grads:
+            g.zero_()
+
+    def forward(self, e, r, V, s):
+        """e [B,U,Hd], r [B,U], V [B,K,W], s [B,K] -> reads, accs, last e's, V, s (no grad)."""
+        with torch.no_grad(), self.autocast():
+            return ponder_steps(self.stack, e, r, V, s)
+
+    def backward(self, e, r, V, s, g_read, g_acc, g_e, g_V, g_s):
+        """Recompute the chunk from its checkpoint and back-propagate: -> de [B,U,Hd], dV, ds
+        at the chunk's start; parameter gradients are added to ``self.grads``."""
+        params = stack_params(self.stack)
+        with torch.enable_grad(), self.autocast():
+            xs = [t.detach().requires_grad_(True) for t in (e, V, s)]
+            outs = ponder_steps(self.stack, xs[0], r, xs[1], xs[2])
+            gs = torch.autograd.grad(outs, xs + params, (g_read, g_acc, g_e, g_V, g_s),
+                                     allow_unused=True, materialize_grads=True)
+        torch._foreach_add_(self.grads, list(gs[3:]))
+        return gs[0], gs[1], gs[2]
+
+
+class GraphRunner(EagerRunner):
+    """:class:`EagerRunner`'s two chunk functions captured as CUDA graphs for one static shape
+    (B padded, U); static inputs are copied in before and outputs used right after a replay."""
+
+    def __init__(self, stack, autocast, B, U, like: Tensor, pool) -> None:
+        super().__init__(stack, autocast, U)
+        K, W, Hd = stack.cfg.depth, stack.cfg.width, stack.cfg.hidden
+        z = lambda *shape: torch.zeros(*shape, device=like.device, dtype=like.dtype)  # noqa: E731
+        self.inp = [z(B, U, Hd), z(B, U), z(B, K, W), z(B, K)]  # e, running, V, s
+        self.gin = [z(B, U, W), z(B, U, W), z(B, U, Hd), z(B, K, W), z(B, K)]
+        side = torch.cuda.Stream(like.device)
+        side.wait_stream(torch.cuda.current_stream(like.device))
+        with torch.cuda.stream(side):  # warm-up (cuBLAS handles, workspaces) off the graph
+            for _ in range(2):
+                EagerRunner.forward(self, *self.inp)
+                EagerRunner.backward(self, *self.inp, *self.gin)
+        torch.cuda.current_stream(like.device).wait_stream(side)
+        self.fg, self.bg = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.fg, pool=pool):
+            self.fout = EagerRunner.forward(self, *self.inp)
+        with torch.cuda.graph(self.bg, pool=pool):
+            self.bout = EagerRunner.backward(self, *self.inp, *self.gin)
+
+    def forward(self, e, r, V, s):
+        for dst, src in zip(self.inp, (e, r, V, s)):
+            dst.copy_(src)
+        self.fg.replay()
+        return self.fout
+
+    def backward(self, e, r, V, s, *g):
+        for dst, src in zip(self.inp + self.gin, (e, r, V, s) + g):
+            dst.copy_(src)
+        self.bg.replay()
+        return self.bout
+
+
+class _Loop(torch.autograd.Function):
+    """The chunked loop as one autograd node: forward keeps checkpoints, backward recomputes."""
+
+    @staticmethod
+    def forward(ctx, runner, e, r, V, s, *params):
+        read, acc, es, V, s, ck = run_chunks(runner, e, r, V, s, keep=True)
+        ctx.runner = runner
+        ctx.save_for_backward(e, r, *ck)
+        return read, acc, es, V, s
+
+    @staticmethod
+    def backward(ctx, g_read, g_acc, g_es, g_V, g_s):
+        runner = ctx.runner  # undefined output gradients arrive as zeros (materialized)
+        e, r, ckV, cks = ctx.saved_tensors
+        U = runner.U
+        de = torch.empty_like(e)
+        runner.zero_grads()
+        for j in reversed(range(ckV.shape[0])):
+            sl = slice(j * U, (j + 1) * U)
+            de_j, g_V, g_s = runner.backward(e[:, sl], r[:, sl], ckV[j], cks[j], g_read[:, sl],
+                                             g_acc[:, sl], g_es[:, sl], g_V, g_s)
+            de[:, sl] = de_j
+        # a graph's outputs and accumulators change at its next replay: hand out copies
+        return (None, de, None, g_V.clone(), g_s.clone(), *(g.clone() for g in runner.grads))
+
+
+def run_chunks(runner, e, r, V, s, keep: bool):
+    """Forward over all chunks; with ``keep`` also the checkpoints ([n,B,K,W], [n,B,K])."""
+    B, T, _ = e.shape
+    U = runner.U
+    W = V.shape[-1]
+    read, acc, es = e.new_empty(B, T, W), e.new_empty(B, T, W), torch.empty_like(e)
+    n = T // U
+    ckV = V.new_empty(n, *V.shape) if keep else None
+    cks = s.new_empty(n, *s.shape) if keep else None
+    for j in range(n):
+        sl = slice(j * U, (j + 1) * U)
+        if keep:
+            ckV[j], cks[j] = V, s
+        out = runner.forward(e[:, sl], r[:, sl], V, s)
+        read[:, sl], acc[:, sl], es[:, sl] = out[0], out[1], out[2]
+        V, s = out[3], out[4]  # copied into the graph's inputs before its next replay
+    return read, acc, es, V.clone(), s.clone(), (ckV, cks)
+
+
+_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # stack -> OrderedDict
+_POOLS: dict = {}  # device -> the graphs' shared memory pool
+
+
+def graph_runner(stack: ProcessingStack, B: int, U: int, like: Tensor) -> GraphRunner:
+    """The cached :class:`GraphRunner` for (B, U, dtype, autocast, parameter storage)."""
+    ac = _Autocast(like.device.type)
+    key = (B, U, like.dtype, like.device, ac.key(),
+           tuple(p.data_ptr() for p in stack_params(stack)))
+    cache = _CACHE.setdefault(stack, OrderedDict())
+    if key in cache:
+        cache.move_to_end(key)
+        return cache[key]
+    while len(cache) >= MAX_GRAPHS:
+        cache.popitem(last=False)
+    pool = _POOLS.setdefault(like.device, torch.cuda.graph_pool_handle())
+    cache[key] = GraphRunner(stack, ac, B, U, like, pool)
+    return cache[key]
+
+
+def chunked_loop(stack: ProcessingStack, e: Tensor, running: Tensor, V: Tensor, s: Tensor,
+                 U: int, runner_for=None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The ponder loop over a block in chunks of U steps. e [B,T,Hd], running [B,T], V [B,K,W],
+    s [B,K] -> reads [B,T,W], accs [B,T,W], last e's [B,T,Hd], V and s after step T.
+
+    ``runner_for(B_pad, U, like)``: the chunk runner; None: CUDA graphs (:func:`graph_runner`).
+    The batch is padded to :func:`batch_bucket` and the time axis to a multiple of U.
+    """
+    B, T, _ = e.shape
+    Bp, Tp = batch_bucket(B), T + (-T % U)
+    ep = F.pad(e, (0, 0, 0, Tp - T, 0, Bp - B))
+    rp = F.pad(running, (0, Tp - T, 0, Bp - B))  # padded examples and steps: running = 0
+    Vp, sp = F.pad(V, (0, 0, 0, 0, 0, Bp - B)), F.pad(s, (0, 0, 0, Bp - B))
+    if runner_for is None:
+        runner = graph_runner(stack, Bp, U, ep)
+    else:
+        runner = runner_for(Bp, U, ep)
+    params = stack_params(stack)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in [e, V, s] + params):
+        read, acc, es, Vn, sn = _Loop.apply(runner, ep, rp.detach(), Vp, sp, *params)
+    else:
+        read, acc, es, Vn, sn, _ = run_chunks(runner, ep, rp, Vp, sp, keep=False)
+    return read[:B, :T], acc[:B, :T], es[:B, :T], Vn[:B], sn[:B]
+
+
+def eager_runner_for(stack: ProcessingStack):
+    """A ``runner_for`` of eager chunk runners (CPU tests; also works on CUDA, ungraphed)."""
+    return lambda B, U, like: EagerRunner(stack, _Autocast(like.device.type), U)

@@ -1,0 +1,118 @@
+"""The chunked, checkpointed stack loop (stack_graph.py) against the step-by-step reference.
+
+On the CPU the chunk runner is eager (the graphs capture the same two chunk functions; their GPU
+test is test_stack_graph_cuda.py): this checks the autograd function, the checkpoints, the
+recompute in backward, the batch and time padding and the state carried between blocks.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from blocklm.model.config import StackConfig
+from blocklm.model.stack import ProcessingStack
+from blocklm.model.stack_block import stack_block
+from blocklm.model.stack_graph import batch_bucket, chunked_loop, eager_runner_for
+
+
+def _setup(seed=0, B=3, T=11, d=6, K=5):
+    torch.manual_seed(seed)
+    st = ProcessingStack(StackConfig(depth=K, width=4, hidden=8, max_steps=2), d)
+    x = torch.randn(B, T, d) * 2
+    V = torch.randn(B, K, 4)
+    s = torch.rand(B, K) * 0.5
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[1, 7:] = False  # a shorter example: padding at its end
+    return st, x, V, s, mask
+
+
+def _steps(st, x, V, s, mask):
+    ys = []
+    for t in range(x.shape[1]):
+        y, V, s, _ = st.step(x[:, t], V, s, mask[:, t])
+        ys.append(y)
+    return torch.stack(ys, 1), V, s
+
+
+def _chunked(U):
+    def fn(st, x, V, s, mask):
+        e = st.embed(x)
+        read, acc, es, V, s = chunked_loop(st, e, mask.to(s.dtype), V, s, U, eager_runner_for(st))
+        return st.output(read, acc, es), V, s
+    return fn
+
+
+def _two_blocks(fn, st, x, V, s, mask):
+    """Two blocks in a row, the second starting from the first's state (the trainer's case:
+    both forwards run before one backward)."""
+    T = x.shape[1] // 2
+    y1, V, s = fn(st, x[:, :T], V, s, mask[:, :T])
+    y2, V, s = fn(st, x[:, T:], V, s, mask[:, T:])
+    return torch.cat([y1, y2], 1), V, s
+
+
+def _grads(st, fn, x, V, s, mask):
+    xs = [t.clone().requires_grad_(True) for t in (x, V, s)]
+    y, V2, s2 = fn(st, *xs, mask)
+    gen = torch.Generator().manual_seed(1)
+    w = [torch.randn(t.shape, generator=gen) for t in (y, V2, s2)]
+    loss = sum((a.float() * b).sum() for a, b in zip((y, V2, s2), w))
+    return (y, V2, s2), torch.autograd.grad(loss, xs + list(st.parameters()), allow_unused=True)
+
+
+@pytest.mark.parametrize("U", [1, 3, 4])
+def test_chunked_loop_equals_step_loop_values_and_gradients(U):
+    """T=11 is no multiple of 3 or 4 (time padding), B=3 pads to 8 examples (batch padding)."""
+    st, x, V, s, mask = _setup()
+    ref_out, ref_g = _grads(st, _steps, x, V, s, mask)
+    out, g = _grads(st, _chunked(U), x, V, s, mask)
+    for a, b in zip(out + g, ref_out + ref_g):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_state_carried_across_blocks_values_and_gradients():
+    st, x, V, s, mask = _setup(seed=3, T=14)
+    mask[2, 5:] = False  # ends inside the first block: the second block is all padding for it
+    ref_out, ref_g = _grads(st, lambda *a: _two_blocks(_steps, *a), x, V, s, mask)
+    out, g = _grads(st, lambda *a: _two_blocks(_chunked(3), *a), x, V, s, mask)
+    for a, b in zip(out + g, ref_out + ref_g):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_autocast_is_reentered_in_the_recompute():
+    """Under bf16 autocast the recompute in backward must run the controller in bf16 as the
+    forward did (a recompute in fp32 would differ by bf16 rounding, ~1e-2). The reference is the
+    eager block under autocast without the weight-cast cache, as the chunks run: with the cache,
+    every step's bf16 weight gradient sums in bf16 into one cast (the controller's gradients
+    differ by ~3e-2 there, and the chunked sums, per step in fp32, are the closer to fp32)."""
+    st, x, V, s, mask = _setup(seed=4, B=4, K=16)
+
+    def under_autocast(fn):
+        def run(*a):
+            with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
+                return fn(*a)
+        return run
+    ref_out, ref_g = _grads(st, under_autocast(stack_block), x, V, s, mask)
+    out, g = _grads(st, under_autocast(_chunked(4)), x, V, s, mask)
+    fp32_g = _grads(st, stack_block, x, V, s, mask)[1]
+    for a, b in zip(out + g, ref_out + ref_g):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert max(float((a - b).abs().max()) for a, b in zip(g, fp32_g)) > 1e-3  # bf16 ran
+
+
+def test_no_grad_forward_equals_reference():
+    st, x, V, s, mask = _setup(seed=5)
+    with torch.no_grad():
+        ref = _steps(st, x, V, s, mask)
+        out = _chunked(4)(st, x, V, s, mask)
+    for a, b in zip(out, ref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_batch_bucket_pads_little_and_to_few_sizes():
+    sizes = {batch_bucket(b) for b in range(1, 1025)}
+    assert len(sizes) <= 48
+    for b in range(1, 1025):
+        p = batch_bucket(b)
+        assert p >= b and p % 8 == 0 and (b < 64 or p < b * 1.125)
