@@ -1,6 +1,6 @@
 """``blocktool bench train``: training throughput of a preset on the GPU, where the step goes.
 
-For each dataset and each variant (stack off / stack on, eager loop / stack on, compiled loop) it
+For each dataset and each variant (stack off / on with the eager loop / compiled / CUDA graphs) it
 builds a fresh :class:`blocklm.tools.train.loop.Trainer`, runs ``--warmup`` optimizer steps (the
 first compiles and autotunes), optionally profiles ``--profile-steps`` steps with torch.profiler
 (GPU kernel time per category), then times optimizer steps until ``--steps`` or ``--seconds``.
@@ -27,8 +27,11 @@ import click
 PEAK_TFLOPS = 989.0  # H200 SXM dense bf16
 VARIANTS = {
     "off": ["model.decoder.stack.enabled=false"],
-    "eager": ["model.decoder.stack.enabled=true", "model.decoder.stack.compile=false"],
-    "compiled": ["model.decoder.stack.enabled=true", "model.decoder.stack.compile=true"],
+    "eager": ["model.decoder.stack.enabled=true", "model.decoder.stack.compile=false",
+              "model.decoder.stack.graphs=false"],
+    "compiled": ["model.decoder.stack.enabled=true", "model.decoder.stack.compile=true",
+                 "model.decoder.stack.graphs=false"],
+    "graphs": ["model.decoder.stack.enabled=true", "model.decoder.stack.graphs=true"],
 }
 _KERNEL_KINDS = (  # first match wins: (category, substrings of the CUDA kernel name)
     ("banked attention (Triton)", ("fwd_h", "fwd_o", "bwd_dh", "bwd_dqk", "bwd_dv", "bwd_hdot",
