@@ -1,0 +1,91 @@
+"""Cost of one sequential stack step on the GPU, eager loop against CUDA graphs (stack_graph.py).
+
+``python -m blocklm.model.stack_timing [--json out.json]``: the `small` preset's stack (K=256,
+W=64, Hd=256, 2 ponder iterations, d_model 768) over blocks of B examples x T steps under bf16
+autocast, forward + backward, side by side in one process; prints ms per sequential step (wall
+time over T, after a synchronize), the graphs' first call (capture) and peak memory; a table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from .config import StackConfig
+from .stack import ProcessingStack
+from .stack_block import stack_block
+
+SHAPES = ((11, 240), (64, 128), (300, 96))  # an image batch, a mid batch, a text batch
+
+
+def _once(st, x, V, s, mask) -> float:
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y, V2, s2 = stack_block(st, x, V, s, mask)
+    loss = y.float().square().mean() + V2.mean() + s2.mean()
+    loss.backward()
+    torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def measure(variant: str, B: int, T: int, reps: int) -> dict:
+    """One (variant, shape): 'eager' or 'graphs-U' (U steps a graph)."""
+    torch.manual_seed(0)
+    graphs = variant.startswith("graphs")
+    cfg = StackConfig(depth=256, width=64, hidden=256, max_steps=2, graphs=graphs,
+                      graph_unroll=int(variant.split("-")[1]) if graphs else 8)
+    st = ProcessingStack(cfg, 768).cuda()
+    x = torch.randn(B, T, 768, device="cuda", requires_grad=True)
+    V = torch.randn(B, 256, 64, device="cuda").requires_grad_(True)
+    s = (torch.rand(B, 256, device="cuda") * 0.05).requires_grad_(True)
+    mask = torch.ones(B, T, dtype=torch.bool, device="cuda")
+    torch.cuda.reset_peak_memory_stats()
+    first = _once(st, x, V, s, mask)  # graphs: capture; eager: allocator warm-up
+    times = sorted(_once(st, x, V, s, mask) for _ in range(reps))
+    med = times[len(times) // 2]
+    return {"variant": variant, "B": B, "T": T, "first_s": round(first, 3),
+            "ms_per_step": round(med / T * 1e3, 3), "block_s": round(med, 4),
+            "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--variants", default="eager,graphs-4,graphs-8,graphs-16")
+    a = ap.parse_args()
+    rows = []
+    for B, T in SHAPES:
+        for v in a.variants.split(","):
+            try:
+                r = measure(v, B, T, a.reps if v != "eager" else 1)
+            except Exception as e:  # one failing variant must not lose the others' figures
+                r = {"variant": v, "B": B, "T": T, "error": f"{type(e).__name__}: {e}"[:300]}
+            rows.append(r)
+            print(json.dumps(r), flush=True)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    print(f"{'B':>4} {'T':>4} {'variant':<10} {'ms/step':>8} {'x eager':>8} {'first s':>8} "
+          f"{'peak GiB':>8}")
+    for B, T in SHAPES:
+        base = next((r["ms_per_step"] for r in rows
+                     if (r["B"], r["T"]) == (B, T) and r["variant"] == "eager"
+                     and "error" not in r), None)
+        for r in rows:
+            if (r["B"], r["T"]) != (B, T):
+                continue
+            if "error" in r:
+                print(f"{B:>4} {T:>4} {r['variant']:<10} {r['error'][:60]}")
+                continue
+            sp = f"{base / r['ms_per_step']:.1f}" if base else "-"
+            print(f"{B:>4} {T:>4} {r['variant']:<10} {r['ms_per_step']:>8} {sp:>8} "
+                  f"{r['first_s']:>8} {r['peak_gib']:>8}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""The stack loop as CUDA graphs (stack_graph.py) against the eager step loop, on the GPU.
+
+Skipped without CUDA; run on the device (output in model/GPU_NOTES.md)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from blocklm.model.config import StackConfig
+from blocklm.model.stack import ProcessingStack
+from blocklm.model.stack_block import stack_block
+from blocklm.model.stack_graph import _CACHE, chunked_loop, eager_runner_for
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def _setup(seed, B, T, K=32, W=16, Hd=32, d=48):
+    torch.manual_seed(seed)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    cfg = StackConfig(depth=K, width=W, hidden=Hd, max_steps=2, graphs=True, graph_unroll=4)
+    st = ProcessingStack(cfg, d).cuda()
+    x = torch.randn(B, T, d, device="cuda")
+    V, s = torch.randn(B, K, W, device="cuda"), torch.rand(B, K, device="cuda") * 0.3
+    mask = torch.ones(B, T, dtype=torch.bool, device="cuda")
+    mask[min(2, B - 1), T // 2 + 1:] = False
+    return st, x, V, s, mask
+
+
+def _steps(st, x, V, s, mask):
+    ys = []
+    for t in range(x.shape[1]):
+        y, V, s, _ = st.step(x[:, t], V, s, mask[:, t])
+        ys.append(y)
+    return torch.stack(ys, 1), V, s
+
+
+def _chunked_eager(st, x, V, s, mask):
+    read, acc, es, V, s = chunked_loop(st, st.embed(x), mask.float(), V, s, 4,
+                                       eager_runner_for(st))
+    return st.output(read, acc, es), V, s
+
+
+def _run(st, fn, x, V, s, mask, autocast=False, blocks=2):
+    """``blocks`` blocks in a row from the carried state, both forwards before one backward."""
+    xs = [t.clone().requires_grad_(True) for t in (x, V, s)]
+    T = x.shape[1] // blocks
+    ys, V2, s2 = [], xs[1], xs[2]
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        for b in range(blocks):
+            sl = slice(b * T, (b + 1) * T)
+            y, V2, s2 = fn(st, xs[0][:, sl], V2, s2, mask[:, sl])
+            ys.append(y)
+    y = torch.cat(ys, 1)
+    loss = (y.float() ** 2).sum() + (V2 * 0.1).sum() + s2.sum()
+    return [y.float(), V2, s2] + list(torch.autograd.grad(loss, xs + list(st.parameters())))
+
+
+def test_graphs_match_the_step_loop_fp32():
+    st, x, V, s, mask = _setup(0, B=5, T=2 * 11)  # 11 steps a block: time padding to 12
+    for a, b in zip(_run(st, stack_block, x, V, s, mask), _run(st, _steps, x, V, s, mask)):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_graphs_under_bf16_autocast():
+    """Against the same chunks run eagerly (same ops: tight) and the eager block (bf16)."""
+    st, x, V, s, mask = _setup(1, B=7, T=2 * 9)
+    got = _run(st, stack_block, x, V, s, mask, autocast=True)
+    for a, b in zip(got, _run(st, _chunked_eager, x, V, s, mask, autocast=True)):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    st.cfg.graphs = False
+    for a, b in zip(got, _run(st, stack_block, x, V, s, mask, autocast=True)):
+        torch.testing.assert_close(a, b, atol=5e-2, rtol=5e-2)
+
+
+def test_graphs_reused_across_batches_and_see_parameter_updates():
+    st, x, V, s, mask = _setup(2, B=6, T=8)
+    _run(st, stack_block, x, V, s, mask, blocks=1)
+    n = len(_CACHE[st])
+    st2, x2, V2, s2, mask2 = _setup(3, B=3, T=8)  # another batch of the same bucket (8)
+    with torch.no_grad():
+        for p in st.parameters():  # an optimizer step: in place, the graphs must see it
+            p.add_(torch.randn_like(p) * 0.05)
+    got = _run(st, stack_block, x2, V2, s2, mask2, blocks=1)
+    assert len(_CACHE[st]) == n  # no new capture
+    for a, b in zip(got, _run(st, _steps, x2, V2, s2, mask2, blocks=1)):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    with torch.no_grad():  # the no-grad forward (evaluation) too
+        for a, b in zip(stack_block(st, x2, V2, s2, mask2), _steps(st, x2, V2, s2, mask2)):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
