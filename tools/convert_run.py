@@ -36,7 +36,7 @@ from .convert_sources import detect_kind, iter_input
 
 REPORT = "report.json"
 JOURNAL = "progress.json"
-VERSION = 1
+VERSION = 2  # 2: small payloads compressed at other zstd settings (a v1 run is not resumed)
 WINDOW = 4096  # items shared out between the parent and the helpers at a time
 
 

@@ -235,3 +235,48 @@ def test_a_background_sync_error_is_raised(tmp_path, monkeypatch):
         w.close()
     w.abort()
     assert not [n for n in os.listdir(tmp_path / "d") if n.endswith(".tar")]
+
+
+_METAS = [{}, {"sample_rate": 8000, "subtype": "PCM_16"}, {"x": True}, {"x": 1}, {"x": 1.0},
+          {"x": -0.0}, {"x": None}, {"b": "ü \"quote\" \\ /\n\t\x01", "a": 2**70},
+          {"z": 1e300, "y": -3, "x": "日本"}]
+
+
+def test_fast_headers_and_index_equal_canonical_json():
+    """formats/headers.py builds the same bytes as json.dumps (sample headers, index entries),
+    with metadata of every scalar type, including values that are equal as dict keys (1, True,
+    1.0) but not as JSON, each seen twice (the second time from the cache)."""
+    from blocklm.formats.block import canonical_json
+    from blocklm.formats.headers import header_bytes, index_bytes
+    from blocklm.formats.index import BlockInfo, IndexEntry, ShardIndex, sample_header_bytes
+
+    entries = []
+    for rep in range(2):
+        for i, meta in enumerate(_METAS):
+            blocks = [BlockInfo("audio", (i, 1), "wav", dict(meta), 10 * i, 7 * i, bool(i % 2),
+                                f"{i:016x}", 1536 + i),
+                      BlockInfo("text", (), "utf8", {}, 0, 0, False, "0" * 16, 9_000_000_000)]
+            key = f"dir/k-{rep}_{i}"
+            assert header_bytes(key, blocks) == sample_header_bytes(key, blocks)
+            entries.append(IndexEntry(key, 512 * i, 4096 + i, blocks))
+    assert index_bytes("s-000001.tar", 123_456, entries) == \
+        ShardIndex("s-000001.tar", 123_456, entries).to_bytes()
+    assert canonical_json({"x": True}) != canonical_json({"x": 1})  # what the cache must keep
+
+
+def test_small_and_large_payloads_compress_by_size_alone():
+    """SPEC.md: below 64 KiB level 1 with min match 7, from 64 KiB level 3; both decompress."""
+    import zstandard
+
+    from blocklm.formats.writer import ZSTD_SMALL, SampleEncoder
+
+    enc = SampleEncoder()
+    small, large = b"abcdefgh" * 1000, bytes(range(256)) * (ZSTD_SMALL // 256 + 1)
+    l1 = zstandard.ZstdCompressor(compression_params=zstandard.ZstdCompressionParameters
+                                  .from_level(1, min_match=7, write_content_size=True,
+                                              write_checksum=False))
+    l3 = zstandard.ZstdCompressor(level=3, write_content_size=True, write_checksum=False)
+    assert enc.compress(small) == l1.compress(small) == SampleEncoder().compress(small)
+    assert enc.compress(large) == l3.compress(large)
+    for data in (small, large):
+        assert zstandard.ZstdDecompressor().decompress(enc.compress(data)) == data
