@@ -31,7 +31,8 @@ from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
+from torch.func import functional_call
 
 from .stack import ProcessingStack
 from .stack_block import ponder_steps
@@ -69,12 +70,26 @@ class _Autocast:
         return (self.enabled, self.dtype if self.enabled else None)
 
 
+class _Ponder(nn.Module):
+    """:func:`ponder_steps` as a module, so ``functional_call`` can swap its parameters."""
+
+    def __init__(self, stack: ProcessingStack) -> None:
+        super().__init__()
+        self.stack = stack
+
+    def forward(self, e, r, V, s):
+        return ponder_steps(self.stack, e, r, V, s)
+
+
 class EagerRunner:
     """One chunk forward / recompute+backward with eager ops (the CPU path of the tests, and the
     body every :class:`GraphRunner` captures)."""
 
     def __init__(self, stack: ProcessingStack, autocast: _Autocast, U: int) -> None:
         self.stack, self.autocast, self.U = stack, autocast, U
+        self.ponder = _Ponder(stack)
+        name_of = {id(p): n for n, p in self.ponder.named_parameters()}
+        self.names = [name_of[id(p)] for p in stack_params(stack)]
         self.grads = [torch.zeros_like(p) for p in stack_params(stack)]
 
     def zero_grads(self) -> None:
@@ -89,10 +104,15 @@ class EagerRunner:
     def backward(self, e, r, V, s, g_read, g_acc, g_e, g_V, g_s):
         """Recompute the chunk from its checkpoint and back-propagate: -> de [B,U,Hd], dV, ds
         at the chunk's start; parameter gradients are added to ``self.grads``."""
-        params = stack_params(self.stack)
+        # differentiate w.r.t. fresh aliases of the parameters (same storage), not the
+        # parameters: a parameter's gradient accumulator node, once created on the default
+        # stream by the autograd graph of an earlier block still alive, would make this capture
+        # wait on the default stream and invalidate it (the trainer's case, device call S1)
+        params = [p.detach().requires_grad_(True) for p in stack_params(self.stack)]
         with torch.enable_grad(), self.autocast():
             xs = [t.detach().requires_grad_(True) for t in (e, V, s)]
-            outs = ponder_steps(self.stack, xs[0], r, xs[1], xs[2])
+            outs = functional_call(self.ponder, dict(zip(self.names, params)),
+                                   (xs[0], r, xs[1], xs[2]))
             gs = torch.autograd.grad(outs, xs + params, (g_read, g_acc, g_e, g_V, g_s),
                                      allow_unused=True, materialize_grads=True)
         torch._foreach_add_(self.grads, list(gs[3:]))
@@ -117,10 +137,13 @@ class GraphRunner(EagerRunner):
                 EagerRunner.backward(self, *self.inp, *self.gin)
         torch.cuda.current_stream(like.device).wait_stream(side)
         self.fg, self.bg = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.fg, pool=pool):
+        # thread_local: the loader's threads may call CUDA while this thread captures
+        with torch.cuda.graph(self.fg, pool=pool, capture_error_mode="thread_local"):
             self.fout = EagerRunner.forward(self, *self.inp)
-        with torch.cuda.graph(self.bg, pool=pool):
+        with torch.cuda.graph(self.bg, pool=pool, capture_error_mode="thread_local"):
             self.bout = EagerRunner.backward(self, *self.inp, *self.gin)
+        # the cache is keyed weakly on the stack: a runner holding it would keep it alive
+        self.stack = self.ponder = None
 
     def forward(self, e, r, V, s):
         for dst, src in zip(self.inp, (e, r, V, s)):
