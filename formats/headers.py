@@ -57,10 +57,45 @@ def block_json(b: BlockInfo) -> tuple[str, str]:
     return head, tail
 
 
-def header_bytes(key: str, blocks: list[BlockInfo]) -> bytes:
-    """The ``KEY.blocks.json`` member: equal to ``index.sample_header_bytes(key, blocks)``."""
-    body = ",".join([h + t for h, t in map(block_json, blocks)])
+def header_bytes(key: str, blocks: list[BlockInfo],
+                 cut: list[tuple[str, str]] | None = None) -> bytes:
+    """The ``KEY.blocks.json`` member: equal to ``index.sample_header_bytes(key, blocks)``.
+    ``cut``: a list that receives each block's :func:`block_json` (for :func:`entry_template`)."""
+    parts = list(map(block_json, blocks))
+    if cut is not None:
+        cut.extend(parts)
+    body = ",".join([h + t for h, t in parts])
     return f'{{"blocklm":1,"blocks":[{body}],"key":{_js(key)}}}'.encode()
+
+
+def entry_template(key: str, size: int, blocks: list[BlockInfo],
+                   cut: list[tuple[str, str]]) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """A sample's index entry with its offsets left open: ``(pieces, offsets)``, the block
+    offsets relative to the sample's start, then 0 (the sample itself). :func:`render` fills
+    them in once the writer knows where the sample lies, so an encoder (in any process) does
+    the formatting and the writer's index costs one join per sample."""
+    pieces, offsets = [], []
+    cur = '{"blocks":['
+    for i, (b, (head, tail)) in enumerate(zip(blocks, cut)):
+        pieces.append(f'{cur}{"," if i else ""}{head}"offset":')
+        offsets.append(b.offset)
+        cur = "," + tail
+    pieces.append(f'{cur}],"key":{_js(key)},"offset":')
+    offsets.append(0)
+    pieces.append(f',"size":{size:d}}}')
+    return tuple(pieces), tuple(offsets)
+
+
+def render(template: tuple[tuple[str, ...], tuple[int, ...]], base: int) -> str:
+    """The index entry of :func:`entry_template` for a sample starting at byte ``base``."""
+    pieces, offsets = template
+    if len(offsets) == 2:  # one block: most samples
+        return f"{pieces[0]}{base + offsets[0]:d}{pieces[1]}{base:d}{pieces[2]}"
+    out = [pieces[0]]
+    for piece, off in zip(pieces[1:], offsets):
+        out.append(f"{base + off:d}")
+        out.append(piece)
+    return "".join(out)
 
 
 def entry_json(e: IndexEntry) -> str:
@@ -71,8 +106,10 @@ def entry_json(e: IndexEntry) -> str:
             f'"size":{e.size:d}}}')
 
 
-def index_bytes(shard: str, shard_bytes: int, samples: list[IndexEntry]) -> bytes:
-    """A shard index: equal to ``ShardIndex(shard, shard_bytes, samples).to_bytes()``."""
-    body = ",".join(map(entry_json, samples))
+def index_bytes(shard: str, shard_bytes: int, samples: list[IndexEntry] | list[str]) -> bytes:
+    """A shard index: equal to ``ShardIndex(shard, shard_bytes, samples).to_bytes()``; the
+    samples as entries or as their :func:`entry_json` texts."""
+    body = ",".join(samples if samples and isinstance(samples[0], str) else
+                    map(entry_json, samples))
     return (f'{{"blocklm_index":{INDEX_VERSION},"samples":[{body}],"shard":{_js(shard)},'
             f'"shard_bytes":{shard_bytes:d}}}').encode()

@@ -16,7 +16,7 @@ import zstandard
 from .block import Block, Sample, check_key
 from .codecs import codec_info
 from .errors import FormatError
-from .headers import header_bytes, index_bytes
+from .headers import entry_json, entry_template, header_bytes, index_bytes, render
 from .index import (
     MANIFEST_NAME,
     BlockInfo,
@@ -94,6 +94,12 @@ class SampleEncoder:
         ``validated``: the caller vouches that the blocks have not changed since they were built
         (``Block.__post_init__`` validated their fields), so that check is not run twice.
         """
+        return self.encode_indexed(sample, validated)[:2]
+
+    def encode_indexed(self, sample: Sample, validated: bool = False
+                       ) -> tuple[list[bytes], IndexEntry, tuple]:
+        """:meth:`encode_parts` plus the entry's index text with its offsets left open
+        (``headers.entry_template``), for :meth:`ShardWriter.write_encoded`."""
         key = check_key(sample.key)
         if len(sample.blocks) > self.limits.max_blocks:
             raise FormatError(f"{len(sample.blocks)} blocks > limit {self.limits.max_blocks}",
@@ -113,7 +119,8 @@ class SampleEncoder:
             stored_list.append(stored)
             infos.append(BlockInfo(b.mode, b.shape, b.codec, b.meta, len(b.payload), len(stored),
                                    zstd, checksum(stored)))
-        header = header_bytes(key, infos)
+        cut: list[tuple[str, str]] = []
+        header = header_bytes(key, infos, cut)
         parts = [member_header(header_member(key), len(header)), header,
                  b"\0" * (padded(len(header)) - len(header))]
         pos = BLOCK + padded(len(header))
@@ -123,7 +130,7 @@ class SampleEncoder:
             parts.append(stored)
             parts.append(b"\0" * (padded(len(stored)) - len(stored)))
             pos += BLOCK + padded(len(stored))
-        return parts, IndexEntry(key, 0, pos, infos)
+        return parts, IndexEntry(key, 0, pos, infos), entry_template(key, pos, infos, cut)
 
     def encode(self, sample: Sample, validated: bool = False) -> tuple[bytes, IndexEntry]:
         """Members of ``sample`` as tar bytes and its index entry, offsets relative to its start
@@ -155,6 +162,7 @@ class ShardWriter:
         self._file = None
         self._name = ""
         self._entries: list[IndexEntry] = []
+        self._json: list[str] = []  # the open shard's index entries as text
         self._keys: set[str] = set()
         self._pos = 0
         self._span: tuple[int, int, int] | None = None  # pending write_span run: fd, offset, size
@@ -176,12 +184,14 @@ class ShardWriter:
         """Append one sample; keys must be unique within a shard."""
         if self.closed:
             raise FormatError("write() on a closed ShardWriter")
-        self.write_encoded(*self._encoder.encode(sample))
+        self.write_encoded(*self._encoder.encode_indexed(sample))
 
-    def write_encoded(self, data: bytes | list[bytes], entry: IndexEntry) -> None:
+    def write_encoded(self, data: bytes | list[bytes], entry: IndexEntry,
+                      template: tuple | None = None) -> None:
         """Append a sample already encoded by :meth:`SampleEncoder.encode` (e.g. in a worker
         process: encoding is the costly part, writing stays in order in one process), or the
-        list of byte strings :meth:`SampleEncoder.encode_parts` gives (no joined copy)."""
+        list of byte strings :meth:`SampleEncoder.encode_parts` gives (no joined copy);
+        ``template``: the entry's index text from :meth:`SampleEncoder.encode_indexed`."""
         if self.closed:
             raise FormatError("write_encoded() on a closed ShardWriter")
         if isinstance(data, list):
@@ -197,11 +207,12 @@ class ShardWriter:
         self.flush_spans()
         self._file.writelines(data)
         entry.size = size
-        self._add_entry(entry)
+        self._add_entry(entry, template)
         if self._pos - self._synced >= SYNC_AHEAD:
             self._sync_ahead()
 
-    def write_span(self, src_fd: int, src_offset: int, entry: IndexEntry) -> None:
+    def write_span(self, src_fd: int, src_offset: int, entry: IndexEntry,
+                   template: tuple | None = None) -> None:
         """Append a sample already encoded into a file (``entry.size`` bytes at ``src_offset`` of
         ``src_fd``, e.g. a worker's spill file), with the same shard boundaries as
         :meth:`write_encoded`. The bytes are copied in the kernel (``copy_file_range``), runs of
@@ -221,7 +232,7 @@ class ShardWriter:
             span = None
         self._span = (src_fd, src_offset, entry.size) if span is None else \
             (src_fd, span[1], span[2] + entry.size)
-        self._add_entry(entry)
+        self._add_entry(entry, template)
 
     def flush_spans(self) -> None:
         """Copy the pending run of :meth:`write_span` samples into the open shard."""
@@ -276,10 +287,14 @@ class ShardWriter:
         if err is not None:
             raise err
 
-    def _add_entry(self, entry: IndexEntry) -> None:
+    def _add_entry(self, entry: IndexEntry, template: tuple | None) -> None:
+        if template is not None:  # the index text now: no sweep over the entries at the end
+            self._json.append(render(template, self._pos))
         entry.offset += self._pos
         for b in entry.blocks:
             b.offset += self._pos
+        if template is None:
+            self._json.append(entry_json(entry))
         self._keys.add(entry.key)
         self._entries.append(entry)
         self._pos += entry.size
@@ -294,7 +309,7 @@ class ShardWriter:
         self._name = shard_name(self.prefix, self.next_number)
         self.next_number += 1
         self._file = open(self.out_dir / (self._name + ".tmp"), "wb")
-        self._entries, self._keys, self._pos, self._synced = [], set(), 0, 0
+        self._entries, self._json, self._keys, self._pos, self._synced = [], [], set(), 0, 0
 
     def _finish_shard(self) -> None:
         self.flush_spans()
@@ -306,7 +321,7 @@ class ShardWriter:
         f.close()
         self._file = None
         size = self._pos + len(END_OF_ARCHIVE)
-        idx = index_bytes(self._name, size, self._entries)
+        idx = index_bytes(self._name, size, self._json)
         iname = index_name(self._name)
         atomic_write(self.out_dir / iname, idx)
         os.replace(self.out_dir / (self._name + ".tmp"), self.out_dir / self._name)

@@ -68,10 +68,10 @@ class Result:
     them), or a rejection reason."""
 
     source: str
-    encoded: tuple | None = None  # (byte strings, IndexEntry) from SampleEncoder.encode_parts
+    encoded: tuple | None = None  # (byte strings, IndexEntry, index template): encode_indexed
     payload_bytes: int = 0
     error: str | None = None
-    spill: tuple | None = None  # (fd, offset, IndexEntry): entry.size bytes in a spill file
+    spill: tuple | None = None  # (fd, offset, IndexEntry, template): entry.size bytes in a file
 
 
 def how_for_ext(ext: str) -> str | None:
@@ -196,26 +196,26 @@ def encoder() -> SampleEncoder:
     return _ENCODER
 
 
-def encode_item(item: Item, deep_check: bool = False) -> tuple[list[bytes], object, int]:
-    """``(members as byte strings, IndexEntry, payload bytes)`` of the item's sample; raises
-    :class:`Rejected` with the reason."""
+def encode_item(item: Item, deep_check: bool = False) -> tuple[list[bytes], object, tuple, int]:
+    """``(members as byte strings, IndexEntry, index template, payload bytes)`` of the item's
+    sample (``SampleEncoder.encode_indexed``); raises :class:`Rejected` with the reason."""
     sample = build_sample(item, deep_check)
     try:
         # the blocks were validated when built (Block.__post_init__) and nothing changed them
-        parts, entry = encoder().encode_parts(sample, validated=True)
+        parts, entry, template = encoder().encode_indexed(sample, validated=True)
     except (FormatError, ValueError) as e:
         raise Rejected(_OBJ_REPR.sub("the data", str(e))) from None
-    return parts, entry, sum(len(b.payload) for b in sample.blocks)
+    return parts, entry, template, sum(len(b.payload) for b in sample.blocks)
 
 
 def process(item: Item, deep_check: bool = False) -> Result:
     """The item's encoded sample, or the reason it is rejected (``deep_check``: see
     :func:`build_block`)."""
     try:
-        parts, entry, payload = encode_item(item, deep_check)
+        parts, entry, template, payload = encode_item(item, deep_check)
     except Rejected as e:
         return Result(item.source, error=str(e))
-    return Result(item.source, (parts, entry), payload)
+    return Result(item.source, (parts, entry, template), payload)
 
 
 _OBJ_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-f]+>")  # keeps reasons the same on every run

@@ -1,17 +1,20 @@
 """Parallel conversion with no sample bytes through pipes: the parent works too, helpers spill.
 
 With ``--workers N`` the parent and ``N-1`` forked helper processes claim contiguous chunks of
-the input list (a window of it: ``convert_run.WINDOW``) from a shared pair of counters: the parent
-from the front, the helpers from the back, until they meet; each claim takes a share of what is
-left, so claims shrink as they meet. The
-parent converts its chunks in input order straight into the shards (no copy at all). A helper
-converts a chunk into a spill file (``OUT/PREFIX-spill-PID.tmp/NNNNNN``: the encoded samples in
-order), writes the per-item summaries (source, rejection reason or index entry) beside it
-(``NNNNNN.rec``) and sends the parent a short note. Once its front run is done, the parent takes
-the helpers' chunks in input order and hands each sample to :meth:`ShardWriter.write_span`, which
-sets the shard boundaries exactly as for in-process writing and copies the bytes in the kernel
-(``copy_file_range``). So the shards are byte-identical whatever ``N`` and however the chunks were
-shared out, and only the helpers' share of the bytes is written twice.
+the input list (a window of it: ``convert_run.WINDOW``) in input order from one shared counter;
+each claim takes a share of what is left, so claims shrink towards the end and nobody waits long
+for the last one. A helper converts its chunk into a spill file
+(``OUT/PREFIX-spill-PID.tmp/NNNNNNNNN``: the encoded samples in order), writes the per-item
+summaries (source, rejection reason or index entry) beside it (``.rec``) and sends the parent a
+short note. The parent yields every result in input order: its own chunk straight into the
+shards when it is the next one, else held in memory until the chunks before it are written (at
+most ``HOLD_BYTES``, beyond which it waits for the helpers instead of claiming more); a helper's
+chunk, as soon as it is the next one, through :meth:`ShardWriter.write_span`, which sets the
+shard boundaries exactly as for in-process writing and copies the bytes in the kernel
+(``copy_file_range``). So the shards are byte-identical whatever ``N`` and however the chunks
+were shared out, only the helpers' share of the bytes is written twice, and the copies are
+spread over the run instead of left to its end (the helpers used to claim from the back, which
+left the parent copying all their chunks alone after the meeting point).
 
 Why not a ``multiprocessing.Pool`` that returns encoded samples (the design before): pickling
 ~45 MB of samples through pipes to an otherwise idle parent made 2 workers slower than 1 on
@@ -41,6 +44,7 @@ from .convert_items import Item, Rejected, Result, encode_item, process
 
 MIN_CHUNK = 8  # items: the smallest claim (each helper claim costs a spill file and a note)
 MAX_CHUNK = 256  # items: the largest claim; bounds a spill file
+HOLD_BYTES = 64 << 20  # the parent's converted chunks held in memory, waiting for their turn
 
 
 @contextmanager
@@ -75,26 +79,26 @@ def stale_spill_dirs(out: Path, prefix: str) -> list[Path]:
 
 def claim_size(remaining: int, n_workers: int) -> int:
     """Items in the next claim: a share of what is left (guided self-scheduling), so claims
-    shrink as the parent and the helpers meet and neither waits long for the other's last one."""
+    shrink towards the end and nobody waits long for another's last one."""
     return min(remaining, max(MIN_CHUNK, min(MAX_CHUNK, remaining // (2 * n_workers))))
 
 
 def convert_chunk(start: int, items: list[Item], folder: str,
                   deep_check: bool) -> tuple[str, list[tuple]]:
     """Convert one chunk (the window's items from ``start``) into its spill file; returns the
-    file's path and, per item, ``(source, error, entry, payload_bytes)`` (``error`` None for a
-    converted item)."""
+    file's path and, per item, ``(source, error, entry, index template, payload_bytes)``
+    (``error`` None for a converted item)."""
     path = os.path.join(folder, f"{start:09d}")
     records = []
     with open(path, "wb") as f:
         for it in items:
             try:
-                parts, entry, payload = encode_item(it, deep_check)
+                parts, entry, template, payload = encode_item(it, deep_check)
             except Rejected as e:
-                records.append((it.source, str(e), None, 0))
+                records.append((it.source, str(e), None, None, 0))
                 continue
             f.writelines(parts)
-            records.append((it.source, None, _flat(entry), payload))
+            records.append((it.source, None, _flat(entry), template, payload))
     return path, records
 
 
@@ -109,17 +113,27 @@ def _entry(t: tuple) -> IndexEntry:
     return IndexEntry(t[0], t[1], t[2], [BlockInfo(*b) for b in t[3]])
 
 
-def _helper(items, n_workers: int, lo, hi, conn, folder: str, deep_check: bool,
+def claim(nxt, n: int, n_workers: int) -> tuple[int, int] | None:
+    """The next chunk ``(start, end)`` of the ``n`` items from the shared counter ``nxt``, or
+    None when every item is claimed."""
+    with nxt.get_lock():
+        a = nxt.value
+        if a >= n:
+            return None
+        b = nxt.value = a + claim_size(n - a, n_workers)
+    return a, b
+
+
+def _helper(items, n_workers: int, nxt, conn, folder: str, deep_check: bool,
             parent: int) -> None:
-    """A helper process: claim chunks from the back until the parent's front run meets them."""
+    """A helper process: claim chunks in order until none is left."""
     a = -1
     try:
         while os.getppid() == parent:  # an orphan (parent killed) stops
-            with lo.get_lock():
-                if lo.value >= hi.value:
-                    break
-                b = hi.value
-                a = hi.value = b - claim_size(b - lo.value, n_workers)
+            chunk = claim(nxt, len(items), n_workers)
+            if chunk is None:
+                break
+            a, b = chunk
             path, records = convert_chunk(a, items[a:b], folder, deep_check)
             # the summaries go through a file and the pipe carries a short note: a pipe holds
             # ~64 KB, and a helper must never wait for the parent, busy with its own chunks
@@ -135,7 +149,7 @@ def _helper(items, n_workers: int, lo, hi, conn, folder: str, deep_check: bool,
 def parallel_results(items: list[Item], n_workers: int, folder: Path, flush: Callable[[], None],
                      deep_check: bool = False) -> Iterator[Result]:
     """Every item's :class:`Result` in input order, converted by the parent and ``n_workers-1``
-    helpers. A result with ``spill = (fd, offset, entry)`` goes to
+    helpers. A result with ``spill = (fd, offset, entry, template)`` goes to
     :meth:`ShardWriter.write_span`; ``flush`` (the writer's ``flush_spans``) is called before a
     spill file is closed."""
     n = len(items)
@@ -143,37 +157,47 @@ def parallel_results(items: list[Item], n_workers: int, folder: Path, flush: Cal
         yield from (process(it, deep_check) for it in items)
         return
     ctx = mp.get_context("fork")
-    lo, hi = ctx.Value("q", 0), ctx.Value("q", n, lock=False)  # hi: under lo's lock
+    nxt = ctx.Value("q", 0)
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     helpers: dict = {}  # receiving end -> process
     pending: dict[int, tuple] = {}  # helpers' finished chunks: start -> (end, path, records)
+    held: dict[int, tuple] = {}  # the parent's chunks waiting for their turn: start -> (end, results)
+    held_bytes = 0
     finished = False
     try:
         for _ in range(n_workers - 1):
             recv, send = ctx.Pipe(duplex=False)
             p = ctx.Process(target=_helper, daemon=True, args=(
-                items, n_workers, lo, hi, send, str(folder), deep_check, os.getpid()))
+                items, n_workers, nxt, send, str(folder), deep_check, os.getpid()))
             p.start()
             send.close()  # only the helper holds it: its exit shows as EOF here
             helpers[recv] = p
-        at = 0  # the parent's front run: items before `at` went straight into the shards
-        while True:
-            with lo.get_lock():
-                if lo.value >= hi.value:
-                    break
-                a = lo.value
-                b = lo.value = a + claim_size(hi.value - a, n_workers)
-            yield from (process(it, deep_check) for it in items[a:b])
-            at = b
-            while any(conn.poll() for conn in helpers):  # take notes as they come
+        at = 0  # items before `at` are yielded
+        while at < n:
+            if at in held:
+                end, results = held.pop(at)
+                held_bytes -= _bytes(results)
+                yield from results
+                at = end
+            elif at in pending:
+                end, path, records = pending.pop(at)
+                yield from _spilled(path, records, flush)
+                at = end
+            elif any(conn.poll() for conn in helpers):  # take notes as they come
                 _receive(helpers, pending, at)
-        while at < n:  # the helpers' chunks, in input order
-            while at not in pending:
-                _receive(helpers, pending, at)
-            end, path, records = pending.pop(at)
-            yield from _spilled(path, records, flush)
-            at = end
+            else:  # the next chunk is not ready: convert another one, or wait for it
+                chunk = claim(nxt, n, n_workers) if held_bytes < HOLD_BYTES or \
+                    nxt.value == at else None
+                if chunk is None:
+                    _receive(helpers, pending, at)
+                elif chunk[0] == at:  # the next one: straight into the shards
+                    yield from (process(it, deep_check) for it in items[chunk[0]:chunk[1]])
+                    at = chunk[1]
+                else:
+                    results = [process(it, deep_check) for it in items[chunk[0]:chunk[1]]]
+                    held[chunk[0]] = (chunk[1], results)
+                    held_bytes += _bytes(results)
         finished = True
     finally:
         for conn, p in helpers.items():
@@ -184,6 +208,10 @@ def parallel_results(items: list[Item], n_workers: int, folder: Path, flush: Cal
                 p.join()
             conn.close()
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _bytes(results: list[Result]) -> int:
+    return sum(r.encoded[1].size for r in results if r.encoded is not None)
 
 
 def _receive(helpers: dict, pending: dict, want: int) -> None:
@@ -212,12 +240,12 @@ def _spilled(path: str, records: list[tuple], flush: Callable[[], None]) -> Iter
     fd = os.open(path, os.O_RDONLY)
     try:
         offset = 0
-        for source, error, entry, payload in records:
+        for source, error, entry, template, payload in records:
             if error is not None:
                 yield Result(source, error=error)
                 continue
             entry = _entry(entry)
-            yield Result(source, payload_bytes=payload, spill=(fd, offset, entry))
+            yield Result(source, payload_bytes=payload, spill=(fd, offset, entry, template))
             offset += entry.size
         flush()
     finally:

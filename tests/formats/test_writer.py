@@ -280,3 +280,22 @@ def test_small_and_large_payloads_compress_by_size_alone():
     assert enc.compress(large) == l3.compress(large)
     for data in (small, large):
         assert zstandard.ZstdDecompressor().decompress(enc.compress(data)) == data
+
+
+def test_index_from_templates_is_canonical(tmp_path):
+    """The index the writer assembles from per-sample templates (write) and from entries
+    (write_encoded without one) is the canonical JSON of what a reader loads back."""
+    from blocklm.formats.index import ShardIndex
+    from blocklm.formats.writer import SampleEncoder
+
+    samples, enc = _samples(9), SampleEncoder()
+    for d, with_template in (("t", True), ("e", False)):
+        with ShardWriter(tmp_path / d, max_samples=4) as w:
+            for s in samples:
+                parts, entry, template = enc.encode_indexed(s)
+                w.write_encoded(parts, entry, template if with_template else None)
+    for name in sorted(os.listdir(tmp_path / "t")):
+        data = (tmp_path / "t" / name).read_bytes()
+        assert data == (tmp_path / "e" / name).read_bytes(), name
+        if name.endswith(".index.json"):
+            assert ShardIndex.from_bytes(data).to_bytes() == data

@@ -18,31 +18,27 @@ def shard_bytes(out):
 
 
 def test_claims_cover_every_item_once_and_shrink():
-    """The parent's front claims and the helpers' back claims tile the items exactly."""
+    """Claims from the shared counter tile the items in order, and shrink towards the end."""
+    import multiprocessing as mp
+
     for n, w in [(9, 2), (100, 3), (2114, 2), (100_000, 8)]:
-        lo, hi, front, back = 0, n, [], []
-        while lo < hi:  # alternate: parent, then each helper
-            size = convert_parallel.claim_size(hi - lo, w)
-            front.append((lo, lo + size))
-            lo += size
-            for _ in range(w - 1):
-                if lo < hi:
-                    size = convert_parallel.claim_size(hi - lo, w)
-                    back.append((hi - size, hi))
-                    hi -= size
-        chunks = front + back[::-1]
+        nxt, chunks = mp.Value("q", 0), []
+        while (chunk := convert_parallel.claim(nxt, n, w)) is not None:
+            chunks.append(chunk)
         assert [i for a, b in chunks for i in range(a, b)] == list(range(n))
         assert all(b - a <= convert_parallel.MAX_CHUNK for a, b in chunks)
         if n > 1000:
-            assert chunks[-len(back)][1] - chunks[-len(back)][0] < chunks[0][1] - chunks[0][0]
+            assert chunks[-1][1] - chunks[-1][0] < chunks[0][1] - chunks[0][0]
 
 
-@pytest.mark.parametrize("smallest,largest,window", [(8, 256, 4096), (1, 2, 4096), (2, 3, 9)])
+@pytest.mark.parametrize("smallest,largest,window,hold", [(8, 256, 4096, 64 << 20),
+                                                         (1, 2, 4096, 64 << 20), (2, 3, 9, 0)])
 def test_spilled_chunks_and_shard_cuts_give_the_same_bytes(image_dir, audio_dir, small_text,
                                                            tmp_path, monkeypatch, smallest,
-                                                           largest, window):
+                                                           largest, window, hold):
     """Helpers' chunks (spill files, copied with write_span) cut by shard boundaries in the
-    middle, with rejections among them, in one window or many, equal a one-process run."""
+    middle, with rejections among them, in one window or many, the parent's chunks held for
+    their turn or (hold 0) the parent waiting for the helpers, equal a one-process run."""
     (audio_dir / "zz_bad.wav").write_bytes(b"RIFF....WAVE")
     inputs = [str(image_dir), str(audio_dir), str(small_text)]
     ref = tmp_path / "ref"
@@ -50,6 +46,7 @@ def test_spilled_chunks_and_shard_cuts_give_the_same_bytes(image_dir, audio_dir,
     monkeypatch.setattr(convert_parallel, "MIN_CHUNK", smallest)
     monkeypatch.setattr(convert_parallel, "MAX_CHUNK", largest)
     monkeypatch.setattr(convert_run, "WINDOW", window)
+    monkeypatch.setattr(convert_parallel, "HOLD_BYTES", hold)
     out = tmp_path / "j3"
     rep3 = run_convert(inputs, out, ConvertOptions(workers=3, shard_size=40_000, quiet=True))
     assert len([n for n in shard_bytes(ref) if n.endswith(".tar")]) > 3
@@ -106,11 +103,11 @@ def test_an_orphaned_helper_claims_nothing(tmp_path):
     """A helper whose parent is gone (its parent pid changed) stops before its next chunk."""
     import multiprocessing as mp
 
-    lo, hi = mp.Value("q", 0), mp.Value("q", 40, lock=False)
+    nxt = mp.Value("q", 0)
     recv, send = mp.Pipe(duplex=False)
-    convert_parallel._helper([None] * 40, 2, lo, hi, send, str(tmp_path), False,
+    convert_parallel._helper([None] * 40, 2, nxt, send, str(tmp_path), False,
                              parent=os.getppid() + 1)
-    assert hi.value == 40 and not os.listdir(tmp_path)
+    assert nxt.value == 0 and not os.listdir(tmp_path)
     with pytest.raises(EOFError):
         recv.recv()
 
