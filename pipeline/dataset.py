@@ -12,6 +12,8 @@ import os
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from itertools import repeat
+from operator import length_hint
 from typing import Any
 
 import numpy as np
@@ -90,6 +92,7 @@ class BlockDataset(IterableDataset):
                  limits: Limits = DEFAULT_LIMITS, index_cache_entries: int = 1 << 15,
                  map_cache_bytes: int = 1 << 30) -> None:
         super().__init__()
+        self._lives: set[_Live] = set()  # passes handing out a chunk (see _Live)
         self.config = LoaderConfig(shuffle, seed, shuffle_buffer, piece_samples, on_error, verify,
                                    rank, world_size)
         self.opener = opener if opener is not None else RemoteOpener(remote)
@@ -114,7 +117,20 @@ class BlockDataset(IterableDataset):
     def __getstate__(self) -> dict[str, Any]:
         d = dict(self.__dict__)
         d["_passes_this_epoch"] = 0  # a worker's copy counts its own passes
+        d["_lives"] = set()
         return d
+
+    @property
+    def stats(self) -> LoaderStats:
+        """What this dataset did in this process (:class:`LoaderStats`), up to the last sample
+        handed out."""
+        for live in self._lives:
+            live.sync()
+        return self._stats
+
+    @stats.setter
+    def stats(self, value: LoaderStats) -> None:
+        self._stats = value
 
     def _missing_shard(self, shard: DatasetShard, err: FormatError) -> None:
         self.stats.skip(err, shard.url, None)
@@ -269,15 +285,24 @@ class BlockDataset(IterableDataset):
         needed = np.sort(emit) if self.config.shuffle else emit
         shards, local = plan.locate(needed)
         reader = RunReader(self.urls, self.counts, self.index_xxh3, opener=self.opener,
-                           limits=self.limits, verify=self.config.verify, stats=self.stats,
+                           limits=self.limits, verify=self.config.verify, stats=self._stats,
                            indexes=self._indexes, maps=self._maps)
-        needed_l = needed.tolist()
-        chunks = reader.chunks(needed_l, shards.tolist(), local.tolist())
-        stream = _reorder(chunks, needed_l, emit.tolist()) if self.config.shuffle else chunks
-        p, stats, transform = self._pass, self.stats, self.transform
+        chunks = reader.chunks(shards, local)
+        stream = (_reorder(chunks, needed.tolist(), emit.tolist()) if self.config.shuffle
+                  else chunks)
+        p, stats, transform = self._pass, self._stats, self.transform
         raise_errors = self.config.on_error == "raise"
+        live = _Live(p, stats)
+        self._lives.add(live)
         try:
             for _, items in stream:
+                live.sync()  # the previous chunk, all of it consumed
+                if not any(map(isinstance, items, repeat(FormatError))):
+                    # handed out by the list's own iterator: no bytecode of ours per sample.
+                    # The counts follow the iterator (a state or stats read now syncs them).
+                    live.start(items)
+                    yield from live.it if transform is None else map(transform, live.it)
+                    continue
                 for s in items:
                     if s.__class__ is not Sample and isinstance(s, FormatError):
                         if raise_errors:
@@ -289,9 +314,35 @@ class BlockDataset(IterableDataset):
                     stats.samples += 1
                     yield s if transform is None else transform(s)
         finally:
+            live.sync()
+            self._lives.discard(live)
             stream.close()
             chunks.close()  # stops the read-ahead thread before the sources close
             reader.close()
+
+
+class _Live:
+    """The chunk a pass is handing out through the list's iterator, and how much of it the counts
+    (``yielded`` of the pass, ``stats.samples``) already include: :meth:`sync` brings them up to
+    the samples handed out, exactly as if each had been counted before its yield."""
+
+    __slots__ = ("p", "stats", "it", "n", "y0", "counted")
+
+    def __init__(self, p: dict[str, Any], stats: LoaderStats) -> None:
+        self.p, self.stats = p, stats
+        self.it: Iterator[Any] = iter(())
+        self.n = self.y0 = self.counted = 0
+
+    def start(self, items: list[Any]) -> None:
+        self.it = iter(items)
+        self.n, self.y0, self.counted = len(items), self.p["yielded"], 0
+
+    def sync(self) -> None:
+        k = self.n - length_hint(self.it)  # taken from the iterator so far
+        if k != self.counted:
+            self.stats.samples += k - self.counted
+            self.counted = k
+            self.p["yielded"] = self.y0 + k
 
 
 def _reorder(chunks: Iterator[tuple[int, list[Any]]], needed: list[int], emit: list[int],

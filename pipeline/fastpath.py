@@ -24,6 +24,8 @@ from blocklm.formats.reader import BlockDecoder
 from blocklm.formats.tar import BLOCK
 from blocklm.formats.writer import header_member, payload_member
 
+from .bulk import BulkShard
+
 _new = object.__new__
 _xxh3 = xxhash.xxh3_64_intdigest  # an int compares faster than a 16-digit string
 _frame_size = zstandard.frame_content_size
@@ -53,10 +55,15 @@ VIEW_MIN = 16 << 10  # mapped payloads from this size are handed out as views, n
 class CompiledShard:
     """An index's entries plus, per entry, the bytes the fast path compares."""
 
-    __slots__ = ("entries", "recs")
+    __slots__ = ("entries", "recs", "bulk", "offs", "ends")
 
     def __init__(self, entries: list[IndexEntry]) -> None:
         self.entries = entries
+        # where each sample starts and ends, ascending (the index checks it): runs are found by
+        # bisecting these instead of walking the entries sample by sample
+        self.offs = [e.offset for e in entries]
+        self.ends = [e.offset + e.size for e in entries]
+        self.bulk: BulkShard | None = None  # compiled on first use, for one reader setting
         recs = []
         for e in entries:
             blocks = []
@@ -126,6 +133,15 @@ class FastDecoder:
         s = _new(Sample)
         s.__dict__ = {"key": key, "blocks": out}
         return s
+
+    def bulk(self) -> BulkShard:
+        """The shard's :class:`BulkShard` for this decoder's setting (compiled once, kept with
+        the compiled index across passes)."""
+        setting = (self.decoder.shard, self.verify, self._cap)
+        b = self.shard.bulk
+        if b is None or b.setting != setting:
+            b = self.shard.bulk = BulkShard(self.recs, self.shard.ends, *setting)
+        return b
 
     def _slow(self, i: int, mv: memoryview, base: int) -> Sample:
         return self.decoder.sample(self.shard.entries[i], mv, base)

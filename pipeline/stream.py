@@ -11,9 +11,12 @@ of each sample it affects, named by shard and key, so the caller decides to rais
 from __future__ import annotations
 
 import mmap
+from bisect import bisect_right
 from collections import OrderedDict, deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
 
 from blocklm.formats.block import Sample
 from blocklm.formats.errors import FormatError, IndexMismatchError, TruncatedShardError
@@ -30,6 +33,7 @@ from .urls import load_index_typed
 OPEN_SHARDS = 4  # indexes and sources kept open per process (LRU): bounds memory over epochs
 READ_AHEAD = 1  # runs fetched ahead of the one being decoded
 CHUNK = 64  # samples cut and handed over at a time
+BULK_MIN = 8  # shorter runs are cut sample by sample (the bulk cut's numpy calls cost ~3 us)
 
 
 def _fetch(o: _Open, start: int, end: int) -> bytes:
@@ -63,12 +67,14 @@ def with_key(err: FormatError, shard: str, key: str | None) -> FormatError:
 
 
 class _Open:
-    __slots__ = ("url", "entries", "source", "decoder", "error", "mapped")
+    __slots__ = ("url", "entries", "offs", "ends", "source", "decoder", "error", "mapped")
 
     def __init__(self, url: str, entries: list | None, source: ByteSource | None,
                  decoder: FastDecoder | None, error: FormatError | None) -> None:
         self.url, self.entries, self.source, self.decoder = url, entries, source, decoder
         self.error = error
+        comp = decoder.shard if decoder is not None else None
+        self.offs, self.ends = (comp.offs, comp.ends) if comp is not None else ([], [])
         # a plain local file is mapped, not read; a subclass that changes read() (to count or
         # filter bytes) is read through it, never bypassed
         self.mapped = (isinstance(source, LocalSource) and type(source).read is LocalSource.read
@@ -149,63 +155,71 @@ class RunReader:
         if close is not None and self.maps.get(o.url) is not o.source:
             close()
 
-    def runs(self, positions: list[int], shards: list[int], local: list[int],
-             ) -> Iterator[tuple[int, int, _Open, int, int]]:
-        """``(i, j, shard, start, end)``: samples ``i..j-1`` of the plan lie in bytes
-        ``[start, end)`` of one shard (``start == end == -1`` when the shard cannot be read)."""
-        n = len(positions)
-        i = 0
-        while i < n:
-            s = shards[i]
+    def runs(self, shards: np.ndarray, local: np.ndarray,
+             ) -> Iterator[tuple[int, int, _Open, int, int, int]]:
+        """``(i, j, shard, start, end, l)``: plan entries ``i..j-1`` are samples ``l, l+1, ...``
+        of one shard, in bytes ``[start, end)`` of it (``start == end == -1`` when the shard
+        cannot be read; its samples need not be consecutive then). Computed per stretch of
+        consecutive samples, not per sample: a run ends where the stretch does or where the next
+        sample would take it past ``run_bytes`` (found by bisecting the index's end offsets,
+        which the index guarantees ascending)."""
+        n = len(shards)
+        if n == 0:
+            return
+        cut = np.flatnonzero((shards[1:] != shards[:-1]) | (local[1:] != local[:-1] + 1)) + 1
+        bounds = [0, *cut.tolist(), n]
+        sh = shards[bounds[:-1]].tolist()
+        first = local[bounds[:-1]].tolist()
+        g = 0
+        while g < len(sh):
+            s, a = sh[g], bounds[g]
             o = self.shard(s)
-            if o.error is not None:
-                j = i
-                while j < n and shards[j] == s:
-                    j += 1
-                yield i, j, o, -1, -1
-                i = j
+            if o.error is not None:  # every following stretch of the same shard at once
+                while g + 1 < len(sh) and sh[g + 1] == s:
+                    g += 1
+                yield a, bounds[g + 1], o, -1, -1, -1
+                g += 1
                 continue
-            entries = o.entries
-            first = entries[local[i]]
-            start = first.offset
-            end = first.offset + first.size
-            j = i + 1
-            while j < n and shards[j] == s and local[j] == local[j - 1] + 1:
-                e = entries[local[j]]
-                if e.offset + e.size - start > self.run_bytes:
-                    break
-                end = e.offset + e.size
-                j += 1
-            yield i, j, o, start, end
-            i = j
+            b, lo = bounds[g + 1], first[g]
+            hi = lo + (b - a)
+            offs, ends = o.offs, o.ends
+            while lo < hi:
+                start = offs[lo]
+                m = bisect_right(ends, start + self.run_bytes, lo + 1, hi)
+                yield a, a + (m - lo), o, start, ends[m - 1], lo
+                a, lo = a + (m - lo), m
+            g += 1
 
-    def read(self, positions: list[int], shards: list[int], local: list[int],
-             ) -> Iterator[tuple[int, Sample | FormatError]]:
+    def read(self, positions: list[int], shards: list[int] | np.ndarray,
+             local: list[int] | np.ndarray) -> Iterator[tuple[int, Sample | FormatError]]:
         """``(position, sample or error)`` for each planned sample, in the given order."""
-        for c, out in self.chunks(positions, shards, local):
+        for c, out in self.chunks(shards, local):
             yield from zip(positions[c:c + len(out)], out)
 
-    def chunks(self, positions: list[int], shards: list[int], local: list[int],
+    def chunks(self, shards: list[int] | np.ndarray, local: list[int] | np.ndarray,
                ) -> Iterator[tuple[int, list[Sample | FormatError]]]:
-        """``(c, items)``: the samples (or errors) of plan entries ``c, c+1, ...``, in order, in
-        lists of at most ``CHUNK`` (a list is far cheaper to hand over than one generator step
-        per sample, which at a few microseconds per sample is a fifth of the time).
+        """``(c, items)``: the samples (or errors) of plan entries ``c, c+1, ...`` (entry ``k``
+        is sample ``local[k]`` of shard ``shards[k]``), in order, in lists of at most ``CHUNK``
+        (a list is far cheaper to hand over than one generator step per sample).
 
-        Samples are cut from a run a chunk at a time as they are asked for. A local shard is
+        Samples are cut from a run a chunk at a time as they are asked for, in bulk where the
+        chunk allows (:mod:`.bulk`), else one by one. A local shard is
         mapped (large payloads handed out as views, no copy, no thread: there is no I/O to
         overlap). For a remote shard a helper thread reads the next run while this one is cut
         (the read releases the GIL; cutting in the helper too would only contend for it), so at
         most ``1 + READ_AHEAD`` runs are held."""
+        shards = np.asarray(shards, dtype=np.int64)
+        local = np.asarray(local, dtype=np.int64)
         retries0, opener0 = self.stats.retries, self._retries()
-        runs = self.runs(positions, shards, local)
+        runs = self.runs(shards, local)
         ahead: deque = deque()
         pool = _LazyPool()
         try:
             for _ in range(1 + READ_AHEAD):
-                self._submit(pool, runs, ahead, local)
+                self._submit(pool, runs, ahead)
             while ahead:
-                (i, j, o, start, end), fut = ahead.popleft()
-                self._submit(pool, runs, ahead, local)
+                (i, j, o, start, end, lo), fut = ahead.popleft()
+                self._submit(pool, runs, ahead)
                 url = o.url
                 err: FormatError | None = o.error
                 if err is None:
@@ -220,20 +234,28 @@ class RunReader:
                         err = e
                 self.stats.retries = retries0 + self._retries() - opener0
                 if err is not None:
-                    keys = [o.entries[local[k]].key if o.entries is not None else None
-                            for k in range(i, j)]
+                    keys = ([o.entries[li].key for li in local[i:j].tolist()]
+                            if o.entries is not None else [None] * (j - i))
                     yield i, [with_key(err, url, key) for key in keys]
                     continue
                 self.stats.bytes += end - start
                 sample = o.decoder.sample
+                bulk = o.decoder.bulk() if j - i >= BULK_MIN else None
+                arr = None if bulk is None else np.frombuffer(mv, dtype=np.uint8)
                 for c in range(i, j, CHUNK):
-                    part = local[c:min(j, c + CHUNK)]
-                    try:
-                        out = [sample(li, buf, mv, base, views) for li in part]
-                    except FormatError:  # cut again one by one: each error takes its place
-                        out = [self._one(o, li, buf, mv, base, views) for li in part]
+                    # a run's samples are consecutive in their shard: lo, lo + 1, ...
+                    l0 = lo + (c - i)
+                    l1 = l0 + min(CHUNK, j - c)
+                    out = None
+                    if bulk is not None and l1 - l0 >= BULK_MIN and bulk.usable(l0, l1, views):
+                        out = bulk.cut(l0, l1, buf, arr, base)
+                    if out is None:
+                        try:
+                            out = [sample(li, buf, mv, base, views) for li in range(l0, l1)]
+                        except FormatError:  # cut again one by one: each error takes its place
+                            out = [self._one(o, li, buf, mv, base, views) for li in range(l0, l1)]
                     yield c, out
-                del buf, mv
+                del buf, mv, arr
         finally:
             pool.shutdown()
             self.stats.retries = retries0 + self._retries() - opener0
@@ -247,11 +269,11 @@ class RunReader:
             return with_key(e, o.url, o.entries[li].key)
 
     @staticmethod
-    def _submit(pool: _LazyPool, runs: Iterator, ahead: deque, local: list[int]) -> None:
+    def _submit(pool: _LazyPool, runs: Iterator, ahead: deque) -> None:
         run = next(runs, None)
         if run is None:
             return
-        i, j, o, start, end = run
+        o, start, end = run[2], run[3], run[4]
         fut = None if o.error is not None or o.mapped else pool.submit(_fetch, o, start, end)
         ahead.append((run, fut))
 
