@@ -203,8 +203,10 @@ def run_chunks(runner, e, r, V, s, keep: bool):
     return read, acc, es, V.clone(), s.clone(), (ckV, cks)
 
 
-_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # stack -> OrderedDict
-_POOLS: dict = {}  # device -> the graphs' shared memory pool
+# stack -> (its graphs' memory pool, OrderedDict of runners). The pool is per stack, not global:
+# once every graph captured into a pool is freed (its stack gone), PyTorch releases the pool and
+# a later capture into the old handle fails an allocator assertion (device call S2)
+_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def graph_runner(stack: ProcessingStack, B: int, U: int, like: Tensor) -> GraphRunner:
@@ -212,14 +214,15 @@ def graph_runner(stack: ProcessingStack, B: int, U: int, like: Tensor) -> GraphR
     ac = _Autocast(like.device.type)
     key = (B, U, like.dtype, like.device, ac.key(),
            tuple(p.data_ptr() for p in stack_params(stack)))
-    cache = _CACHE.setdefault(stack, OrderedDict())
+    pools, cache = _CACHE.setdefault(stack, ({}, OrderedDict()))
     if key in cache:
         cache.move_to_end(key)
         return cache[key]
-    while len(cache) >= MAX_GRAPHS:
+    if like.device not in pools:
+        pools[like.device] = torch.cuda.graph_pool_handle()
+    cache[key] = GraphRunner(stack, ac, B, U, like, pools[like.device])
+    while len(cache) > MAX_GRAPHS:  # evict after the capture: the pool never goes unused
         cache.popitem(last=False)
-    pool = _POOLS.setdefault(like.device, torch.cuda.graph_pool_handle())
-    cache[key] = GraphRunner(stack, ac, B, U, like, pool)
     return cache[key]
 
 

@@ -103,15 +103,28 @@ def test_new_capture_while_an_earlier_block_graph_is_alive():
 def test_graphs_reused_across_batches_and_see_parameter_updates():
     st, x, V, s, mask = _setup(2, B=6, T=8)
     _run(st, stack_block, x, V, s, mask, blocks=1)
-    n = len(_CACHE[st])
+    n = len(_CACHE[st][1])
     st2, x2, V2, s2, mask2 = _setup(3, B=3, T=8)  # another batch of the same bucket (8)
     with torch.no_grad():
         for p in st.parameters():  # an optimizer step: in place, the graphs must see it
             p.add_(torch.randn_like(p) * 0.05)
     got = _run(st, stack_block, x2, V2, s2, mask2, blocks=1)
-    assert len(_CACHE[st]) == n  # no new capture
+    assert len(_CACHE[st][1]) == n  # no new capture
     for a, b in zip(got, _run(st, _steps, x2, V2, s2, mask2, blocks=1)):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     with torch.no_grad():  # the no-grad forward (evaluation) too
         for a, b in zip(stack_block(st, x2, V2, s2, mask2), _steps(st, x2, V2, s2, mask2)):
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_a_new_stack_captures_after_an_earlier_one_was_freed():
+    """Device call S2: with one pool for all stacks, freeing a stack freed its graphs and the
+    pool, and the next stack's capture into the stale pool failed an allocator assertion."""
+    import gc
+    for seed in (5, 6):
+        st, x, V, s, mask = _setup(seed, B=3, T=8)
+        for a, b in zip(_run(st, stack_block, x, V, s, mask, blocks=1),
+                        _run(st, _steps, x, V, s, mask, blocks=1)):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+        del st
+        gc.collect()
