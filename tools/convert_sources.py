@@ -18,7 +18,7 @@ from pathlib import Path
 from blocklm.formats import FormatError, check_key
 
 from .convert_items import AUDIO_EXTS, IMAGE_EXTS, Item, Part, how_for_ext
-from .convert_keys import KeyAllocator, path_key, sanitize_segment, strip_ext
+from .convert_keys import KeyAllocator, fit_key, path_key, sanitize_segment, strip_ext
 from .convert_options import ConvertOptions, parse_text_split
 
 FILE_KINDS = {"tar": "wds", "parquet": "parquet", "jsonl": "jsonl_or_manifest"}
@@ -77,8 +77,17 @@ def walk_files(root: Path, skipped: list[str],
                exclude: str | None = None) -> Iterator[tuple[str, str]]:
     """``(path, path relative to root)`` of the files under ``root`` in sorted order, skipping
     hidden names and the folder ``exclude`` (the conversion's own output), each recorded in
-    ``skipped``. Paths are spelled as ``str(Path(dirpath) / name)``; they are joined as strings,
-    once per folder through ``pathlib``, since a walk can list millions of files."""
+    ``skipped``. Paths are spelled as ``str(Path(dirpath) / name)``."""
+    for base, rel_dir, names in walk_dirs(root, skipped, exclude):
+        for name in names:
+            yield base + name, rel_dir + name
+
+
+def walk_dirs(root: Path, skipped: list[str],
+              exclude: str | None = None) -> Iterator[tuple[str, str, list[str]]]:
+    """:func:`walk_files` a folder at a time: ``(base, rel_dir, names)``, where ``base + name``
+    is a file's path and ``rel_dir + name`` its path relative to ``root``. Paths are joined as
+    strings, once per folder through ``pathlib``, since a walk can list millions of files."""
     for dirpath, dirnames, filenames in os.walk(root):
         keep = []
         for d in sorted(dirnames):
@@ -93,11 +102,13 @@ def walk_files(root: Path, skipped: list[str],
         base = "" if base == "." else (base if base.endswith("/") else base + "/")
         rel_dir = here.relative_to(root).as_posix()
         rel_dir = "" if rel_dir == "." else rel_dir + "/"
+        names = []
         for name in sorted(filenames):
             if name.startswith("."):
                 skipped.append(base + name)
             else:
-                yield base + name, rel_dir + name
+                names.append(name)
+        yield base, rel_dir, names
 
 
 def iter_input(path: str, opts: ConvertOptions, keys: KeyAllocator,
@@ -108,14 +119,27 @@ def iter_input(path: str, opts: ConvertOptions, keys: KeyAllocator,
     prefix = sanitize_segment(strip_ext(p.resolve().name)) if not p.is_dir() else \
         sanitize_segment(p.resolve().name)
     if p.is_dir() and kind != "hf":
-        for f, rel in walk_files(p, skipped, exclude):
-            fkind = kind if kind != "dir" else file_kind(f)  # os.walk lists folders apart
-            yield from iter_file(f, fkind, path_key(prefix, rel), opts, keys, skipped)
+        # keys as path_key(prefix, rel) gives them, the folder's part sanitized once per folder
+        for base, rel_dir, names in walk_dirs(p, skipped, exclude):
+            key_dir = "/".join(map(sanitize_segment, [prefix] + [d for d in rel_dir.split("/")
+                                                                 if d]))
+            for name in names:
+                f, rel = base + name, rel_dir + name
+                key = fit_key(f"{key_dir}/{sanitize_segment(strip_ext(name))}", rel)
+                fkind = kind if kind != "dir" else file_kind(f)  # os.walk lists folders apart
+                if fkind in _ONE_FILE:  # most files: iter_file inlined
+                    how = _ONE_FILE[fkind]
+                    yield Item(f, keys.take(key, f), [Part(how, how, f)])
+                else:
+                    yield from iter_file(f, fkind, key, opts, keys, skipped)
         return
     if not p.exists():
         yield Item(path, error="does not exist")
         return
     yield from iter_file(path, kind, path_key("", prefix), opts, keys, skipped)
+
+
+_ONE_FILE = {"images": "image", "audio": "audio"}  # kinds of one sample per file, their builder
 
 
 def iter_file(path: str, kind: str, key: str, opts: ConvertOptions, keys: KeyAllocator,
