@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.profiler import record_function
 
 from .config import ModelConfig, SampleConfig
 from .decoder import Decoder
@@ -25,6 +26,9 @@ class BlockLoss:
     elements: Tensor  # [B] elements they are reported per (characters, sub-pixels, samples)
     mode_bits: Tensor  # [B] bits of this block's mode, predicted from the incoming state
     shape_bits: Tensor  # [B] bits of this block's shape given its mode, from the incoming state
+    # elements.sum() counted on the host from the shapes: reading it from the device tensor
+    # made the trainer wait for the GPU once per batch
+    element_count: float | None = None
 
     @property
     def bits_per_element(self) -> Tensor:
@@ -146,17 +150,26 @@ class BlockLM(nn.Module):
         device = self.start_device()
         if state is None:
             state = self.initial_state(len(contents), device)
-        batch = sup.target(contents, device)
+        with record_function("blocklm:target"):
+            batch = sup.target(contents, device)
         dec_state, history = self._split(state)
-        h, dec_new = self.decoder(sup.embed(batch), dec_state, batch.steps)  # [B,T,d]
-        new_state = torch.cat([dec_new, self._history_after(history, mode)], 1)
+        with record_function("blocklm:decoder"):
+            h, dec_new = self.decoder(sup.embed(batch), dec_state, batch.steps)  # [B,T,d]
+        with record_function("blocklm:new_state"):
+            new_state = torch.cat([dec_new, self._history_after(history, mode)], 1)
         loss = None
         if targets:
-            bits, elements = sup.bits(h, batch)
-            ctx = self.head_input(state)
-            loss = BlockLoss(bits, elements, self.heads.mode_bits(ctx, [mode] * len(contents)),
-                             self.heads.shape_bits(ctx, mode, batch.shapes))
-        return BlockResult(loss, new_state, h, self.heads.mode_logits(self.head_input(new_state)))
+            with record_function("blocklm:content_bits"):
+                bits, elements = sup.bits(h, batch)
+            with record_function("blocklm:head_bits"):
+                ctx = self.head_input(state)
+                loss = BlockLoss(bits, elements,
+                                 self.heads.mode_bits(ctx, [mode] * len(contents)),
+                                 self.heads.shape_bits(ctx, mode, batch.shapes),
+                                 float(sum(sup.elements_of(s) for s in batch.shapes)))
+        with record_function("blocklm:next_mode_logits"):
+            logits = self.heads.mode_logits(self.head_input(new_state))
+        return BlockResult(loss, new_state, h, logits)
 
     def end_bits(self, state: Tensor) -> Tensor:
         """Bits of predicting end-of-example from the state after the last block: [B]."""

@@ -44,9 +44,17 @@ class BlockBatch:
     elements: Tensor  # [B] float: what bits are reported per (characters, sub-pixels, samples)
 
     def to(self, device) -> BlockBatch:
-        """The same batch on ``device``."""
-        kw = {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in self.__dict__.items()}
-        return BlockBatch(**kw)
+        """The same batch on ``device`` (CUDA: through pinned memory, without waiting)."""
+        dev = torch.device(device) if device is not None else None
+        pin = dev is not None and dev.type == "cuda"
+
+        def move(v):
+            if not isinstance(v, Tensor) or dev is None or v.device == dev:
+                return v
+            if pin and v.device.type == "cpu":
+                return v.pin_memory().to(dev, non_blocking=True)
+            return v.to(dev)
+        return BlockBatch(**{k: move(v) for k, v in self.__dict__.items()})
 
 
 def sinusoid(pos: Tensor, d: int) -> Tensor:
@@ -110,21 +118,31 @@ class ModeSupport(nn.Module):
         raise NotImplementedError
 
     def target(self, contents: list, device=None) -> BlockBatch:
-        """Contents -> shifted inputs with a start token, targets and masks (padded to T)."""
+        """Contents -> shifted inputs with a start token, targets and masks (padded to T).
+
+        Built with a few whole-batch copies (boolean-mask writes in row-major order equal the
+        concatenation of the examples), not per-example slice writes: a 300-example text batch
+        took ~10,000 small ATen ops (~75 ms of host time per batch on the H200 machine) before.
+        """
         shapes = [self.shape_of(c) for c in contents]
         enc = [self.encode(c) for c in contents]
         B, E = len(contents), self.elements_per_step
-        T = max(v.shape[0] for v, _ in enc) + 1
+        n = torch.tensor([v.shape[0] for v, _ in enc], dtype=torch.long)  # [B] element steps
+        T = int(n.max()) + 1
+        t = torch.arange(T)
+        steps = t[None, :] <= n[:, None]  # [B,T]: the start step, n element steps, a prefix
+        body = t[None, :-1] < n[:, None]  # [B,T-1]: steps that carry an example's elements
+        vals = torch.cat([v for v, _ in enc]).to(torch.long).view(-1, E)  # [sum n, E]
+        msk = torch.cat([m for _, m in enc]).to(torch.bool).view(-1, E)
         inputs = torch.zeros(B, T, E, dtype=torch.long)
         targets = torch.zeros(B, T, E, dtype=torch.long)
         mask = torch.zeros(B, T, E, dtype=torch.bool)
-        steps = torch.zeros(B, T, dtype=torch.bool)
+        inputs[:, 1:][body] = vals
+        targets[:, :-1][body] = vals
+        mask[:, :-1][body] = msk
         positions = torch.zeros(B, T, self.position_dims)
-        for i, ((v, m), shp) in enumerate(zip(enc, shapes)):
-            n = v.shape[0]
-            inputs[i, 1:n + 1], targets[i, :n], mask[i, :n] = v, v, m
-            steps[i, :n + 1] = True
-            positions[i, :n + 1] = self.positions_of(shp, n + 1)
+        positions[steps] = torch.cat([self.positions_of(shp, int(k) + 1).view(-1, self.position_dims)
+                                      for shp, k in zip(shapes, n.tolist())]).float()
         start = torch.zeros(B, T, dtype=torch.bool)
         start[:, 0] = True
         cond = torch.stack([self.cond_of(s) for s in shapes]).view(B, self.cond_dims)

@@ -60,10 +60,13 @@ class StepTimer:
         self.hook = lambda n: None  # called after each optimizer step with its number
         run, fin, opt = trainer.runners.run, trainer.runners.finish, trainer.optimizer_step
 
+        from torch.profiler import record_function  # named ranges in --trace profiles
+
         def timed_run(mode, batch):
             t = time.perf_counter()
             try:
-                return run(mode, batch)
+                with record_function(f"bench:run:{mode}"):
+                    return run(mode, batch)
             finally:
                 self.cur["model"] += time.perf_counter() - t
                 self.batches.append((mode, len(batch.requests), batch.padded_cost,
@@ -72,15 +75,17 @@ class StepTimer:
         def timed_finish(contexts):
             t = time.perf_counter()
             try:
-                return fin(contexts)
+                with record_function("bench:finish"):
+                    return fin(contexts)
             finally:
                 self.cur["model"] += time.perf_counter() - t
 
         def timed_opt():
             tokens = trainer.runners.window.tokens
             t = time.perf_counter()
-            opt()
-            _sync()
+            with record_function("bench:optimizer_step"):
+                opt()
+                _sync()
             end = time.perf_counter()
             self.cur["optimizer"] += end - t
             self.steps.append(dict(self.cur, end=end, tokens=tokens, batches=len(self.batches)))
@@ -142,7 +147,8 @@ def _is_kernel(ev) -> bool:
 
 
 def run_variant(data: str, variant: str, extra: list[str], warmup: int, steps: int,
-                seconds: float, profile_steps: int, preset: str = "small") -> dict:
+                seconds: float, profile_steps: int, preset: str = "small",
+                trace: str | None = None) -> dict:
     """One fresh trainer on ``data`` with the variant's overrides; its figures. One ``fit`` call
     (the dispatcher cannot restart mid-epoch); the timer's hooks start and stop the profiler and
     end the run (``trainer.target``) after ``steps`` timed steps or ``seconds``."""
@@ -176,6 +182,11 @@ def run_variant(data: str, variant: str, extra: list[str], warmup: int, steps: i
                 state["prof"].__exit__(None, None, None)
                 state["profile"] = dict(kernel_breakdown(state["prof"]), steps=profile_steps,
                                         wall_ms=round((now - state["tp"]) * 1e3, 1))
+                if trace:
+                    from .bench_train_prof import export_profile
+
+                    state["profile"].update(export_profile(
+                        state["prof"], trace, f"{Path(data).name}_{variant}"))
                 timer.steps[-1]["end"] = time.perf_counter()  # trace processing is not timed
             timed = timer.steps[first - 1]["end"] if n > first else now
             if n >= first + steps or (n > first and now - timed >= seconds) or \
@@ -250,14 +261,17 @@ def simulate_dispatch(preset: str, data: str, extra: list[str]) -> dict:
 @click.option("--simulate", is_flag=True,
               help="Only simulate the dispatcher on the CPU (batches, sequential steps, padding).")
 @click.option("--out", "out_path", default=None, help="Also write the JSON figures here.")
+@click.option("--trace", default=None,
+              help="With --profile-steps: write chrome traces and op tables to this folder.")
 def bench_train(preset, datas, variants, extra, warmup, steps, seconds, profile_steps, simulate,
-                out_path):
+                out_path, trace):
     """Training tokens/s, MFU and the data-wait share of a preset (`small`), per variant.
 
     \b
     Example:
       blocktool bench train --variants off,eager --seconds 60 --profile-steps 2
       blocktool bench train --simulate --set train.bucket_max_width=0.06
+      blocktool bench train --variants off --profile-steps 1 --trace prof/
     """
     if simulate:
         for data in datas:
@@ -268,7 +282,7 @@ def bench_train(preset, datas, variants, extra, warmup, steps, seconds, profile_
         for v in variants.split(","):
             try:
                 r = run_variant(data, v, list(extra), warmup, steps, seconds, profile_steps,
-                                preset)
+                                preset, trace)
             except Exception as e:  # one failing variant must not lose the others' figures
                 r = {"data": data, "variant": v, "error": f"{type(e).__name__}: {e}"[:2000]}
             rows.append(r)

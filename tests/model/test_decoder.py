@@ -90,3 +90,27 @@ def test_gradcheck_float64():
     inputs = (x, s0) + tuple(p.detach().clone() for p in dec.parameters())
     inputs = tuple(t.requires_grad_(True) for t in inputs)
     assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-5, fast_mode=True)
+
+
+def _consumers(t: torch.Tensor, leaf: torch.Tensor) -> list[str]:
+    """Names of the backward nodes that hand gradient straight to ``leaf``."""
+    seen, todo, out = set(), [t.grad_fn], []
+    while todo:
+        n = todo.pop()
+        if n is None or n in seen:
+            continue
+        seen.add(n)
+        for f, _ in n.next_functions:
+            if f is not None and getattr(f, "variable", None) is leaf:
+                out.append(type(n).__name__)
+            todo.append(f)
+    return out
+
+
+def test_state_unpack_is_one_split_node():
+    """The state's parts come from one split: slicing per part made backward fill and add a
+    zero gradient of the whole state per part (25 full-state passes per batch in `small`)."""
+    dec = Decoder(cfg(stack=False))
+    state = torch.rand(3, dec.layout.size, requires_grad=True)
+    _, new = dec(torch.randn(3, 5, 16), state)
+    assert _consumers(new, state) == ["SplitWithSizesBackward0"]

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.profiler import record_function
 
 from blocklm.formats import iter_index
 from blocklm.model.blocklm import BlockLM
@@ -258,17 +259,20 @@ class Trainer:
     def optimizer_step(self) -> None:
         """Back-propagate the window (global normalisers), sum gradients, step, log."""
         w = self.runners.window
-        sums = self.coll.sum(w.sums(self.modes) + [float(w.tokens)])
+        with record_function("blocklm:window_sums"):
+            sums = self.coll.sum(w.sums(self.modes) + [float(w.tokens)])
         nm = len(self.modes)
         elements = {m: sums[2 * i + 1] for i, m in enumerate(self.modes)}
         heads = {k: (sums[2 * (nm + j)], sums[2 * (nm + j) + 1]) for j, k in enumerate(HEADS)}
         objective = w.objective(elements, {k: c for k, (_, c) in heads.items()})
         if objective is not None:
-            objective.backward()
+            with record_function("blocklm:backward"):
+                objective.backward()
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.coll.sum_gradients(params)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.t.grad_clip)
-        self.opt.step()
+        with record_function("blocklm:clip_adamw"):
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, self.t.grad_clip)
+            self.opt.step()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
         self.runners.next_window()

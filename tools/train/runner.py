@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
+from torch.profiler import record_function
 
 from blocklm.model.blocklm import BlockLM
 from blocklm.model.heads import END
@@ -68,14 +69,15 @@ class Window:
 
     def sums(self, modes: list[str]) -> list[float]:
         """[bits, elements] per mode in ``modes`` order, then [bits, count] per head in HEADS."""
-        out: list[float] = []
-        for m in modes:
-            bs = self.bits.get(m) or []
-            out += [float(sum(float(b.detach().sum()) for b in bs)), float(self.elements[m])]
-        for k in HEADS:
-            hb = float(sum(float(b.detach().sum()) for b in self.head_bits.get(k) or []))
-            out += [hb, float(self.head_count[k])]
-        return out
+        # one device -> host read for all sums (a float() per tensor waited for the GPU each)
+        groups = [self.bits.get(m) or [] for m in modes] + \
+                 [self.head_bits.get(k) or [] for k in HEADS]
+        parts = [torch.cat([b.detach().reshape(-1) for b in g]).sum() for g in groups if g]
+        vals = iter(torch.stack(parts).double().tolist() if parts else [])
+        bits = [next(vals) if g else 0.0 for g in groups]
+        counts = [float(self.elements[m]) for m in modes] + \
+                 [float(self.head_count[k]) for k in HEADS]
+        return [v for pair in zip(bits, counts) for v in pair]
 
     def heads_report(self) -> float | None:
         """Mean bits per head prediction (next mode and shape together), detached."""
@@ -120,7 +122,8 @@ class ModelRunners:
     def run(self, mode: str, batch: Batch) -> list[Result]:
         if not batch.requests:
             return []
-        state = self._states([r.context for r in batch.requests])
+        with record_function("blocklm:states"):
+            state = self._states([r.context for r in batch.requests])
         contents = [r.inputs for r in batch.requests]
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             res = self.model.run_block(mode, contents, state, targets=True)
@@ -128,7 +131,8 @@ class ModelRunners:
         loss = res.loss
         w.tokens += batch.padded_cost
         w.bits[mode].append(loss.bits.float())
-        w.elements[mode] += float(loss.elements.sum())
+        w.elements[mode] += (loss.element_count if loss.element_count is not None
+                             else float(loss.elements.sum()))
         w.head_bits["next_mode"].append(loss.mode_bits.float())
         w.head_bits["shape"].append(loss.shape_bits.float())
         w.head_count["next_mode"] += len(batch.requests)

@@ -1,0 +1,65 @@
+"""The batched ``ModeSupport.target`` equals the per-example construction it replaced."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from blocklm.model.support import BlockBatch, ModeSupport
+
+RNG = np.random.default_rng(3)
+
+
+def per_example_target(sup: ModeSupport, contents: list) -> BlockBatch:
+    """The earlier implementation: one slice write per example and field (the reference)."""
+    shapes = [sup.shape_of(c) for c in contents]
+    enc = [sup.encode(c) for c in contents]
+    B, E = len(contents), sup.elements_per_step
+    T = max(v.shape[0] for v, _ in enc) + 1
+    inputs = torch.zeros(B, T, E, dtype=torch.long)
+    targets = torch.zeros(B, T, E, dtype=torch.long)
+    mask = torch.zeros(B, T, E, dtype=torch.bool)
+    steps = torch.zeros(B, T, dtype=torch.bool)
+    positions = torch.zeros(B, T, sup.position_dims)
+    for i, ((v, m), shp) in enumerate(zip(enc, shapes)):
+        n = v.shape[0]
+        inputs[i, 1:n + 1], targets[i, :n], mask[i, :n] = v, v, m
+        steps[i, :n + 1] = True
+        positions[i, :n + 1] = sup.positions_of(shp, n + 1)
+    start = torch.zeros(B, T, dtype=torch.bool)
+    start[:, 0] = True
+    cond = torch.stack([sup.cond_of(s) for s in shapes]).view(B, sup.cond_dims)
+    elements = torch.tensor([float(sup.elements_of(s)) for s in shapes])
+    return BlockBatch(sup.name, shapes, inputs, start, positions, cond, targets, mask, steps,
+                      elements)
+
+
+def same(a: BlockBatch, b: BlockBatch) -> None:
+    for k, v in a.__dict__.items():
+        w = b.__dict__[k]
+        if isinstance(v, torch.Tensor):
+            assert v.dtype == w.dtype and v.shape == w.shape, k
+            assert torch.equal(v, w), k
+        else:
+            assert v == w, k
+
+
+def test_batched_target_equals_per_example(model):
+    texts = ["To be, or not to be", "", "Ay", "x" * 57, "Good morrow, cousin."]
+    imgs = [RNG.integers(0, 256, s, dtype=np.uint8) for s in ((5, 3, 3), (2, 4, 1), (7, 9, 4))]
+    auds = [(RNG.standard_normal((n, c)) * 3000).astype(np.int16) for n, c in ((9, 2), (5, 1),
+                                                                               (40, 2))]
+    for mode, contents in (("text", texts), ("image", imgs), ("audio", auds)):
+        sup = model.support(mode)
+        for sub in (contents, contents[:1], contents[::-1]):
+            same(sup.target(sub), per_example_target(sup, sub))
+
+
+def test_element_count_is_counted_on_the_host(model):
+    """run_block reports the element count as a float from the shapes (the runner read it from
+    the device tensor before: one GPU wait per batch); it equals the per-example tensor's sum."""
+    imgs = [RNG.integers(0, 256, (5, 3, 3), dtype=np.uint8)]
+    for mode, contents in (("text", ["To be, or not", "Ay"]), ("image", imgs)):
+        loss = model.run_block(mode, contents).loss
+        assert isinstance(loss.element_count, float)
+        assert loss.element_count == float(loss.elements.sum()) > 0
