@@ -39,6 +39,7 @@ from multiprocessing.connection import wait
 from pathlib import Path
 
 from blocklm.formats.index import BlockInfo, IndexEntry
+from blocklm.formats.writer import WRITE_BUFFER
 
 from .convert_items import Item, Rejected, Result, encode_item, process
 
@@ -90,7 +91,7 @@ def convert_chunk(start: int, items: list[Item], folder: str,
     (``error`` None for a converted item)."""
     path = os.path.join(folder, f"{start:09d}")
     records = []
-    with open(path, "wb") as f:
+    with open(path, "wb", buffering=WRITE_BUFFER) as f:
         for it in items:
             try:
                 parts, entry, template, payload = encode_item(it, deep_check)
