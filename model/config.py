@@ -34,6 +34,9 @@ class StackConfig:
     # chunk (stack_graph.py; takes precedence over `compile`)
     graphs: bool = False
     graph_unroll: int = 8
+    # on CUDA, the ponder loop's read and pop/accumulate/push as fused Triton kernels
+    # (stack_fused.py)
+    fused: bool = False
 
 
 @dataclass

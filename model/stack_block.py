@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import stack_fused  # the fused kernels (CUDA + triton), StackConfig.fused
 from .stack import ProcessingStack
 
 UNROLL = 2  # decoder steps per compiled call: 8 took 4+ minutes to compile on the device (T1)
@@ -34,9 +35,13 @@ def ponder_steps(stack: ProcessingStack, e: Tensor, running: Tensor, V: Tensor, 
                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """U consecutive ponder loops. e [B,U,Hd], running [B,U], V [B,K,W], s [B,K] -> final reads
     [B,U,W], accumulated outputs [B,U,W], last embeddings [B,U,Hd], new V, new s."""
+    fused = stack.cfg.fused and stack_fused.available(V)
     reads, accs, es = [], [], []
     for u in range(e.shape[1]):
-        read, acc, eu, V, s, _ = stack.ponder(e[:, u], V, s, running[:, u], stats=False)
+        if fused:
+            read, acc, eu, V, s = stack_fused.ponder_fused(stack, e[:, u], V, s, running[:, u])
+        else:
+            read, acc, eu, V, s, _ = stack.ponder(e[:, u], V, s, running[:, u], stats=False)
         reads.append(read)
         accs.append(acc)
         es.append(eu)

@@ -1,4 +1,4 @@
-"""Cost of one sequential stack step on the GPU, eager loop against CUDA graphs (stack_graph.py).
+"""Cost of one sequential stack step on the GPU: eager loop, CUDA graphs, fused kernels.
 
 ``python -m blocklm.model.stack_timing [--json out.json]``: the `small` preset's stack (K=256,
 W=64, Hd=256, 2 ponder iterations, d_model 768) over blocks of B examples x T steps under bf16
@@ -33,11 +33,13 @@ def _once(st, x, V, s, mask) -> float:
 
 
 def measure(variant: str, B: int, T: int, reps: int) -> dict:
-    """One (variant, shape): 'eager' or 'graphs-U' (U steps a graph)."""
+    """One (variant, shape): 'eager', 'fused' (eager loop, fused kernels), 'graphs-U' (U steps
+    a graph) or 'graphs-U-fused'."""
     torch.manual_seed(0)
     graphs = variant.startswith("graphs")
     cfg = StackConfig(depth=256, width=64, hidden=256, max_steps=2, graphs=graphs,
-                      graph_unroll=int(variant.split("-")[1]) if graphs else 8)
+                      graph_unroll=int(variant.split("-")[1]) if graphs else 8,
+                      fused=variant.endswith("fused"))
     st = ProcessingStack(cfg, 768).cuda()
     x = torch.randn(B, T, 768, device="cuda", requires_grad=True)
     V = torch.randn(B, 256, 64, device="cuda").requires_grad_(True)
@@ -56,13 +58,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", default=None)
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--variants", default="eager,graphs-4,graphs-8,graphs-16")
+    ap.add_argument("--variants", default="eager,fused,graphs-8,graphs-8-fused,graphs-16-fused")
     a = ap.parse_args()
     rows = []
     for B, T in SHAPES:
         for v in a.variants.split(","):
             try:
-                r = measure(v, B, T, a.reps if v != "eager" else 1)
+                r = measure(v, B, T, a.reps if v not in ("eager", "fused") else 1)
             except Exception as e:  # one failing variant must not lose the others' figures
                 r = {"variant": v, "B": B, "T": T, "error": f"{type(e).__name__}: {e}"[:300]}
             rows.append(r)

@@ -128,3 +128,17 @@ def test_a_new_stack_captures_after_an_earlier_one_was_freed():
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
         del st
         gc.collect()
+
+
+def test_graphs_with_fused_kernels_match_the_step_loop():
+    """The graphs capture the fused Triton kernels (StackConfig.fused) as well: fp32 and bf16."""
+    pytest.importorskip("triton")
+    st, x, V, s, mask = _setup(7, B=6, T=2 * 7)
+    st.cfg.fused = True
+    for a, b in zip(_run(st, stack_block, x, V, s, mask), _run(st, _steps, x, V, s, mask)):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    got = _run(st, stack_block, x, V, s, mask, autocast=True, cache=False)
+    st.cfg.graphs = False
+    st.cfg.fused = False
+    for a, b in zip(got, _run(st, stack_block, x, V, s, mask, autocast=True, cache=False)):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
