@@ -193,7 +193,8 @@ def test_wav_header_probe_equals_libsndfile(subtype, channels, frames):
 
 
 def test_sync_ahead_keeps_the_bytes_and_stops_on_abort(tmp_path, monkeypatch):
-    """Background fdatasyncs every few bytes change nothing on disk; abort joins the thread."""
+    """Background fdatasyncs every few bytes change nothing on disk; a slow one is not started
+    twice; abort waits for it before the file is closed."""
     import threading
 
     from blocklm.formats import writer as writer_mod
@@ -208,11 +209,21 @@ def test_sync_ahead_keeps_the_bytes_and_stops_on_abort(tmp_path, monkeypatch):
             w.write(s)
     for n in sorted(os.listdir(tmp_path / "a")):
         assert (tmp_path / "a" / n).read_bytes() == (tmp_path / "b" / n).read_bytes(), n
+    release, calls, real = threading.Event(), [], os.fdatasync
+
+    def slow_fdatasync(fd):
+        calls.append(fd)
+        release.wait(10)
+        real(fd)
+
+    monkeypatch.setattr(writer_mod.os, "fdatasync", slow_fdatasync)
     w = ShardWriter(tmp_path / "c", max_samples=100)
-    for s in samples:
+    for s in samples:  # every write passes SYNC_AHEAD: the running sync is left alone
         w.write(s)
-    w.abort()
-    assert not [t for t in threading.enumerate() if t.name == "shard-sync-ahead"]
+    assert len(calls) == 1 and w._syncer.locked()
+    threading.Timer(0.2, release.set).start()
+    w.abort()  # waits for the sync before closing its file
+    assert release.is_set() and w._syncer is None
     assert not os.listdir(tmp_path / "c")
 
 
