@@ -43,7 +43,8 @@ class BlockResult:
     loss: BlockLoss | None  # None when run with targets=False
     state: Tensor  # [B, state_size] fp32: the context after the block
     outputs: Tensor  # [B,T,d_model] decoder outputs
-    mode_logits: Tensor  # [B, modes+1] next-mode logits from the new state (last = end)
+    mode_logits: Tensor | None  # [B, modes+1] next-mode logits from the new state (last =
+    # end); None when run with logits=False (the trainer: they are not part of its loss)
 
 
 COUNT_BINS = 4  # the heads see 0, 1, 2 and "3 or more" blocks of each mode
@@ -138,7 +139,7 @@ class BlockLM(nn.Module):
         return self.decoder.layout.unpack(self._split(state)[0])["summary"]
 
     def run_block(self, mode: str, contents: list, state: Tensor | None = None,
-                  targets: bool = True) -> BlockResult:
+                  targets: bool = True, logits: bool = True) -> BlockResult:
         """Run a batch of blocks of one mode, each continuing its own example's state.
 
         contents: decoded contents (text ``str``, image uint8 [H,W,C], audio [frames,ch]);
@@ -167,9 +168,11 @@ class BlockLM(nn.Module):
                                  self.heads.mode_bits(ctx, [mode] * len(contents)),
                                  self.heads.shape_bits(ctx, mode, batch.shapes),
                                  float(sum(sup.elements_of(s) for s in batch.shapes)))
-        with record_function("blocklm:next_mode_logits"):
-            logits = self.heads.mode_logits(self.head_input(new_state))
-        return BlockResult(loss, new_state, h, logits)
+        out = None
+        if logits:
+            with record_function("blocklm:next_mode_logits"):
+                out = self.heads.mode_logits(self.head_input(new_state))
+        return BlockResult(loss, new_state, h, out)
 
     def end_bits(self, state: Tensor) -> Tensor:
         """Bits of predicting end-of-example from the state after the last block: [B]."""

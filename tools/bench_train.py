@@ -88,7 +88,8 @@ class StepTimer:
                 _sync()
             end = time.perf_counter()
             self.cur["optimizer"] += end - t
-            self.steps.append(dict(self.cur, end=end, tokens=tokens, batches=len(self.batches)))
+            self.steps.append(dict(self.cur, end=end, tokens=tokens, batches=len(self.batches),
+                                   epoch=trainer.epoch))
             self.cur.clear()
             self.hook(len(self.steps))
 
@@ -118,6 +119,12 @@ class StepTimer:
                 "share_backward_optimizer": round(opt / wall, 3),
                 "share_data_wait": round(max(wall - model - opt, 0.0) / wall, 3),
                 "batches_per_step": round(nb / len(sel), 1),
+                # per step: host ms outside model calls and the optimizer step (epoch turnovers
+                # of a small dataset show up as single large values)
+                "data_wait_ms": [round((s["end"] - p["end"] - s.get("model", 0.0)
+                                        - s.get("optimizer", 0.0)) * 1e3)
+                                 for p, s in zip([a] + sel[:-1], sel)],
+                "epoch_per_step": [s.get("epoch") for s in sel],
                 "batches": {m: {"n": v[0], "requests_mean": round(v[1] / v[0], 1),
                                 "padded_tokens_mean": round(v[2] / v[0])}
                             for m, v in sorted(per_mode.items())}}

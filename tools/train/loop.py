@@ -39,6 +39,7 @@ from .config import RunConfig, build_config
 from .distributed import Collective, init_from_launcher
 from .evaluate import evaluate, validation_source
 from .metrics import MetricsLog
+from .readahead import EpochReadAhead
 from .runner import HEADS, Context, ModelRunners
 from .schedule import warmup_cosine
 
@@ -197,6 +198,7 @@ class Trainer:
             remote = dataclasses.replace(remote, s3_endpoint_url=spec.s3_endpoint)
         self.remote = remote
         self.source = make_source(spec, cfg, remote)
+        self.ahead = EpochReadAhead(self.source, cfg.dispatch.max_in_flight)
         cost = cost_from_supports(dict(self.model.supports))
         self.modes = sorted(self.model.supports)
         self.runners = ModelRunners(self.model, self.device,
@@ -321,9 +323,8 @@ class Trainer:
         stopped = "steps"
         with StopFlag() as stop:
             while self.step < self.target:
-                self.source.set_epoch(self.epoch)
-                ended = None
-                for st in self.disp.run(self.source):
+                ended = None  # the next epoch's first samples are read while this one drains
+                for st in self.disp.run(self.ahead.epoch(self.epoch)):
                     self.runners.finish([f.state for f in st.finished
                                          if f.error is None and isinstance(f.state, Context)])
                     if st.batch is None:  # a rank-local tail step: no collectives here
@@ -340,6 +341,7 @@ class Trainer:
                     stopped = ended
                     break
                 self.epoch += 1
+        self.ahead.close()
         if self.bar is not None:
             self.bar.close()
         if self.log is not None:

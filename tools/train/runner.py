@@ -126,7 +126,7 @@ class ModelRunners:
             state = self._states([r.context for r in batch.requests])
         contents = [r.inputs for r in batch.requests]
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            res = self.model.run_block(mode, contents, state, targets=True)
+            res = self.model.run_block(mode, contents, state, targets=True, logits=False)
         w = self.window
         loss = res.loss
         w.tokens += batch.padded_cost

@@ -1,0 +1,65 @@
+"""Epoch read-ahead: same samples in the same order, the next epoch read before it is asked for."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from blocklm.tools.train.readahead import EpochReadAhead
+
+
+class Source:
+    """A loader stand-in: the epoch selects the order; records which threads read it."""
+
+    def __init__(self, n: int, fail_at: int | None = None) -> None:
+        self.n, self.epoch, self.fail_at = n, 0, fail_at
+        self.readers: list[tuple[int, str]] = []
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        e = self.epoch
+        for i in range(self.n):
+            if e == 1 and self.fail_at == i:
+                raise OSError(f"shard-000001.tar: sample {i}: truncated record")
+            self.readers.append((e, threading.current_thread().name))
+            yield (e, (i * 7 + e) % self.n)
+
+
+def test_epochs_are_the_sources_own_order():
+    plain, src = Source(10), Source(10)
+    ra = EpochReadAhead(src, depth=4)
+    for epoch in range(3):
+        plain.set_epoch(epoch)
+        assert list(ra.epoch(epoch)) == list(plain)
+    ra.close()
+
+
+def test_next_epoch_is_read_in_a_thread_once_the_epoch_is_drawn():
+    src = Source(10)
+    ra = EpochReadAhead(src, depth=4)
+    assert len(list(ra.epoch(0))) == 10
+    ra._next.thread.join()  # started when epoch 0's last sample was drawn
+    ahead = [t for e, t in src.readers if e == 1]
+    assert ahead == ["epoch-read-ahead-1"] * 4  # depth samples, before epoch 1 is asked for
+    assert list(ra.epoch(1))[:5] == [(1, (i * 7 + 1) % 10) for i in range(5)]
+    ra.close()
+
+
+def test_a_skipped_epoch_and_short_epochs():
+    src = Source(3)
+    ra = EpochReadAhead(src, depth=8)  # deeper than the epoch: it ends within the read-ahead
+    assert len(list(ra.epoch(0))) == 3
+    assert list(ra.epoch(1)) == [(1, 1), (1, 2), (1, 0)]
+    assert list(ra.epoch(5)) == [(5, 2), (5, 0), (5, 1)]  # not the epoch read ahead (2)
+    ra.close()
+
+
+def test_loader_errors_reach_the_consumer():
+    src = Source(6, fail_at=2)  # epoch 1's read-ahead fails at its third sample
+    ra = EpochReadAhead(src, depth=4)
+    assert len(list(ra.epoch(0))) == 6
+    with pytest.raises(OSError, match="shard-000001.tar"):
+        list(ra.epoch(1))
