@@ -22,7 +22,8 @@ _META_CACHE: dict[tuple, str] = {}
 _META_CACHE_MAX = 4096  # distinct metadata dicts kept (a corpus of mixed rates or modes)
 
 
-def _js(s: str) -> str:
+def quoted(s: str) -> str:
+    """``s`` as a JSON string (what ``canonical_json`` writes for it)."""
     if _PLAIN.fullmatch(s):
         return f'"{s}"'
     return json.dumps(s, ensure_ascii=False)
@@ -51,9 +52,9 @@ def block_json(b: BlockInfo) -> tuple[str, str]:
     """The block's header JSON cut where the index adds ``"offset":N,`` (keys are sorted:
     codec, meta, mode, [offset,] shape, size, stored, xxh3, zstd)."""
     shape = ",".join([f"{d:d}" for d in b.shape])
-    head = f'{{"codec":{_js(b.codec)},"meta":{meta_json(b.meta)},"mode":{_js(b.mode)},'
+    head = f'{{"codec":{quoted(b.codec)},"meta":{meta_json(b.meta)},"mode":{quoted(b.mode)},'
     tail = (f'"shape":[{shape}],"size":{b.size:d},"stored":{b.stored:d},'
-            f'"xxh3":{_js(b.xxh3)},"zstd":{"true" if b.zstd else "false"}}}')
+            f'"xxh3":{quoted(b.xxh3)},"zstd":{"true" if b.zstd else "false"}}}')
     return head, tail
 
 
@@ -65,7 +66,7 @@ def header_bytes(key: str, blocks: list[BlockInfo],
     if cut is not None:
         cut.extend(parts)
     body = ",".join([h + t for h, t in parts])
-    return f'{{"blocklm":1,"blocks":[{body}],"key":{_js(key)}}}'.encode()
+    return f'{{"blocklm":1,"blocks":[{body}],"key":{quoted(key)}}}'.encode()
 
 
 def entry_template(key: str, size: int, blocks: list[BlockInfo],
@@ -80,7 +81,7 @@ def entry_template(key: str, size: int, blocks: list[BlockInfo],
         pieces.append(f'{cur}{"," if i else ""}{head}"offset":')
         offsets.append(b.offset)
         cur = "," + tail
-    pieces.append(f'{cur}],"key":{_js(key)},"offset":')
+    pieces.append(f'{cur}],"key":{quoted(key)},"offset":')
     offsets.append(0)
     pieces.append(f',"size":{size:d}}}')
     return tuple(pieces), tuple(offsets)
@@ -102,7 +103,7 @@ def entry_json(e: IndexEntry) -> str:
     """One sample of an index: equal to ``canonical_json(e.to_json())`` as text."""
     blocks = ",".join([f'{h}"offset":{b.offset:d},{t}'
                        for b, (h, t) in zip(e.blocks, map(block_json, e.blocks))])
-    return (f'{{"blocks":[{blocks}],"key":{_js(e.key)},"offset":{e.offset:d},'
+    return (f'{{"blocks":[{blocks}],"key":{quoted(e.key)},"offset":{e.offset:d},'
             f'"size":{e.size:d}}}')
 
 
@@ -111,5 +112,5 @@ def index_bytes(shard: str, shard_bytes: int, samples: list[IndexEntry] | list[s
     samples as entries or as their :func:`entry_json` texts."""
     body = ",".join(samples if samples and isinstance(samples[0], str) else
                     map(entry_json, samples))
-    return (f'{{"blocklm_index":{INDEX_VERSION},"samples":[{body}],"shard":{_js(shard)},'
+    return (f'{{"blocklm_index":{INDEX_VERSION},"samples":[{body}],"shard":{quoted(shard)},'
             f'"shard_bytes":{shard_bytes:d}}}').encode()

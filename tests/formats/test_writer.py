@@ -196,6 +196,7 @@ def test_sync_ahead_keeps_the_bytes_and_stops_on_abort(tmp_path, monkeypatch):
     """Background fdatasyncs every few bytes change nothing on disk; a slow one is not started
     twice; abort waits for it before the file is closed."""
     import threading
+    import time
 
     from blocklm.formats import writer as writer_mod
 
@@ -220,6 +221,10 @@ def test_sync_ahead_keeps_the_bytes_and_stops_on_abort(tmp_path, monkeypatch):
     w = ShardWriter(tmp_path / "c", max_samples=100)
     for s in samples:  # every write passes SYNC_AHEAD: the running sync is left alone
         w.write(s)
+    for _ in range(500):  # the thread runs when the scheduler gets to it
+        if calls:
+            break
+        time.sleep(0.01)
     assert len(calls) == 1 and w._syncer.locked()
     threading.Timer(0.2, release.set).start()
     w.abort()  # waits for the sync before closing its file
@@ -310,3 +315,22 @@ def test_index_from_templates_is_canonical(tmp_path):
         assert data == (tmp_path / "e" / name).read_bytes(), name
         if name.endswith(".index.json"):
             assert ShardIndex.from_bytes(data).to_bytes() == data
+
+
+def test_one_block_encoder_equals_the_general_one(corpora):
+    """SampleEncoder's one-block layout gives the bytes, entry and index template of the general
+    path, compressed or not, for any codec, metadata and key length."""
+    from blocklm.formats import Block, image_file_block
+    from blocklm.formats.encoder import SampleEncoder
+
+    enc = SampleEncoder()
+    png = corpora / "images/set14/img_003.png"
+    blocks = [text_block("to be or not " * 40), text_block(""), bytes_block("data", (3,), b"abc"),
+              Block("audio", (2, 1), "pcm16", b"\0\1" * 2, {"sample_rate": 8000, "x": 1.5})]
+    blocks.append(image_file_block(png.read_bytes()))
+    for b in blocks:
+        for key in ("k", "dir/sub-" + "x" * 50):
+            s = Sample(key, [b])
+            one = enc.encode_indexed(s)
+            many = enc._encode_many(key, s, False)
+            assert one[0] == many[0] and one[1] == many[1] and one[2] == many[2]
