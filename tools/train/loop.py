@@ -261,6 +261,7 @@ class Trainer:
     def optimizer_step(self) -> None:
         """Back-propagate the window (global normalisers), sum gradients, step, log."""
         w = self.runners.window
+        self.runners.close_autocast()
         with record_function("blocklm:window_sums"):
             sums = self.coll.sum(w.sums(self.modes) + [float(w.tokens)])
         nm = len(self.modes)

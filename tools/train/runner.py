@@ -100,6 +100,23 @@ class ModelRunners:
         self.model, self.device, self.train, self.autocast = model, device, train, autocast
         self.measure = measure  # also count next-mode and shape accuracy (evaluation)
         self.window = Window()
+        self._ac: torch.autocast | None = None  # open from a window's first batch to its end
+
+    def _autocast(self) -> None:
+        """Enter bf16 autocast for the rest of the window. Autocast caches each weight's bf16
+        copy until its context closes: one context per window casts every weight once per
+        optimizer step (one cast and one ToCopyBackward node), where a context per batch
+        cast them again for every batch."""
+        if self.autocast and self._ac is None:
+            self._ac = torch.autocast(self.device.type, dtype=torch.bfloat16)
+            self._ac.__enter__()
+
+    def close_autocast(self) -> None:
+        """Leave the window's autocast (before backward and the optimizer step: the cached
+        copies must not outlive the weights they were cast from)."""
+        if self._ac is not None:
+            ac, self._ac = self._ac, None
+            ac.__exit__(None, None, None)
 
     def runner(self, mode: str):
         """The runner of ``mode`` for :class:`blocklm.pipeline.Dispatcher`."""
@@ -125,8 +142,8 @@ class ModelRunners:
         with record_function("blocklm:states"):
             state = self._states([r.context for r in batch.requests])
         contents = [r.inputs for r in batch.requests]
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            res = self.model.run_block(mode, contents, state, targets=True, logits=False)
+        self._autocast()
+        res = self.model.run_block(mode, contents, state, targets=True, logits=False)
         w = self.window
         loss = res.loss
         w.tokens += batch.padded_cost
@@ -150,8 +167,8 @@ class ModelRunners:
         if not contexts:
             return
         state = self._states(contexts)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            bits = self.model.end_bits(state)
+        self._autocast()
+        bits = self.model.end_bits(state)
         self.window.head_bits["next_mode"].append(bits.float())
         self.window.head_count["next_mode"] += len(contexts)
         if self.measure:
@@ -181,6 +198,7 @@ class ModelRunners:
 
     def next_window(self) -> Window:
         """Close the current window (after its optimizer step) and open the next one."""
+        self.close_autocast()
         done = self.window
         self.window = Window(index=done.index + 1)
         return done

@@ -31,3 +31,43 @@ def test_context_rows_come_from_one_unbind(tokenizer):
     runners.finish([r.state for r in res])
     (runners.window.objective()).backward()
     assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def _casts_of(loss: torch.Tensor, weight: torch.Tensor) -> int:
+    """How many backward nodes cast ``weight`` (ToCopyBackward feeding its AccumulateGrad)."""
+    seen, todo, n = set(), [loss.grad_fn], 0
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        for f, _ in node.next_functions:
+            if type(node).__name__ == "ToCopyBackward0" and \
+                    getattr(f, "variable", None) is weight:
+                n += 1
+            todo.append(f)
+    return n
+
+
+def test_autocast_casts_each_weight_once_per_window(tokenizer):
+    """One autocast context per window: the bf16 copy of a weight is made once per optimizer
+    step and shared by the window's batches (a context per batch cast every weight again per
+    batch: one cast kernel and one ToCopyBackward node per weight and batch). The context is
+    closed with the window, so no copy outlives an optimizer step."""
+    torch.manual_seed(0)
+    model = BlockLM(tiny(tokenizer_path=tokenizer))
+    runners = ModelRunners(model, torch.device("cpu"), autocast=True)  # CPU autocast, bf16
+    texts = [["To be, or not", "Ay"], ["Good morrow", "What, ho!", "Peace"]]
+    for t in texts:
+        reqs = [SimpleNamespace(context=None, shape=(len(x),), inputs=x, block=0) for x in t]
+        runners.run("text", SimpleNamespace(requests=reqs, padded_cost=8))
+    assert torch.is_autocast_enabled("cpu")
+    objective = runners.window.objective()
+    weight = model.decoder.layers[0].down.weight
+    assert _casts_of(objective, weight) == 1
+    runners.close_autocast()
+    assert not torch.is_autocast_enabled("cpu")
+    objective.backward()
+    assert weight.grad is not None and torch.isfinite(weight.grad).all()
+    runners.next_window()
+    assert runners._ac is None
