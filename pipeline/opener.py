@@ -57,6 +57,10 @@ class RemoteOpener:
             s = requests.Session()
             s.trust_env = False  # no proxy or credentials from the environment
             return s
+        if kind == "httpc":  # range reads: kept-alive http.client connections, per thread
+            from .httpconn import Connections
+
+            return Connections()
         if kind == "s3":
             import s3fs
 
@@ -80,7 +84,8 @@ class RemoteOpener:
         if scheme in ("", "file"):
             return LocalSource(url[7:] if scheme == "file" else url)
         if scheme in ("http", "https"):
-            return HTTPSource(url, self.config, lambda: self._client("http"), self._note_retry)
+            return HTTPSource(url, self.config, lambda: self._client("http"), self._note_retry,
+                              conns=lambda: self._client("httpc"))
         kind = "s3" if scheme in ("s3", "s3a") else scheme
         path = url.partition("://")[2] if kind == "s3" else url
         return FsspecSource(url, path, self.config, lambda: self._client(kind), self._note_retry)

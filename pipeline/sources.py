@@ -10,6 +10,7 @@ be pickled into DataLoader workers.
 
 from __future__ import annotations
 
+import http.client
 import io
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from typing import Any, BinaryIO
 from blocklm.formats.errors import FormatError, TruncatedShardError
 
 from .errors import NotFoundError, SourceError
+from .httpconn import Connections
 from .retry import Attempts, RetryPolicy
 
 MAX_REQUEST_BYTES = 64 << 20  # one HTTP read call never asks urllib3 for more than this
@@ -50,10 +52,12 @@ class HTTPSource:
     """A :class:`ByteSource` over an HTTP(S) URL, read with ``Range`` requests."""
 
     def __init__(self, url: str, config: RemoteConfig, session: Callable[[], Any],
-                 on_retry: Callable[[], None] | None = None) -> None:
+                 on_retry: Callable[[], None] | None = None,
+                 conns: Callable[[], Connections] | None = None) -> None:
         self.name = self.url = url
         self.config = config
         self._session = session
+        self._conns = conns  # http.client connections for range reads (else requests)
         self._size: int | None = None
         self.retries = 0  # transient failures retried, for the loader's stats
         self._on_retry = on_retry
@@ -63,25 +67,47 @@ class HTTPSource:
         import urllib3
 
         return (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
-                urllib3.exceptions.HTTPError, OSError, _Transient)
+                urllib3.exceptions.HTTPError, http.client.HTTPException, OSError, _Transient)
 
     def _status(self, r: Any, offset: int) -> None:
-        if r.status_code in (404, 410):
-            raise NotFoundError(f"HTTP {r.status_code}", shard=self.url)
-        if r.status_code == 416:
+        code = r.status_code if hasattr(r, "status_code") else r.status
+        if code in (404, 410):
+            raise NotFoundError(f"HTTP {code}", shard=self.url)
+        if code == 416:
             raise TruncatedShardError(f"HTTP 416: no bytes at offset {offset}", shard=self.url)
-        if r.status_code == 429 or r.status_code >= 500:
-            raise _Transient(f"HTTP {r.status_code}")
-        if r.status_code not in (200, 206):
-            raise SourceError(f"HTTP {r.status_code}", shard=self.url)
+        if code == 429 or code >= 500:
+            raise _Transient(f"HTTP {code}")
+        if code not in (200, 206):
+            raise SourceError(f"HTTP {code}", shard=self.url)
+
+    def _check(self, code: int, headers: Any, start: int) -> None:
+        """The answer to ``Range: bytes=start-`` holds the bytes from ``start``, unencoded."""
+        if code == 200 and start != 0:
+            raise SourceError("server ignored the Range header (HTTP 200)", shard=self.url)
+        if code == 206:
+            cr = headers.get("Content-Range", "")
+            if not cr.startswith(f"bytes {start}-"):
+                raise SourceError(f"Content-Range {cr!r} does not start at {start}",
+                                  shard=self.url)
+        enc = headers.get("Content-Encoding", "identity").strip().lower()
+        if enc not in ("", "identity"):
+            raise SourceError(f"server sent Content-Encoding {enc!r} although "
+                              "asked for identity", shard=self.url)
+
+    def _short(self, headers: Any, offset: int, length: int, got: int, before: int) -> None:
+        """The body ended after ``got`` of ``length`` bytes: past the end of the file, or cut."""
+        total = headers.get("Content-Range", "").rpartition("/")[2]
+        if total.isdigit() and int(total) < offset + length:
+            raise TruncatedShardError(f"wanted {length} bytes at offset {offset}, file has "
+                                      f"{total}", shard=self.url)
+        raise _Transient(f"connection ended after {got - before} bytes")
 
     def size(self) -> int:
         if self._size is None:
             att = Attempts(self.config.retry)
             while True:
                 try:
-                    r = self._session().head(self.url, timeout=self.config.timeout,
-                                             allow_redirects=True)
+                    r = self._head()
                     self._status(r, 0)
                     n = r.headers.get("Content-Length")
                     if n is None or not n.isdigit():
@@ -91,6 +117,19 @@ class HTTPSource:
                 except self._transient() as e:
                     self._retry_or_raise(att, False, 0, e)
         return self._size
+
+    def _head(self) -> Any:
+        """The answer to ``HEAD url``, on the kept-alive connection the reads use (redirects
+        followed through requests)."""
+        if self._conns is not None:
+            conns = self._conns()
+            r, key = conns.get(self.url, {"Accept-Encoding": "identity"}, self.config.timeout,
+                               method="HEAD")
+            r.read()  # a HEAD answer has no body: this only marks the connection reusable
+            if not 300 <= r.status < 400:
+                return r
+            conns.drop(key)
+        return self._session().head(self.url, timeout=self.config.timeout, allow_redirects=True)
 
     def _retry_or_raise(self, att: Attempts, progressed: bool, done: int, e: BaseException) -> None:
         if not att.failed(progressed, done):
@@ -104,6 +143,49 @@ class HTTPSource:
         """``length`` bytes from ``offset``; a cut connection resumes at the next missing byte."""
         if length == 0:
             return b""
+        if self._conns is None:
+            return self._read_requests(offset, length)
+        parts: list[bytes] = []
+        got = 0
+        att = Attempts(self.config.retry)
+        conns = self._conns()
+        while got < length:
+            before = got
+            key = None
+            try:
+                start, end = offset + got, offset + length - 1
+                r, key = conns.get(self.url, {"Range": f"bytes={start}-{end}",
+                                              "Accept-Encoding": "identity"}, self.config.timeout)
+                if 300 <= r.status < 400:  # redirects are followed by requests (rare)
+                    conns.drop(key)
+                    parts.append(self._read_requests(start, length - got))
+                    got = length
+                    break
+                self._status(r, start)
+                self._check(r.status, r.headers, start)
+                # one read of the whole rest: bytes straight from the socket, no copy after;
+                # a body cut short returns what arrived, and the next request starts after it
+                data = r.read(length - got)
+                if not r.isclosed():  # more body than asked for (an HTTP 200): not reusable
+                    conns.drop(key)
+                if data:
+                    parts.append(data)
+                    got += len(data)
+                if got < length:
+                    conns.drop(key)
+                    self._short(r.headers, offset, length, got, before)
+            except self._transient() as e:
+                if key is not None:
+                    conns.drop(key)
+                self._retry_or_raise(att, got > before, got, e)
+            except BaseException:
+                if key is not None:
+                    conns.drop(key)
+                raise
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _read_requests(self, offset: int, length: int) -> bytes:
+        """:meth:`read` through ``requests`` (follows redirects)."""
         parts: list[bytes] = []
         got = 0
         att = Attempts(self.config.retry)
@@ -115,18 +197,7 @@ class HTTPSource:
                                          headers={"Range": f"bytes={start}-{end}",
                                                   "Accept-Encoding": "identity"}) as r:
                     self._status(r, start)
-                    if r.status_code == 200 and start != 0:
-                        raise SourceError("server ignored the Range header (HTTP 200)",
-                                          shard=self.url)
-                    if r.status_code == 206:
-                        cr = r.headers.get("Content-Range", "")
-                        if not cr.startswith(f"bytes {start}-"):
-                            raise SourceError(f"Content-Range {cr!r} does not start at {start}",
-                                              shard=self.url)
-                    enc = r.headers.get("Content-Encoding", "identity").strip().lower()
-                    if enc not in ("", "identity"):
-                        raise SourceError(f"server sent Content-Encoding {enc!r} although "
-                                          "asked for identity", shard=self.url)
+                    self._check(r.status_code, r.headers, start)
                     while got < length:
                         # the body is the bytes themselves (checked above): urllib3's decoding
                         # layer would only buffer and copy them once more
@@ -137,12 +208,7 @@ class HTTPSource:
                         parts.append(chunk)
                         got += len(chunk)
                     if got < length:
-                        total = r.headers.get("Content-Range", "").rpartition("/")[2]
-                        if total.isdigit() and int(total) < offset + length:
-                            raise TruncatedShardError(
-                                f"wanted {length} bytes at offset {offset}, file has {total}",
-                                shard=self.url)
-                        raise _Transient(f"connection ended after {got - before} bytes")
+                        self._short(r.headers, offset, length, got, before)
             except self._transient() as e:
                 self._retry_or_raise(att, got > before, got, e)
         return parts[0] if len(parts) == 1 else b"".join(parts)

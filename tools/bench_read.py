@@ -31,10 +31,13 @@ from pathlib import Path
 import click
 
 RUN = 8 << 20
+# nginx's defaults but for the logs: one worker (the machine has 2 cores, the reader needs one),
+# sendfile on, tcp_nopush off (with it on, some kept-alive range answers stall 40 ms waiting for
+# a delayed ACK: measured here on 75 KB and 1 MB ranges), keep-alive without a request cap
 NGINX_CONF = string.Template(
     "daemon off; master_process off; worker_processes 1; pid $t/nginx.pid;\n"
     "error_log $t/error.log warn; events { worker_connections 256; }\n"
-    "http { access_log off; sendfile on; tcp_nopush on; keepalive_requests 100000;\n"
+    "http { access_log off; sendfile on; tcp_nopush off; keepalive_requests 100000;\n"
     "client_body_temp_path $t/b; proxy_temp_path $t/p; fastcgi_temp_path $t/f;\n"
     "uwsgi_temp_path $t/u; scgi_temp_path $t/s; default_type application/octet-stream;\n"
     "server { listen 127.0.0.1:$p; root $w; } }\n")
