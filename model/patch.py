@@ -38,7 +38,13 @@ class ElementHead(nn.Module):
     def logits(self, h: Tensor, values: Tensor) -> Tensor:
         """h [B,T,d], values [B,T,E] long (teacher forcing) -> logits [B,T,E,V]."""
         c = self.ctx(h)[..., None, :] + self.pos  # [B,T,E,w]
-        ve = self.val[torch.arange(self.E, device=values.device), values]  # [B,T,E,w]
+        # one embedding lookup into val viewed as [E*vocab, w]: the same rows as
+        # val[arange(E), values], but its backward sums duplicate rows by segments, where
+        # advanced indexing's backward (index_put with accumulate) serialises them (32 ms of a
+        # mixed step's GPU time on the H200, most rows repeat)
+        V = self.val.shape[1]
+        idx = values + torch.arange(self.E, device=values.device) * V
+        ve = nn.functional.embedding(idx, self.val.view(self.E * V, -1))  # [B,T,E,w]
         prev = ve.cumsum(-2) - ve  # sum over the earlier elements of the same step
         return self.out(c + prev.to(c.dtype))
 

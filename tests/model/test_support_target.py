@@ -63,3 +63,21 @@ def test_element_count_is_counted_on_the_host(model):
         loss = model.run_block(mode, contents).loss
         assert isinstance(loss.element_count, float)
         assert loss.element_count == float(loss.elements.sum()) > 0
+
+
+def test_element_head_lookup_equals_advanced_indexing():
+    """ElementHead reads its value rows with one embedding lookup: same logits and gradients
+    as ``val[arange(E), values]`` (whose backward serialised duplicate rows on the GPU)."""
+    from blocklm.model.patch import ElementHead
+
+    torch.manual_seed(0)
+    head = ElementHead(5, 16, 8)
+    h, values = torch.randn(2, 3, 16), torch.randint(0, 256, (2, 3, 5))
+    head.logits(h, values).square().sum().backward()
+    got = head.val.grad.clone()
+    head.val.grad = None
+    ve = head.val[torch.arange(5), values]
+    ref = head.out(head.ctx(h)[..., None, :] + head.pos + (ve.cumsum(-2) - ve))
+    ref.square().sum().backward()
+    torch.testing.assert_close(head.logits(h, values), ref, rtol=0, atol=0)
+    torch.testing.assert_close(got, head.val.grad, rtol=0, atol=0)
