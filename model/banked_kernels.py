@@ -1,18 +1,19 @@
 """Triton kernels of banked, write-decayed causal linear attention (see
 :mod:`blocklm.model.banked_triton` for the function, the layout and the autograd wrapper).
 
-All kernels take contiguous [B*H, T, ...] tensors with T a multiple of the chunk C; c is the
-chunk-local inclusive cumsum of log a (``decay_prep``). Saved chunk-start memories ``hs``
-[B*H, T/C, N, D, E] (input dtype) and normalisers ``zs`` [B*H, T/C, N, D] (fp32); their gradients
-``dhs``/``dzs`` are those at each chunk's end. bf16 matmul operands, fp32 accumulation; every exp is
-of a non-positive in-chunk difference.
+All kernels take contiguous [B*H, T, ...] tensors. Rows are processed in blocks of C; memories
+are saved once per span of R blocks (R = 1 or 2, T a multiple of R*C); c is the span-local
+inclusive cumsum of log a (``decay_prep``). Saved span-start memories ``hs`` [B*H, T/(RC), N, D,
+E] (input dtype) and normalisers ``zs`` [B*H, T/(RC), N, D] (fp32); their gradients ``dhs``/``dzs``
+are those at each span's end. bf16 matmul operands, fp32 accumulation; every exp is of a
+non-positive in-span difference.
 
-Forward: ``fwd_h`` (memory across chunks, one program per bank and state tile), ``fwd_o``
-(outputs of all chunks in parallel). Backward: ``bwd_prep`` (numerator/normaliser split of the
-output gradient), ``bwd_dh`` (memory gradient backwards across chunks), the parallel gradient
-kernels of :mod:`blocklm.model.banked_kernels_bwd` (dq, dk, dv, dr, dw), ``bwd_hdot``
-(<dS_end, S_start> per chunk and bank, unless the reads kernel does it) and ``bwd_decay``
-(gradient of the log-decays within each chunk, then of w and g).
+Forward: ``fwd_h`` (memory across spans, one program per bank and state tile), ``fwd_o``
+(outputs of all blocks in parallel). Backward: the intra-span kernel of
+:mod:`blocklm.model.banked_kernels_bwd` (it also splits the output gradient), ``bwd_dh`` (memory
+gradient backwards across spans), the parallel memory-gradient kernels (dq, dk, dv, dr, dw),
+``bwd_hdot`` (<dS_end, S_start> per span and bank, unless ``bwd_dv_mem`` does it) and
+``bwd_decay`` (gradient of the log-decays within each span, then of w and g).
 """
 
 from __future__ import annotations
@@ -45,8 +46,10 @@ if HAS_TRITON:
         tl.store(c + t[:, None] * N + on[None, :], tl.cumsum(la, 0), mask=m)
 
     @triton.jit
-    def bwd_hdot(hs, zs, dhs, dzs, hd, D: tl.constexpr, E: tl.constexpr, BD: tl.constexpr):
-        """<dS_end, S_start> + <dz_end, z_start> of one (batch*head, chunk, bank) slot."""
+    def bwd_hdot(hs, zs, dhs, dzs, hd, N: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
+                 BD: tl.constexpr, R: tl.constexpr):
+        """<dS_end, S_start> + <dz_end, z_start> of one (batch*head, span, bank) slot, stored
+        as the first block's partial (hd has R per span, the others zero)."""
         slot = tl.program_id(0).to(tl.int64)
         oe = tl.arange(0, E)
         acc = tl.zeros([BD, E], dtype=tl.float32)
@@ -56,15 +59,16 @@ if HAS_TRITON:
         od = tl.arange(0, D)
         tot = tl.sum(tl.sum(acc, axis=1), axis=0)
         tot += tl.sum(tl.load(dzs + slot * D + od) * tl.load(zs + slot * D + od), axis=0)
-        tl.store(hd + slot, tot)
+        tl.store(hd + ((slot // N) * R) * N + slot % N, tot)
 
     @triton.jit
     def bwd_decay(r, w, g, c, dr, dw, dg, hd, wd, N: tl.constexpr, NP: tl.constexpr,
-                   C: tl.constexpr):
+                   C: tl.constexpr, R: tl.constexpr):
         """Gradient of the log-decays of one chunk: dc = r dr - w dw, plus at the chunk's last
         step d/dc_T of the chunk-end memory, <dS_end, S_end> = e^cT <dS_end, S_start> + sum_s
         w_s dw_s (writes' part); d log a = reverse cumsum of dc within the chunk, then to w, g.
-        Inner products rather than a sequence-long cumsum of dc: that one cancels badly."""
+        Inner products rather than a sequence-long cumsum of dc: that one cancels badly.
+        C here is the save span (R blocks): hd and wd hold one partial per block."""
         j, i_bh = tl.program_id(0), tl.program_id(1)
         NT = tl.num_programs(0)
         t = i_bh.to(tl.int64) * NT * C + j * C + tl.arange(0, C)
@@ -75,11 +79,15 @@ if HAS_TRITON:
         b_w = tl.load(w + ix, mask=m, other=0.0).to(tl.float32)
         b_dw = tl.load(dw + ix, mask=m, other=0.0)
         b_g = tl.load(g + t).to(tl.float32)
-        slot = (i_bh.to(tl.int64) * NT + j) * N + on
         b_cT = tl.load(c + (i_bh.to(tl.int64) * NT * C + j * C + C - 1) * N + on, mask=on < N,
                        other=0.0)
-        last = tl.exp(b_cT) * tl.load(hd + slot, mask=on < N, other=0.0) + tl.load(
-            wd + slot, mask=on < N, other=0.0)
+        h_dot = tl.zeros([NP], dtype=tl.float32)
+        w_dot = tl.zeros([NP], dtype=tl.float32)
+        for p in range(R):
+            slot = ((i_bh.to(tl.int64) * NT + j) * R + p) * N + on
+            h_dot += tl.load(hd + slot, mask=on < N, other=0.0)
+            w_dot += tl.load(wd + slot, mask=on < N, other=0.0)
+        last = tl.exp(b_cT) * h_dot + w_dot
         dc = b_r * tl.load(dr + ix, mask=m, other=0.0) - b_w * b_dw
         dc += tl.where((tl.arange(0, C) == C - 1)[:, None], last[None, :], 0.0)
         dla = tl.cumsum(dc, 0, reverse=True)
@@ -103,36 +111,47 @@ if HAS_TRITON:
         wb = w + i_bh.to(tl.int64) * T * N + n
         cb = c + i_bh.to(tl.int64) * T * N + n
         b_h = tl.zeros([BK, BV], dtype=tl.float32)
-        b_z = tl.zeros([BK], dtype=tl.float32)
+        # z in a [BK, 16] tile of equal columns, advanced by a dot with ones: the per-step
+        # row reduction it replaces cost 0.33 of fwd_h's 1.18 ms at 16K (GPU_NOTES, call 16)
+        oz = tl.arange(0, 16)
+        zcol = ok[:, None] + oz[None, :] * 0
+        zm = (oz == 0)[None, :]
+        b_z = tl.zeros([BK, 16], dtype=tl.float32)
+        ones = tl.full([C, 16], 1.0, dtype=v.dtype.element_ty)
         if HAS_S0:
             b_h += tl.load(S0 + i_bhn.to(tl.int64) * D * E + ok[:, None] * E + ov[None, :])
-            b_z += tl.load(z0 + i_bhn.to(tl.int64) * D + ok)
+            b_z += tl.load(z0 + i_bhn.to(tl.int64) * D + zcol)
         for j in range(NT):
             slot = (i_bh.to(tl.int64) * NT + j) * N + n
             tl.store(hs + slot * D * E + ok[:, None] * E + ov[None, :],
                      b_h.to(hs.dtype.element_ty))
             if i_v == 0:
-                tl.store(zs + slot * D + ok, b_z)
+                tl.store(zs + slot * D + zcol, b_z, mask=zm)
             t = j * C + ot
             b_k = tl.load(kb + t[:, None] * D + ok[None, :])
             b_v = tl.load(vb + t[:, None] * E + ov[None, :])
             b_w = tl.load(wb + t * N).to(tl.float32)
             b_c = tl.load(cb + t * N)
             b_cT = tl.load(cb + (j * C + C - 1) * N)
-            kd = b_k.to(tl.float32) * (b_w * tl.exp(b_cT - b_c))[:, None]  # [C,BK]
-            b_h = b_h * tl.exp(b_cT) + tl.dot(tl.trans(kd.to(b_v.dtype)), b_v)
-            b_z = b_z * tl.exp(b_cT) + tl.sum(kd, axis=0)
+            kd = tl.trans((b_k.to(tl.float32) * (b_w * tl.exp(b_cT - b_c))[:, None]).to(
+                b_v.dtype))  # [BK,C]
+            b_h = b_h * tl.exp(b_cT) + tl.dot(kd, b_v)
+            if i_v == 0:
+                b_z = b_z * tl.exp(b_cT) + tl.dot(kd, ones)
         tl.store(ST + i_bhn.to(tl.int64) * D * E + ok[:, None] * E + ov[None, :], b_h)
         if i_v == 0:
-            tl.store(zT + i_bhn.to(tl.int64) * D + ok, b_z)
+            tl.store(zT + i_bhn.to(tl.int64) * D + zcol, b_z, mask=zm)
 
     @triton.jit
     def fwd_o(q, k, v, r, w, c, hs, zs, o, den, NT, eps,
                N: tl.constexpr, D: tl.constexpr, E: tl.constexpr, C: tl.constexpr,
-               BV: tl.constexpr):
-        """Outputs of one chunk and E-tile: intra-chunk scores + reads of the chunk-start memory."""
+               BV: tl.constexpr, R: tl.constexpr):
+        """Outputs of one C-row block and E-tile: intra-block scores, the scores against the
+        earlier blocks of its save span (R blocks share one saved memory) and the reads of the
+        span-start memory (c: cumsum of log a from the span's start)."""
         i_v, j, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         T = NT * C
+        NS = NT // R
         od = tl.arange(0, D)
         ov = i_v * BV + tl.arange(0, BV)
         ot = tl.arange(0, C)
@@ -152,7 +171,7 @@ if HAS_TRITON:
             b_c = tl.load(c + rb)
             diff = tl.where(causal, b_c[:, None] - b_c[None, :], float("-inf"))
             M += b_r[:, None] * b_w[None, :] * tl.exp(diff)
-            slot = (bh * NT + j) * N + n
+            slot = (bh * NS + j // R) * N + n
             b_hn = tl.load(hs + slot * D * E + od[:, None] * E + ov[None, :])
             b_zn = tl.load(zs + slot * D + od)
             s_n = b_r * tl.exp(b_c)  # row scale: applied to the product, q stays as loaded
@@ -160,7 +179,20 @@ if HAS_TRITON:
             dsum += s_n * tl.sum(b_q.to(tl.float32) * b_zn[None, :], axis=1)
         A = tl.dot(b_q, tl.trans(b_k)) * M  # M is 0 above the diagonal
         num += tl.dot(A.to(b_v.dtype), b_v)
-        dd = dsum + tl.sum(A, axis=1) + eps
+        dd = dsum + tl.sum(A, axis=1)
+        for i in range(j - j % R, j):  # earlier blocks of the span: full (unmasked) tiles
+            s = i * C + ot
+            Mp = tl.zeros([C, C], dtype=tl.float32)
+            for n in range(N):
+                b_cs = tl.load(c + bh * T * N + s * N + n)
+                Mp += tl.load(r + bh * T * N + t * N + n).to(tl.float32)[:, None] * tl.load(
+                    w + bh * T * N + s * N + n).to(tl.float32)[None, :] * tl.exp(
+                    tl.load(c + bh * T * N + t * N + n)[:, None] - b_cs[None, :])
+            Ap = tl.dot(b_q, tl.trans(tl.load(k + bh * T * D + s[:, None] * D + od[None, :])))
+            Ap = Ap * Mp
+            num += tl.dot(Ap.to(b_v.dtype), tl.load(v + bh * T * E + s[:, None] * E + ov[None, :]))
+            dd += tl.sum(Ap, axis=1)
+        dd += eps
         tl.store(o + bh * T * E + t[:, None] * E + ov[None, :],
                  (num / dd[:, None]).to(o.dtype.element_ty))
         if i_v == 0:
@@ -216,18 +248,6 @@ if HAS_TRITON:
                                        (C, BV), (1, 0)), (num / dd[:, None]).to(o.dtype.element_ty))
 
     @triton.jit
-    def bwd_prep(do, o, den, dy, dden, E: tl.constexpr, C: tl.constexpr):
-        """out = num / den: dy = do / den (numerator), dden = -(do . out) / den (normaliser)."""
-        j, i_bh = tl.program_id(0), tl.program_id(1)
-        t = i_bh.to(tl.int64) * tl.num_programs(0) * C + j * C + tl.arange(0, C)
-        oe = tl.arange(0, E)
-        b_do = tl.load(do + t[:, None] * E + oe[None, :]).to(tl.float32)
-        b_o = tl.load(o + t[:, None] * E + oe[None, :]).to(tl.float32)
-        b_den = tl.load(den + t)
-        tl.store(dy + t[:, None] * E + oe[None, :], (b_do / b_den[:, None]).to(dy.dtype.element_ty))
-        tl.store(dden + t, -tl.sum(b_do * b_o, axis=1) / b_den)
-
-    @triton.jit
     def bwd_dh(q, r, c, dy, dden, dhs, dzs, dST, dzT, dS0, dz0, NT,
                 N: tl.constexpr, D: tl.constexpr, E: tl.constexpr, C: tl.constexpr,
                 BK: tl.constexpr, BV: tl.constexpr, HAS_DST: tl.constexpr):
@@ -244,28 +264,32 @@ if HAS_TRITON:
         rb = r + i_bh.to(tl.int64) * T * N + n
         cb = c + i_bh.to(tl.int64) * T * N + n
         b_dh = tl.zeros([BK, BV], dtype=tl.float32)
-        b_dz = tl.zeros([BK], dtype=tl.float32)
+        oz = tl.arange(0, 16)  # dz as in fwd_h: [BK, 16] equal columns, a dot per step
+        zcol = ok[:, None] + oz[None, :] * 0
+        zm = (oz == 0)[None, :]
+        b_dz = tl.zeros([BK, 16], dtype=tl.float32)
         if HAS_DST:
             b_dh += tl.load(dST + i_bhn.to(tl.int64) * D * E + ok[:, None] * E + ov[None, :])
-            b_dz += tl.load(dzT + i_bhn.to(tl.int64) * D + ok)
+            b_dz += tl.load(dzT + i_bhn.to(tl.int64) * D + zcol)
         for jj in range(NT):
             j = NT - 1 - jj
             slot = (i_bh.to(tl.int64) * NT + j) * N + n
             tl.store(dhs + slot * D * E + ok[:, None] * E + ov[None, :],
                      b_dh.to(dhs.dtype.element_ty))
             if i_v == 0:
-                tl.store(dzs + slot * D + ok, b_dz)
+                tl.store(dzs + slot * D + zcol, b_dz, mask=zm)
             t = j * C + ot
             b_q = tl.load(qb + t[:, None] * D + ok[None, :])
             b_y = tl.load(yb + t[:, None] * E + ov[None, :])
             b_r = tl.load(rb + t * N).to(tl.float32)
             b_c = tl.load(cb + t * N)
             b_cT = tl.load(cb + (j * C + C - 1) * N)
-            qs = b_q.to(tl.float32) * (b_r * tl.exp(b_c))[:, None]  # [C,BK]
-            b_dh = b_dh * tl.exp(b_cT) + tl.dot(tl.trans(qs.to(b_y.dtype)), b_y)
-            if i_v == 0:
-                b_dd = tl.load(db + t)
-                b_dz = b_dz * tl.exp(b_cT) + tl.sum(qs * b_dd[:, None], axis=0)
+            qs = tl.trans((b_q.to(tl.float32) * (b_r * tl.exp(b_c))[:, None]).to(
+                b_y.dtype))  # [BK,C]
+            b_dh = b_dh * tl.exp(b_cT) + tl.dot(qs, b_y)
+            if i_v == 0:  # dden broadcast over 16 columns: sum_t qs[:, t] dden[t] as a dot
+                b_dd = tl.load(db + t[:, None] + oz[None, :] * 0).to(b_y.dtype)
+                b_dz = b_dz * tl.exp(b_cT) + tl.dot(qs, b_dd)
         tl.store(dS0 + i_bhn.to(tl.int64) * D * E + ok[:, None] * E + ov[None, :], b_dh)
         if i_v == 0:
-            tl.store(dz0 + i_bhn.to(tl.int64) * D + ok, b_dz)
+            tl.store(dz0 + i_bhn.to(tl.int64) * D + zcol, b_dz, mask=zm)

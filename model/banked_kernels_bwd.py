@@ -7,7 +7,7 @@ bank mix M, no memories) and a memory part (``bwd_mem_read``: reads of the chunk
 dq, dr; ``bwd_mem_write``: writes into the chunk-end memory -> dk, dw; ``bwd_dv_mem``: dv and
 the chunk-end inner products of the decay gradient). Kept apart so that no program holds the [C, C] tiles and a [D, E]
 memory with its [C, D] products at once: the fused form needed 255 registers and spilled
-(model/GPU_NOTES.md, calls 2-8). The intra kernel writes fp32 partials that the memory kernels
+(model/GPU_NOTES.md, calls 2-8). The intra kernel (which also splits the output gradient: it runs first) writes fp32 partials that the memory kernels
 add to before the one bf16 rounding.
 """
 
@@ -18,61 +18,120 @@ from .banked_kernels import HAS_TRITON, tl, triton  # one optional-import probe 
 if HAS_TRITON:
 
     @triton.jit
-    def bwd_intra(q, k, v, r, w, c, dy, dden, dqi, dki, dvi, dr, dw, NT,
-                  N: tl.constexpr, D: tl.constexpr, E: tl.constexpr, C: tl.constexpr,
-                  BD: tl.constexpr):
-        """Intra-chunk part of one chunk: fp32 partials of dq, dk, dv; dr, dw initialised with
-        their intra-chunk parts (the memory kernels add the rest). Two bank loops (the bank mix
-        M first, the per-bank sums of dM = (q k^T)(dy v^T) last, the exps recomputed) so that
-        few [C, C] tiles are live at once; [C, D] products BD columns at a time."""
-        j, i_bh = tl.program_id(0), tl.program_id(1)
-        T = NT * C
+    def _rmw(ptr, val, ACC: tl.constexpr):
+        """Store val, or add it to what is there (ACC: a later tile of the same rows)."""
+        if ACC:
+            val += tl.load(ptr)
+        tl.store(ptr, val)
+
+    @triton.jit
+    def _intra_tile(q, k, v, r, w, c, dy, dden, dqi, dki, dvi, dr, dw, bh, T, tr, ts,
+                    N: tl.constexpr, D: tl.constexpr, E: tl.constexpr, C: tl.constexpr,
+                    BD: tl.constexpr, DIAG: tl.constexpr, ACC: tl.constexpr):
+        """One [C, C] score tile, rows from tr, columns from ts (DIAG: the same block, causal
+        mask; else an earlier block of the save span, unmasked): its shares of dq, dr (rows)
+        and dk, dv, dw (columns). Two bank loops (the bank mix M first, the per-bank sums of
+        dM = (q k^T)(dy v^T) last, the exps recomputed) so that few [C, C] tiles are live at
+        once; [C, D] products BD columns at a time."""
         ot = tl.arange(0, C)
-        t = j * C + ot
-        bh = i_bh.to(tl.int64)
-        causal = ot[:, None] >= ot[None, :]
+        t = tr + ot
+        s = ts + ot
+        if DIAG:
+            keep = ot[:, None] >= ot[None, :]
+        else:
+            keep = (ot[:, None] >= 0) & (ot[None, :] >= 0)
         M = tl.zeros([C, C], dtype=tl.float32)
         for n in range(N):
-            rb = bh * T * N + t * N + n
-            b_c = tl.load(c + rb)
-            M += tl.load(r + rb).to(tl.float32)[:, None] * tl.load(w + rb).to(
-                tl.float32)[None, :] * tl.exp(
-                tl.where(causal, b_c[:, None] - b_c[None, :], float("-inf")))
-        p_q = tl.make_block_ptr(q + bh * T * D, (T, D), (D, 1), (j * C, 0), (C, D), (1, 0))
-        p_k = tl.make_block_ptr(k + bh * T * D, (T, D), (D, 1), (j * C, 0), (C, D), (1, 0))
-        p_y = tl.make_block_ptr(dy + bh * T * E, (T, E), (E, 1), (j * C, 0), (C, E), (1, 0))
-        p_v = tl.make_block_ptr(v + bh * T * E, (T, E), (E, 1), (j * C, 0), (C, E), (1, 0))
+            b_ct = tl.load(c + bh * T * N + t * N + n)
+            b_cs = tl.load(c + bh * T * N + s * N + n)
+            M += tl.load(r + bh * T * N + t * N + n).to(tl.float32)[:, None] * tl.load(
+                w + bh * T * N + s * N + n).to(tl.float32)[None, :] * tl.exp(
+                tl.where(keep, b_ct[:, None] - b_cs[None, :], float("-inf")))
+        p_q = tl.make_block_ptr(q + bh * T * D, (T, D), (D, 1), (tr, 0), (C, D), (1, 0))
+        p_k = tl.make_block_ptr(k + bh * T * D, (T, D), (D, 1), (ts, 0), (C, D), (1, 0))
+        p_y = tl.make_block_ptr(dy + bh * T * E, (T, E), (E, 1), (tr, 0), (C, E), (1, 0))
+        p_v = tl.make_block_ptr(v + bh * T * E, (T, E), (E, 1), (ts, 0), (C, E), (1, 0))
         yv = tl.dot(tl.load(p_y), tl.trans(tl.load(p_v)))
         yv += tl.load(dden + bh * T + t)[:, None]  # the normaliser's "ones" value column
         dA = (yv * M).to(q.dtype.element_ty)  # M is 0 above the diagonal
         for i_d in range(D // BD):
-            p_x = tl.make_block_ptr(k + bh * T * D, (T, D), (D, 1), (j * C, i_d * BD), (C, BD),
+            p_x = tl.make_block_ptr(k + bh * T * D, (T, D), (D, 1), (ts, i_d * BD), (C, BD),
                                     (1, 0))
-            tl.store(tl.make_block_ptr(dqi + bh * T * D, (T, D), (D, 1), (j * C, i_d * BD),
-                                       (C, BD), (1, 0)), tl.dot(dA, tl.load(p_x)))
-            p_x = tl.make_block_ptr(q + bh * T * D, (T, D), (D, 1), (j * C, i_d * BD), (C, BD),
+            _rmw(tl.make_block_ptr(dqi + bh * T * D, (T, D), (D, 1), (tr, i_d * BD), (C, BD),
+                                   (1, 0)), tl.dot(dA, tl.load(p_x)), ACC)
+            p_x = tl.make_block_ptr(q + bh * T * D, (T, D), (D, 1), (tr, i_d * BD), (C, BD),
                                     (1, 0))
-            tl.store(tl.make_block_ptr(dki + bh * T * D, (T, D), (D, 1), (j * C, i_d * BD),
-                                       (C, BD), (1, 0)), tl.dot(tl.trans(dA), tl.load(p_x)))
+            _rmw(tl.make_block_ptr(dki + bh * T * D, (T, D), (D, 1), (ts, i_d * BD), (C, BD),
+                                   (1, 0)), tl.dot(tl.trans(dA), tl.load(p_x)), ACC)
         qk = tl.dot(tl.load(p_q), tl.trans(tl.load(p_k)))
         A = tl.trans(qk * M).to(dy.dtype.element_ty)
         for i_e in range(E // BD):
-            p_x = tl.make_block_ptr(dy + bh * T * E, (T, E), (E, 1), (j * C, i_e * BD), (C, BD),
+            p_x = tl.make_block_ptr(dy + bh * T * E, (T, E), (E, 1), (tr, i_e * BD), (C, BD),
                                     (1, 0))
-            tl.store(tl.make_block_ptr(dvi + bh * T * E, (T, E), (E, 1), (j * C, i_e * BD),
-                                       (C, BD), (1, 0)), tl.dot(A, tl.load(p_x)))
-        Bm = tl.where(causal, qk * yv, 0.0)  # dM
+            _rmw(tl.make_block_ptr(dvi + bh * T * E, (T, E), (E, 1), (ts, i_e * BD), (C, BD),
+                                   (1, 0)), tl.dot(A, tl.load(p_x)), ACC)
+        Bm = tl.where(keep, qk * yv, 0.0)  # dM
         for n in range(N):
-            rb = bh * T * N + t * N + n
-            b_c = tl.load(c + rb)
-            BE = Bm * tl.exp(tl.where(causal, b_c[:, None] - b_c[None, :], float("-inf")))
-            tl.store(dr + rb, tl.sum(BE * tl.load(w + rb).to(tl.float32)[None, :], axis=1))
-            tl.store(dw + rb, tl.sum(BE * tl.load(r + rb).to(tl.float32)[:, None], axis=0))
+            b_ct = tl.load(c + bh * T * N + t * N + n)
+            b_cs = tl.load(c + bh * T * N + s * N + n)
+            BE = Bm * tl.exp(tl.where(keep, b_ct[:, None] - b_cs[None, :], float("-inf")))
+            _rmw(dr + bh * T * N + t * N + n,
+                 tl.sum(BE * tl.load(w + bh * T * N + s * N + n).to(tl.float32)[None, :], axis=1),
+                 ACC)
+            _rmw(dw + bh * T * N + s * N + n,
+                 tl.sum(BE * tl.load(r + bh * T * N + t * N + n).to(tl.float32)[:, None], axis=0),
+                 ACC)
+
+    @triton.jit
+    def _prep(do, o, den, dy, dden, t, E: tl.constexpr):
+        """out = num / den: dy = do / den (numerator), dden = -(do . out) / den (normaliser)
+        of the rows t."""
+        oe = tl.arange(0, E)
+        b_do = tl.load(do + t[:, None] * E + oe[None, :]).to(tl.float32)
+        b_den = tl.load(den + t)
+        tl.store(dy + t[:, None] * E + oe[None, :], (b_do / b_den[:, None]).to(
+            dy.dtype.element_ty))
+        b_o = tl.load(o + t[:, None] * E + oe[None, :]).to(tl.float32)
+        tl.store(dden + t, -tl.sum(b_do * b_o, axis=1) / b_den)
+
+    @triton.jit
+    def bwd_prep(do, o, den, dy, dden, E: tl.constexpr, C: tl.constexpr):
+        """The output-gradient split of one block, as its own launch (``prep_in_intra`` off)."""
+        j, i_bh = tl.program_id(0), tl.program_id(1)
+        _prep(do, o, den, dy, dden,
+              i_bh.to(tl.int64) * tl.num_programs(0) * C + j * C + tl.arange(0, C), E=E)
+
+    @triton.jit
+    def bwd_intra(q, k, v, r, w, c, do, o, den, dy, dden, dqi, dki, dvi, dr, dw, NT,
+                  N: tl.constexpr, D: tl.constexpr, E: tl.constexpr, C: tl.constexpr,
+                  BD: tl.constexpr, R: tl.constexpr, PREP: tl.constexpr):
+        """Intra-span part of one save span of R (1 or 2) blocks: with PREP first the split of
+        the output gradient (``_prep``; stored for the later kernels: one launch fewer), then
+        fp32 partials of dq, dk, dv; dr, dw initialised with their intra parts (the memory
+        kernels add the rest). With R = 2 the diagonal tiles store first, then the off-diagonal
+        tile adds to both blocks' rows. Barriers: each phase reads what other threads of the
+        program stored."""
+        j, i_bh = tl.program_id(0), tl.program_id(1)
+        T = NT * C
+        bh = i_bh.to(tl.int64)
+        t0 = j * R * C
+        if PREP:
+            for i in range(R):
+                _prep(do, o, den, dy, dden, bh * T + t0 + i * C + tl.arange(0, C), E=E)
+            tl.debug_barrier()
+        _intra_tile(q, k, v, r, w, c, dy, dden, dqi, dki, dvi, dr, dw, bh, T, t0, t0,
+                    N=N, D=D, E=E, C=C, BD=BD, DIAG=True, ACC=False)
+        if R == 2:
+            _intra_tile(q, k, v, r, w, c, dy, dden, dqi, dki, dvi, dr, dw, bh, T, t0 + C,
+                        t0 + C, N=N, D=D, E=E, C=C, BD=BD, DIAG=True, ACC=False)
+            tl.debug_barrier()
+            _intra_tile(q, k, v, r, w, c, dy, dden, dqi, dki, dvi, dr, dw, bh, T, t0 + C, t0,
+                        N=N, D=D, E=E, C=C, BD=BD, DIAG=False, ACC=True)
 
     @triton.jit
     def bwd_mem_read(q, r, c, hs, zs, dy, dden, dqi, dq, dr, NT,
                      N: tl.constexpr, NP: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
-                     C: tl.constexpr, BD: tl.constexpr):
+                     C: tl.constexpr, BD: tl.constexpr, R: tl.constexpr):
         """Reads of the chunk-start memory of one chunk: dq (adds the intra partial, rounds
         once), dr += the reads' part. D in BD-wide slices (outer loop; the per-bank sums stay in
         [C, NP] tiles): BD = D is fastest at D = 128 (model/GPU_NOTES.md, call 13)."""
@@ -97,7 +156,7 @@ if HAS_TRITON:
             b_q = tl.load(tl.make_block_ptr(q + o_x, (T, D), (D, 1), (j * C, i_d * BD),
                                             (C, BD), (1, 0))).to(tl.float32)
             for n in range(N):
-                slot = (bh * NT + j) * N + n
+                slot = (bh * (NT // R) + j // R) * N + n  # the span-start memory
                 b_hn = tl.load(tl.make_block_ptr(hs + slot * D * E, (E, D), (1, E), (0, i_d * BD),
                                                  (E, BD), (0, 1)))  # [E, BD] view of S^T
                 b_zn = tl.load(zs + slot * D + od)
@@ -114,7 +173,7 @@ if HAS_TRITON:
     @triton.jit
     def bwd_mem_write(k, v, w, c, dhs, dzs, dki, dk, dw, wd, NT,
                       N: tl.constexpr, NP: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
-                      C: tl.constexpr, BD: tl.constexpr):
+                      C: tl.constexpr, BD: tl.constexpr, R: tl.constexpr):
         """Writes into the chunk-end memory of one chunk: dk (adds the intra partial), dw += the
         writes' direct part, per bank sum_s w_s dw_s (for bwd_decay). D in BD-wide slices as in
         bwd_mem_read. (dv from the same tiles here took longer than bwd_dv_mem's extra pass.)"""
@@ -127,7 +186,8 @@ if HAS_TRITON:
                                         (1, 0)))
         mask = (on < N)[None, :]
         ix = bh * T * N + t[:, None] * N + on[None, :]
-        b_cT = tl.load(c + bh * T * N + (j * C + C - 1) * N + on, mask=on < N, other=0.0)
+        t_end = (j - j % R + R) * C - 1  # last row of the save span
+        b_cT = tl.load(c + bh * T * N + t_end * N + on, mask=on < N, other=0.0)
         b_ew = tl.exp(b_cT[None, :] - tl.load(c + ix, mask=mask, other=0.0))  # [C, NP]
         b_ws = tl.load(w + ix, mask=mask, other=0.0).to(tl.float32) * b_ew  # write weight
         d_w = tl.zeros([C, NP], dtype=tl.float32)
@@ -139,7 +199,7 @@ if HAS_TRITON:
             b_k = tl.load(tl.make_block_ptr(k + o_x, (T, D), (D, 1), (j * C, i_d * BD),
                                             (C, BD), (1, 0))).to(tl.float32)
             for n in range(N):
-                slot = (bh * NT + j) * N + n
+                slot = (bh * (NT // R) + j // R) * N + n  # the span-end memory gradient
                 b_dhn = tl.load(tl.make_block_ptr(dhs + slot * D * E, (E, D), (1, E),
                                                   (0, i_d * BD), (E, BD), (0, 1)))
                 dkt = tl.dot(b_v, b_dhn.to(b_v.dtype)) + tl.load(dzs + slot * D + od)[None, :]
@@ -156,7 +216,7 @@ if HAS_TRITON:
     @triton.jit
     def bwd_dv_mem(k, w, c, hs, zs, dhs, dzs, dvi, dv, hd, NT,
                    N: tl.constexpr, D: tl.constexpr, E: tl.constexpr, C: tl.constexpr,
-                   BV: tl.constexpr, HDOT: tl.constexpr, BR: tl.constexpr):
+                   BV: tl.constexpr, HDOT: tl.constexpr, BR: tl.constexpr, R: tl.constexpr):
         """dv of one chunk and E-tile: the intra partial + the writes' share of the chunk-end
         memory gradient. With HDOT (only when BV = E: one program sees the whole [D, E] tile)
         also <dS_end, S_start> + <dz_end, z_start> per bank, for bwd_decay: this kernel has
@@ -173,15 +233,17 @@ if HAS_TRITON:
             rb = bh * T * N + t * N + n
             b_w = tl.load(w + rb).to(tl.float32)
             b_c = tl.load(c + rb)
-            b_cT = tl.load(c + bh * T * N + (j * C + C - 1) * N + n)
-            slot = (bh * NT + j) * N + n
+            b_cT = tl.load(c + bh * T * N + ((j - j % R + R) * C - 1) * N + n)
+            slot = (bh * (NT // R) + j // R) * N + n  # span-end gradient, span-start memory
             b_dhn = tl.load(dhs + slot * D * E + od[:, None] * E + ov[None, :])
             acc += (b_w * tl.exp(b_cT - b_c))[:, None] * tl.dot(b_k, b_dhn.to(b_k.dtype))
-            if HDOT:  # in row slices: two whole fp32 [D, E] tiles would spill
+            if HDOT:  # in row slices: two whole fp32 [D, E] tiles would spill; block j % R
+                # of the span takes rows [j % R, j % R + 1) * D / R (one partial per block)
                 part = tl.zeros([BR, E], dtype=tl.float32)
-                for d0 in range(0, D, BR):
+                for d0 in range((j % R) * (D // R), (j % R + 1) * (D // R), BR):
                     ix = slot * D * E + (d0 + tl.arange(0, BR))[:, None] * E + ov[None, :]
                     part += tl.load(hs + ix).to(tl.float32) * tl.load(dhs + ix).to(tl.float32)
-                tl.store(hd + slot, tl.sum(tl.sum(part, axis=1), axis=0) + tl.sum(
-                    tl.load(zs + slot * D + od) * tl.load(dzs + slot * D + od), axis=0))
+                oh = (j % R) * (D // R) + tl.arange(0, D // R)
+                tl.store(hd + (bh * NT + j) * N + n, tl.sum(tl.sum(part, axis=1), axis=0) + tl.sum(
+                    tl.load(zs + slot * D + oh) * tl.load(dzs + slot * D + oh), axis=0))
         tl.store(dv + bh * T * E + t[:, None] * E + ov[None, :], acc.to(dv.dtype.element_ty))

@@ -83,9 +83,19 @@ def banked_attention_reference(q: Tensor, k: Tensor, v: Tensor, r: Tensor, w: Te
 # bwd_hdot; fwd_o_loop: fwd_o over E slices. Kernel times of the choices at 16K, N=4:
 # model/GPU_NOTES.md, calls 13-14 (fusing hdot into the reads kernel or dv into the writes
 # kernel cost as much as it saved, through register pressure).
+# save_blocks R: memories saved every R blocks of C rows (a span of R*C <= 128 rows; R = 2
+# halves the saved-memory bytes and the sequential steps, at the cost of one unmasked score
+# tile per span; 1 or 2; fwd_o_loop takes 1): 2 measured slower (16K 12.8 vs 8.7 ms, call K1:
+# bwd_intra spilled with three tiles per program, and the memory kernels gained little).
+# prep_in_intra: the output-gradient split inside bwd_intra (else its own launch, bwd_prep);
+# None: inside for T <= 2048 (host-bound: one launch fewer), apart above (call K2: 16K 8.69 vs
+# 8.79 ms, 4K 2.38 vs 2.49: the fused bwd_intra grew by more than bwd_prep's time).
+# stages_h: pipelining depth of the state kernels; hdot_rows: rows per step of bwd_dv_mem's
+# inner products (None: 2048 // E).
 KERNEL_OPTS = {"tile_h": None, "tile_hk": 64, "tile_hv": None, "tile_v": 128, "warps_h": 4,
                "warps_o": 8, "warps_intra": 4, "tile_dm": 128, "warps_mem": 4, "warps_dv": 8,
-               "stages_mem": None, "hdot_in_dv": True, "fwd_o_loop": False, "short": 0}
+               "stages_mem": None, "hdot_in_dv": True, "fwd_o_loop": False, "short": 0,
+               "save_blocks": 1, "prep_in_intra": None, "stages_h": None, "hdot_rows": None}
 
 
 def _pow2(n: int) -> int:
@@ -102,6 +112,11 @@ def _tiles(BHN: int, NT: int, D: int, E: int) -> tuple[int, int, int]:
     return min(D, bk), min(E, bv), min(E, tv)
 
 
+def _stages(key: str) -> dict:
+    """num_stages launch argument of an option (None: Triton's default)."""
+    return {} if KERNEL_OPTS[key] is None else {"num_stages": KERNEL_OPTS[key]}
+
+
 def _decay(w: Tensor, g: Tensor, C: int) -> Tensor:
     """Chunk-local cumsum of log a, [B,H,T,N] fp32 (one small kernel)."""
     B, H, T, N = w.shape
@@ -110,28 +125,34 @@ def _decay(w: Tensor, g: Tensor, C: int) -> Tensor:
     return c
 
 
+def _save_blocks(C: int) -> int:
+    """Blocks per saved memory (R): the option where the span stays <= 128 rows, else 1."""
+    R = KERNEL_OPTS["save_blocks"]
+    return R if R == 2 and C * R <= 128 and not KERNEL_OPTS["fwd_o_loop"] else 1
+
+
 class BankedAttentionFn(torch.autograd.Function):
-    """Triton chunked banked attention on padded inputs: (q, k, v, r, w, g, S0, z0, eps, C)
-    with T a multiple of C -> (out, S, z)."""
+    """Triton chunked banked attention on padded inputs: (q, k, v, r, w, g, S0, z0, eps, C, R)
+    with T a multiple of R*C (blocks of C rows, memories saved every R blocks) -> (out, S, z)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, r, w, g, S0, z0, eps, C):
+    def forward(ctx, q, k, v, r, w, g, S0, z0, eps, C, R):
         B, H, T, D = q.shape
         E, N = v.shape[-1], r.shape[-1]
-        NT = T // C
-        BK, BV, BO = _tiles(B * H * N, NT, D, E)
+        NT, NS, CS = T // C, T // (C * R), C * R
+        BK, BV, BO = _tiles(B * H * N, NS, D, E)
         dev = q.device
-        c = _decay(w, g, C)
-        hs = torch.empty(B * H * NT * N * D * E, device=dev, dtype=v.dtype)
-        zs = torch.empty(B * H * NT * N * D, device=dev, dtype=torch.float32)
+        c = _decay(w, g, CS)  # cumsum of log a from each span's start
+        hs = torch.empty(B * H * NS * N * D * E, device=dev, dtype=v.dtype)
+        zs = torch.empty(B * H * NS * N * D, device=dev, dtype=torch.float32)
         ST = torch.empty(B, H, N, D, E, device=dev, dtype=torch.float32)
         zT = torch.empty(B, H, N, D, device=dev, dtype=torch.float32)
         has_s0 = S0 is not None
         s0 = S0.contiguous().float() if has_s0 else ST
         zz0 = z0.contiguous().float() if has_s0 else zT
         K.fwd_h[(D // BK, E // BV, B * H * N)](
-            k, v, w, c, hs, zs, s0, zz0, ST, zT, NT, N=N, D=D, E=E, C=C, BK=BK, BV=BV,
-            HAS_S0=has_s0, num_warps=KERNEL_OPTS["warps_h"])
+            k, v, w, c, hs, zs, s0, zz0, ST, zT, NS, N=N, D=D, E=E, C=CS, BK=BK, BV=BV,
+            HAS_S0=has_s0, num_warps=KERNEL_OPTS["warps_h"], **_stages("stages_h"))
         o = torch.empty(B, H, T, E, device=dev, dtype=v.dtype)
         den = torch.empty(B, H, T, device=dev, dtype=torch.float32)
         if KERNEL_OPTS["fwd_o_loop"]:
@@ -140,25 +161,39 @@ class BankedAttentionFn(torch.autograd.Function):
                                       num_warps=KERNEL_OPTS["warps_o"])
         else:
             K.fwd_o[(E // BO, NT, B * H)](q, k, v, r, w, c, hs, zs, o, den, NT, eps, N=N, D=D,
-                                          E=E, C=C, BV=BO, num_warps=KERNEL_OPTS["warps_o"])
+                                          E=E, C=C, BV=BO, R=R, num_warps=KERNEL_OPTS["warps_o"])
         ctx.save_for_backward(q, k, v, r, w, g, c, hs, zs, o, den)
-        ctx.meta = (has_s0, C)
+        ctx.meta = (has_s0, C, R)
         return o, ST, zT
 
     @staticmethod
     def backward(ctx, do, dST, dzT):
         q, k, v, r, w, g, c, hs, zs, o, den = ctx.saved_tensors
-        has_s0, C = ctx.meta
+        has_s0, C, R = ctx.meta
         B, H, T, D = q.shape
         E, N = v.shape[-1], r.shape[-1]
-        NT = T // C
-        BK, BV, BO = _tiles(B * H * N, NT, D, E)
+        NT, NS, CS = T // C, T // (C * R), C * R
+        BK, BV, BO = _tiles(B * H * N, NS, D, E)
         dev = q.device
-        # out = num / den: the numerator's gradient and the normaliser's (a "ones" value column)
         do = do.contiguous() if do is not None else torch.zeros_like(o)
         dy = torch.empty_like(v)
         dden = torch.empty_like(den)
-        K.bwd_prep[(NT, B * H)](do, o, den, dy, dden, E=E, C=C, num_warps=4)
+        # intra-span parts first (with dy, dden; fp32 partials; dr, dw initialised), then the
+        # memory gradient across spans, then the memory parts
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        dqi = torch.empty(B, H, T, D, device=dev, dtype=torch.float32)
+        dki = torch.empty_like(dqi)
+        dvi = torch.empty(B, H, T, E, device=dev, dtype=torch.float32)
+        dr = torch.empty(B, H, T, N, device=dev, dtype=torch.float32)
+        dw = torch.empty_like(dr)
+        opt = KERNEL_OPTS
+        prep = opt["prep_in_intra"]
+        prep = T <= 2048 if prep is None else prep
+        if not prep:
+            KB.bwd_prep[(NT, B * H)](do, o, den, dy, dden, E=E, C=C, num_warps=4)
+        KB.bwd_intra[(NS, B * H)](q, k, v, r, w, c, do, o, den, dy, dden, dqi, dki, dvi, dr, dw,
+                                  NT, N=N, D=D, E=E, C=C, BD=min(D, E, opt["tile_dm"]), R=R,
+                                  PREP=prep, num_warps=opt["warps_intra"])
         has_dst = dST is not None or dzT is not None
         dhs = torch.empty_like(hs)
         dzs = torch.empty_like(zs)
@@ -171,43 +206,35 @@ class BankedAttentionFn(torch.autograd.Function):
             dST, dzT = dS0, dz0
         K.bwd_dh[(D // BK, E // BV, B * H * N)](
             q, r, c, dy, dden, dhs, dzs, dST.contiguous(), dzT.contiguous(), dS0, dz0,
-            NT, N=N, D=D, E=E, C=C, BK=BK, BV=BV, HAS_DST=has_dst,
-            num_warps=KERNEL_OPTS["warps_h"])
-        # intra-chunk parts first (fp32 partials; dr, dw initialised), then the memory parts
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        dqi = torch.empty(B, H, T, D, device=dev, dtype=torch.float32)
-        dki = torch.empty_like(dqi)
-        dvi = torch.empty(B, H, T, E, device=dev, dtype=torch.float32)
-        dr = torch.empty(B, H, T, N, device=dev, dtype=torch.float32)
-        dw = torch.empty_like(dr)
-        opt = KERNEL_OPTS
-        KB.bwd_intra[(NT, B * H)](q, k, v, r, w, c, dy, dden, dqi, dki, dvi, dr, dw, NT,
-                                  N=N, D=D, E=E, C=C, BD=min(D, E, opt["tile_dm"]),
-                                  num_warps=opt["warps_intra"])
-        hd = torch.empty(B * H * NT * N, device=dev, dtype=torch.float32)
+            NS, N=N, D=D, E=E, C=CS, BK=BK, BV=BV, HAS_DST=has_dst,
+            num_warps=KERNEL_OPTS["warps_h"], **_stages("stages_h"))
+        hdot = opt["hdot_in_dv"] and BO == E  # one program per whole [D, E] tile
+        # per-block partials of the span-end inner products (bwd_hdot fills one per span)
+        hd = (torch.empty if hdot or R == 1 else torch.zeros)(
+            B * H * NT * N, device=dev, dtype=torch.float32)
         wd = torch.empty_like(hd)
         warps = opt["warps_mem"] if D * E >= 8192 else 4
-        stages = {} if opt["stages_mem"] is None else {"num_stages": opt["stages_mem"]}
+        stages = _stages("stages_mem")
         BM = min(D, opt["tile_dm"])
         KB.bwd_mem_read[(NT, B * H)](q, r, c, hs, zs, dy, dden, dqi, dq, dr, NT, N=N,
-                                     NP=_pow2(N), D=D, E=E, C=C, BD=BM, num_warps=warps,
+                                     NP=_pow2(N), D=D, E=E, C=C, BD=BM, R=R, num_warps=warps,
                                      **stages)
         KB.bwd_mem_write[(NT, B * H)](k, v, w, c, dhs, dzs, dki, dk, dw, wd, NT, N=N,
-                                      NP=_pow2(N), D=D, E=E, C=C, BD=BM, num_warps=warps,
+                                      NP=_pow2(N), D=D, E=E, C=C, BD=BM, R=R, num_warps=warps,
                                       **stages)
-        hdot = opt["hdot_in_dv"] and BO == E  # one program per whole [D, E] tile
         KB.bwd_dv_mem[(E // BO, NT, B * H)](k, w, c, hs, zs, dhs, dzs, dvi, dv, hd, NT, N=N,
                                             D=D, E=E, C=C, BV=BO, HDOT=hdot,
-                                            BR=max(1, min(D, 2048 // E)),
+                                            BR=max(1, min(D // R, opt["hdot_rows"] or 2048 // E)),
+                                            R=R,
                                             num_warps=opt["warps_dv"])
         if not hdot:
-            K.bwd_hdot[(B * H * NT * N,)](hs, zs, dhs, dzs, hd, D=D, E=E,
-                                          BD=min(D, 8192 // E), num_warps=4)
+            K.bwd_hdot[(B * H * NS * N,)](hs, zs, dhs, dzs, hd, N=N, D=D, E=E,
+                                          BD=min(D, 8192 // E), R=R, num_warps=4)
         dg = torch.empty(B, H, T, device=dev, dtype=torch.float32)
-        K.bwd_decay[(NT, B * H)](r, w, g, c, dr, dw, dg, hd, wd, N=N, NP=_pow2(N), C=C,
+        K.bwd_decay[(NS, B * H)](r, w, g, c, dr, dw, dg, hd, wd, N=N, NP=_pow2(N), C=CS, R=R,
                                  num_warps=4)
         return (dq, dk, dv, dr.to(r.dtype), dw.to(w.dtype), dg.to(g.dtype),
-                dS0 if has_s0 else None, dz0 if has_s0 else None, None, None)
+                dS0 if has_s0 else None, dz0 if has_s0 else None, None, None, None)
 
 
 def triton_supports(q: Tensor, v: Tensor, chunk: int) -> bool:
@@ -229,16 +256,17 @@ def banked_attention_triton(q: Tensor, k: Tensor, v: Tensor, r: Tensor, w: Tenso
             S0 = z0.new_zeros(*z0.shape, v.shape[-1])
         else:
             z0 = S0.new_zeros(S0.shape[:-1])
-    pad = (-T) % chunk
+    R = _save_blocks(chunk)
+    pad = (-T) % (chunk * R)
     if pad:  # padded steps write nothing (w = 0) and their outputs are dropped
         q, k, v, r, w = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v, r, w))
         g = F.pad(g, (0, pad), value=1.0)
     args = (q.contiguous(), k.contiguous(), v.contiguous(), r.contiguous(), w.contiguous(),
-            g.contiguous(), S0, z0, float(eps), chunk)
-    if q.is_cuda:  # Triton launches on the current device: make it q's
-        with torch.cuda.device(q.device):
+            g.contiguous(), S0, z0, float(eps), chunk, R)
+    if q.is_cuda and q.device.index != torch.cuda.current_device():  # launches go to the
+        with torch.cuda.device(q.device):  # current device: make it q's (a no-op otherwise)
             o, S, z = BankedAttentionFn.apply(*args)
-    else:  # CPU tensors: only under TRITON_INTERPRET=1
+    else:  # q's device is current, or CPU tensors (only under TRITON_INTERPRET=1)
         o, S, z = BankedAttentionFn.apply(*args)
     return (o[:, :, :T] if pad else o), S, z
 

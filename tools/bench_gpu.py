@@ -92,8 +92,8 @@ def kernel_resources() -> dict:
     return out
 
 
-SWEEP = [{}, {"short": 0}, {"tile_hk": None}, {"hdot_in_dv": False}, {"stages_mem": 2},
-         {"warps_intra": 8}]
+SWEEP = [{}, {"prep_in_intra": False}, {"prep_in_intra": True}, {"warps_h": 8},
+         {"stages_h": 2}, {"stages_h": 4}, {"hdot_rows": 32}, {"warps_dv": 4}]
 
 
 def _safe(fn):
@@ -144,8 +144,8 @@ def profile_kernels(fn, iters: int = 3) -> list[dict]:
 @click.option("--profile", "do_profile", is_flag=True,
               help="Also list per-kernel times (torch.profiler) of the banked kernels, N banks.")
 @click.option("--baseline", default=None,
-              help="Importable module with another banked_attention (e.g. a copy of the previous "
-                   "kernels) to time beside the current one, N banks.")
+              help="Importable modules (comma-separated) with another banked_attention (e.g. "
+                   "copies of earlier kernels) to time beside the current one, N banks.")
 @click.option("--out", "out_path", default=None, help="Also write the JSON figures here.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 def bench_gpu(batch, heads, dim, tokens, banks, chunks, ref_max_tokens, reps, sweep, do_profile,
@@ -185,12 +185,12 @@ def bench_gpu(batch, heads, dim, tokens, banks, chunks, ref_max_tokens, reps, sw
         def sdpa(q, k, v):
             return F.scaled_dot_product_attention(q, k, v, is_causal=True)
         row["sdpa_ms"] = _median_ms(_fwd_bwd(sdpa, (q, k, v), dout), reps)
-        if baseline:
-            base = importlib.import_module(baseline)
+        for bi, bname in enumerate(baseline.split(",") if baseline else []):
+            base = importlib.import_module(bname)
 
             def based(q, k, v, r, w, g, base=base):
                 return base.banked_attention(q, k, v, r, w, g, eps=acfg.eps, chunk=Cs[0])[0]
-            row[f"baseline_N{N}_ms"] = _safe(lambda xs=(q, k, v, r, w, g), dout=dout: (
+            row[f"baseline{bi or ''}_N{N}_ms"] = _safe(lambda xs=(q, k, v, r, w, g), dout=dout: (
                 _median_ms(_fwd_bwd(based, xs, dout), reps)))
         for C in Cs:
             for n_banks in (N, 1):
@@ -237,6 +237,7 @@ def bench_gpu(batch, heads, dim, tokens, banks, chunks, ref_max_tokens, reps, sw
                             for k_, x in row.items()})
         del q, k, v, r, w, g, dout
         torch.cuda.empty_cache()
+    res["baselines"] = baseline.split(",") if baseline else []
     res["kernels"] = kernel_resources()
     if out_path:
         with open(out_path, "w") as f:
@@ -257,10 +258,11 @@ def _table(res: dict, N: int, Cs: list[int]) -> None:
     click.echo(f"{res['device']}, torch {res['torch']}; bf16 matmul "
                f"{res['matmul_bf16_tflops']} TFLOP/s; fwd+bwd ms (median, CUDA events), "
                f"B={s['B']} H={s['H']} D={s['D']}")
-    base = [f"baseline_N{N}_ms"] if any(f"baseline_N{N}_ms" in r for r in res["rows"]) else []
+    names = res.get("baselines", [])
+    base = [f"baseline{i or ''}_N{N}_ms" for i in range(len(names))]
     cols = ["sdpa_ms"] + base + [f"banked_N{n}_C{c}_ms" for c in Cs for n in (N, 1)] + \
         [f"reference_N{N}_ms"]
-    heads = ["SDPA causal"] + [f"baseline N={N}" for _ in base] + \
+    heads = ["SDPA causal"] + [f"{b.split('.')[0][:9]} N={N}" for b in names] + \
         [f"banked N={n} C={c}" for c in Cs for n in (N, 1)] + [f"PyTorch ref N={N}"]
     click.echo(f"{'tokens':>7} " + " ".join(f"{h:>16}" for h in heads))
     for row in res["rows"]:

@@ -118,10 +118,15 @@ sys.path.insert(0, {tests!r})
 from test_banked_triton import leaves, outputs_and_grads, rel, NAMES
 from blocklm.model import banked_triton as bt
 CASES = [(40, 16, 16, 3, 16, True, {{}}), (30, 16, 32, 1, 16, False, {{}}),
+         (40, 16, 16, 3, 16, True, {{"save_blocks": 2}}),  # a memory saved every 2 blocks
+         (130, 32, 64, 2, 32, False, {{"tile_dm": 16, "save_blocks": 2}}),  # spans, padded
+         (50, 16, 32, 2, 16, True, {{"prep_in_intra": False}}),
+         (50, 16, 32, 2, 16, True, {{"prep_in_intra": True}}),
          # two D-slices in the backward memory kernels, two E-slices in fwd_o_loop, bwd_hdot
          (70, 32, 32, 4, 32, True, {{"tile_dm": 16, "tile_v": 16, "fwd_o_loop": True,
                                      "tile_hk": 16}}),
          (50, 32, 16, 2, 16, False, {{"tile_dm": 16, "hdot_in_dv": False}}),
+         (50, 32, 16, 2, 16, True, {{"hdot_in_dv": False, "save_blocks": 2}}),
          (40, 64, 64, 2, 16, True, {{}})]  # bwd_dv_mem's inner products in two row slices
 for T, D, E, N, C, st, opts in CASES:
     saved = dict(bt.KERNEL_OPTS)
@@ -183,7 +188,10 @@ def test_triton_matches_reference_bf16(case):
 
 VARIANTS = [{"fwd_o_loop": True, "hdot_in_dv": False}, {"tile_v": 64, "tile_h": 128},
             {"tile_dm": 64, "tile_h": 128, "tile_hk": None}, {"tile_dm": 32, "warps_mem": 8},
-            {"tile_hv": 64, "warps_h": 8, "warps_intra": 8}]  # tile_h 128: the long-T tiles
+            {"tile_hv": 64, "warps_h": 8, "warps_intra": 8},  # tile_h 128: the long-T tiles
+            {"save_blocks": 2}, {"hdot_in_dv": False, "save_blocks": 2},
+            {"prep_in_intra": False, "stages_mem": 2},
+            {"prep_in_intra": True, "warps_h": 8, "stages_h": 2, "hdot_rows": 32}]
 
 
 @pytest.mark.gpu
