@@ -54,8 +54,23 @@ def multi(tmp_path_factory):
 
 
 def _decoder(tar: str) -> tuple[FastDecoder, ShardReader]:
+    """The decoder of a compiled index's second pass (the first never cuts in bulk)."""
     r = ShardReader(tar)
-    return FastDecoder(CompiledShard(r.index.samples), BlockDecoder(tar)), r
+    comp = CompiledShard(r.index.samples)
+    assert FastDecoder(comp, BlockDecoder(tar)).bulk() is None
+    return FastDecoder(comp, BlockDecoder(tar)), r
+
+
+def test_the_bulk_form_is_compiled_on_a_shards_second_pass_only(texts):
+    ds = BlockDataset(texts, shuffle=False)
+    first = [s.key for s in ds]
+    comps = [ds._indexes.get(u) for u in ds.urls]
+    assert all(c is not None and c.bulk is None for c in comps)
+    assert [s.key for s in ds] == first
+    assert all(c.bulk is not None for c in comps)
+    cold = BlockDataset(texts, shuffle=False, index_cache_entries=0)  # every pass a first one
+    for _ in range(2):
+        assert [s.key for s in cold] == first
 
 
 @pytest.mark.parametrize("which", ["texts", "multi"])
@@ -115,12 +130,15 @@ def test_a_chunk_with_any_difference_is_cut_again_one_by_one(texts, tmp_path, wh
     arr = np.frombuffer(m, dtype=np.uint8)
     assert dec.bulk().cut(20, 40, m, arr, 0) is None
     assert dec.bulk().cut(40, 60, m, arr, 0) is not None  # the others still go in bulk
-    with pytest.raises(err) as e:
-        list(BlockDataset(d, shuffle=False, index_cache_entries=0))
-    assert e.value.key == key and e.value.shard.endswith("shard-000001.tar")
+    ds = BlockDataset(d, shuffle=False)
+    for _ in range(2):  # cut sample by sample, then in bulk: the same error
+        with pytest.raises(err) as e:
+            list(ds)
+        assert e.value.key == key and e.value.shard.endswith("shard-000001.tar")
     ds = BlockDataset(d, shuffle=False, on_error="skip")
-    got = [s.key for s in ds]
-    assert key not in got and len(got) == 249 and ds.stats.skips == 1
+    for k in (1, 2):
+        got = [s.key for s in ds]
+        assert key not in got and len(got) == 249 and ds.stats.skips == k
 
 
 def test_runs_cover_the_plan_in_order_within_run_bytes(texts):
