@@ -13,7 +13,6 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import repeat
-from operator import length_hint
 from typing import Any
 
 import numpy as np
@@ -27,6 +26,7 @@ from blocklm.formats.reader import DatasetShard, Opener
 
 from .errors import StateError
 from .fastpath import IndexCache
+from .live import Live as _Live
 from .maps import MapCache
 from .opener import RemoteOpener
 from .shuffle import buffer_order, rng_for
@@ -319,30 +319,6 @@ class BlockDataset(IterableDataset):
             stream.close()
             chunks.close()  # stops the read-ahead thread before the sources close
             reader.close()
-
-
-class _Live:
-    """The chunk a pass is handing out through the list's iterator, and how much of it the counts
-    (``yielded`` of the pass, ``stats.samples``) already include: :meth:`sync` brings them up to
-    the samples handed out, exactly as if each had been counted before its yield."""
-
-    __slots__ = ("p", "stats", "it", "n", "y0", "counted")
-
-    def __init__(self, p: dict[str, Any], stats: LoaderStats) -> None:
-        self.p, self.stats = p, stats
-        self.it: Iterator[Any] = iter(())
-        self.n = self.y0 = self.counted = 0
-
-    def start(self, items: list[Any]) -> None:
-        self.it = iter(items)
-        self.n, self.y0, self.counted = len(items), self.p["yielded"], 0
-
-    def sync(self) -> None:
-        k = self.n - length_hint(self.it)  # taken from the iterator so far
-        if k != self.counted:
-            self.stats.samples += k - self.counted
-            self.counted = k
-            self.p["yielded"] = self.y0 + k
 
 
 def _reorder(chunks: Iterator[tuple[int, list[Any]]], needed: list[int], emit: list[int],
