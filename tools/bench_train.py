@@ -28,10 +28,13 @@ PEAK_TFLOPS = 989.0  # H200 SXM dense bf16
 VARIANTS = {
     "off": ["model.decoder.stack.enabled=false"],
     "eager": ["model.decoder.stack.enabled=true", "model.decoder.stack.compile=false",
-              "model.decoder.stack.graphs=false"],
+              "model.decoder.stack.graphs=false", "model.decoder.stack.fused=false"],
     "compiled": ["model.decoder.stack.enabled=true", "model.decoder.stack.compile=true",
-                 "model.decoder.stack.graphs=false"],
-    "graphs": ["model.decoder.stack.enabled=true", "model.decoder.stack.graphs=true"],
+                 "model.decoder.stack.graphs=false", "model.decoder.stack.fused=false"],
+    "graphs": ["model.decoder.stack.enabled=true", "model.decoder.stack.graphs=true",
+               "model.decoder.stack.fused=false"],
+    "fused": ["model.decoder.stack.enabled=true", "model.decoder.stack.graphs=true",
+              "model.decoder.stack.fused=true"],
 }
 _KERNEL_KINDS = (  # first match wins: (category, substrings of the CUDA kernel name)
     ("banked attention (Triton)", ("fwd_h", "fwd_o", "bwd_dh", "bwd_dqk", "bwd_dv", "bwd_hdot",
