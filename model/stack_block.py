@@ -35,7 +35,8 @@ def ponder_steps(stack: ProcessingStack, e: Tensor, running: Tensor, V: Tensor, 
                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """U consecutive ponder loops. e [B,U,Hd], running [B,U], V [B,K,W], s [B,K] -> final reads
     [B,U,W], accumulated outputs [B,U,W], last embeddings [B,U,Hd], new V, new s."""
-    fused = stack.cfg.fused and stack_fused.available(V)
+    # not inside torch.compile (the compiled path traces the eager ops)
+    fused = stack.cfg.fused and stack_fused.available(V) and not torch.compiler.is_compiling()
     reads, accs, es = [], [], []
     for u in range(e.shape[1]):
         if fused:
