@@ -114,3 +114,19 @@ def test_state_unpack_is_one_split_node():
     state = torch.rand(3, dec.layout.size, requires_grad=True)
     _, new = dec(torch.randn(3, 5, 16), state)
     assert _consumers(new, state) == ["SplitWithSizesBackward0"]
+
+
+def test_rmsnorm_of_bf16_equals_torchs_and_keeps_the_dtype():
+    """The decoder's RMSNorm normalises bf16 inputs in fp32 (PyTorch's unfused path for a bf16
+    input with an fp32 weight cost ~16 ops per call): same values, same output dtype."""
+    from blocklm.model.decoder import RMSNorm
+
+    torch.manual_seed(0)
+    ours, ref = RMSNorm(48), torch.nn.RMSNorm(48)
+    with torch.no_grad():
+        ours.weight.copy_(torch.rand(48) + 0.5)
+        ref.weight.copy_(ours.weight)
+    for x in (torch.randn(5, 7, 48).bfloat16(), torch.randn(5, 48)):
+        y = ours(x)
+        assert y.dtype == x.dtype
+        torch.testing.assert_close(y, ref(x), rtol=0, atol=0)
