@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from dataclasses import dataclass, field
 
 from blocklm.formats import (
@@ -98,16 +99,27 @@ def read_part(p: Part) -> bytes:
             if len(data) != p.size:
                 raise OSError(f"short read: {len(data)} of {p.size} bytes at offset {p.offset}")
             return data
-        size = os.fstat(fd).st_size
-        data = os.read(fd, size + 1)  # one byte more: a file that grew is still read whole
-        if len(data) <= size:
+        # a small file whole in one read, its end confirmed by an empty one (cheaper than fstat)
+        data = os.read(fd, _FIRST_READ)
+        if len(data) < _FIRST_READ and not (more := os.read(fd, _FIRST_READ)):
             return data
-        rest = [data]
+        st = os.fstat(fd)
+        if len(data) == _FIRST_READ and stat.S_ISREG(st.st_mode):  # larger: again, in one go
+            data = os.pread(fd, st.st_size + 1, 0)  # one byte more: a file that grew is whole
+            if len(data) <= st.st_size:
+                return data
+            os.lseek(fd, len(data), os.SEEK_SET)
+            rest = [data]
+        else:  # not a regular file (a pipe): read on to its end
+            rest = [data] if len(data) == _FIRST_READ else [data, more]
         while chunk := os.read(fd, 1 << 20):
             rest.append(chunk)
         return b"".join(rest)
     finally:
         os.close(fd)
+
+
+_FIRST_READ = 1 << 16
 
 
 def build_block(p: Part, deep_check: bool = False) -> Block:
@@ -199,6 +211,14 @@ def encoder() -> SampleEncoder:
 def encode_item(item: Item, deep_check: bool = False) -> tuple[list[bytes], object, tuple, int]:
     """``(members as byte strings, IndexEntry, index template, payload bytes)`` of the item's
     sample (``SampleEncoder.encode_indexed``); raises :class:`Rejected` with the reason."""
+    if len(item.parts) == 1 and item.error is None and not deep_check:
+        p = item.parts[0]
+        if p.how in _FILE_BUILDERS and p.data is None and p.text is None and not p.meta:
+            return _encode_file(item, p)
+    return _encode_general(item, deep_check)
+
+
+def _encode_general(item: Item, deep_check: bool) -> tuple[list[bytes], object, tuple, int]:
     sample = build_sample(item, deep_check)
     try:
         # the blocks were validated when built (Block.__post_init__) and nothing changed them
@@ -206,6 +226,36 @@ def encode_item(item: Item, deep_check: bool = False) -> tuple[list[bytes], obje
     except (FormatError, ValueError) as e:
         raise Rejected(_OBJ_REPR.sub("the data", str(e))) from None
     return parts, entry, template, sum(len(b.payload) for b in sample.blocks)
+
+
+_FILE_BUILDERS = {"image": image_file_block, "audio": audio_file_block}
+
+
+def _encode_file(item: Item, p: Part) -> tuple[list[bytes], object, tuple, int]:
+    """:func:`encode_item` of a sample of one image or audio file (most items), without the
+    general path's layers (~5 us of ~45 per WAV); the same checks, bytes and reasons."""
+    try:
+        data = read_part(p)
+        if not data:
+            raise FormatError("empty file (0 bytes)")
+        b = _FILE_BUILDERS[p.how](data, p.mode)
+        if p.how == "audio" and b.shape[0] == 0:
+            raise FormatError("audio has no frames")
+        if b.codec in INTEGRITY_CODECS:
+            check_integrity(b.codec, b.payload)
+        else:
+            b.decode()
+    except (FormatError, OSError, ValueError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        if isinstance(e, OSError):
+            reason = f"unreadable: {reason}"
+        raise Rejected(_OBJ_REPR.sub("the data", reason)) from None
+    try:  # the key is checked by the encoder, as Sample() would
+        parts, entry, template = encoder().encode_indexed(Sample.trusted(item.key, [b]),
+                                                          validated=True)
+    except (FormatError, ValueError) as e:
+        raise Rejected(_OBJ_REPR.sub("the data", str(e))) from None
+    return parts, entry, template, len(b.payload)
 
 
 def process(item: Item, deep_check: bool = False) -> Result:

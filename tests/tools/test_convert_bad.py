@@ -173,3 +173,55 @@ def test_missing_input_is_reported(tmp_path):
 def test_forced_kind_rejects_what_is_not_that_kind(small_text, tmp_path, run_cli):
     res = run_cli("convert", small_text, "--kind", "images", "--out", tmp_path / "o", "-q")
     assert res.exit_code == 3 and "not a readable image" in res.stderr
+
+
+def test_one_file_fast_path_equals_the_general_path(bad_dir, audio_dir):
+    """convert_items' path for one-file samples gives the bytes, entry and index text of the
+    general path, and the same rejection reasons, on good and bad files of every kind here."""
+    from blocklm.tools import convert_items as ci
+    from blocklm.tools.convert_keys import KeyAllocator
+    from blocklm.tools.convert_options import ConvertOptions
+    from blocklm.tools.convert_sources import iter_input
+
+    items = [it for d in (bad_dir, audio_dir)
+             for it in iter_input(str(d), ConvertOptions(), KeyAllocator(), [])]
+    fast = [it for it in items if len(it.parts) == 1 and it.parts[0].how in ("image", "audio")]
+    assert len(fast) >= 12
+    outcomes = set()
+    for it in fast:
+        got = []
+        for encode in (ci.encode_item, lambda it, _: ci._encode_general(it, False)):
+            try:
+                parts, entry, template, payload = encode(it, False)
+                got.append((parts, entry, template, payload))
+            except ci.Rejected as e:
+                got.append(str(e))
+        assert got[0] == got[1], it.source
+        outcomes.add(isinstance(got[0], str))
+    assert outcomes == {True, False}
+
+
+@pytest.mark.parametrize("size", [0, 1, 7000, (1 << 16) - 1, 1 << 16, (1 << 16) + 1, 300_001])
+def test_read_part_reads_files_and_pipes_whole(tmp_path, size):
+    """read_part: one read for a small file, a second read from the start for a large one, and
+    a pipe (whose reads may be short) read to its end."""
+    import threading
+
+    from blocklm.tools.convert_items import Part, read_part
+
+    data = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    f = tmp_path / "f.bin"
+    f.write_bytes(data)
+    assert read_part(Part("bytes", "data", str(f))) == data
+    fifo = tmp_path / "p.fifo"
+    os.mkfifo(fifo)
+
+    def feed():
+        with open(fifo, "wb", buffering=0) as w:
+            for at in range(0, size, 5000):  # short writes: short reads on the other side
+                w.write(data[at:at + 5000])
+
+    t = threading.Thread(target=feed)
+    t.start()
+    assert read_part(Part("bytes", "data", str(fifo))) == data
+    t.join()
