@@ -116,9 +116,11 @@ def test_frozen_heap_leaves_the_collector_as_it_found_it():
     import gc
 
     assert gc.get_freeze_count() == 0
+    threshold = gc.get_threshold()
     with convert_parallel.frozen_heap():
         assert gc.get_freeze_count() > 0
-    assert gc.get_freeze_count() == 0
+        assert gc.get_threshold()[0] >= convert_parallel.GC_YOUNG
+    assert gc.get_freeze_count() == 0 and gc.get_threshold() == threshold
     gc.disable()
     try:
         with convert_parallel.frozen_heap():
