@@ -125,15 +125,12 @@ class ModeSupport(nn.Module):
         took ~10,000 small ATen ops (~75 ms of host time per batch on the H200 machine) before.
         """
         shapes = [self.shape_of(c) for c in contents]
-        enc = [self.encode(c) for c in contents]
+        vals, msk, n = self.encode_flat(contents)  # [sum n, E], [sum n, E], [B] element steps
         B, E = len(contents), self.elements_per_step
-        n = torch.tensor([v.shape[0] for v, _ in enc], dtype=torch.long)  # [B] element steps
         T = int(n.max()) + 1
         t = torch.arange(T)
         steps = t[None, :] <= n[:, None]  # [B,T]: the start step, n element steps, a prefix
         body = t[None, :-1] < n[:, None]  # [B,T-1]: steps that carry an example's elements
-        vals = torch.cat([v for v, _ in enc]).to(torch.long).view(-1, E)  # [sum n, E]
-        msk = torch.cat([m for _, m in enc]).to(torch.bool).view(-1, E)
         inputs = torch.zeros(B, T, E, dtype=torch.long)
         targets = torch.zeros(B, T, E, dtype=torch.long)
         mask = torch.zeros(B, T, E, dtype=torch.bool)
@@ -141,14 +138,27 @@ class ModeSupport(nn.Module):
         targets[:, :-1][body] = vals
         mask[:, :-1][body] = msk
         positions = torch.zeros(B, T, self.position_dims)
-        positions[steps] = torch.cat([self.positions_of(shp, int(k) + 1).view(-1, self.position_dims)
-                                      for shp, k in zip(shapes, n.tolist())]).float()
+        positions[steps] = self.positions_flat(shapes, n)
         start = torch.zeros(B, T, dtype=torch.bool)
         start[:, 0] = True
         cond = torch.stack([self.cond_of(s) for s in shapes]).view(B, self.cond_dims)
         elements = torch.tensor([float(self.elements_of(s)) for s in shapes])
         return BlockBatch(self.name, shapes, inputs, start, positions, cond, targets, mask,
                           steps, elements).to(device)
+
+    def encode_flat(self, contents: list) -> tuple[Tensor, Tensor, Tensor]:
+        """All contents' elements concatenated [sum n, E] long, their loss mask [sum n, E] bool
+        and the step counts n [B] long (supports may encode a batch at once)."""
+        enc = [self.encode(c) for c in contents]
+        E = self.elements_per_step
+        return (torch.cat([v for v, _ in enc]).to(torch.long).view(-1, E),
+                torch.cat([m for _, m in enc]).to(torch.bool).view(-1, E),
+                torch.tensor([v.shape[0] for v, _ in enc], dtype=torch.long))
+
+    def positions_flat(self, shapes: list, n: Tensor) -> Tensor:
+        """:meth:`positions_of` of every block's n + 1 steps, concatenated [sum(n+1), P]."""
+        return torch.cat([self.positions_of(s, int(k) + 1).view(-1, self.position_dims)
+                          for s, k in zip(shapes, n.tolist())]).float()
 
     def embed_elements(self, inputs: Tensor, cond: Tensor) -> Tensor:
         """Previous-step elements [B,T,E] long + cond [B,C] -> [B,T,d_model]."""

@@ -85,6 +85,21 @@ class TextSupport(ModeSupport):
         ids = torch.tensor(self.tokenizer.encode(content, out_type=int), dtype=torch.long)
         return ids[:, None], torch.ones(len(ids), 1, dtype=torch.bool)
 
+    def encode_flat(self, contents: list) -> tuple[Tensor, Tensor, Tensor]:
+        # one batch call of the tokenizer (it threads across the batch) and one tensor, not
+        # two small tensors per block: the per-block path was most of a text batch's set-up
+        for c in contents:
+            self.shape_of(c)
+        ids = self.tokenizer.encode(list(contents), out_type=int)
+        n = torch.tensor([len(i) for i in ids], dtype=torch.long)
+        vals = torch.tensor([t for i in ids for t in i], dtype=torch.long).view(-1, 1)
+        return vals, torch.ones_like(vals, dtype=torch.bool), n
+
+    def positions_flat(self, shapes: list, n: Tensor) -> Tensor:
+        steps = n + 1  # token index from each block's start, for every block at once
+        start = torch.repeat_interleave(steps.cumsum(0) - steps, steps)
+        return (torch.arange(int(steps.sum())) - start).float()[:, None]
+
     def embed_elements(self, inputs: Tensor, cond: Tensor) -> Tensor:
         return self.emb(inputs[..., 0])  # [B,T,d]
 
