@@ -39,8 +39,8 @@ class BulkShard:
     """What cutting chunks of one shard needs, compiled once from its compiled index records
     (``CompiledShard.recs``) for one reader setting (``shard`` name, ``verify``, payload ``cap``).
 
-    Memory: about 5 bytes per compared header byte (some 100 per sample) plus a template dict,
-    a slice and a checksum per block: roughly 1 KB per sample, kept as long as the index is."""
+    Memory: 5 bytes per compared header byte (some 100 per sample) plus a template dict, a
+    slice and a checksum per block: about 1.1 KB per sample, kept as long as the index is."""
 
     __slots__ = ("setting", "pos", "exp", "cum", "bcum", "nobulk", "big", "slices", "digs",
                  "zmask", "zcum", "zsizes", "rows", "single")
@@ -97,8 +97,9 @@ class BulkShard:
         ln = np.array(lens, dtype=np.int64)
         first = np.cumsum(ln) - ln  # where each compared field starts in the gathered bytes
         pos = np.repeat(s - first, ln) + np.arange(int(ln.sum()), dtype=np.int64)
-        # a shard under 2 GiB needs only 32-bit positions (half the memory, faster gather)
-        self.pos = pos  # intp: numpy gathers with it directly (int32 would be converted per call)
+        # 32-bit positions for shards under 2 GiB: half the memory (~370 B per sample), and
+        # ``take`` gathers with them at nearly the speed of 64-bit ones (0.03 us per sample more)
+        self.pos = pos.astype(np.int32) if len(pos) and pos.max() < 2**31 else pos
         self.exp = b"".join(exp)
         self.cum, self.bcum, self.nobulk, self.big = cum, bcum, nobulk, big
         self.slices, self.digs = slices, digs
@@ -119,7 +120,7 @@ class BulkShard:
         c0, c1 = self.cum[l0], self.cum[l1]
         pos = self.pos[c0:c1]
         try:
-            got = arr[pos if base == 0 else pos - base].tobytes()
+            got = arr.take(pos if base == 0 else pos - base).tobytes()
         except IndexError:  # a field past the buffer: the fast path reports it
             return None
         if got != self.exp[c0:c1]:
