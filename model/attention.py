@@ -81,12 +81,16 @@ class BankedAttention(nn.Module):
         H, D, N = self.cfg.heads, self.cfg.head_dim, self.cfg.banks
         return {"S": (H, N, D, D), "z": (H, N, D)}
 
-    def _project(self, x: Tensor, mask: Tensor | None):
-        """x [B,T,d] -> q,k [B,H,T,D], v [B,H,T,D], r,w [B,H,T,N], g [B,H,T] (all fp32)."""
-        B, T, _ = x.shape
+    def _project(self, x: Tensor, mask: Tensor | None, bt: tuple[int, int] | None = None):
+        """x [B,T,d] -> q,k [B,H,T,D], v [B,H,T,D], r,w [B,H,T,N], g [B,H,T] (all fp32).
+        With ``bt = (B, T)``, x is [M >= B*T, d]: B*T steps, then padding rows."""
+        B, T = bt if bt is not None else x.shape[:2]
         H, D, N = self.cfg.heads, self.cfg.head_dim, self.cfg.banks
-        q, k, v = upcast(self.qkv(x)).view(B, T, 3, H, D).permute(2, 0, 3, 1, 4)
-        sel = upcast(self.select(x))
+        qkv, sel = self.qkv(x), self.select(x)
+        if bt is not None:
+            qkv, sel = qkv[:B * T], sel[:B * T]
+        q, k, v = upcast(qkv).view(B, T, 3, H, D).permute(2, 0, 3, 1, 4)
+        sel = upcast(sel).view(B, T, -1)
         r = sel[..., :H * N].view(B, T, H, N).softmax(-1).transpose(1, 2)
         w = sel[..., H * N:2 * H * N].view(B, T, H, N).softmax(-1).transpose(1, 2)
         # retention >= 1e-6 keeps log a finite (a = 1 - w (1 - g) >= g) even for saturated logits
@@ -95,14 +99,17 @@ class BankedAttention(nn.Module):
             w = w * mask[:, None, :, None].to(w.dtype)
         return feature_map(q), feature_map(k), v, r, w, g
 
-    def forward(self, x: Tensor, S: Tensor, z: Tensor, mask: Tensor | None = None
-                ) -> tuple[Tensor, Tensor, Tensor]:
-        """Chunked parallel form. x [B,T,d] -> y [B,T,d], new S, new z."""
-        q, k, v, r, w, g = self._project(x, mask)  # projections may run under autocast
+    def forward(self, x: Tensor, S: Tensor, z: Tensor, mask: Tensor | None = None,
+                bt: tuple[int, int] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Chunked parallel form. x [B,T,d] -> y [B,T,d], new S, new z. With ``bt = (B, T)``
+        x is [M >= B*T, d] (steps, then padding rows) and y is [M, d], zero-padded rows."""
+        q, k, v, r, w, g = self._project(x, mask, bt)  # projections may run under autocast
         B, H, T, D = q.shape
         with torch.autocast(device_type=x.device.type, enabled=False):
             o, S, z = self._mix(q, k, v, r, w, g, S, z)  # [B,H,T,D]
         o = o.transpose(1, 2).reshape(B, T, H * D)  # [B,T,H*D]
+        if bt is not None:
+            o = F.pad(o.reshape(B * T, H * D), (0, 0, 0, x.shape[0] - B * T))
         return self.out(o.to(x.dtype)), S, z  # autocast applies again here
 
     def _mix(self, q: Tensor, k: Tensor, v: Tensor, r: Tensor, w: Tensor, g: Tensor, S: Tensor,

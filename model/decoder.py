@@ -73,6 +73,15 @@ class RMSNorm(nn.RMSNorm):
                                       self.eps).to(x.dtype)
 
 
+def token_rows(m: int) -> int:
+    """Rows the layers' matrices get for m block steps: m rounded up to a grid of ~3% steps
+    (a multiple of 2^(bits(m) - 5), at least 64: under 1/16 extra). cuBLAS picks its kernel per new matrix shape
+    at a host cost of ~3-5 ms (device call thru-1: the first linear of each shape in every
+    batch), and B*T is new in nearly every batch; on the grid the shapes repeat."""
+    step = 1 << max(6, m.bit_length() - 5)
+    return -(-m // step) * step
+
+
 class BottleneckLayer(nn.Module):
     """Large embedding -> core width -> banked attention -> concat -> feed-forward -> add+norm."""
 
@@ -89,10 +98,12 @@ class BottleneckLayer(nn.Module):
         c = u + a  # [..., d_core]
         return self.norm(x + self.ff(torch.cat([c, x.to(c.dtype)], -1)))
 
-    def forward(self, x, S, z, mask=None):
-        """x [B,T,d_model] -> x [B,T,d_model], S, z (chunked parallel)."""
+    def forward(self, x, S, z, mask=None, bt=None):
+        """x [B,T,d_model] -> x [B,T,d_model], S, z (chunked parallel). With ``bt = (B, T)``
+        x is the block's steps flattened and padded with rows, [M >= B*T, d_model] (see
+        :func:`token_rows`); the output is too."""
         u = self.down(x)
-        a, S, z = self.attn(self.norm_core(u), S, z, mask)
+        a, S, z = self.attn(self.norm_core(u), S, z, mask, bt)
         return self._finish(x, u, a), S, z
 
     def step(self, x, S, z, mask=None):
@@ -109,6 +120,7 @@ class Decoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.norm_in = RMSNorm(cfg.d_model)
+        self.grid_rows: bool | None = None  # None: pad the layers' rows (token_rows) on CUDA
         self.layers = nn.ModuleList(BottleneckLayer(cfg) for _ in range(cfg.layers))
         self.stack = ProcessingStack(cfg.stack, cfg.d_model) if cfg.stack.enabled else None
         self.norm_out = nn.RMSNorm(cfg.d_model) if self.stack is not None else nn.Identity()
@@ -133,9 +145,17 @@ class Decoder(nn.Module):
         st = self.layout.unpack(state)
         new: dict[str, Tensor] = {}
         x = self.norm_in(x)
+        B, T, d = x.shape
+        grid = self.grid_rows if self.grid_rows is not None else x.is_cuda
+        m = token_rows(B * T) if grid else B * T
         with record_function("blocklm:layers"):
+            if m != B * T:  # padding rows: finite, never read back, zero gradient
+                x = nn.functional.pad(x.reshape(B * T, d), (0, 0, 0, m - B * T))
             for i, layer in enumerate(self.layers):
-                x, new[f"S{i}"], new[f"z{i}"] = layer(x, st[f"S{i}"], st[f"z{i}"], mask)
+                x, new[f"S{i}"], new[f"z{i}"] = layer(x, st[f"S{i}"], st[f"z{i}"], mask,
+                                                      (B, T) if m != B * T else None)
+            if m != B * T:
+                x = x[:B * T].view(B, T, d)
         if self.stack is not None:
             # the stack is a step recurrence; stack_block batches its time-parallel parts and
             # compiles the loop on CUDA
