@@ -3,9 +3,10 @@
 Every read is a range request for exactly the bytes the index points at (one request per sample or
 run of samples). Reads time out instead of hanging, retry transient failures with backoff
 (:mod:`blocklm.pipeline.retry`) and resume at the first byte not yet received: byte-exact over
-HTTP, to ``chunk_bytes`` over fsspec/S3 (each chunk is one ranged request). Clients (a
-``requests.Session``, an ``s3fs`` filesystem) are made lazily, one per process, so an opener can
-be pickled into DataLoader workers.
+HTTP, to ``chunk_bytes`` over fsspec/S3 (each chunk is one ranged request). Clients (kept-alive
+``http.client`` connections per thread, :mod:`.httpconn`, with a ``requests.Session`` for
+redirects; an ``s3fs`` filesystem) are made lazily, per process, so an opener can be pickled into
+DataLoader workers.
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ class RemoteConfig:
 
 
 class HTTPSource:
-    """A :class:`ByteSource` over an HTTP(S) URL, read with ``Range`` requests."""
+    """A :class:`ByteSource` over an HTTP(S) URL, read with ``Range`` requests (over ``conns``,
+    kept-alive ``http.client`` connections, when given; else, and for redirects, ``session``)."""
 
     def __init__(self, url: str, config: RemoteConfig, session: Callable[[], Any],
                  on_retry: Callable[[], None] | None = None,
