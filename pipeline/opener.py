@@ -90,6 +90,13 @@ class RemoteOpener:
         path = url.partition("://")[2] if kind == "s3" else url
         return FsspecSource(url, path, self.config, lambda: self._client(kind), self._note_retry)
 
+    def close_thread(self) -> None:
+        """Close the calling thread's kept-alive HTTP connections (a loader's read-ahead thread
+        calls it before it ends)."""
+        conns = self._clients.get("httpc") if os.getpid() == self._pid else None
+        if conns is not None:
+            conns.close()
+
     def _note_retry(self) -> None:
         self.retries += 1
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import mmap
 from bisect import bisect_right
 from collections import OrderedDict, deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from time import sleep as _sleep
 
@@ -97,9 +97,12 @@ class _LazyPool:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="blocklm-read")
         return self._pool.submit(*args)
 
-    def shutdown(self) -> None:
+    def shutdown(self, on_thread: Callable[[], None] | None = None) -> None:
+        """Stop the thread, running ``on_thread`` in it last (to close its connections)."""
         if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+            if on_thread is not None:
+                self._pool.submit(on_thread)  # runs after the reads already queued
+            self._pool.shutdown(wait=True, cancel_futures=False)
 
 
 class RunReader:
@@ -269,7 +272,10 @@ class RunReader:
                     yield c, out
                 del buf, mv, arr
         finally:
-            pool.shutdown()
+            for _, fut in ahead:  # reads not started are not needed any more
+                if fut is not None:
+                    fut.cancel()
+            pool.shutdown(getattr(self.opener, "close_thread", None))
             self.stats.retries = retries0 + self._retries() - opener0
 
     @staticmethod

@@ -126,3 +126,17 @@ def test_dataset_over_nginx_reads_in_runs_of_at_most_2_mib(nginx, tmp_path):
     shutil.copytree(src, nginx.root / "big2mib")
     ds = BlockDataset(f"{nginx.url}/big2mib", shuffle=False, remote=RemoteConfig(timeout=5))
     assert list(ds) == list(iter_dataset(src))
+
+
+def test_the_read_ahead_threads_connections_are_closed_after_each_pass(nginx, small_shards):
+    import gc
+    import warnings
+
+    shutil.copytree(small_shards, nginx.root / "closing", dirs_exist_ok=True)
+    ds = BlockDataset(f"{nginx.url}/closing", shuffle=False, remote=RemoteConfig(timeout=5))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always", ResourceWarning)
+        for _ in range(3):
+            assert len(list(ds)) == len(ds)
+        gc.collect()
+    assert not [w for w in seen if "unclosed" in str(w.message)]
