@@ -51,7 +51,9 @@ class BlockBatch:
         def move(v):
             if not isinstance(v, Tensor) or dev is None or v.device == dev:
                 return v
-            if pin and v.device.type == "cpu":
+            # small tensors only: pinning a large one costs a pinned allocation (cudaHostAlloc,
+            # ~20 ms for an image batch's inputs in the thru-final profile) and a host copy
+            if pin and v.device.type == "cpu" and v.numel() * v.element_size() <= 1 << 22:
                 return v.pin_memory().to(dev, non_blocking=True)
             return v.to(dev)
         return BlockBatch(**{k: move(v) for k, v in self.__dict__.items()})
@@ -120,23 +122,34 @@ class ModeSupport(nn.Module):
     def target(self, contents: list, device=None) -> BlockBatch:
         """Contents -> shifted inputs with a start token, targets and masks (padded to T).
 
-        Built with a few whole-batch copies (boolean-mask writes in row-major order equal the
-        concatenation of the examples), not per-example slice writes: a 300-example text batch
-        took ~10,000 small ATen ops (~75 ms of host time per batch on the H200 machine) before.
+        One element per step (text: many short blocks): a few whole-batch copies
+        (boolean-mask writes in row-major order equal the concatenation of the examples), not
+        per-example slice writes (~10,000 small ATen ops per 300-block batch, ~75 ms of host
+        time on the H200 machine). Many elements per step (images, audio: few, long blocks):
+        per-example slice copies, which copy large rows faster than a masked write.
         """
         shapes = [self.shape_of(c) for c in contents]
-        vals, msk, n = self.encode_flat(contents)  # [sum n, E], [sum n, E], [B] element steps
         B, E = len(contents), self.elements_per_step
+        if E == 1:
+            vals, msk, n = self.encode_flat(contents)  # [sum n, 1], [sum n, 1], [B] steps
+        else:
+            enc = [self.encode(c) for c in contents]
+            n = torch.tensor([v.shape[0] for v, _ in enc], dtype=torch.long)
         T = int(n.max()) + 1
         t = torch.arange(T)
         steps = t[None, :] <= n[:, None]  # [B,T]: the start step, n element steps, a prefix
-        body = t[None, :-1] < n[:, None]  # [B,T-1]: steps that carry an example's elements
         inputs = torch.zeros(B, T, E, dtype=torch.long)
         targets = torch.zeros(B, T, E, dtype=torch.long)
         mask = torch.zeros(B, T, E, dtype=torch.bool)
-        inputs[:, 1:][body] = vals
-        targets[:, :-1][body] = vals
-        mask[:, :-1][body] = msk
+        if E == 1:
+            body = t[None, :-1] < n[:, None]  # [B,T-1]: steps that carry elements
+            inputs[:, 1:][body] = vals
+            targets[:, :-1][body] = vals
+            mask[:, :-1][body] = msk
+        else:
+            for i, (v, m) in enumerate(enc):
+                k = v.shape[0]
+                inputs[i, 1:k + 1], targets[i, :k], mask[i, :k] = v, v, m
         positions = torch.zeros(B, T, self.position_dims)
         positions[steps] = self.positions_flat(shapes, n)
         start = torch.zeros(B, T, dtype=torch.bool)
