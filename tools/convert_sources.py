@@ -126,7 +126,12 @@ def iter_input(path: str, opts: ConvertOptions, keys: KeyAllocator,
             for name in names:
                 f, rel = base + name, rel_dir + name
                 key = fit_key(f"{key_dir}/{sanitize_segment(strip_ext(name))}", rel)
-                fkind = kind if kind != "dir" else file_kind(f)  # os.walk lists folders apart
+                if kind != "dir":
+                    fkind = kind
+                else:  # file_kind(f), images and audio by the extension of the name at hand
+                    ext = name.rpartition(".")[2].lower() if "." in name else ""
+                    fkind = "images" if ext in IMAGE_EXTS else "audio" if ext in AUDIO_EXTS \
+                        else file_kind(f)
                 if fkind in _ONE_FILE:  # most files: iter_file inlined
                     how = _ONE_FILE[fkind]
                     yield Item(f, keys.take(key, f), [Part(how, how, f)])
