@@ -92,7 +92,7 @@ class StepTimer:
             end = time.perf_counter()
             self.cur["optimizer"] += end - t
             self.steps.append(dict(self.cur, end=end, tokens=tokens, batches=len(self.batches),
-                                   epoch=trainer.epoch))
+                                   epoch=getattr(trainer, "epoch", None)))
             self.cur.clear()
             self.hook(len(self.steps))
 

@@ -44,4 +44,5 @@ def test_step_timer_splits_wall_time():
                + s["share_data_wait"] - 1.0) < 0.01
     assert 0.25 < s["share_model_calls"] < 0.45 and 0.4 < s["share_data_wait"] < 0.6
     assert s["batches"] == {"text": {"n": 3, "requests_mean": 2.0, "padded_tokens_mean": 100}}
+    assert len(s["data_wait_ms"]) == 3 and all(25 <= w < 60 for w in s["data_wait_ms"])
     assert timer.summary(4, params=10)["error"].startswith("only 4")
