@@ -207,6 +207,8 @@ class Trainer:
         agree = torch_agree() if self.coll.world > 1 else None
         self.disp = Dispatcher({m: self.runners.runner(m) for m in self.modes}, self.buckets,
                                cfg.dispatch, cost=cost, agree=agree, rank=self.coll.rank)
+        self.ahead.prepare = self.disp._prepare  # the next epoch is decoded ahead too:
+        self.disp._prepare = self.ahead.cached(self.ahead.prepare)  # the dispatcher takes it
         self.step = self.epoch = 0
         if resume:
             self._restore()

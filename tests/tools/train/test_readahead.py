@@ -63,3 +63,27 @@ def test_loader_errors_reach_the_consumer():
     assert len(list(ra.epoch(0))) == 6
     with pytest.raises(OSError, match="shard-000001.tar"):
         list(ra.epoch(1))
+
+
+def test_next_epoch_is_prepared_ahead_and_taken_once():
+    """The read-ahead also prepares (decodes) the next epoch's first samples in its thread; the
+    dispatcher's prepare then takes those results instead of decoding again in its own time."""
+    calls: list[tuple[tuple[int, int], str]] = []
+
+    def prepare(sample):
+        calls.append((sample, threading.current_thread().name))
+        return ("pieces", sample)
+
+    src = Source(6)
+    ra = EpochReadAhead(src, depth=4, prepare=prepare)
+    get = ra.cached(prepare)
+    assert [get(s) for s in ra.epoch(0)] == [("pieces", s) for s in ((0, i * 7 % 6)
+                                                                    for i in range(6))]
+    ra._next.thread.join()
+    ahead = [c for c in calls if c[0][0] == 1]
+    assert [t for _, t in ahead] == ["epoch-read-ahead-1"] * 4
+    out = [get(s) for s in ra.epoch(1)]
+    assert out == [("pieces", (1, (i * 7 + 1) % 6)) for i in range(6)]
+    again = [c for c in calls if c[0][0] == 1]
+    assert len(again) == 6  # 4 prepared ahead, only the last 2 prepared on demand
+    ra.close()
