@@ -160,3 +160,16 @@ class ProcessingStack(nn.Module):
         running = s.new_ones(x.shape[0]) if mask is None else mask.to(s.dtype)
         read, acc, e, V, s, stats = self.ponder(self.embed(x), V, s, running, actions)
         return self.output(read, acc, e), V, s, stats
+
+
+def step_loop(stack: ProcessingStack, x: Tensor, V: Tensor, s: Tensor,
+              mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """The step form over a block, one :meth:`ProcessingStack.step` per time step: the reference
+    every block path (:func:`blocklm.model.stack_block.stack_block`, graphs, fused kernels) is
+    tested against. Same arguments and results as ``stack_block``: x [B,T,d_model], V [B,K,W],
+    s [B,K], mask [B,T] -> outputs [B,T,d_model], V and s after the last step."""
+    ys = []
+    for t in range(x.shape[1]):
+        y, V, s, _ = stack.step(x[:, t], V, s, None if mask is None else mask[:, t])
+        ys.append(y)
+    return torch.stack(ys, 1), V, s

@@ -34,29 +34,29 @@ except ImportError:  # pragma: no cover - depends on the machine
 
 if triton is not None:
     @triton.jit
-    def _strengths(S, b, K, BK: tl.constexpr):
+    def _tile(V, S, b, K, W, BK: tl.constexpr, BW: tl.constexpr):
+        # example b's cells: indices k [BK], strengths s [BK], the mass above each cell, lanes
+        # w [BW], the masks and its cells v [BK, BW] (every kernel below starts here)
         k = tl.arange(0, BK)
         s = tl.load(S + b * K + k, mask=k < K, other=0.0)
-        return k, s, tl.cumsum(s, 0) - s  # cells, strengths, mass above each cell
+        w = tl.arange(0, BW)
+        mk, mw = k < K, w < W
+        m = mk[:, None] & mw[None, :]
+        v = tl.load(V + b * K * W + k[:, None] * W + w[None, :], mask=m, other=0.0)
+        return k, s, tl.cumsum(s, 0) - s, w, mk, mw, m, v
 
     @triton.jit
     def _read_fwd(V, S, R, K, W, BK: tl.constexpr, BW: tl.constexpr):
         b = tl.program_id(0)
-        k, s, above = _strengths(S, b, K, BK)
-        w = tl.arange(0, BW)
-        m = (k < K)[:, None] & (w < W)[None, :]
-        v = tl.load(V + b * K * W + k[:, None] * W + w[None, :], mask=m, other=0.0)
+        k, s, above, w, mk, mw, m, v = _tile(V, S, b, K, W, BK, BW)
         wt = tl.minimum(s, tl.maximum(1.0 - above, 0.0))
-        tl.store(R + b * W + w, tl.sum(wt[:, None] * v, 0), mask=w < W)
+        tl.store(R + b * W + w, tl.sum(wt[:, None] * v, 0), mask=mw)
 
     @triton.jit
     def _read_bwd(V, S, GR, GV, GS, K, W, BK: tl.constexpr, BW: tl.constexpr):
         b = tl.program_id(0)
-        k, s, above = _strengths(S, b, K, BK)
-        w = tl.arange(0, BW)
-        m = (k < K)[:, None] & (w < W)[None, :]
-        v = tl.load(V + b * K * W + k[:, None] * W + w[None, :], mask=m, other=0.0)
-        g = tl.load(GR + b * W + w, mask=w < W, other=0.0)
+        k, s, above, w, mk, mw, m, v = _tile(V, S, b, K, W, BK, BW)
+        g = tl.load(GR + b * W + w, mask=mw, other=0.0)
         q = 1.0 - above
         r = tl.maximum(q, 0.0)
         wt = tl.minimum(s, r)
@@ -66,17 +66,13 @@ if triton is not None:
         gr = tl.where(r < s, gw, tl.where(s == r, gw * 0.5, 0.0))
         ga = -tl.where(q > 0.0, gr, 0.0)  # d/d above
         gs += tl.sum(ga, 0) - tl.cumsum(ga, 0)  # above_j = sum_{i<j} s_i
-        tl.store(GS + b * K + k, gs, mask=k < K)
+        tl.store(GS + b * K + k, gs, mask=mk)
 
     @triton.jit
     def _update_fwd(V, S, POP, PUSH, VN, ACC, LEFT, VO, SO, ACCO, LEFTO, K, W,
                     BK: tl.constexpr, BW: tl.constexpr):
         b = tl.program_id(0)
-        k, s, above = _strengths(S, b, K, BK)
-        w = tl.arange(0, BW)
-        mk, mw = k < K, w < W
-        m = mk[:, None] & mw[None, :]
-        v = tl.load(V + b * K * W + k[:, None] * W + w[None, :], mask=m, other=0.0)
+        k, s, above, w, mk, mw, m, v = _tile(V, S, b, K, W, BK, BW)
         u = tl.load(POP + b)
         d = tl.load(PUSH + b)
         new = tl.maximum(s - tl.maximum(u - above, 0.0), 0.0)
@@ -97,11 +93,7 @@ if triton is not None:
     def _update_bwd(V, S, POP, PUSH, GVO, GSO, GACC, GLEFT, GV, GS, GPOP, GPUSH, GVN, K, W,
                     BK: tl.constexpr, BW: tl.constexpr):
         b = tl.program_id(0)
-        k, s, above = _strengths(S, b, K, BK)
-        w = tl.arange(0, BW)
-        mk, mw = k < K, w < W
-        m = mk[:, None] & mw[None, :]
-        v = tl.load(V + b * K * W + k[:, None] * W + w[None, :], mask=m, other=0.0)
+        k, s, above, w, mk, mw, m, v = _tile(V, S, b, K, W, BK, BW)
         u = tl.load(POP + b)
         d = tl.load(PUSH + b)
         a = u - above

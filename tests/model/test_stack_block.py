@@ -7,7 +7,7 @@ import torch
 
 import blocklm.model.stack_block as sb
 from blocklm.model.config import StackConfig
-from blocklm.model.stack import ProcessingStack
+from blocklm.model.stack import ProcessingStack, step_loop
 from blocklm.model.stack_block import UNROLL, stack_block
 
 
@@ -22,14 +22,6 @@ def _setup(seed=0, B=3, T=UNROLL + 5, d=6):
     return st, x, V, s, mask
 
 
-def _steps(st, x, V, s, mask):
-    ys = []
-    for t in range(x.shape[1]):
-        y, V, s, _ = st.step(x[:, t], V, s, mask[:, t])
-        ys.append(y)
-    return torch.stack(ys, 1), V, s
-
-
 def _grads(st, fn, x, V, s, mask):
     xs = [t.clone().requires_grad_(True) for t in (x, V, s)]
     y, V2, s2 = fn(st, *xs, mask)
@@ -42,7 +34,7 @@ def _grads(st, fn, x, V, s, mask):
 
 def test_block_equals_step_loop_values_and_gradients():
     st, x, V, s, mask = _setup()
-    ref_out, ref_g = _grads(st, _steps, x, V, s, mask)
+    ref_out, ref_g = _grads(st, step_loop, x, V, s, mask)
     out, g = _grads(st, stack_block, x, V, s, mask)
     for a, b in zip(out + g, ref_out + ref_g):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
@@ -54,7 +46,7 @@ def test_compiled_path_with_time_padding_equals_eager(monkeypatch):
     padding of T to a multiple of UNROLL give the eager results, forward and gradients."""
     monkeypatch.setattr(sb, "UNROLL", 3)  # a shorter unrolled graph: faster to trace
     st, x, V, s, mask = _setup(seed=1)
-    ref_out, ref_g = _grads(st, _steps, x, V, s, mask)
+    ref_out, ref_g = _grads(st, step_loop, x, V, s, mask)
 
     def compiled(st, x, V, s, mask):
         return stack_block(st, x, V, s, mask, backend="aot_eager")
@@ -65,6 +57,6 @@ def test_compiled_path_with_time_padding_equals_eager(monkeypatch):
     # the dynamic batch: another batch size reuses the graph and still agrees
     st2, x2, V2, s2, mask2 = _setup(seed=2, B=5)
     st2.load_state_dict(st.state_dict())
-    y_ref = _steps(st, x2, V2, s2, mask2)[0]
+    y_ref = step_loop(st, x2, V2, s2, mask2)[0]
     y = compiled(st, x2, V2, s2, mask2)[0]
     torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from blocklm.model.config import StackConfig
-from blocklm.model.stack import ProcessingStack
+from blocklm.model.stack import ProcessingStack, step_loop
 from blocklm.model.stack_block import stack_block
 from blocklm.model.stack_graph import batch_bucket, chunked_loop, eager_runner_for
 
@@ -25,14 +25,6 @@ def _setup(seed=0, B=3, T=11, d=6, K=5):
     mask = torch.ones(B, T, dtype=torch.bool)
     mask[1, 7:] = False  # a shorter example: padding at its end
     return st, x, V, s, mask
-
-
-def _steps(st, x, V, s, mask):
-    ys = []
-    for t in range(x.shape[1]):
-        y, V, s, _ = st.step(x[:, t], V, s, mask[:, t])
-        ys.append(y)
-    return torch.stack(ys, 1), V, s
 
 
 def _chunked(U):
@@ -65,7 +57,7 @@ def _grads(st, fn, x, V, s, mask):
 def test_chunked_loop_equals_step_loop_values_and_gradients(U):
     """T=11 is no multiple of 3 or 4 (time padding), B=3 pads to 8 examples (batch padding)."""
     st, x, V, s, mask = _setup()
-    ref_out, ref_g = _grads(st, _steps, x, V, s, mask)
+    ref_out, ref_g = _grads(st, step_loop, x, V, s, mask)
     out, g = _grads(st, _chunked(U), x, V, s, mask)
     for a, b in zip(out + g, ref_out + ref_g):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
@@ -74,7 +66,7 @@ def test_chunked_loop_equals_step_loop_values_and_gradients(U):
 def test_state_carried_across_blocks_values_and_gradients():
     st, x, V, s, mask = _setup(seed=3, T=14)
     mask[2, 5:] = False  # ends inside the first block: the second block is all padding for it
-    ref_out, ref_g = _grads(st, lambda *a: _two_blocks(_steps, *a), x, V, s, mask)
+    ref_out, ref_g = _grads(st, lambda *a: _two_blocks(step_loop, *a), x, V, s, mask)
     out, g = _grads(st, lambda *a: _two_blocks(_chunked(3), *a), x, V, s, mask)
     for a, b in zip(out + g, ref_out + ref_g):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
@@ -104,7 +96,7 @@ def test_autocast_is_reentered_in_the_recompute():
 def test_no_grad_forward_equals_reference():
     st, x, V, s, mask = _setup(seed=5)
     with torch.no_grad():
-        ref = _steps(st, x, V, s, mask)
+        ref = step_loop(st, x, V, s, mask)
         out = _chunked(4)(st, x, V, s, mask)
     for a, b in zip(out, ref):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

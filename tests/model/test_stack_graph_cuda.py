@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from blocklm.model.config import StackConfig
-from blocklm.model.stack import ProcessingStack
+from blocklm.model.stack import ProcessingStack, step_loop
 from blocklm.model.stack_block import stack_block
 from blocklm.model.stack_graph import _CACHE, chunked_loop, eager_runner_for
 
@@ -26,14 +26,6 @@ def _setup(seed, B, T, K=32, W=16, Hd=32, d=48):
     mask = torch.ones(B, T, dtype=torch.bool, device="cuda")
     mask[min(2, B - 1), T // 2 + 1:] = False
     return st, x, V, s, mask
-
-
-def _steps(st, x, V, s, mask):
-    ys = []
-    for t in range(x.shape[1]):
-        y, V, s, _ = st.step(x[:, t], V, s, mask[:, t])
-        ys.append(y)
-    return torch.stack(ys, 1), V, s
 
 
 def _chunked_eager(st, x, V, s, mask):
@@ -59,7 +51,7 @@ def _run(st, fn, x, V, s, mask, autocast=False, blocks=2, cache=True):
 
 def test_graphs_match_the_step_loop_fp32():
     st, x, V, s, mask = _setup(0, B=5, T=2 * 11)  # 11 steps a block: time padding to 12
-    for a, b in zip(_run(st, stack_block, x, V, s, mask), _run(st, _steps, x, V, s, mask)):
+    for a, b in zip(_run(st, stack_block, x, V, s, mask), _run(st, step_loop, x, V, s, mask)):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
@@ -115,10 +107,10 @@ def test_graphs_reused_across_batches_and_see_parameter_updates():
             p.add_(torch.randn_like(p) * 0.05)
     got = _run(st, stack_block, x2, V2, s2, mask2, blocks=1)
     assert len(_CACHE[st][1]) == n  # no new capture
-    for a, b in zip(got, _run(st, _steps, x2, V2, s2, mask2, blocks=1)):
+    for a, b in zip(got, _run(st, step_loop, x2, V2, s2, mask2, blocks=1)):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     with torch.no_grad():  # the no-grad forward (evaluation) too
-        for a, b in zip(stack_block(st, x2, V2, s2, mask2), _steps(st, x2, V2, s2, mask2)):
+        for a, b in zip(stack_block(st, x2, V2, s2, mask2), step_loop(st, x2, V2, s2, mask2)):
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
@@ -129,7 +121,7 @@ def test_a_new_stack_captures_after_an_earlier_one_was_freed():
     for seed in (5, 6):
         st, x, V, s, mask = _setup(seed, B=3, T=8)
         for a, b in zip(_run(st, stack_block, x, V, s, mask, blocks=1),
-                        _run(st, _steps, x, V, s, mask, blocks=1)):
+                        _run(st, step_loop, x, V, s, mask, blocks=1)):
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
         del st
         gc.collect()
@@ -140,7 +132,7 @@ def test_graphs_with_fused_kernels_match_the_step_loop():
     pytest.importorskip("triton")
     st, x, V, s, mask = _setup(7, B=6, T=2 * 7)
     st.cfg.fused = True
-    for a, b in zip(_run(st, stack_block, x, V, s, mask), _run(st, _steps, x, V, s, mask)):
+    for a, b in zip(_run(st, stack_block, x, V, s, mask), _run(st, step_loop, x, V, s, mask)):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     got = _run(st, stack_block, x, V, s, mask, autocast=True, cache=False)
     st.cfg.graphs = False
