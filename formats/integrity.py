@@ -19,9 +19,15 @@ have no cheap check here: callers decode them fully (``codecs.decode_block``).
 from __future__ import annotations
 
 import re
+import struct
 import zlib
 
 from .errors import CodecError
+
+try:  # zlib-ng's CRC-32 uses carry-less multiplication: ~25 GB/s here against zlib 1.2.13's ~4
+    from zlib_ng.zlib_ng import crc32 as _crc32
+except ImportError:  # pragma: no cover - the same values, only slower
+    _crc32 = zlib.crc32
 
 INTEGRITY_CODECS = frozenset({"png", "jpeg", "wav"})
 """The codecs :func:`check_integrity` checks; any other codec needs a full decode."""
@@ -52,20 +58,20 @@ def _check_png(data: bytes) -> None:
         raise CodecError("corrupt PNG: bad signature")
     view, n, at = memoryview(data), len(data), 8
     seen_idat = False
+    crc32, head = _crc32, _PNG_CHUNK.unpack_from  # locals: ~40 chunks per photo
     while True:
         if at + 12 > n:  # length, type, CRC of the next chunk
             raise CodecError(f"truncated PNG: ends at byte {n} before the IEND chunk")
-        length = int.from_bytes(data[at:at + 4], "big")
-        ctype = data[at + 4:at + 8]
+        length, ctype = head(data, at)
+        end = at + 8 + length
         if length > 0x7FFFFFFF or not ctype.isalpha():
             raise CodecError(f"corrupt PNG: bad chunk header at byte {at}")
-        end = at + 8 + length
-        name = ctype.decode("ascii")
         if end + 4 > n:
-            raise CodecError(f"truncated PNG: chunk {name} at byte {at} declares {length} bytes, "
-                             f"the file ends at byte {n}")
-        if zlib.crc32(view[at + 4:end]) != int.from_bytes(data[end:end + 4], "big"):
-            raise CodecError(f"corrupt PNG: CRC mismatch in chunk {name} at byte {at}")
+            raise CodecError(f"truncated PNG: chunk {ctype.decode('ascii')} at byte {at} "
+                             f"declares {length} bytes, the file ends at byte {n}")
+        if crc32(view[at + 4:end]) != _U32.unpack_from(data, end)[0]:
+            raise CodecError(f"corrupt PNG: CRC mismatch in chunk {ctype.decode('ascii')} at "
+                             f"byte {at}")
         if at == 8 and (ctype != b"IHDR" or length != 13):
             raise CodecError("corrupt PNG: the first chunk is not a 13-byte IHDR")
         if ctype == b"IDAT":
@@ -75,6 +81,10 @@ def _check_png(data: bytes) -> None:
         at = end + 4
     if not seen_idat:
         raise CodecError("corrupt PNG: no IDAT chunk")
+
+
+_PNG_CHUNK = struct.Struct(">I4s")  # a chunk's length and type
+_U32 = struct.Struct(">I")
 
 
 def _check_jpeg(data: bytes) -> None:
