@@ -4,17 +4,22 @@ compression"). ``ShardWriter`` (``writer.py``) writes what it makes, in order, i
 
 from __future__ import annotations
 
+from math import prod
+
 import zstandard
+from xxhash import xxh3_64_hexdigest  # index.checksum, without a call in between
 
 from .block import Block, Sample, check_key
 from .codecs import codec_info
 from .errors import FormatError
-from .headers import block_json, entry_template, header_bytes, quoted
+from .headers import block_head, entry_template, header_bytes, quoted
 from .index import BlockInfo, IndexEntry, checksum
 from .limits import DEFAULT_LIMITS, Limits
-from .tar import BLOCK, member_header, padded
+from .tar import BLOCK, header_for, member_header, padded
 
 _ZEROS = bytes(BLOCK)  # tar padding
+_BLOCKS_JSON = b".blocks.json"
+_BLOCKS_JSON_SUM = sum(_BLOCKS_JSON)
 ZSTD_LEVEL = 3  # payloads of ZSTD_SMALL bytes or more
 # Small payloads (audio clips, text passages: most of them) at level 1 with a minimum match of 7:
 # on the sample WAVs the same ratio as level 3 (0.701 vs 0.700) in 2/3 of the time; LZ matches
@@ -102,36 +107,71 @@ class SampleEncoder:
             pos += BLOCK + padded(len(stored))
         return parts, IndexEntry(key, 0, pos, infos), entry_template(key, pos, infos, cut)
 
+    def encode_packed(self, sample: Sample, validated: bool = False
+                      ) -> tuple[list[bytes], int, tuple, tuple]:
+        """``(members as byte strings, size, index template, totals)`` for
+        :meth:`ShardWriter.write_packed`: :meth:`encode_indexed` without the index entry objects
+        (``totals``: ``(mode, payload bytes, stored bytes)`` per block)."""
+        key = check_key(sample.key)
+        if len(sample.blocks) == 1:
+            b = sample.blocks[0]
+            if not validated:
+                b.validate(key=key, block=0)
+            parts, pos, template, info = self._one(key, b)
+            return parts, pos, template, ((b.mode, len(b.payload), info[0]),)
+        parts, entry, template = self._encode_many(key, sample, validated)
+        return parts, entry.size, template, tuple((b.mode, b.size, b.stored) for b in entry.blocks)
+
+    def encode_file(self, key: str, b: Block) -> tuple[list[bytes], int, tuple, tuple]:
+        """:meth:`encode_packed` of a one-block sample whose block the format's constructors built
+        (``image_file_block``, ...: its fields are valid); the key is checked here."""
+        parts, pos, template, info = self._one(check_key(key), b)
+        return parts, pos, template, ((b.mode, len(b.payload), info[0]),)
+
     def _encode_one(self, key: str, b: Block, validated: bool) -> tuple[list[bytes], IndexEntry,
                                                                         tuple]:
-        """:meth:`encode_indexed` of a one-block sample (most converted files), the layout
-        written out: the same bytes (tests/formats/test_writer.py) for ~1/3 of its overhead."""
         if not validated:
             b.validate(key=key, block=0)
-        payload = b.payload
+        parts, pos, template, (n, zstd, xxh, off) = self._one(key, b)
+        block = BlockInfo(b.mode, b.shape, b.codec, b.meta, len(b.payload), n, zstd, xxh, off)
+        return parts, IndexEntry(key, 0, pos, [block]), template
+
+    def _one(self, key: str, b: Block) -> tuple[list[bytes], int, tuple, tuple]:
+        """A one-block sample (most converted files), the layout written out: the same bytes
+        as the general path (tests/formats/test_writer.py) for a fraction of its overhead.
+        Returns ``(parts, size, template, (stored bytes, zstd, xxh3, data offset))``."""
+        payload, shape, limits = b.payload, b.shape, self.limits
         size = len(payload)
-        self.limits.check_shape(b.shape, key=key, block=0)
-        self.limits.check_bytes(size, "payload", key=key, block=0)
+        if len(shape) > limits.max_ndim or prod(shape) > limits.max_elements:
+            limits.check_shape(shape, key=key, block=0)  # raises
+        if size > limits.max_payload_bytes:
+            limits.check_bytes(size, "payload", key=key, block=0)  # raises
+        head, squeeze, names = block_head(b.mode, b.codec, b.meta)
         stored, zstd = payload, False
-        info = codec_info(b.codec)
-        if info.zstd and size:
+        if squeeze and size:
             packed = self.compress(payload)
             if len(packed) < size:
                 stored, zstd = packed, True
         n = len(stored)
-        block = BlockInfo(b.mode, b.shape, b.codec, b.meta, size, n, zstd, checksum(stored))
-        head, tail = block_json(block)
+        xxh = xxh3_64_hexdigest(stored)
+        dims = ",".join(map(str, shape))
+        tail = (f'"shape":[{dims}],"size":{size},"stored":{n},"xxh3":"{xxh}",'
+                f'"zstd":{"true" if zstd else "false"}}}')
         qkey = quoted(key)
         header = f'{{"blocklm":1,"blocks":[{head}{tail}],"key":{qkey}}}'.encode()
-        hpad, pad = -len(header) % BLOCK, -n % BLOCK
-        block.offset = 2 * BLOCK + len(header) + hpad
-        pos = block.offset + n + pad
-        name = f"{key}.0.{b.mode}.{info.ext}.zst" if zstd else f"{key}.0.{b.mode}.{info.ext}"
-        parts = [member_header(key + ".blocks.json", len(header)), header, _ZEROS[:hpad],
-                 member_header(name, n), stored, _ZEROS[:pad]]
+        hlen = len(header)
+        hpad, pad = -hlen % BLOCK, -n % BLOCK
+        off = 2 * BLOCK + hlen + hpad
+        pos = off + n + pad
+        kenc = key.encode("ascii")  # check_key: ASCII
+        ksum = sum(kenc)
+        suffix, suffix_sum = names[zstd]
+        parts = [header_for(kenc + _BLOCKS_JSON, ksum + _BLOCKS_JSON_SUM, hlen), header,
+                 _ZEROS[:hpad], header_for(kenc + suffix, ksum + suffix_sum, n), stored,
+                 _ZEROS[:pad]]
         template = ((f'{{"blocks":[{head}"offset":', f',{tail}],"key":{qkey},"offset":',
-                     f',"size":{pos:d}}}'), (block.offset, 0))
-        return parts, IndexEntry(key, 0, pos, [block]), template
+                     f',"size":{pos}}}'), (off, 0))
+        return parts, pos, template, (n, zstd, xxh, off)
 
     def encode(self, sample: Sample, validated: bool = False) -> tuple[bytes, IndexEntry]:
         """Members of ``sample`` as tar bytes and its index entry, offsets relative to its start

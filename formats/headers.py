@@ -14,6 +14,7 @@ import json
 import re
 
 from .block import canonical_json
+from .codecs import codec_info
 from .index import INDEX_VERSION, BlockInfo, IndexEntry
 
 # strings JSON writes as they are, between quotes (keys, modes and codecs always are)
@@ -46,6 +47,36 @@ def meta_json(meta: dict) -> str:
         if len(_META_CACHE) < _META_CACHE_MAX:
             _META_CACHE[items] = text
     return text
+
+
+_HEAD_CACHE: dict[tuple, tuple] = {}
+
+
+def block_head(mode: str, codec: str, meta: dict) -> tuple[str, bool, tuple]:
+    """What a one-block encoder needs of a block's mode, codec and metadata, cached (a corpus
+    has few distinct ones): the header JSON up to the shape (:func:`block_json`'s ``head``),
+    whether the codec is zstd-compressed, and the payload member's name after ``KEY`` with the
+    byte sum of that name (for the tar checksum), without and with ``.zst``. The cache key
+    holds exact value types, as in :func:`meta_json`; ``mode`` is a valid mode."""
+    items = tuple(meta.items()) if meta else ()
+    for _, v in items:
+        t = type(v)
+        if t is not str and t is not int:
+            return _head(mode, codec, meta)
+    ck = (mode, codec, items)
+    hit = _HEAD_CACHE.get(ck)
+    if hit is None:
+        hit = _head(mode, codec, meta)
+        if len(_HEAD_CACHE) < _META_CACHE_MAX:
+            _HEAD_CACHE[ck] = hit
+    return hit
+
+
+def _head(mode: str, codec: str, meta: dict) -> tuple[str, bool, tuple]:
+    info = codec_info(codec)
+    head = f'{{"codec":{quoted(codec)},"meta":{meta_json(meta)},"mode":{quoted(mode)},'
+    plain = f".0.{mode}.{info.ext}".encode("ascii")
+    return head, info.zstd, ((plain, sum(plain)), (plain + b".zst", sum(plain + b".zst")))
 
 
 def block_json(b: BlockInfo) -> tuple[str, str]:

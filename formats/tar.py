@@ -62,6 +62,23 @@ def member_header(name: str, size: int) -> bytes:
     return bytes(hdr)
 
 
+_FIELDS = bytes(_TEMPLATE[100:124])  # mode, uid, gid
+_MTIME = bytes(_TEMPLATE[136:148])  # mtime
+_REST = bytes(_TEMPLATE[156:BLOCK])  # type flag onwards
+_NAME_PAD = bytes(100)
+
+
+def header_for(enc: bytes, name_sum: int, size: int) -> bytes:
+    """:func:`member_header` of the ASCII name ``enc`` whose byte sum the caller knows
+    (``name_sum``): a sample's two member names share the key, summed once. Concatenation
+    instead of patching a copy of the template: ~0.8 instead of ~1.4 us a header."""
+    if len(enc) > 100 or not 0 <= size < _MAX_SIZE:
+        return _tarfile_header(enc.decode("ascii"), size)
+    size_field = b"%011o\0" % size
+    return (enc + _NAME_PAD[len(enc):] + _FIELDS + size_field + _MTIME
+            + b"%06o\0 " % (_TEMPLATE_SUM + name_sum + sum(size_field)) + _REST)
+
+
 def check_member_name(name: str, **where) -> None:
     """Reject names that could escape an extraction folder or that the format never writes."""
     if (not name or name.startswith("/") or "\\" in name or ".." in name.split("/")

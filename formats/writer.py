@@ -27,7 +27,6 @@ from .index import (
     Manifest,
     ShardInfo,
     checksum,
-    mode_totals,
 )
 from .limits import DEFAULT_LIMITS, Limits
 from .tar import END_OF_ARCHIVE
@@ -81,7 +80,8 @@ class ShardWriter:
         self._encoder = SampleEncoder(level, limits)
         self._file = None
         self._name = ""
-        self._entries: list[IndexEntry] = []
+        self._count = 0  # samples in the open shard
+        self._modes: dict[str, list[int]] = {}  # the open shard's mode -> [blocks, payload, stored]
         self._json: list[str] = []  # the open shard's index entries as text
         self._keys: set[str] = set()
         self._pos = 0
@@ -154,6 +154,52 @@ class ShardWriter:
             (src_fd, span[1], span[2] + entry.size)
         self._add_entry(entry, template)
 
+    def write_packed(self, parts: list[bytes], size: int, key: str, template: tuple,
+                     totals: tuple) -> None:
+        """Append a sample as :meth:`SampleEncoder.encode_packed` gives it: its members as byte
+        strings (``size`` bytes in all), its key, its index template and per-block
+        ``(mode, payload bytes, stored bytes)``. The same shards as :meth:`write` (tested);
+        a converter's path, with no index entry objects to build and shift."""
+        if self._file is None or self._full(size):
+            self._next_shard()
+        if key in self._keys:
+            raise FormatError("duplicate key in shard", shard=self._name, key=key)
+        if self._span is not None:
+            self.flush_spans()
+        self._file.writelines(parts)
+        self._json.append(render(template, self._pos))
+        self._keys.add(key)
+        self._account(totals)
+        self._pos += size
+        if self._pos - self._synced >= SYNC_AHEAD:
+            self._sync_ahead()
+
+    def span_packed(self, src_fd: int, src_offset: int, size: int, key: str, template: tuple,
+                    totals: tuple) -> None:
+        """:meth:`write_span` of a sample described as for :meth:`write_packed`: its ``size``
+        bytes lie at ``src_offset`` of ``src_fd``."""
+        if self._file is None or self._full(size):
+            self._next_shard()
+        if key in self._keys:
+            raise FormatError("duplicate key in shard", shard=self._name, key=key)
+        span = self._span
+        if span is not None and (span[0] != src_fd or span[1] + span[2] != src_offset):
+            self.flush_spans()
+            span = None
+        self._span = (src_fd, src_offset, size) if span is None else \
+            (src_fd, span[1], span[2] + size)
+        self._json.append(render(template, self._pos))
+        self._keys.add(key)
+        self._account(totals)
+        self._pos += size
+
+    def _next_shard(self) -> None:
+        if self.closed:
+            raise FormatError("write on a closed ShardWriter")
+        if self._file is not None:
+            self._finish_shard()
+        self._open_shard()
+
     def flush_spans(self) -> None:
         """Copy the pending run of :meth:`write_span` samples into the open shard."""
         if self._span is None:
@@ -221,11 +267,23 @@ class ShardWriter:
         if template is None:
             self._json.append(entry_json(entry))
         self._keys.add(entry.key)
-        self._entries.append(entry)
+        self._account([(b.mode, b.size, b.stored) for b in entry.blocks])
         self._pos += entry.size
 
+    def _account(self, totals) -> None:
+        self._count += 1
+        modes = self._modes
+        for mode, size, stored in totals:
+            t = modes.get(mode)
+            if t is None:
+                modes[mode] = [1, size, stored]
+            else:
+                t[0] += 1
+                t[1] += size
+                t[2] += stored
+
     def _full(self, incoming: int) -> bool:
-        if self.max_samples is not None and len(self._entries) >= self.max_samples:
+        if self.max_samples is not None and self._count >= self.max_samples:
             return True
         return (self.max_bytes is not None
                 and self._pos + incoming + len(END_OF_ARCHIVE) > self.max_bytes)
@@ -234,7 +292,8 @@ class ShardWriter:
         self._name = shard_name(self.prefix, self.next_number)
         self.next_number += 1
         self._file = open(self.out_dir / (self._name + ".tmp"), "wb", buffering=WRITE_BUFFER)
-        self._entries, self._json, self._keys, self._pos, self._synced = [], [], set(), 0, 0
+        self._count, self._modes, self._json, self._keys = 0, {}, [], set()
+        self._pos = self._synced = 0
 
     def _finish_shard(self) -> None:
         self.flush_spans()
@@ -250,8 +309,9 @@ class ShardWriter:
         iname = index_name(self._name)
         atomic_write(self.out_dir / iname, idx)
         os.replace(self.out_dir / (self._name + ".tmp"), self.out_dir / self._name)
-        self.shards.append(ShardInfo(self._name, iname, checksum(idx), len(self._entries), size,
-                                     mode_totals(self._entries)))
+        modes = {m: {"blocks": t[0], "payload_bytes": t[1], "stored_bytes": t[2]}
+                 for m, t in sorted(self._modes.items())}  # as index.mode_totals gives them
+        self.shards.append(ShardInfo(self._name, iname, checksum(idx), self._count, size, modes))
 
     def close(self) -> Manifest:
         """Finish the open shard and write the manifest; returns it."""

@@ -63,16 +63,16 @@ class Item:
     error: str | None = None
 
 
-@dataclass
+@dataclass(slots=True)
 class Result:
     """One item's outcome: its encoded sample (bytes and index entry, or where a worker spilled
     them), or a rejection reason."""
 
     source: str
-    encoded: tuple | None = None  # (byte strings, IndexEntry, index template): encode_indexed
+    encoded: tuple | None = None  # (parts, size, key, template, totals): ShardWriter.write_packed
     payload_bytes: int = 0
     error: str | None = None
-    spill: tuple | None = None  # (fd, offset, IndexEntry, template): entry.size bytes in a file
+    spill: tuple | None = None  # (fd, offset, size, key, template, totals): span_packed
 
 
 def how_for_ext(ext: str) -> str | None:
@@ -208,9 +208,10 @@ def encoder() -> SampleEncoder:
     return _ENCODER
 
 
-def encode_item(item: Item, deep_check: bool = False) -> tuple[list[bytes], object, tuple, int]:
-    """``(members as byte strings, IndexEntry, index template, payload bytes)`` of the item's
-    sample (``SampleEncoder.encode_indexed``); raises :class:`Rejected` with the reason."""
+def encode_item(item: Item, deep_check: bool = False) -> tuple[tuple, int]:
+    """``(packed, payload bytes)`` of the item's sample, ``packed`` being ``(members as byte
+    strings, size, key, index template, totals)`` (``SampleEncoder.encode_packed`` with the
+    key, for ``ShardWriter.write_packed``); raises :class:`Rejected` with the reason."""
     if len(item.parts) == 1 and item.error is None and not deep_check:
         p = item.parts[0]
         if p.how in _FILE_BUILDERS and p.data is None and p.text is None and not p.meta:
@@ -218,22 +219,22 @@ def encode_item(item: Item, deep_check: bool = False) -> tuple[list[bytes], obje
     return _encode_general(item, deep_check)
 
 
-def _encode_general(item: Item, deep_check: bool) -> tuple[list[bytes], object, tuple, int]:
+def _encode_general(item: Item, deep_check: bool) -> tuple[tuple, int]:
     sample = build_sample(item, deep_check)
     try:
         # the blocks were validated when built (Block.__post_init__) and nothing changed them
-        parts, entry, template = encoder().encode_indexed(sample, validated=True)
+        parts, size, template, totals = encoder().encode_packed(sample, validated=True)
     except (FormatError, ValueError) as e:
         raise Rejected(_OBJ_REPR.sub("the data", str(e))) from None
-    return parts, entry, template, sum(len(b.payload) for b in sample.blocks)
+    return (parts, size, sample.key, template, totals), sum(len(b.payload) for b in sample.blocks)
 
 
 _FILE_BUILDERS = {"image": image_file_block, "audio": audio_file_block}
 
 
-def _encode_file(item: Item, p: Part) -> tuple[list[bytes], object, tuple, int]:
+def _encode_file(item: Item, p: Part) -> tuple[tuple, int]:
     """:func:`encode_item` of a sample of one image or audio file (most items), without the
-    general path's layers (~5 us of ~45 per WAV); the same checks, bytes and reasons."""
+    general path's layers; the same checks, bytes and reasons."""
     try:
         data = read_part(p)
         if not data:
@@ -251,21 +252,20 @@ def _encode_file(item: Item, p: Part) -> tuple[list[bytes], object, tuple, int]:
             reason = f"unreadable: {reason}"
         raise Rejected(_OBJ_REPR.sub("the data", reason)) from None
     try:  # the key is checked by the encoder, as Sample() would
-        parts, entry, template = encoder().encode_indexed(Sample.trusted(item.key, [b]),
-                                                          validated=True)
+        parts, size, template, totals = encoder().encode_file(item.key, b)
     except (FormatError, ValueError) as e:
         raise Rejected(_OBJ_REPR.sub("the data", str(e))) from None
-    return parts, entry, template, len(b.payload)
+    return (parts, size, item.key, template, totals), len(data)
 
 
 def process(item: Item, deep_check: bool = False) -> Result:
     """The item's encoded sample, or the reason it is rejected (``deep_check``: see
     :func:`build_block`)."""
     try:
-        parts, entry, template, payload = encode_item(item, deep_check)
+        packed, payload = encode_item(item, deep_check)
     except Rejected as e:
         return Result(item.source, error=str(e))
-    return Result(item.source, (parts, entry, template), payload)
+    return Result(item.source, packed, payload)
 
 
 _OBJ_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-f]+>")  # keeps reasons the same on every run

@@ -38,7 +38,6 @@ from contextlib import contextmanager
 from multiprocessing.connection import wait
 from pathlib import Path
 
-from blocklm.formats.index import BlockInfo, IndexEntry
 from blocklm.formats.writer import WRITE_BUFFER
 
 from .convert_items import Item, Rejected, Result, encode_item, process
@@ -96,31 +95,21 @@ def claim_size(remaining: int, n_workers: int) -> int:
 def convert_chunk(start: int, items: list[Item], folder: str,
                   deep_check: bool) -> tuple[str, list[tuple]]:
     """Convert one chunk (the window's items from ``start``) into its spill file; returns the
-    file's path and, per item, ``(source, error, entry, index template, payload_bytes)``
-    (``error`` None for a converted item)."""
+    file's path and, per item, ``(source, error, size, key, index template, totals,
+    payload_bytes)`` (``error`` None for a converted item; see ``ShardWriter.write_packed``)."""
     path = os.path.join(folder, f"{start:09d}")
     records = []
     with open(path, "wb", buffering=WRITE_BUFFER) as f:
+        write = f.writelines
         for it in items:
             try:
-                parts, entry, template, payload = encode_item(it, deep_check)
+                (parts, size, key, template, totals), payload = encode_item(it, deep_check)
             except Rejected as e:
-                records.append((it.source, str(e), None, None, 0))
+                records.append((it.source, str(e), 0, None, None, None, 0))
                 continue
-            f.writelines(parts)
-            records.append((it.source, None, _flat(entry), template, payload))
+            write(parts)
+            records.append((it.source, None, size, key, template, totals, payload))
     return path, records
-
-
-# Index entries cross to the parent as plain tuples: 1.0 us an entry to load and rebuild
-# against 1.8 us for the slotted dataclasses themselves (measured on FSDD entries).
-def _flat(e: IndexEntry) -> tuple:
-    return e.key, e.offset, e.size, [(b.mode, b.shape, b.codec, b.meta, b.size, b.stored, b.zstd,
-                                      b.xxh3, b.offset) for b in e.blocks]
-
-
-def _entry(t: tuple) -> IndexEntry:
-    return IndexEntry(t[0], t[1], t[2], [BlockInfo(*b) for b in t[3]])
 
 
 def claim(nxt, n: int, n_workers: int) -> tuple[int, int] | None:
@@ -221,7 +210,7 @@ def parallel_results(items: list[Item], n_workers: int, folder: Path, flush: Cal
 
 
 def _bytes(results: list[Result]) -> int:
-    return sum(r.encoded[1].size for r in results if r.encoded is not None)
+    return sum(r.encoded[1] for r in results if r.encoded is not None)
 
 
 def _receive(helpers: dict, pending: dict, want: int) -> None:
@@ -250,13 +239,12 @@ def _spilled(path: str, records: list[tuple], flush: Callable[[], None]) -> Iter
     fd = os.open(path, os.O_RDONLY)
     try:
         offset = 0
-        for source, error, entry, template, payload in records:
+        for source, error, size, key, template, totals, payload in records:
             if error is not None:
                 yield Result(source, error=error)
                 continue
-            entry = _entry(entry)
-            yield Result(source, payload_bytes=payload, spill=(fd, offset, entry, template))
-            offset += entry.size
+            yield Result(source, None, payload, None, (fd, offset, size, key, template, totals))
+            offset += size
         flush()
     finally:
         os.close(fd)

@@ -172,7 +172,7 @@ def run_convert(inputs: list[str], out: str | os.PathLike, opts: ConvertOptions)
     rep.rejected = list(state["rejected"]) if state else []
     writer = ShardWriter(out, max_bytes=opts.shard_size, max_samples=opts.shard_samples,
                          prefix=opts.prefix, start=len(previous), previous=previous)
-    write = writer.write_encoded
+    write, span = writer.write_packed, writer.span_packed
     skipped: list[str] = []
     counter = _Counter()
     items = enumerate_items(inputs, opts, skipped, out)
@@ -204,7 +204,7 @@ def run_convert(inputs: list[str], out: str | os.PathLike, opts: ConvertOptions)
                 else:
                     before = len(writer.shards)
                     if res.spill is not None:
-                        writer.write_span(*res.spill)
+                        span(*res.spill)
                     else:
                         write(*res.encoded)
                     if len(writer.shards) != before:  # a shard was finished: items < i are final

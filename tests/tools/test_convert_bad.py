@@ -176,8 +176,8 @@ def test_forced_kind_rejects_what_is_not_that_kind(small_text, tmp_path, run_cli
 
 
 def test_one_file_fast_path_equals_the_general_path(bad_dir, audio_dir):
-    """convert_items' path for one-file samples gives the bytes, entry and index text of the
-    general path, and the same rejection reasons, on good and bad files of every kind here."""
+    """convert_items' path for one-file samples gives the bytes, size, key, index text and totals
+    of the general path, and the same rejection reasons, on good and bad files of every kind here."""
     from blocklm.tools import convert_items as ci
     from blocklm.tools.convert_keys import KeyAllocator
     from blocklm.tools.convert_options import ConvertOptions
@@ -192,8 +192,7 @@ def test_one_file_fast_path_equals_the_general_path(bad_dir, audio_dir):
         got = []
         for encode in (ci.encode_item, lambda it, _: ci._encode_general(it, False)):
             try:
-                parts, entry, template, payload = encode(it, False)
-                got.append((parts, entry, template, payload))
+                got.append(encode(it, False))  # ((parts, size, key, template, totals), payload)
             except ci.Rejected as e:
                 got.append(str(e))
         assert got[0] == got[1], it.source
