@@ -112,6 +112,37 @@ def test_an_orphaned_helper_claims_nothing(tmp_path):
         recv.recv()
 
 
+def test_a_finished_windows_counter_outlives_its_helpers(small_text, tmp_path, monkeypatch):
+    """Helpers are not waited for once their window is done, and each reads its counter once
+    more before it exits: that counter's shared memory must not go to the next window's
+    counter (a late read would claim the next window's first chunk and convert nothing of it).
+    Once its helpers are gone it is let go."""
+    import ctypes
+    import multiprocessing as mp
+
+    seen = set()
+    real, parent = convert_parallel.claim, os.getpid()
+
+    def claim(nxt, n, n_workers):
+        if os.getpid() == parent:
+            seen.add(ctypes.addressof(nxt.get_obj()))  # the address only: nothing kept alive
+        return real(nxt, n, n_workers)
+
+    monkeypatch.setattr(convert_parallel, "claim", claim)
+    monkeypatch.setattr(convert_parallel, "MIN_CHUNK", 2)
+    monkeypatch.setattr(convert_parallel, "MAX_CHUNK", 3)
+    rep = run_convert([str(small_text)], tmp_path / "o",
+                      ConvertOptions(workers=2, text_split="lines", quiet=True))
+    assert rep.samples >= 40 and len(seen) == 1
+    fresh = mp.get_context("fork").Value("q", 0)  # what the next window would get
+    assert ctypes.addressof(fresh.get_obj()) not in seen
+    for _, procs in convert_parallel._RETIRED:
+        for p in procs:
+            p.join()
+    convert_parallel._reap_retired()
+    assert convert_parallel._RETIRED == []
+
+
 def test_frozen_heap_leaves_the_collector_as_it_found_it():
     import gc
 
