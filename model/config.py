@@ -38,6 +38,10 @@ class StackConfig:
     # on CUDA, the ponder loop's read and pop/accumulate/push as fused Triton kernels
     # (stack_fused.py)
     fused: bool = True
+    # on CUDA with `graphs`, each ponder iteration (read, controller, pop/push) as one Triton
+    # kernel forward and one backward, weight gradients by one matmul per chunk (stack_ctrl.py,
+    # stack_ctrl_loop.py; replaces `fused` there)
+    fused_ctrl: bool = False
 
 
 @dataclass

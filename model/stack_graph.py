@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from . import stack_ctrl_loop
 from .stack import ProcessingStack
 from .stack_block import ponder_steps
 
@@ -119,31 +120,34 @@ class EagerRunner:
         return gs[0], gs[1], gs[2]
 
 
-class GraphRunner(EagerRunner):
-    """:class:`EagerRunner`'s two chunk functions captured as CUDA graphs for one static shape
-    (B padded, U); static inputs are copied in before and outputs used right after a replay."""
+class GraphRunner:
+    """A chunk runner's two functions (``body``: an :class:`EagerRunner`, or a
+    :class:`blocklm.model.stack_ctrl_loop.CtrlRunner`) captured as CUDA graphs for one static
+    shape (B padded, U); static inputs are copied in before and outputs used right after a
+    replay."""
 
-    def __init__(self, stack, autocast, B, U, like: Tensor, pool) -> None:
-        super().__init__(stack, autocast, U)
-        K, W, Hd = stack.cfg.depth, stack.cfg.width, stack.cfg.hidden
+    def __init__(self, body, B, U, like: Tensor, pool) -> None:
+        self.U, self.grads, self.zero_grads = U, body.grads, body.zero_grads
+        cfg = body.stack.cfg
+        K, W, Hd = cfg.depth, cfg.width, cfg.hidden
         z = lambda *shape: torch.zeros(*shape, device=like.device, dtype=like.dtype)  # noqa: E731
         self.inp = [z(B, U, Hd), z(B, U), z(B, K, W), z(B, K)]  # e, running, V, s
         self.gin = [z(B, U, W), z(B, U, W), z(B, U, Hd), z(B, K, W), z(B, K)]
         side = torch.cuda.Stream(like.device)
         side.wait_stream(torch.cuda.current_stream(like.device))
-        with torch.cuda.stream(side):  # warm-up (cuBLAS handles, workspaces) off the graph
+        with torch.cuda.stream(side):  # warm-up (cuBLAS handles, workspaces, Triton builds)
             for _ in range(2):
-                EagerRunner.forward(self, *self.inp)
-                EagerRunner.backward(self, *self.inp, *self.gin)
+                body.forward(*self.inp)
+                body.backward(*self.inp, *self.gin)
         torch.cuda.current_stream(like.device).wait_stream(side)
         self.fg, self.bg = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
         # thread_local: the loader's threads may call CUDA while this thread captures
         with torch.cuda.graph(self.fg, pool=pool, capture_error_mode="thread_local"):
-            self.fout = EagerRunner.forward(self, *self.inp)
+            self.fout = body.forward(*self.inp)
         with torch.cuda.graph(self.bg, pool=pool, capture_error_mode="thread_local"):
-            self.bout = EagerRunner.backward(self, *self.inp, *self.gin)
+            self.bout = body.backward(*self.inp, *self.gin)
         # the cache is keyed weakly on the stack: a runner holding it would keep it alive
-        self.stack = self.ponder = None
+        body.stack = body.ponder = None
 
     def forward(self, e, r, V, s):
         for dst, src in zip(self.inp, (e, r, V, s)):
@@ -212,7 +216,8 @@ _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def graph_runner(stack: ProcessingStack, B: int, U: int, like: Tensor) -> GraphRunner:
     """The cached :class:`GraphRunner` for (B, U, dtype, autocast, parameter storage)."""
     ac = _Autocast(like.device.type)
-    key = (B, U, like.dtype, like.device, ac.key(),
+    ctrl = stack.cfg.fused_ctrl and stack_ctrl_loop.available(like)
+    key = (B, U, like.dtype, like.device, ac.key(), ctrl,
            tuple(p.data_ptr() for p in stack_params(stack)))
     pools, cache = _CACHE.setdefault(stack, ({}, OrderedDict()))
     if key in cache:
@@ -220,7 +225,8 @@ def graph_runner(stack: ProcessingStack, B: int, U: int, like: Tensor) -> GraphR
         return cache[key]
     if like.device not in pools:
         pools[like.device] = torch.cuda.graph_pool_handle()
-    cache[key] = GraphRunner(stack, ac, B, U, like, pools[like.device])
+    body = stack_ctrl_loop.CtrlRunner(stack, ac, U) if ctrl else EagerRunner(stack, ac, U)
+    cache[key] = GraphRunner(body, B, U, like, pools[like.device])
     while len(cache) > MAX_GRAPHS:  # evict after the capture: the pool never goes unused
         cache.popitem(last=False)
     return cache[key]

@@ -1,4 +1,5 @@
-"""Cost of one sequential stack step on the GPU: eager loop, CUDA graphs, fused kernels.
+"""Cost of one sequential stack step on the GPU: eager loop, CUDA graphs, fused kernels, one kernel
+per ponder iteration (``-ctrl``).
 
 ``python -m blocklm.model.stack_timing [--json out.json]``: the `small` preset's stack (K=256,
 W=64, Hd=256, 2 ponder iterations, d_model 768) over blocks of B examples x T steps under bf16
@@ -34,12 +35,13 @@ def _once(st, x, V, s, mask) -> float:
 
 def measure(variant: str, B: int, T: int, reps: int) -> dict:
     """One (variant, shape): 'eager', 'fused' (eager loop, fused kernels), 'graphs-U' (U steps
-    a graph) or 'graphs-U-fused'."""
+    a graph), 'graphs-U-fused' or 'graphs-U-ctrl' (one kernel per ponder iteration,
+    stack_ctrl.py)."""
     torch.manual_seed(0)
     graphs = variant.startswith("graphs")
     cfg = StackConfig(depth=256, width=64, hidden=256, max_steps=2, graphs=graphs,
                       graph_unroll=int(variant.split("-")[1]) if graphs else 8,
-                      fused=variant.endswith("fused"))
+                      fused=variant.endswith("fused"), fused_ctrl=variant.endswith("ctrl"))
     st = ProcessingStack(cfg, 768).cuda()
     x = torch.randn(B, T, 768, device="cuda", requires_grad=True)
     V = torch.randn(B, 256, 64, device="cuda").requires_grad_(True)
@@ -58,7 +60,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", default=None)
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--variants", default="eager,fused,graphs-8,graphs-8-fused,graphs-16-fused")
+    ap.add_argument("--variants", default="eager,graphs-8-fused,graphs-8-ctrl,graphs-16-ctrl")
     a = ap.parse_args()
     rows = []
     for B, T in SHAPES:

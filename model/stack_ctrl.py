@@ -1,0 +1,266 @@
+"""One ponder iteration as one Triton kernel, controller included (``StackConfig.fused_ctrl``).
+
+The fused kernels of stack_fused.py left the controller to PyTorch: per iteration three small
+matmuls with their autocast casts, tanh, softmax and ``where``, forward, recompute and backward:
+~150 kernels per decoder step inside the CUDA graphs, ~2.5 us each (GPU_NOTES.md, S3). Here one
+program handles G examples for one whole iteration of
+:meth:`blocklm.model.stack.ProcessingStack.ponder`:
+
+* forward (``_iter_fwd``): read (``min(s, relu(1 - above))``-weighted sum of the cells),
+  controller (``e_new = tanh(ctrl([e, read]))``, ``p = softmax(act(e_new))``,
+  ``v = tanh(val(e_new))``, weights streamed from L2 and reduced on the CUDA cores: the
+  matrices are [G, 320] x [320, 256] with G <= 4), pop, accumulate, push (a shifted store);
+* backward (``_iter_bwd``): recomputes the iteration from its input state and writes the input
+  gradients and, per example, the gradients at the three Linear outputs and the Linear inputs,
+  from which the caller forms the weight gradients with one matmul per chunk (deterministic).
+
+The strengths' [K] work is kept whole per example (the same ``cumsum`` and tie rules as
+stack_fused.py); the cells are streamed in chunks of ``WCH`` lanes. Under bf16 autocast
+(``LOWP``) the Linear inputs, weights and outputs and the gradients entering and leaving them are
+rounded to bf16 where autocast rounds them (accumulation in fp32), so values match the eager
+path up to summation order. The loop over iterations is stack_ctrl_loop.py; the tests compare
+with the eager reference (tests/model/test_stack_ctrl.py).
+"""
+
+from __future__ import annotations
+
+try:  # optional: CPU machines (and CI) may have no triton
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the machine
+    triton = None
+
+if triton is not None:
+    @triton.jit
+    def _rb(x, LOWP: tl.constexpr):
+        # autocast's rounding of a Linear's input, output or gradient (bf16), else nothing
+        if LOWP:
+            x = x.to(tl.bfloat16).to(tl.float32)
+        return x
+
+    @triton.jit
+    def _tanh(x):
+        # tanh by exp (no tanh in tl): exact limits at +-inf, ~1e-7 absolute error
+        return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+    @triton.jit
+    def _head(E, se, V, S, RUN, sr, LEFT, WC, BC, WA, BA, X, B, K: tl.constexpr,
+              W: tl.constexpr, H: tl.constexpr, G: tl.constexpr, BK: tl.constexpr,
+              BH: tl.constexpr, WCH: tl.constexpr, IC: tl.constexpr, FIRST: tl.constexpr, SAVE_X: tl.constexpr, LOWP: tl.constexpr):
+        # the part both kernels share: strengths, read, controller, action probabilities
+        g = tl.program_id(0) * G + tl.arange(0, G)  # [G] examples
+        mg = g < B
+        k = tl.arange(0, BK)
+        mgk = mg[:, None] & (k < K)[None, :]
+        s = tl.load(S + g[:, None] * K + k[None, :], mask=mgk, other=0.0)  # [G,BK]
+        above = tl.cumsum(s, 1) - s
+        wt = tl.minimum(s, tl.maximum(1.0 - above, 0.0))
+        run = tl.load(RUN + g * sr, mask=mg, other=0.0)
+        if FIRST:  # the step's first iteration: nothing has left the stack yet
+            left = tl.zeros([G], dtype=tl.float32)
+        else:
+            left = tl.load(LEFT + g, mask=mg, other=0.0)
+        h = tl.arange(0, BH)
+        mh = h < H
+        HW = H + W
+        pre = tl.zeros([G, BH], dtype=tl.float32)
+        for w0 in range(0, W, WCH):  # read, a chunk of lanes at a time, into the matmul
+            w = w0 + tl.arange(0, WCH)
+            mw = w < W
+            v = tl.load(V + g[:, None, None] * K * W + k[None, :, None] * W + w[None, None, :],
+                        mask=mgk[:, :, None] & mw[None, None, :], other=0.0)  # [G,BK,WCH]
+            rd = tl.sum(wt[:, :, None] * v, 1)  # [G,WCH]
+            if SAVE_X:
+                tl.store(X + g[:, None] * HW + H + w[None, :], _rb(rd, LOWP),
+                         mask=mg[:, None] & mw[None, :])
+            wc = tl.load(WC + h[:, None] * HW + H + w[None, :], mask=mh[:, None] & mw[None, :],
+                         other=0.0).to(tl.float32)  # [BH,WCH]
+            pre += tl.sum(_rb(rd, LOWP)[:, None, :] * wc[None, :, :], 2)
+        for i0 in range(0, H, IC):  # the embedding's part of ctrl([e, read])
+            i = i0 + tl.arange(0, IC)
+            mi = i < H
+            ec = tl.load(E + g[:, None] * se + i[None, :], mask=mg[:, None] & mi[None, :],
+                         other=0.0)  # [G,IC]
+            if SAVE_X:
+                tl.store(X + g[:, None] * HW + i[None, :], _rb(ec, LOWP),
+                         mask=mg[:, None] & mi[None, :])
+            wc = tl.load(WC + h[:, None] * HW + i[None, :], mask=mh[:, None] & mi[None, :],
+                         other=0.0).to(tl.float32)  # [BH,IC]
+            pre += tl.sum(_rb(ec, LOWP)[:, None, :] * wc[None, :, :], 2)
+        bc = _rb(tl.load(BC + h, mask=mh, other=0.0), LOWP)
+        en = tl.where(mg[:, None] & mh[None, :], _tanh(_rb(pre + bc[None, :], LOWP)), 0.0)
+        c = tl.arange(0, 4)  # push, pop, no-op (+ one padding column)
+        mc = c < 3
+        wa = tl.load(WA + c[:, None] * H + h[None, :], mask=mc[:, None] & mh[None, :],
+                     other=0.0).to(tl.float32)  # [4,BH]
+        ba = _rb(tl.load(BA + c, mask=mc, other=0.0), LOWP)
+        lg = _rb(tl.sum(_rb(en, LOWP)[:, None, :] * wa[None, :, :], 2) + ba[None, :], LOWP)
+        lg = tl.where(mc[None, :], lg, float("-inf"))
+        ex = tl.exp(lg - tl.max(lg, 1)[:, None])
+        p = ex / tl.sum(ex, 1)[:, None]  # [G,4]
+        return g, mg, k, mgk, s, above, wt, run, left, h, mh, en, c, mc, p
+
+    @triton.jit
+    def _iter_fwd(E, se, V, S, RUN, sr, ACC, sa, LEFT, WC, BC, WA, BA, WV, BV,
+                  EO, seo, VO, SO, ACCO, sao, LEFTO, RUNO, READ, srd, B, K: tl.constexpr,
+                  W: tl.constexpr, H: tl.constexpr, eps, G: tl.constexpr, BK: tl.constexpr,
+                  BH: tl.constexpr, WCH: tl.constexpr, IC: tl.constexpr, FIRST: tl.constexpr, SAVE_READ: tl.constexpr,
+                  LOWP: tl.constexpr):
+        g, mg, k, mgk, s, above, wt, run, left, h, mh, en, c, mc, p = _head(
+            E, se, V, S, RUN, sr, LEFT, WC, BC, WA, BA, READ, B, K, W, H,
+            G, BK, BH, WCH, IC, FIRST, False, LOWP)
+        e = tl.load(E + g[:, None] * se + h[None, :], mask=mg[:, None] & mh[None, :], other=0.0)
+        tl.store(EO + g[:, None] * seo + h[None, :], tl.where(run[:, None] > 0, en, e),
+                 mask=mg[:, None] & mh[None, :])  # a stopped example keeps its e
+        push = tl.sum(tl.where(c[None, :] == 0, p, 0.0), 1) * run
+        pop = tl.minimum(tl.sum(tl.where(c[None, :] == 1, p, 0.0), 1) * run, 1.0 - left)
+        new = tl.maximum(s - tl.maximum(pop[:, None] - above, 0.0), 0.0)
+        popped = s - new
+        left = left + tl.sum(popped, 1)
+        tl.store(LEFTO + g, left, mask=mg)
+        tl.store(RUNO + g, run * (left < 1.0 - eps).to(tl.float32), mask=mg)
+        off = (push > 0).to(tl.int32)  # a push of exactly 0 (padding, halted) keeps the cells
+        dst = k[None, :] + off[:, None]  # cell k goes to k+1 on a push; the bottom falls off
+        tl.store(SO + g[:, None] * K + dst, new, mask=mgk & (dst < K))
+        tl.store(SO + g * K, push, mask=mg & (off > 0))
+        for w0 in range(0, W, WCH):
+            w = w0 + tl.arange(0, WCH)
+            mw = w < W
+            m3 = mgk[:, :, None] & mw[None, None, :]
+            v = tl.load(V + g[:, None, None] * K * W + k[None, :, None] * W + w[None, None, :],
+                        mask=m3, other=0.0)
+            if SAVE_READ:  # the read of this (input) state: the previous step's output read
+                rd = tl.sum(wt[:, :, None] * v, 1)
+                tl.store(READ + g[:, None] * srd + w[None, :], rd, mask=mg[:, None] & mw[None, :])
+            a = tl.sum(popped[:, :, None] * v, 1)
+            if not FIRST:
+                a += tl.load(ACC + g[:, None] * sa + w[None, :], mask=mg[:, None] & mw[None, :],
+                             other=0.0)
+            tl.store(ACCO + g[:, None] * sao + w[None, :], a, mask=mg[:, None] & mw[None, :])
+            tl.store(VO + g[:, None, None] * K * W + dst[:, :, None] * W + w[None, None, :], v,
+                     mask=m3 & (dst < K)[:, :, None])
+            wv = tl.load(WV + w[:, None] * H + h[None, :], mask=mw[:, None] & mh[None, :],
+                         other=0.0).to(tl.float32)  # [WCH,BH]
+            bv = _rb(tl.load(BV + w, mask=mw, other=0.0), LOWP)
+            vn = _tanh(_rb(tl.sum(_rb(en, LOWP)[:, None, :] * wv[None, :, :], 2) + bv[None, :],
+                           LOWP))  # [G,WCH] the pushed cell
+            tl.store(VO + g[:, None] * K * W + w[None, :], vn,
+                     mask=(mg & (off > 0))[:, None] & mw[None, :])
+
+    @triton.jit
+    def _iter_bwd(E, se, V, S, RUN, sr, LEFT, WC, BC, WA, BA, WV, BV,
+                  GEO, sgeo, GVO, GSO, GACC, sga, GLEFT, GREAD, sgr,
+                  GE, sge, GV, GS, GLEFTI, X, EN, GPRE, GLG, GVP, B, K: tl.constexpr,
+                  W: tl.constexpr, H: tl.constexpr, G: tl.constexpr, BK: tl.constexpr,
+                  BH: tl.constexpr, WCH: tl.constexpr, IC: tl.constexpr, FIRST: tl.constexpr, HAS_GREAD: tl.constexpr,
+                  LOWP: tl.constexpr):
+        g, mg, k, mgk, s, above, wt, run, left, h, mh, en, c, mc, p = _head(
+            E, se, V, S, RUN, sr, LEFT, WC, BC, WA, BA, X, B, K, W, H,
+            G, BK, BH, WCH, IC, FIRST, True, LOWP)
+        mgh = mg[:, None] & mh[None, :]
+        tl.store(EN + g[:, None] * H + h[None, :], _rb(en, LOWP), mask=mgh)
+        p0 = tl.sum(tl.where(c[None, :] == 0, p, 0.0), 1)
+        p1r = tl.sum(tl.where(c[None, :] == 1, p, 0.0), 1) * run
+        ub = 1.0 - left
+        pop = tl.minimum(p1r, ub)
+        push = p0 * run
+        a = pop[:, None] - above
+        z = s - tl.maximum(a, 0.0)
+        popped = s - tl.maximum(z, 0.0)
+        off = (push > 0).to(tl.int32)
+        src = k[None, :] + off[:, None]  # where cell k went
+        gnew = tl.load(GSO + g[:, None] * K + src, mask=mgk & (src < K), other=0.0)
+        gpush = tl.where(off > 0, tl.load(GSO + g * K, mask=mg, other=0.0), 0.0)
+        gp = tl.zeros([G, BK], dtype=tl.float32)  # d/d popped
+        gen_v = tl.zeros([G, BH], dtype=tl.float32)
+        for w0 in range(0, W, WCH):
+            w = w0 + tl.arange(0, WCH)
+            mw = w < W
+            v = tl.load(V + g[:, None, None] * K * W + k[None, :, None] * W + w[None, None, :],
+                        mask=mgk[:, :, None] & mw[None, None, :], other=0.0)
+            gacc = tl.load(GACC + g[:, None] * sga + w[None, :], mask=mg[:, None] & mw[None, :],
+                           other=0.0)
+            gp += tl.sum(v * gacc[:, None, :], 2)
+            wv = tl.load(WV + w[:, None] * H + h[None, :], mask=mw[:, None] & mh[None, :],
+                         other=0.0).to(tl.float32)
+            bv = _rb(tl.load(BV + w, mask=mw, other=0.0), LOWP)
+            vn = _tanh(_rb(tl.sum(_rb(en, LOWP)[:, None, :] * wv[None, :, :], 2) + bv[None, :],
+                           LOWP))
+            gvn = tl.load(GVO + g[:, None] * K * W + w[None, :],
+                          mask=(mg & (off > 0))[:, None] & mw[None, :], other=0.0)
+            gvp = _rb(gvn * (1.0 - vn * vn), LOWP)  # at val's output
+            tl.store(GVP + g[:, None] * W + w[None, :], gvp, mask=mg[:, None] & mw[None, :])
+            gen_v += tl.sum(gvp[:, :, None] * wv[None, :, :], 1)
+        gp += tl.load(GLEFT + g, mask=mg, other=0.0)[:, None]
+        gz = tl.where(z > 0.0, gnew - gp, 0.0)
+        ga = tl.where(mgk & (a > 0.0), -gz, 0.0)  # d/d (pop - above)
+        gpop = tl.sum(ga, 1)
+        gs = gp + gz
+        gab = -ga  # d/d above, accumulated (read below)
+        # torch.minimum(p1 * running, 1 - left): the smaller side, half each on a tie
+        gp1r = tl.where(p1r < ub, gpop, tl.where(p1r == ub, 0.5 * gpop, 0.0))
+        gub = tl.where(ub < p1r, gpop, tl.where(p1r == ub, 0.5 * gpop, 0.0))
+        tl.store(GLEFTI + g, tl.load(GLEFT + g, mask=mg, other=0.0) - gub, mask=mg)
+        gpv = tl.where(c[None, :] == 0, (gpush * run)[:, None],
+                       tl.where(c[None, :] == 1, (gp1r * run)[:, None], 0.0))
+        glg = _rb(p * (gpv - tl.sum(p * gpv, 1)[:, None]), LOWP)  # softmax backward
+        tl.store(GLG + g[:, None] * 3 + c[None, :], glg, mask=mg[:, None] & mc[None, :])
+        wa = tl.load(WA + c[:, None] * H + h[None, :], mask=mc[:, None] & mh[None, :],
+                     other=0.0).to(tl.float32)
+        gen = _rb(gen_v, LOWP) + _rb(tl.sum(glg[:, :, None] * wa[None, :, :], 1), LOWP)
+        geo = tl.load(GEO + g[:, None] * sgeo + h[None, :], mask=mgh, other=0.0)
+        gen += tl.where(run[:, None] > 0, geo, 0.0)
+        gpre = _rb(tl.where(mgh, gen * (1.0 - en * en), 0.0), LOWP)
+        tl.store(GPRE + g[:, None] * H + h[None, :], gpre, mask=mgh)
+        HW = H + W
+        for i0 in range(0, H, IC):  # d/d e: through ctrl, and where the example had stopped
+            i = i0 + tl.arange(0, IC)
+            mi = i < H
+            m2 = mg[:, None] & mi[None, :]
+            wc = tl.load(WC + h[:, None] * HW + i[None, :], mask=mh[:, None] & mi[None, :],
+                         other=0.0).to(tl.float32)
+            ge = _rb(tl.sum(gpre[:, :, None] * wc[None, :, :], 1), LOWP)
+            ge += tl.where(run[:, None] > 0, 0.0,
+                           tl.load(GEO + g[:, None] * sgeo + i[None, :], mask=m2, other=0.0))
+            tl.store(GE + g[:, None] * sge + i[None, :], ge, mask=m2)
+        gw = tl.zeros([G, BK], dtype=tl.float32)  # d/d read weights
+        for w0 in range(0, W, WCH):
+            w = w0 + tl.arange(0, WCH)
+            mw = w < W
+            m2 = mg[:, None] & mw[None, :]
+            m3 = mgk[:, :, None] & mw[None, None, :]
+            wc = tl.load(WC + h[:, None] * HW + H + w[None, :], mask=mh[:, None] & mw[None, :],
+                         other=0.0).to(tl.float32)
+            grd = _rb(tl.sum(gpre[:, :, None] * wc[None, :, :], 1), LOWP)  # d/d read [G,WCH]
+            if HAS_GREAD:  # this state's read was also the previous step's output
+                grd += tl.load(GREAD + g[:, None] * sgr + w[None, :], mask=m2, other=0.0)
+            v = tl.load(V + g[:, None, None] * K * W + k[None, :, None] * W + w[None, None, :],
+                        mask=m3, other=0.0)
+            gw += tl.sum(v * grd[:, None, :], 2)
+            gvo = tl.load(GVO + g[:, None, None] * K * W + src[:, :, None] * W + w[None, None, :],
+                          mask=m3 & (src < K)[:, :, None], other=0.0)
+            gacc = tl.load(GACC + g[:, None] * sga + w[None, :], mask=m2, other=0.0)
+            gv = gvo + popped[:, :, None] * gacc[:, None, :] + wt[:, :, None] * grd[:, None, :]
+            tl.store(GV + g[:, None, None] * K * W + k[None, :, None] * W + w[None, None, :], gv,
+                     mask=m3)
+        q = 1.0 - above
+        r = tl.maximum(q, 0.0)
+        gs += tl.where(s < r, gw, tl.where(s == r, gw * 0.5, 0.0))
+        gr = tl.where(r < s, gw, tl.where(s == r, gw * 0.5, 0.0))
+        gab += -tl.where(q > 0.0, gr, 0.0)
+        gab = tl.where(mgk, gab, 0.0)
+        gs += tl.sum(gab, 1)[:, None] - tl.cumsum(gab, 1)  # above_j = sum_{i<j} s_i
+        tl.store(GS + g[:, None] * K + k[None, :], gs, mask=mgk)
+
+
+def launch_opts(B: int, K: int, W: int, H: int) -> dict:
+    """Block sizes: G examples a program (2 above 128 examples, so half the programs stream
+    the weights from L2), cells whole (BK), lanes in chunks of WCH (8 fp32: one 32-byte
+    sector), the embedding in chunks of IC. For the small preset (K=256, W=64, Hd=256) ptxas
+    gives 80 / 181 registers (forward / backward) at G=1 with 8 warps and 122 / 128 at G=2 with
+    16, no spills; G=4 spilled."""
+    G = 1 if B <= 128 else 2
+    BK, BH = triton.next_power_of_2(K), triton.next_power_of_2(H)
+    WCH, IC = min(8, triton.next_power_of_2(W)), min(8, BH)
+    big = G * BK * WCH >= 2048
+    return dict(G=G, BK=BK, BH=BH, WCH=WCH, IC=IC, num_warps=(16 if G > 1 else 8) if big else 4)

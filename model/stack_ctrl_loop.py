@@ -1,0 +1,160 @@
+"""The chunk runner of the stack's graphs with one kernel per ponder iteration (stack_ctrl.py).
+
+:class:`CtrlRunner` has :class:`blocklm.model.stack_graph.EagerRunner`'s interface (a chunk of U
+decoder steps forward, and its recompute + backward), so stack_graph.py captures it as CUDA
+graphs the same way. Per decoder step it runs ``max_steps`` forward kernels (no PyTorch ops in
+between); a chunk's backward recomputes the chunk's states with the same kernels (keeping each
+iteration's input state), then runs one backward kernel per iteration, last first, and forms the
+controller's weight gradients with one matmul per weight over all the chunk's iterations.
+
+The read each step outputs (of the state after its last iteration) is the read its next step's
+first iteration computes of the same state: the kernels store it there, and only the chunk's last
+step needs a read kernel of its own (stack_fused.py). Its gradient enters that first iteration's
+backward beside the controller's.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import stack_ctrl, stack_fused
+from .stack import ProcessingStack
+
+
+def _params(stack: ProcessingStack) -> list[Tensor]:
+    # stack_graph.stack_params' order: ctrl, act, val (weight, bias)
+    return [stack.ctrl.weight, stack.ctrl.bias, stack.act.weight, stack.act.bias,
+            stack.val.weight, stack.val.bias]
+
+
+class CtrlRunner:
+    """One chunk forward / recompute + backward by the per-iteration kernels.
+
+    ``autocast``: the caller's state (stack_graph._Autocast); bf16 autocast rounds where the
+    eager path's Linear layers would (``LOWP``); fp16 autocast is not supported."""
+
+    def __init__(self, stack: ProcessingStack, autocast, U: int) -> None:
+        if autocast.enabled and autocast.dtype != torch.bfloat16:
+            raise ValueError(f"fused_ctrl supports bf16 autocast only, not {autocast.dtype}")
+        self.stack, self.autocast, self.U = stack, autocast, U
+        self.lowp = bool(autocast.enabled)
+        self.grads = [torch.zeros_like(p) for p in _params(stack)]
+
+    def zero_grads(self) -> None:
+        for g in self.grads:
+            g.zero_()
+
+    def _weights(self) -> list[Tensor]:
+        ws = [p.detach() for p in _params(self.stack)]
+        if self.lowp:  # bf16 copies of the matrices: what autocast multiplies, half the bytes
+            ws[0], ws[2], ws[4] = (ws[i].to(torch.bfloat16) for i in (0, 2, 4))
+        return ws
+
+    def _states(self, e, r, V, s, keep: bool):
+        """Run the chunk's iterations. Returns (reads, accs, es, V, s) and, with ``keep``, the
+        inputs of every iteration: lists of e, running, V, s and left (None where zero)."""
+        cfg = self.stack.cfg
+        B, U, H = e.shape
+        K, W, ms = V.shape[1], V.shape[2], cfg.max_steps
+        opts = stack_ctrl.launch_opts(B, K, W, H)
+        grid = (triton_cdiv(B, opts["G"]),)
+        ws = self._weights()
+        reads, accs, es = e.new_empty(B, U, W), e.new_empty(B, U, W), torch.empty_like(e)
+        kept = [[], [], [], [], []]
+        for u in range(U):
+            ein, rin, acc, left = e[:, u], r[:, u], accs[:, u], None
+            for i in range(ms):
+                last = i == ms - 1
+                if keep:
+                    for lst, t in zip(kept, (ein, rin, V, s, left)):
+                        lst.append(t)
+                eo = es[:, u] if last else e.new_empty(B, H)
+                Vo, so = torch.empty_like(V), torch.empty_like(s)
+                lefto, runo = s.new_empty(B), s.new_empty(B)
+                read = reads[:, u - 1] if (i == 0 and u > 0) else eo  # eo: an unused pointer
+                stack_ctrl._iter_fwd[grid](
+                    ein, ein.stride(0), V, s, rin, rin.stride(0), acc, acc.stride(0),
+                    V if left is None else left, *ws, eo, eo.stride(0), Vo, so, acc,
+                    acc.stride(0), lefto, runo, read, read.stride(0), B, K, W, H,
+                    float(cfg.epsilon), FIRST=i == 0, SAVE_READ=i == 0 and u > 0,
+                    LOWP=self.lowp, **opts)
+                ein, rin, V, s, left = eo, runo, Vo, so, lefto
+        with torch.no_grad():
+            reads[:, U - 1] = stack_fused.fused_read(V, s)
+        return (reads, accs, es, V, s), kept
+
+    def forward(self, e, r, V, s):
+        """e [B,U,Hd], r [B,U], V [B,K,W], s [B,K] -> reads, accs, last e's, V, s (no grad)."""
+        return self._states(e.contiguous(), r.contiguous(), V.contiguous(), s.contiguous(),
+                            keep=False)[0]
+
+    def backward(self, e, r, V, s, g_read, g_acc, g_e, g_V, g_s):
+        """Recompute the chunk from its checkpoint and back-propagate: -> de [B,U,Hd], dV, ds
+        at the chunk's start; parameter gradients are added to ``self.grads``."""
+        cfg = self.stack.cfg
+        e, r, V, s = (t.contiguous() for t in (e, r, V, s))
+        g_read, g_acc, g_e = (t.contiguous() for t in (g_read, g_acc, g_e))
+        B, U, H = e.shape
+        K, W, ms = V.shape[1], V.shape[2], cfg.max_steps
+        out, (ein, rin, Vs, ss, lefts) = self._states(e, r, V, s, keep=True)
+        # the last step's read is a kernel of its own: its gradient joins the final state's
+        gVr, gsr = stack_fused._Read.backward(_Ctx(out[3], out[4]), g_read[:, U - 1])
+        g_V, g_s = g_V + gVr, g_s + gsr
+        opts = stack_ctrl.launch_opts(B, K, W, H)
+        grid = (triton_cdiv(B, opts["G"]),)
+        ws = self._weights()
+        n = U * ms
+        X, EN = e.new_empty(n, B, H + W), e.new_empty(n, B, H)
+        GPRE, GLG, GVP = e.new_empty(n, B, H), e.new_empty(n, B, 3), e.new_empty(n, B, W)
+        de = torch.empty_like(e)
+        zero = s.new_zeros(B)
+        g_left, g_en = zero, None
+        for j in reversed(range(n)):
+            u, i = divmod(j, ms)
+            geo = g_e[:, u] if i == ms - 1 else g_en
+            gleft = zero if i == ms - 1 else g_left
+            gacc = g_acc[:, u]
+            gread = g_read[:, u - 1] if (i == 0 and u > 0) else gacc  # gacc: an unused pointer
+            ge = de[:, u] if i == 0 else e.new_empty(B, H)
+            gV, gs, glefti = torch.empty_like(V), torch.empty_like(s), s.new_empty(B)
+            left = lefts[j]
+            stack_ctrl._iter_bwd[grid](
+                ein[j], ein[j].stride(0), Vs[j], ss[j], rin[j], rin[j].stride(0),
+                zero if left is None else left, *ws, geo, geo.stride(0), g_V, g_s, gacc,
+                gacc.stride(0), gleft, gread, gread.stride(0), ge, ge.stride(0), gV, gs, glefti,
+                X[j], EN[j], GPRE[j], GLG[j], GVP[j], B, K, W, H, FIRST=i == 0,
+                HAS_GREAD=i == 0 and u > 0, LOWP=self.lowp, **opts)
+            g_V, g_s, g_left, g_en = gV, gs, glefti, ge
+        # weight gradients: one matmul per weight over the chunk's n * B rows (fp32 sums)
+        GPRE, GLG, GVP = (t.view(n * B, -1) for t in (GPRE, GLG, GVP))
+        X, EN = X.view(n * B, -1), EN.view(n * B, -1)
+        for gw, gb, gout, inp in zip(self.grads[0::2], self.grads[1::2], (GPRE, GLG, GVP),
+                                     (X, EN, EN)):
+            gw.addmm_(gout.t(), inp)
+            gb.add_(gout.sum(0))
+        return de, g_V, g_s
+
+
+class _Ctx:
+    """The saved tensors stack_fused._Read.backward reads (its kernel, without autograd)."""
+
+    def __init__(self, V: Tensor, s: Tensor) -> None:
+        self.saved_tensors = (V, s)
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def available(t: Tensor) -> bool:
+    """Whether the per-iteration kernels can run on ``t`` (triton and fp32; CUDA, or the CPU
+    under TRITON_INTERPRET=1 in the tests)."""
+    return stack_ctrl.triton is not None and t.dtype == torch.float32
+
+
+def ctrl_runner_for(stack: ProcessingStack):
+    """A ``runner_for`` of eager :class:`CtrlRunner`\\ s (CPU tests under Triton's interpreter;
+    ungraphed on CUDA)."""
+    from .stack_graph import _Autocast
+    return lambda B, U, like: CtrlRunner(stack, _Autocast(like.device.type), U)
