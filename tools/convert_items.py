@@ -26,6 +26,7 @@ from blocklm.formats import (
     image_file_block,
     text_block,
 )
+from blocklm.formats.codecs import plain_wav_block
 from blocklm.formats.integrity import INTEGRITY_CODECS
 from blocklm.formats.writer import SampleEncoder
 
@@ -239,13 +240,17 @@ def _encode_file(item: Item, p: Part) -> tuple[tuple, int]:
         data = read_part(p)
         if not data:
             raise FormatError("empty file (0 bytes)")
-        b = _FILE_BUILDERS[p.how](data, p.mode)
-        if p.how == "audio" and b.shape[0] == 0:
-            raise FormatError("audio has no frames")
-        if b.codec in INTEGRITY_CODECS:
-            check_integrity(b.codec, b.payload)
+        if p.how == "audio" and (b := plain_wav_block(data, p.mode)) is not None:
+            if b.shape[0] == 0:  # structure checked by the probe
+                raise FormatError("audio has no frames")
         else:
-            b.decode()
+            b = _FILE_BUILDERS[p.how](data, p.mode)
+            if p.how == "audio" and b.shape[0] == 0:
+                raise FormatError("audio has no frames")
+            if b.codec in INTEGRITY_CODECS:
+                check_integrity(b.codec, b.payload)
+            else:
+                b.decode()
     except (FormatError, OSError, ValueError) as e:
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
         if isinstance(e, OSError):

@@ -53,3 +53,36 @@ def test_png_whose_first_chunk_is_idat_is_rejected(png):
         check_integrity("png", png[:8] + idat + png[8:])
     with pytest.raises(CodecError, match="first chunk is not a 13-byte IHDR"):
         check_integrity("png", png[:8] + idat + iend)
+
+
+def test_a_wav_the_plain_probe_accepts_passes_the_structure_check(corpora):
+    """convert_items skips check_integrity("wav") when the plain-WAV probe accepted the file:
+    on cut, grown and byte-damaged variants of real clips (and extra chunks), whatever the probe
+    accepts the check accepts, and the probe still reads the good files."""
+    import random
+    import struct
+
+    from blocklm.formats.codecs import _probe_pcm_wav, plain_wav_block
+
+    rng = random.Random(0)
+    wavs = [p.read_bytes() for p in sorted((corpora / "audio").rglob("*.wav"))[:20]]
+    variants = list(wavs)
+    for w in wavs:
+        extra = b"LIST" + struct.pack("<I", 6) + b"abcdef"
+        variants.append(w[:12] + extra + w[12:])  # a chunk before fmt
+        variants += [w[:cut] for cut in range(0, 80)] + [w[:-1], w[:-2], w + b"\0"]
+        for _ in range(60):
+            bad = bytearray(w)
+            at = rng.randrange(0, 60)
+            bad[at] = rng.randrange(256)
+            variants.append(bytes(bad))
+    accepted = 0
+    for v in variants:
+        if _probe_pcm_wav(v) is not None:
+            accepted += 1
+            check_integrity("wav", v)  # must not raise
+            assert plain_wav_block(v).codec == "wav"
+        else:
+            assert plain_wav_block(v) is None
+    assert accepted > len(wavs) * 2
+    assert all(_probe_pcm_wav(w) is not None for w in wavs)
