@@ -22,7 +22,9 @@ import torch
 from torch import Tensor, nn
 from torch.profiler import record_function
 
+from . import layer_fused
 from .attention import BankedAttention
+from .banked_triton import _save_blocks, banked_attention
 from .config import DecoderConfig
 from .stack import ProcessingStack
 from .stack_block import stack_block
@@ -106,6 +108,29 @@ class BottleneckLayer(nn.Module):
         a, S, z = self.attn(self.norm_core(u), S, z, mask, bt)
         return self._finish(x, u, a), S, z
 
+    def forward_fused(self, x, S, z, mask, bt, form):
+        """Same as :meth:`forward` with ``bt = (B, T)`` (x [M >= B*T, d_model] rows), through
+        :mod:`.layer_fused`'s functions in ``form`` ("inductor" on CUDA): the layer's parts
+        around the attention fused, its inputs made in the kernel's layout."""
+        B, T = bt
+        a = self.attn.cfg
+        step = a.chunk * _save_blocks(a.chunk)  # whole kernel blocks: the kernel pads nothing
+        dev = x.device.type
+        lp = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        pre, post = layer_fused.functions(form, a.heads, a.head_dim, a.banks,
+                                          self.norm_core.eps, self.norm.eps, lp, step)
+        if mask is None:
+            mask = torch.ones(B, T, dtype=torch.bool, device=x.device)
+        xb, u, q, k, v, r, w, g = pre(
+            x, self.down.weight, self.down.bias, self.norm_core.weight, self.attn.qkv.weight,
+            self.attn.qkv.bias, self.attn.select.weight, self.attn.select.bias, mask)
+        with torch.autocast(device_type=dev, enabled=False):
+            o, S, z = banked_attention(q, k, v, r, w, g, S, z, a.eps, a.chunk)  # [B,H,Tp,E]
+        ff1, ff2 = self.ff[0], self.ff[2]
+        x = post(x, xb, u, o, self.attn.out.weight, self.attn.out.bias, ff1.weight, ff1.bias,
+                 ff2.weight, ff2.bias, self.norm.weight, mask)
+        return x, S, z
+
     def step(self, x, S, z, mask=None):
         """x [B,d_model] -> x [B,d_model], S, z (one recurrent step)."""
         u = self.down(x)
@@ -121,6 +146,9 @@ class Decoder(nn.Module):
         self.cfg = cfg
         self.norm_in = RMSNorm(cfg.d_model)
         self.grid_rows: bool | None = None  # None: pad the layers' rows (token_rows) on CUDA
+        # the layers through layer_fused: None = compiled on CUDA; "eager" / "compiled" /
+        # "aot_eager" (tests) / "off" force a form
+        self.fused_layers: str | None = None
         self.layers = nn.ModuleList(BottleneckLayer(cfg) for _ in range(cfg.layers))
         self.stack = ProcessingStack(cfg.stack, cfg.d_model) if cfg.stack.enabled else None
         self.norm_out = nn.RMSNorm(cfg.d_model) if self.stack is not None else nn.Identity()
@@ -148,13 +176,19 @@ class Decoder(nn.Module):
         B, T, d = x.shape
         grid = self.grid_rows if self.grid_rows is not None else x.is_cuda
         m = token_rows(B * T) if grid else B * T
+        form = self._fused_form(x)
+        rows = form is not None or m != B * T  # the layers see [M, d] rows and bt = (B, T)
         with record_function("blocklm:layers"):
-            if m != B * T:  # padding rows: finite, never read back, zero gradient
+            if rows:  # padding rows: finite, never read back, zero gradient
                 x = nn.functional.pad(x.reshape(B * T, d), (0, 0, 0, m - B * T))
             for i, layer in enumerate(self.layers):
-                x, new[f"S{i}"], new[f"z{i}"] = layer(x, st[f"S{i}"], st[f"z{i}"], mask,
-                                                      (B, T) if m != B * T else None)
-            if m != B * T:
+                if form is not None:
+                    x, new[f"S{i}"], new[f"z{i}"] = layer.forward_fused(
+                        x, st[f"S{i}"], st[f"z{i}"], mask, (B, T), form)
+                else:
+                    x, new[f"S{i}"], new[f"z{i}"] = layer(x, st[f"S{i}"], st[f"z{i}"], mask,
+                                                          (B, T) if rows else None)
+            if rows:
                 x = x[:B * T].view(B, T, d)
         if self.stack is not None:
             # the stack is a step recurrence; stack_block batches its time-parallel parts and
@@ -167,6 +201,35 @@ class Decoder(nn.Module):
         new["summary"] = x[torch.arange(B, device=x.device), last]
         with record_function("blocklm:pack_state"):
             return x, self.layout.pack(new)
+
+    def warm_layers(self, device, autocast: bool = True) -> None:
+        """Compile the fused layers' graphs before training (CUDA): a dynamic graph is still
+        specialised for batch 1 and for a length of whole kernel blocks (no time padding), and
+        each compile (forward, then backward at the first backward) takes seconds; forward and
+        backward on dummy batches of each kind, so no training step waits for one. Parameter
+        gradients are not touched (only the input's is asked for)."""
+        device = torch.device(device)
+        form = self._fused_form(torch.empty(0, device=device))
+        if form is None:
+            return
+        a = self.cfg.attention
+        step = a.chunk * _save_blocks(a.chunk)
+        layer = self.layers[0]  # every layer calls the same graphs
+        for B, T in ((2, 3), (1, 3), (2, step), (1, step)):
+            x = torch.randn(token_rows(B * T), self.cfg.d_model, device=device,
+                            requires_grad=True)
+            st = self.layout.unpack(self.initial_state(B, device))
+            mask = torch.ones(B, T, dtype=torch.bool, device=device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                y, S, _ = layer.forward_fused(x, st["S0"], st["z0"], mask, (B, T), form)
+            torch.autograd.grad(y.float().sum() + S.sum(), x)
+
+    def _fused_form(self, x: Tensor) -> str | None:
+        """The form of :mod:`.layer_fused` for this call, or None for the plain layers."""
+        mode = self.fused_layers
+        if mode is None:  # Inductor needs a GPU to pay (and a compiler); the CPU keeps the
+            mode = "compiled" if x.is_cuda else "off"  # plain layers
+        return {"off": None, "compiled": "inductor"}.get(mode, mode)
 
     def step(self, x: Tensor, state: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """One step. x [B,d_model], state [B,size], mask [B] -> output [B,d_model], new state."""

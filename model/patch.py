@@ -20,7 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import SampleConfig
 from .sampling import sample_logits
-from .support import LN2, BlockBatch, ModeSupport
+from .support import BlockBatch, ModeSupport, grid_rows, row_bits
 
 
 class ElementHead(nn.Module):
@@ -89,10 +89,13 @@ class PatchSupport(ModeSupport):
         return self.head.logits(h, batch.targets)
 
     def _slice_bits(self, h: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
-        logits = self.head.logits(h, targets).float()  # [B,t,E,256]
-        nll = nn.functional.cross_entropy(logits.flatten(0, -2), targets.flatten(),
-                                          reduction="none").view(targets.shape)
-        return (nll * mask).flatten(1).sum(1) / LN2
+        """h [B,t,d] -> bits [B]; on CUDA the B*t rows padded to the decoder's row grid (the
+        head's matrices see repeating shapes, see ModeSupport.bits)."""
+        B, t, d = h.shape
+        m = grid_rows(B * t, h)
+        hp = nn.functional.pad(h.reshape(B * t, d), (0, 0, 0, m - B * t)).view(1, m, d)
+        tg = nn.functional.pad(targets.reshape(B * t, -1), (0, 0, 0, m - B * t))
+        return row_bits(self.head.logits(hp, tg.view(1, m, -1)), targets, mask)
 
     def bits(self, h: Tensor, batch: BlockBatch) -> tuple[Tensor, Tensor]:
         """Bits in slices of ``loss_chunk`` steps, each checkpointed, so the [B,T,E,256] logits

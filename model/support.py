@@ -126,7 +126,10 @@ class ModeSupport(nn.Module):
         (boolean-mask writes in row-major order equal the concatenation of the examples), not
         per-example slice writes (~10,000 small ATen ops per 300-block batch, ~75 ms of host
         time on the H200 machine). Many elements per step (images, audio: few, long blocks):
-        per-example slice copies, which copy large rows faster than a masked write.
+        per-example slice copies, which copy large rows faster than a masked write, into one
+        uint8 tensor (the elements are 8-bit): the inputs are the targets shifted by one step,
+        made on the device with the int64 copy, so the host writes and sends 1 byte per element
+        instead of two int64 arrays (~190 MB for a batch of 19 480x320 images).
         """
         shapes = [self.shape_of(c) for c in contents]
         B, E = len(contents), self.elements_per_step
@@ -138,26 +141,32 @@ class ModeSupport(nn.Module):
         T = int(n.max()) + 1
         t = torch.arange(T)
         steps = t[None, :] <= n[:, None]  # [B,T]: the start step, n element steps, a prefix
-        inputs = torch.zeros(B, T, E, dtype=torch.long)
-        targets = torch.zeros(B, T, E, dtype=torch.long)
         mask = torch.zeros(B, T, E, dtype=torch.bool)
         if E == 1:
+            inputs = torch.zeros(B, T, E, dtype=torch.long)
+            targets = torch.zeros(B, T, E, dtype=torch.long)
             body = t[None, :-1] < n[:, None]  # [B,T-1]: steps that carry elements
             inputs[:, 1:][body] = vals
             targets[:, :-1][body] = vals
             mask[:, :-1][body] = msk
         else:
+            targets = torch.zeros(B, T, E, dtype=torch.uint8)  # 8-bit elements, widened below
+            inputs = targets[:0]  # made from the targets on the device
             for i, (v, m) in enumerate(enc):
                 k = v.shape[0]
-                inputs[i, 1:k + 1], targets[i, :k], mask[i, :k] = v, v, m
+                targets[i, :k], mask[i, :k] = v, m
         positions = torch.zeros(B, T, self.position_dims)
         positions[steps] = self.positions_flat(shapes, n)
         start = torch.zeros(B, T, dtype=torch.bool)
         start[:, 0] = True
         cond = torch.stack([self.cond_of(s) for s in shapes]).view(B, self.cond_dims)
         elements = torch.tensor([float(self.elements_of(s)) for s in shapes])
-        return BlockBatch(self.name, shapes, inputs, start, positions, cond, targets, mask,
-                          steps, elements).to(device)
+        batch = BlockBatch(self.name, shapes, inputs, start, positions, cond, targets, mask,
+                           steps, elements).to(device)
+        if E > 1:  # step t's inputs are step t-1's elements: [B,T,E] long
+            batch.targets = batch.targets.long()
+            batch.inputs = nn.functional.pad(batch.targets[:, :-1], (0, 0, 1, 0))
+        return batch
 
     def encode_flat(self, contents: list) -> tuple[Tensor, Tensor, Tensor]:
         """All contents' elements concatenated [sum n, E] long, their loss mask [sum n, E] bool
@@ -195,8 +204,19 @@ class ModeSupport(nn.Module):
         return bits, batch.elements
 
     def bits(self, h: Tensor, batch: BlockBatch) -> tuple[Tensor, Tensor]:
-        """Decoder outputs -> (bits [B], elements [B]); supports may bound memory here."""
-        return self.loss(self.distribution(h, batch), batch)
+        """Decoder outputs -> (bits [B], elements [B]); supports may bound memory here.
+
+        On CUDA the output rows are padded to the decoder's row grid (``token_rows``) as one
+        [1, M] batch: the output matrix product then has a shape seen before (cuBLAS picks a
+        kernel per new shape at ~3-5 ms of host time, in forward and twice in backward);
+        padding rows have target 0 and are cut from the per-element losses before the mask."""
+        B, T, d = h.shape
+        n = B * T
+        m = grid_rows(n, h)
+        if m == n:
+            return self.loss(self.distribution(h, batch), batch)
+        hp = nn.functional.pad(h.reshape(n, d), (0, 0, 0, m - n)).view(1, m, d)
+        return row_bits(self.distribution(hp, batch), batch.targets, batch.mask), batch.elements
 
     # -- sampling ------------------------------------------------------------------------------
     def step_inputs(self, prev: Tensor | None, shapes: list, t: int, device) -> BlockBatch:
@@ -228,6 +248,23 @@ class ModeSupport(nn.Module):
     def assemble(self, elements: Tensor, shape: tuple[int, ...]):
         """Generated elements [n,E] -> decoded content of the requested shape."""
         raise NotImplementedError
+
+
+def grid_rows(n: int, like: Tensor) -> int:
+    """Rows to pad n rows to: the decoder's row grid on CUDA (shapes repeat), n elsewhere."""
+    from .decoder import token_rows
+
+    return token_rows(n) if like.is_cuda else n
+
+
+def row_bits(logits: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
+    """Bits summed per example [B] from logits [1, M, E, V] of B*T rows padded to M (rows
+    B*T.. are padding) and targets, mask [B, T, E]."""
+    n, E = targets.shape[0] * targets.shape[1], targets.shape[2]
+    tg = nn.functional.pad(targets.reshape(n, E), (0, 0, 0, logits.shape[1] - n))
+    nll = nn.functional.cross_entropy(logits.float().flatten(0, -2), tg.flatten(),
+                                      reduction="none")[:n * E].view(targets.shape)
+    return (nll * mask).flatten(1).sum(1) / LN2
 
 
 SupportFactory = Callable[[object, int], ModeSupport]

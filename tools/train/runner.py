@@ -101,6 +101,8 @@ class ModelRunners:
         self.measure = measure  # also count next-mode and shape accuracy (evaluation)
         self.window = Window()
         self._ac: torch.autocast | None = None  # open from a window's first batch to its end
+        if device.type == "cuda":  # compile the fused layers' graphs now, not mid-window
+            model.decoder.warm_layers(device, autocast=autocast)
 
     def _autocast(self) -> None:
         """Enter bf16 autocast for the rest of the window. Autocast caches each weight's bf16
