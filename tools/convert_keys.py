@@ -20,6 +20,10 @@ _BAD = re.compile(r"[^A-Za-z0-9_\-]")
 
 def sanitize_segment(seg: str) -> str:
     """One path segment as key characters (never empty)."""
+    # most names need no change: ASCII letters and digits with _ and - (three C calls instead
+    # of a regex substitution; a conversion's walk does this once per file)
+    if seg.isascii() and seg.replace("_", "a").replace("-", "a").isalnum():
+        return seg
     return _BAD.sub("_", seg) or "_"
 
 
@@ -56,6 +60,10 @@ class KeyAllocator:
     def take(self, key: str, seed: str) -> str:
         """``key`` (shortened to fit) if unused, else ``key-HASH8`` (and ``-N`` if even that is
         taken)."""
+        used = self.used
+        if len(key) <= MAX_KEY_CHARS and key not in used:  # most keys: fits, unused
+            used.add(key)
+            return key
         key = out = fit_key(key, seed)
         if out in self.used:
             h = xxhash.xxh32_hexdigest(seed.encode("utf-8"))

@@ -18,7 +18,14 @@ from pathlib import Path
 from blocklm.formats import FormatError, check_key
 
 from .convert_items import AUDIO_EXTS, IMAGE_EXTS, Item, Part, how_for_ext
-from .convert_keys import KeyAllocator, fit_key, path_key, sanitize_segment, strip_ext
+from .convert_keys import (
+    MAX_KEY_CHARS,
+    KeyAllocator,
+    fit_key,
+    path_key,
+    sanitize_segment,
+    strip_ext,
+)
 from .convert_options import ConvertOptions, parse_text_split
 
 FILE_KINDS = {"tar": "wds", "parquet": "parquet", "jsonl": "jsonl_or_manifest"}
@@ -120,21 +127,29 @@ def iter_input(path: str, opts: ConvertOptions, keys: KeyAllocator,
         sanitize_segment(p.resolve().name)
     if p.is_dir() and kind != "hf":
         # keys as path_key(prefix, rel) gives them, the folder's part sanitized once per folder
+        take = keys.take
         for base, rel_dir, names in walk_dirs(p, skipped, exclude):
             key_dir = "/".join(map(sanitize_segment, [prefix] + [d for d in rel_dir.split("/")
                                                                  if d]))
             for name in names:
-                f, rel = base + name, rel_dir + name
-                key = fit_key(f"{key_dir}/{sanitize_segment(strip_ext(name))}", rel)
+                f = base + name
+                stem, dot, ext = name.rpartition(".")  # strip_ext and the extension at once
+                if not dot:
+                    stem, ext = name, ""
+                elif not stem:
+                    stem = name
+                key = f"{key_dir}/{sanitize_segment(stem)}"
+                if len(key) > MAX_KEY_CHARS:
+                    key = fit_key(key, rel_dir + name)
                 if kind != "dir":
                     fkind = kind
                 else:  # file_kind(f), images and audio by the extension of the name at hand
-                    ext = name.rpartition(".")[2].lower() if "." in name else ""
+                    ext = ext.lower()
                     fkind = "images" if ext in IMAGE_EXTS else "audio" if ext in AUDIO_EXTS \
                         else file_kind(f)
                 if fkind in _ONE_FILE:  # most files: iter_file inlined
                     how = _ONE_FILE[fkind]
-                    yield Item(f, keys.take(key, f), [Part(how, how, f)])
+                    yield Item(f, take(key, f), [Part(how, how, f)])
                 else:
                     yield from iter_file(f, fkind, key, opts, keys, skipped)
         return

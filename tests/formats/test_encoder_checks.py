@@ -7,8 +7,7 @@ import zlib
 
 import pytest
 
-from blocklm.formats import CodecError, check_integrity
-from blocklm.formats import integrity
+from blocklm.formats import CodecError, check_integrity, integrity
 
 
 @pytest.fixture(scope="module")

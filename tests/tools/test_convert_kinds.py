@@ -143,3 +143,40 @@ def test_channels_and_bit_depth_are_kept(tmp_path):
     assert b["pal"].meta["pil_mode"] == "P"
     assert b["anim"].meta["frames"] == 2 and b["anim"].shape == (3, 9, 3)  # first frame
     assert b["stereo"].shape == (100, 2) and b["stereo"].meta["subtype"] == "PCM_24"
+
+
+@pytest.mark.parametrize("seg", ["", "a", "a-b_C9", "a b", "a.b", "\u00fc", "\u0663", "\u00b2",
+                                 "a\u0301", "-", "_", "x" * 70, "\u01c5", "tab\there"])
+def test_sanitize_fast_path_equals_the_regex(seg):
+    """sanitize_segment returns names of key characters unchanged without the substitution,
+    and is the substitution for every other name (Unicode letters and digits included)."""
+    import re
+
+    from blocklm.tools.convert_keys import sanitize_segment
+
+    assert sanitize_segment(seg) == (re.sub(r"[^A-Za-z0-9_\-]", "_", seg) or "_")
+
+
+def test_folder_walk_keys_for_odd_names(tmp_path):
+    """The walk's inlined key making: extensions, dots, hidden names, clashes, long names."""
+    from blocklm.tools.convert_keys import KeyAllocator, path_key
+    from blocklm.tools.convert_sources import iter_input
+
+    d = tmp_path / "in put"
+    (d / "sub.dir").mkdir(parents=True)
+    names = ["a.png", "a.jpg", "c.", "x.y.z.wav", "\u00fc.wav", "sp ace.png", "n" * 80 + ".wav",
+             "A-b_C.WAV", "sub.dir/q.flac", ".hidden.wav", "noext"]
+    for n in names:
+        (d / n).write_bytes(b"x")
+    skipped: list[str] = []
+    items = list(iter_input(str(d), ConvertOptions(), KeyAllocator(), skipped))
+    ref, keys = {}, KeyAllocator()
+    for n in sorted(n for n in names if not n.startswith(".")):
+        ref[str(d / n)] = keys.take(path_key("in_put", n), str(d / n))
+    got = {it.source: it.key for it in items if it.error is None}
+    unknown = {str(d / n) for n in ("c.", "noext")}  # no known extension: rejected, no key
+    assert {it.source for it in items if it.error} == unknown
+    assert got == {k: v for k, v in ref.items() if k not in unknown}
+    assert got[str(d / "a.jpg")] == "in_put/a" and got[str(d / "a.png")].startswith("in_put/a-")
+    assert len(got[str(d / ("n" * 80 + ".wav"))]) == 64
+    assert skipped == [str(d / ".hidden.wav")]
