@@ -106,9 +106,12 @@ class BlockLM(nn.Module):
         held-out determined predictions wrong, 0 with the scaling; see
         tests/tools/train/test_heads_learn.py). Scaled, each history feature is as large as the
         whole summary vector."""
+        st = self.decoder.layout.unpack(state)
+        return self._head_input(st["summary"], st["rest"])
+
+    def _head_input(self, summary: Tensor, hist: Tensor) -> Tensor:
+        """:meth:`head_input` from the state's parts (summary [B,d], history [B,2M])."""
         M = len(self.supports)
-        _, hist = self._split(state)
-        summary = self.summary(state)
         summary = nn.functional.rms_norm(summary, (summary.shape[-1],), eps=1e-6)
         counts = hist[:, :M].round().clamp(0, COUNT_BINS - 1).long()  # [B,M]
         bins = nn.functional.one_hot(counts, COUNT_BINS).to(summary.dtype).flatten(1)  # [B,KM]
@@ -153,17 +156,20 @@ class BlockLM(nn.Module):
             state = self.initial_state(len(contents), device)
         with record_function("blocklm:target"):
             batch = sup.target(contents, device)
-        dec_state, history = self._split(state)
+        # one split of the whole row feeds the decoder, the heads and the history: in backward
+        # its gradient is one concatenation; a slice per consumer filled a zero gradient of the
+        # whole state each (~1.2M floats per example in `small`) and added them up
+        st = self.decoder.layout.unpack(state)
+        history = st["rest"]
         with record_function("blocklm:decoder"):
-            h, dec_new = self.decoder(sup.embed(batch), dec_state, batch.steps)  # [B,T,d]
-        with record_function("blocklm:new_state"):
-            new_state = torch.cat([dec_new, self._history_after(history, mode)], 1)
+            h, new_state = self.decoder(sup.embed(batch), st, batch.steps,  # [B,T,d]
+                                        tail=self._history_after(history, mode))
         loss = None
         if targets:
             with record_function("blocklm:content_bits"):
                 bits, elements = sup.bits(h, batch)
             with record_function("blocklm:head_bits"):
-                ctx = self.head_input(state)
+                ctx = self._head_input(st["summary"], history)
                 loss = BlockLoss(bits, elements,
                                  self.heads.mode_bits(ctx, [mode] * len(contents)),
                                  self.heads.shape_bits(ctx, mode, batch.shapes),

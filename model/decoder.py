@@ -51,14 +51,18 @@ class StateLayout:
         of GPU time per text step); the split's backward is one concatenation."""
         B = state.shape[0]
         sizes = [b - a for a, b in self.offsets.values()]
-        rest = state.shape[1] - self.size  # callers may hand a longer row (layout first)
-        parts = state.split(sizes + [rest] if rest else sizes, dim=1)
-        return {n: p.view(B, *self.shapes[n]) for n, p in zip(self.offsets, parts)}
+        rest = state.shape[1] - self.size  # callers may hand a longer row (layout first):
+        parts = state.split(sizes + [rest] if rest else sizes, dim=1)  # its tail is "rest"
+        out = {n: p.view(B, *self.shapes[n]) for n, p in zip(self.offsets, parts)}
+        if rest:
+            out["rest"] = parts[-1]
+        return out
 
-    def pack(self, parts: dict[str, Tensor]) -> Tensor:
-        """name -> [B, *shape] -> [B, size] (fp32 unless given fp64)."""
+    def pack(self, parts: dict[str, Tensor], tail: Tensor | None = None) -> Tensor:
+        """name -> [B, *shape] -> [B, size] (fp32 unless given fp64); ``tail`` [B, k] is
+        appended (one concatenation for the whole row)."""
         B = next(iter(parts.values())).shape[0]
-        flat = [parts[n].reshape(B, -1) for n in self.shapes]
+        flat = [parts[n].reshape(B, -1) for n in self.shapes] + ([] if tail is None else [tail])
         dtype = torch.float64 if any(f.dtype == torch.float64 for f in flat) else torch.float32
         return torch.cat([f.to(dtype) for f in flat], dim=1)
 
@@ -165,12 +169,13 @@ class Decoder(nn.Module):
         """Empty memories, empty stack, zero summary: [batch, state_size]."""
         return torch.zeros(batch, self.layout.size, device=device, dtype=dtype)
 
-    def forward(self, x: Tensor, state: Tensor, mask: Tensor | None = None
-                ) -> tuple[Tensor, Tensor]:
-        """A whole block. x [B,T,d_model], state [B,size], mask [B,T] (True = real step; real
-        steps form a prefix) -> outputs [B,T,d_model], state after each example's last real step.
+    def forward(self, x: Tensor, state: Tensor | dict[str, Tensor], mask: Tensor | None = None,
+                tail: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """A whole block. x [B,T,d_model], state [B,size] (or its ``layout.unpack``), mask [B,T]
+        (True = real step; real steps form a prefix) -> outputs [B,T,d_model], state after each
+        example's last real step (with ``tail`` [B,k] appended to its row).
         """
-        st = self.layout.unpack(state)
+        st = state if isinstance(state, dict) else self.layout.unpack(state)
         new: dict[str, Tensor] = {}
         x = self.norm_in(x)
         B, T, d = x.shape
@@ -200,7 +205,7 @@ class Decoder(nn.Module):
             torch.full((B,), T - 1, device=x.device)
         new["summary"] = x[torch.arange(B, device=x.device), last]
         with record_function("blocklm:pack_state"):
-            return x, self.layout.pack(new)
+            return x, self.layout.pack(new, tail)
 
     def warm_layers(self, device, autocast: bool = True) -> None:
         """Compile the fused layers' graphs before training (CUDA): a dynamic graph is still
