@@ -51,11 +51,15 @@ def index_name(shard: str) -> str:
 def atomic_write(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file and a rename."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    _write_synced(tmp, data)
+    os.replace(tmp, path)
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class ShardWriter:
@@ -300,18 +304,42 @@ class ShardWriter:
         f = self._file
         f.write(END_OF_ARCHIVE)
         f.flush()
-        self._stop_syncer()
-        os.fsync(f.fileno())
+        # the shard's last bytes and its index go to disk at the same time: the shard's fsync
+        # on a bare thread while this one writes and fsyncs the index (one wait instead of two,
+        # ~1 ms); both are on disk before either is renamed
+        synced, errors = _thread.allocate_lock(), []
+        synced.acquire()
+        _thread.start_new_thread(self._sync_shard, (f.fileno(), synced, errors))
+        size = self._pos + len(END_OF_ARCHIVE)
+        iname = index_name(self._name)
+        itmp = self.out_dir / (iname + ".tmp")
+        try:
+            idx = index_bytes(self._name, size, self._json)
+            _write_synced(itmp, idx)
+        except BaseException:
+            itmp.unlink(missing_ok=True)
+            raise
+        finally:
+            synced.acquire()  # the thread is done with the file
+        if errors:
+            itmp.unlink(missing_ok=True)
+            raise errors[0]
         f.close()
         self._file = None
-        size = self._pos + len(END_OF_ARCHIVE)
-        idx = index_bytes(self._name, size, self._json)
-        iname = index_name(self._name)
-        atomic_write(self.out_dir / iname, idx)
+        os.replace(itmp, self.out_dir / iname)
         os.replace(self.out_dir / (self._name + ".tmp"), self.out_dir / self._name)
         modes = {m: {"blocks": t[0], "payload_bytes": t[1], "stored_bytes": t[2]}
                  for m, t in sorted(self._modes.items())}  # as index.mode_totals gives them
         self.shards.append(ShardInfo(self._name, iname, checksum(idx), self._count, size, modes))
+
+    def _sync_shard(self, fd: int, done: _thread.LockType, errors: list) -> None:
+        try:
+            self._stop_syncer()  # the last background sync, and its error
+            os.fsync(fd)
+        except BaseException as e:  # raised by _finish_shard
+            errors.append(e)
+        finally:
+            done.release()
 
     def close(self) -> Manifest:
         """Finish the open shard and write the manifest; returns it."""

@@ -195,6 +195,10 @@ def run_convert(inputs: list[str], out: str | os.PathLike, opts: ConvertOptions)
     with frozen_heap():  # see convert_parallel.frozen_heap
         try:
             results = _results(items, opts.n_workers, out, opts, writer.flush_spans)
+            # the per-item path runs ~2,000 times in a sample-corpus run: names bound once
+            shards, hash_source = writer.shards, done_hash.update
+            update = progress.update if progress.bar is not None else None  # no bar: no call
+            samples = rep.samples
             for i, res in enumerate(results, start=done):
                 if res.error is not None:
                     rep.rejected.append({"path": res.source, "reason": res.error})
@@ -202,19 +206,21 @@ def run_convert(inputs: list[str], out: str | os.PathLike, opts: ConvertOptions)
                     if opts.strict:
                         raise StrictStop(res.source, res.error)
                 else:
-                    before = len(writer.shards)
+                    before = len(shards)
                     if res.spill is not None:
                         span(*res.spill)
                     else:
                         write(*res.encoded)
-                    if len(writer.shards) != before:  # a shard was finished: items < i are final
+                    if len(shards) != before:  # a shard was finished: items < i are final
                         _write_json(out / JOURNAL, {
                             "fingerprint": fp, "next_item": i, "done_hash": done_hash.hexdigest(),
-                            "samples": rep.samples, "rejected": rep.rejected,
-                            "shard_infos": [s.to_json() for s in writer.shards]})
-                    rep.samples += 1
-                    progress.update(res.payload_bytes)
-                done_hash.update(res.source.encode("utf-8", "surrogateescape") + b"\n")
+                            "samples": samples, "rejected": rep.rejected,
+                            "shard_infos": [s.to_json() for s in shards]})
+                    samples += 1
+                    rep.samples = samples  # kept current: the report on an error shows it
+                    if update is not None:
+                        update(res.payload_bytes)
+                hash_source(res.source.encode("utf-8", "surrogateescape") + b"\n")
         except BaseException:
             writer.abort()
             progress.close()

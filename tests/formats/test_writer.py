@@ -253,6 +253,48 @@ def test_a_background_sync_error_is_raised(tmp_path, monkeypatch):
     assert not [n for n in os.listdir(tmp_path / "d") if n.endswith(".tar")]
 
 
+def test_shard_and_index_are_both_synced_before_either_is_renamed(tmp_path, monkeypatch):
+    """The shard's final fsync runs beside the index's: both on disk before the index and
+    then the shard get their final names; a failed shard fsync leaves neither name, no index
+    temporary, and the error raised."""
+    import errno
+
+    from blocklm.formats import writer as writer_mod
+
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}").rsplit("/", 1)[1]))
+        real_fsync(fd)
+
+    def replace(a, b):
+        events.append(("replace", os.path.basename(b)))
+        real_replace(a, b)
+
+    monkeypatch.setattr(writer_mod.os, "fsync", fsync)
+    monkeypatch.setattr(writer_mod.os, "replace", replace)
+    with ShardWriter(tmp_path / "a", max_samples=4) as w:
+        for s in _samples(5):
+            w.write(s)
+    first = events[:4]
+    assert sorted(first[:2]) == [("fsync", "shard-000000.index.json.tmp"),
+                                 ("fsync", "shard-000000.tar.tmp")]
+    assert first[2:] == [("replace", "shard-000000.index.json"), ("replace", "shard-000000.tar")]
+
+    def failing(fd):
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(".tar.tmp"):
+            raise OSError(errno.EIO, "Input/output error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(writer_mod.os, "fsync", failing)
+    w = ShardWriter(tmp_path / "b", max_samples=4)
+    with pytest.raises(OSError, match="Input/output error"):
+        for s in _samples(5):
+            w.write(s)
+    w.abort()
+    assert os.listdir(tmp_path / "b") == []
+
+
 _METAS = [{}, {"sample_rate": 8000, "subtype": "PCM_16"}, {"x": True}, {"x": 1}, {"x": 1.0},
           {"x": -0.0}, {"x": None}, {"b": "ü \"quote\" \\ /\n\t\x01", "a": 2**70},
           {"z": 1e300, "y": -3, "x": "日本"}]
