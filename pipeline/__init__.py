@@ -22,11 +22,12 @@ from .dispatch_types import (
     training_config,
 )
 from .errors import NotFoundError, SourceError, StateError
+from .fsspec_source import FsspecSource
 from .hf import hf_columns, hf_data_files, hf_features
 from .mix import MixedDataset
 from .opener import RemoteOpener
 from .retry import RetryPolicy
-from .sources import FsspecSource, HTTPSource, RemoteConfig
+from .sources import HTTPSource, RemoteConfig
 from .stats import LoaderStats
 from .urls import expand_braces
 

@@ -24,17 +24,19 @@ from blocklm.formats.errors import FormatError
 from blocklm.formats.limits import DEFAULT_LIMITS, Limits
 from blocklm.formats.reader import DatasetShard, Opener
 
+from .buffers import RunBuffers
 from .errors import StateError
 from .fastpath import IndexCache
 from .live import Live as _Live
 from .maps import MapCache
 from .opener import RemoteOpener
+from .readahead import ReadAhead
 from .shuffle import buffer_order, rng_for
 from .sources import RemoteConfig
 from .split import EpochPlan, from_intervals, plan_epoch, to_intervals, worker_positions
 from .state import LOADER_KEY, STATE_VERSION, check_same, check_workers_unique, extract_states
 from .stats import LoaderStats
-from .stream import RunReader
+from .stream import REMOTE_RUN_BYTES, RunReader
 from .urls import count_samples, list_shards
 
 
@@ -112,6 +114,9 @@ class BlockDataset(IterableDataset):
         self._pass: dict[str, Any] | None = None
         self._indexes = IndexCache(index_cache_entries)
         self._maps = MapCache(map_cache_bytes)
+        self._buffers = RunBuffers(REMOTE_RUN_BYTES)  # remote runs are received into these
+        # by this thread, kept across passes with its connections; ended with the dataset
+        self._reads = ReadAhead(getattr(self.opener, "close_thread", None))
         self._passes_this_epoch = 0
 
     def __getstate__(self) -> dict[str, Any]:
@@ -286,7 +291,8 @@ class BlockDataset(IterableDataset):
         shards, local = plan.locate(needed)
         reader = RunReader(self.urls, self.counts, self.index_xxh3, opener=self.opener,
                            limits=self.limits, verify=self.config.verify, stats=self._stats,
-                           indexes=self._indexes, maps=self._maps)
+                           indexes=self._indexes, maps=self._maps,
+                           buffers=self._buffers, reads=self._reads)
         chunks = reader.chunks(shards, local)
         stream = (_reorder(chunks, needed.tolist(), emit.tolist()) if self.config.shuffle
                   else chunks)

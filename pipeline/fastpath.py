@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+import numpy as np
 import xxhash
 import zstandard
 
@@ -55,7 +56,7 @@ VIEW_MIN = 16 << 10  # mapped payloads from this size are handed out as views, n
 class CompiledShard:
     """An index's entries plus, per entry, the bytes the fast path compares."""
 
-    __slots__ = ("entries", "recs", "bulk", "offs", "ends", "opened")
+    __slots__ = ("entries", "recs", "bulk", "offs", "ends", "opened", "vcum")
 
     def __init__(self, entries: list[IndexEntry]) -> None:
         self.entries = entries
@@ -66,6 +67,7 @@ class CompiledShard:
         self.bulk: BulkShard | None = None  # compiled on first use, for one reader setting
         self.opened = False  # a FastDecoder has used it (see FastDecoder.bulk)
         recs = []
+        vb, vcum = 0, [0]
         for e in entries:
             blocks = []
             for j, b in enumerate(e.blocks):
@@ -77,7 +79,11 @@ class CompiledShard:
                                b.stored >= VIEW_MIN))
             hname = _name_field(header_member(e.key))
             recs.append((e.key, e.offset, hname, len(hname), tuple(blocks)))
+            vb += sum(b[1] for b in blocks if b[12])
+            vcum.append(vb)
         self.recs = recs
+        # bytes of payloads handed out as views, cumulated: how much of a run would be views
+        self.vcum = np.array(vcum, dtype=np.int64)
 
 
 class FastDecoder:

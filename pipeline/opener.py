@@ -13,7 +13,8 @@ from typing import Any
 
 from blocklm.formats.reader import ByteSource, LocalSource
 
-from .sources import FsspecSource, HTTPSource, RemoteConfig
+from .fsspec_source import FsspecSource
+from .sources import HTTPSource, RemoteConfig
 
 
 class RemoteOpener:

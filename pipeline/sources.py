@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
-from blocklm.formats.errors import FormatError, TruncatedShardError
+from blocklm.formats.errors import TruncatedShardError
 
 from .errors import NotFoundError, SourceError
 from .httpconn import Connections
@@ -148,43 +148,91 @@ class HTTPSource:
         if self._conns is None:
             return self._read_requests(offset, length)
         parts: list[bytes] = []
+
+        def body(r: Any, key: Any, got: int) -> int:
+            # one read of the whole rest: bytes straight from the socket, no copy after; a body
+            # cut short returns what arrived, and the next request starts after it
+            data = r.read(length - got)
+            parts.append(data)
+            return len(data)
+
+        def moved(start: int, got: int) -> None:
+            parts.append(self._read_requests(start, length - got))
+
+        self._ranged(offset, length, body, moved)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def readinto(self, offset: int, out: memoryview, until: int | None = None) -> None:
+        """Fill ``out`` with the ``len(out)`` bytes from ``offset`` (no ``bytes`` made: the
+        loader receives runs into buffers it reuses); resumes like :meth:`read`.
+
+        ``until``: the caller will go on reading up to this offset (its next runs): the request
+        asks for all of it, and the rest of the answer stays open on this thread's connection
+        for the next ``readinto`` from where this one ended (no request, no round trip; the
+        server keeps sending while the caller cuts)."""
+        length = len(out)
+        if length == 0:
+            return
+        if self._conns is None:
+            out[:] = self._read_requests(offset, length)
+            return
+        conns = self._conns()
+        timeout = self.config.timeout
+
+        def body(r: Any, key: Any, got: int) -> int:
+            return conns.body_into(r, key, out[got:], timeout)
+
+        def moved(start: int, got: int) -> None:
+            out[got:] = self._read_requests(start, length - got)
+
+        self._ranged(offset, length, body, moved, until)
+
+    def _ranged(self, offset: int, length: int, body: Callable[[Any, Any, int], int],
+                moved: Callable[[int, int], None], until: int | None = None) -> None:
+        """Range requests on this thread's kept-alive connection until ``length`` bytes from
+        ``offset`` arrived: ``body(response, key, got)`` takes the body's bytes (returns their
+        count), ``moved(start, got)`` reads the rest through ``requests`` after a redirect.
+        With ``until`` past the end, the request asks up to it and the rest of the body is
+        parked on the connection (:meth:`Connections.park`); a parked body that goes on from
+        ``offset`` is read first."""
         got = 0
         att = Attempts(self.config.retry)
         conns = self._conns()
+        last = max(offset + length, until or 0) - 1  # the last byte a request asks for
         while got < length:
             before = got
             key = None
             try:
-                start, end = offset + got, offset + length - 1
-                r, key = conns.get(self.url, {"Range": f"bytes={start}-{end}",
+                start = offset + got
+                rk = conns.unpark(self.url, start, length - got) if until is not None else None
+                if rk is None:
+                    rk = conns.get(self.url, {"Range": f"bytes={start}-{last}",
                                               "Accept-Encoding": "identity"}, self.config.timeout)
-                if 300 <= r.status < 400:  # redirects are followed by requests (rare)
+                    r, key = rk
+                    if 300 <= r.status < 400:  # redirects are followed by requests (rare)
+                        conns.drop(key)
+                        moved(start, got)
+                        break
+                    self._status(r, start)
+                    self._check(r.status, r.headers, start)
+                r, key = rk
+                got += body(r, key, got)
+                if got == length and r.status == 206 and last >= offset + length and r.length:
+                    conns.park(self.url, offset + length, r, key)  # the next runs' bytes
+                elif not r.isclosed():  # more body than asked for (an HTTP 200): not reusable
                     conns.drop(key)
-                    parts.append(self._read_requests(start, length - got))
-                    got = length
-                    break
-                self._status(r, start)
-                self._check(r.status, r.headers, start)
-                # one read of the whole rest: bytes straight from the socket, no copy after;
-                # a body cut short returns what arrived, and the next request starts after it
-                data = r.read(length - got)
-                if not r.isclosed():  # more body than asked for (an HTTP 200): not reusable
-                    conns.drop(key)
-                if data:
-                    parts.append(data)
-                    got += len(data)
                 if got < length:
                     conns.drop(key)
                     self._short(r.headers, offset, length, got, before)
             except self._transient() as e:
                 if key is not None:
                     conns.drop(key)
-                self._retry_or_raise(att, got > before, got, e)
+                got += getattr(e, "got", 0)  # a body cut short: what arrived counts
+                self._retry_or_raise(att, got > before, got, getattr(e, "cause", e))
             except BaseException:
                 if key is not None:
                     conns.drop(key)
                 raise
-        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def _read_requests(self, offset: int, length: int) -> bytes:
         """:meth:`read` through ``requests`` (follows redirects)."""
@@ -219,66 +267,6 @@ class HTTPSource:
         return io.BufferedReader(_SequentialReader(self), buffer_size=1 << 20)
 
 
-class FsspecSource:
-    """A :class:`ByteSource` over any fsspec filesystem (S3 through s3fs, GCS, ...).
-
-    Reads ask for ``chunk_bytes`` at a time with ``fs.cat_file(path, start, end)``, each retried on
-    its own, so a failure costs at most one chunk.
-    """
-
-    def __init__(self, url: str, path: str, config: RemoteConfig, fs: Callable[[], Any],
-                 on_retry: Callable[[], None] | None = None) -> None:
-        self.name = self.url = url
-        self.path = path
-        self.config = config
-        self._fs = fs
-        self._size: int | None = None
-        self.retries = 0
-        self._on_retry = on_retry
-
-    def _call(self, fn: Callable[[], Any], done: int) -> Any:
-        att = Attempts(self.config.retry)
-        while True:
-            try:
-                return fn()
-            except FileNotFoundError as e:
-                raise NotFoundError(f"not found: {e}", shard=self.url) from None
-            except PermissionError as e:
-                raise SourceError(f"permission denied: {e}", shard=self.url) from None
-            except FormatError:
-                raise
-            except Exception as e:  # noqa: BLE001 - fsspec backends raise anything; retried, bounded
-                if not att.failed(False, done):
-                    raise SourceError(f"giving up after {att.total} failures: "
-                                      f"{type(e).__name__}: {e}", shard=self.url) from None
-                self.retries += 1
-                if self._on_retry is not None:
-                    self._on_retry()
-
-    def size(self) -> int:
-        if self._size is None:
-            self._size = int(self._call(lambda: self._fs().size(self.path), 0))
-        return self._size
-
-    def read(self, offset: int, length: int) -> bytes:
-        parts = []
-        got = 0
-        step = max(1, self.config.chunk_bytes)
-        while got < length:
-            a = offset + got
-            b = a + min(step, length - got)
-            chunk = self._call(lambda a=a, b=b: self._fs().cat_file(self.path, start=a, end=b), got)
-            if len(chunk) != b - a:
-                raise TruncatedShardError(f"wanted {length} bytes at offset {offset}, got "
-                                          f"{got + len(chunk)}", shard=self.url)
-            parts.append(chunk)
-            got += len(chunk)
-        return parts[0] if len(parts) == 1 else b"".join(parts)
-
-    def open(self) -> BinaryIO:
-        return io.BufferedReader(_SequentialReader(self), buffer_size=1 << 20)
-
-
 class _Transient(Exception):
     """An HTTP answer worth retrying (5xx, 429, a body cut short)."""
 
@@ -286,7 +274,7 @@ class _Transient(Exception):
 class _SequentialReader(io.RawIOBase):
     """A sequential stream over a source's range reads (for scanning a shard without an index)."""
 
-    def __init__(self, src: HTTPSource | FsspecSource) -> None:
+    def __init__(self, src: Any) -> None:  # an HTTPSource or FsspecSource
         self.src = src
         self.pos = 0
 
@@ -310,4 +298,8 @@ def __getattr__(name: str) -> Any:
         from .opener import RemoteOpener
 
         return RemoteOpener
+    if name == "FsspecSource":  # moved to .fsspec_source (this file's size)
+        from .fsspec_source import FsspecSource
+
+        return FsspecSource
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

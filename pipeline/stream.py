@@ -2,8 +2,9 @@
 
 :class:`RunReader` turns a sorted list of ``(position, shard, index in shard)`` into
 ``(position, Sample | FormatError)`` in the same order. Neighbouring samples of a shard are read
-with one ``ByteSource.read`` (up to ``run_bytes``; a local shard is memory-mapped instead), then
-cut into samples by :class:`~.fastpath.FastDecoder` (checksums verified; anything unexpected goes
+with one ``ByteSource.read`` (up to ``run_bytes``; a local shard is memory-mapped instead; an
+HTTP shard is received into a reused buffer, :mod:`.buffers`, one request serving a whole
+stretch of neighbouring runs), then cut into samples by :class:`~.fastpath.FastDecoder` (checksums verified; anything unexpected goes
 to the format's :class:`~blocklm.formats.reader.BlockDecoder`). A failure is returned in place
 of each sample it affects, named by shard and key, so the caller decides to raise or skip.
 """
@@ -13,8 +14,8 @@ from __future__ import annotations
 import mmap
 from bisect import bisect_right
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
+from concurrent.futures import wait as _wait
 from time import sleep as _sleep
 
 import numpy as np
@@ -24,10 +25,13 @@ from blocklm.formats.errors import FormatError, IndexMismatchError, TruncatedSha
 from blocklm.formats.limits import Limits
 from blocklm.formats.reader import RUN_BYTES, BlockDecoder, ByteSource, LocalSource, Opener
 
+from .buffers import RunBuffers
 from .errors import SourceError
 from .fastpath import CompiledShard, FastDecoder, IndexCache
 from .maps import MapCache
 from .opener import is_remote
+from .readahead import ReadAhead
+from .sources import HTTPSource
 from .stats import LoaderStats
 from .urls import load_index_typed
 
@@ -36,15 +40,29 @@ READ_AHEAD = 1  # runs fetched ahead of the one being decoded
 CHUNK = 64  # samples cut and handed over at a time
 # remote runs are read in ranges of at most this: the first run arrives sooner, the read-ahead
 # overlaps the cutting in finer steps, and the body is still in the CPU caches when it is cut
-# (measured over loopback nginx: 2 MiB runs beat 1, 4 and 8 MiB on text and audio)
+# (measured over loopback nginx, one request per run: 2 MiB beat 1, 4 and 8 MiB on text and audio;
+# with one request per stretch of runs 1, 2 and 4 MiB were within noise)
 REMOTE_RUN_BYTES = 2 << 20
+# a remote request asks for the neighbouring runs of up to this many bytes at once: each run is
+# then received from the answer already under way, with no request or round trip of its own
+STREAM_BYTES = 64 << 20
+# the first run of a request is this short, so that cutting starts sooner (a pass's first run is
+# not overlapped with anything)
+FIRST_RUN_BYTES = 256 << 10
 BULK_MIN = 8  # shorter runs are cut sample by sample (the bulk cut's numpy calls cost ~3 us)
 
 
-def _fetch(o: _Open, start: int, end: int) -> bytes:
+def _fetch(o: _Open, start: int, end: int, until: int, buf: mmap.mmap | None,
+           ) -> bytes | mmap.mmap:
     """Read bytes ``[start, end)`` of a (remote) shard, in the read-ahead thread: the read
-    releases the GIL, so it overlaps the cutting of the previous run in the calling thread."""
-    return bytes(o.source.read(start, end - start))  # bytes() is a no-op for bytes
+    releases the GIL, so it overlaps the cutting of the previous run in the calling thread.
+    Into ``buf`` (from its start) when given, else as new ``bytes``; the runs that follow
+    this one go on up to ``until`` (one request asks for them all)."""
+    if buf is None:
+        return bytes(o.source.read(start, end - start))  # bytes() is a no-op for bytes
+    with memoryview(buf) as mv:
+        o.source.readinto(start, mv[:end - start], until)
+    return buf
 
 
 def _map_run(o: _Open, start: int, end: int) -> tuple[mmap.mmap, memoryview]:
@@ -72,7 +90,7 @@ def with_key(err: FormatError, shard: str, key: str | None) -> FormatError:
 
 
 class _Open:
-    __slots__ = ("url", "entries", "offs", "ends", "source", "decoder", "error", "mapped")
+    __slots__ = ("url", "entries", "offs", "ends", "source", "decoder", "error", "mapped", "into")
 
     def __init__(self, url: str, entries: list | None, source: ByteSource | None,
                  decoder: FastDecoder | None, error: FormatError | None) -> None:
@@ -84,25 +102,9 @@ class _Open:
         # filter bytes) is read through it, never bypassed
         self.mapped = (isinstance(source, LocalSource) and type(source).read is LocalSource.read
                        and "read" not in vars(source))
-
-
-class _LazyPool:
-    """The read-ahead thread, started only when a remote run needs it."""
-
-    def __init__(self) -> None:
-        self._pool: ThreadPoolExecutor | None = None
-
-    def submit(self, *args):  # noqa: ANN002, ANN201 - ThreadPoolExecutor.submit
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(1, thread_name_prefix="blocklm-read")
-        return self._pool.submit(*args)
-
-    def shutdown(self, on_thread: Callable[[], None] | None = None) -> None:
-        """Stop the thread, running ``on_thread`` in it last (to close its connections)."""
-        if self._pool is not None:
-            if on_thread is not None:
-                self._pool.submit(on_thread)  # runs after the reads already queued
-            self._pool.shutdown(wait=True, cancel_futures=False)
+        # an HTTP source fills reused buffers (``readinto``), unless read() is changed likewise
+        self.into = (isinstance(source, HTTPSource) and type(source).read is HTTPSource.read
+                     and not {"read", "readinto"} & vars(source).keys())
 
 
 class RunReader:
@@ -111,7 +113,8 @@ class RunReader:
     def __init__(self, urls: list[str], counts: list[int], index_xxh3: list[str | None], *,
                  opener: Opener, limits: Limits, verify: bool, stats: LoaderStats,
                  indexes: IndexCache | None = None, maps: MapCache | None = None,
-                 run_bytes: int = RUN_BYTES, remote_run_bytes: int = REMOTE_RUN_BYTES) -> None:
+                 run_bytes: int = RUN_BYTES, remote_run_bytes: int = REMOTE_RUN_BYTES,
+                 buffers: RunBuffers | None = None, reads: ReadAhead | None = None) -> None:
         self.urls, self.counts, self.index_xxh3 = urls, counts, index_xxh3
         self.opener, self.limits, self.verify = opener, limits, verify
         self.stats = stats
@@ -119,6 +122,13 @@ class RunReader:
         self.remote_run_bytes = min(run_bytes, remote_run_bytes)
         self.indexes = indexes if indexes is not None else IndexCache()
         self.maps = maps if maps is not None else MapCache(0)
+        if buffers is None or buffers.size != self.remote_run_bytes:
+            buffers = RunBuffers(self.remote_run_bytes)
+        self.buffers = buffers  # for remote runs (the dataset's: kept across passes)
+        # the read-ahead thread: the dataset's, kept across passes, else one for this reader
+        self._own_reads = reads is None
+        self.reads = reads if reads is not None else ReadAhead(getattr(opener, "close_thread",
+                                                                       None))
         self._open: OrderedDict[int, _Open] = OrderedDict()
 
     def shard(self, s: int) -> _Open:
@@ -165,13 +175,14 @@ class RunReader:
             close()
 
     def runs(self, shards: np.ndarray, local: np.ndarray,
-             ) -> Iterator[tuple[int, int, _Open, int, int, int]]:
-        """``(i, j, shard, start, end, l)``: plan entries ``i..j-1`` are samples ``l, l+1, ...``
-        of one shard, in bytes ``[start, end)`` of it (``start == end == -1`` when the shard
-        cannot be read; its samples need not be consecutive then). Computed per stretch of
-        consecutive samples, not per sample: a run ends where the stretch does or where the next
-        sample would take it past ``run_bytes`` (found by bisecting the index's end offsets,
-        which the index guarantees ascending)."""
+             ) -> Iterator[tuple[int, int, _Open, int, int, int, int]]:
+        """``(i, j, shard, start, end, l, until)``: plan entries ``i..j-1`` are samples
+        ``l, l+1, ...`` of one shard, in bytes ``[start, end)`` of it (``start == end == -1``
+        when the shard cannot be read; its samples need not be consecutive then), and the runs
+        that follow go on without a gap up to byte ``until`` (the end of one remote request).
+        Computed per stretch of consecutive samples, not per sample: a run ends where the
+        stretch does or where the next sample would take it past ``run_bytes`` (found by
+        bisecting the index's end offsets, which the index guarantees ascending)."""
         n = len(shards)
         if n == 0:
             return
@@ -186,17 +197,21 @@ class RunReader:
             if o.error is not None:  # every following stretch of the same shard at once
                 while g + 1 < len(sh) and sh[g + 1] == s:
                     g += 1
-                yield a, bounds[g + 1], o, -1, -1, -1
+                yield a, bounds[g + 1], o, -1, -1, -1, -1
                 g += 1
                 continue
             b, lo = bounds[g + 1], first[g]
             hi = lo + (b - a)
             offs, ends = o.offs, o.ends
             run_bytes = self.run_bytes if o.mapped else self.remote_run_bytes
+            until = -1
             while lo < hi:
                 start = offs[lo]
-                m = bisect_right(ends, start + run_bytes, lo + 1, hi)
-                yield a, a + (m - lo), o, start, ends[m - 1], lo
+                size = FIRST_RUN_BYTES if start >= until and not o.mapped else run_bytes
+                m = bisect_right(ends, start + size, lo + 1, hi)
+                if start >= until:  # a new request: for the runs of up to STREAM_BYTES
+                    until = ends[bisect_right(ends, start + STREAM_BYTES, m, hi) - 1]
+                yield a, a + (m - lo), o, start, ends[m - 1], lo, until
                 a, lo = a + (m - lo), m
             g += 1
 
@@ -215,21 +230,24 @@ class RunReader:
         Samples are cut from a run a chunk at a time as they are asked for, in bulk where the
         chunk allows (:mod:`.bulk`), else one by one. A local shard is
         mapped (large payloads handed out as views, no copy, no thread: there is no I/O to
-        overlap). For a remote shard a helper thread reads the next run while this one is cut
-        (the read releases the GIL; cutting in the helper too would only contend for it), so at
-        most ``1 + READ_AHEAD`` runs are held."""
+        overlap). For a remote shard a helper thread (the dataset's :class:`ReadAhead`) reads
+        the next run while this one is cut (the read releases the GIL; cutting in the helper too
+        would only contend for it), so at most ``1 + READ_AHEAD`` runs are in flight. HTTP runs
+        arrive in buffers of the pool ``buffers`` and are cut like mapped ones (large payloads
+        as views where they make up half the run or more), a buffer given back once cut."""
         shards = np.asarray(shards, dtype=np.int64)
         local = np.asarray(local, dtype=np.int64)
         retries0, opener0 = self.stats.retries, self._retries()
         runs = self.runs(shards, local)
         ahead: deque = deque()
-        pool = _LazyPool()
+        pool = self.reads
+        bufs = self.buffers
         try:
             for _ in range(1 + READ_AHEAD):
-                self._submit(pool, runs, ahead)
+                self._submit(pool, runs, ahead, bufs)
             while ahead:
-                (i, j, o, start, end, lo), fut = ahead.popleft()
-                self._submit(pool, runs, ahead)
+                (i, j, o, start, end, lo, _), fut = ahead.popleft()
+                self._submit(pool, runs, ahead, bufs)
                 url = o.url
                 err: FormatError | None = o.error
                 if err is None:
@@ -239,7 +257,13 @@ class RunReader:
                             base, views = 0, True
                         else:
                             buf = fut.result()
-                            mv, base, views = memoryview(buf), start, False
+                            mv, base = memoryview(buf)[:end - start], start
+                            # views of the buffer (no copy, no fresh pages per payload) where
+                            # they make up half the run or more: a view keeps its whole buffer
+                            # from reuse, so little payload never holds much buffer
+                            vcum = o.decoder.shard.vcum
+                            views = (buf.__class__ is mmap.mmap
+                                     and 2 * int(vcum[lo + j - i] - vcum[lo]) >= end - start)
                     except FormatError as e:
                         err = e
                 self.stats.retries = retries0 + self._retries() - opener0
@@ -270,12 +294,14 @@ class RunReader:
                         # needs the GIL back; cutting holds it without pause)
                         _sleep(0)
                     yield c, out
+                if fut is not None and buf.__class__ is mmap.mmap:
+                    bufs.give(buf)  # cut: no sample points into it
                 del buf, mv, arr
         finally:
-            for _, fut in ahead:  # reads not started are not needed any more
-                if fut is not None:
-                    fut.cancel()
-            pool.shutdown(getattr(self.opener, "close_thread", None))
+            # reads not started are not needed any more; one under way is waited for, so no
+            # read of this pass is left running when it ends
+            futs = [fut for _, fut in ahead if fut is not None and not fut.cancel()]
+            _wait(futs)
             self.stats.retries = retries0 + self._retries() - opener0
 
     @staticmethod
@@ -287,12 +313,16 @@ class RunReader:
             return with_key(e, o.url, o.entries[li].key)
 
     @staticmethod
-    def _submit(pool: _LazyPool, runs: Iterator, ahead: deque) -> None:
+    def _submit(pool: ReadAhead, runs: Iterator, ahead: deque, bufs: RunBuffers) -> None:
         run = next(runs, None)
         if run is None:
             return
         o, start, end = run[2], run[3], run[4]
-        fut = None if o.error is not None or o.mapped else pool.submit(_fetch, o, start, end)
+        fut = None
+        if o.error is None and not o.mapped:
+            # sources that fill a buffer (HTTP) get a reused one; others return bytes
+            buf = bufs.take(end - start) if o.into else None
+            fut = pool.submit(_fetch, o, start, end, run[6], buf)
         ahead.append((run, fut))
 
     def _retries(self) -> int:
@@ -300,6 +330,8 @@ class RunReader:
         return getattr(self.opener, "retries", 0)
 
     def close(self) -> None:
+        if self._own_reads:
+            self.reads.stop()
         for o in self._open.values():
             self._close(o)
         self._open.clear()

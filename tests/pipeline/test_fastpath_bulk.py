@@ -24,7 +24,7 @@ from blocklm.formats.lazy import StoredBlock
 from blocklm.formats.reader import BlockDecoder
 from blocklm.pipeline import BlockDataset
 from blocklm.pipeline.fastpath import CompiledShard, FastDecoder
-from blocklm.pipeline.stream import RunReader
+from blocklm.pipeline.stream import STREAM_BYTES, RunReader
 
 pytestmark = pytest.mark.filterwarnings("ignore:.set_vital. is deprecated")
 
@@ -150,10 +150,18 @@ def test_runs_cover_the_plan_in_order_within_run_bytes(texts):
         plan = ds.plan()
         needed = np.sort(rng.choice(plan.size, size=180, replace=False))
         shards, local = plan.locate(needed)
-        k = 0
-        for i, j, o, start, end, lo in reader.runs(shards, local):
+        k, req, prev = 0, None, None
+        for i, j, o, start, end, lo, until in reader.runs(shards, local):
             assert i == k and j > i
             k = j
+            # one remote request per stretch of runs without a gap, up to a run's end
+            assert until >= end and until in o.ends
+            if prev is not None and prev[2] == until and prev[0] is o:
+                assert start == prev[1]  # goes on from the previous run of the request
+            else:
+                req = start
+            assert until - req <= STREAM_BYTES or until == end
+            prev = (o, end, until)
             assert (shards[i:j] == shards[i]).all() and (local[i:j] == np.arange(lo, lo + j - i)).all()
             assert start == o.offs[lo] and end == o.ends[lo + j - i - 1]
             assert j - i == 1 or end - start <= run_bytes
