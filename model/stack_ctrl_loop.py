@@ -53,7 +53,8 @@ class CtrlRunner:
 
     def _states(self, e, r, V, s, keep: bool):
         """Run the chunk's iterations. Returns (reads, accs, es, V, s) and, with ``keep``, the
-        inputs of every iteration: lists of e, running, V, s and left (None where zero)."""
+        inputs of every iteration (lists of e, running, V, s, left; None: zero) and what the
+        backward kernels and the weight gradients need (X = [e, read], e_new, v per iteration)."""
         cfg = self.stack.cfg
         B, U, H = e.shape
         K, W, ms = V.shape[1], V.shape[2], cfg.max_steps
@@ -61,10 +62,14 @@ class CtrlRunner:
         grid = (triton_cdiv(B, opts["G"]),)
         ws = self._weights()
         reads, accs, es = e.new_empty(B, U, W), e.new_empty(B, U, W), torch.empty_like(e)
+        n = U * ms
+        saved = (e.new_empty(n, B, H + W), e.new_empty(n, B, H), e.new_empty(n, B, W)) \
+            if keep else (e, e, e)  # unused pointers when not kept
         kept = [[], [], [], [], []]
         for u in range(U):
             ein, rin, acc, left = e[:, u], r[:, u], accs[:, u], None
             for i in range(ms):
+                j = u * ms + i
                 last = i == ms - 1
                 if keep:
                     for lst, t in zip(kept, (ein, rin, V, s, left)):
@@ -73,16 +78,17 @@ class CtrlRunner:
                 Vo, so = torch.empty_like(V), torch.empty_like(s)
                 lefto, runo = s.new_empty(B), s.new_empty(B)
                 read = reads[:, u - 1] if (i == 0 and u > 0) else eo  # eo: an unused pointer
+                X, EN, VN = (t[j] for t in saved) if keep else saved
                 stack_ctrl._iter_fwd[grid](
                     ein, ein.stride(0), V, s, rin, rin.stride(0), acc, acc.stride(0),
                     V if left is None else left, *ws, eo, eo.stride(0), Vo, so, acc,
-                    acc.stride(0), lefto, runo, read, read.stride(0), B, K, W, H,
-                    float(cfg.epsilon), FIRST=i == 0, SAVE_READ=i == 0 and u > 0,
+                    acc.stride(0), lefto, runo, read, read.stride(0), X, EN, VN, B, K, W, H,
+                    float(cfg.epsilon), FIRST=i == 0, SAVE_READ=i == 0 and u > 0, SAVE=keep,
                     LOWP=self.lowp, **opts)
                 ein, rin, V, s, left = eo, runo, Vo, so, lefto
         with torch.no_grad():
             reads[:, U - 1] = stack_fused.fused_read(V, s)
-        return (reads, accs, es, V, s), kept
+        return (reads, accs, es, V, s), kept, saved
 
     def forward(self, e, r, V, s):
         """e [B,U,Hd], r [B,U], V [B,K,W], s [B,K] -> reads, accs, last e's, V, s (no grad)."""
@@ -97,15 +103,15 @@ class CtrlRunner:
         g_read, g_acc, g_e = (t.contiguous() for t in (g_read, g_acc, g_e))
         B, U, H = e.shape
         K, W, ms = V.shape[1], V.shape[2], cfg.max_steps
-        out, (ein, rin, Vs, ss, lefts) = self._states(e, r, V, s, keep=True)
+        out, (_, rin, Vs, ss, lefts), (X, EN, VN) = self._states(e, r, V, s, keep=True)
         # the last step's read is a kernel of its own: its gradient joins the final state's
         gVr, gsr = stack_fused._Read.backward(_Ctx(out[3], out[4]), g_read[:, U - 1])
         g_V, g_s = g_V + gVr, g_s + gsr
         opts = stack_ctrl.launch_opts(B, K, W, H)
         grid = (triton_cdiv(B, opts["G"]),)
-        ws = self._weights()
+        wc, _, wa, ba, wv, _ = self._weights()
+        wct = wc.t().contiguous()  # [Hd+W, Hd]: the backward's products reduce along rows
         n = U * ms
-        X, EN = e.new_empty(n, B, H + W), e.new_empty(n, B, H)
         GPRE, GLG, GVP = e.new_empty(n, B, H), e.new_empty(n, B, 3), e.new_empty(n, B, W)
         de = torch.empty_like(e)
         zero = s.new_zeros(B)
@@ -120,15 +126,17 @@ class CtrlRunner:
             gV, gs, glefti = torch.empty_like(V), torch.empty_like(s), s.new_empty(B)
             left = lefts[j]
             stack_ctrl._iter_bwd[grid](
-                ein[j], ein[j].stride(0), Vs[j], ss[j], rin[j], rin[j].stride(0),
-                zero if left is None else left, *ws, geo, geo.stride(0), g_V, g_s, gacc,
-                gacc.stride(0), gleft, gread, gread.stride(0), ge, ge.stride(0), gV, gs, glefti,
-                X[j], EN[j], GPRE[j], GLG[j], GVP[j], B, K, W, H, FIRST=i == 0,
-                HAS_GREAD=i == 0 and u > 0, LOWP=self.lowp, **opts)
+                Vs[j], ss[j], rin[j], rin[j].stride(0), zero if left is None else left, EN[j],
+                VN[j], wct, wa, ba, wv, geo, geo.stride(0), g_V, g_s, gacc, gacc.stride(0),
+                gleft, gread, gread.stride(0), ge, ge.stride(0), gV, gs, glefti, GPRE[j],
+                GLG[j], GVP[j], B, K, W, H, FIRST=i == 0, HAS_GREAD=i == 0 and u > 0,
+                LOWP=self.lowp, **opts)
             g_V, g_s, g_left, g_en = gV, gs, glefti, ge
         # weight gradients: one matmul per weight over the chunk's n * B rows (fp32 sums)
         GPRE, GLG, GVP = (t.view(n * B, -1) for t in (GPRE, GLG, GVP))
         X, EN = X.view(n * B, -1), EN.view(n * B, -1)
+        if self.lowp:  # act and val multiplied bf16(e_new)
+            EN = EN.to(torch.bfloat16).float()
         for gw, gb, gout, inp in zip(self.grads[0::2], self.grads[1::2], (GPRE, GLG, GVP),
                                      (X, EN, EN)):
             gw.addmm_(gout.t(), inp)

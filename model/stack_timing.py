@@ -15,6 +15,7 @@ import time
 
 import torch
 
+from . import stack_ctrl
 from .config import StackConfig
 from .stack import ProcessingStack
 from .stack_block import stack_block
@@ -38,6 +39,10 @@ def measure(variant: str, B: int, T: int, reps: int) -> dict:
     a graph), 'graphs-U-fused' or 'graphs-U-ctrl' (one kernel per ponder iteration,
     stack_ctrl.py)."""
     torch.manual_seed(0)
+    variant, _, opts = variant.partition(":")  # 'graphs-8-ctrl:G=2,IC=16': launch options
+    stack_ctrl.OVERRIDE.clear()
+    stack_ctrl.OVERRIDE.update((k, int(v)) for k, v in
+                               (kv.split("=") for kv in opts.split(",") if kv))
     graphs = variant.startswith("graphs")
     cfg = StackConfig(depth=256, width=64, hidden=256, max_steps=2, graphs=graphs,
                       graph_unroll=int(variant.split("-")[1]) if graphs else 8,
@@ -51,7 +56,8 @@ def measure(variant: str, B: int, T: int, reps: int) -> dict:
     first = _once(st, x, V, s, mask)  # graphs: capture; eager: allocator warm-up
     times = sorted(_once(st, x, V, s, mask) for _ in range(reps))
     med = times[len(times) // 2]
-    return {"variant": variant, "B": B, "T": T, "first_s": round(first, 3),
+    stack_ctrl.OVERRIDE.clear()
+    return {"variant": variant + (":" + opts if opts else ""), "B": B, "T": T, "first_s": round(first, 3),
             "ms_per_step": round(med / T * 1e3, 3), "block_s": round(med, 4),
             "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
 
