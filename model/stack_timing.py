@@ -39,10 +39,10 @@ def measure(variant: str, B: int, T: int, reps: int) -> dict:
     a graph), 'graphs-U-fused' or 'graphs-U-ctrl' (one kernel per ponder iteration,
     stack_ctrl.py)."""
     torch.manual_seed(0)
-    variant, _, opts = variant.partition(":")  # 'graphs-8-ctrl:G=2,IC=16': launch options
+    variant, _, opts = variant.partition(":")  # 'graphs-8-ctrl:G=2+IC=16': launch options
     stack_ctrl.OVERRIDE.clear()
     stack_ctrl.OVERRIDE.update((k, int(v)) for k, v in
-                               (kv.split("=") for kv in opts.split(",") if kv))
+                               (kv.split("=") for kv in opts.split("+") if kv))
     graphs = variant.startswith("graphs")
     cfg = StackConfig(depth=256, width=64, hidden=256, max_steps=2, graphs=graphs,
                       graph_unroll=int(variant.split("-")[1]) if graphs else 8,
