@@ -54,6 +54,9 @@ class DecoderConfig:
     layers: int = 2
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     stack: StackConfig = field(default_factory=StackConfig)
+    # on CUDA, the layers' parts around the attention torch.compile'd (model/layer_fused.py);
+    # off: measured slower on the H200 (text 154k vs 172k tokens/s, GPU_NOTES thru-A)
+    compile_layers: bool = False
 
 
 @dataclass

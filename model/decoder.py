@@ -100,17 +100,23 @@ class BottleneckLayer(nn.Module):
                                 nn.Linear(cfg.d_ff, cfg.d_model))
         self.norm = RMSNorm(cfg.d_model)
 
-    def _finish(self, x: Tensor, u: Tensor, a: Tensor) -> Tensor:
+    def _finish(self, x: Tensor, u: Tensor, a: Tensor, xl: Tensor | None = None) -> Tensor:
         c = u + a  # [..., d_core]
-        return self.norm(x + self.ff(torch.cat([c, x.to(c.dtype)], -1)))
+        xl = x if xl is None else xl
+        return self.norm(x + self.ff(torch.cat([c, xl.to(c.dtype)], -1)))
 
     def forward(self, x, S, z, mask=None, bt=None):
         """x [B,T,d_model] -> x [B,T,d_model], S, z (chunked parallel). With ``bt = (B, T)``
         x is the block's steps flattened and padded with rows, [M >= B*T, d_model] (see
         :func:`token_rows`); the output is too."""
-        u = self.down(x)
+        # under autocast x (the fp32 residual stream) is cast once for both its readers (the
+        # down projection and the concatenation): two casts were two [M, d_model] passes
+        # forward and two cast-backs plus an add backward, per layer and batch
+        dev = x.device.type
+        xl = x.to(torch.get_autocast_dtype(dev)) if torch.is_autocast_enabled(dev) else x
+        u = self.down(xl)
         a, S, z = self.attn(self.norm_core(u), S, z, mask, bt)
-        return self._finish(x, u, a), S, z
+        return self._finish(x, u, a, xl), S, z
 
     def forward_fused(self, x, S, z, mask, bt, form):
         """Same as :meth:`forward` with ``bt = (B, T)`` (x [M >= B*T, d_model] rows), through
@@ -150,8 +156,8 @@ class Decoder(nn.Module):
         self.cfg = cfg
         self.norm_in = RMSNorm(cfg.d_model)
         self.grid_rows: bool | None = None  # None: pad the layers' rows (token_rows) on CUDA
-        # the layers through layer_fused: None = compiled on CUDA; "eager" / "compiled" /
-        # "aot_eager" (tests) / "off" force a form
+        # the layers through layer_fused: None = compiled on CUDA if cfg.compile_layers;
+        # "eager" / "compiled" / "aot_eager" (tests) / "off" force a form
         self.fused_layers: str | None = None
         self.layers = nn.ModuleList(BottleneckLayer(cfg) for _ in range(cfg.layers))
         self.stack = ProcessingStack(cfg.stack, cfg.d_model) if cfg.stack.enabled else None
@@ -232,8 +238,8 @@ class Decoder(nn.Module):
     def _fused_form(self, x: Tensor) -> str | None:
         """The form of :mod:`.layer_fused` for this call, or None for the plain layers."""
         mode = self.fused_layers
-        if mode is None:  # Inductor needs a GPU to pay (and a compiler); the CPU keeps the
-            mode = "compiled" if x.is_cuda else "off"  # plain layers
+        if mode is None:  # Inductor needs a GPU to pay (and a compiler)
+            mode = "compiled" if x.is_cuda and self.cfg.compile_layers else "off"
         return {"off": None, "compiled": "inductor"}.get(mode, mode)
 
     def step(self, x: Tensor, state: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:

@@ -160,3 +160,19 @@ def test_grid_rows_give_the_same_block_and_grid_shapes():
     assert seen == [B * T, 64]
     for a, b in zip(*outs):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+def test_layer_casts_the_residual_stream_once_under_autocast():
+    """Under bf16 autocast a layer reads its fp32 input through one cast (the down projection
+    and the concatenation share it): a cast per reader was one more [M, d_model] pass forward
+    and a cast-back and an add in backward, per layer and batch."""
+    from blocklm.model.decoder import BottleneckLayer
+
+    torch.manual_seed(0)
+    layer = BottleneckLayer(cfg(stack=False))
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    S, z = torch.zeros(2, 2, 3, 4, 4), torch.zeros(2, 2, 3, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, _, _ = layer(x, S, z)
+    assert y.dtype == torch.float32
+    assert sorted(_consumers(y, x)) == ["AddBackward0", "ToCopyBackward0"]
