@@ -31,6 +31,7 @@ import click
 
 from .convert_items import AUDIO_EXTS, IMAGE_EXTS
 from .convert_options import ConvertOptions
+from .convert_parallel import join_retired
 from .convert_run import run_convert
 
 
@@ -110,7 +111,9 @@ def _once(fn, files: list[Path]) -> tuple[float, float]:
     try:
         c0, t0 = _cpu(), time.perf_counter()
         fn(files, tmp)
-        return time.perf_counter() - t0, _cpu() - c0
+        wall = time.perf_counter() - t0
+        join_retired()  # convert's helpers exit after it returns: their CPU counts here
+        return wall, _cpu() - c0
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

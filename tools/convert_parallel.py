@@ -227,6 +227,15 @@ def _reap_retired() -> None:
     _RETIRED[:] = [(v, ps) for v, ps in _RETIRED if any(p.is_alive() for p in ps)]
 
 
+def join_retired() -> None:
+    """Wait for the helpers of finished conversions to exit (a benchmark counts their CPU time
+    in the conversion that used them)."""
+    for _, procs in _RETIRED:
+        for p in procs:
+            p.join()
+    _RETIRED.clear()
+
+
 def _bytes(results: list[Result]) -> int:
     return sum(r.encoded[1] for r in results if r.encoded is not None)
 

@@ -38,3 +38,15 @@ def test_shard_size_parsing():
     for bad in ("lots", "0", "-1M"):
         with pytest.raises(click.BadParameter):
             parse_size(bad)
+
+
+def test_a_convert_row_counts_its_helpers(image_dir, audio_dir, monkeypatch):
+    """Helpers are not waited for by the conversion; the bench waits for them after the timed
+    part, so a row's CPU seconds include its own helpers (and none are left for the next)."""
+    from blocklm.tools import bench_convert, convert_parallel
+
+    monkeypatch.setattr(convert_parallel, "MIN_CHUNK", 2)
+    files = bench_convert.bench_files([str(image_dir), str(audio_dir)])
+    wall, cpu = bench_convert._once(bench_convert.convert_with(2, [str(image_dir),
+                                                                    str(audio_dir)]), files)
+    assert wall > 0 and cpu > 0 and convert_parallel._RETIRED == []
