@@ -250,7 +250,8 @@ if HAS_TRITON:
     @triton.jit
     def bwd_dh(q, r, c, dy, dden, dhs, dzs, dST, dzT, dS0, dz0, NT,
                 N: tl.constexpr, D: tl.constexpr, E: tl.constexpr, C: tl.constexpr,
-                BK: tl.constexpr, BV: tl.constexpr, HAS_DST: tl.constexpr):
+                BK: tl.constexpr, BV: tl.constexpr, HAS_DST: tl.constexpr,
+                HAS_S0: tl.constexpr = True):
         """Memory gradient backwards across chunks; saves the gradient at each chunk's end."""
         i_k, i_v, i_bhn = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         i_bh, n = i_bhn // N, i_bhn % N
@@ -290,6 +291,7 @@ if HAS_TRITON:
             if i_v == 0:  # dden broadcast over 16 columns: sum_t qs[:, t] dden[t] as a dot
                 b_dd = tl.load(db + t[:, None] + oz[None, :] * 0).to(b_y.dtype)
                 b_dz = b_dz * tl.exp(b_cT) + tl.dot(qs, b_dd)
-        tl.store(dS0 + i_bhn.to(tl.int64) * D * E + ok[:, None] * E + ov[None, :], b_dh)
-        if i_v == 0:
-            tl.store(dz0 + i_bhn.to(tl.int64) * D + zcol, b_dz, mask=zm)
+        if HAS_S0:  # the incoming memory's gradient (else dS0, dz0 are not allocated)
+            tl.store(dS0 + i_bhn.to(tl.int64) * D * E + ok[:, None] * E + ov[None, :], b_dh)
+            if i_v == 0:
+                tl.store(dz0 + i_bhn.to(tl.int64) * D + zcol, b_dz, mask=zm)

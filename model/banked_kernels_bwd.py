@@ -7,8 +7,8 @@ bank mix M, no memories) and a memory part (``bwd_mem_read``: reads of the chunk
 dq, dr; ``bwd_mem_write``: writes into the chunk-end memory -> dk, dw; ``bwd_dv_mem``: dv and
 the chunk-end inner products of the decay gradient). Kept apart so that no program holds the [C, C] tiles and a [D, E]
 memory with its [C, D] products at once: the fused form needed 255 registers and spilled
-(model/GPU_NOTES.md, calls 2-8). The intra kernel (which also splits the output gradient: it runs first) writes fp32 partials that the memory kernels
-add to before the one bf16 rounding.
+(model/GPU_NOTES.md, calls 2-8). The intra kernel (which also splits the output gradient: it runs first) writes partials (fp32,
+or bf16 with ``low_partials``) that the memory kernels add to in fp32 before rounding.
 """
 
 from __future__ import annotations
@@ -19,10 +19,11 @@ if HAS_TRITON:
 
     @triton.jit
     def _rmw(ptr, val, ACC: tl.constexpr):
-        """Store val, or add it to what is there (ACC: a later tile of the same rows)."""
+        """Store val in ptr's dtype, or add it to what is there (ACC: a later tile of the same
+        rows)."""
         if ACC:
-            val += tl.load(ptr)
-        tl.store(ptr, val)
+            val += tl.load(ptr).to(tl.float32)
+        tl.store(ptr, val.to(ptr.dtype.element_ty))
 
     @triton.jit
     def _intra_tile(q, k, v, r, w, c, dy, dden, dqi, dki, dvi, dr, dw, bh, T, tr, ts,
@@ -152,7 +153,7 @@ if HAS_TRITON:
             od = i_d * BD + tl.arange(0, BD)
             o_x = bh * T * D
             acc = tl.load(tl.make_block_ptr(dqi + o_x, (T, D), (D, 1), (j * C, i_d * BD),
-                                            (C, BD), (1, 0)))
+                                            (C, BD), (1, 0))).to(tl.float32)
             b_q = tl.load(tl.make_block_ptr(q + o_x, (T, D), (D, 1), (j * C, i_d * BD),
                                             (C, BD), (1, 0))).to(tl.float32)
             for n in range(N):
@@ -195,7 +196,7 @@ if HAS_TRITON:
             od = i_d * BD + tl.arange(0, BD)
             o_x = bh * T * D
             acc = tl.load(tl.make_block_ptr(dki + o_x, (T, D), (D, 1), (j * C, i_d * BD),
-                                            (C, BD), (1, 0)))
+                                            (C, BD), (1, 0))).to(tl.float32)
             b_k = tl.load(tl.make_block_ptr(k + o_x, (T, D), (D, 1), (j * C, i_d * BD),
                                             (C, BD), (1, 0))).to(tl.float32)
             for n in range(N):
@@ -228,7 +229,7 @@ if HAS_TRITON:
         t = j * C + tl.arange(0, C)
         bh = i_bh.to(tl.int64)
         b_k = tl.load(k + bh * T * D + t[:, None] * D + od[None, :])
-        acc = tl.load(dvi + bh * T * E + t[:, None] * E + ov[None, :])
+        acc = tl.load(dvi + bh * T * E + t[:, None] * E + ov[None, :]).to(tl.float32)
         for n in range(N):
             rb = bh * T * N + t * N + n
             b_w = tl.load(w + rb).to(tl.float32)

@@ -14,10 +14,13 @@ scores are ``(q k^T) * M``, ``M[t,s] = sum_n r[t,n] w[s,n] exp(c[t,n] - c[s,n])`
 O(C^2 N) scalar mix; only the chunk-start memory terms are per bank. Every exp is of a
 non-positive difference taken inside a chunk, so nothing overflows however strong the decay.
 
-The kernels live in :mod:`blocklm.model.banked_kernels`; :class:`BankedAttentionFn` launches them
-(bf16 operands, fp32 accumulation, fp32 recurrent states). The gradient of the log-decays is
-``dc[t,n] = r dr - w dw`` plus, at each chunk's last step, the inner product of the chunk-end
-memory with its gradient; its reverse cumsum within the chunk is the gradient of log a.
+The kernels live in :mod:`blocklm.model.banked_kernels` (forward, state kernels) and
+``banked_kernels_bwd`` (parallel backward kernels); :class:`BankedAttentionFn` launches them
+(bf16 operands, fp32 accumulation, fp32 recurrent states) through
+:mod:`blocklm.model.banked_launch`, the backward's sequence in :mod:`blocklm.model.banked_backward`.
+The gradient of the log-decays is ``dc[t,n] = r dr - w dw`` plus, at each chunk's last step, the
+inner product of the chunk-end memory with its gradient; its reverse cumsum within the chunk is
+the gradient of log a.
 
 :func:`banked_attention` dispatches: Triton on CUDA when importable and the shapes suit it,
 otherwise :func:`banked_attention_reference` (plain PyTorch, chunked, fp32).
@@ -29,11 +32,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .banked_backward import backward, ispec, pow2, tiles
 from .banked_kernels import HAS_TRITON
+from .banked_launch import Launcher, aligned
 
 if HAS_TRITON:
     from . import banked_kernels as K
-    from . import banked_kernels_bwd as KB
 
 
 def banked_attention_reference(q: Tensor, k: Tensor, v: Tensor, r: Tensor, w: Tensor, g: Tensor,
@@ -92,36 +96,25 @@ def banked_attention_reference(q: Tensor, k: Tensor, v: Tensor, r: Tensor, w: Te
 # 8.79 ms, 4K 2.38 vs 2.49: the fused bwd_intra grew by more than bwd_prep's time).
 # stages_h: pipelining depth of the state kernels; hdot_rows: rows per step of bwd_dv_mem's
 # inner products (None: 2048 // E).
+# low_partials: bwd_intra's partials of dq, dk, dv in the inputs' dtype instead of fp32 (at 16K,
+# N=4, 1.6 of their 3.2 GB of traffic; one more bf16 rounding of the intra part). (Recomputing
+# the intra part inside the memory kernels instead cost more than the partials' bytes: call K5.)
+# fast_launch: cached direct launches (model/banked_launch.py; the 1K call is host-bound).
+# maxnreg_h: register cap of the state kernels (None: the compiler's choice, ~210-230 at 4 warps,
+# so 2 programs per SM: 512 sequential programs at B*H=64, N=4 run as 1.94 waves, ncu call K6;
+# 128 fits 4 per SM, one wave, at the cost of ~260-380 bytes of spills per thread).
 KERNEL_OPTS = {"tile_h": None, "tile_hk": 64, "tile_hv": None, "tile_v": 128, "warps_h": 4,
                "warps_o": 8, "warps_intra": 4, "tile_dm": 128, "warps_mem": 4, "warps_dv": 8,
                "stages_mem": None, "hdot_in_dv": True, "fwd_o_loop": False, "short": 0,
-               "save_blocks": 1, "prep_in_intra": None, "stages_h": None, "hdot_rows": None}
+               "save_blocks": 1, "prep_in_intra": None, "stages_h": None, "hdot_rows": None,
+               "low_partials": True, "fast_launch": True, "maxnreg_h": None}
 
 
-def _pow2(n: int) -> int:
-    return 1 << (n - 1).bit_length()
-
-
-def _tiles(BHN: int, NT: int, D: int, E: int) -> tuple[int, int, int]:
-    """D- and E-tiles of the state kernels, E-tile of the output and dv kernels."""
-    th, tv = KERNEL_OPTS["tile_h"], KERNEL_OPTS["tile_v"]
-    if th is None:  # few chunks: parallelism over state tiles may pay more than bigger steps
-        big = BHN * max(1, D // 128) * max(1, E // 128) >= 128 and NT > KERNEL_OPTS["short"]
-        th = 128 if big else 64
-    bk, bv = KERNEL_OPTS["tile_hk"] or th, KERNEL_OPTS["tile_hv"] or th
-    return min(D, bk), min(E, bv), min(E, tv)
-
-
-def _stages(key: str) -> dict:
-    """num_stages launch argument of an option (None: Triton's default)."""
-    return {} if KERNEL_OPTS[key] is None else {"num_stages": KERNEL_OPTS[key]}
-
-
-def _decay(w: Tensor, g: Tensor, C: int) -> Tensor:
+def _decay(L, w: Tensor, g: Tensor, C: int) -> Tensor:
     """Chunk-local cumsum of log a, [B,H,T,N] fp32 (one small kernel)."""
     B, H, T, N = w.shape
     c = torch.empty(B, H, T, N, device=w.device, dtype=torch.float32)
-    K.decay_prep[(T // C, B * H)](w, g, c, N=N, NP=_pow2(N), C=C, num_warps=4)
+    L(K.decay_prep, (T // C, B * H), w, g, c, N=N, NP=pow2(N), C=C)
     return c
 
 
@@ -137,104 +130,48 @@ class BankedAttentionFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, r, w, g, S0, z0, eps, C, R):
+        ctx.set_materialize_grads(False)  # unused outputs (S, z) get no zero-filled gradients
         B, H, T, D = q.shape
         E, N = v.shape[-1], r.shape[-1]
         NT, NS, CS = T // C, T // (C * R), C * R
-        BK, BV, BO = _tiles(B * H * N, NS, D, E)
+        opt = KERNEL_OPTS
+        BK, BV, BO = tiles(opt, B * H * N, NS, D, E)
         dev = q.device
-        c = _decay(w, g, CS)  # cumsum of log a from each span's start
+        has_s0 = S0 is not None
+        s0 = S0.contiguous().float() if has_s0 else None
+        zz0 = z0.contiguous().float() if has_s0 else None
+        # the launch key: dtypes and integer specialisations (model/banked_launch.py)
+        ctx.key = (q.dtype, k.dtype, v.dtype, r.dtype, w.dtype, g.dtype, ispec(NT), ispec(NS))
+        ctx.fast = opt["fast_launch"] and aligned(q, k, v, r, w, g, s0, zz0)
+        L = Launcher(dev, ctx.key, ctx.fast)
+        c = _decay(L, w, g, CS)  # cumsum of log a from each span's start
         hs = torch.empty(B * H * NS * N * D * E, device=dev, dtype=v.dtype)
         zs = torch.empty(B * H * NS * N * D, device=dev, dtype=torch.float32)
         ST = torch.empty(B, H, N, D, E, device=dev, dtype=torch.float32)
         zT = torch.empty(B, H, N, D, device=dev, dtype=torch.float32)
-        has_s0 = S0 is not None
-        s0 = S0.contiguous().float() if has_s0 else ST
-        zz0 = z0.contiguous().float() if has_s0 else zT
-        K.fwd_h[(D // BK, E // BV, B * H * N)](
-            k, v, w, c, hs, zs, s0, zz0, ST, zT, NS, N=N, D=D, E=E, C=CS, BK=BK, BV=BV,
-            HAS_S0=has_s0, num_warps=KERNEL_OPTS["warps_h"], **_stages("stages_h"))
+        L(K.fwd_h, (D // BK, E // BV, B * H * N), k, v, w, c, hs, zs,
+          s0 if has_s0 else ST, zz0 if has_s0 else zT, ST, zT, NS, N=N, D=D, E=E, C=CS,
+          BK=BK, BV=BV, HAS_S0=has_s0, num_warps=opt["warps_h"], num_stages=opt["stages_h"],
+          maxnreg=opt["maxnreg_h"])
         o = torch.empty(B, H, T, E, device=dev, dtype=v.dtype)
         den = torch.empty(B, H, T, device=dev, dtype=torch.float32)
-        if KERNEL_OPTS["fwd_o_loop"]:
-            K.fwd_o_loop[(NT, B * H)](q, k, v, r, w, c, hs, zs, o, den, NT, eps, N=N,
-                                      NP=_pow2(N), D=D, E=E, C=C, BV=BO,
-                                      num_warps=KERNEL_OPTS["warps_o"])
+        if opt["fwd_o_loop"]:
+            L(K.fwd_o_loop, (NT, B * H), q, k, v, r, w, c, hs, zs, o, den, NT, eps, N=N,
+              NP=pow2(N), D=D, E=E, C=C, BV=BO, num_warps=opt["warps_o"])
         else:
-            K.fwd_o[(E // BO, NT, B * H)](q, k, v, r, w, c, hs, zs, o, den, NT, eps, N=N, D=D,
-                                          E=E, C=C, BV=BO, R=R, num_warps=KERNEL_OPTS["warps_o"])
+            L(K.fwd_o, (E // BO, NT, B * H), q, k, v, r, w, c, hs, zs, o, den, NT, eps, N=N,
+              D=D, E=E, C=C, BV=BO, R=R, num_warps=opt["warps_o"])
         ctx.save_for_backward(q, k, v, r, w, g, c, hs, zs, o, den)
         ctx.meta = (has_s0, C, R)
         return o, ST, zT
 
     @staticmethod
     def backward(ctx, do, dST, dzT):
-        q, k, v, r, w, g, c, hs, zs, o, den = ctx.saved_tensors
-        has_s0, C, R = ctx.meta
-        B, H, T, D = q.shape
-        E, N = v.shape[-1], r.shape[-1]
-        NT, NS, CS = T // C, T // (C * R), C * R
-        BK, BV, BO = _tiles(B * H * N, NS, D, E)
-        dev = q.device
-        do = do.contiguous() if do is not None else torch.zeros_like(o)
-        dy = torch.empty_like(v)
-        dden = torch.empty_like(den)
-        # intra-span parts first (with dy, dden; fp32 partials; dr, dw initialised), then the
-        # memory gradient across spans, then the memory parts
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        dqi = torch.empty(B, H, T, D, device=dev, dtype=torch.float32)
-        dki = torch.empty_like(dqi)
-        dvi = torch.empty(B, H, T, E, device=dev, dtype=torch.float32)
-        dr = torch.empty(B, H, T, N, device=dev, dtype=torch.float32)
-        dw = torch.empty_like(dr)
-        opt = KERNEL_OPTS
-        prep = opt["prep_in_intra"]
-        prep = T <= 2048 if prep is None else prep
-        if not prep:
-            KB.bwd_prep[(NT, B * H)](do, o, den, dy, dden, E=E, C=C, num_warps=4)
-        KB.bwd_intra[(NS, B * H)](q, k, v, r, w, c, do, o, den, dy, dden, dqi, dki, dvi, dr, dw,
-                                  NT, N=N, D=D, E=E, C=C, BD=min(D, E, opt["tile_dm"]), R=R,
-                                  PREP=prep, num_warps=opt["warps_intra"])
-        has_dst = dST is not None or dzT is not None
-        dhs = torch.empty_like(hs)
-        dzs = torch.empty_like(zs)
-        dS0 = torch.empty(B, H, N, D, E, device=dev, dtype=torch.float32)
-        dz0 = torch.empty(B, H, N, D, device=dev, dtype=torch.float32)
-        if has_dst:
-            dST = (dST if dST is not None else torch.zeros_like(dS0)).float()
-            dzT = (dzT if dzT is not None else torch.zeros_like(dz0)).float()
-        else:  # not read (HAS_DST=False): no zero tensors to fill
-            dST, dzT = dS0, dz0
-        K.bwd_dh[(D // BK, E // BV, B * H * N)](
-            q, r, c, dy, dden, dhs, dzs, dST.contiguous(), dzT.contiguous(), dS0, dz0,
-            NS, N=N, D=D, E=E, C=CS, BK=BK, BV=BV, HAS_DST=has_dst,
-            num_warps=KERNEL_OPTS["warps_h"], **_stages("stages_h"))
-        hdot = opt["hdot_in_dv"] and BO == E  # one program per whole [D, E] tile
-        # per-block partials of the span-end inner products (bwd_hdot fills one per span)
-        hd = (torch.empty if hdot or R == 1 else torch.zeros)(
-            B * H * NT * N, device=dev, dtype=torch.float32)
-        wd = torch.empty_like(hd)
-        warps = opt["warps_mem"] if D * E >= 8192 else 4
-        stages = _stages("stages_mem")
-        BM = min(D, opt["tile_dm"])
-        KB.bwd_mem_read[(NT, B * H)](q, r, c, hs, zs, dy, dden, dqi, dq, dr, NT, N=N,
-                                     NP=_pow2(N), D=D, E=E, C=C, BD=BM, R=R, num_warps=warps,
-                                     **stages)
-        KB.bwd_mem_write[(NT, B * H)](k, v, w, c, dhs, dzs, dki, dk, dw, wd, NT, N=N,
-                                      NP=_pow2(N), D=D, E=E, C=C, BD=BM, R=R, num_warps=warps,
-                                      **stages)
-        KB.bwd_dv_mem[(E // BO, NT, B * H)](k, w, c, hs, zs, dhs, dzs, dvi, dv, hd, NT, N=N,
-                                            D=D, E=E, C=C, BV=BO, HDOT=hdot,
-                                            BR=max(1, min(D // R, opt["hdot_rows"] or 2048 // E)),
-                                            R=R,
-                                            num_warps=opt["warps_dv"])
-        if not hdot:
-            K.bwd_hdot[(B * H * NS * N,)](hs, zs, dhs, dzs, hd, N=N, D=D, E=E,
-                                          BD=min(D, 8192 // E), R=R, num_warps=4)
-        dg = torch.empty(B, H, T, device=dev, dtype=torch.float32)
-        K.bwd_decay[(NS, B * H)](r, w, g, c, dr, dw, dg, hd, wd, N=N, NP=_pow2(N), C=CS, R=R,
-                                 num_warps=4)
-        return (dq, dk, dv, dr.to(r.dtype), dw.to(w.dtype), dg.to(g.dtype),
-                dS0 if has_s0 else None, dz0 if has_s0 else None, None, None, None)
+        key = ctx.key + (None if do is None else do.dtype,)
+        L = Launcher(ctx.saved_tensors[0].device, key,
+                     ctx.fast and KERNEL_OPTS["fast_launch"] and aligned(do, dST, dzT))
+        return backward(L, KERNEL_OPTS, ctx.saved_tensors, ctx.meta, do, dST, dzT) + (
+            None, None, None)
 
 
 def triton_supports(q: Tensor, v: Tensor, chunk: int) -> bool:

@@ -1,0 +1,107 @@
+"""Launch sequence of the banked-attention backward (see :mod:`blocklm.model.banked_triton` for
+the function and :mod:`blocklm.model.banked_kernels` for the layout), and the tile choices the
+forward shares: ``bwd_intra`` (it may also split the output gradient) writes partials of dq, dk,
+dv (fp32, or the inputs' dtype with ``low_partials``) and initialises dr, dw; ``bwd_dh`` carries
+the memory gradient backwards across spans; ``bwd_mem_read``, ``bwd_mem_write`` and
+``bwd_dv_mem`` (:mod:`blocklm.model.banked_kernels_bwd`) add the memory parts and round once;
+``bwd_decay`` turns the log-decay gradient into those of w and g.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import banked_kernels as K
+from .banked_kernels import HAS_TRITON
+
+if HAS_TRITON:
+    from . import banked_kernels_bwd as KB
+
+
+def pow2(n: int) -> int:
+    """Smallest power of two >= n."""
+    return 1 << (n - 1).bit_length()
+
+
+def tiles(opt: dict, BHN: int, NT: int, D: int, E: int) -> tuple[int, int, int]:
+    """D- and E-tiles of the state kernels, E-tile of the output and dv kernels."""
+    th, tv = opt["tile_h"], opt["tile_v"]
+    if th is None:  # few chunks: parallelism over state tiles may pay more than bigger steps
+        big = BHN * max(1, D // 128) * max(1, E // 128) >= 128 and NT > opt["short"]
+        th = 128 if big else 64
+    bk, bv = opt["tile_hk"] or th, opt["tile_hv"] or th
+    return min(D, bk), min(E, bv), min(E, tv)
+
+
+def ispec(n: int) -> tuple[bool, bool]:
+    """How Triton specialises an integer argument (== 1, divisible by 16): part of a launch key."""
+    return n == 1, n % 16 == 0
+
+
+def backward(L, opt: dict, saved, meta, do, dST, dzT):
+    """Gradients of (q, k, v, r, w, g, S0, z0) from those of (out, S, z); L launches (a
+    :class:`blocklm.model.banked_launch.Launcher`); do, dST, dzT may be None (not used)."""
+    q, k, v, r, w, g, c, hs, zs, o, den = saved
+    has_s0, C, R = meta
+    B, H, T, D = q.shape
+    E, N = v.shape[-1], r.shape[-1]
+    NT, NS, CS = T // C, T // (C * R), C * R
+    BK, BV, BO = tiles(opt, B * H * N, NS, D, E)
+    dev = q.device
+    f32 = torch.float32
+    do = do.contiguous() if do is not None else torch.zeros_like(o)
+    dy = torch.empty_like(v)
+    dden = torch.empty_like(den)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dr = torch.empty(B, H, T, N, device=dev, dtype=f32)
+    dw = torch.empty_like(dr)
+    prep = opt["prep_in_intra"]
+    prep = T <= 2048 if prep is None else prep
+    BM = min(D, opt["tile_dm"])
+    warps = opt["warps_mem"] if D * E >= 8192 else 4
+    if not prep:
+        L(KB.bwd_prep, (NT, B * H), do, o, den, dy, dden, E=E, C=C)
+    # intra-span parts first (with dy, dden; dr, dw initialised), then the memory gradient
+    # across spans, then the memory parts
+    pdt = q.dtype if opt["low_partials"] else f32  # one more rounding, half the bytes
+    dqi = torch.empty(B, H, T, D, device=dev, dtype=pdt)
+    dki = torch.empty_like(dqi)
+    dvi = torch.empty(B, H, T, E, device=dev, dtype=pdt)
+    L(KB.bwd_intra, (NS, B * H), q, k, v, r, w, c, do, o, den, dy, dden, dqi, dki, dvi, dr, dw,
+      NT, N=N, D=D, E=E, C=C, BD=min(D, E, opt["tile_dm"]), R=R, PREP=prep,
+      num_warps=opt["warps_intra"])
+    has_dst = dST is not None or dzT is not None
+    dhs = torch.empty_like(hs)
+    dzs = torch.empty_like(zs)
+    if has_s0:
+        dS0 = torch.empty(B, H, N, D, E, device=dev, dtype=f32)
+        dz0 = torch.empty(B, H, N, D, device=dev, dtype=f32)
+    else:  # not written (HAS_S0=False): no allocations (host time at 1K)
+        dS0, dz0 = dhs, dzs
+    if has_dst:
+        dST = (dST if dST is not None else q.new_zeros(B, H, N, D, E, dtype=f32)).float()
+        dzT = (dzT if dzT is not None else q.new_zeros(B, H, N, D, dtype=f32)).float()
+        dST, dzT = dST.contiguous(), dzT.contiguous()
+    else:  # not read (HAS_DST=False): no zero tensors to fill
+        dST, dzT = dhs, dzs
+    L(K.bwd_dh, (D // BK, E // BV, B * H * N), q, r, c, dy, dden, dhs, dzs, dST, dzT, dS0, dz0,
+      NS, N=N, D=D, E=E, C=CS, BK=BK, BV=BV, HAS_DST=has_dst, HAS_S0=has_s0,
+      num_warps=opt["warps_h"], num_stages=opt["stages_h"], maxnreg=opt["maxnreg_h"])
+    hdot = opt["hdot_in_dv"] and BO == E  # one program per whole [D, E] tile
+    # per-block partials of the span-end inner products (bwd_hdot fills one per span)
+    hd = (torch.empty if hdot or R == 1 else torch.zeros)(B * H * NT * N, device=dev, dtype=f32)
+    wd = torch.empty_like(hd)
+    BR = max(1, min(D // R, opt["hdot_rows"] or 2048 // E))
+    L(KB.bwd_mem_read, (NT, B * H), q, r, c, hs, zs, dy, dden, dqi, dq, dr, NT, N=N,
+      NP=pow2(N), D=D, E=E, C=C, BD=BM, R=R, num_warps=warps, num_stages=opt["stages_mem"])
+    L(KB.bwd_mem_write, (NT, B * H), k, v, w, c, dhs, dzs, dki, dk, dw, wd, NT, N=N,
+      NP=pow2(N), D=D, E=E, C=C, BD=BM, R=R, num_warps=warps, num_stages=opt["stages_mem"])
+    L(KB.bwd_dv_mem, (E // BO, NT, B * H), k, w, c, hs, zs, dhs, dzs, dvi, dv, hd, NT, N=N,
+      D=D, E=E, C=C, BV=BO, HDOT=hdot, BR=BR, R=R, num_warps=opt["warps_dv"])
+    if not hdot:
+        L(K.bwd_hdot, (B * H * NS * N,), hs, zs, dhs, dzs, hd, N=N, D=D, E=E,
+          BD=min(D, 8192 // E), R=R)
+    dg = torch.empty(B, H, T, device=dev, dtype=f32)
+    L(K.bwd_decay, (NS, B * H), r, w, g, c, dr, dw, dg, hd, wd, N=N, NP=pow2(N), C=CS, R=R)
+    return (dq, dk, dv, dr.to(r.dtype), dw.to(w.dtype), dg.to(g.dtype),
+            dS0 if has_s0 else None, dz0 if has_s0 else None)

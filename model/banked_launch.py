@@ -1,0 +1,74 @@
+"""Cached direct launches of the banked-attention Triton kernels.
+
+At 1K tokens one forward + backward is host-bound (model/GPU_NOTES.md, calls K1-K3: ~0.9 ms of
+host time against ~0.62 ms of GPU work), and a plain ``kernel[grid](...)`` costs 12-19 us of host
+time: Triton binds the keyword arguments, specialises every argument, builds a cache key, looks up
+the compiled kernel and checks globals on each call. :class:`Launcher` does that once per kernel
+and call signature, keeps the compiled kernel, and afterwards calls its launcher directly with
+the arguments in signature order.
+
+What makes a cached entry valid: Triton compiles a kernel per device, per constexpr value and
+launch option, per tensor dtype, per pointer alignment (address divisible by 16) and per integer
+specialisation (equal to 1, divisible by 16). The key of an entry holds the kernel, the device, the
+caller's ``key`` (the inputs' dtypes, which fix those of every tensor the caller allocates, and
+the specialisation of each integer argument), the launch options and the constexpr values; the caller turns the
+fast path off (``fast=False``) unless every tensor it passes in is 16-byte aligned (tensors from
+``torch.empty`` always are). Launch hooks (Triton's profiler) also take the ordinary path.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .banked_kernels import HAS_TRITON, triton
+
+_CACHE: dict = {}  # (id(kernel), (device, key), warps, stages, constexprs) -> launch entry
+
+
+def _hooks_set() -> bool:
+    """Whether a launch hook is registered (Triton 3.6 keeps empty HookChains, never None)."""
+    rt = triton.knobs.runtime
+    return any(h is not None and getattr(h, "calls", True)
+               for h in (rt.launch_enter_hook, rt.launch_exit_hook))
+
+
+class Launcher:
+    """Launches kernels for one call of the banked function (one device, one stream)."""
+
+    __slots__ = ("key", "fast", "stream")
+
+    def __init__(self, device: torch.device, key: tuple, fast: bool):
+        self.fast = bool(fast and HAS_TRITON and device.type == "cuda" and not _hooks_set())
+        self.key = (device.index, key)
+        self.stream = torch._C._cuda_getCurrentRawStream(device.index) if self.fast else None
+
+    def __call__(self, kern, grid, *args, num_warps: int = 4, num_stages=None, maxnreg=None,
+                 **consts):
+        """``kern[grid](*args, **consts)``; args are the runtime arguments in order, consts the
+        constexprs (which the kernels declare after them); num_stages and maxnreg (a register
+        cap per thread) None: Triton's defaults."""
+        if self.fast:
+            ck_key = (id(kern), self.key, num_warps, num_stages, maxnreg, *consts.values())
+            ent = _CACHE.get(ck_key)
+            if ent is not None and ent[4] is kern:
+                run, fn, meta, tail, _ = ent
+                run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1,
+                    self.stream, fn, meta, None, None, None, *args, *tail)
+                return
+        opts = {k: v for k, v in (("num_stages", num_stages), ("maxnreg", maxnreg))
+                if v is not None}
+        ck = kern[grid](*args, num_warps=num_warps, **opts, **consts)
+        names = getattr(kern, "arg_names", None)
+        if self.fast and ck is not None and names is not None and \
+                sorted(names[len(args):]) == sorted(consts):
+            if hasattr(ck, "result"):  # asynchronous compilation mode
+                ck = ck.result()
+            if len(_CACHE) > 4096:  # many shapes seen (the key holds no sizes, few expected)
+                _CACHE.clear()
+            _CACHE[ck_key] = (ck.run, ck.function, ck.packed_metadata,
+                              tuple(consts[n] for n in names[len(args):]), kern)
+
+
+def aligned(*xs) -> bool:
+    """Whether every given tensor's address is divisible by 16 (Triton's pointer specialisation)."""
+    return all(x.data_ptr() % 16 == 0 for x in xs if x is not None)

@@ -1,0 +1,118 @@
+"""The banked kernels' cached launcher (model/banked_launch.py): after the first launch of a
+kernel under a key it calls the compiled kernel's launcher directly, with the runtime arguments
+then the constexprs in the kernel's signature order; anything that changes the compiled variant
+misses the cache. Checked with a stand-in kernel (no GPU needed)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from blocklm.model import banked_launch as BL
+
+
+class FakeCompiled:
+    def __init__(self, log, tag):
+        self.log, self.tag = log, tag
+        self.function, self.packed_metadata = f"fn-{tag}", f"meta-{tag}"
+
+    def run(self, *a):
+        self.log.append(("direct", self.tag, a))
+
+
+class FakeKernel:
+    """Stands for a JITFunction with signature (x, y, n, A: constexpr, B: constexpr)."""
+    arg_names = ["x", "y", "n", "A", "B"]
+
+    def __init__(self):
+        self.log, self.compiled = [], 0
+
+    def __getitem__(self, grid):
+        def launch(*args, num_warps=4, num_stages=None, maxnreg=None, **consts):
+            self.compiled += 1
+            self.log.append(("jit", grid, args, num_warps, consts))
+            return FakeCompiled(self.log, self.compiled)
+        return launch
+
+
+@pytest.fixture
+def cuda_like(monkeypatch):
+    monkeypatch.setattr(BL, "HAS_TRITON", True)
+    monkeypatch.setattr(BL, "_hooks_set", lambda: False)
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda idx: 1234, raising=False)
+    monkeypatch.setattr(BL, "_CACHE", {})
+    return torch.device("cuda", 0)
+
+
+def test_second_launch_is_direct_with_arguments_in_signature_order(cuda_like):
+    kern = FakeKernel()
+    L = BL.Launcher(cuda_like, ("bf16",), fast=True)
+    L(kern, (3, 2), "X", "Y", 7, B=2, A=1, num_warps=8)
+    L(kern, (5,), "X2", "Y2", 9, B=2, A=1, num_warps=8)
+    assert kern.log[0][0] == "jit" and kern.compiled == 1
+    kind, tag, a = kern.log[1]
+    assert kind == "direct" and tag == 1
+    # grid padded to 3 dims, stream, function, metadata, no hooks, args, constexprs A then B
+    assert a == (5, 1, 1, 1234, "fn-1", "meta-1", None, None, None, "X2", "Y2", 9, 1, 2)
+
+
+@pytest.mark.parametrize("change", ["constexpr", "warps", "stages", "maxnreg", "key", "device"])
+def test_anything_that_changes_the_variant_compiles_again(cuda_like, change):
+    kern = FakeKernel()
+    BL.Launcher(cuda_like, ("bf16",), fast=True)(kern, (1,), "X", "Y", 7, A=1, B=2)
+    args = dict(key=("bf16",), dev=cuda_like, A=1, warps=4, stages=None, maxnreg=None)
+    args.update({"constexpr": {"A": 3}, "warps": {"warps": 8}, "stages": {"stages": 2},
+                 "maxnreg": {"maxnreg": 128}, "key": {"key": ("fp32",)},
+                 "device": {"dev": torch.device("cuda", 1)}}[change])
+    BL.Launcher(args["dev"], args["key"], fast=True)(
+        kern, (1,), "X", "Y", 7, A=args["A"], B=2, num_warps=args["warps"],
+        num_stages=args["stages"], maxnreg=args["maxnreg"])
+    assert [e[0] for e in kern.log] == ["jit", "jit"]
+
+
+def test_slow_path_when_not_fast_or_hooks_or_cpu(cuda_like, monkeypatch):
+    kern = FakeKernel()
+    for _ in range(2):
+        BL.Launcher(cuda_like, (), fast=False)(kern, (1,), "X", "Y", 7, A=1, B=2)
+        BL.Launcher(torch.device("cpu"), (), fast=True)(kern, (1,), "X", "Y", 7, A=1, B=2)
+    monkeypatch.setattr(BL, "_hooks_set", lambda: True)
+    for _ in range(2):
+        BL.Launcher(cuda_like, (), fast=True)(kern, (1,), "X", "Y", 7, A=1, B=2)
+    assert [e[0] for e in kern.log] == ["jit"] * 6
+
+
+def test_arguments_by_keyword_are_keyed_and_replayed_in_order(cuda_like):
+    """A keyword argument is part of the key (its value is replayed, not the caller's next one),
+    so a new value compiles again; the replay keeps the signature order."""
+    kern = FakeKernel()
+    L = BL.Launcher(cuda_like, (), fast=True)
+    L(kern, (1,), "X", "Y", B=2, n=7, A=1)
+    L(kern, (1,), "X", "Y", B=2, n=7, A=1)
+    L(kern, (1,), "X", "Y", B=2, n=8, A=1)
+    assert [e[0] for e in kern.log] == ["jit", "direct", "jit"]
+    assert kern.log[1][2][-5:] == ("X", "Y", 7, 1, 2)
+
+
+def test_aligned():
+    x = torch.zeros(64, dtype=torch.float32)
+    assert BL.aligned(x, None, x[4:])
+    assert not BL.aligned(x, x[1:])
+
+
+def test_hooks_set_reads_triton_hook_chains():
+    """Triton 3.6 keeps the launch hooks as (empty) HookChains, never None: a None check took
+    the ordinary path on every launch (device call K5: no launch was ever direct)."""
+    triton = pytest.importorskip("triton")
+    chain = triton.knobs.runtime.launch_enter_hook
+    if not hasattr(chain, "add"):
+        pytest.skip("this triton has no hook chains")
+    assert not BL._hooks_set()
+
+    def hook(*a):
+        pass
+    chain.add(hook)
+    try:
+        assert BL._hooks_set()
+    finally:
+        chain.remove(hook)
+    assert not BL._hooks_set()
