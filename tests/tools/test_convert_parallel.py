@@ -72,7 +72,18 @@ _real_chunk = convert_parallel.convert_chunk
                                          (_dying_chunk, "died \\(exit code 9\\)")])
 def test_a_failing_helper_stops_the_job_with_its_error(audio_dir, small_text, tmp_path,
                                                        monkeypatch, chunk, match):
+    import time
+
     monkeypatch.setattr(convert_parallel, "convert_chunk", chunk)  # the helpers are forked
+    real = convert_parallel.process
+
+    def slow(item, deep_check=False):  # the parent's conversions (helpers use convert_chunk)
+        time.sleep(0.005)
+        return real(item, deep_check)
+
+    # a slow parent: otherwise it could convert every item before the helper claims one (the
+    # test then saw no error, ~1 run in 12)
+    monkeypatch.setattr(convert_parallel, "process", slow)
     out = tmp_path / "o"
     with pytest.raises(RuntimeError, match=match):
         run_convert([str(small_text), str(audio_dir)], out,
