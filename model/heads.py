@@ -22,6 +22,14 @@ from .support import LN2
 END = "end"
 
 
+def to_device(t: Tensor, device: torch.device) -> Tensor:
+    """A small host tensor on ``device`` without waiting for the GPU: through pinned memory
+    on CUDA (a copy from pageable memory synchronises the stream)."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 class SizeBins:
     """Bin 0 holds size 0; bins 1.. cover [1, max] with log-spaced integer edges."""
 
@@ -30,19 +38,26 @@ class SizeBins:
         edges = np.unique(np.concatenate([[0, 1], geo, [max_size + 1]]).astype(np.int64))
         self.edges = torch.tensor(edges, device="cpu")  # ascending; bin k = [e[k], e[k+1])
         self.count = len(edges) - 1
+        self._on: dict[torch.device, Tensor] = {}  # edges per device, copied once
+
+    def _edges(self, device: torch.device) -> Tensor:
+        # a host-to-GPU copy per call made the host wait for the GPU each time (3 per batch)
+        if device not in self._on:
+            self._on[device] = self.edges.to(device)
+        return self._on[device]
 
     def index(self, sizes: Tensor) -> Tensor:
         """Sizes [B] -> bin indices [B] (sizes beyond max land in the last bin)."""
-        i = torch.searchsorted(self.edges.to(sizes.device), sizes.contiguous(), right=True) - 1
+        i = torch.searchsorted(self._edges(sizes.device), sizes.contiguous(), right=True) - 1
         return i.clamp(0, self.count - 1)
 
     def width(self, idx: Tensor) -> Tensor:
-        e = self.edges.to(idx.device)
+        e = self._edges(idx.device)
         return (e[idx + 1] - e[idx]).float()
 
     def draw(self, idx: Tensor, generator: torch.Generator | None) -> Tensor:
         """A uniform integer inside each bin."""
-        e = self.edges.to(idx.device)
+        e = self._edges(idx.device)
         u = torch.rand(idx.shape, generator=generator, device=idx.device)
         return e[idx] + (u * self.width(idx)).long().clamp(max=(self.width(idx) - 1).long())
 
@@ -59,24 +74,33 @@ class ShapeHead(nn.Module):
         self.prev = nn.ModuleList(nn.Embedding(n, hidden) for n in sizes[:-1])  # feeds later entries
         self.out = nn.ModuleList(nn.Linear(hidden, n) for n in sizes)
 
-    def classes(self, shapes: Tensor) -> Tensor:
-        """Shapes [B,D] -> class index per entry [B,D]."""
+    def classes(self, shapes: Tensor, checked: bool = False) -> Tensor:
+        """Shapes [B,D] -> class index per entry [B,D]. ``checked``: the caller has checked
+        the choice entries on the host (the check here reads the device: a GPU wait)."""
         cols = []
         for j, (kind, arg) in enumerate(self.spec):
             v = shapes[:, j]
             if kind == "size":
                 cols.append(self.bins[j].index(v))
             else:
-                table = torch.tensor(arg, device=v.device)
+                table = to_device(torch.tensor(arg), v.device)
                 hit = v[:, None] == table
-                if not bool(hit.any(1).all()):
+                if not checked and not bool(hit.any(1).all()):
                     raise ValueError(f"shape entry {j} has a value outside {arg}")
                 cols.append(hit.long().argmax(1))
         return torch.stack(cols, 1)
 
-    def bits(self, ctx: Tensor, shapes: Tensor) -> Tensor:
+    def check(self, shapes: list[tuple[int, ...]]) -> None:
+        """Raise ValueError if a choice entry of a shape is not among its values (host)."""
+        for j, (kind, arg) in enumerate(self.spec):
+            if kind != "size":
+                bad = [s[j] for s in shapes if s[j] not in arg]
+                if bad:
+                    raise ValueError(f"shape entry {j} has a value outside {arg}: {bad[0]}")
+
+    def bits(self, ctx: Tensor, shapes: Tensor, checked: bool = False) -> Tensor:
         """ctx [B,hidden], shapes [B,D] long -> exact bits of each shape [B]."""
-        cls = self.classes(shapes)
+        cls = self.classes(shapes, checked)
         c = torch.tanh(self.inp(ctx))
         total = torch.zeros(ctx.shape[0], device=ctx.device)
         for j in range(len(self.spec)):
@@ -126,11 +150,15 @@ class Heads(nn.Module):
 
     def mode_bits(self, summary: Tensor, modes: list[str]) -> Tensor:
         """Bits of the true next modes [B]."""
-        idx = torch.tensor([self.names.index(m) for m in modes], device=summary.device)
+        # built on the host and sent without waiting (torch.tensor(..., device=cuda) from a
+        # list synchronises the stream: one GPU wait per batch)
+        idx = to_device(torch.tensor([self.names.index(m) for m in modes]), summary.device)
         logp = self.mode_logits(summary).float().log_softmax(-1)
         return -logp.gather(1, idx[:, None])[:, 0] / LN2
 
     def shape_bits(self, summary: Tensor, mode: str, shapes: list[tuple[int, ...]]) -> Tensor:
         """Bits of the true shapes [B] of blocks of ``mode``."""
-        s = torch.tensor(shapes, dtype=torch.long, device=summary.device).view(len(shapes), -1)
-        return self.shape[mode].bits(self.trunk(summary), s)
+        head = self.shape[mode]
+        head.check(shapes)
+        s = torch.tensor(shapes, dtype=torch.long).view(len(shapes), -1)
+        return head.bits(self.trunk(summary), to_device(s, summary.device), True)

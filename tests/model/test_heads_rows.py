@@ -38,3 +38,20 @@ def test_bits_on_the_row_grid_equal_unpadded(model, monkeypatch, mode):
     torch.testing.assert_close(out[1][0], out[0][0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out[1][1], out[0][1], atol=1e-6, rtol=1e-5)
     assert bool((out[0][0] > 0).all())
+
+
+def test_shape_bits_check_choices_on_the_host(model):
+    """shape_bits checks the choice entries (channels) on the host, before any device work
+    (the device-side check read the GPU: one wait per batch); the device path still checks
+    when called on its own. Same bits as the unchecked classes."""
+    heads = model.heads
+    ctx = torch.randn(2, heads.trunk[0].in_features)
+    with pytest.raises(ValueError, match="outside"):
+        heads.shape_bits(ctx, "image", [(5, 3, 3), (4, 4, 7)])
+    head = heads.shape["image"]
+    with pytest.raises(ValueError, match="outside"):
+        head.classes(torch.tensor([[5, 3, 3], [4, 4, 7]]))
+    shapes = [(5, 3, 3), (40, 30, 1)]
+    ref = head.bits(heads.trunk(ctx), torch.tensor(shapes))
+    torch.testing.assert_close(heads.shape_bits(ctx, "image", shapes), ref)
+    assert head.bins[0]._edges(torch.device("cpu")) is head.bins[0]._edges(torch.device("cpu"))

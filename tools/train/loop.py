@@ -15,7 +15,6 @@ import json
 import math
 import os
 import random
-import signal
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -38,6 +37,13 @@ from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_sta
 from .config import RunConfig, build_config
 from .distributed import Collective, init_from_launcher
 from .evaluate import evaluate, validation_source
+from .loop_util import (
+    StopFlag,
+    _dispatch_metrics,
+    _loader_stats,
+    _pack_contexts,
+    _unpack_contexts,
+)
 from .metrics import MetricsLog
 from .readahead import EpochReadAhead
 from .runner import HEADS, Context, ModelRunners
@@ -104,48 +110,6 @@ def make_buckets(data: Sequence[str], cost, remote: RemoteConfig,
     shapes = ((b.mode, tuple(b.shape)) for d in data
               for _, e in iter_index(d, opener=opener) for b in e.blocks)
     return estimate_buckets(shapes, cost, max_width=max_width)
-
-
-def _pack_contexts(state: dict[str, Any]) -> dict[str, Any]:
-    """Dispatcher state with :class:`Context` objects as plain dicts (for ``weights_only``)."""
-    out = dict(state)
-    out["in_flight"] = [dict(e, state=None if e["state"] is None else
-                             {"state": e["state"].state.detach(), "window": e["state"].window})
-                        for e in state["in_flight"]]
-    return out
-
-
-def _unpack_contexts(state: dict[str, Any]) -> dict[str, Any]:
-    out = dict(state)
-    out["in_flight"] = [dict(e, state=None if e["state"] is None else
-                             Context(e["state"]["state"], e["state"]["window"]))
-                        for e in state["in_flight"]]
-    return out
-
-
-class StopFlag:
-    """Set by SIGINT/SIGTERM: the loop finishes its window, checkpoints and exits."""
-
-    def __init__(self) -> None:
-        self.signal: int | None = None
-        self._old: dict[int, Any] = {}
-
-    def __enter__(self) -> StopFlag:
-        for s in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._old[s] = signal.signal(s, self._set)
-            except ValueError:  # not the main thread: no handlers, the caller stops us
-                pass
-        return self
-
-    def _set(self, signum, frame) -> None:
-        if self.signal is not None:  # a second Ctrl-C: stop now
-            raise KeyboardInterrupt
-        self.signal = signum
-
-    def __exit__(self, *exc) -> None:
-        for s, h in self._old.items():
-            signal.signal(s, h)
 
 
 def train(run: str | Path, spec: RunSpec | None = None, *, steps: int | None = None,
@@ -264,15 +228,19 @@ class Trainer:
         """Back-propagate the window (global normalisers), sum gradients, step, log."""
         w = self.runners.window
         self.runners.close_autocast()
-        with record_function("blocklm:window_sums"):
-            sums = self.coll.sum(w.sums(self.modes) + [float(w.tokens)])
+        # the normalisers are host counts; the bits (for the log) are read from the GPU only
+        # once backward is queued: read first, they made the host wait for the window's whole
+        # forward before it could start launching the backward
+        counts = self.coll.sum(w.counts(self.modes) + [float(w.tokens)])
         nm = len(self.modes)
-        elements = {m: sums[2 * i + 1] for i, m in enumerate(self.modes)}
-        heads = {k: (sums[2 * (nm + j)], sums[2 * (nm + j) + 1]) for j, k in enumerate(HEADS)}
-        objective = w.objective(elements, {k: c for k, (_, c) in heads.items()})
+        objective = w.objective(dict(zip(self.modes, counts)), dict(zip(HEADS, counts[nm:])))
         if objective is not None:
             with record_function("blocklm:backward"):
                 objective.backward()
+        with record_function("blocklm:window_sums"):
+            bits = self.coll.sum(w.bit_sums(self.modes))
+        sums = [v for pair in zip(bits, counts) for v in pair] + [counts[-1]]
+        heads = {k: (sums[2 * (nm + j)], sums[2 * (nm + j) + 1]) for j, k in enumerate(HEADS)}
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.coll.sum_gradients(params)
         with record_function("blocklm:clip_adamw"):
@@ -375,11 +343,6 @@ class Trainer:
         return "minutes" if flags[1] else None
 
 
-def _loader_stats(source: Any) -> dict[str, Any] | None:
-    stats = getattr(source, "stats", None)
-    return stats.to_dict() if stats is not None else None
-
-
 def load_model(run: str | Path, device: str = "cpu") -> tuple[BlockLM, RunConfig, RunSpec]:
     """The model of a run's latest checkpoint, with its config and spec."""
     run = Path(run)
@@ -388,12 +351,3 @@ def load_model(run: str | Path, device: str = "cpu") -> tuple[BlockLM, RunConfig
     model = BlockLM(cfg.model)
     model.load_state_dict(load_checkpoint(run, map_location=device)["model"])
     return model.to(device).eval(), cfg, spec
-
-
-def _dispatch_metrics(m: dict[str, Any]) -> dict[str, Any]:
-    """The dispatcher's metrics worth a line in every record."""
-    keep = ("padding_ratio", "batch_fill", "tokens_per_batch_mean", "queue_age_p99",
-            "ttl_forced", "batches")
-    return {"examples_in_flight": m.get("examples_in_flight"), "rejected": m.get("rejected"),
-            "modes": {k: {f: v.get(f) for f in keep if f in v}
-                      for k, v in m.get("modes", {}).items()}}

@@ -69,15 +69,22 @@ class Window:
 
     def sums(self, modes: list[str]) -> list[float]:
         """[bits, elements] per mode in ``modes`` order, then [bits, count] per head in HEADS."""
+        return [v for pair in zip(self.bit_sums(modes), self.counts(modes)) for v in pair]
+
+    def counts(self, modes: list[str]) -> list[float]:
+        """Elements per mode in ``modes`` order, then predictions per head in HEADS (host
+        numbers: no GPU read)."""
+        return [float(self.elements[m]) for m in modes] + \
+               [float(self.head_count[k]) for k in HEADS]
+
+    def bit_sums(self, modes: list[str]) -> list[float]:
+        """Bits per mode in ``modes`` order, then per head in HEADS (detached)."""
         # one device -> host read for all sums (a float() per tensor waited for the GPU each)
         groups = [self.bits.get(m) or [] for m in modes] + \
                  [self.head_bits.get(k) or [] for k in HEADS]
         parts = [torch.cat([b.detach().reshape(-1) for b in g]).sum() for g in groups if g]
         vals = iter(torch.stack(parts).double().tolist() if parts else [])
-        bits = [next(vals) if g else 0.0 for g in groups]
-        counts = [float(self.elements[m]) for m in modes] + \
-                 [float(self.head_count[k]) for k in HEADS]
-        return [v for pair in zip(bits, counts) for v in pair]
+        return [next(vals) if g else 0.0 for g in groups]
 
     def heads_report(self) -> float | None:
         """Mean bits per head prediction (next mode and shape together), detached."""

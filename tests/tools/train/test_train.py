@@ -184,3 +184,22 @@ def test_unigram_baseline_matches_hand_computation(tokenizer):
     # fit on the same data, add-one smoothed over 256 values: p(0) = 4/260, p(255) = 2/260
     want = -(3 * math.log2(4 / 260) + math.log2(2 / 260)) / 4
     assert unigram_bits(counts, counts)["image"] == pytest.approx(want)
+
+
+def test_window_bits_are_read_after_backward_is_queued(tmp_path, dataset, tokenizer,
+                                                       monkeypatch):
+    """The optimizer step normalises by host counts and reads the window's bits (a GPU wait,
+    for the log) only after backward: read first, the host waited for the whole forward
+    before it could launch the backward. Every step: backward, then one read."""
+    from blocklm.tools.train import runner
+
+    events: list[str] = []
+    read, backward = runner.Window.bit_sums, torch.autograd.backward
+    monkeypatch.setattr(runner.Window, "bit_sums",
+                        lambda self, modes: events.append("read") or read(self, modes))
+    monkeypatch.setattr(torch.autograd, "backward",
+                        lambda *a, **k: events.append("backward") or backward(*a, **k))
+    out = train(tmp_path / "run", _spec(dataset, tokenizer), steps=2, progress=False,
+                tensorboard=False)
+    assert out["step"] == 2 and math.isfinite(out["loss"]["text"])
+    assert events == ["backward", "read"] * 2

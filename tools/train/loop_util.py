@@ -1,0 +1,65 @@
+"""Helpers of the training loop (:mod:`.loop`): checkpointable dispatcher state, the stop flag,
+metrics records."""
+
+from __future__ import annotations
+
+import signal
+from typing import Any
+
+from .runner import Context
+
+
+def _pack_contexts(state: dict[str, Any]) -> dict[str, Any]:
+    """Dispatcher state with :class:`Context` objects as plain dicts (for ``weights_only``)."""
+    out = dict(state)
+    out["in_flight"] = [dict(e, state=None if e["state"] is None else
+                             {"state": e["state"].state.detach(), "window": e["state"].window})
+                        for e in state["in_flight"]]
+    return out
+
+
+def _unpack_contexts(state: dict[str, Any]) -> dict[str, Any]:
+    out = dict(state)
+    out["in_flight"] = [dict(e, state=None if e["state"] is None else
+                             Context(e["state"]["state"], e["state"]["window"]))
+                        for e in state["in_flight"]]
+    return out
+
+
+class StopFlag:
+    """Set by SIGINT/SIGTERM: the loop finishes its window, checkpoints and exits."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> StopFlag:
+        for s in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[s] = signal.signal(s, self._set)
+            except ValueError:  # not the main thread: no handlers, the caller stops us
+                pass
+        return self
+
+    def _set(self, signum, frame) -> None:
+        if self.signal is not None:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def __exit__(self, *exc) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def _loader_stats(source: Any) -> dict[str, Any] | None:
+    stats = getattr(source, "stats", None)
+    return stats.to_dict() if stats is not None else None
+
+
+def _dispatch_metrics(m: dict[str, Any]) -> dict[str, Any]:
+    """The dispatcher's metrics worth a line in every record."""
+    keep = ("padding_ratio", "batch_fill", "tokens_per_batch_mean", "queue_age_p99",
+            "ttl_forced", "batches")
+    return {"examples_in_flight": m.get("examples_in_flight"), "rejected": m.get("rejected"),
+            "modes": {k: {f: v.get(f) for f in keep if f in v}
+                      for k, v in m.get("modes", {}).items()}}
