@@ -237,20 +237,18 @@ def _probe_pcm_wav(data: bytes) -> tuple[tuple[int, int], dict[str, MetaValue]] 
     A file it accepts passes ``check_integrity("wav")`` too (every chunk before ``data`` whole,
     ``fmt `` first, ``data`` as long as it declares: tests/formats/test_encoder_checks.py)."""
     n = len(data)
-    if n < 44 or data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+    if n < 44:
         return None
+    riff, _, wave, fid, fsize, *fmt, did, dsize = _CANONICAL.unpack_from(data)
+    if riff != b"RIFF" or wave != b"WAVE":
+        return None
+    if fid == b"fmt " and fsize == 16 and did == b"data":  # the usual 44-byte header: one unpack
+        return _pcm_shape(fmt, dsize, n - 44)
     at, fmt, chunk = 12, None, _CHUNK.unpack_from
     while at + 8 <= n:
         cid, size = chunk(data, at)
         if cid == b"data":
-            if fmt is None or size == 0 or size > n - at - 8:
-                return None
-            tag, channels, rate, _, align, bits = fmt
-            subtype = _WAV_SUBTYPES.get((tag, bits))
-            if subtype is None or not 1 <= channels <= 256 or rate <= 0 \
-                    or align != channels * bits // 8:
-                return None
-            return (size // align, channels), {"sample_rate": rate, "subtype": subtype}
+            return None if fmt is None else _pcm_shape(fmt, size, n - at - 8)
         if size & 1 or at + 8 + size > n:
             return None
         if cid == b"fmt ":
@@ -261,6 +259,19 @@ def _probe_pcm_wav(data: bytes) -> tuple[tuple[int, int], dict[str, MetaValue]] 
     return None
 
 
+def _pcm_shape(fmt, size: int, have: int) -> tuple[tuple[int, int], dict[str, MetaValue]] | None:
+    """``_probe_pcm_wav``'s answer for a ``data`` chunk of ``size`` bytes (``have`` in the file)."""
+    if size == 0 or size > have:
+        return None
+    tag, channels, rate, _, align, bits = fmt
+    subtype = _WAV_SUBTYPES.get((tag, bits))
+    if subtype is None or not 1 <= channels <= 256 or rate <= 0 or align != channels * bits // 8:
+        return None
+    return (size // align, channels), {"sample_rate": rate, "subtype": subtype}
+
+
+# RIFF, size, WAVE, "fmt ", 16, the 16-byte fmt body, "data", size: the usual 44-byte header
+_CANONICAL = struct.Struct("<4sI4s4sIHHIIHH4sI")
 _CHUNK = struct.Struct("<4sI")  # a RIFF chunk's id and size
 _FMT = struct.Struct("<HHIIHH")  # format tag, channels, rate, byte rate, block align, bits
 

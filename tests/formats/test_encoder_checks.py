@@ -85,3 +85,22 @@ def test_a_wav_the_plain_probe_accepts_passes_the_structure_check(corpora):
             assert plain_wav_block(v) is None
     assert accepted > len(wavs) * 2
     assert all(_probe_pcm_wav(w) is not None for w in wavs)
+
+
+def test_the_usual_wav_header_reads_as_the_chunk_walk_does(corpora):
+    """The one-unpack path for the usual 44-byte header gives what the chunk walk gives for the
+    same clip with a chunk before ``fmt `` (which takes the walk), and refuses what it refuses."""
+    import struct
+
+    from blocklm.formats.codecs import _probe_pcm_wav
+
+    for p in sorted((corpora / "audio").rglob("*.wav"))[:10]:
+        w = p.read_bytes()
+        assert w[12:16] == b"fmt " and w[36:40] == b"data"  # the usual layout
+        walked = w[:12] + b"LIST" + struct.pack("<I", 4) + b"abcd" + w[12:]
+        assert _probe_pcm_wav(w) == _probe_pcm_wav(walked) is not None
+        for at, value in ((40, 0), (40, 0xFFFFFFFF), (22, 0), (32, 3), (34, 12)):
+            bad = bytearray(w)
+            struct.pack_into("<I" if at == 40 else "<H", bad, at, value)
+            bad_walked = bytes(bad[:12]) + b"LIST" + struct.pack("<I", 4) + b"abcd" + bytes(bad[12:])
+            assert _probe_pcm_wav(bytes(bad)) is None and _probe_pcm_wav(bad_walked) is None
