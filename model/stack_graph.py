@@ -213,10 +213,17 @@ def run_chunks(runner, e, r, V, s, keep: bool):
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+def use_ctrl(stack: ProcessingStack, like: Tensor, ac: _Autocast) -> bool:
+    """Whether the graphs run the per-iteration kernels (``StackConfig.fused_ctrl``; fp32
+    state, no autocast or bf16 autocast) rather than the eager chunk body."""
+    return (stack.cfg.fused_ctrl and stack_ctrl_loop.available(like)
+            and (not ac.enabled or ac.dtype == torch.bfloat16))
+
+
 def graph_runner(stack: ProcessingStack, B: int, U: int, like: Tensor) -> GraphRunner:
     """The cached :class:`GraphRunner` for (B, U, dtype, autocast, parameter storage)."""
     ac = _Autocast(like.device.type)
-    ctrl = stack.cfg.fused_ctrl and stack_ctrl_loop.available(like)
+    ctrl = use_ctrl(stack, like, ac)
     key = (B, U, like.dtype, like.device, ac.key(), ctrl,
            tuple(p.data_ptr() for p in stack_params(stack)))
     pools, cache = _CACHE.setdefault(stack, ({}, OrderedDict()))

@@ -153,3 +153,21 @@ def test_ctrl_graphs_match_the_step_loop_on_cuda():
         for a, b, c in zip(got, ref, ref32):
             own = float((b - c).norm() / c.norm().clamp(min=1e-6))
             assert float((a - b).norm() / b.norm().clamp(min=1e-6)) < 2e-2 + 2 * own
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+def test_graphs_choose_the_ctrl_kernels_only_where_they_apply():
+    """On by default; not under fp16 autocast (the kernels round as bf16 autocast does), not for
+    a non-fp32 state, not when switched off."""
+    from types import SimpleNamespace
+
+    from blocklm.model.stack_graph import use_ctrl
+    st = ProcessingStack(StackConfig(depth=4, width=4, hidden=8), 6)
+    off, bf16, fp16 = (SimpleNamespace(enabled=e, dtype=d) for e, d in
+                       ((False, torch.float32), (True, torch.bfloat16), (True, torch.float16)))
+    like = torch.zeros(2)
+    assert use_ctrl(st, like, off) and use_ctrl(st, like, bf16)
+    assert not use_ctrl(st, like, fp16)
+    assert not use_ctrl(st, like.double(), off)
+    st.cfg.fused_ctrl = False
+    assert not use_ctrl(st, like, off)

@@ -19,7 +19,7 @@ def _setup(seed, B, T, K=32, W=16, Hd=32, d=48):
     torch.manual_seed(seed)
     torch.backends.cuda.matmul.allow_tf32 = False
     cfg = StackConfig(depth=K, width=W, hidden=Hd, max_steps=2, graphs=True, graph_unroll=4,
-                      fused=False)
+                      fused=False, fused_ctrl=False)  # the eager body's graphs (ctrl: own test)
     st = ProcessingStack(cfg, d).cuda()
     x = torch.randn(B, T, d, device="cuda")
     V, s = torch.randn(B, K, W, device="cuda"), torch.rand(B, K, device="cuda") * 0.3
