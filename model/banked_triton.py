@@ -100,9 +100,11 @@ def banked_attention_reference(q: Tensor, k: Tensor, v: Tensor, r: Tensor, w: Te
 # N=4, 1.6 of their 3.2 GB of traffic; one more bf16 rounding of the intra part). (Recomputing
 # the intra part inside the memory kernels instead cost more than the partials' bytes: call K5.)
 # fast_launch: cached direct launches (model/banked_launch.py; the 1K call is host-bound).
-# maxnreg_h: register cap of the state kernels (None: the compiler's choice, ~210-230 at 4 warps,
-# so 2 programs per SM: 512 sequential programs at B*H=64, N=4 run as 1.94 waves, ncu call K6;
-# 128 fits 4 per SM, one wave, at the cost of ~260-380 bytes of spills per thread).
+# maxnreg_h: register cap of the state kernels (None: the compiler's choice, 212-226 at 4 warps:
+# 2 programs per SM, so 512 sequential programs at B*H=64, N=4 run as 1.94 waves, ncu call K6).
+# 128 fits 4 per SM (one wave) with ~50 spilled values but measured slower (call K7: 16K 9.54
+# vs 8.29 ms; it needs num_stages 1 to fit, which alone gave 9.52): the steps are throughput-bound
+# per SM, not latency-bound.
 KERNEL_OPTS = {"tile_h": None, "tile_hk": 64, "tile_hv": None, "tile_v": 128, "warps_h": 4,
                "warps_o": 8, "warps_intra": 4, "tile_dm": 128, "warps_mem": 4, "warps_dv": 8,
                "stages_mem": None, "hdot_in_dv": True, "fwd_o_loop": False, "short": 0,

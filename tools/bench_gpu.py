@@ -92,12 +92,10 @@ def kernel_resources() -> dict:
     return out
 
 
-# fp32 partials in the backward (K3's), Triton's own launch path, the state kernels capped at 128
-# registers (4 programs per SM: one wave at B*H*N = 256) or 168 (3 per SM, no spills), one
-# pipeline stage alone; the defaults again last (run-to-run noise)
+# fp32 intra partials, Triton's own launch path, both (= K3's code path); the defaults again last
+# (run-to-run noise: model/GPU_NOTES.md, calls K6-K7)
 SWEEP = [{}, {"low_partials": False}, {"fast_launch": False},
-         {"maxnreg_h": 128, "stages_h": 1}, {"maxnreg_h": 168, "stages_h": 1},
-         {"stages_h": 1}, {}]
+         {"low_partials": False, "fast_launch": False}, {}]
 
 
 def _safe(fn):
