@@ -169,11 +169,11 @@ class BankedAttentionFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dST, dzT):
+        saved = ctx.saved_tensors  # unpacked once (each access checks versions again)
         key = ctx.key + (None if do is None else do.dtype,)
-        L = Launcher(ctx.saved_tensors[0].device, key,
+        L = Launcher(saved[0].device, key,
                      ctx.fast and KERNEL_OPTS["fast_launch"] and aligned(do, dST, dzT))
-        return backward(L, KERNEL_OPTS, ctx.saved_tensors, ctx.meta, do, dST, dzT) + (
-            None, None, None)
+        return backward(L, KERNEL_OPTS, saved, ctx.meta, do, dST, dzT) + (None, None, None)
 
 
 def triton_supports(q: Tensor, v: Tensor, chunk: int) -> bool:
