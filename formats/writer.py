@@ -116,18 +116,11 @@ class ShardWriter:
         process: encoding is the costly part, writing stays in order in one process), or the
         list of byte strings :meth:`SampleEncoder.encode_parts` gives (no joined copy);
         ``template``: the entry's index text from :meth:`SampleEncoder.encode_indexed`."""
-        if self.closed:
-            raise FormatError("write_encoded() on a closed ShardWriter")
         if isinstance(data, list):
             size = sum(map(len, data))
         else:
             size, data = len(data), [data]
-        if self._file is not None and self._full(size):
-            self._finish_shard()
-        if self._file is None:
-            self._open_shard()
-        if entry.key in self._keys:
-            raise FormatError("duplicate key in shard", shard=self._name, key=entry.key)
+        self._room(size, entry.key, "write_encoded")
         self.flush_spans()
         self._file.writelines(data)
         entry.size = size
@@ -142,20 +135,8 @@ class ShardWriter:
         :meth:`write_encoded`. The bytes are copied in the kernel (``copy_file_range``), runs of
         adjacent samples in one go, when the shard is finished or :meth:`flush_spans` is called;
         ``src_fd`` must stay open until then."""
-        if self.closed:
-            raise FormatError("write_span() on a closed ShardWriter")
-        if self._file is not None and self._full(entry.size):
-            self._finish_shard()
-        if self._file is None:
-            self._open_shard()
-        if entry.key in self._keys:
-            raise FormatError("duplicate key in shard", shard=self._name, key=entry.key)
-        span = self._span
-        if span is not None and (span[0] != src_fd or span[1] + span[2] != src_offset):
-            self.flush_spans()
-            span = None
-        self._span = (src_fd, src_offset, entry.size) if span is None else \
-            (src_fd, span[1], span[2] + entry.size)
+        self._room(entry.size, entry.key, "write_span")
+        self._extend_span(src_fd, src_offset, entry.size)
         self._add_entry(entry, template)
 
     def write_packed(self, parts: list[bytes], size: int, key: str, template: tuple,
@@ -164,10 +145,7 @@ class ShardWriter:
         strings (``size`` bytes in all), its key, its index template and per-block
         ``(mode, payload bytes, stored bytes)``. The same shards as :meth:`write` (tested);
         a converter's path, with no index entry objects to build and shift."""
-        if self._file is None or self._full(size):
-            self._next_shard()
-        if key in self._keys:
-            raise FormatError("duplicate key in shard", shard=self._name, key=key)
+        self._room(size, key, "write_packed")
         if self._span is not None:
             self.flush_spans()
         self._file.writelines(parts)
@@ -182,27 +160,32 @@ class ShardWriter:
                     totals: tuple) -> None:
         """:meth:`write_span` of a sample described as for :meth:`write_packed`: its ``size``
         bytes lie at ``src_offset`` of ``src_fd``."""
+        self._room(size, key, "span_packed")
+        self._extend_span(src_fd, src_offset, size)
+        self._json.append(render(template, self._pos))
+        self._keys.add(key)
+        self._account(totals)
+        self._pos += size
+
+    def _room(self, size: int, key: str, what: str) -> None:
+        """Make room for a sample of ``size`` bytes (open a shard, or finish a full one and open
+        the next); refuse a key the open shard already has."""
+        if self.closed:
+            raise FormatError(f"{what}() on a closed ShardWriter")
         if self._file is None or self._full(size):
-            self._next_shard()
+            if self._file is not None:
+                self._finish_shard()
+            self._open_shard()
         if key in self._keys:
             raise FormatError("duplicate key in shard", shard=self._name, key=key)
+
+    def _extend_span(self, src_fd: int, src_offset: int, size: int) -> None:
         span = self._span
         if span is not None and (span[0] != src_fd or span[1] + span[2] != src_offset):
             self.flush_spans()
             span = None
         self._span = (src_fd, src_offset, size) if span is None else \
             (src_fd, span[1], span[2] + size)
-        self._json.append(render(template, self._pos))
-        self._keys.add(key)
-        self._account(totals)
-        self._pos += size
-
-    def _next_shard(self) -> None:
-        if self.closed:
-            raise FormatError("write on a closed ShardWriter")
-        if self._file is not None:
-            self._finish_shard()
-        self._open_shard()
 
     def flush_spans(self) -> None:
         """Copy the pending run of :meth:`write_span` samples into the open shard."""
