@@ -2,8 +2,8 @@
 
 For each dataset and each variant (stack off / on with the eager loop / compiled / CUDA graphs) it
 builds a fresh :class:`blocklm.tools.train.loop.Trainer`, runs ``--warmup`` optimizer steps (the
-first compiles and autotunes), optionally profiles ``--profile-steps`` steps with torch.profiler
-(GPU kernel time per category), then times optimizer steps until ``--steps`` or ``--seconds``.
+first compiles and autotunes), times optimizer steps until ``--steps`` or ``--seconds``, then
+optionally profiles ``--profile-steps`` more with torch.profiler (GPU kernel time per category).
 All variants run in the same process, side by side.
 
 Timing: host wall time per optimizer step, split into model calls (the runners' forward,
@@ -101,11 +101,12 @@ class StepTimer:
         trainer.runners.run, trainer.runners.finish = timed_run, timed_finish
         trainer.optimizer_step = timed_opt
 
-    def summary(self, first: int, params: int) -> dict:
-        """Figures over the steps after ``first`` (their wall time runs from step first-1's end)."""
+    def summary(self, first: int, params: int, last: int | None = None) -> dict:
+        """Figures over steps first+1 .. last (1-based; all after ``first`` when None; their
+        wall time runs from step first's end)."""
         if len(self.steps) <= first:
             return {"error": f"only {len(self.steps)} optimizer steps ran (warm-up {first})"}
-        a, sel = self.steps[first - 1], self.steps[first:]
+        a, sel = self.steps[first - 1], self.steps[first:last]
         wall = sel[-1]["end"] - a["end"]
         tokens = sum(s["tokens"] for s in sel)
         model = sum(s.get("model", 0.0) for s in sel)
@@ -133,6 +134,32 @@ class StepTimer:
                 "batches": {m: {"n": v[0], "requests_mean": round(v[1] / v[0], 1),
                                 "padded_tokens_mean": round(v[2] / v[0])}
                             for m, v in sorted(per_mode.items())}}
+
+
+class Phases:
+    """Warm-up steps, then timed steps (until ``steps`` or ``seconds``), then ``profile_steps``
+    profiled ones. Profiling after the timing keeps the timed window on the same batches
+    whether a run profiles or not (profiling first shifted it: thru-A/B compared mixed windows
+    holding 3 and 5 image batches)."""
+
+    def __init__(self, warmup: int, steps: int, seconds: float, profile_steps: int) -> None:
+        self.warmup, self.steps, self.seconds = warmup, steps, seconds
+        self.profile_steps = profile_steps
+        self.t_timed: float | None = None  # when the timing started (after the warm-up)
+        self.timed_end: int | None = None  # the last timed step
+
+    def after(self, n: int, now: float) -> str | None:
+        """What to do after optimizer step n (1-based): "profile" (start the profiler),
+        "stop_profile" (stop it and end the run), "stop" (end the run) or None."""
+        if n == self.warmup:
+            self.t_timed = now
+        if self.timed_end is None:
+            if n > self.warmup and (n >= self.warmup + self.steps
+                                    or now - self.t_timed >= self.seconds):
+                self.timed_end = n
+                return "profile" if self.profile_steps else "stop"
+            return None
+        return "stop_profile" if n >= self.timed_end + self.profile_steps else None
 
 
 def kernel_breakdown(prof) -> dict:
@@ -176,21 +203,21 @@ def run_variant(data: str, variant: str, extra: list[str], warmup: int, steps: i
                      tensorboard=False)
         params = sum(p.numel() for p in tr.model.parameters())
         timer = StepTimer(tr)
-        first = warmup + profile_steps  # timed steps start after this many
+        phases = Phases(warmup, steps, seconds, profile_steps)
         state: dict = {"t0": time.perf_counter()}
 
         def hook(n: int, tr=tr) -> None:  # called after optimizer step n (1-based)
             now = time.perf_counter()
             if n == warmup:
                 state["warmup_s"] = now - state["t0"]
-                if profile_steps:
-                    from torch.profiler import ProfilerActivity, profile
+            act = phases.after(n, now)
+            if act == "profile":
+                from torch.profiler import ProfilerActivity, profile
 
-                    state["prof"] = profile(activities=[ProfilerActivity.CPU,
-                                                        ProfilerActivity.CUDA])
-                    state["prof"].__enter__()
-                    state["tp"] = now
-            if profile_steps and n == first:
+                state["prof"] = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+                state["prof"].__enter__()
+                state["tp"] = now
+            elif act == "stop_profile":
                 state["prof"].__exit__(None, None, None)
                 state["profile"] = dict(kernel_breakdown(state["prof"]), steps=profile_steps,
                                         wall_ms=round((now - state["tp"]) * 1e3, 1))
@@ -199,10 +226,7 @@ def run_variant(data: str, variant: str, extra: list[str], warmup: int, steps: i
 
                     state["profile"].update(export_profile(
                         state["prof"], trace, f"{Path(data).name}_{variant}"))
-                timer.steps[-1]["end"] = time.perf_counter()  # trace processing is not timed
-            timed = timer.steps[first - 1]["end"] if n > first else now
-            if n >= first + steps or (n > first and now - timed >= seconds) or \
-                    now - state["t0"] >= seconds + 600:
+            if act in ("stop", "stop_profile") or now - state["t0"] >= seconds + 600:
                 tr.target = n
         timer.hook = hook
         tr.fit(steps=10**9, minutes=None)
@@ -210,7 +234,8 @@ def run_variant(data: str, variant: str, extra: list[str], warmup: int, steps: i
                      "warmup_s": round(state.get("warmup_s", -1.0), 1)}
         if "profile" in state:
             res["profile"] = state["profile"]
-        res.update(timer.summary(first, params) if first else {"error": "no warm-up step"})
+        res.update(timer.summary(warmup, params, phases.timed_end) if warmup
+                   else {"error": "no warm-up step"})
         res["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 1) \
             if torch.cuda.is_available() else None
         del tr
@@ -269,7 +294,7 @@ def simulate_dispatch(preset: str, data: str, extra: list[str]) -> dict:
 @click.option("--steps", default=20, show_default=True, help="Timed optimizer steps (at most).")
 @click.option("--seconds", default=60.0, show_default=True, help="Time cap per variant.")
 @click.option("--profile-steps", default=0, show_default=True,
-              help="Steps profiled (torch.profiler) after the warm-up, before the timing.")
+              help="Steps profiled (torch.profiler) after the timed steps.")
 @click.option("--simulate", is_flag=True,
               help="Only simulate the dispatcher on the CPU (batches, sequential steps, padding).")
 @click.option("--out", "out_path", default=None, help="Also write the JSON figures here.")

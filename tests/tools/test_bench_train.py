@@ -46,3 +46,32 @@ def test_step_timer_splits_wall_time():
     assert s["batches"] == {"text": {"n": 3, "requests_mean": 2.0, "padded_tokens_mean": 100}}
     assert len(s["data_wait_ms"]) == 3 and all(25 <= w < 60 for w in s["data_wait_ms"])
     assert timer.summary(4, params=10)["error"].startswith("only 4")
+
+
+def test_profiled_steps_come_after_the_timed_window():
+    """With or without profiling the timed window is steps warmup+1 .. warmup+steps (the
+    profiled steps used to come first and shift it onto other batches); profiling then runs
+    profile_steps more; a time cap ends the timing early."""
+    from blocklm.tools.bench_train import Phases
+
+    def run(profile_steps, seconds=1e9, dt=1.0):
+        ph, acts = Phases(2, 3, seconds, profile_steps), []
+        for n in range(1, 20):
+            a = ph.after(n, n * dt)
+            acts.append((n, a)) if a else None
+            if a in ("stop", "stop_profile"):
+                return ph.timed_end, acts
+    assert run(0) == (5, [(5, "stop")])
+    assert run(2) == (5, [(5, "profile"), (7, "stop_profile")])
+    assert run(1, seconds=1.5) == (4, [(4, "profile"), (5, "stop_profile")])
+
+
+def test_step_timer_summary_stops_at_the_last_timed_step():
+    tr = FakeTrainer()
+    timer = StepTimer(tr)
+    batch = SimpleNamespace(requests=[1], padded_cost=100, cost=100)
+    for _ in range(5):
+        tr.runners.run("text", batch)
+        tr.optimizer_step()
+    s = timer.summary(1, params=10, last=3)
+    assert s["steps"] == 2 and s["tokens"] == 200 and s["batches"]["text"]["n"] == 2
