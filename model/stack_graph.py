@@ -22,6 +22,10 @@ pushes nothing). Static inputs and outputs are copied in and out around every re
 graph serves every chunk, every block and any number of forward calls before their backward
 (the trainer accumulates several batches before one backward), and all graphs can share one
 memory pool: nothing a graph writes in the pool is read after its replay has been copied out.
+
+With ``StackConfig.fused_ctrl`` (the default; fp32 or bf16 autocast) the captured chunk body is
+:class:`blocklm.model.stack_ctrl_loop.CtrlRunner` instead: one Triton kernel per ponder
+iteration forward and one backward, no autograd inside the graphs.
 """
 
 from __future__ import annotations
