@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import mmap
 import sys
+import threading
 
 _refs = sys.getrefcount
 
@@ -26,25 +27,24 @@ _refs = sys.getrefcount
 class RunBuffers:
     """Buffers of ``size`` bytes (a larger one for a run above it), taken and given back by the
     thread that cuts runs; at most ``keep`` are kept for reuse. Passes in several threads may
-    share one pool (``list.pop``/``append`` are atomic; a buffer is taken by one of them).
-    Not pickled: a DataLoader worker starts with none."""
+    share one pool (a lock makes the check of a buffer and its taking one step). Not pickled:
+    a DataLoader worker starts with none."""
 
     def __init__(self, size: int, keep: int = 4) -> None:
         self.size, self.keep = size, keep
         self._free: list[mmap.mmap] = []
+        self._lock = threading.Lock()
 
     def take(self, n: int) -> mmap.mmap:
         """A buffer of at least ``n`` bytes nothing else refers to (the caller owns it until
         :meth:`give`)."""
         free = self._free
         if n <= self.size:
-            for k in range(len(free) - 1, -1, -1):
-                # 2: the list's reference and getrefcount's argument; more: a view lives on
-                if _refs(free[k]) == 2:
-                    try:
+            with self._lock:
+                for k in range(len(free) - 1, -1, -1):
+                    # 2: the list's reference and getrefcount's argument; more: a view lives on
+                    if _refs(free[k]) == 2:
                         return free.pop(k)
-                    except IndexError:  # another thread's pass took one meanwhile
-                        break
         return mmap.mmap(-1, max(n, self.size), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
 
     def give(self, buf: mmap.mmap) -> None:
@@ -53,11 +53,15 @@ class RunBuffers:
         if len(buf) != self.size:
             return  # a run above ``size`` (one large sample): let go
         free = self._free
-        free.append(buf)
-        if len(free) > self.keep:
-            # keep those free now; one still viewed is left to its views (freed with them)
-            held = [k for k in range(len(free)) if _refs(free[k]) > 2]
-            del free[held[0] if held else 0]
+        with self._lock:
+            free.append(buf)
+            if len(free) > self.keep:
+                # keep those free now; one still viewed is left to its views (freed with them)
+                held = [k for k in range(len(free)) if _refs(free[k]) > 2]
+                del free[held[0] if held else 0]
 
     def __getstate__(self) -> dict:
-        return {"size": self.size, "keep": self.keep, "_free": []}
+        return {"size": self.size, "keep": self.keep}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["size"], state["keep"])

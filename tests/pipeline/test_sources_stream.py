@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import mmap
+import pickle
 import random
 import re
 import shutil
@@ -166,6 +167,8 @@ def test_run_buffers_reuse_only_unreferenced_buffers():
     assert isinstance(big, mmap.mmap) and len(big) > 1 << 16
     bufs.give(big)
     assert all(len(x) == 1 << 16 for x in bufs._free)
+    copy = pickle.loads(pickle.dumps(bufs))  # a DataLoader worker's: no buffers, its own lock
+    assert copy.size == 1 << 16 and not copy._free and len(copy.take(10)) == 1 << 16
 
 
 def test_the_read_ahead_thread_ends_and_closes_its_connection_with_its_dataset(big_url):
