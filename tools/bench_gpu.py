@@ -92,10 +92,9 @@ def kernel_resources() -> dict:
     return out
 
 
-# fp32 intra partials, Triton's own launch path, both (= K3's code path); the defaults again last
-# (run-to-run noise: model/GPU_NOTES.md, calls K6-K7)
-SWEEP = [{}, {"low_partials": False}, {"fast_launch": False},
-         {"low_partials": False, "fast_launch": False}, {}]
+# the backward memory kernels fused (fuse_mem: one pass over the saved memories fewer), also
+# with two pipeline stages; defaults and fused interleaved twice (run-to-run noise: calls K6-K7)
+SWEEP = [{}, {"fuse_mem": True}, {"fuse_mem": True, "stages_mem": 2}, {}, {"fuse_mem": True}]
 
 
 def _safe(fn):
@@ -220,6 +219,10 @@ def bench_gpu(batch, heads, dim, tokens, banks, chunks, ref_max_tokens, reps, sw
                         bt.KERNEL_OPTS.update(variant)
                         ms = _safe(lambda xs=xs, banked=banked, dout=dout: _median_ms(
                             _fwd_bwd(banked, xs, dout), reps))
+                        key = f"{T} {' '.join(f'{a}={b}' for a, b in variant.items())}"
+                        if do_profile and variant and key not in res["profile"]:  # per kernel
+                            res["profile"][key] = _safe(lambda xs=xs, banked=banked, dout=dout: (
+                                profile_kernels(_fwd_bwd(banked, xs, dout))))
                         bt.KERNEL_OPTS.clear()
                         bt.KERNEL_OPTS.update(saved)
                         res.setdefault("sweep", []).append({"tokens": T, "opts": variant, "ms": (
@@ -253,7 +256,8 @@ def bench_gpu(batch, heads, dim, tokens, banks, chunks, ref_max_tokens, reps, sw
 def _table(res: dict, N: int, Cs: list[int]) -> None:
     s = res["shape"]
     for T, rows in res.get("profile", {}).items():
-        for r in rows[:12]:
+        for r in (rows[:12] if isinstance(rows, list) else [{"ms": -1, "calls": 0,
+                                                              "kernel": str(rows)}]):
             click.echo(f"profile T={T} {r['ms']:9.3f} ms x{r['calls']:<3} {r['kernel']}")
     for r in res.get("sweep", []):
         click.echo(f"sweep T={r['tokens']} {r['ms']} ms  {r['opts'] or 'defaults'}")
