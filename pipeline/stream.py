@@ -207,7 +207,7 @@ class RunReader:
             until = -1
             while lo < hi:
                 start = offs[lo]
-                size = FIRST_RUN_BYTES if start >= until and not o.mapped else run_bytes
+                size = FIRST_RUN_BYTES if start >= until and o.into else run_bytes
                 m = bisect_right(ends, start + size, lo + 1, hi)
                 if start >= until:  # a new request: for the runs of up to STREAM_BYTES
                     until = ends[bisect_right(ends, start + STREAM_BYTES, m, hi) - 1]

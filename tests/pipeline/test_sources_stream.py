@@ -200,3 +200,29 @@ def test_forked_workers_start_their_own_read_ahead_thread(big_url):
     assert len(list(ds)) == 60  # the parent's thread runs (a forked worker has none of it)
     dl = DataLoader(ds, batch_size=None, num_workers=2, multiprocessing_context="fork")
     assert sorted(s.key for s in dl) == sorted(s.key for s in iter_dataset(local))
+
+
+def test_remote_runs_start_each_request_with_a_short_run(big_url, s3):
+    import numpy as np
+
+    from blocklm.pipeline.stream import FIRST_RUN_BYTES, REMOTE_RUN_BYTES, RunReader
+
+    url, local = big_url
+    s3_url = s3.upload(local, "blocklm-stream", "big")
+    for src in (url, str(local), s3_url):
+        remote = s3.config(timeout=5) if src == s3_url else RemoteConfig(timeout=5)
+        ds = BlockDataset(src, shuffle=False, remote=remote)
+        plan = ds.plan()
+        shards, loc = plan.locate(np.arange(plan.size))
+        reader = RunReader(ds.urls, ds.counts, ds.index_xxh3, opener=ds.opener,
+                           limits=ds.limits, verify=True, stats=ds.stats)
+        runs = list(reader.runs(shards, loc))
+        reader.close()
+        sizes = [end - start for _, _, _, start, end, _, _ in runs]
+        firsts = [k for k, r in enumerate(runs)
+                  if k == 0 or r[2] is not runs[k - 1][2] or r[3] >= runs[k - 1][6]]
+        if src == url:  # each request's first run short, the others up to the remote run size
+            assert len(firsts) == 2 and all(sizes[k] <= FIRST_RUN_BYTES for k in firsts)
+            assert max(sizes) <= REMOTE_RUN_BYTES and max(sizes) > FIRST_RUN_BYTES
+        else:  # a local shard is mapped, S3 reads each run alone: no short runs
+            assert all(s > FIRST_RUN_BYTES for s in sizes[:-1])
