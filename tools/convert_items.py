@@ -66,8 +66,8 @@ class Item:
 
 @dataclass(slots=True)
 class Result:
-    """One item's outcome: its encoded sample (bytes and index entry, or where a worker spilled
-    them), or a rejection reason."""
+    """One item's outcome: its encoded sample (members, size, key, index template and totals, or
+    where a worker spilled them), or a rejection reason."""
 
     source: str
     encoded: tuple | None = None  # (parts, size, key, template, totals): ShardWriter.write_packed

@@ -5,11 +5,11 @@ the input list (a window of it: ``convert_run.WINDOW``) in input order from one 
 each claim takes a share of what is left, so claims shrink towards the end and nobody waits long
 for the last one. A helper converts its chunk into a spill file
 (``OUT/PREFIX-spill-PID.tmp/NNNNNNNNN``: the encoded samples in order), writes the per-item
-summaries (source, rejection reason or index entry) beside it (``.rec``) and sends the parent a
-short note. The parent yields every result in input order: its own chunk straight into the
+summaries (source, and the rejection reason or size, key, index text and per-mode totals)
+beside it (``.rec``) and sends the parent a short note. The parent yields every result in input order: its own chunk straight into the
 shards when it is the next one, else held in memory until the chunks before it are written (at
 most ``HOLD_BYTES``, beyond which it waits for the helpers instead of claiming more); a helper's
-chunk, as soon as it is the next one, through :meth:`ShardWriter.write_span`, which sets the
+chunk, as soon as it is the next one, through :meth:`ShardWriter.span_packed`, which sets the
 shard boundaries exactly as for in-process writing and copies the bytes in the kernel
 (``copy_file_range``). So the shards are byte-identical whatever ``N`` and however the chunks
 were shared out, only the helpers' share of the bytes is written twice, and the copies are
@@ -149,7 +149,7 @@ def parallel_results(items: list[Item], n_workers: int, folder: Path, flush: Cal
                      deep_check: bool = False) -> Iterator[Result]:
     """Every item's :class:`Result` in input order, converted by the parent and ``n_workers-1``
     helpers. A result with ``spill = (fd, offset, size, key, template, totals)`` goes to
-    :meth:`ShardWriter.write_span`; ``flush`` (the writer's ``flush_spans``) is called before a
+    :meth:`ShardWriter.span_packed`; ``flush`` (the writer's ``flush_spans``) is called before a
     spill file is closed."""
     n = len(items)
     if n_workers <= 1 or n <= MIN_CHUNK or "fork" not in mp.get_all_start_methods():

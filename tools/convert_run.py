@@ -2,7 +2,7 @@
 
 Workers build, validate and encode contiguous chunks of the inputs in parallel, each into a
 spill file (``convert_parallel``); the parent takes them in input order and copies each sample into
-the shards (``ShardWriter.write_span``), so the shards are byte-identical whatever the number of
+the shards (``ShardWriter.span_packed``), so the shards are byte-identical whatever the number of
 workers. Each finished shard is final (atomic rename); after each one, ``progress.json``
 records how many items are done, the shards so far and the rejections so far. ``--resume``
 re-enumerates the inputs (cheap), skips the done items and continues writing at the next shard
