@@ -102,5 +102,6 @@ def test_the_usual_wav_header_reads_as_the_chunk_walk_does(corpora):
         for at, value in ((40, 0), (40, 0xFFFFFFFF), (22, 0), (32, 3), (34, 12)):
             bad = bytearray(w)
             struct.pack_into("<I" if at == 40 else "<H", bad, at, value)
-            bad_walked = bytes(bad[:12]) + b"LIST" + struct.pack("<I", 4) + b"abcd" + bytes(bad[12:])
+            bad_walked = (bytes(bad[:12]) + b"LIST" + struct.pack("<I", 4) + b"abcd"
+                          + bytes(bad[12:]))
             assert _probe_pcm_wav(bytes(bad)) is None and _probe_pcm_wav(bad_walked) is None

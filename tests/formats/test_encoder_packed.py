@@ -1,5 +1,5 @@
-"""The converter's lean path: SampleEncoder.encode_packed / encode_file and ShardWriter.write_packed /
-span_packed give exactly what encode_indexed and write() give."""
+"""The converter's lean path: SampleEncoder.encode_packed / encode_file and
+ShardWriter.write_packed / span_packed give exactly what encode_indexed and write() give."""
 
 from __future__ import annotations
 

@@ -177,7 +177,8 @@ def test_forced_kind_rejects_what_is_not_that_kind(small_text, tmp_path, run_cli
 
 def test_one_file_fast_path_equals_the_general_path(bad_dir, audio_dir):
     """convert_items' path for one-file samples gives the bytes, size, key, index text and totals
-    of the general path, and the same rejection reasons, on good and bad files of every kind here."""
+    of the general path, and the same rejection reasons, on good and bad files of every kind
+    here."""
     from blocklm.tools import convert_items as ci
     from blocklm.tools.convert_keys import KeyAllocator
     from blocklm.tools.convert_options import ConvertOptions
