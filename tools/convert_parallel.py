@@ -4,9 +4,9 @@ With ``--workers N`` the parent and ``N-1`` forked helper processes claim contig
 the input list (a window of it: ``convert_run.WINDOW``) in input order from one shared counter;
 each claim takes a share of what is left, so claims shrink towards the end and nobody waits long
 for the last one. A helper converts its chunk into a spill file
-(``OUT/PREFIX-spill-PID.tmp/NNNNNNNNN``: the encoded samples in order), writes the per-item summaries (source, and
-the rejection reason or size, key, index text and per-mode totals) beside it (``.rec``) and
-sends the parent a short note. The parent yields every result in input order: its own chunk
+(``OUT/PREFIX-spill-PID.tmp/NNNNNNNNN``: the encoded samples in order), writes the per-item
+summaries (source, and the rejection reason or size, key, index text and per-mode totals)
+beside it (``.rec``) and sends the parent a short note. The parent yields every result in input order: its own chunk
 straight into the shards when it is the next one, else held in memory until the chunks before it
 are written (at most ``HOLD_BYTES``, beyond which it waits for the helpers instead of claiming
 more); a helper's chunk, as soon as it is the next one, through :meth:`ShardWriter.span_packed`,
