@@ -6,9 +6,9 @@ each claim takes a share of what is left, so claims shrink towards the end and n
 for the last one. A helper converts its chunk into a spill file
 (``OUT/PREFIX-spill-PID.tmp/NNNNNNNNN``: the encoded samples in order), writes the per-item
 summaries (source, and the rejection reason or size, key, index text and per-mode totals)
-beside it (``.rec``) and sends the parent a short note. The parent yields every result in input order: its own chunk
-straight into the shards when it is the next one, else held in memory until the chunks before it
-are written (at most ``HOLD_BYTES``, beyond which it waits for the helpers instead of claiming
+beside it (``.rec``) and sends the parent a short note. The parent yields every result in input
+order: its own chunk straight into the shards when it is the next one, else held in memory until
+the chunks before it are written (at most ``HOLD_BYTES``, beyond which it waits for the helpers instead of claiming
 more); a helper's chunk, as soon as it is the next one, through :meth:`ShardWriter.span_packed`,
 which sets the shard boundaries exactly as for in-process writing and copies the bytes in the
 kernel (``copy_file_range``). So the shards are byte-identical whatever ``N`` and however the
