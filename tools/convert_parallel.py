@@ -7,14 +7,15 @@ for the last one. A helper converts its chunk into a spill file
 (``OUT/PREFIX-spill-PID.tmp/NNNNNNNNN``: the encoded samples in order), writes the per-item
 summaries (source, and the rejection reason or size, key, index text and per-mode totals)
 beside it (``.rec``) and sends the parent a short note. The parent yields every result in input
-order: its own chunk straight into the shards when it is the next one, else held in memory until
-the chunks before it are written (at most ``HOLD_BYTES``, beyond which it waits for the helpers instead of claiming
-more); a helper's chunk, as soon as it is the next one, through :meth:`ShardWriter.span_packed`,
-which sets the shard boundaries exactly as for in-process writing and copies the bytes in the
-kernel (``copy_file_range``). So the shards are byte-identical whatever ``N`` and however the
-chunks were shared out, only the helpers' share of the bytes is written twice, and the copies
-are spread over the run instead of left to its end (the helpers used to claim from the back,
-which left the parent copying all their chunks alone after the meeting point).
+order: its own chunk straight into the shards when it is the next one, else held in memory
+until the chunks before it are written (at most ``HOLD_BYTES``, beyond which it waits for the
+helpers instead of claiming more); a helper's chunk, as soon as it is the next one, through
+:meth:`ShardWriter.span_packed`, which sets the shard boundaries exactly as for in-process
+writing and copies the bytes in the kernel (``copy_file_range``). So the shards are
+byte-identical whatever ``N`` and however the chunks were shared out, only the helpers' share of
+the bytes is written twice, and the copies are spread over the run instead of left to its end
+(the helpers used to claim from the back, which left the parent copying all their chunks alone
+after the meeting point).
 
 Why not a ``multiprocessing.Pool`` that returns encoded samples (the design before): pickling
 ~45 MB of samples through pipes to an otherwise idle parent made 2 workers slower than 1 on
