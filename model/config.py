@@ -44,6 +44,10 @@ class StackConfig:
     # 0.17 / 0.38 ms per step at B = 11 / 64 / 300 against 0.44 / 0.55 / 0.80 with `fused`, text
     # 112k vs 59k tokens/s, mixed 56k vs 28k (GPU_NOTES.md, S6)
     fused_ctrl: bool = True
+    # with `fused_ctrl`, the cells inside a graph chunk as a ring with a head per example: a push
+    # writes one row instead of shifting V [B,K,W] (stack_ctrl.py; state layout unchanged).
+    # Off until measured on the GPU (GPU_NOTES.md, stack2)
+    ring: bool = False
 
 
 @dataclass

@@ -63,6 +63,37 @@ if triton is not None:
         return g, mg, k, mgk, s, above, wt, run, left
 
     @triton.jit
+    def _rows(HD, g, mg, k, K: tl.constexpr, RING: tl.constexpr):
+        # the head [G] and the row [G,BK] of logical cell k (0 = top): with RING counted from
+        # the example's head (a push moves the head up one row instead of shifting the cells)
+        if RING:
+            hd = tl.load(HD + g, mask=mg, other=0)
+            return hd, (hd[:, None] + k[None, :]) % K
+        else:
+            return g * 0, k[None, :]  # [1,BK]: broadcast, as before the ring
+
+    @triton.jit
+    def _top(hd, off, K: tl.constexpr, RING: tl.constexpr):
+        # the row a push of ``off`` (0 or 1) writes its cell to: the old bottom's with RING
+        if RING:
+            return (hd - off + K) % K
+        else:
+            return off * 0
+
+    @triton.jit
+    def _vload(V, BOT, g, mg, row, lost, w, m3, K: tl.constexpr, W: tl.constexpr,
+               RING: tl.constexpr):
+        # the cells [G,BK,WCH] of the iteration's input state; the row a push overwrote
+        # (``lost``, RING only) holds the new cell, the input's bottom cell is in BOT
+        v = tl.load(V + g[:, None, None] * K * W + row[:, :, None] * W + w[None, None, :],
+                    mask=m3 & ~lost[:, :, None], other=0.0)
+        if RING:
+            bot = tl.load(BOT + g[:, None] * W + w[None, :], mask=mg[:, None] & (w < W)[None, :],
+                          other=0.0)
+            v = tl.where(lost[:, :, None], bot[:, None, :], v)
+        return v
+
+    @triton.jit
     def _actions(en, h, mh, WA, BA, H: tl.constexpr, LOWP: tl.constexpr):
         # softmax(act(e_new)) [G,4] (push, pop, no-op, one padding column) and act's weights
         c = tl.arange(0, 4)
@@ -77,13 +108,16 @@ if triton is not None:
 
     @triton.jit
     def _iter_fwd(E, se, V, S, RUN, sr, ACC, sa, LEFT, WC, BC, WA, BA, WV, BV,
-                  EO, seo, VO, SO, ACCO, sao, LEFTO, RUNO, READ, srd, X, EN, VN, B,
-                  K: tl.constexpr, W: tl.constexpr, H: tl.constexpr, eps, G: tl.constexpr,
+                  EO, seo, VO, SO, ACCO, sao, LEFTO, RUNO, READ, srd, X, EN, VN, HD, HDO, BOT,
+                  B, K: tl.constexpr, W: tl.constexpr, H: tl.constexpr, eps, G: tl.constexpr,
                   BK: tl.constexpr, BH: tl.constexpr, WCH: tl.constexpr, IC: tl.constexpr,
                   FIRST: tl.constexpr, SAVE_READ: tl.constexpr, SAVE: tl.constexpr,
-                  LOWP: tl.constexpr):
-        # SAVE (the recompute before backward): the Linear inputs X = [e, read], e_new, v
+                  LOWP: tl.constexpr, RING: tl.constexpr = False):
+        # SAVE (the recompute before backward): the Linear inputs X = [e, read], e_new, v, and
+        # with RING the bottom cell (BOT) a push overwrites. RING: V is a ring (VO is V, written
+        # in place, one row a push) with the head HD -> HDO; s stays top-first
         g, mg, k, mgk, s, above, wt, run, left = _cells(S, RUN, sr, LEFT, B, K, G, BK, FIRST)
+        hd, row = _rows(HD, g, mg, k, K, RING)
         h = tl.arange(0, BH)
         mh = h < H
         mgh = mg[:, None] & mh[None, :]
@@ -92,7 +126,7 @@ if triton is not None:
         for w0 in range(0, W, WCH):  # read, a chunk of lanes at a time, into the matmul
             w = w0 + tl.arange(0, WCH)
             mw = w < W
-            v = tl.load(V + g[:, None, None] * K * W + k[None, :, None] * W + w[None, None, :],
+            v = tl.load(V + g[:, None, None] * K * W + row[:, :, None] * W + w[None, None, :],
                         mask=mgk[:, :, None] & mw[None, None, :], other=0.0)  # [G,BK,WCH]
             rd = tl.sum(wt[:, :, None] * v, 1)  # [G,WCH]
             if SAVE_READ:  # the read of this (input) state: the previous step's output read
@@ -133,19 +167,23 @@ if triton is not None:
         dst = k[None, :] + off[:, None]  # cell k goes to k+1 on a push; the bottom falls off
         tl.store(SO + g[:, None] * K + dst, new, mask=mgk & (dst < K))
         tl.store(SO + g * K, push, mask=mg & (off > 0))
+        hn = _top(hd, off, K, RING)
+        if RING:
+            tl.store(HDO + g, hn, mask=mg)
         for w0 in range(0, W, WCH):
             w = w0 + tl.arange(0, WCH)
             mw = w < W
             m2 = mg[:, None] & mw[None, :]
             m3 = mgk[:, :, None] & mw[None, None, :]
-            v = tl.load(V + g[:, None, None] * K * W + k[None, :, None] * W + w[None, None, :],
+            v = tl.load(V + g[:, None, None] * K * W + row[:, :, None] * W + w[None, None, :],
                         mask=m3, other=0.0)
             a = tl.sum(popped[:, :, None] * v, 1)
             if not FIRST:
                 a += tl.load(ACC + g[:, None] * sa + w[None, :], mask=m2, other=0.0)
             tl.store(ACCO + g[:, None] * sao + w[None, :], a, mask=m2)
-            tl.store(VO + g[:, None, None] * K * W + dst[:, :, None] * W + w[None, None, :], v,
-                     mask=m3 & (dst < K)[:, :, None])
+            if not RING:
+                tl.store(VO + g[:, None, None] * K * W + dst[:, :, None] * W + w[None, None, :],
+                         v, mask=m3 & (dst < K)[:, :, None])
             wv = tl.load(WV + w[:, None] * H + h[None, :], mask=mw[:, None] & mh[None, :],
                          other=0.0).to(tl.float32)  # [WCH,BH]
             bv = _rb(tl.load(BV + w, mask=mw, other=0.0), LOWP)
@@ -153,18 +191,29 @@ if triton is not None:
                            LOWP))  # [G,WCH] the pushed cell
             if SAVE:
                 tl.store(VN + g[:, None] * W + w[None, :], vn, mask=m2)
-            tl.store(VO + g[:, None] * K * W + w[None, :], vn, mask=m2 & (off > 0)[:, None])
+            if RING:
+                if SAVE:  # the bottom cell, which the push overwrites: the backward needs it
+                    bot = tl.sum(tl.where((k == K - 1)[None, :, None], v, 0.0), 1)
+                    tl.store(BOT + g[:, None] * W + w[None, :], bot, mask=m2)
+                tl.debug_barrier()  # every lane has read the bottom row before it is replaced
+            tl.store(VO + g[:, None] * K * W + hn[:, None] * W + w[None, :], vn,
+                     mask=m2 & (off > 0)[:, None])
 
     @triton.jit
     def _iter_bwd(V, S, RUN, sr, LEFT, EN, VN, WCT, WA, BA, WV,
                   GEO, sgeo, GVO, GSO, GACC, sga, GLEFT, GREAD, sgr,
-                  GE, sge, GV, GS, GLEFTI, GPRE, GLG, GVP, B, K: tl.constexpr,
+                  GE, sge, GV, GS, GLEFTI, GPRE, GLG, GVP, HD, BOT, B, K: tl.constexpr,
                   W: tl.constexpr, H: tl.constexpr, G: tl.constexpr, BK: tl.constexpr,
                   BH: tl.constexpr, WCH: tl.constexpr, IC: tl.constexpr,
-                  FIRST: tl.constexpr, HAS_GREAD: tl.constexpr, LOWP: tl.constexpr):
+                  FIRST: tl.constexpr, HAS_GREAD: tl.constexpr, LOWP: tl.constexpr,
+                  RING: tl.constexpr = False):
         # from the iteration's input state and what its recompute saved (e_new, v); WCT is
-        # ctrl's weight transposed ([Hd+W, Hd]), so each product below reduces along a row
+        # ctrl's weight transposed ([Hd+W, Hd]), so each product below reduces along a row.
+        # RING: V is the ring after this iteration (head HD before it), its overwritten bottom
+        # cell in BOT; the kernel writes that cell back (V becomes this iteration's input
+        # state) and turns the ring's gradient in place (GV is GVO)
         g, mg, k, mgk, s, above, wt, run, left = _cells(S, RUN, sr, LEFT, B, K, G, BK, FIRST)
+        hd, row = _rows(HD, g, mg, k, K, RING)
         h = tl.arange(0, BH)
         mh = h < H
         mgh = mg[:, None] & mh[None, :]
@@ -180,6 +229,11 @@ if triton is not None:
         popped = s - tl.maximum(z, 0.0)
         off = (push > 0).to(tl.int32)
         src = k[None, :] + off[:, None]  # where cell k went
+        hn = _top(hd, off, K, RING)
+        if RING:  # the row the push overwrote (the input's bottom cell, now in BOT)
+            lost = (row == hn[:, None]) & (off[:, None] > 0)
+        else:
+            lost = row < 0
         gnew = tl.load(GSO + g[:, None] * K + src, mask=mgk & (src < K), other=0.0)
         gpush = tl.where(off > 0, tl.load(GSO + g * K, mask=mg, other=0.0), 0.0)
         gp = tl.zeros([G, BK], dtype=tl.float32)  # d/d popped
@@ -188,13 +242,13 @@ if triton is not None:
             w = w0 + tl.arange(0, WCH)
             mw = w < W
             m2 = mg[:, None] & mw[None, :]
-            v = tl.load(V + g[:, None, None] * K * W + k[None, :, None] * W + w[None, None, :],
-                        mask=mgk[:, :, None] & mw[None, None, :], other=0.0)
+            v = _vload(V, BOT, g, mg, row, lost, w, mgk[:, :, None] & mw[None, None, :], K, W,
+                       RING)
             gacc = tl.load(GACC + g[:, None] * sga + w[None, :], mask=m2, other=0.0)
             gp += tl.sum(v * gacc[:, None, :], 2)
             vn = tl.load(VN + g[:, None] * W + w[None, :], mask=m2, other=0.0)
-            gvn = tl.load(GVO + g[:, None] * K * W + w[None, :], mask=m2 & (off > 0)[:, None],
-                          other=0.0)
+            gvn = tl.load(GVO + g[:, None] * K * W + hn[:, None] * W + w[None, :],
+                          mask=m2 & (off > 0)[:, None], other=0.0)
             gvp = _rb(gvn * (1.0 - vn * vn), LOWP)  # at val's output
             tl.store(GVP + g[:, None] * W + w[None, :], gvp, mask=m2)
             wv = tl.load(WV + w[:, None] * H + h[None, :], mask=mw[:, None] & mh[None, :],
@@ -240,14 +294,20 @@ if triton is not None:
             grd = _rb(tl.sum(gpre[:, None, :] * wc[None, :, :], 2), LOWP)  # d/d read [G,WCH]
             if HAS_GREAD:  # this state's read was also the previous step's output
                 grd += tl.load(GREAD + g[:, None] * sgr + w[None, :], mask=m2, other=0.0)
-            v = tl.load(V + g[:, None, None] * K * W + k[None, :, None] * W + w[None, None, :],
-                        mask=m3, other=0.0)
+            v = _vload(V, BOT, g, mg, row, lost, w, m3, K, W, RING)
             gw += tl.sum(v * grd[:, None, :], 2)
-            gvo = tl.load(GVO + g[:, None, None] * K * W + src[:, :, None] * W + w[None, None, :],
-                          mask=m3 & (src < K)[:, :, None], other=0.0)
+            if RING:  # the ring's rows in place; the overwritten row's gradient went to vn
+                gvo = tl.load(GVO + g[:, None, None] * K * W + row[:, :, None] * W
+                              + w[None, None, :], mask=m3 & ~lost[:, :, None], other=0.0)
+                bot = tl.load(BOT + g[:, None] * W + w[None, :], mask=m2, other=0.0)
+                tl.store(V + g[:, None] * K * W + hn[:, None] * W + w[None, :], bot,
+                         mask=m2 & (off > 0)[:, None])
+            else:
+                gvo = tl.load(GVO + g[:, None, None] * K * W + src[:, :, None] * W
+                              + w[None, None, :], mask=m3 & (src < K)[:, :, None], other=0.0)
             gacc = tl.load(GACC + g[:, None] * sga + w[None, :], mask=m2, other=0.0)
             gv = gvo + popped[:, :, None] * gacc[:, None, :] + wt[:, :, None] * grd[:, None, :]
-            tl.store(GV + g[:, None, None] * K * W + k[None, :, None] * W + w[None, None, :], gv,
+            tl.store(GV + g[:, None, None] * K * W + row[:, :, None] * W + w[None, None, :], gv,
                      mask=m3)
         q = 1.0 - above
         r = tl.maximum(q, 0.0)

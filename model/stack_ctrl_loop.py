@@ -32,12 +32,17 @@ class CtrlRunner:
     """One chunk forward / recompute + backward by the per-iteration kernels.
 
     ``autocast``: the caller's state (stack_graph._Autocast); bf16 autocast rounds where the
-    eager path's Linear layers would (``LOWP``); fp16 autocast is not supported."""
+    eager path's Linear layers would (``LOWP``); fp16 autocast is not supported. ``ring``
+    (``StackConfig.ring``): inside the chunk the cells are a ring with a head per example (a
+    push writes one row instead of shifting [K,W]); the chunk's input and output states are
+    top-first as everywhere else (the ring starts at head 0 and is rotated back at the end)."""
 
-    def __init__(self, stack: ProcessingStack, autocast, U: int) -> None:
+    def __init__(self, stack: ProcessingStack, autocast, U: int, ring: bool | None = None
+                 ) -> None:
         if autocast.enabled and autocast.dtype != torch.bfloat16:
             raise ValueError(f"fused_ctrl supports bf16 autocast only, not {autocast.dtype}")
         self.stack, self.autocast, self.U = stack, autocast, U
+        self.ring = bool(stack.cfg.ring if ring is None else ring)
         self.lowp = bool(autocast.enabled)
         self.grads = [torch.zeros_like(p) for p in _params(stack)]
 
@@ -53,8 +58,9 @@ class CtrlRunner:
 
     def _states(self, e, r, V, s, keep: bool):
         """Run the chunk's iterations. Returns (reads, accs, es, V, s) and, with ``keep``, the
-        inputs of every iteration (lists of e, running, V, s, left; None: zero) and what the
-        backward kernels and the weight gradients need (X = [e, read], e_new, v per iteration)."""
+        inputs of every iteration (lists of e, running, V (None with ``ring``), s, left (None:
+        zero), head) and what the backward kernels and the weight gradients need (X = [e, read],
+        e_new, v, the bottom cell a push overwrote per iteration; the ring at the end)."""
         cfg = self.stack.cfg
         B, U, H = e.shape
         K, W, ms = V.shape[1], V.shape[2], cfg.max_steps
@@ -65,30 +71,39 @@ class CtrlRunner:
         n = U * ms
         saved = (e.new_empty(n, B, H + W), e.new_empty(n, B, H), e.new_empty(n, B, W)) \
             if keep else (e, e, e)  # unused pointers when not kept
-        kept = [[], [], [], [], []]
+        bots = e.new_empty(n, B, W) if keep and self.ring else None
+        kept = [[], [], [], [], [], []]
+        hd = torch.zeros(B, dtype=torch.int32, device=V.device) if self.ring else s  # s: unused
+        if self.ring:  # the ring, written in place (V is the caller's); head 0: same layout
+            V = V.clone()
         for u in range(U):
             ein, rin, acc, left = e[:, u], r[:, u], accs[:, u], None
             for i in range(ms):
                 j = u * ms + i
                 last = i == ms - 1
                 if keep:
-                    for lst, t in zip(kept, (ein, rin, V, s, left)):
+                    for lst, t in zip(kept, (ein, rin, None if self.ring else V, s, left, hd)):
                         lst.append(t)
                 eo = es[:, u] if last else e.new_empty(B, H)
-                Vo, so = torch.empty_like(V), torch.empty_like(s)
+                Vo = V if self.ring else torch.empty_like(V)
+                so, hdo = torch.empty_like(s), torch.empty_like(hd) if self.ring else hd
                 lefto, runo = s.new_empty(B), s.new_empty(B)
                 read = reads[:, u - 1] if (i == 0 and u > 0) else eo  # eo: an unused pointer
                 X, EN, VN = (t[j] for t in saved) if keep else saved
+                BOT = e if bots is None else bots[j]  # e: an unused pointer
                 stack_ctrl._iter_fwd[grid](
                     ein, ein.stride(0), V, s, rin, rin.stride(0), acc, acc.stride(0),
                     V if left is None else left, *ws, eo, eo.stride(0), Vo, so, acc,
-                    acc.stride(0), lefto, runo, read, read.stride(0), X, EN, VN, B, K, W, H,
-                    float(cfg.epsilon), FIRST=i == 0, SAVE_READ=i == 0 and u > 0, SAVE=keep,
-                    LOWP=self.lowp, **opts)
-                ein, rin, V, s, left = eo, runo, Vo, so, lefto
+                    acc.stride(0), lefto, runo, read, read.stride(0), X, EN, VN, hd, hdo, BOT,
+                    B, K, W, H, float(cfg.epsilon), FIRST=i == 0, SAVE_READ=i == 0 and u > 0,
+                    SAVE=keep, LOWP=self.lowp, RING=self.ring, **opts)
+                ein, rin, V, s, left, hd = eo, runo, Vo, so, lefto, hdo
+        ring = V
+        if self.ring:  # back to top-first: cell k of example b is row (head_b + k) mod K
+            V = V.gather(1, _rows(hd, K)[..., None].expand(-1, -1, W))
         with torch.no_grad():
             reads[:, U - 1] = stack_fused.fused_read(V, s)
-        return (reads, accs, es, V, s), kept, saved
+        return (reads, accs, es, V, s), kept, saved + (bots, ring, hd)
 
     def forward(self, e, r, V, s):
         """e [B,U,Hd], r [B,U], V [B,K,W], s [B,K] -> reads, accs, last e's, V, s (no grad)."""
@@ -103,10 +118,14 @@ class CtrlRunner:
         g_read, g_acc, g_e = (t.contiguous() for t in (g_read, g_acc, g_e))
         B, U, H = e.shape
         K, W, ms = V.shape[1], V.shape[2], cfg.max_steps
-        out, (_, rin, Vs, ss, lefts), (X, EN, VN) = self._states(e, r, V, s, keep=True)
+        out, (_, rin, Vs, ss, lefts, hds), (X, EN, VN, BOT, ring, hd) = self._states(
+            e, r, V, s, keep=True)
         # the last step's read is a kernel of its own: its gradient joins the final state's
         gVr, gsr = stack_fused._Read.backward(_Ctx(out[3], out[4]), g_read[:, U - 1])
         g_V, g_s = g_V + gVr, g_s + gsr
+        if self.ring:  # the final state's gradient laid out as the ring; turned in place below
+            g_V = torch.empty_like(g_V).scatter_(
+                1, _rows(hd, K)[..., None].expand(-1, -1, W), g_V)
         opts = stack_ctrl.launch_opts(B, K, W, H)
         grid = (triton_cdiv(B, opts["G"]),)
         wc, _, wa, ba, wv, _ = self._weights()
@@ -123,14 +142,16 @@ class CtrlRunner:
             gacc = g_acc[:, u]
             gread = g_read[:, u - 1] if (i == 0 and u > 0) else gacc  # gacc: an unused pointer
             ge = de[:, u] if i == 0 else e.new_empty(B, H)
-            gV, gs, glefti = torch.empty_like(V), torch.empty_like(s), s.new_empty(B)
+            gV = g_V if self.ring else torch.empty_like(V)
+            gs, glefti = torch.empty_like(s), s.new_empty(B)
             left = lefts[j]
             stack_ctrl._iter_bwd[grid](
-                Vs[j], ss[j], rin[j], rin[j].stride(0), zero if left is None else left, EN[j],
-                VN[j], wct, wa, ba, wv, geo, geo.stride(0), g_V, g_s, gacc, gacc.stride(0),
-                gleft, gread, gread.stride(0), ge, ge.stride(0), gV, gs, glefti, GPRE[j],
-                GLG[j], GVP[j], B, K, W, H, FIRST=i == 0, HAS_GREAD=i == 0 and u > 0,
-                LOWP=self.lowp, **opts)
+                ring if self.ring else Vs[j], ss[j], rin[j], rin[j].stride(0),
+                zero if left is None else left, EN[j], VN[j], wct, wa, ba, wv, geo,
+                geo.stride(0), g_V, g_s, gacc, gacc.stride(0), gleft, gread, gread.stride(0),
+                ge, ge.stride(0), gV, gs, glefti, GPRE[j], GLG[j], GVP[j], hds[j], s if BOT is None else BOT[j], B, K,
+                W, H, FIRST=i == 0, HAS_GREAD=i == 0 and u > 0, LOWP=self.lowp,
+                RING=self.ring, **opts)
             g_V, g_s, g_left, g_en = gV, gs, glefti, ge
         # weight gradients: one matmul per weight over the chunk's n * B rows (fp32 sums)
         GPRE, GLG, GVP = (t.view(n * B, -1) for t in (GPRE, GLG, GVP))
@@ -149,6 +170,11 @@ class _Ctx:
 
     def __init__(self, V: Tensor, s: Tensor) -> None:
         self.saved_tensors = (V, s)
+
+
+def _rows(hd: Tensor, K: int) -> Tensor:
+    """The ring's row of each top-first cell: hd [B] (int32) -> [B,K] int64."""
+    return (hd.long()[:, None] + torch.arange(K, device=hd.device)) % K
 
 
 def triton_cdiv(a: int, b: int) -> int:

@@ -228,7 +228,7 @@ def graph_runner(stack: ProcessingStack, B: int, U: int, like: Tensor) -> GraphR
     """The cached :class:`GraphRunner` for (B, U, dtype, autocast, parameter storage)."""
     ac = _Autocast(like.device.type)
     ctrl = use_ctrl(stack, like, ac)
-    key = (B, U, like.dtype, like.device, ac.key(), ctrl,
+    key = (B, U, like.dtype, like.device, ac.key(), ctrl, ctrl and stack.cfg.ring,
            tuple(p.data_ptr() for p in stack_params(stack)))
     pools, cache = _CACHE.setdefault(stack, ({}, OrderedDict()))
     if key in cache:

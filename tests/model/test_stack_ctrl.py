@@ -21,12 +21,13 @@ from blocklm.model.stack import ProcessingStack, step_loop
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
-def setup(seed, B, T, K=8, W=16, H=32, d=12, max_steps=2, halt=False, device="cpu"):
+def setup(seed, B, T, K=8, W=16, H=32, d=12, max_steps=2, halt=False, device="cpu", ring=False):
     """A stack and a two-block input. ``halt``: the controller pops ~1 unit at once (act bias),
     so examples stop before ``max_steps``; a few strengths tie exactly (a full top cell, a
     cumulative sum hitting 1.0)."""
     torch.manual_seed(seed)
-    st = ProcessingStack(StackConfig(depth=K, width=W, hidden=H, max_steps=max_steps), d)
+    st = ProcessingStack(StackConfig(depth=K, width=W, hidden=H, max_steps=max_steps,
+                                     ring=ring), d)
     if halt:
         with torch.no_grad():
             st.act.bias.copy_(torch.tensor([0.0, 6.0, 0.0]))
@@ -71,20 +72,24 @@ def run(fn, st, x, V, s, mask, autocast=None):
     return [t.detach() for t in [y, V2, s2, *grads]]
 
 
-def check_all(device="cpu"):
+def check_all(device="cpu", ring=False):
+    """``ring``: the cells as a ring inside each chunk (StackConfig.ring). Every case pushes
+    more often than it has cells (T * max_steps > 2K for its running examples: a push is
+    p_push * running > 0), so the ring wraps around and cells fall off the bottom."""
     from blocklm.model import stack_ctrl
     # opts: launch options forced; G=2: two examples a program, the batch's last program half
     # empty (B=5 pads to 8); small WCH / IC: several chunks of lanes and of the embedding, the
     # last one partly masked where W=12, Hd=24 (widths off the powers of two)
     cases = [dict(seed=0, B=5, T=10, U=3, opts=dict(G=2, WCH=4, IC=8)),  # time padding to 6
              dict(seed=1, B=3, T=6, U=4, halt=True, max_steps=3),
-             dict(seed=2, B=4, T=4, U=1, K=5, W=12, H=24, opts=dict(WCH=8, IC=16))]
+             dict(seed=2, B=4, T=6, U=1, K=5, W=12, H=24, opts=dict(WCH=8, IC=16))]
     try:
         for c in cases:
             U = c.pop("U")
             stack_ctrl.OVERRIDE.clear()
             stack_ctrl.OVERRIDE.update(c.pop("opts", {}))
-            (x, V, s, mask), st = setup(device=device, **c)
+            (x, V, s, mask), st = setup(device=device, ring=ring, **c)
+            assert c["T"] * st.cfg.max_steps > 2 * st.cfg.depth or not ring
             got = run(ctrl_block(U), st, x, V, s, mask)
             ref = run(step_loop, st, x, V, s, mask)
             for a, b in zip(got, ref):
@@ -92,7 +97,7 @@ def check_all(device="cpu"):
     finally:
         stack_ctrl.OVERRIDE.clear()
     # bf16 autocast: the kernels round where autocast rounds (summation order differs)
-    (x, V, s, mask), st = setup(seed=3, B=4, T=6, device=device)
+    (x, V, s, mask), st = setup(seed=3, B=4, T=6, device=device, ring=ring)
     got = run(ctrl_block(3), st, x, V, s, mask, autocast=True)
     ref = run(step_loop, st, x, V, s, mask, autocast=True)
     for a, b in zip(got, ref):
@@ -111,34 +116,38 @@ _INTERP = """
 import sys; sys.path.insert(0, {tests!r})
 from test_stack_ctrl import check_all, check_halting_happens
 check_halting_happens()
-check_all()
+check_all(ring={ring})
 print("ok")
 """
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
-def test_ctrl_kernels_under_triton_interpreter():
+@pytest.mark.parametrize("ring", [False, True])
+def test_ctrl_kernels_under_triton_interpreter(ring):
     env = dict(os.environ, TRITON_INTERPRET="1")
-    res = subprocess.run([sys.executable, "-c", _INTERP.format(tests=str(Path(__file__).parent))],
-                         env=env, capture_output=True, text=True, timeout=600)
+    code = _INTERP.format(tests=str(Path(__file__).parent), ring=ring)
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=600)
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or not HAS_TRITON, reason="needs CUDA")
-def test_ctrl_kernels_on_cuda():
+@pytest.mark.parametrize("ring", [False, True])
+def test_ctrl_kernels_on_cuda(ring):
     torch.backends.cuda.matmul.allow_tf32 = False
-    check_all("cuda")
+    check_all("cuda", ring=ring)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or not HAS_TRITON, reason="needs CUDA")
-def test_ctrl_graphs_match_the_step_loop_on_cuda():
+@pytest.mark.parametrize("ring", [False, True])
+def test_ctrl_graphs_match_the_step_loop_on_cuda(ring):
     """stack_block's default CUDA path with ``fused_ctrl``: the kernels captured as graphs, at
     the small preset's stack shape too (K=256, W=64, Hd=256; G > 1 example a program)."""
     from blocklm.model.stack_block import stack_block
     torch.backends.cuda.matmul.allow_tf32 = False
     for kw in (dict(B=5, T=14), dict(B=300, T=6, K=256, W=64, H=256, d=64)):
-        (x, V, s, mask), st = setup(seed=4, device="cuda", **kw)
+        (x, V, s, mask), st = setup(seed=4, device="cuda", ring=ring, **kw)
         st.cfg.fused_ctrl = True
         got = run(stack_block, st, x, V, s, mask)
         ref = run(step_loop, st, x, V, s, mask)
