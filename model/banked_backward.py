@@ -87,25 +87,17 @@ def backward(L, opt: dict, saved, meta, do, dST, dzT):
     L(K.bwd_dh, (D // BK, E // BV, B * H * N), q, r, c, dy, dden, dhs, dzs, dST, dzT, dS0, dz0,
       NS, N=N, D=D, E=E, C=CS, BK=BK, BV=BV, HAS_DST=has_dst, HAS_S0=has_s0,
       num_warps=opt["warps_h"], num_stages=opt["stages_h"], maxnreg=opt["maxnreg_h"])
-    # fuse_mem: dv in bwd_mem_write, the inner products in bwd_mem_read (no bwd_dv_mem: one
-    # pass over the saved memories fewer); its acc of dv holds all of E, as bwd_dv_mem's tile
-    fuse = opt["fuse_mem"] and BO == E
-    hdot = fuse or (opt["hdot_in_dv"] and BO == E)  # one program per whole [D, E] tile
+    hdot = opt["hdot_in_dv"] and BO == E  # one program per whole [D, E] tile
     # per-block partials of the span-end inner products (bwd_hdot fills one per span)
     hd = (torch.empty if hdot or R == 1 else torch.zeros)(B * H * NT * N, device=dev, dtype=f32)
     wd = torch.empty_like(hd)
     BR = max(1, min(D // R, opt["hdot_rows"] or 2048 // E))
-    if fuse:
-        warps = opt["warps_fuse"]
-    L(KB.bwd_mem_read, (NT, B * H), q, r, c, hs, zs, dy, dden, dqi, dq, dr, dhs, dzs, hd, NT,
-      N=N, NP=pow2(N), D=D, E=E, C=C, BD=BM, R=R, HDOT=fuse, num_warps=warps,
-      num_stages=opt["stages_mem"])
-    L(KB.bwd_mem_write, (NT, B * H), k, v, w, c, dhs, dzs, dki, dk, dw, wd, dvi, dv, NT, N=N,
-      NP=pow2(N), D=D, E=E, C=C, BD=BM, R=R, DV=fuse, num_warps=warps,
-      num_stages=opt["stages_mem"])
-    if not fuse:
-        L(KB.bwd_dv_mem, (E // BO, NT, B * H), k, w, c, hs, zs, dhs, dzs, dvi, dv, hd, NT, N=N,
-          D=D, E=E, C=C, BV=BO, HDOT=hdot, BR=BR, R=R, num_warps=opt["warps_dv"])
+    L(KB.bwd_mem_read, (NT, B * H), q, r, c, hs, zs, dy, dden, dqi, dq, dr, NT, N=N,
+      NP=pow2(N), D=D, E=E, C=C, BD=BM, R=R, num_warps=warps, num_stages=opt["stages_mem"])
+    L(KB.bwd_mem_write, (NT, B * H), k, v, w, c, dhs, dzs, dki, dk, dw, wd, NT, N=N,
+      NP=pow2(N), D=D, E=E, C=C, BD=BM, R=R, num_warps=warps, num_stages=opt["stages_mem"])
+    L(KB.bwd_dv_mem, (E // BO, NT, B * H), k, w, c, hs, zs, dhs, dzs, dvi, dv, hd, NT, N=N,
+      D=D, E=E, C=C, BV=BO, HDOT=hdot, BR=BR, R=R, num_warps=opt["warps_dv"])
     if not hdot:
         L(K.bwd_hdot, (B * H * NS * N,), hs, zs, dhs, dzs, hd, N=N, D=D, E=E,
           BD=min(D, 8192 // E), R=R)

@@ -130,15 +130,12 @@ if HAS_TRITON:
                         N=N, D=D, E=E, C=C, BD=BD, DIAG=False, ACC=True)
 
     @triton.jit
-    def bwd_mem_read(q, r, c, hs, zs, dy, dden, dqi, dq, dr, dhs, dzs, hd, NT,
+    def bwd_mem_read(q, r, c, hs, zs, dy, dden, dqi, dq, dr, NT,
                      N: tl.constexpr, NP: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
-                     C: tl.constexpr, BD: tl.constexpr, R: tl.constexpr, HDOT: tl.constexpr):
+                     C: tl.constexpr, BD: tl.constexpr, R: tl.constexpr):
         """Reads of the chunk-start memory of one chunk: dq (adds the intra partial, rounds
         once), dr += the reads' part. D in BD-wide slices (outer loop; the per-bank sums stay in
-        [C, NP] tiles): BD = D is fastest at D = 128 (model/GPU_NOTES.md, call 13). With HDOT
-        (``fuse_mem``) also bwd_dv_mem's inner products <dS_end, S_start> + <dz_end, z_start>
-        per bank from the memory tile already loaded (block j % R takes its D / R columns):
-        the saved memories are then read once here and once in bwd_mem_write."""
+        [C, NP] tiles): BD = D is fastest at D = 128 (model/GPU_NOTES.md, call 13)."""
         j, i_bh = tl.program_id(0), tl.program_id(1)
         T = NT * C
         t = j * C + tl.arange(0, C)
@@ -152,7 +149,6 @@ if HAS_TRITON:
         b_rs = tl.load(r + ix, mask=mask, other=0.0).to(tl.float32) * tl.exp(
             tl.load(c + ix, mask=mask, other=0.0))  # [C, NP]: read weight of the chunk start
         d_r = tl.zeros([C, NP], dtype=tl.float32)
-        h_d = tl.zeros([NP], dtype=tl.float32)  # HDOT: this block's share per bank
         for i_d in range(D // BD):
             od = i_d * BD + tl.arange(0, BD)
             o_x = bh * T * D
@@ -165,15 +161,6 @@ if HAS_TRITON:
                 b_hn = tl.load(tl.make_block_ptr(hs + slot * D * E, (E, D), (1, E), (0, i_d * BD),
                                                  (E, BD), (0, 1)))  # [E, BD] view of S^T
                 b_zn = tl.load(zs + slot * D + od)
-                if HDOT:  # before the product below: only the [E, BD] tiles are live extra
-                    own = (od // (D // R)) == j % R  # [BD]: this block's rows of the memory
-                    b_dn = tl.load(tl.make_block_ptr(dhs + slot * D * E, (E, D), (1, E),
-                                                     (0, i_d * BD), (E, BD), (0, 1)))
-                    hsum = tl.sum(tl.sum(tl.where(own[None, :], b_hn.to(tl.float32) *
-                                                  b_dn.to(tl.float32), 0.0), axis=1), axis=0)
-                    hsum += tl.sum(tl.where(own, b_zn * tl.load(dzs + slot * D + od), 0.0),
-                                   axis=0)
-                    h_d += tl.where(on == n, hsum, 0.0)
                 dqt = tl.dot(b_y, b_hn.to(b_y.dtype)) + b_dd[:, None] * b_zn[None, :]  # [C,BD]
                 s_n = tl.sum(tl.where(on[None, :] == n, b_rs, 0.0), axis=1)  # [C]
                 acc += s_n[:, None] * dqt
@@ -183,18 +170,14 @@ if HAS_TRITON:
         # the reads' share of dr: e^c (q . dqt); r e^c / r = e^c, taken from b_rs without dividing
         ec = tl.exp(tl.load(c + ix, mask=mask, other=0.0))
         tl.store(dr + ix, tl.load(dr + ix, mask=mask, other=0.0) + ec * d_r, mask=mask)
-        if HDOT:
-            tl.store(hd + (bh * NT + j) * N + on, h_d, mask=on < N)
 
     @triton.jit
-    def bwd_mem_write(k, v, w, c, dhs, dzs, dki, dk, dw, wd, dvi, dv, NT,
+    def bwd_mem_write(k, v, w, c, dhs, dzs, dki, dk, dw, wd, NT,
                       N: tl.constexpr, NP: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
-                      C: tl.constexpr, BD: tl.constexpr, R: tl.constexpr, DV: tl.constexpr):
+                      C: tl.constexpr, BD: tl.constexpr, R: tl.constexpr):
         """Writes into the chunk-end memory of one chunk: dk (adds the intra partial), dw += the
         writes' direct part, per bank sum_s w_s dw_s (for bwd_decay). D in BD-wide slices as in
-        bwd_mem_read. With DV (``fuse_mem``, at 8 warps) also dv (bwd_dv_mem's product, summed
-        over the D slices) from the same memory-gradient tiles: one pass over them fewer. (At 4
-        warps this fusion cost as much as it saved, calls 13-14.)"""
+        bwd_mem_read. (dv from the same tiles here took longer than bwd_dv_mem's extra pass.)"""
         j, i_bh = tl.program_id(0), tl.program_id(1)
         T = NT * C
         t = j * C + tl.arange(0, C)
@@ -209,32 +192,23 @@ if HAS_TRITON:
         b_ew = tl.exp(b_cT[None, :] - tl.load(c + ix, mask=mask, other=0.0))  # [C, NP]
         b_ws = tl.load(w + ix, mask=mask, other=0.0).to(tl.float32) * b_ew  # write weight
         d_w = tl.zeros([C, NP], dtype=tl.float32)
-        if DV:
-            p_dv = tl.make_block_ptr(dvi + bh * T * E, (T, E), (E, 1), (j * C, 0), (C, E), (1, 0))
-            acc_v = tl.load(p_dv).to(tl.float32)
         for i_d in range(D // BD):
             od = i_d * BD + tl.arange(0, BD)
             o_x = bh * T * D
             acc = tl.load(tl.make_block_ptr(dki + o_x, (T, D), (D, 1), (j * C, i_d * BD),
                                             (C, BD), (1, 0))).to(tl.float32)
-            b_kr = tl.load(tl.make_block_ptr(k + o_x, (T, D), (D, 1), (j * C, i_d * BD),
-                                             (C, BD), (1, 0)))
-            b_k = b_kr.to(tl.float32)
+            b_k = tl.load(tl.make_block_ptr(k + o_x, (T, D), (D, 1), (j * C, i_d * BD),
+                                            (C, BD), (1, 0))).to(tl.float32)
             for n in range(N):
                 slot = (bh * (NT // R) + j // R) * N + n  # the span-end memory gradient
                 b_dhn = tl.load(tl.make_block_ptr(dhs + slot * D * E, (E, D), (1, E),
                                                   (0, i_d * BD), (E, BD), (0, 1)))
                 dkt = tl.dot(b_v, b_dhn.to(b_v.dtype)) + tl.load(dzs + slot * D + od)[None, :]
                 s_n = tl.sum(tl.where(on[None, :] == n, b_ws, 0.0), axis=1)[:, None]
-                if DV:  # [C, BD] @ [BD, E]: this slice's share of k dS_end
-                    acc_v += s_n * tl.dot(b_kr, tl.trans(b_dhn).to(b_kr.dtype))
                 acc += s_n * dkt
                 d_w += tl.where(on[None, :] == n, tl.sum(b_k * dkt, axis=1)[:, None], 0.0)
             tl.store(tl.make_block_ptr(dk + o_x, (T, D), (D, 1), (j * C, i_d * BD), (C, BD),
                                        (1, 0)), acc.to(dk.dtype.element_ty))
-        if DV:
-            p_dv = tl.make_block_ptr(dv + bh * T * E, (T, E), (E, 1), (j * C, 0), (C, E), (1, 0))
-            tl.store(p_dv, acc_v.to(dv.dtype.element_ty))
         dwi = b_ew * d_w
         tl.store(dw + ix, tl.load(dw + ix, mask=mask, other=0.0) + dwi, mask=mask)
         b_w = tl.load(w + ix, mask=mask, other=0.0).to(tl.float32)

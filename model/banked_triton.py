@@ -105,15 +105,11 @@ def banked_attention_reference(q: Tensor, k: Tensor, v: Tensor, r: Tensor, w: Te
 # 128 fits 4 per SM (one wave) with ~50 spilled values but measured slower (call K7: 16K 9.54
 # vs 8.29 ms; it needs num_stages 1 to fit, which alone gave 9.52): the steps are throughput-bound
 # per SM, not latency-bound.
-# fuse_mem: dv computed in bwd_mem_write and the decay gradient's inner products in
-# bwd_mem_read, both at warps_fuse warps, instead of bwd_dv_mem (needs tile_v >= E): the saved
-# memories are read 3 times in the backward instead of 4 (at 16K, N=4: 2.1 GB fewer; 4K 0.5 GB).
 KERNEL_OPTS = {"tile_h": None, "tile_hk": 64, "tile_hv": None, "tile_v": 128, "warps_h": 4,
                "warps_o": 8, "warps_intra": 4, "tile_dm": 128, "warps_mem": 4, "warps_dv": 8,
                "stages_mem": None, "hdot_in_dv": True, "fwd_o_loop": False, "short": 0,
                "save_blocks": 1, "prep_in_intra": None, "stages_h": None, "hdot_rows": None,
-               "low_partials": True, "fast_launch": True, "maxnreg_h": None,
-               "fuse_mem": False, "warps_fuse": 8}
+               "low_partials": True, "fast_launch": True, "maxnreg_h": None}
 
 
 def _decay(L, w: Tensor, g: Tensor, C: int) -> Tensor:

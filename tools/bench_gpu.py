@@ -92,9 +92,11 @@ def kernel_resources() -> dict:
     return out
 
 
-# the backward memory kernels fused (fuse_mem: one pass over the saved memories fewer), also
-# with two pipeline stages; defaults and fused interleaved twice (run-to-run noise: calls K6-K7)
-SWEEP = [{}, {"fuse_mem": True}, {"fuse_mem": True, "stages_mem": 2}, {}, {"fuse_mem": True}]
+# fp32 intra partials, Triton's own launch path, both (= K3's code path); the defaults again last
+# (run-to-run noise: model/GPU_NOTES.md, calls K6-K7). With --profile each variant's kernels are
+# profiled too (the fused memory kernels of call kern2-A were judged by that).
+SWEEP = [{}, {"low_partials": False}, {"fast_launch": False},
+         {"low_partials": False, "fast_launch": False}, {}]
 
 
 def _safe(fn):
