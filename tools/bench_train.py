@@ -36,7 +36,10 @@ VARIANTS = {
     "fused": ["model.decoder.stack.enabled=true", "model.decoder.stack.graphs=true",
               "model.decoder.stack.fused=true", "model.decoder.stack.fused_ctrl=false"],
     "ctrl": ["model.decoder.stack.enabled=true", "model.decoder.stack.graphs=true",
-             "model.decoder.stack.fused_ctrl=true"],  # one kernel per ponder iteration
+             "model.decoder.stack.fused_ctrl=true",
+             "model.decoder.stack.ring=false"],  # one kernel per ponder iteration
+    "ring": ["model.decoder.stack.enabled=true", "model.decoder.stack.graphs=true",
+             "model.decoder.stack.fused_ctrl=true", "model.decoder.stack.ring=true"],
 }
 _KERNEL_KINDS = (  # first match wins: (category, substrings of the CUDA kernel name)
     ("banked attention (Triton)", ("fwd_h", "fwd_o", "bwd_dh", "bwd_dqk", "bwd_dv", "bwd_hdot",
