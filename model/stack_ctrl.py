@@ -20,7 +20,8 @@ stack_fused.py); the cells are streamed in chunks of ``WCH`` lanes. Under bf16 a
 (``LOWP``) the Linear inputs, weights and outputs and the gradients entering and leaving them are
 rounded to bf16 where autocast rounds them (accumulation in fp32), so values match the eager
 path up to summation order. The loop over iterations is stack_ctrl_loop.py; the tests compare
-with the eager reference (tests/model/test_stack_ctrl.py).
+with the eager reference (tests/model/test_stack_ctrl.py). ``RING`` (``StackConfig.ring``): the
+cells as a ring with a head per example instead of a shifted copy per push (stack_ring.py).
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ except ImportError:  # pragma: no cover - depends on the machine
     triton = None
 
 if triton is not None:
+    from .stack_ring import _act, _rows, _top, _vload
+
     @triton.jit
     def _rb(x, LOWP: tl.constexpr):
         # autocast's rounding of a Linear's input, output or gradient (bf16), else nothing
@@ -63,37 +66,6 @@ if triton is not None:
         return g, mg, k, mgk, s, above, wt, run, left
 
     @triton.jit
-    def _rows(HD, g, mg, k, K: tl.constexpr, RING: tl.constexpr):
-        # the head [G] and the row [G,BK] of logical cell k (0 = top): with RING counted from
-        # the example's head (a push moves the head up one row instead of shifting the cells)
-        if RING:
-            hd = tl.load(HD + g, mask=mg, other=0)
-            return hd, (hd[:, None] + k[None, :]) % K
-        else:
-            return g * 0, k[None, :]  # [1,BK]: broadcast, as before the ring
-
-    @triton.jit
-    def _top(hd, off, K: tl.constexpr, RING: tl.constexpr):
-        # the row a push of ``off`` (0 or 1) writes its cell to: the old bottom's with RING
-        if RING:
-            return (hd - off + K) % K
-        else:
-            return off * 0
-
-    @triton.jit
-    def _vload(V, BOT, g, mg, row, lost, w, m3, K: tl.constexpr, W: tl.constexpr,
-               RING: tl.constexpr):
-        # the cells [G,BK,WCH] of the iteration's input state; the row a push overwrote
-        # (``lost``, RING only) holds the new cell, the input's bottom cell is in BOT
-        v = tl.load(V + g[:, None, None] * K * W + row[:, :, None] * W + w[None, None, :],
-                    mask=m3 & ~lost[:, :, None], other=0.0)
-        if RING:
-            bot = tl.load(BOT + g[:, None] * W + w[None, :], mask=mg[:, None] & (w < W)[None, :],
-                          other=0.0)
-            v = tl.where(lost[:, :, None], bot[:, None, :], v)
-        return v
-
-    @triton.jit
     def _actions(en, h, mh, WA, BA, H: tl.constexpr, LOWP: tl.constexpr):
         # softmax(act(e_new)) [G,4] (push, pop, no-op, one padding column) and act's weights
         c = tl.arange(0, 4)
@@ -112,12 +84,15 @@ if triton is not None:
                   B, K: tl.constexpr, W: tl.constexpr, H: tl.constexpr, eps, G: tl.constexpr,
                   BK: tl.constexpr, BH: tl.constexpr, WCH: tl.constexpr, IC: tl.constexpr,
                   FIRST: tl.constexpr, SAVE_READ: tl.constexpr, SAVE: tl.constexpr,
-                  LOWP: tl.constexpr, RING: tl.constexpr = False):
+                  LOWP: tl.constexpr, RING: tl.constexpr = False, ACTIVE: tl.constexpr = True):
         # SAVE (the recompute before backward): the Linear inputs X = [e, read], e_new, v, and
         # with RING the bottom cell (BOT) a push overwrites. RING: V is a ring (VO is V, written
-        # in place, one row a push) with the head HD -> HDO; s stays top-first
+        # in place, one row a push) with the head HD -> HDO; s stays top-first. RING and ACTIVE:
+        # only the rows that add something are loaded (read: the top unit of mass; pop: the
+        # popped cells), as no other row is rewritten
         g, mg, k, mgk, s, above, wt, run, left = _cells(S, RUN, sr, LEFT, B, K, G, BK, FIRST)
         hd, row = _rows(HD, g, mg, k, K, RING)
+        mrd = _act(mgk, wt > 0.0, RING and ACTIVE)
         h = tl.arange(0, BH)
         mh = h < H
         mgh = mg[:, None] & mh[None, :]
@@ -127,7 +102,7 @@ if triton is not None:
             w = w0 + tl.arange(0, WCH)
             mw = w < W
             v = tl.load(V + g[:, None, None] * K * W + row[:, :, None] * W + w[None, None, :],
-                        mask=mgk[:, :, None] & mw[None, None, :], other=0.0)  # [G,BK,WCH]
+                        mask=mrd[:, :, None] & mw[None, None, :], other=0.0)  # [G,BK,WCH]
             rd = tl.sum(wt[:, :, None] * v, 1)  # [G,WCH]
             if SAVE_READ:  # the read of this (input) state: the previous step's output read
                 tl.store(READ + g[:, None] * srd + w[None, :], rd, mask=mg[:, None] & mw[None, :])
@@ -170,13 +145,14 @@ if triton is not None:
         hn = _top(hd, off, K, RING)
         if RING:
             tl.store(HDO + g, hn, mask=mg)
+        macc = _act(mgk, (popped != 0.0) | (k == K - 1)[None, :], RING and ACTIVE)  # + BOT's row
         for w0 in range(0, W, WCH):
             w = w0 + tl.arange(0, WCH)
             mw = w < W
             m2 = mg[:, None] & mw[None, :]
             m3 = mgk[:, :, None] & mw[None, None, :]
             v = tl.load(V + g[:, None, None] * K * W + row[:, :, None] * W + w[None, None, :],
-                        mask=m3, other=0.0)
+                        mask=macc[:, :, None] & mw[None, None, :], other=0.0)
             a = tl.sum(popped[:, :, None] * v, 1)
             if not FIRST:
                 a += tl.load(ACC + g[:, None] * sa + w[None, :], mask=m2, other=0.0)
@@ -206,12 +182,13 @@ if triton is not None:
                   W: tl.constexpr, H: tl.constexpr, G: tl.constexpr, BK: tl.constexpr,
                   BH: tl.constexpr, WCH: tl.constexpr, IC: tl.constexpr,
                   FIRST: tl.constexpr, HAS_GREAD: tl.constexpr, LOWP: tl.constexpr,
-                  RING: tl.constexpr = False):
+                  RING: tl.constexpr = False, ACTIVE: tl.constexpr = True):
         # from the iteration's input state and what its recompute saved (e_new, v); WCT is
         # ctrl's weight transposed ([Hd+W, Hd]), so each product below reduces along a row.
         # RING: V is the ring after this iteration (head HD before it), its overwritten bottom
         # cell in BOT; the kernel writes that cell back (V becomes this iteration's input
-        # state) and turns the ring's gradient in place (GV is GVO)
+        # state) and turns the ring's gradient in place (GV is GVO); with ACTIVE only in the rows
+        # whose gradient changes, and it loads a cell only where its product is used below
         g, mg, k, mgk, s, above, wt, run, left = _cells(S, RUN, sr, LEFT, B, K, G, BK, FIRST)
         hd, row = _rows(HD, g, mg, k, K, RING)
         h = tl.arange(0, BH)
@@ -234,6 +211,11 @@ if triton is not None:
             lost = (row == hn[:, None]) & (off[:, None] > 0)
         else:
             lost = row < 0
+        # d/d popped is used where the pop reaches (a > 0) or the cell is empty (z <= 0), d/d the
+        # read weights where the top unit reaches (above < 1) or s == 0 (the min's tie rule)
+        need_gp = _act(mgk, (a > 0.0) | (s <= 0.0), RING and ACTIVE)
+        need_gw = _act(mgk, (above < 1.0) | (s <= 0.0), RING and ACTIVE)
+        mgv = _act(mgk, (popped != 0.0) | (wt != 0.0) | lost, RING and ACTIVE)
         gnew = tl.load(GSO + g[:, None] * K + src, mask=mgk & (src < K), other=0.0)
         gpush = tl.where(off > 0, tl.load(GSO + g * K, mask=mg, other=0.0), 0.0)
         gp = tl.zeros([G, BK], dtype=tl.float32)  # d/d popped
@@ -242,8 +224,8 @@ if triton is not None:
             w = w0 + tl.arange(0, WCH)
             mw = w < W
             m2 = mg[:, None] & mw[None, :]
-            v = _vload(V, BOT, g, mg, row, lost, w, mgk[:, :, None] & mw[None, None, :], K, W,
-                       RING)
+            v = _vload(V, BOT, g, mg, row, lost, w, need_gp[:, :, None] & mw[None, None, :], K,
+                       W, RING)
             gacc = tl.load(GACC + g[:, None] * sga + w[None, :], mask=m2, other=0.0)
             gp += tl.sum(v * gacc[:, None, :], 2)
             vn = tl.load(VN + g[:, None] * W + w[None, :], mask=m2, other=0.0)
@@ -288,14 +270,15 @@ if triton is not None:
             w = w0 + tl.arange(0, WCH)
             mw = w < W
             m2 = mg[:, None] & mw[None, :]
-            m3 = mgk[:, :, None] & mw[None, None, :]
             wc = tl.load(WCT + (H + w[:, None]) * H + h[None, :], mask=mw[:, None] & mh[None, :],
                          other=0.0).to(tl.float32)  # [WCH,BH]
             grd = _rb(tl.sum(gpre[:, None, :] * wc[None, :, :], 2), LOWP)  # d/d read [G,WCH]
             if HAS_GREAD:  # this state's read was also the previous step's output
                 grd += tl.load(GREAD + g[:, None] * sgr + w[None, :], mask=m2, other=0.0)
-            v = _vload(V, BOT, g, mg, row, lost, w, m3, K, W, RING)
+            v = _vload(V, BOT, g, mg, row, lost, w, need_gw[:, :, None] & mw[None, None, :], K,
+                       W, RING)
             gw += tl.sum(v * grd[:, None, :], 2)
+            m3 = mgv[:, :, None] & mw[None, None, :]  # (ACTIVE: elsewhere gv = gvo, in place)
             if RING:  # the ring's rows in place; the overwritten row's gradient went to vn
                 gvo = tl.load(GVO + g[:, None, None] * K * W + row[:, :, None] * W
                               + w[None, None, :], mask=m3 & ~lost[:, :, None], other=0.0)
