@@ -15,6 +15,12 @@ and weights to bf16, normalises the core in fp32, computes the gates in fp32 and
 residual stream in the input's dtype; so do these (tests compare both, values and gradients).
 The attention's inputs come out in its kernel layout, time padded to whole chunks (padded steps
 write nothing: w = 0, g = 1), so the kernel wrapper neither pads nor copies them.
+
+Opt-in (``DecoderConfig.compile_layers``): on the H200 the `small` text step got slower with it
+(154k vs 172k tokens/s, GPU_NOTES thru-A). The step is host-bound, and a compiled call with
+dynamic shapes (guards, the AOTAutograd wrapper, Triton launches from Python) costs about as
+much host time as the eager ops it replaces. It should pay once replayed as CUDA graphs over a
+few static row/length buckets.
 """
 
 from __future__ import annotations
