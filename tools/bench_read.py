@@ -7,7 +7,9 @@ epoch; growth from the median of epochs 2-4 to the median of the last three). Ea
 best of ``--repeat`` passes (the first pass also warms the page cache and the loader's index
 cache); the loader's first pass, with its index parsing, is reported as ``blocklm_cold``.
 ``--nginx`` serves the local dataset folders with a temporary nginx on 127.0.0.1 and measures
-through HTTP instead.
+through HTTP instead; it also reads the same folders from the local disk in the same run
+(``blocklm_local``, its passes interleaved with the HTTP ones so both see the same machine load)
+and reports ``nginx_vs_local``, the ratio the loader's target is stated in.
 """
 
 from __future__ import annotations
@@ -75,16 +77,30 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _pass(fn: Callable[[], tuple[int, int]]) -> dict:
+    t = time.perf_counter()
+    n, b = fn()
+    dt = max(time.perf_counter() - t, 1e-9)
+    return {"samples_per_s": round(n / dt, 1), "MBps": round(b / dt / 1e6, 1),
+            "seconds": round(dt, 4), "samples": n, "bytes": b}
+
+
 def _best(fn: Callable[[], tuple[int, int]], repeat: int) -> tuple[dict, dict]:
     """Run ``fn`` (-> samples, bytes) ``repeat`` times: (best pass, first pass) as figures."""
-    runs = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        n, b = fn()
-        dt = max(time.perf_counter() - t, 1e-9)
-        runs.append({"samples_per_s": round(n / dt, 1), "MBps": round(b / dt / 1e6, 1),
-                     "seconds": round(dt, 4), "samples": n, "bytes": b})
+    runs = [_pass(fn) for _ in range(repeat)]
     return max(runs, key=lambda r: r["samples_per_s"]), runs[0]
+
+
+def _best_interleaved(fa: Callable[[], tuple[int, int]], fb: Callable[[], tuple[int, int]],
+                      repeat: int) -> tuple[tuple[dict, dict], tuple[dict, dict]]:
+    """:func:`_best` of two readers whose passes alternate (a, b, a, b, ...), so a burst of
+    load from elsewhere falls on both rather than on one reader's whole series."""
+    a, b = [], []
+    for _ in range(repeat):
+        a.append(_pass(fa))
+        b.append(_pass(fb))
+    best = lambda runs: max(runs, key=lambda r: r["samples_per_s"])  # noqa: E731
+    return (best(a), a[0]), (best(b), b[0])
 
 
 @contextlib.contextmanager
@@ -127,10 +143,13 @@ def serve_nginx(roots: list[Path]) -> Iterator[dict[Path, str]]:
 
 
 def run_bench(sources: list[str], *, repeat: int = 3, rss_epochs: int = 0,
-              decode: bool = True, map_cache_mb: int | None = None) -> dict:
+              decode: bool = True, map_cache_mb: int | None = None,
+              local_sources: list[str] | None = None) -> dict:
     """The figures of one benchmark run over ``sources`` (folders, manifests or URLs).
     ``map_cache_mb`` bounds the local shards BlockDataset keeps mapped across passes (None: its
-    default; 0: every pass maps its shards afresh, as on a dataset larger than the cache)."""
+    default; 0: every pass maps its shards afresh, as on a dataset larger than the cache).
+    ``local_sources``: the same dataset on the local disk (``sources`` being served from it):
+    read in the same run, passes interleaved with ``sources``', as ``blocklm_local``."""
     import webdataset as wds
 
     from blocklm.formats import DEFAULT_LIMITS
@@ -185,7 +204,20 @@ def run_bench(sources: list[str], *, repeat: int = 3, rss_epochs: int = 0,
     out["raw"], _ = _best(raw, repeat)
     out["bytes"] = out["raw"]["bytes"]
     out["webdataset"], _ = _best(webdataset, repeat)
-    out["blocklm"], out["blocklm_cold"] = _best(blocklm, repeat)
+    if local_sources is None:
+        out["blocklm"], out["blocklm_cold"] = _best(blocklm, repeat)
+    else:
+        local = BlockDataset(local_sources, shuffle=False, **maps)
+
+        def blocklm_local() -> tuple[int, int]:
+            before = local.stats.bytes
+            n = sum(1 for _ in local)
+            return n, local.stats.bytes - before
+
+        (out["blocklm_local"], _), (out["blocklm"], out["blocklm_cold"]) = _best_interleaved(
+            blocklm_local, blocklm, repeat)
+        out["nginx_vs_local"] = round(out["blocklm"]["MBps"]
+                                      / max(out["blocklm_local"]["MBps"], 1e-9), 3)
     if decode:
         out["blocklm_decode"], _ = _best(blocklm_decode, max(1, repeat - 1))
     out["speedup_vs_webdataset"] = round(out["blocklm"]["samples_per_s"]
@@ -208,7 +240,7 @@ def run_bench(sources: list[str], *, repeat: int = 3, rss_epochs: int = 0,
     return out
 
 
-KINDS = ("raw", "webdataset", "blocklm_cold", "blocklm", "blocklm_decode")
+KINDS = ("raw", "webdataset", "blocklm_cold", "blocklm", "blocklm_local", "blocklm_decode")
 
 
 def format_table(res: dict) -> str:
@@ -220,6 +252,9 @@ def format_table(res: dict) -> str:
             lines.append(f"{k:<16}{res[k]['samples_per_s']:>12,.0f}{res[k]['MBps']:>10,.1f}")
     lines.append(f"blocklm / webdataset: {res['speedup_vs_webdataset']}x samples/s "
                  f"(blocklm verifies every payload checksum: verify={res.get('verify')})")
+    if "nginx_vs_local" in res:
+        lines.append(f"through nginx / local (blocklm, same run, passes interleaved): "
+                     f"{res['nginx_vs_local']:.0%}")
     now = res.get("rss_now", {})
     lines.append(f"peak RSS: {res['rss_mb']} MB (at the end: {now.get('anon_mb')} MB private, "
                  f"{now.get('file_mb')} MB mapped file pages)")
@@ -239,7 +274,8 @@ def format_table(res: dict) -> str:
               help="Also read this many (>= 6) shuffled epochs and report RSS growth from "
                    "epochs 2-4 to the last 3 (medians, after gc and malloc_trim).")
 @click.option("--nginx", "via_nginx", is_flag=True,
-              help="Serve the local dataset folders with a temporary nginx and read over HTTP.")
+              help="Serve the local dataset folders with a temporary nginx and read over HTTP; "
+                   "the local read runs in the same run too (blocklm_local, nginx_vs_local).")
 @click.option("--no-decode", is_flag=True, help="Skip the decoding measurement.")
 @click.option("--map-cache-mb", type=int, default=None,
               help="MiB of local shards BlockDataset keeps mapped across passes (default: its "
@@ -262,14 +298,14 @@ def bench_read(sources: tuple[str, ...], as_json: bool, repeat: int, rss_epochs:
     if 0 < rss_epochs < 6:
         raise click.BadParameter("--rss-epochs needs at least 6 epochs (or 0 for none)")
     with contextlib.ExitStack() as stack:
-        srcs = list(sources)
+        srcs, local = list(sources), None
         if via_nginx:
             roots = [Path(s) for s in srcs]
             if not all(r.is_dir() for r in roots):
                 raise click.BadParameter("--nginx serves local dataset folders")
             urls = stack.enter_context(serve_nginx(roots))
-            srcs = [urls[r] for r in roots]
+            srcs, local = [urls[r] for r in roots], list(sources)
         res = run_bench(srcs, repeat=repeat, rss_epochs=rss_epochs, decode=not no_decode,
-                        map_cache_mb=map_cache_mb)
+                        map_cache_mb=map_cache_mb, local_sources=local)
     res["via"] = "nginx" if via_nginx else "local"
     click.echo(json.dumps(res, indent=1) if as_json else format_table(res))

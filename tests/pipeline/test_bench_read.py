@@ -34,8 +34,23 @@ def test_bench_read_table_through_nginx(small_shards):
                                   "--no-decode"])
     assert r.exit_code == 0, r.output
     assert "http://127.0.0.1:" in r.output
-    for k in ("raw", "webdataset", "blocklm", "peak RSS"):
+    for k in ("raw", "webdataset", "blocklm", "blocklm_local", "through nginx / local", "peak RSS"):
         assert k in r.output
+
+
+def test_bench_read_nginx_json_has_the_local_row_of_the_same_run(small_shards):
+    if shutil.which("nginx") is None and not os.path.exists("/usr/sbin/nginx"):
+        pytest.skip("nginx not installed")
+    r = CliRunner().invoke(main, ["bench", "read", str(small_shards), "--nginx", "--repeat", "2",
+                                  "--no-decode", "--json"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.output)
+    assert res["via"] == "nginx" and res["sources"][0].startswith("http://127.0.0.1:")
+    for k in ("blocklm", "blocklm_local"):
+        assert res[k]["samples"] == res["samples"] and res[k]["bytes"] > 0
+    assert res["blocklm"]["bytes"] == res["blocklm_local"]["bytes"]  # the same payloads
+    ratio = res["blocklm"]["MBps"] / res["blocklm_local"]["MBps"]
+    assert res["nginx_vs_local"] == pytest.approx(ratio, abs=1e-3)
 
 
 def test_bench_read_help_has_an_example():
