@@ -28,9 +28,9 @@ Helpers are forked (they inherit the item list; a chunk is claimed by number). W
 from __future__ import annotations
 
 import gc
+import json
 import multiprocessing as mp
 import os
-import pickle
 import re
 import shutil
 import traceback
@@ -113,6 +113,20 @@ def convert_chunk(start: int, items: list[Item], folder: str,
     return path, records
 
 
+def write_records(path: str, records: list[tuple]) -> None:
+    """Store a chunk's per-item summaries (strings, ints, None and tuples of them) as JSON:
+    the spill folder lies in the output folder, so nothing read back from it may run code, as
+    unpickling would. Lone surrogates (undecodable file names) survive the round trip."""
+    with open(path, "w", encoding="ascii") as f:
+        json.dump(records, f, separators=(",", ":"))
+
+
+def read_records(path: str) -> list[list]:
+    """The summaries :func:`write_records` stored (tuples come back as lists)."""
+    with open(path, encoding="ascii") as f:
+        return json.load(f)
+
+
 def claim(nxt, n: int, n_workers: int) -> tuple[int, int] | None:
     """The next chunk ``(start, end)`` of the ``n`` items from the shared counter ``nxt``, or
     None when every item is claimed."""
@@ -137,8 +151,7 @@ def _helper(items, n_workers: int, nxt, conn, folder: str, deep_check: bool,
             path, records = convert_chunk(a, items[a:b], folder, deep_check)
             # the summaries go through a file and the pipe carries a short note: a pipe holds
             # ~64 KB, and a helper must never wait for the parent, busy with its own chunks
-            with open(path + ".rec", "wb") as f:
-                pickle.dump(records, f, protocol=pickle.HIGHEST_PROTOCOL)
+            write_records(path + ".rec", records)
             conn.send((a, b, path, None))
     except BaseException:  # the parent raises it with the chunk named
         conn.send((a, None, None, traceback.format_exc()))
@@ -258,8 +271,7 @@ def _receive(helpers: dict, pending: dict, want: int) -> None:
             continue
         if error is not None:
             raise RuntimeError(f"a conversion helper failed on the chunk at item {a}:\n{error}")
-        with open(path + ".rec", "rb") as f:  # written by our own helper, not input data
-            pending[a] = (b, path, pickle.load(f))
+        pending[a] = (b, path, read_records(path + ".rec"))
         os.unlink(path + ".rec")
 
 

@@ -169,3 +169,21 @@ def test_frozen_heap_leaves_the_collector_as_it_found_it():
             assert gc.get_freeze_count() == 0 and not gc.isenabled()
     finally:
         gc.enable()
+
+
+def test_helper_summaries_round_trip_as_json_never_as_code(tmp_path):
+    # the summaries sit in the output folder: they must be read back as data, not unpickled
+    recs = [("img/\udcff\udcfe.png", None, 1536, "k\u00e9y", (("a", "b", "c"), (7, 0)),
+             (("image", 100, 90),), 100),
+            ("bad.wav", "audio with no frames", 0, None, None, None, 0)]
+    path = str(tmp_path / "000000000.rec")
+    convert_parallel.write_records(path, recs)
+    back = convert_parallel.read_records(path)
+    assert back[0][0] == recs[0][0] and back[0][3] == recs[0][3]  # lone surrogates survive
+    assert [len(r) for r in back] == [7, 7] and back[1][1] == "audio with no frames"
+    assert back[0][4] == [["a", "b", "c"], [7, 0]] and back[0][5] == [["image", 100, 90]]
+    import pickle
+    with open(path, "wb") as f:
+        f.write(pickle.dumps(recs))
+    with pytest.raises(ValueError):  # a pickle is refused, not loaded
+        convert_parallel.read_records(path)
