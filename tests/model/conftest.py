@@ -1,4 +1,5 @@
-"""Shared fixtures of the model tests: a tiny sentencepiece tokenizer and tiny models."""
+"""Shared fixtures of the model tests: a tiny sentencepiece tokenizer, tiny models, and a look
+into autograd graphs."""
 
 from __future__ import annotations
 
@@ -34,3 +35,25 @@ def model(tokenizer_path) -> BlockLM:
     """A tiny BlockLM with all three modes, seeded."""
     torch.manual_seed(0)
     return BlockLM(tiny(tokenizer_path=tokenizer_path))
+
+
+def _consumers(out: torch.Tensor, leaf: torch.Tensor) -> list[str]:
+    """Names of the autograd nodes of ``out``'s graph that hand gradient straight to ``leaf``."""
+    found, seen, todo = [], set(), [out.grad_fn]
+    while todo:
+        n = todo.pop()
+        if n is None or n in seen:
+            continue
+        seen.add(n)
+        for f, _ in n.next_functions:
+            if f is not None and getattr(f, "variable", None) is leaf:
+                found.append(type(n).__name__)
+            todo.append(f)
+    return found
+
+
+@pytest.fixture()
+def grad_consumers():
+    """``grad_consumers(out, leaf)``: which backward nodes read ``leaf`` directly (a test that
+    a tensor is unpacked by one op, not sliced per consumer)."""
+    return _consumers

@@ -92,28 +92,13 @@ def test_gradcheck_float64():
     assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-5, fast_mode=True)
 
 
-def _consumers(t: torch.Tensor, leaf: torch.Tensor) -> list[str]:
-    """Names of the backward nodes that hand gradient straight to ``leaf``."""
-    seen, todo, out = set(), [t.grad_fn], []
-    while todo:
-        n = todo.pop()
-        if n is None or n in seen:
-            continue
-        seen.add(n)
-        for f, _ in n.next_functions:
-            if f is not None and getattr(f, "variable", None) is leaf:
-                out.append(type(n).__name__)
-            todo.append(f)
-    return out
-
-
-def test_state_unpack_is_one_split_node():
+def test_state_unpack_is_one_split_node(grad_consumers):
     """The state's parts come from one split: slicing per part made backward fill and add a
     zero gradient of the whole state per part (25 full-state passes per batch in `small`)."""
     dec = Decoder(cfg(stack=False))
     state = torch.rand(3, dec.layout.size, requires_grad=True)
     _, new = dec(torch.randn(3, 5, 16), state)
-    assert _consumers(new, state) == ["SplitWithSizesBackward0"]
+    assert grad_consumers(new, state) == ["SplitWithSizesBackward0"]
 
 
 def test_rmsnorm_of_bf16_equals_torchs_and_keeps_the_dtype():
@@ -162,7 +147,7 @@ def test_grid_rows_give_the_same_block_and_grid_shapes():
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
 
 
-def test_layer_casts_the_residual_stream_once_under_autocast():
+def test_layer_casts_the_residual_stream_once_under_autocast(grad_consumers):
     """Under bf16 autocast a layer reads its fp32 input through one cast (the down projection
     and the concatenation share it): a cast per reader was one more [M, d_model] pass forward
     and a cast-back and an add in backward, per layer and batch."""
@@ -175,4 +160,4 @@ def test_layer_casts_the_residual_stream_once_under_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y, _, _ = layer(x, S, z)
     assert y.dtype == torch.float32
-    assert sorted(_consumers(y, x)) == ["AddBackward0", "ToCopyBackward0"]
+    assert sorted(grad_consumers(y, x)) == ["AddBackward0", "ToCopyBackward0"]
