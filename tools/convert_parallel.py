@@ -116,9 +116,12 @@ def convert_chunk(start: int, items: list[Item], folder: str,
 def write_records(path: str, records: list[tuple]) -> None:
     """Store a chunk's per-item summaries (strings, ints, None and tuples of them) as JSON:
     the spill folder lies in the output folder, so nothing read back from it may run code, as
-    unpickling would. Lone surrogates (undecodable file names) survive the round trip."""
+    unpickling would. Lone surrogates (undecodable file names) survive the round trip.
+    ``json.dumps`` and one write: ``json.dump`` encodes in pure Python (its C encoder is used by
+    ``dumps`` only) and writes piece by piece, ~1 ms per 90-item chunk against ~0.1 ms."""
+    text = json.dumps(records, separators=(",", ":"))
     with open(path, "w", encoding="ascii") as f:
-        json.dump(records, f, separators=(",", ":"))
+        f.write(text)
 
 
 def read_records(path: str) -> list[list]:
