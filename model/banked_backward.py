@@ -84,12 +84,15 @@ def backward(L, opt: dict, saved, meta, do, dST, dzT):
         dST, dzT = dST.contiguous(), dzT.contiguous()
     else:  # not read (HAS_DST=False): no zero tensors to fill
         dST, dzT = dhs, dzs
+    in_dh = bool(opt["hdot_in_dh"])  # the decay's inner products in bwd_dh (row partials hp)
+    HP = E // BV + 1 if in_dh else 0  # rows of D partials per span and bank
+    hp = torch.empty(B * H * NS * N * HP * D, device=dev, dtype=f32) if in_dh else dzs
     L(K.bwd_dh, (D // BK, E // BV, B * H * N), q, r, c, dy, dden, dhs, dzs, dST, dzT, dS0, dz0,
-      NS, N=N, D=D, E=E, C=CS, BK=BK, BV=BV, HAS_DST=has_dst, HAS_S0=has_s0,
-      num_warps=opt["warps_h"], num_stages=opt["stages_h"], maxnreg=opt["maxnreg_h"])
-    hdot = opt["hdot_in_dv"] and BO == E  # one program per whole [D, E] tile
+      hs, zs, hp, NS, N=N, D=D, E=E, C=CS, BK=BK, BV=BV, HAS_DST=has_dst, HAS_S0=has_s0,
+      HDOT=in_dh, num_warps=opt["warps_h"], num_stages=opt["stages_h"], maxnreg=opt["maxnreg_h"])
+    hdot = opt["hdot_in_dv"] and BO == E and not in_dh  # one program per whole [D, E] tile
     # per-block partials of the span-end inner products (bwd_hdot fills one per span)
-    hd = (torch.empty if hdot or R == 1 else torch.zeros)(B * H * NT * N, device=dev, dtype=f32)
+    hd = (torch.empty if hdot or in_dh or R == 1 else torch.zeros)(B * H * NT * N, device=dev, dtype=f32)
     wd = torch.empty_like(hd)
     BR = max(1, min(D // R, opt["hdot_rows"] or 2048 // E))
     L(KB.bwd_mem_read, (NT, B * H), q, r, c, hs, zs, dy, dden, dqi, dq, dr, NT, N=N,
@@ -97,11 +100,13 @@ def backward(L, opt: dict, saved, meta, do, dST, dzT):
     L(KB.bwd_mem_write, (NT, B * H), k, v, w, c, dhs, dzs, dki, dk, dw, wd, NT, N=N,
       NP=pow2(N), D=D, E=E, C=C, BD=BM, R=R, num_warps=warps, num_stages=opt["stages_mem"])
     L(KB.bwd_dv_mem, (E // BO, NT, B * H), k, w, c, hs, zs, dhs, dzs, dvi, dv, hd, NT, N=N,
-      D=D, E=E, C=C, BV=BO, HDOT=hdot, BR=BR, R=R, num_warps=opt["warps_dv"])
-    if not hdot:
+      D=D, E=E, C=C, BV=BO, HDOT=hdot, BR=BR, R=R, num_warps=opt["warps_dv"],
+      num_stages=opt["stages_dv"])
+    if not hdot and not in_dh:
         L(K.bwd_hdot, (B * H * NS * N,), hs, zs, dhs, dzs, hd, N=N, D=D, E=E,
           BD=min(D, 8192 // E), R=R)
     dg = torch.empty(B, H, T, device=dev, dtype=f32)
-    L(K.bwd_decay, (NS, B * H), r, w, g, c, dr, dw, dg, hd, wd, N=N, NP=pow2(N), C=CS, R=R)
+    L(K.bwd_decay, (NS, B * H), r, w, g, c, dr, dw, dg, hd, wd, hp, N=N, NP=pow2(N), C=CS, R=R,
+      HP=HP, HD=D)
     return (dq, dk, dv, dr.to(r.dtype), dw.to(w.dtype), dg.to(g.dtype),
             dS0 if has_s0 else None, dz0 if has_s0 else None)

@@ -62,13 +62,16 @@ if HAS_TRITON:
         tl.store(hd + ((slot // N) * R) * N + slot % N, tot)
 
     @triton.jit
-    def bwd_decay(r, w, g, c, dr, dw, dg, hd, wd, N: tl.constexpr, NP: tl.constexpr,
-                   C: tl.constexpr, R: tl.constexpr):
+    def bwd_decay(r, w, g, c, dr, dw, dg, hd, wd, hp, N: tl.constexpr, NP: tl.constexpr,
+                   C: tl.constexpr, R: tl.constexpr, HP: tl.constexpr = 0,
+                   HD: tl.constexpr = 16):
         """Gradient of the log-decays of one chunk: dc = r dr - w dw, plus at the chunk's last
         step d/dc_T of the chunk-end memory, <dS_end, S_end> = e^cT <dS_end, S_start> + sum_s
         w_s dw_s (writes' part); d log a = reverse cumsum of dc within the chunk, then to w, g.
         Inner products rather than a sequence-long cumsum of dc: that one cancels badly.
-        C here is the save span (R blocks): hd and wd hold one partial per block."""
+        C here is the save span (R blocks): hd and wd hold one partial per block; with HP > 0
+        the <dS_end, S_start> partials are HP rows of HD per span and bank in hp (bwd_dh's
+        HDOT), hd unused."""
         j, i_bh = tl.program_id(0), tl.program_id(1)
         NT = tl.num_programs(0)
         t = i_bh.to(tl.int64) * NT * C + j * C + tl.arange(0, C)
@@ -85,8 +88,13 @@ if HAS_TRITON:
         w_dot = tl.zeros([NP], dtype=tl.float32)
         for p in range(R):
             slot = ((i_bh.to(tl.int64) * NT + j) * R + p) * N + on
-            h_dot += tl.load(hd + slot, mask=on < N, other=0.0)
+            if HP == 0:
+                h_dot += tl.load(hd + slot, mask=on < N, other=0.0)
             w_dot += tl.load(wd + slot, mask=on < N, other=0.0)
+        for p in range(HP):  # rows of D partials per span and bank
+            ixp = ((i_bh.to(tl.int64) * NT + j) * N + on)[:, None] * HP + p
+            h_dot += tl.sum(tl.load(hp + ixp * HD + tl.arange(0, HD)[None, :],
+                                    mask=(on < N)[:, None], other=0.0), axis=1)
         last = tl.exp(b_cT) * h_dot + w_dot
         dc = b_r * tl.load(dr + ix, mask=m, other=0.0) - b_w * b_dw
         dc += tl.where((tl.arange(0, C) == C - 1)[:, None], last[None, :], 0.0)
@@ -248,11 +256,15 @@ if HAS_TRITON:
                                        (C, BV), (1, 0)), (num / dd[:, None]).to(o.dtype.element_ty))
 
     @triton.jit
-    def bwd_dh(q, r, c, dy, dden, dhs, dzs, dST, dzT, dS0, dz0, NT,
+    def bwd_dh(q, r, c, dy, dden, dhs, dzs, dST, dzT, dS0, dz0, hs, zs, hp, NT,
                 N: tl.constexpr, D: tl.constexpr, E: tl.constexpr, C: tl.constexpr,
                 BK: tl.constexpr, BV: tl.constexpr, HAS_DST: tl.constexpr,
-                HAS_S0: tl.constexpr = True):
-        """Memory gradient backwards across chunks; saves the gradient at each chunk's end."""
+                HAS_S0: tl.constexpr = True, HDOT: tl.constexpr = False):
+        """Memory gradient backwards across chunks; saves the gradient at each chunk's end.
+        HDOT (``hdot_in_dh``): also the decay gradient's inner products <dS_end, S_start> +
+        <dz_end, z_start> from the fp32 gradient in registers and the saved start (hs, zs), as
+        row partials hp [slot, E/BV + 1, D] (the last row: z's) that bwd_decay sums (bwd_dv_mem then skips its extra
+        pass over hs, +0.69 ms at 16K in call K6); hs, zs, hp unused without HDOT."""
         i_k, i_v, i_bhn = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         i_bh, n = i_bhn // N, i_bhn % N
         T = NT * C
@@ -275,10 +287,20 @@ if HAS_TRITON:
         for jj in range(NT):
             j = NT - 1 - jj
             slot = (i_bh.to(tl.int64) * NT + j) * N + n
-            tl.store(dhs + slot * D * E + ok[:, None] * E + ov[None, :],
-                     b_dh.to(dhs.dtype.element_ty))
+            dh_lo = b_dh.to(dhs.dtype.element_ty)  # dS_end of chunk j, as stored
+            tl.store(dhs + slot * D * E + ok[:, None] * E + ov[None, :], dh_lo)
             if i_v == 0:
                 tl.store(dzs + slot * D + zcol, b_dz, mask=zm)
+            if HDOT:  # from the stored (rounded) tile, in its store layout: no conversion of
+                # the fp32 accumulator (that cost 30 registers and spilled), and the same
+                # operands as bwd_dv_mem's product
+                part = tl.sum(dh_lo.to(tl.float32) * tl.load(
+                    hs + slot * D * E + ok[:, None] * E + ov[None, :]).to(tl.float32), axis=1)
+                tl.store(hp + (slot * (E // BV + 1) + i_v) * D + ok, part)
+                if i_v == 0:  # b_dz's 16 columns are equal: column 0 carries <dz, z> (a row of
+                    # its own: adding it to part would put the product in b_dz's layout)
+                    tl.store(hp + (slot * (E // BV + 1) + E // BV) * D + ok, tl.sum(
+                        tl.where(zm, b_dz * tl.load(zs + slot * D + zcol), 0.0), 1))
             t = j * C + ot
             b_q = tl.load(qb + t[:, None] * D + ok[None, :])
             b_y = tl.load(yb + t[:, None] * E + ov[None, :])

@@ -76,12 +76,14 @@ def kernel_resources() -> dict:
     """Registers, spills and shared memory of the compiled Triton kernels (as far as exposed)."""
     from blocklm.model import banked_kernels as bk
     from blocklm.model import banked_kernels_bwd as bkb
+    from blocklm.model import banked_kernels_var as bkv
 
     out = {}
-    for name in ("fwd_h", "fwd_o", "fwd_o_loop", "bwd_dh", "bwd_intra", "bwd_mem_read",
-                 "bwd_mem_write", "bwd_dv_mem", "bwd_hdot", "bwd_decay"):
+    for name in ("fwd_h", "fwd_o", "fwd_o_loop", "fwd_o_lean", "bwd_dh", "bwd_intra",
+                 "bwd_mem_read", "bwd_mem_write", "bwd_dv_mem", "bwd_hdot", "bwd_decay"):
         try:
-            caches = getattr(bk if hasattr(bk, name) else bkb, name).device_caches
+            mod = next(m for m in (bk, bkb, bkv) if hasattr(m, name))
+            caches = getattr(mod, name).device_caches
             for dev_cache in caches.values():
                 for ker in dev_cache[0].values():
                     out.setdefault(name, []).append(
@@ -92,11 +94,22 @@ def kernel_resources() -> dict:
     return out
 
 
-# fp32 intra partials, Triton's own launch path, both (= K3's code path); the defaults again last
-# (run-to-run noise: model/GPU_NOTES.md, calls K6-K7). With --profile each variant's kernels are
+# Launch-option variants timed beside the defaults (--sweep; the defaults first and again last:
+# run-to-run noise, model/GPU_NOTES.md calls K6-K7). With --profile each variant's kernels are
 # profiled too (the fused memory kernels of call kern2-A were judged by that).
-SWEEP = [{}, {"low_partials": False}, {"fast_launch": False},
-         {"low_partials": False, "fast_launch": False}, {}]
+# k6: fp32 intra partials, Triton's own launch path, both (= K3's code path).
+# kern3: the opt-in kernels of GPU_NOTES "kern, 2026-11-23": the decay's inner products in bwd_dh
+# (with bwd_dv_mem at 2 stages, two programs per SM), fwd_o_lean (one program per SM at 146
+# registers; two with a 128 cap and 2 stages), and both together.
+_LEAN2 = {"fwd_o_lean": True, "maxnreg_o": 128, "stages_o": 2}
+SWEEPS = {
+    "k6": [{}, {"low_partials": False}, {"fast_launch": False},
+           {"low_partials": False, "fast_launch": False}, {}],
+    "kern3": [{}, {"hdot_in_dh": True}, {"hdot_in_dh": True, "stages_dv": 2},
+              {"fwd_o_lean": True}, _LEAN2, {"hdot_in_dh": True, "stages_dv": 2, **_LEAN2},
+              {}],
+}
+SWEEP = SWEEPS["kern3"]
 
 
 def _safe(fn):
@@ -144,6 +157,8 @@ def profile_kernels(fn, iters: int = 3) -> list[dict]:
 @click.option("--reps", default=30, show_default=True, help="Timed repetitions (median).")
 @click.option("--sweep", is_flag=True,
               help="Also time launch-setting variants (banked, N banks) at every length.")
+@click.option("--sweep-set", type=click.Choice(sorted(SWEEPS)), default="kern3",
+              show_default=True, help="Which list of variants --sweep times.")
 @click.option("--profile", "do_profile", is_flag=True,
               help="Also list per-kernel times (torch.profiler) of the banked kernels, N banks.")
 @click.option("--baseline", default=None,
@@ -151,8 +166,8 @@ def profile_kernels(fn, iters: int = 3) -> list[dict]:
                    "copies of earlier kernels) to time beside the current one, N banks.")
 @click.option("--out", "out_path", default=None, help="Also write the JSON figures here.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
-def bench_gpu(batch, heads, dim, tokens, banks, chunks, ref_max_tokens, reps, sweep, do_profile,
-              baseline, out_path, as_json):
+def bench_gpu(batch, heads, dim, tokens, banks, chunks, ref_max_tokens, reps, sweep, sweep_set,
+              do_profile, baseline, out_path, as_json):
     """Forward + backward time of SDPA causal, the banked Triton kernels (N banks and 1 bank) and
     the PyTorch chunked reference, bf16, on CUDA; with a bf16 matmul ceiling.
 
@@ -160,6 +175,7 @@ def bench_gpu(batch, heads, dim, tokens, banks, chunks, ref_max_tokens, reps, sw
     Example:
       blocktool bench gpu --json
       blocktool bench gpu --tokens 1024,4096 --chunks 64,128 --out bench.json
+      blocktool bench gpu --sweep --sweep-set kern3 --profile --baseline blk6.banked_triton
     """
     import torch
     import torch.nn.functional as F
@@ -216,7 +232,7 @@ def bench_gpu(batch, heads, dim, tokens, banks, chunks, ref_max_tokens, reps, sw
                     res.setdefault("profile", {})[str(T)] = profile_kernels(
                         _fwd_bwd(banked, xs, dout))
                 if n_banks == N and C == Cs[0] and sweep:
-                    for variant in SWEEP:
+                    for variant in SWEEPS[sweep_set]:
                         saved = dict(bt.KERNEL_OPTS)
                         bt.KERNEL_OPTS.update(variant)
                         ms = _safe(lambda xs=xs, banked=banked, dout=dout: _median_ms(

@@ -1,0 +1,137 @@
+"""Opt-in launch variants of the banked-attention kernels (``KERNEL_OPTS``) against the PyTorch
+reference: outputs and every gradient, fp32 inputs, tiny shapes, through the real kernels under
+Triton's CPU interpreter (``TRITON_INTERPRET=1``, a fresh process); on CUDA also in bf16 at
+D = E = 128 (the shape the benchmark sweeps)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from blocklm.model import banked_triton as bt
+
+sys.path.insert(0, str(Path(__file__).parent))  # the shared helpers (tests are not a package)
+from test_banked_triton import CUDA, HAS_TRITON, NAMES, leaves, outputs_and_grads, rel  # noqa: E402
+
+# (T, D, E, N, chunk, incoming memory, options): odd lengths (padded), N = 1 and 4, with and
+# without S0, spans of 2 blocks, two E-tiles in the state kernels (two row sets of partials)
+CASES = [
+    (37, 16, 16, 4, 16, True, {"hdot_in_dh": True}),
+    (21, 16, 32, 1, 16, False, {"hdot_in_dh": True}),
+    (45, 32, 32, 4, 16, False, {"hdot_in_dh": True, "save_blocks": 2}),
+    (40, 16, 32, 2, 16, True, {"hdot_in_dh": True, "tile_h": 16, "tile_hk": None}),
+    (37, 16, 16, 4, 16, True, {"fwd_o_lean": True}),
+    (21, 32, 16, 1, 16, False, {"fwd_o_lean": True}),
+    (50, 32, 32, 3, 16, True, {"fwd_o_lean": True, "tile_v": 16}),  # two E-tiles
+    (45, 16, 16, 4, 16, False, {"fwd_o_lean": True, "save_blocks": 2}),  # R = 2: fwd_o
+    (44, 16, 32, 4, 16, True, {"fwd_o_lean": True, "hdot_in_dh": True, "maxnreg_o": 128,
+                               "stages_o": 2}),
+]
+
+_RUN = """
+import sys, torch
+import triton.runtime.interpreter as I
+_orig = I._patch_lang_tensor
+def _patched(tensor, scope):  # numpy >= 2 refuses int() of a 1-element array
+    _orig(tensor, scope)
+    scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+I._patch_lang_tensor = _patched
+sys.path.insert(0, {tests!r})
+from test_banked_triton import leaves, outputs_and_grads, rel, NAMES
+from blocklm.model import banked_triton as bt
+for T, D, E, N, C, st, opts in {cases!r}:
+    saved = dict(bt.KERNEL_OPTS)
+    bt.KERNEL_OPTS.update(opts)
+    xs = leaves(1, 2, T, D, E, N, seed=T + N, state=st)
+    a = outputs_and_grads(bt.banked_attention_triton, xs, chunk=C)
+    bt.KERNEL_OPTS.clear()
+    bt.KERNEL_OPTS.update(saved)
+    b = outputs_and_grads(bt.banked_attention_reference, xs, chunk=C)
+    for name, x, y in zip(NAMES, a, b):
+        e = rel(x, y) if y.norm() > 0 else x.norm().item()
+        assert e < 1e-5, (T, N, opts, name, e)
+    print("case ok", T, N, opts)
+print("ok")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_variants_under_triton_interpreter():
+    """Each opt-in variant computes the reference's function (all outputs and gradients)."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    code = _RUN.format(tests=str(Path(__file__).parent), cases=CASES)
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0 and res.stdout.count("case ok") == len(CASES), \
+        res.stdout[-2000:] + res.stderr[-3000:]
+
+
+_LEAN_BF16 = _RUN.split("for T, D, E, N, C")[0] + """
+from test_banked_triton import project
+xs = leaves(1, 2, 40, 32, 16, 4, seed=5)
+q, k, v, r, w, g, S0, z0 = (x.detach() for x in project(xs))
+q, k = q.half(), k.half()  # v stays fp32: out is not rounded, only q . z can differ
+with torch.no_grad():
+    a = bt.banked_attention_triton(q, k, v, r, w, g, S0, z0 * 50, chunk=16)[0]
+    bt.KERNEL_OPTS["fwd_o_lean"] = True
+    b = bt.banked_attention_triton(q, k, v, r, w, g, S0, z0 * 50, chunk=16)[0]
+e = rel(b, a)
+assert e < 1e-6, e
+print("ok", e)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_lean_normaliser_keeps_z_precision_with_bf16_q():
+    """fwd_o_lean takes q . z_start as a dot of z split into high and low parts in q's dtype:
+    with 16-bit q its outputs match fwd_o's fp32 products closely (fp16 here: the interpreter
+    has no bf16; z rounded to q's dtype alone would be ~1e-4 off)."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    code = _LEAN_BF16.format(tests=str(Path(__file__).parent))
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stdout[-2000:] + res.stderr[-3000:]
+
+
+GPU_VARIANTS = [{"hdot_in_dh": True}, {"hdot_in_dh": True, "save_blocks": 2},
+                {"hdot_in_dh": True, "tile_hv": 64}, {"fwd_o_lean": True},
+                {"fwd_o_lean": True, "maxnreg_o": 128, "stages_o": 2},
+                {"fwd_o_lean": True, "tile_v": 64},
+                {"fwd_o_lean": True, "maxnreg_o": 128, "stages_o": 2, "hdot_in_dh": True}]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+@pytest.mark.parametrize("opts", GPU_VARIANTS, ids=lambda o: "-".join(f"{k}{v}" for k, v in
+                                                                     o.items()))
+@pytest.mark.parametrize("state", [True, False])
+def test_variant_matches_reference_bf16(opts, state, monkeypatch):
+    """bf16 at D = E = 128, N = 4, T = 200 (padded): errors as the defaults' (< 2e-2)."""
+    monkeypatch.setattr(bt, "KERNEL_OPTS", {**bt.KERNEL_OPTS, **opts})
+    xs = leaves(1, 2, 200, 128, 128, 4, seed=13, state=state, device="cuda")
+    fast = outputs_and_grads(bt.banked_attention_triton, xs, dtype=torch.bfloat16, chunk=64)
+    ref = outputs_and_grads(bt.banked_attention_reference, xs, dtype=torch.bfloat16, chunk=64)
+    errs = {name: rel(a, b) for name, a, b in zip(NAMES, fast, ref) if b.norm() > 0}
+    print(opts, state, " ".join(f"{k}={v:.1e}" for k, v in errs.items()))
+    assert all(torch.isfinite(a).all() for a in fast)
+    assert max(errs.values()) < 2e-2, errs
+
+
+def test_sweep_variants_name_real_options():
+    """Every option a bench sweep sets exists in KERNEL_OPTS (an unknown key would be added
+    silently and the 'variant' would time the defaults)."""
+    from blocklm.tools.bench_gpu import SWEEPS
+
+    for name, variants in SWEEPS.items():
+        for v in variants:
+            assert set(v) <= set(bt.KERNEL_OPTS), (name, set(v) - set(bt.KERNEL_OPTS))
+    assert all(set(o) <= set(bt.KERNEL_OPTS) for o in GPU_VARIANTS)
+    assert {k for v in SWEEPS["kern3"] for k in v} >= {"hdot_in_dh", "fwd_o_lean"}
