@@ -62,6 +62,21 @@ def _write_synced(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
+def _copy(src: int, dst: int, n: int, src_off: int, dst_off: int) -> int:
+    """Copy up to ``n`` bytes between files in the kernel: ``copy_file_range`` (one file system),
+    else ``sendfile`` (from an in-memory file: ``copy_file_range`` refuses to cross file
+    systems), else through memory."""
+    try:
+        return os.copy_file_range(src, dst, n, src_off, dst_off)
+    except (AttributeError, OSError):
+        pass
+    try:
+        os.lseek(dst, dst_off, os.SEEK_SET)  # sendfile writes at the file's position
+        return os.sendfile(dst, src, src_off, n)
+    except (AttributeError, OSError):
+        return os.pwrite(dst, os.pread(src, min(n, 1 << 24), src_off), dst_off)
+
+
 class ShardWriter:
     """Write samples into ``PREFIX-NNNNNN.tar`` shards with indexes and a manifest.
 
@@ -197,12 +212,7 @@ class ShardWriter:
         f.flush()  # the span is the tail of the shard: it ends at self._pos
         start, done = self._pos - size, 0
         while done < size:
-            try:
-                n = os.copy_file_range(src_fd, f.fileno(), size - done, src_off + done,
-                                       start + done)
-            except (AttributeError, OSError):  # no copy_file_range here: copy through memory
-                n = os.pwrite(f.fileno(), os.pread(src_fd, min(size - done, 1 << 24),
-                                                   src_off + done), start + done)
+            n = _copy(src_fd, f.fileno(), size - done, src_off + done, start + done)
             if n <= 0:
                 raise FormatError(f"spill file ends {size - done} bytes early", shard=self._name)
             done += n

@@ -1,9 +1,9 @@
 """The conversion job: parallel, deterministic, resumable, every input accounted for.
 
-Workers build, validate and encode contiguous chunks of the inputs in parallel, each into a
-spill file (``convert_parallel``); the parent takes them in input order and copies each sample into
-the shards (``ShardWriter.span_packed``), so the shards are byte-identical whatever the number of
-workers. Each finished shard is final (atomic rename); after each one, ``progress.json``
+Workers build, validate and encode contiguous chunks of the inputs in parallel, each into an
+in-memory ring (``convert_parallel``, ``convert_ring``); the parent takes them in input order
+and copies each sample into the shards (``ShardWriter.span_packed``), so the shards are
+byte-identical whatever the number of workers. Each finished shard is final (atomic rename); after each one, ``progress.json``
 records how many items are done, the shards so far and the rejections so far. ``--resume``
 re-enumerates the inputs (cheap), skips the done items and continues writing at the next shard
 number, which gives the same bytes as an uninterrupted run. ``report.json`` is written at the end.
@@ -30,7 +30,7 @@ from blocklm.formats.writer import atomic_write
 from .convert_items import Item, Result
 from .convert_keys import KeyAllocator
 from .convert_options import ConvertOptions
-from .convert_parallel import frozen_heap, parallel_results, spill_dir, stale_spill_dirs
+from .convert_parallel import frozen_heap, parallel_results, stale_spill_dirs
 from .convert_progress import Progress
 from .convert_sources import detect_kind, iter_input
 
@@ -146,11 +146,10 @@ def _write_json(path: Path, obj: dict) -> None:
 def _results(items, n_workers: int, out: Path, opts: ConvertOptions,
              flush) -> Iterator[Result]:
     """Every item's result in input order (``convert_parallel``: the parent and helpers), in
-    windows of ``WINDOW`` items, which bounds the helpers' spill files to a part of one window."""
-    folder = spill_dir(out, opts.prefix)
+    windows of ``WINDOW`` items (a source read as a stream is never held whole)."""
     it = iter(items)
     while window := list(itertools.islice(it, WINDOW)):
-        yield from parallel_results(window, n_workers, folder, flush, opts.deep_check)
+        yield from parallel_results(window, n_workers, flush, opts.deep_check)
 
 
 def run_convert(inputs: list[str], out: str | os.PathLike, opts: ConvertOptions) -> Report:

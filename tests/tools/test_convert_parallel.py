@@ -1,5 +1,6 @@
-"""The parent + helpers design (tools/convert_parallel.py): same bytes as one process however the
-chunks are shared out, spills cleaned up, a failing or dying helper is an error (never a hang)."""
+"""The parent + helpers design (tools/convert_parallel.py, convert_ring.py): same bytes as one
+process however the chunks are shared out and however small the rings, nothing left behind, a
+failing or dying helper is an error (never a hang)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import os
 
 import pytest
 
-from blocklm.tools import convert_parallel, convert_run
+from blocklm.tools import convert_parallel, convert_ring, convert_run
 from blocklm.tools.convert_options import ConvertOptions
 from blocklm.tools.convert_run import StrictStop, run_convert
 
@@ -31,14 +32,18 @@ def test_claims_cover_every_item_once_and_shrink():
             assert chunks[-1][1] - chunks[-1][0] < chunks[0][1] - chunks[0][0]
 
 
-@pytest.mark.parametrize("smallest,largest,window,hold", [(8, 256, 4096, 64 << 20),
-                                                         (1, 2, 4096, 64 << 20), (2, 3, 9, 0)])
+@pytest.mark.parametrize("smallest,largest,window,hold,ring",
+                         [(8, 256, 4096, 64 << 20, 16 << 20), (1, 2, 4096, 64 << 20, 16 << 20),
+                          (2, 3, 9, 0, 16 << 20), (8, 256, 4096, 64 << 20, 20_000),
+                          (1, 3, 4096, 64 << 20, 9_000)])
 def test_spilled_chunks_and_shard_cuts_give_the_same_bytes(image_dir, audio_dir, small_text,
                                                            tmp_path, monkeypatch, smallest,
-                                                           largest, window, hold):
-    """Helpers' chunks (spill files, copied with write_span) cut by shard boundaries in the
+                                                           largest, window, hold, ring):
+    """Helpers' chunks (in their rings, copied with span_packed) cut by shard boundaries in the
     middle, with rejections among them, in one window or many, the parent's chunks held for
-    their turn or (hold 0) the parent waiting for the helpers, equal a one-process run."""
+    their turn or (hold 0) the parent waiting for the helpers, rings so small that samples wrap
+    to the start, helpers wait for room and images (larger than the ring) go back to the
+    parent, equal a one-process run."""
     (audio_dir / "zz_bad.wav").write_bytes(b"RIFF....WAVE")
     inputs = [str(image_dir), str(audio_dir), str(small_text)]
     ref = tmp_path / "ref"
@@ -47,25 +52,52 @@ def test_spilled_chunks_and_shard_cuts_give_the_same_bytes(image_dir, audio_dir,
     monkeypatch.setattr(convert_parallel, "MAX_CHUNK", largest)
     monkeypatch.setattr(convert_run, "WINDOW", window)
     monkeypatch.setattr(convert_parallel, "HOLD_BYTES", hold)
+    monkeypatch.setattr(convert_parallel, "MIN_RING", ring)
+    monkeypatch.setattr(convert_parallel, "RING_BYTES", ring)
+    log = tmp_path / "ring.log"  # what the (forked) helpers did: "wait" and "parent" lines
+    wait, note = convert_ring.RingWriter._wait, convert_ring.RingWriter._note
+
+    def logged(line, real):
+        def fn(self, *args):
+            if line != "parent" or (args[0] < args[1] and args[2] is None):
+                with open(log, "a") as f:
+                    f.write(line + "\n")
+            return real(self, *args)
+        return fn
+
+    monkeypatch.setattr(convert_ring.RingWriter, "_wait", logged("wait", wait))
+    monkeypatch.setattr(convert_ring.RingWriter, "_note", logged("parent", note))
+    if ring == 9_000:  # a slow parent: the helpers fill their rings before it takes anything
+        import time
+
+        real = convert_parallel.process
+
+        def slow(item, deep_check=False):
+            time.sleep(0.002)
+            return real(item, deep_check)
+
+        monkeypatch.setattr(convert_parallel, "process", slow)
     out = tmp_path / "j3"
     rep3 = run_convert(inputs, out, ConvertOptions(workers=3, shard_size=40_000, quiet=True))
+    if ring == 9_000:  # the case is what it claims to be
+        assert {"wait", "parent"} <= set(log.read_text().split())
     assert len([n for n in shard_bytes(ref) if n.endswith(".tar")]) > 3
     assert shard_bytes(out) == shard_bytes(ref)
     assert rep3.rejected == rep1.rejected and len(rep1.rejected) == 1
     assert not [p for p in os.listdir(out) if "spill" in p]
 
 
-def _failing_chunk(number, items, folder, deep_check):
+def _failing_chunk(self, number, items, deep_check):
     if number > 0:
         raise MemoryError("boom")
-    return _real_chunk(number, items, folder, deep_check)
+    return _real_chunk(self, number, items, deep_check)
 
 
-def _dying_chunk(number, items, folder, deep_check):
+def _dying_chunk(self, number, items, deep_check):
     os._exit(9)
 
 
-_real_chunk = convert_parallel.convert_chunk
+_real_chunk = convert_ring.RingWriter.convert
 
 
 @pytest.mark.parametrize("chunk,match", [(_failing_chunk, "(?s)failed on the chunk at item .*MemoryError: boom"),
@@ -74,10 +106,10 @@ def test_a_failing_helper_stops_the_job_with_its_error(audio_dir, small_text, tm
                                                        monkeypatch, chunk, match):
     import time
 
-    monkeypatch.setattr(convert_parallel, "convert_chunk", chunk)  # the helpers are forked
+    monkeypatch.setattr(convert_ring.RingWriter, "convert", chunk)  # the helpers are forked
     real = convert_parallel.process
 
-    def slow(item, deep_check=False):  # the parent's conversions (helpers use convert_chunk)
+    def slow(item, deep_check=False):  # the parent's conversions (helpers: RingWriter.convert)
         time.sleep(0.005)
         return real(item, deep_check)
 
@@ -116,11 +148,25 @@ def test_an_orphaned_helper_claims_nothing(tmp_path):
 
     nxt = mp.Value("q", 0)
     recv, send = mp.Pipe(duplex=False)
-    convert_parallel._helper([None] * 40, 2, nxt, send, str(tmp_path), False,
-                             parent=os.getppid() + 1)
-    assert nxt.value == 0 and not os.listdir(tmp_path)
+    ring = convert_ring.Ring(1 << 16)
+    convert_parallel._helper([None] * 40, 2, nxt, send, ring, False, parent=os.getppid() + 1)
+    assert nxt.value == 0 and os.fstat(ring.fd).st_size == 0
     with pytest.raises(EOFError):
         recv.recv()
+    ring.close()
+
+
+def test_a_helper_waiting_for_room_stops_when_orphaned():
+    """A helper waiting for the parent to consume its ring exits once its parent is gone (it
+    never hangs on a full ring)."""
+    ring = convert_ring.Ring(1 << 16)
+    out = convert_ring.RingWriter(ring, lambda note: None, parent=os.getppid() + 1)
+    with pytest.raises(SystemExit):
+        out._wait(1)
+    ring.release(1)  # the parent gives the room back: no wait at all
+    out.parent = os.getppid()
+    out._wait(1)
+    ring.close()
 
 
 def test_a_finished_windows_counter_outlives_its_helpers(small_text, tmp_path, monkeypatch):
@@ -137,6 +183,9 @@ def test_a_finished_windows_counter_outlives_its_helpers(small_text, tmp_path, m
     def claim(nxt, n, n_workers):
         if os.getpid() == parent:
             seen.add(ctypes.addressof(nxt.get_obj()))  # the address only: nothing kept alive
+        else:  # a helper (forked: the same address) may claim every chunk before the parent
+            with open(tmp_path / "claims", "a") as f:
+                f.write(f"{ctypes.addressof(nxt.get_obj())}\n")
         return real(nxt, n, n_workers)
 
     monkeypatch.setattr(convert_parallel, "claim", claim)
@@ -144,6 +193,7 @@ def test_a_finished_windows_counter_outlives_its_helpers(small_text, tmp_path, m
     monkeypatch.setattr(convert_parallel, "MAX_CHUNK", 3)
     rep = run_convert([str(small_text)], tmp_path / "o",
                       ConvertOptions(workers=2, text_split="lines", quiet=True))
+    seen |= {int(a) for a in (tmp_path / "claims").read_text().split()}
     assert rep.samples >= 40 and len(seen) == 1
     fresh = mp.get_context("fork").Value("q", 0)  # what the next window would get
     assert ctypes.addressof(fresh.get_obj()) not in seen
@@ -169,21 +219,3 @@ def test_frozen_heap_leaves_the_collector_as_it_found_it():
             assert gc.get_freeze_count() == 0 and not gc.isenabled()
     finally:
         gc.enable()
-
-
-def test_helper_summaries_round_trip_as_json_never_as_code(tmp_path):
-    # the summaries sit in the output folder: they must be read back as data, not unpickled
-    recs = [("img/\udcff\udcfe.png", None, 1536, "k\u00e9y", (("a", "b", "c"), (7, 0)),
-             (("image", 100, 90),), 100),
-            ("bad.wav", "audio with no frames", 0, None, None, None, 0)]
-    path = str(tmp_path / "000000000.rec")
-    convert_parallel.write_records(path, recs)
-    back = convert_parallel.read_records(path)
-    assert back[0][0] == recs[0][0] and back[0][3] == recs[0][3]  # lone surrogates survive
-    assert [len(r) for r in back] == [7, 7] and back[1][1] == "audio with no frames"
-    assert back[0][4] == [["a", "b", "c"], [7, 0]] and back[0][5] == [["image", 100, 90]]
-    import pickle
-    with open(path, "wb") as f:
-        f.write(pickle.dumps(recs))
-    with pytest.raises(ValueError):  # a pickle is refused, not loaded
-        convert_parallel.read_records(path)
