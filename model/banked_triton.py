@@ -111,14 +111,15 @@ def banked_attention_reference(q: Tensor, k: Tensor, v: Tensor, r: Tensor, w: Te
 # hs there, a kernel at ~46% of DRAM bandwidth) instead of bwd_dv_mem's extra pass over hs; without
 # that pass bwd_dv_mem needs 115 KB of shared memory at 3 stages (one program per SM), stages_dv 2
 # fits two. fwd_o_lean (R = 1): fwd_o with fewer live tiles (146 registers at 8 warps, not 255);
-# with maxnreg_o 128 and stages_o 2 two programs fit an SM. stages_o, maxnreg_o: fwd_o's
-# pipelining depth and register cap.
+# with maxnreg_o 128 and stages_o 2 two programs fit an SM, as with tile_vo 64 (its own E-tile,
+# None: tile_v; 128 registers, no cap). stages_o, maxnreg_o: fwd_o's pipelining depth, register cap.
 KERNEL_OPTS = {"tile_h": None, "tile_hk": 64, "tile_hv": None, "tile_v": 128, "warps_h": 4,
                "warps_o": 8, "warps_intra": 4, "tile_dm": 128, "warps_mem": 4, "warps_dv": 8,
                "stages_mem": None, "hdot_in_dv": True, "fwd_o_loop": False, "short": 0,
                "save_blocks": 1, "prep_in_intra": None, "stages_h": None, "hdot_rows": None,
                "low_partials": True, "fast_launch": True, "maxnreg_h": None, "hdot_in_dh": False,
-               "fwd_o_lean": False, "stages_o": None, "maxnreg_o": None, "stages_dv": None}
+               "fwd_o_lean": False, "stages_o": None, "maxnreg_o": None, "stages_dv": None,
+               "tile_vo": None}
 
 
 def _decay(L, w: Tensor, g: Tensor, C: int) -> Tensor:
@@ -167,8 +168,9 @@ class BankedAttentionFn(torch.autograd.Function):
         o = torch.empty(B, H, T, E, device=dev, dtype=v.dtype)
         den = torch.empty(B, H, T, device=dev, dtype=torch.float32)
         if opt["fwd_o_lean"] and R == 1 and not opt["fwd_o_loop"]:
-            L(KV.fwd_o_lean, (E // BO, NT, B * H), q, k, v, r, w, c, hs, zs, o, den, NT, eps,
-              N=N, D=D, E=E, C=C, BV=BO, ZW=max(16, pow2(2 * N)), num_warps=opt["warps_o"],
+            BL = min(E, opt["tile_vo"] or BO)  # its own E-tile (bwd_dv_mem keeps tile_v)
+            L(KV.fwd_o_lean, (E // BL, NT, B * H), q, k, v, r, w, c, hs, zs, o, den, NT, eps,
+              N=N, D=D, E=E, C=C, BV=BL, ZW=max(16, pow2(2 * N)), num_warps=opt["warps_o"],
               num_stages=opt["stages_o"], maxnreg=opt["maxnreg_o"])
         elif opt["fwd_o_loop"]:
             L(K.fwd_o_loop, (NT, B * H), q, k, v, r, w, c, hs, zs, o, den, NT, eps, N=N,

@@ -27,7 +27,7 @@ CASES = [
     (40, 16, 32, 2, 16, True, {"hdot_in_dh": True, "tile_h": 16, "tile_hk": None}),
     (37, 16, 16, 4, 16, True, {"fwd_o_lean": True}),
     (21, 32, 16, 1, 16, False, {"fwd_o_lean": True}),
-    (50, 32, 32, 3, 16, True, {"fwd_o_lean": True, "tile_v": 16}),  # two E-tiles
+    (50, 32, 32, 3, 16, True, {"fwd_o_lean": True, "tile_vo": 16}),  # two E-tiles
     (45, 16, 16, 4, 16, False, {"fwd_o_lean": True, "save_blocks": 2}),  # R = 2: fwd_o
     (44, 16, 32, 4, 16, True, {"fwd_o_lean": True, "hdot_in_dh": True, "maxnreg_o": 128,
                                "stages_o": 2}),
@@ -103,7 +103,7 @@ def test_lean_normaliser_keeps_z_precision_with_bf16_q():
 GPU_VARIANTS = [{"hdot_in_dh": True}, {"hdot_in_dh": True, "save_blocks": 2},
                 {"hdot_in_dh": True, "tile_hv": 64}, {"fwd_o_lean": True},
                 {"fwd_o_lean": True, "maxnreg_o": 128, "stages_o": 2},
-                {"fwd_o_lean": True, "tile_v": 64},
+                {"fwd_o_lean": True, "tile_vo": 64}, {"fwd_o_lean": True, "tile_v": 64},
                 {"fwd_o_lean": True, "maxnreg_o": 128, "stages_o": 2, "hdot_in_dh": True}]
 
 
