@@ -84,7 +84,8 @@ def backward(L, opt: dict, saved, meta, do, dST, dzT):
         dST, dzT = dST.contiguous(), dzT.contiguous()
     else:  # not read (HAS_DST=False): no zero tensors to fill
         dST, dzT = dhs, dzs
-    in_dh = bool(opt["hdot_in_dh"])  # the decay's inner products in bwd_dh (row partials hp)
+    in_dh = int(opt["hdot_in_dh"] or 0)  # the decay's inner products in bwd_dh (row partials
+    # hp); 1: an elementwise product, 2: the diagonal of a dot (its operand is prefetched)
     HP = E // BV + 1 if in_dh else 0  # rows of D partials per span and bank
     hp = torch.empty(B * H * NS * N * HP * D, device=dev, dtype=f32) if in_dh else dzs
     L(K.bwd_dh, (D // BK, E // BV, B * H * N), q, r, c, dy, dden, dhs, dzs, dST, dzT, dS0, dz0,

@@ -261,7 +261,7 @@ if HAS_TRITON:
                 BK: tl.constexpr, BV: tl.constexpr, HAS_DST: tl.constexpr,
                 HAS_S0: tl.constexpr = True, HDOT: tl.constexpr = False):
         """Memory gradient backwards across chunks; saves the gradient at each chunk's end.
-        HDOT (``hdot_in_dh``): also the decay gradient's inner products <dS_end, S_start> +
+        HDOT (``hdot_in_dh``, 1 or 2): also the decay gradient's inner products <dS_end, S_start> +
         <dz_end, z_start> from the fp32 gradient in registers and the saved start (hs, zs), as
         row partials hp [slot, E/BV + 1, D] (the last row: z's) that bwd_decay sums (bwd_dv_mem then skips its extra
         pass over hs, +0.69 ms at 16K in call K6); hs, zs, hp unused without HDOT."""
@@ -294,8 +294,13 @@ if HAS_TRITON:
             if HDOT:  # from the stored (rounded) tile, in its store layout: no conversion of
                 # the fp32 accumulator (that cost 30 registers and spilled), and the same
                 # operands as bwd_dv_mem's product
-                part = tl.sum(dh_lo.to(tl.float32) * tl.load(
-                    hs + slot * D * E + ok[:, None] * E + ov[None, :]).to(tl.float32), axis=1)
+                b_hs = tl.load(hs + slot * D * E + ok[:, None] * E + ov[None, :])
+                if HDOT == 2:  # the diagonal of dS S^T: a dot operand is prefetched (async
+                    # pipeline) where a plain load stalls the step (kern2-A); 2x the MMA work
+                    P = tl.dot(dh_lo, tl.trans(b_hs))  # [BK, BK]
+                    part = tl.sum(tl.where(ok[:, None] == ok[None, :], P, 0.0), axis=1)
+                else:
+                    part = tl.sum(dh_lo.to(tl.float32) * b_hs.to(tl.float32), axis=1)
                 tl.store(hp + (slot * (E // BV + 1) + i_v) * D + ok, part)
                 if i_v == 0:  # b_dz's 16 columns are equal: column 0 carries <dz, z> (a row of
                     # its own: adding it to part would put the product in b_dz's layout)

@@ -99,15 +99,17 @@ def kernel_resources() -> dict:
 # profiled too (the fused memory kernels of call kern2-A were judged by that).
 # k6: fp32 intra partials, Triton's own launch path, both (= K3's code path).
 # kern3: the opt-in kernels of GPU_NOTES "kern, 2026-11-23": the decay's inner products in bwd_dh
-# (with bwd_dv_mem at 2 stages, two programs per SM), fwd_o_lean (one program per SM at 146
-# registers; two with a 128 cap and 2 stages, or at 64-wide E-tiles), and both together.
+# (elementwise, 1, or as a dot's diagonal, 2; bwd_dv_mem at 2 stages: two programs per SM),
+# fwd_o_lean (one program per SM at 146 registers; two with a 128 cap and 2 stages, or at 64-wide
+# E-tiles), and both together.
 _LEAN2 = {"fwd_o_lean": True, "maxnreg_o": 128, "stages_o": 2}
 SWEEPS = {
     "k6": [{}, {"low_partials": False}, {"fast_launch": False},
            {"low_partials": False, "fast_launch": False}, {}],
-    "kern3": [{}, {"hdot_in_dh": True}, {"hdot_in_dh": True, "stages_dv": 2},
+    "kern3": [{}, {"hdot_in_dh": 1}, {"hdot_in_dh": 1, "stages_dv": 2},
+              {"hdot_in_dh": 2, "stages_dv": 2},
               {"fwd_o_lean": True}, _LEAN2, {"fwd_o_lean": True, "tile_vo": 64},
-              {"hdot_in_dh": True, "stages_dv": 2, **_LEAN2}, {}],
+              {"hdot_in_dh": 2, "stages_dv": 2, **_LEAN2}, {}],
 }
 SWEEP = SWEEPS["kern3"]
 

@@ -24,6 +24,8 @@ CASES = [
     (37, 16, 16, 4, 16, True, {"hdot_in_dh": True}),
     (21, 16, 32, 1, 16, False, {"hdot_in_dh": True}),
     (45, 32, 32, 4, 16, False, {"hdot_in_dh": True, "save_blocks": 2}),
+    (37, 16, 32, 4, 16, True, {"hdot_in_dh": 2}),
+    (30, 32, 16, 1, 16, False, {"hdot_in_dh": 2, "tile_h": 16, "tile_hk": None}),
     (40, 16, 32, 2, 16, True, {"hdot_in_dh": True, "tile_h": 16, "tile_hk": None}),
     (37, 16, 16, 4, 16, True, {"fwd_o_lean": True}),
     (21, 32, 16, 1, 16, False, {"fwd_o_lean": True}),
@@ -101,6 +103,7 @@ def test_lean_normaliser_keeps_z_precision_with_bf16_q():
 
 
 GPU_VARIANTS = [{"hdot_in_dh": True}, {"hdot_in_dh": True, "save_blocks": 2},
+                {"hdot_in_dh": 2}, {"hdot_in_dh": 2, "stages_dv": 2},
                 {"hdot_in_dh": True, "tile_hv": 64}, {"fwd_o_lean": True},
                 {"fwd_o_lean": True, "maxnreg_o": 128, "stages_o": 2},
                 {"fwd_o_lean": True, "tile_vo": 64}, {"fwd_o_lean": True, "tile_v": 64},
