@@ -107,7 +107,8 @@ GPU_VARIANTS = [{"hdot_in_dh": True}, {"hdot_in_dh": True, "save_blocks": 2},
                 {"hdot_in_dh": True, "tile_hv": 64}, {"fwd_o_lean": True},
                 {"fwd_o_lean": True, "maxnreg_o": 128, "stages_o": 2},
                 {"fwd_o_lean": True, "tile_vo": 64}, {"fwd_o_lean": True, "tile_v": 64},
-                {"fwd_o_lean": True, "maxnreg_o": 128, "stages_o": 2, "hdot_in_dh": True}]
+                {"fwd_o_lean": True, "maxnreg_o": 128, "stages_o": 2, "hdot_in_dh": 2,
+                 "stages_dv": 2}]  # the sweep's combination
 
 
 @pytest.mark.gpu
