@@ -35,7 +35,9 @@ AUDIO_EXTS = {"wav", "flac", "ogg", "opus", "mp3", "sph"}
 TEXT_EXTS = {"txt", "text", "caption", "transcript", "md"}
 
 
-@dataclass
+# slots: ~190 bytes less per item (no instance dicts) and ~10% faster to make (a walk makes one
+# item per file; a forked helper touches every item it converts: fewer pages to copy for it)
+@dataclass(slots=True)
 class Part:
     """One block to build: how (``image``, ``audio``, ``text``, ``auto``, ``bytes``), a mode, and
     where its content is (a file ``path`` with optional byte range, or inline ``data``/``text``)."""
@@ -51,7 +53,7 @@ class Part:
     meta: dict = field(default_factory=dict)
 
 
-@dataclass
+@dataclass(slots=True)
 class Item:
     """One future sample: its key, its blocks, and the input it came from (for the report).
 
