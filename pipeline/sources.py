@@ -187,6 +187,19 @@ class HTTPSource:
 
         self._ranged(offset, length, body, moved, until)
 
+    def request_ahead(self, offset: int, until: int) -> None:
+        """Send now the request a later ``readinto(offset, out, until)`` (with ``until`` past the
+        run's end) will make, on a second connection, its answer left coming
+        (:meth:`Connections.ahead`); the read takes it, any other request drops it. A failure
+        here is left to that read (it asks again, with retries)."""
+        if self._conns is None or until <= offset:
+            return
+        try:
+            self._conns().ahead(self.url, {"Range": f"bytes={offset}-{until - 1}",
+                                           "Accept-Encoding": "identity"}, self.config.timeout)
+        except self._transient():
+            pass
+
     def _ranged(self, offset: int, length: int, body: Callable[[Any, Any, int], int],
                 moved: Callable[[int, int], None], until: int | None = None) -> None:
         """Range requests on this thread's kept-alive connection until ``length`` bytes from

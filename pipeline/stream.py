@@ -14,9 +14,10 @@ from __future__ import annotations
 import mmap
 from bisect import bisect_right
 from collections import OrderedDict, deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import wait as _wait
 from time import sleep as _sleep
+from typing import Any
 
 import numpy as np
 
@@ -53,16 +54,43 @@ BULK_MIN = 8  # shorter runs are cut sample by sample (the bulk cut's numpy call
 
 
 def _fetch(o: _Open, start: int, end: int, until: int, buf: mmap.mmap | None,
+           nxt: tuple[HTTPSource, int, int] | None = None, first: bool = True,
            ) -> bytes | mmap.mmap:
     """Read bytes ``[start, end)`` of a (remote) shard, in the read-ahead thread: the read
     releases the GIL, so it overlaps the cutting of the previous run in the calling thread.
     Into ``buf`` (from its start) when given, else as new ``bytes``; the runs that follow
-    this one go on up to ``until`` (one request asks for them all)."""
+    this one go on up to ``until`` (one request asks for them all). ``nxt``: the request
+    after this one's, ``(source, start, until)``, sent ahead (its answer comes meanwhile):
+    before this run is received if its request went out with an earlier run (``first``
+    false), else after (a request of this thread drops the one sent ahead)."""
+    if nxt is not None and not first:
+        nxt[0].request_ahead(nxt[1], nxt[2])
     if buf is None:
-        return bytes(o.source.read(start, end - start))  # bytes() is a no-op for bytes
-    with memoryview(buf) as mv:
-        o.source.readinto(start, mv[:end - start], until)
-    return buf
+        out = bytes(o.source.read(start, end - start))  # bytes() is a no-op for bytes
+    else:
+        with memoryview(buf) as mv:
+            o.source.readinto(start, mv[:end - start], until)
+        out = buf
+    if nxt is not None and first:
+        nxt[0].request_ahead(nxt[1], nxt[2])
+    return out
+
+
+def _request(run: tuple | None) -> tuple[HTTPSource, int, int] | None:
+    """``(source, start, until)`` of the request that ``run`` (the first of a request) makes,
+    if it is an HTTP read into a buffer."""
+    if run is None or not run[2].into or run[2].error is not None:
+        return None
+    return run[2].source, run[3], run[6]
+
+
+def _pairs(it: Iterator) -> Iterator[tuple[Any, Any]]:
+    """``(item, the item after it or None)`` for each item of ``it``."""
+    cur = next(it, None)
+    while cur is not None:
+        nxt = next(it, None)
+        yield cur, nxt
+        cur = nxt
 
 
 def _map_run(o: _Open, start: int, end: int) -> tuple[mmap.mmap, memoryview]:
@@ -114,7 +142,9 @@ class RunReader:
                  opener: Opener, limits: Limits, verify: bool, stats: LoaderStats,
                  indexes: IndexCache | None = None, maps: MapCache | None = None,
                  run_bytes: int = RUN_BYTES, remote_run_bytes: int = REMOTE_RUN_BYTES,
-                 buffers: RunBuffers | None = None, reads: ReadAhead | None = None) -> None:
+                 buffers: RunBuffers | None = None, reads: ReadAhead | None = None,
+                 after: Callable[[], tuple[np.ndarray, np.ndarray] | None] | None = None,
+                 ) -> None:
         self.urls, self.counts, self.index_xxh3 = urls, counts, index_xxh3
         self.opener, self.limits, self.verify = opener, limits, verify
         self.stats = stats
@@ -130,6 +160,10 @@ class RunReader:
         self.reads = reads if reads is not None else ReadAhead(getattr(opener, "close_thread",
                                                                        None))
         self._open: OrderedDict[int, _Open] = OrderedDict()
+        # the plan ``(shards, local)`` of the pass expected next, asked for once this pass's
+        # reads are all queued: its first request is sent ahead (see :meth:`_submit`)
+        self.after = after
+        self._last: tuple[_Open, int] | None = None  # shard and request end of the last run
 
     def shard(self, s: int) -> _Open:
         """Index, source and decoder of shard ``s`` (or the error that stops it being read)."""
@@ -238,7 +272,7 @@ class RunReader:
         shards = np.asarray(shards, dtype=np.int64)
         local = np.asarray(local, dtype=np.int64)
         retries0, opener0 = self.stats.retries, self._retries()
-        runs = self.runs(shards, local)
+        runs = _pairs(self.runs(shards, local))
         ahead: deque = deque()
         pool = self.reads
         bufs = self.buffers
@@ -312,9 +346,8 @@ class RunReader:
         except FormatError as e:
             return with_key(e, o.url, o.entries[li].key)
 
-    @staticmethod
-    def _submit(pool: ReadAhead, runs: Iterator, ahead: deque, bufs: RunBuffers) -> None:
-        run = next(runs, None)
+    def _submit(self, pool: ReadAhead, runs: Iterator, ahead: deque, bufs: RunBuffers) -> None:
+        run, nxt = next(runs, (None, None))
         if run is None:
             return
         o, start, end = run[2], run[3], run[4]
@@ -322,8 +355,20 @@ class RunReader:
         if o.error is None and not o.mapped:
             # sources that fill a buffer (HTTP) get a reused one; others return bytes
             buf = bufs.take(end - start) if o.into else None
-            fut = pool.submit(_fetch, o, start, end, run[6], buf)
+            # the last run of its request: the next request is sent before this run is
+            # received, so that its answer is under way when it is wanted
+            first = self._last != (o, run[6])  # the first run of its request
+            self._last = (o, run[6])
+            fut = pool.submit(_fetch, o, start, end, run[6], buf,
+                              _request(nxt) if o.into and end >= run[6] else None, first)
         ahead.append((run, fut))
+        if nxt is None and self.after is not None:
+            # this pass's reads are all queued: the first request of the pass expected next
+            # goes out once they are done (nothing of it is read before that pass asks)
+            plan, self.after = self.after(), None
+            req = _request(next(self.runs(*plan), None)) if plan is not None else None
+            if req is not None:
+                pool.submit(req[0].request_ahead, req[1], req[2])
 
     def _retries(self) -> int:
         """Retries so far of the opener's sources (0 for openers that do not count them)."""

@@ -130,10 +130,12 @@ def test_dataset_reads_each_stretch_with_one_request_and_keeps_its_connection(
     want = list(iter_dataset(local))
     for _ in range(3):
         assert list(ds) == want
-    for shard in ("shard-000000.tar", "shard-000001.tar"):
-        assert len(_ranges(proxy, shard)) == 3  # one per pass, though each is several runs
-    # the read-ahead thread's connection is kept from pass to pass (and the main thread's)
-    assert proxy.connections <= 2
+    # one per pass, though each is several runs; the first shard's once more: after each pass
+    # the first request of the next one is sent ahead (taken by passes 2 and 3, the last unused)
+    assert [len(_ranges(proxy, s)) for s in ("shard-000000.tar", "shard-000001.tar")] == [4, 3]
+    # the read-ahead thread's connections (the second one carries the request sent ahead while
+    # the first still carries a body) are kept from pass to pass, and the main thread's
+    assert proxy.connections <= 3
 
 
 def test_a_buffer_is_not_reused_while_a_payload_view_of_it_lives(big_url):
