@@ -29,6 +29,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import click
 
@@ -142,14 +143,51 @@ def serve_nginx(roots: list[Path]) -> Iterator[dict[Path, str]]:
                 proc.kill()
 
 
+def http_ceiling(urls: list[str], sizes: list[int], range_bytes: int) -> tuple[int, int]:
+    """One pass of the bare loopback HTTP ceiling over ``urls`` (of ``sizes`` bytes): range
+    requests of ``range_bytes`` on one kept-alive socket, each body received with one
+    ``recv(MSG_WAITALL)`` into one reused buffer; nothing parsed but the header's end, nothing
+    checked, no Python per byte. -> (0, bytes received)."""
+    host, port = urlsplit(urls[0]).hostname, urlsplit(urls[0]).port or 80
+    buf = bytearray(range_bytes + 65536)
+    mv = memoryview(buf)
+    total = 0
+    with socket.create_connection((host, port), timeout=10) as s:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        for url, size in zip(urls, sizes):
+            path = urlsplit(url).path
+            for off in range(0, size, range_bytes):
+                n = min(range_bytes, size - off)
+                s.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\n"
+                          f"Range: bytes={off}-{off + n - 1}\r\n\r\n".encode())
+                got = 0
+                while (end := buf.find(b"\r\n\r\n", 0, got)) < 0:
+                    k = s.recv_into(mv[got:], 65536)
+                    if k == 0:
+                        raise click.ClickException(f"{url}: connection closed")
+                    got += k
+                have = got - end - 4
+                mv[:have] = mv[end + 4:got]
+                while have < n:
+                    k = s.recv_into(mv[have:n], n - have, socket.MSG_WAITALL)
+                    if k == 0:
+                        raise click.ClickException(f"{url}: connection closed")
+                    have += k
+                total += n
+    return 0, total
+
+
 def run_bench(sources: list[str], *, repeat: int = 3, rss_epochs: int = 0,
               decode: bool = True, map_cache_mb: int | None = None,
-              local_sources: list[str] | None = None) -> dict:
+              local_sources: list[str] | None = None, ceiling: bool = False) -> dict:
     """The figures of one benchmark run over ``sources`` (folders, manifests or URLs).
     ``map_cache_mb`` bounds the local shards BlockDataset keeps mapped across passes (None: its
     default; 0: every pass maps its shards afresh, as on a dataset larger than the cache).
     ``local_sources``: the same dataset on the local disk (``sources`` being served from it):
-    read in the same run, passes interleaved with ``sources``', as ``blocklm_local``."""
+    read in the same run, passes interleaved with ``sources``', as ``blocklm_local``.
+    ``ceiling``: also the bare HTTP ceiling (:func:`http_ceiling`, 2 and 8 MiB ranges) over the
+    same shards, when they are HTTP URLs."""
     import webdataset as wds
 
     from blocklm.formats import DEFAULT_LIMITS
@@ -203,6 +241,11 @@ def run_bench(sources: list[str], *, repeat: int = 3, rss_epochs: int = 0,
 
     out["raw"], _ = _best(raw, repeat)
     out["bytes"] = out["raw"]["bytes"]
+    if ceiling and all(u.startswith("http://") for u in urls):
+        sizes = [opener(u).size() for u in urls]
+        out["http_ceiling"] = {f"{mib}MiB": _best(
+            lambda mib=mib: http_ceiling(urls, sizes, mib << 20), repeat)[0]["MBps"]
+            for mib in (2, 8)}
     out["webdataset"], _ = _best(webdataset, repeat)
     if local_sources is None:
         out["blocklm"], out["blocklm_cold"] = _best(blocklm, repeat)
@@ -252,6 +295,9 @@ def format_table(res: dict) -> str:
             lines.append(f"{k:<16}{res[k]['samples_per_s']:>12,.0f}{res[k]['MBps']:>10,.1f}")
     lines.append(f"blocklm / webdataset: {res['speedup_vs_webdataset']}x samples/s "
                  f"(blocklm verifies every payload checksum: verify={res.get('verify')})")
+    if "http_ceiling" in res:
+        lines.append("bare HTTP ceiling (recv(MSG_WAITALL) into one buffer), MB/s: " + ", ".join(
+            f"{k} ranges {v:,.0f}" for k, v in res["http_ceiling"].items()))
     if "nginx_vs_local" in res:
         lines.append(f"through nginx / local (blocklm, same run, passes interleaved): "
                      f"{res['nginx_vs_local']:.0%}")
@@ -277,11 +323,15 @@ def format_table(res: dict) -> str:
               help="Serve the local dataset folders with a temporary nginx and read over HTTP; "
                    "the local read runs in the same run too (blocklm_local, nginx_vs_local).")
 @click.option("--no-decode", is_flag=True, help="Skip the decoding measurement.")
+@click.option("--ceiling", is_flag=True,
+              help="With --nginx: also the bare HTTP ceiling (range requests received into one "
+                   "reused buffer, nothing else done; 2 and 8 MiB ranges).")
 @click.option("--map-cache-mb", type=int, default=None,
               help="MiB of local shards BlockDataset keeps mapped across passes (default: its "
                    "own; 0: map afresh every pass, as for a dataset larger than the cache).")
 def bench_read(sources: tuple[str, ...], as_json: bool, repeat: int, rss_epochs: int,
-               via_nginx: bool, no_decode: bool, map_cache_mb: int | None) -> None:
+               via_nginx: bool, no_decode: bool, map_cache_mb: int | None,
+               ceiling: bool) -> None:
     """Read throughput: raw bytes, webdataset, BlockDataset, BlockDataset + decode.
 
     SOURCES are dataset folders, manifests, shard patterns or URLs (read together).
@@ -292,6 +342,7 @@ def bench_read(sources: tuple[str, ...], as_json: bool, repeat: int, rss_epochs:
       blocktool bench read data/shards/text --nginx --json
       blocktool bench read data/shards/mixed --rss-epochs 20
       blocktool bench read data/shards/images --map-cache-mb 0
+      blocktool bench read data/shards/images --nginx --ceiling --no-decode --repeat 15
     """
     if repeat < 1:
         raise click.BadParameter("--repeat must be >= 1")
@@ -306,6 +357,6 @@ def bench_read(sources: tuple[str, ...], as_json: bool, repeat: int, rss_epochs:
             urls = stack.enter_context(serve_nginx(roots))
             srcs, local = [urls[r] for r in roots], list(sources)
         res = run_bench(srcs, repeat=repeat, rss_epochs=rss_epochs, decode=not no_decode,
-                        map_cache_mb=map_cache_mb, local_sources=local)
+                        map_cache_mb=map_cache_mb, local_sources=local, ceiling=ceiling)
     res["via"] = "nginx" if via_nginx else "local"
     click.echo(json.dumps(res, indent=1) if as_json else format_table(res))

@@ -64,3 +64,22 @@ def test_bench_read_without_the_map_cache(small_shards):
     assert r.exit_code == 0, r.output
     res = json.loads(r.output)
     assert res["map_cache_bytes"] == 0 and res["blocklm"]["samples"] == res["samples"]
+
+
+def test_bench_read_ceiling_receives_every_shard_byte(small_shards):
+    if shutil.which("nginx") is None and not os.path.exists("/usr/sbin/nginx"):
+        pytest.skip("nginx not installed")
+    from blocklm.tools.bench_read import http_ceiling, serve_nginx
+
+    with serve_nginx([small_shards]) as urls:
+        base = urls[small_shards]
+        names = sorted(p.name for p in small_shards.glob("*.tar"))
+        sizes = [(small_shards / n).stat().st_size for n in names]
+        # ranges smaller than a shard: several requests per shard on the one connection
+        assert http_ceiling([f"{base}/{n}" for n in names], sizes, 4096) == (0, sum(sizes))
+    r = CliRunner().invoke(main, ["bench", "read", str(small_shards), "--nginx", "--ceiling",
+                                  "--repeat", "1", "--no-decode", "--json"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.output)
+    assert set(res["http_ceiling"]) == {"2MiB", "8MiB"}
+    assert all(v > 0 for v in res["http_ceiling"].values())
