@@ -16,6 +16,7 @@ from .banked_kernels import HAS_TRITON
 
 if HAS_TRITON:
     from . import banked_kernels_bwd as KB
+    from . import banked_kernels_var as KV
 
 
 def pow2(n: int) -> int:
@@ -67,9 +68,14 @@ def backward(L, opt: dict, saved, meta, do, dST, dzT):
     dqi = torch.empty(B, H, T, D, device=dev, dtype=pdt)
     dki = torch.empty_like(dqi)
     dvi = torch.empty(B, H, T, E, device=dev, dtype=pdt)
-    L(KB.bwd_intra, (NS, B * H), q, k, v, r, w, c, do, o, den, dy, dden, dqi, dki, dvi, dr, dw,
-      NT, N=N, D=D, E=E, C=C, BD=min(D, E, opt["tile_dm"]), R=R, PREP=prep,
-      num_warps=opt["warps_intra"])
+    if opt["intra_lean"] and R == 1:  # opt-in (banked_kernels_var.py)
+        L(KV.bwd_intra_lean, (NS, B * H), q, k, v, r, w, c, do, o, den, dy, dden, dqi, dki, dvi,
+          dr, dw, NT, N=N, NP=pow2(N), D=D, E=E, C=C, BD=min(D, E, opt["tile_dm"]), PREP=prep,
+          num_warps=opt["warps_intra"])
+    else:
+        L(KB.bwd_intra, (NS, B * H), q, k, v, r, w, c, do, o, den, dy, dden, dqi, dki, dvi, dr,
+          dw, NT, N=N, D=D, E=E, C=C, BD=min(D, E, opt["tile_dm"]), R=R, PREP=prep,
+          num_warps=opt["warps_intra"])
     has_dst = dST is not None or dzT is not None
     dhs = torch.empty_like(hs)
     dzs = torch.empty_like(zs)

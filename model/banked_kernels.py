@@ -9,9 +9,10 @@ are those at each span's end. bf16 matmul operands, fp32 accumulation; every exp
 non-positive in-span difference.
 
 Forward: ``fwd_h`` (memory across spans, one program per bank and state tile), ``fwd_o``
-(outputs of all blocks in parallel). Backward: the intra-span kernel of
-:mod:`blocklm.model.banked_kernels_bwd` (it also splits the output gradient), ``bwd_dh`` (memory
-gradient backwards across spans), the parallel memory-gradient kernels (dq, dk, dv, dr, dw),
+(outputs of all blocks in parallel; opt-in variants in :mod:`blocklm.model.banked_kernels_var`).
+Backward: the intra-span kernel of :mod:`blocklm.model.banked_kernels_bwd` (it also splits the
+output gradient), ``bwd_dh`` (memory gradient backwards across spans), the parallel
+memory-gradient kernels (dq, dk, dv, dr, dw),
 ``bwd_hdot`` (<dS_end, S_start> per span and bank, unless ``bwd_dv_mem`` does it) and
 ``bwd_decay`` (gradient of the log-decays within each span, then of w and g).
 """
@@ -205,55 +206,6 @@ if HAS_TRITON:
                  (num / dd[:, None]).to(o.dtype.element_ty))
         if i_v == 0:
             tl.store(den + bh * T + t, dd)
-
-    @triton.jit
-    def fwd_o_loop(q, k, v, r, w, c, hs, zs, o, den, NT, eps,
-                   N: tl.constexpr, NP: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
-                   C: tl.constexpr, BV: tl.constexpr):
-        """fwd_o for all of E in one program, BV columns at a time: the scores A = (q k^T) * M
-        and the normaliser are formed once, and only a [C, BV] accumulator is live."""
-        j, i_bh = tl.program_id(0), tl.program_id(1)
-        T = NT * C
-        od = tl.arange(0, D)
-        ot = tl.arange(0, C)
-        on = tl.arange(0, NP)
-        t = j * C + ot
-        bh = i_bh.to(tl.int64)
-        b_q = tl.load(tl.make_block_ptr(q + bh * T * D, (T, D), (D, 1), (j * C, 0), (C, D),
-                                        (1, 0)))
-        qk = tl.dot(b_q, tl.trans(tl.load(tl.make_block_ptr(
-            k + bh * T * D, (T, D), (D, 1), (j * C, 0), (C, D), (1, 0)))))
-        causal = ot[:, None] >= ot[None, :]
-        mask = (on < N)[None, :]
-        ix = bh * T * N + t[:, None] * N + on[None, :]
-        b_rs = tl.load(r + ix, mask=mask, other=0.0).to(tl.float32) * tl.exp(
-            tl.load(c + ix, mask=mask, other=0.0))  # [C, NP]: read weight of the chunk start
-        M = tl.zeros([C, C], dtype=tl.float32)
-        dsum = tl.zeros([C], dtype=tl.float32)
-        for n in range(N):
-            rb = bh * T * N + t * N + n
-            b_c = tl.load(c + rb)
-            diff = tl.where(causal, b_c[:, None] - b_c[None, :], float("-inf"))
-            M += tl.load(r + rb).to(tl.float32)[:, None] * tl.load(w + rb).to(
-                tl.float32)[None, :] * tl.exp(diff)
-            b_zn = tl.load(zs + ((bh * NT + j) * N + n) * D + od)
-            s_n = tl.sum(tl.where(on[None, :] == n, b_rs, 0.0), axis=1)
-            dsum += s_n * tl.sum(b_q.to(tl.float32) * b_zn[None, :], axis=1)
-        A = qk * M  # M is 0 above the diagonal
-        dd = dsum + tl.sum(A, axis=1) + eps
-        tl.store(den + bh * T + t, dd)
-        A = A.to(v.dtype.element_ty)
-        for i_v in range(E // BV):
-            num = tl.dot(A, tl.load(tl.make_block_ptr(v + bh * T * E, (T, E), (E, 1),
-                                                      (j * C, i_v * BV), (C, BV), (1, 0))))
-            for n in range(N):
-                slot = (bh * NT + j) * N + n
-                b_hn = tl.load(tl.make_block_ptr(hs + slot * D * E, (D, E), (E, 1),
-                                                 (0, i_v * BV), (D, BV), (1, 0)))
-                s_n = tl.sum(tl.where(on[None, :] == n, b_rs, 0.0), axis=1)
-                num += s_n[:, None] * tl.dot(b_q, b_hn.to(b_q.dtype))
-            tl.store(tl.make_block_ptr(o + bh * T * E, (T, E), (E, 1), (j * C, i_v * BV),
-                                       (C, BV), (1, 0)), (num / dd[:, None]).to(o.dtype.element_ty))
 
     @triton.jit
     def bwd_dh(q, r, c, dy, dden, dhs, dzs, dST, dzT, dS0, dz0, hs, zs, hp, NT,

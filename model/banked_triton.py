@@ -114,13 +114,14 @@ def banked_attention_reference(q: Tensor, k: Tensor, v: Tensor, r: Tensor, w: Te
 # fits two. fwd_o_lean (R = 1): fwd_o with fewer live tiles (146 registers at 8 warps, not 255);
 # with maxnreg_o 128 and stages_o 2 two programs fit an SM, as with tile_vo 64 (its own E-tile,
 # None: tile_v; 128 registers, no cap). stages_o, maxnreg_o: fwd_o's pipelining depth, register cap.
+# intra_lean (R = 1): bwd_intra with r, w, c loaded once per block, not per bank and loop.
 KERNEL_OPTS = {"tile_h": None, "tile_hk": 64, "tile_hv": None, "tile_v": 128, "warps_h": 4,
                "warps_o": 8, "warps_intra": 4, "tile_dm": 128, "warps_mem": 4, "warps_dv": 8,
                "stages_mem": None, "hdot_in_dv": True, "fwd_o_loop": False, "short": 0,
                "save_blocks": 1, "prep_in_intra": None, "stages_h": None, "hdot_rows": None,
                "low_partials": True, "fast_launch": True, "maxnreg_h": None, "hdot_in_dh": False,
                "fwd_o_lean": False, "stages_o": None, "maxnreg_o": None, "stages_dv": None,
-               "tile_vo": None}
+               "tile_vo": None, "intra_lean": False}
 
 
 def _decay(L, w: Tensor, g: Tensor, C: int) -> Tensor:
@@ -174,7 +175,7 @@ class BankedAttentionFn(torch.autograd.Function):
               N=N, D=D, E=E, C=C, BV=BL, ZW=max(16, pow2(2 * N)), num_warps=opt["warps_o"],
               num_stages=opt["stages_o"], maxnreg=opt["maxnreg_o"])
         elif opt["fwd_o_loop"]:
-            L(K.fwd_o_loop, (NT, B * H), q, k, v, r, w, c, hs, zs, o, den, NT, eps, N=N,
+            L(KV.fwd_o_loop, (NT, B * H), q, k, v, r, w, c, hs, zs, o, den, NT, eps, N=N,
               NP=pow2(N), D=D, E=E, C=C, BV=BO, num_warps=opt["warps_o"])
         else:
             L(K.fwd_o, (E // BO, NT, B * H), q, k, v, r, w, c, hs, zs, o, den, NT, eps, N=N,

@@ -33,6 +33,10 @@ CASES = [
     (45, 16, 16, 4, 16, False, {"fwd_o_lean": True, "save_blocks": 2}),  # R = 2: fwd_o
     (44, 16, 32, 4, 16, True, {"fwd_o_lean": True, "hdot_in_dh": True, "maxnreg_o": 128,
                                "stages_o": 2}),
+    (37, 16, 16, 4, 16, True, {"intra_lean": True, "prep_in_intra": True}),
+    (21, 32, 16, 1, 16, False, {"intra_lean": True, "prep_in_intra": False}),
+    (50, 32, 32, 3, 16, True, {"intra_lean": True, "tile_dm": 16}),  # two D- and E-slices
+    (45, 16, 16, 2, 16, False, {"intra_lean": True, "save_blocks": 2}),  # R = 2: bwd_intra
 ]
 
 _RUN = """
@@ -107,8 +111,9 @@ GPU_VARIANTS = [{"hdot_in_dh": True}, {"hdot_in_dh": True, "save_blocks": 2},
                 {"hdot_in_dh": True, "tile_hv": 64}, {"fwd_o_lean": True},
                 {"fwd_o_lean": True, "maxnreg_o": 128, "stages_o": 2},
                 {"fwd_o_lean": True, "tile_vo": 64}, {"fwd_o_lean": True, "tile_v": 64},
+                {"intra_lean": True}, {"intra_lean": True, "prep_in_intra": True},
                 {"fwd_o_lean": True, "maxnreg_o": 128, "stages_o": 2, "hdot_in_dh": 2,
-                 "stages_dv": 2}]  # the sweep's combination
+                 "stages_dv": 2, "intra_lean": True}]  # the sweep's combination
 
 
 @pytest.mark.gpu
