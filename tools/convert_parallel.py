@@ -26,6 +26,7 @@ Helpers are forked (they inherit the item list; a chunk is claimed by number). W
 
 from __future__ import annotations
 
+import _thread
 import gc
 import multiprocessing as mp
 import os
@@ -182,8 +183,10 @@ def parallel_results(items: list[Item], n_workers: int, flush: Callable[[], None
                 p.kill()
                 p.join()
             conn.close()
-        for ring in rings:  # a helper's copy of its ring goes when it exits
-            ring.close()
+        if rings:  # a helper's copy of its ring goes when it exits
+            # on a bare thread: closing the last copy of a ring frees its pages (~0.1 ms per MB,
+            # 1-4 ms at the end of a sample-corpus run, when the helper is gone and a core free)
+            _thread.start_new_thread(_close_rings, (rings,))
         if finished:
             _RETIRED.append((nxt, [p for p, _ in helpers.values()]))
 
@@ -245,6 +248,11 @@ def join_retired() -> None:
         for p in procs:
             p.join()
     _RETIRED.clear()
+
+
+def _close_rings(rings: list[Ring]) -> None:
+    for ring in rings:
+        ring.close()
 
 
 def _bytes(results: list[Result]) -> int:
