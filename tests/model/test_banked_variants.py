@@ -18,6 +18,8 @@ from blocklm.model import banked_triton as bt
 sys.path.insert(0, str(Path(__file__).parent))  # the shared helpers (tests are not a package)
 from test_banked_triton import CUDA, HAS_TRITON, NAMES, leaves, outputs_and_grads, rel  # noqa: E402
 
+from blocklm.tools.bench_gpu import SWEEPS  # noqa: E402
+
 # (T, D, E, N, chunk, incoming memory, options): odd lengths (padded), N = 1 and 4, with and
 # without S0, spans of 2 blocks, two E-tiles in the state kernels (two row sets of partials)
 CASES = [
@@ -38,6 +40,7 @@ CASES = [
     (50, 32, 32, 3, 16, True, {"intra_lean": True, "tile_dm": 16}),  # two D- and E-slices
     (45, 16, 16, 2, 16, False, {"intra_lean": True, "save_blocks": 2}),  # R = 2: bwd_intra
 ]
+CASES += [(29, 16, 16, 4, 16, True, v) for v in SWEEPS["kern3"] if v]  # as the bench runs them
 
 _RUN = """
 import sys, torch
@@ -137,8 +140,6 @@ def test_variant_matches_reference_bf16(opts, state, monkeypatch):
 def test_sweep_variants_name_real_options():
     """Every option a bench sweep sets exists in KERNEL_OPTS (an unknown key would be added
     silently and the 'variant' would time the defaults)."""
-    from blocklm.tools.bench_gpu import SWEEPS
-
     for name, variants in SWEEPS.items():
         for v in variants:
             assert set(v) <= set(bt.KERNEL_OPTS), (name, set(v) - set(bt.KERNEL_OPTS))
