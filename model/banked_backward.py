@@ -96,10 +96,12 @@ def backward(L, opt: dict, saved, meta, do, dST, dzT):
     hp = torch.empty(B * H * NS * N * HP * D, device=dev, dtype=f32) if in_dh else dzs
     L(K.bwd_dh, (D // BK, E // BV, B * H * N), q, r, c, dy, dden, dhs, dzs, dST, dzT, dS0, dz0,
       hs, zs, hp, NS, N=N, D=D, E=E, C=CS, BK=BK, BV=BV, HAS_DST=has_dst, HAS_S0=has_s0,
-      HDOT=in_dh, num_warps=opt["warps_h"], num_stages=opt["stages_h"], maxnreg=opt["maxnreg_h"])
+      HDOT=in_dh, PF=opt["prefetch_dh"], num_warps=opt["warps_h"], num_stages=opt["stages_h"],
+      maxnreg=opt["maxnreg_h"])
     hdot = opt["hdot_in_dv"] and BO == E and not in_dh  # one program per whole [D, E] tile
     # per-block partials of the span-end inner products (bwd_hdot fills one per span)
-    hd = (torch.empty if hdot or in_dh or R == 1 else torch.zeros)(B * H * NT * N, device=dev, dtype=f32)
+    hd = (torch.empty if hdot or in_dh or R == 1 else torch.zeros)(B * H * NT * N, device=dev,
+                                                                    dtype=f32)
     wd = torch.empty_like(hd)
     BR = max(1, min(D // R, opt["hdot_rows"] or 2048 // E))
     L(KB.bwd_mem_read, (NT, B * H), q, r, c, hs, zs, dy, dden, dqi, dq, dr, NT, N=N,

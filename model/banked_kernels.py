@@ -211,12 +211,17 @@ if HAS_TRITON:
     def bwd_dh(q, r, c, dy, dden, dhs, dzs, dST, dzT, dS0, dz0, hs, zs, hp, NT,
                 N: tl.constexpr, D: tl.constexpr, E: tl.constexpr, C: tl.constexpr,
                 BK: tl.constexpr, BV: tl.constexpr, HAS_DST: tl.constexpr,
-                HAS_S0: tl.constexpr = True, HDOT: tl.constexpr = False):
+                HAS_S0: tl.constexpr = True, HDOT: tl.constexpr = False,
+                PF: tl.constexpr = False):
         """Memory gradient backwards across chunks; saves the gradient at each chunk's end.
-        HDOT (``hdot_in_dh``, 1 or 2): also the decay gradient's inner products <dS_end, S_start> +
-        <dz_end, z_start> from the fp32 gradient in registers and the saved start (hs, zs), as
-        row partials hp [slot, E/BV + 1, D] (the last row: z's) that bwd_decay sums (bwd_dv_mem then skips its extra
-        pass over hs, +0.69 ms at 16K in call K6); hs, zs, hp unused without HDOT."""
+        HDOT (``hdot_in_dh``, 1 or 2): also the decay gradient's inner products <dS_end,
+        S_start> + <dz_end, z_start> from the gradient tile it stores and the saved start (hs,
+        zs), as row partials hp [slot, E/BV + 1, D] (the last row: z's) that bwd_decay sums
+        (bwd_dv_mem then skips its extra pass over hs, +0.69 ms at 16K in call K6); hs, zs, hp
+        unused without HDOT. PF
+        (``prefetch_dh``): the chunk-end decay and dden (as a [C] vector) are loaded one step
+        ahead (TTGIR: both were plain loads that each step waited on before its dots; the
+        pipeliner skips scalars and loads under a runtime branch)."""
         i_k, i_v, i_bhn = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         i_bh, n = i_bhn // N, i_bhn % N
         T = NT * C
@@ -236,6 +241,9 @@ if HAS_TRITON:
         if HAS_DST:
             b_dh += tl.load(dST + i_bhn.to(tl.int64) * D * E + ok[:, None] * E + ov[None, :])
             b_dz += tl.load(dzT + i_bhn.to(tl.int64) * D + zcol)
+        if PF:
+            cT_next = tl.load(cb + (NT * C - 1) * N)
+            dd_next = tl.load(db + (NT - 1) * C + ot)
         for jj in range(NT):
             j = NT - 1 - jj
             slot = (i_bh.to(tl.int64) * NT + j) * N + n
@@ -263,13 +271,22 @@ if HAS_TRITON:
             b_y = tl.load(yb + t[:, None] * E + ov[None, :])
             b_r = tl.load(rb + t * N).to(tl.float32)
             b_c = tl.load(cb + t * N)
-            b_cT = tl.load(cb + (j * C + C - 1) * N)
+            if PF:
+                b_cT = cT_next
+                b_dd = dd_next
+                cT_next = tl.load(cb + (tl.maximum(j - 1, 0) * C + C - 1) * N)  # next step's
+                dd_next = tl.load(db + tl.maximum(j - 1, 0) * C + ot)
+            else:
+                b_cT = tl.load(cb + (j * C + C - 1) * N)
             qs = tl.trans((b_q.to(tl.float32) * (b_r * tl.exp(b_c))[:, None]).to(
                 b_y.dtype))  # [BK,C]
             b_dh = b_dh * tl.exp(b_cT) + tl.dot(qs, b_y)
             if i_v == 0:  # dden broadcast over 16 columns: sum_t qs[:, t] dden[t] as a dot
-                b_dd = tl.load(db + t[:, None] + oz[None, :] * 0).to(b_y.dtype)
-                b_dz = b_dz * tl.exp(b_cT) + tl.dot(qs, b_dd)
+                if PF:
+                    b_dd16 = (b_dd[:, None] + tl.zeros([C, 16], dtype=tl.float32)).to(b_y.dtype)
+                else:
+                    b_dd16 = tl.load(db + t[:, None] + oz[None, :] * 0).to(b_y.dtype)
+                b_dz = b_dz * tl.exp(b_cT) + tl.dot(qs, b_dd16)
         if HAS_S0:  # the incoming memory's gradient (else dS0, dz0 are not allocated)
             tl.store(dS0 + i_bhn.to(tl.int64) * D * E + ok[:, None] * E + ov[None, :], b_dh)
             if i_v == 0:

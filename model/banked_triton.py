@@ -115,13 +115,14 @@ def banked_attention_reference(q: Tensor, k: Tensor, v: Tensor, r: Tensor, w: Te
 # with maxnreg_o 128 and stages_o 2 two programs fit an SM, as with tile_vo 64 (its own E-tile,
 # None: tile_v; 128 registers, no cap). stages_o, maxnreg_o: fwd_o's pipelining depth, register cap.
 # intra_lean (R = 1): bwd_intra with r, w, c loaded once per block, not per bank and loop.
+# prefetch_dh: bwd_dh's chunk-end decay a step ahead, dden as a pipelined vector (no waits).
 KERNEL_OPTS = {"tile_h": None, "tile_hk": 64, "tile_hv": None, "tile_v": 128, "warps_h": 4,
                "warps_o": 8, "warps_intra": 4, "tile_dm": 128, "warps_mem": 4, "warps_dv": 8,
                "stages_mem": None, "hdot_in_dv": True, "fwd_o_loop": False, "short": 0,
                "save_blocks": 1, "prep_in_intra": None, "stages_h": None, "hdot_rows": None,
                "low_partials": True, "fast_launch": True, "maxnreg_h": None, "hdot_in_dh": False,
                "fwd_o_lean": False, "stages_o": None, "maxnreg_o": None, "stages_dv": None,
-               "tile_vo": None, "intra_lean": False}
+               "tile_vo": None, "intra_lean": False, "prefetch_dh": False}
 
 
 def _decay(L, w: Tensor, g: Tensor, C: int) -> Tensor:

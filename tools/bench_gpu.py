@@ -101,16 +101,18 @@ def kernel_resources() -> dict:
 # kern3: the opt-in kernels of GPU_NOTES "kern, 2026-11-23": the decay's inner products in bwd_dh
 # (elementwise, 1, or as a dot's diagonal, 2; bwd_dv_mem at 2 stages: two programs per SM),
 # fwd_o_lean (one program per SM at 146 registers; two with a 128 cap and 2 stages, or at 64-wide
-# E-tiles), bwd_intra_lean, and all together.
+# E-tiles), bwd_intra_lean, bwd_dh's prefetches, and all together.
 _LEAN2 = {"fwd_o_lean": True, "maxnreg_o": 128, "stages_o": 2}
 SWEEPS = {
     "k6": [{}, {"low_partials": False}, {"fast_launch": False},
            {"low_partials": False, "fast_launch": False}, {}],
     "kern3": [{}, {"hdot_in_dh": 1}, {"hdot_in_dh": 1, "stages_dv": 2},
-              {"hdot_in_dh": 2, "stages_dv": 2},
+              {"hdot_in_dh": 2, "stages_dv": 2}, {"prefetch_dh": True},
+              {"prefetch_dh": True, "hdot_in_dh": 1, "stages_dv": 2},
               {"fwd_o_lean": True}, _LEAN2, {"fwd_o_lean": True, "tile_vo": 64},
               {"intra_lean": True},
-              {"hdot_in_dh": 2, "stages_dv": 2, "intra_lean": True, **_LEAN2}, {}],
+              {"hdot_in_dh": 2, "stages_dv": 2, "intra_lean": True, "prefetch_dh": True,
+               **_LEAN2}, {}],
 }
 SWEEP = SWEEPS["kern3"]
 

@@ -39,6 +39,11 @@ CASES = [
     (21, 32, 16, 1, 16, False, {"intra_lean": True, "prep_in_intra": False}),
     (50, 32, 32, 3, 16, True, {"intra_lean": True, "tile_dm": 16}),  # two D- and E-slices
     (45, 16, 16, 2, 16, False, {"intra_lean": True, "save_blocks": 2}),  # R = 2: bwd_intra
+    (37, 16, 16, 4, 16, True, {"prefetch_dh": True}),
+    (13, 16, 16, 1, 16, True, {"prefetch_dh": True}),  # one chunk: the prefetch clamps
+    (45, 32, 32, 2, 16, False, {"prefetch_dh": True, "hdot_in_dh": 2, "save_blocks": 2}),
+    (40, 16, 32, 3, 16, True, {"prefetch_dh": True, "hdot_in_dh": 1, "tile_h": 16,
+                               "tile_hk": None}),  # two E-tiles: dden only in i_v == 0
 ]
 CASES += [(29, 16, 16, 4, 16, True, v) for v in SWEEPS["kern3"] if v]  # as the bench runs them
 
@@ -115,8 +120,9 @@ GPU_VARIANTS = [{"hdot_in_dh": True}, {"hdot_in_dh": True, "save_blocks": 2},
                 {"fwd_o_lean": True, "maxnreg_o": 128, "stages_o": 2},
                 {"fwd_o_lean": True, "tile_vo": 64}, {"fwd_o_lean": True, "tile_v": 64},
                 {"intra_lean": True}, {"intra_lean": True, "prep_in_intra": True},
+                {"prefetch_dh": True}, {"prefetch_dh": True, "hdot_in_dh": 1},
                 {"fwd_o_lean": True, "maxnreg_o": 128, "stages_o": 2, "hdot_in_dh": 2,
-                 "stages_dv": 2, "intra_lean": True}]  # the sweep's combination
+                 "stages_dv": 2, "intra_lean": True, "prefetch_dh": True}]  # the sweep's "all"
 
 
 @pytest.mark.gpu
