@@ -35,6 +35,9 @@ class ReadAhead:
         self._close = close
         self._pool: ThreadPoolExecutor | None = None
         self._pid = -1
+        # the first run of the pass expected next, read ahead after the last pass:
+        # ((url, start, end, until), future, buffer), taken by that pass if it comes
+        self._early: tuple[tuple[str, int, int, int], Future, Any] | None = None
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
         if self._pool is None or self._pid != os.getpid():
@@ -51,4 +54,18 @@ class ReadAhead:
         self._pool = None
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"_close": self._close, "_pool": None, "_pid": -1}
+        return {"_close": self._close, "_pool": None, "_pid": -1, "_early": None}
+
+    def keep_early(self, key: tuple[str, int, int, int], fut: Future, buf: Any) -> None:
+        """Keep the read ``fut`` (into ``buf``) of the run ``key`` = (url, start, end, until)
+        for the next pass (:meth:`take_early`)."""
+        self._early = (key, fut, buf)
+
+    def take_early(self, key: tuple[str, int, int, int]) -> Future | None:
+        """The read kept by :meth:`keep_early` if it is of run ``key`` and of this process's
+        thread (a forked worker's copy would wait for a thread it does not have); the kept
+        read is let go either way."""
+        early, self._early = self._early, None
+        if early is None or early[0] != key or self._pid != os.getpid():
+            return None
+        return early[1]

@@ -353,22 +353,29 @@ class RunReader:
         o, start, end = run[2], run[3], run[4]
         fut = None
         if o.error is None and not o.mapped:
-            # sources that fill a buffer (HTTP) get a reused one; others return bytes
-            buf = bufs.take(end - start) if o.into else None
-            # the last run of its request: the next request is sent before this run is
-            # received, so that its answer is under way when it is wanted
             first = self._last != (o, run[6])  # the first run of its request
+            if self._last is None:  # this pass's first read: was it read after the last pass?
+                fut = pool.take_early((o.url, start, end, run[6]))
+                fut = fut if o.into else None
+            if fut is None:
+                # sources that fill a buffer (HTTP) get a reused one; others return bytes
+                buf = bufs.take(end - start) if o.into else None
+                # the last run of its request: the next request is sent before this run is
+                # received, so that its answer is under way when it is wanted
+                fut = pool.submit(_fetch, o, start, end, run[6], buf,
+                                  _request(nxt) if o.into and end >= run[6] else None, first)
             self._last = (o, run[6])
-            fut = pool.submit(_fetch, o, start, end, run[6], buf,
-                              _request(nxt) if o.into and end >= run[6] else None, first)
         ahead.append((run, fut))
         if nxt is None and self.after is not None:
-            # this pass's reads are all queued: the first request of the pass expected next
-            # goes out once they are done (nothing of it is read before that pass asks)
+            # this pass's reads are all queued: the first run of the pass expected next is
+            # read once they are done, and kept for that pass (dropped by any other)
             plan, self.after = self.after(), None
-            req = _request(next(self.runs(*plan), None)) if plan is not None else None
-            if req is not None:
-                pool.submit(req[0].request_ahead, req[1], req[2])
+            r = next(self.runs(*plan), None) if plan is not None else None
+            if _request(r) is not None:
+                o, start, end, until = r[2], r[3], r[4], r[6]
+                buf = bufs.take(end - start)
+                pool.keep_early((o.url, start, end, until),
+                                pool.submit(_fetch, o, start, end, until, buf), buf)
 
     def _retries(self) -> int:
         """Retries so far of the opener's sources (0 for openers that do not count them)."""
