@@ -43,9 +43,9 @@ class Ring:
 
     def __init__(self, size: int, ctx=mp) -> None:
         self.size = size
-        if hasattr(os, "memfd_create"):
+        try:
             self.fd = os.memfd_create("blocklm-convert", os.MFD_CLOEXEC)
-        else:  # an unlinked file: gone with the processes as well
+        except (AttributeError, OSError):  # an unlinked file: gone with the processes as well
             f = tempfile.TemporaryFile()
             self.fd = os.dup(f.fileno())
             f.close()

@@ -156,6 +156,24 @@ def test_an_orphaned_helper_claims_nothing(tmp_path):
     ring.close()
 
 
+def test_without_memfd_the_ring_is_an_unlinked_file(image_dir, audio_dir, tmp_path, monkeypatch):
+    """Where memfd_create is missing or refused, the rings are unlinked temporary files (copied
+    by copy_file_range or sendfile): the same bytes."""
+    ref = run_convert([str(image_dir), str(audio_dir)], tmp_path / "ref",
+                      ConvertOptions(workers=1, shard_size=400_000, quiet=True))
+
+    def refused(*args):
+        raise OSError(38, "Function not implemented")
+
+    monkeypatch.setattr(os, "memfd_create", refused)
+    monkeypatch.setattr(convert_parallel, "MIN_CHUNK", 1)
+    monkeypatch.setattr(convert_parallel, "MAX_CHUNK", 2)
+    rep = run_convert([str(image_dir), str(audio_dir)], tmp_path / "o",
+                      ConvertOptions(workers=2, shard_size=400_000, quiet=True))
+    assert rep.samples == ref.samples == 9
+    assert shard_bytes(tmp_path / "o") == shard_bytes(tmp_path / "ref")
+
+
 def test_a_helper_waiting_for_room_stops_when_orphaned():
     """A helper waiting for the parent to consume its ring exits once its parent is gone (it
     never hangs on a full ring)."""
