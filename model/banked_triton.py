@@ -111,9 +111,9 @@ def banked_attention_reference(q: Tensor, k: Tensor, v: Tensor, r: Tensor, w: Te
 # hs there, a kernel at ~46% of DRAM bandwidth; 1: elementwise, 2: the diagonal of a dot, whose
 # operand the compiler prefetches) instead of bwd_dv_mem's extra pass over hs; without
 # that pass bwd_dv_mem needs 115 KB of shared memory at 3 stages (one program per SM), stages_dv 2
-# fits two. fwd_o_lean (R = 1): fwd_o with fewer live tiles (146 registers at 8 warps, not 255);
-# with maxnreg_o 128 and stages_o 2 two programs fit an SM, as with tile_vo 64 (its own E-tile,
-# None: tile_v; 128 registers, no cap). stages_o, maxnreg_o: fwd_o's pipelining depth, register cap.
+# fits two. fwd_o_lean (R = 1): fwd_o with fewer live tiles (136 registers at 8 warps, not 255);
+# with maxnreg_o 128 and stages_o 2 (no spills) two programs fit an SM, as with tile_vo 64 (its
+# own E-tile, None: tile_v; 102 registers). stages_o, maxnreg_o: fwd_o's pipelining depth, register cap.
 # intra_lean (R = 1): bwd_intra with r, w, c loaded once per block, not per bank and loop.
 # prefetch_dh: bwd_dh's chunk-end decay a step ahead, dden as a pipelined vector (no waits).
 KERNEL_OPTS = {"tile_h": None, "tile_hk": 64, "tile_hv": None, "tile_v": 128, "warps_h": 4,
