@@ -176,9 +176,9 @@ def parallel_results(items: list[Item], n_workers: int, flush: Callable[[], None
     finally:
         for conn, (p, _) in helpers.items():
             # finished: every chunk is in, a helper's last act is to find nothing left and exit;
-            # it is reaped later (multiprocessing polls its children when it starts the next
-            # one, and at exit) instead of waited for here, which took 0.1-28 ms of wall time
-            # on two busy cores (the helper has to be scheduled to exit)
+            # it is reaped later (`_reap_retired` when the next window starts, `join_retired`;
+            # a process that ends first leaves it to init) instead of waited for here, which took
+            # 0.1-28 ms of wall time on two busy cores (the helper has to be scheduled to exit)
             if not finished and p.is_alive():  # an error or --strict stopped the job: stop them
                 p.kill()
                 p.join()
