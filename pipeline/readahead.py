@@ -6,13 +6,15 @@ as reading a whole small dataset's first run (0.3-1.5 ms measured here, per pass
 thread's kept-alive connections could not be reused by the next pass. A :class:`ReadAhead`
 keeps one thread, and with it its connections, for as long as its dataset lives: when the
 dataset is collected (or :meth:`stop` is called) the thread closes its connections and ends.
+It also keeps the first run of the pass expected next, read after the last pass
+(:meth:`ReadAhead.keep_early`). :func:`fetch_run` is what the thread runs for each run.
 """
 
 from __future__ import annotations
 
 import os
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -69,3 +71,42 @@ class ReadAhead:
         if early is None or early[0] != key or self._pid != os.getpid():
             return None
         return early[1]
+
+
+def fetch_run(o: Any, start: int, end: int, until: int, buf: Any,
+              nxt: tuple[Any, int, int] | None = None, first: bool = True) -> Any:
+    """Read bytes ``[start, end)`` of a (remote) shard ``o`` (a reader's open shard), in the
+    read-ahead thread: the read releases the GIL, so it overlaps the cutting of the previous
+    run in the calling thread. Into ``buf`` (from its start) when given, else as new ``bytes``; the runs that follow
+    this one go on up to ``until`` (one request asks for them all). ``nxt``: the request
+    after this one's, ``(source, start, until)``, sent ahead (its answer comes meanwhile):
+    before this run is received if its request went out with an earlier run (``first``
+    false), else after (a request of this thread drops the one sent ahead)."""
+    if nxt is not None and not first:
+        nxt[0].request_ahead(nxt[1], nxt[2])
+    if buf is None:
+        out = bytes(o.source.read(start, end - start))  # bytes() is a no-op for bytes
+    else:
+        with memoryview(buf) as mv:
+            o.source.readinto(start, mv[:end - start], until)
+        out = buf
+    if nxt is not None and first:
+        nxt[0].request_ahead(nxt[1], nxt[2])
+    return out
+
+
+def next_request(run: tuple | None) -> tuple[Any, int, int] | None:
+    """``(source, start, until)`` of the request that ``run`` (the first of a request) makes,
+    if it is an HTTP read into a buffer."""
+    if run is None or not run[2].into or run[2].error is not None:
+        return None
+    return run[2].source, run[3], run[6]
+
+
+def pairs(it: Iterator) -> Iterator[tuple[Any, Any]]:
+    """``(item, the item after it or None)`` for each item of ``it``."""
+    cur = next(it, None)
+    while cur is not None:
+        nxt = next(it, None)
+        yield cur, nxt
+        cur = nxt

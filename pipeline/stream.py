@@ -4,7 +4,8 @@
 ``(position, Sample | FormatError)`` in the same order. Neighbouring samples of a shard are read
 with one ``ByteSource.read`` (up to ``run_bytes``; a local shard is memory-mapped instead; an
 HTTP shard is received into a reused buffer, :mod:`.buffers`, one request serving a whole
-stretch of neighbouring runs), then cut into samples by :class:`~.fastpath.FastDecoder` (checksums verified; anything unexpected goes
+stretch of neighbouring runs, the next stretch's request sent ahead, and the first run of the
+pass expected next read after this pass's last), then cut into samples by :class:`~.fastpath.FastDecoder` (checksums verified; anything unexpected goes
 to the format's :class:`~blocklm.formats.reader.BlockDecoder`). A failure is returned in place
 of each sample it affects, named by shard and key, so the caller decides to raise or skip.
 """
@@ -17,7 +18,6 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import wait as _wait
 from time import sleep as _sleep
-from typing import Any
 
 import numpy as np
 
@@ -31,7 +31,7 @@ from .errors import SourceError
 from .fastpath import CompiledShard, FastDecoder, IndexCache
 from .maps import MapCache
 from .opener import is_remote
-from .readahead import ReadAhead
+from .readahead import ReadAhead, fetch_run, next_request, pairs
 from .sources import HTTPSource
 from .stats import LoaderStats
 from .urls import load_index_typed
@@ -51,46 +51,6 @@ STREAM_BYTES = 64 << 20
 # not overlapped with anything)
 FIRST_RUN_BYTES = 256 << 10
 BULK_MIN = 8  # shorter runs are cut sample by sample (the bulk cut's numpy calls cost ~3 us)
-
-
-def _fetch(o: _Open, start: int, end: int, until: int, buf: mmap.mmap | None,
-           nxt: tuple[HTTPSource, int, int] | None = None, first: bool = True,
-           ) -> bytes | mmap.mmap:
-    """Read bytes ``[start, end)`` of a (remote) shard, in the read-ahead thread: the read
-    releases the GIL, so it overlaps the cutting of the previous run in the calling thread.
-    Into ``buf`` (from its start) when given, else as new ``bytes``; the runs that follow
-    this one go on up to ``until`` (one request asks for them all). ``nxt``: the request
-    after this one's, ``(source, start, until)``, sent ahead (its answer comes meanwhile):
-    before this run is received if its request went out with an earlier run (``first``
-    false), else after (a request of this thread drops the one sent ahead)."""
-    if nxt is not None and not first:
-        nxt[0].request_ahead(nxt[1], nxt[2])
-    if buf is None:
-        out = bytes(o.source.read(start, end - start))  # bytes() is a no-op for bytes
-    else:
-        with memoryview(buf) as mv:
-            o.source.readinto(start, mv[:end - start], until)
-        out = buf
-    if nxt is not None and first:
-        nxt[0].request_ahead(nxt[1], nxt[2])
-    return out
-
-
-def _request(run: tuple | None) -> tuple[HTTPSource, int, int] | None:
-    """``(source, start, until)`` of the request that ``run`` (the first of a request) makes,
-    if it is an HTTP read into a buffer."""
-    if run is None or not run[2].into or run[2].error is not None:
-        return None
-    return run[2].source, run[3], run[6]
-
-
-def _pairs(it: Iterator) -> Iterator[tuple[Any, Any]]:
-    """``(item, the item after it or None)`` for each item of ``it``."""
-    cur = next(it, None)
-    while cur is not None:
-        nxt = next(it, None)
-        yield cur, nxt
-        cur = nxt
 
 
 def _map_run(o: _Open, start: int, end: int) -> tuple[mmap.mmap, memoryview]:
@@ -268,11 +228,14 @@ class RunReader:
         the next run while this one is cut (the read releases the GIL; cutting in the helper too
         would only contend for it), so at most ``1 + READ_AHEAD`` runs are in flight. HTTP runs
         arrive in buffers of the pool ``buffers`` and are cut like mapped ones (large payloads
-        as views where they make up half the run or more), a buffer given back once cut."""
+        as views where they make up half the run or more), a buffer given back once cut. Before
+        the last run of a request is received, the next request is sent (its answer comes
+        meanwhile); after the last run of the pass, the first run of the pass ``after()`` plans
+        is read and kept in ``reads`` for that pass."""
         shards = np.asarray(shards, dtype=np.int64)
         local = np.asarray(local, dtype=np.int64)
         retries0, opener0 = self.stats.retries, self._retries()
-        runs = _pairs(self.runs(shards, local))
+        runs = pairs(self.runs(shards, local))
         ahead: deque = deque()
         pool = self.reads
         bufs = self.buffers
@@ -362,8 +325,9 @@ class RunReader:
                 buf = bufs.take(end - start) if o.into else None
                 # the last run of its request: the next request is sent before this run is
                 # received, so that its answer is under way when it is wanted
-                fut = pool.submit(_fetch, o, start, end, run[6], buf,
-                                  _request(nxt) if o.into and end >= run[6] else None, first)
+                fut = pool.submit(fetch_run, o, start, end, run[6], buf,
+                                  next_request(nxt) if o.into and end >= run[6] else None,
+                                  first)
             self._last = (o, run[6])
         ahead.append((run, fut))
         if nxt is None and self.after is not None:
@@ -371,11 +335,11 @@ class RunReader:
             # read once they are done, and kept for that pass (dropped by any other)
             plan, self.after = self.after(), None
             r = next(self.runs(*plan), None) if plan is not None else None
-            if _request(r) is not None:
+            if next_request(r) is not None:
                 o, start, end, until = r[2], r[3], r[4], r[6]
                 buf = bufs.take(end - start)
                 pool.keep_early((o.url, start, end, until),
-                                pool.submit(_fetch, o, start, end, until, buf), buf)
+                                pool.submit(fetch_run, o, start, end, until, buf), buf)
 
     def _retries(self) -> int:
         """Retries so far of the opener's sources (0 for openers that do not count them)."""
