@@ -63,6 +63,13 @@ def bank_read(S: Tensor, z: Tensor, q: Tensor, r: Tensor, eps: float) -> Tensor:
     return num / (den[..., None] + eps)
 
 
+def kernel_path(q: Tensor, v: Tensor, chunk: int) -> bool:
+    """Whether the attention runs the Triton kernels (CUDA, shapes they take). A function of its
+    own so that the CPU step bench (tools/bench_train_ops.py) can route the CPU through the
+    kernels' code path with a stand-in for the kernels."""
+    return q.is_cuda and triton_supports(q, v, chunk)
+
+
 class BankedAttention(nn.Module):
     """Multi-head banked linear attention on width ``d`` (the decoder's core width)."""
 
@@ -117,7 +124,7 @@ class BankedAttention(nn.Module):
         """The attention itself, autocast off: the Triton kernels on CUDA where the shapes suit
         them (banked_triton.py, bf16 operands, fp32 states), else this chunk loop (fp32)."""
         eps, C = self.cfg.eps, self.cfg.chunk
-        if q.is_cuda and triton_supports(q, v, C):
+        if kernel_path(q, v, C):
             lp = torch.bfloat16
             return banked_attention_triton(q.to(lp), k.to(lp), v.to(lp), r, w, g, S, z, eps, C)
         # log a = log(1 - w (1 - g)) >= log g > -inf: safe to cumulate in log space

@@ -45,6 +45,9 @@ class BlockResult:
     outputs: Tensor  # [B,T,d_model] decoder outputs
     mode_logits: Tensor | None  # [B, modes+1] next-mode logits from the new state (last =
     # end); None when run with logits=False (the trainer: they are not part of its loss)
+    # [B, d_model + 2M]: the state's tail (summary, history), all the heads read of it, made
+    # from the decoder's parts: a reader of state[:, -k:] took a zero gradient of whole rows
+    head_state: Tensor | None = None
 
 
 COUNT_BINS = 4  # the heads see 0, 1, 2 and "3 or more" blocks of each mode
@@ -161,9 +164,10 @@ class BlockLM(nn.Module):
         # whole state each (~1.2M floats per example in `small`) and added them up
         st = self.decoder.layout.unpack(state)
         history = st["rest"]
+        tail = self._history_after(history, mode)
         with record_function("blocklm:decoder"):
-            h, new_state = self.decoder(sup.embed(batch), st, batch.steps,  # [B,T,d]
-                                        tail=self._history_after(history, mode))
+            h, new_state, summary = self.decoder(sup.embed(batch), st, batch.steps,  # [B,T,d]
+                                                 tail=tail, summary=True)
         loss = None
         if targets:
             with record_function("blocklm:content_bits"):
@@ -178,11 +182,18 @@ class BlockLM(nn.Module):
         if logits:
             with record_function("blocklm:next_mode_logits"):
                 out = self.heads.mode_logits(self.head_input(new_state))
-        return BlockResult(loss, new_state, h, out)
+        return BlockResult(loss, new_state, h, out,
+                           torch.cat([summary, tail.to(summary.dtype)], 1))
 
     def end_bits(self, state: Tensor) -> Tensor:
         """Bits of predicting end-of-example from the state after the last block: [B]."""
         return self.heads.mode_bits(self.head_input(state), [END] * state.shape[0])
+
+    def head_input_of(self, head_state: Tensor) -> Tensor:
+        """:meth:`head_input` from a state's tail [B, d_model + 2M] (summary, history; see
+        :attr:`BlockResult.head_state`): the same features without the whole state."""
+        d = self.cfg.decoder.d_model
+        return self._head_input(head_state[:, :d], head_state[:, d:])
 
     @torch.no_grad()
     def predict_next(self, state: Tensor, sampling: SampleConfig | None = None,

@@ -176,10 +176,12 @@ class Decoder(nn.Module):
         return torch.zeros(batch, self.layout.size, device=device, dtype=dtype)
 
     def forward(self, x: Tensor, state: Tensor | dict[str, Tensor], mask: Tensor | None = None,
-                tail: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                tail: Tensor | None = None, summary: bool = False):
         """A whole block. x [B,T,d_model], state [B,size] (or its ``layout.unpack``), mask [B,T]
         (True = real step; real steps form a prefix) -> outputs [B,T,d_model], state after each
-        example's last real step (with ``tail`` [B,k] appended to its row).
+        example's last real step (with ``tail`` [B,k] appended to its row); with ``summary``
+        also the summary [B,d_model] as packed into the state (before the packing: a reader of
+        the summary alone then does not take a gradient of the whole row).
         """
         st = state if isinstance(state, dict) else self.layout.unpack(state)
         new: dict[str, Tensor] = {}
@@ -211,7 +213,8 @@ class Decoder(nn.Module):
             torch.full((B,), T - 1, device=x.device)
         new["summary"] = x[torch.arange(B, device=x.device), last]
         with record_function("blocklm:pack_state"):
-            return x, self.layout.pack(new, tail)
+            packed = self.layout.pack(new, tail)
+        return (x, packed, new["summary"].to(packed.dtype)) if summary else (x, packed)
 
     def warm_layers(self, device, autocast: bool = True) -> None:
         """Compile the fused layers' graphs before training (CUDA): a dynamic graph is still

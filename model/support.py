@@ -159,7 +159,9 @@ class ModeSupport(nn.Module):
         positions[steps] = self.positions_flat(shapes, n)
         start = torch.zeros(B, T, dtype=torch.bool)
         start[:, 0] = True
-        cond = torch.stack([self.cond_of(s) for s in shapes]).view(B, self.cond_dims)
+        # no conditioning (text): one empty tensor, not one per block (~300 host ops a batch)
+        cond = torch.zeros(B, 0) if self.cond_dims == 0 else \
+            torch.stack([self.cond_of(s) for s in shapes]).view(B, self.cond_dims)
         elements = torch.tensor([float(self.elements_of(s)) for s in shapes])
         batch = BlockBatch(self.name, shapes, inputs, start, positions, cond, targets, mask,
                            steps, elements).to(device)

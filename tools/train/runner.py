@@ -16,7 +16,7 @@ from torch import Tensor
 from torch.profiler import record_function
 
 from blocklm.model.blocklm import BlockLM
-from blocklm.model.heads import END
+from blocklm.model.heads import END, to_device
 from blocklm.pipeline.dispatch_types import Batch, Result
 
 HEADS = ("next_mode", "shape")  # the head terms of the objective, in this order
@@ -28,6 +28,9 @@ class Context:
 
     state: Tensor  # [state_size] fp32
     window: int
+    # where the state's tail (summary, history: all the end-of-example head reads) lies: row
+    # `head[1]` of the batch's BlockResult.head_state; None: slice it from `state` (restored)
+    head: tuple[Tensor, int] | None = None
 
 
 @dataclass
@@ -164,44 +167,69 @@ class ModelRunners:
         w.head_count["next_mode"] += len(batch.requests)
         w.head_count["shape"] += len(batch.requests)
         if self.measure:
-            self._accuracy(state, mode, [r.shape for r in batch.requests],
-                           [r.block > 0 for r in batch.requests])
+            self._accuracy(self.model.head_input(state), mode,
+                           [r.shape for r in batch.requests], [r.block > 0 for r in batch.requests])
         new = res.state if self.train else res.state.detach()
+        heads = res.head_state if self.train else res.head_state.detach()
         # one unbind, not new[i] per example: B select nodes each filled a zero [B, state]
         # gradient in backward (O(B^2) work, half of the GPU time of a text step)
-        return [Result(state=Context(row, w.index)) for row in new.unbind(0)]
+        return [Result(state=Context(row, w.index, (heads, i)))
+                for i, row in enumerate(new.unbind(0))]
+
+    def _head_states(self, contexts: list[Context]) -> Tensor:
+        """The finished examples' state tails [B, d_model + 2M] (summary, history), gathered
+        per batch that made them (one index_select each, whole batches as they are), not
+        whole states: stacking [B, state_size] rows for the end-of-example head copied ~1.2M
+        floats per example forward and filled as many zero gradients in backward (6.9 + ~6 ms
+        of a text step's GPU time on the H200, GPU_NOTES thru-B); the order of the rows is
+        not kept (their bits are summed)."""
+        groups: dict[tuple[int, bool], tuple[Tensor, list[int]]] = {}
+        parts = []
+        k = self.model.state_size - self.model.decoder.layout.offsets["summary"][0]
+        for c in contexts:
+            old = c.window != self.window.index
+            if c.head is None:  # restored from a checkpoint: its row is all there is
+                parts.append(c.state[None, -k:].detach() if old else c.state[None, -k:])
+                continue
+            src, i = c.head
+            groups.setdefault((id(src), old), (src, []))[1].append(i)
+        for (_, old), (src, idx) in groups.items():
+            src = src.detach() if old else src
+            if idx != list(range(src.shape[0])):
+                src = src.index_select(0, to_device(torch.tensor(idx), src.device))
+            parts.append(src)
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def finish(self, contexts: list[Context]) -> None:
         """Add the bits of predicting end-of-example after each finished example's last block."""
         if not contexts:
             return
-        state = self._states(contexts)
         self._autocast()
-        bits = self.model.end_bits(state)
+        ctx = self.model.head_input_of(self._head_states(contexts))
+        bits = self.model.heads.mode_bits(ctx, [END] * len(contexts))
         self.window.head_bits["next_mode"].append(bits.float())
         self.window.head_count["next_mode"] += len(contexts)
         if self.measure:
-            self._accuracy(state, END, [], [True] * len(contexts))
+            self._accuracy(ctx, END, [], [True] * len(contexts))
 
     @torch.no_grad()
-    def _accuracy(self, state: Tensor, mode: str, shapes: list[tuple[int, ...]],
+    def _accuracy(self, summary: Tensor, mode: str, shapes: list[tuple[int, ...]],
                   later: list[bool]) -> None:
         """Count argmax next-mode hits (all, and those after a first block: ``later``) and,
-        for blocks, exact shape-bin hits (greedy)."""
+        for blocks, exact shape-bin hits (greedy). ``summary``: the heads' input [B, ...]."""
         heads, w = self.model.heads, self.window
-        summary = self.model.head_input(state)
         pred = heads.mode_logits(summary).argmax(-1)
         hit = pred == heads.names.index(mode)
         later_t = torch.tensor(later, dtype=torch.bool, device=hit.device)
         w.mode_correct += int(hit.sum())
-        w.mode_total += state.shape[0]
+        w.mode_total += summary.shape[0]
         w.later_correct += int((hit & later_t).sum())
         w.later_total += int(later_t.sum())
         if mode == END:
             return
         head = heads.shape[mode]
         _, classes = head.predict(heads.trunk(summary), None, None)
-        true = head.classes(torch.tensor(shapes, device=state.device))
+        true = head.classes(torch.tensor(shapes, device=summary.device))
         w.shape_correct += int((classes == true).all(1).sum())
         w.shape_total += len(shapes)
 
