@@ -89,14 +89,20 @@ class BankedAttention(nn.Module):
         return {"S": (H, N, D, D), "z": (H, N, D)}
 
     def _project(self, x: Tensor, mask: Tensor | None, bt: tuple[int, int] | None = None):
-        """x [B,T,d] -> q,k [B,H,T,D], v [B,H,T,D], r,w [B,H,T,N], g [B,H,T] (all fp32).
-        With ``bt = (B, T)``, x is [M >= B*T, d]: B*T steps, then padding rows."""
+        """x [B,T,d] -> q,k [B,H,T,D] (fp32), v [B,H,T,D] (the projection's dtype: bf16 under
+        autocast), r,w [B,H,T,N], g [B,H,T] (fp32). With ``bt = (B, T)``, x is [M >= B*T, d]:
+        B*T steps, then padding rows."""
         B, T = bt if bt is not None else x.shape[:2]
         H, D, N = self.cfg.heads, self.cfg.head_dim, self.cfg.banks
         qkv, sel = self.qkv(x), self.select(x)
         if bt is not None:
             qkv, sel = qkv[:B * T], sel[:B * T]
-        q, k, v = upcast(qkv).view(B, T, 3, H, D).permute(2, 0, 3, 1, 4)
+        # only q, k are widened (the feature map runs in fp32); v goes to the kernel in the
+        # projection's dtype: widening it and casting it back was two lossless [B*T, H*D]
+        # passes forward and two in backward per layer. One split: its backward is one cat.
+        qk, v = qkv.view(B, T, 3, H, D).split([2, 1], dim=2)
+        q, k = feature_map(upcast(qk)).permute(2, 0, 3, 1, 4)  # [B,H,T,D] each
+        v = v.squeeze(2).transpose(1, 2)
         sel = upcast(sel).view(B, T, -1)
         r = sel[..., :H * N].view(B, T, H, N).softmax(-1).transpose(1, 2)
         w = sel[..., H * N:2 * H * N].view(B, T, H, N).softmax(-1).transpose(1, 2)
@@ -104,7 +110,7 @@ class BankedAttention(nn.Module):
         g = torch.sigmoid(sel[..., 2 * H * N:]).clamp(min=1e-6).transpose(1, 2)
         if mask is not None:  # padded steps write nothing, so the memory passes through them
             w = w * mask[:, None, :, None].to(w.dtype)
-        return feature_map(q), feature_map(k), v, r, w, g
+        return q, k, v, r, w, g
 
     def forward(self, x: Tensor, S: Tensor, z: Tensor, mask: Tensor | None = None,
                 bt: tuple[int, int] | None = None) -> tuple[Tensor, Tensor, Tensor]:
@@ -127,6 +133,7 @@ class BankedAttention(nn.Module):
         if kernel_path(q, v, C):
             lp = torch.bfloat16
             return banked_attention_triton(q.to(lp), k.to(lp), v.to(lp), r, w, g, S, z, eps, C)
+        v = upcast(v)  # the CPU path computes in fp32
         # log a = log(1 - w (1 - g)) >= log g > -inf: safe to cumulate in log space
         la = torch.log1p(-w * (1.0 - g[..., None]))  # [B,H,T,N]
         outs = []
@@ -164,6 +171,6 @@ class BankedAttention(nn.Module):
         m = None if mask is None else mask[:, None]
         q, k, v, r, w, g = self._project(x[:, None], m)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            S, z = bank_write(S, z, k[:, :, 0], v[:, :, 0], w[:, :, 0], g[:, :, 0])
+            S, z = bank_write(S, z, k[:, :, 0], upcast(v[:, :, 0]), w[:, :, 0], g[:, :, 0])
             o = bank_read(S, z, q[:, :, 0], r[:, :, 0], self.cfg.eps)  # [B,H,D]
         return self.out(o.reshape(x.shape[0], -1).to(x.dtype)), S, z
