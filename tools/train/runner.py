@@ -135,6 +135,8 @@ class ModelRunners:
         return lambda batch: self.run(mode, batch)
 
     def _states(self, contexts: list[Context | None]) -> Tensor:
+        if all(c is None for c in contexts):  # first blocks (every text batch): a zero fill,
+            return self.model.initial_state(len(contexts), self.device)  # not a stack of rows
         init = None
         rows = []
         for c in contexts:

@@ -104,3 +104,24 @@ def test_finish_copies_no_whole_state(tokenizer):
     state = torch.stack([r.state.state for r in res]).detach()
     ref = model.heads.mode_bits(model.head_input(state), [END] * 2)
     assert torch.allclose(runners.window.head_bits["next_mode"][-1].detach(), ref)
+
+
+def test_first_blocks_start_from_a_zero_fill(tokenizer):
+    """A batch of first blocks (every text batch) starts from zeros made at once, not from a
+    stack of B copies of the empty row (a [B, state_size] copy per batch; failed before)."""
+    model = BlockLM(tiny(tokenizer_path=tokenizer))
+    runners = ModelRunners(model, torch.device("cpu"))
+
+    class Ops(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.names: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    with Ops() as ops:
+        state = runners._states([None, None, None])
+    assert "stack" not in ops.names
+    assert torch.equal(state, model.initial_state(3))
