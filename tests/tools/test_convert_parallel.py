@@ -237,3 +237,53 @@ def test_frozen_heap_leaves_the_collector_as_it_found_it():
             assert gc.get_freeze_count() == 0 and not gc.isenabled()
     finally:
         gc.enable()
+
+
+def test_a_parent_killed_alone_resumes_to_the_same_shards(corpora, tmp_path):
+    """kill -9 of the parent only: its helpers, orphaned, may still be converting while the job
+    is resumed at once; they never touch the disk (their rings are in memory), so the resumed
+    run gives the same shards, and they exit on their own."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    src = tmp_path / "fsdd"
+    src.mkdir()
+    for name in sorted(os.listdir(corpora / "audio/fsdd"))[:600]:
+        os.symlink(corpora / "audio/fsdd" / name, src / name)
+    ref = tmp_path / "ref"
+    run_convert([str(src)], ref, ConvertOptions(workers=2, shard_samples=40, quiet=True))
+    out = tmp_path / "o"
+    cmd = [sys.executable, "-m", "blocklm.tools.cli", "convert", str(src), "--out", str(out),
+           "--shard-samples", "40", "-j", "2", "-q"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (out / "progress.json").exists() and proc.poll() is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.002)
+        os.kill(proc.pid, signal.SIGKILL)  # the parent only: its helpers live on
+        proc.wait()
+        assert not (out / "report.json").exists(), "the job finished before it was killed"
+        assert json.loads((out / "progress.json").read_text())["next_item"] > 0
+        rep = run_convert([str(src)], out, ConvertOptions(workers=2, shard_samples=40,
+                                                          resume=True, quiet=True))
+        assert rep.complete and rep.resumed_at > 0 and rep.samples == 600
+        assert shard_bytes(out) == shard_bytes(ref)
+        assert not list(out.glob("*.tmp")) and not [p for p in os.listdir(out) if "spill" in p]
+        deadline = time.monotonic() + 10  # the orphans: at their next claim or note
+        while True:
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                break
+            assert time.monotonic() < deadline, "an orphaned helper did not exit"
+            time.sleep(0.01)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
