@@ -41,7 +41,8 @@ class BlockResult:
     """What :meth:`BlockLM.run_block` returns."""
 
     loss: BlockLoss | None  # None when run with targets=False
-    state: Tensor  # [B, state_size] fp32: the context after the block
+    state: Tensor | None  # [B, state_size] fp32: the context after the block (None when run
+    # with state=False)
     outputs: Tensor  # [B,T,d_model] decoder outputs
     mode_logits: Tensor | None  # [B, modes+1] next-mode logits from the new state (last =
     # end); None when run with logits=False (the trainer: they are not part of its loss)
@@ -145,13 +146,15 @@ class BlockLM(nn.Module):
         return self.decoder.layout.unpack(self._split(state)[0])["summary"]
 
     def run_block(self, mode: str, contents: list, state: Tensor | None = None,
-                  targets: bool = True, logits: bool = True) -> BlockResult:
+                  targets: bool = True, logits: bool = True,
+                  state_out: bool = True) -> BlockResult:
         """Run a batch of blocks of one mode, each continuing its own example's state.
 
         contents: decoded contents (text ``str``, image uint8 [H,W,C], audio [frames,ch]);
         state: [B, state_size] (None: start of examples). With ``targets`` the result carries
         per-example losses: content bits and element counts, and the bits of predicting this
-        block's mode and shape from the incoming state.
+        block's mode and shape from the incoming state. ``state_out=False``: the new state is
+        not packed (no later block reads it; ``head_state`` still holds its tail).
         """
         sup = self.support(mode)
         device = self.start_device()
@@ -167,7 +170,8 @@ class BlockLM(nn.Module):
         tail = self._history_after(history, mode)
         with record_function("blocklm:decoder"):
             h, new_state, summary = self.decoder(sup.embed(batch), st, batch.steps,  # [B,T,d]
-                                                 tail=tail, summary=True)
+                                                 tail=tail, summary=True,
+                                                 pack=state_out or logits)
         loss = None
         if targets:
             with record_function("blocklm:content_bits"):

@@ -176,12 +176,13 @@ class Decoder(nn.Module):
         return torch.zeros(batch, self.layout.size, device=device, dtype=dtype)
 
     def forward(self, x: Tensor, state: Tensor | dict[str, Tensor], mask: Tensor | None = None,
-                tail: Tensor | None = None, summary: bool = False):
+                tail: Tensor | None = None, summary: bool = False, pack: bool = True):
         """A whole block. x [B,T,d_model], state [B,size] (or its ``layout.unpack``), mask [B,T]
         (True = real step; real steps form a prefix) -> outputs [B,T,d_model], state after each
         example's last real step (with ``tail`` [B,k] appended to its row); with ``summary``
         also the summary [B,d_model] as packed into the state (before the packing: a reader of
-        the summary alone then does not take a gradient of the whole row).
+        the summary alone then does not take a gradient of the whole row). ``pack=False``: no
+        state is packed (None in its place; nothing reads it: the examples' last blocks).
         """
         st = state if isinstance(state, dict) else self.layout.unpack(state)
         new: dict[str, Tensor] = {}
@@ -212,9 +213,13 @@ class Decoder(nn.Module):
         last = (mask.long().sum(1) - 1).clamp(min=0) if mask is not None else \
             torch.full((B,), T - 1, device=x.device)
         new["summary"] = x[torch.arange(B, device=x.device), last]
-        with record_function("blocklm:pack_state"):
-            packed = self.layout.pack(new, tail)
-        return (x, packed, new["summary"].to(packed.dtype)) if summary else (x, packed)
+        packed = None
+        if pack:
+            with record_function("blocklm:pack_state"):
+                packed = self.layout.pack(new, tail)
+        parts = list(new.values()) + ([] if tail is None else [tail])  # pack's dtype
+        dt = torch.float64 if any(p.dtype == torch.float64 for p in parts) else torch.float32
+        return (x, packed, new["summary"].to(dt)) if summary else (x, packed)
 
     def warm_layers(self, device, autocast: bool = True) -> None:
         """Compile the fused layers' graphs before training (CUDA): a dynamic graph is still

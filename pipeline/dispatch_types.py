@@ -111,6 +111,13 @@ class Request:
     seq: int
     _ex: Any = field(default=None, repr=False)  # the dispatcher's in-flight example record
 
+    @property
+    def last(self) -> bool:
+        """Whether this is the last piece its example has so far: no later block reads the
+        state after it (unless its runner asks for a next block, as generation does)."""
+        ex = self._ex
+        return ex is not None and ex.next + 1 >= len(ex.pieces)
+
 
 @dataclass(slots=True)
 class Result:

@@ -26,7 +26,7 @@ HEADS = ("next_mode", "shape")  # the head terms of the objective, in this order
 class Context:
     """An example's state after its latest block, tagged with the window that made it."""
 
-    state: Tensor  # [state_size] fp32
+    state: Tensor | None  # [state_size] fp32; None after an example's last block
     window: int
     # where the state's tail (summary, history: all the end-of-example head reads) lies: row
     # `head[1]` of the batch's BlockResult.head_state; None: slice it from `state` (restored)
@@ -157,7 +157,8 @@ class ModelRunners:
             state = self._states([r.context for r in batch.requests])
         contents = [r.inputs for r in batch.requests]
         self._autocast()
-        res = self.model.run_block(mode, contents, state, targets=True, logits=False)
+        res = self.model.run_block(mode, contents, state, targets=True, logits=False,
+                                   state_out=self._keeps_state(batch))
         w = self.window
         loss = res.loss
         w.tokens += batch.padded_cost
@@ -171,12 +172,21 @@ class ModelRunners:
         if self.measure:
             self._accuracy(self.model.head_input(state), mode,
                            [r.shape for r in batch.requests], [r.block > 0 for r in batch.requests])
-        new = res.state if self.train else res.state.detach()
         heads = res.head_state if self.train else res.head_state.detach()
+        if res.state is None:  # the examples' last blocks: only the end head reads on
+            return [Result(state=Context(None, w.index, (heads, i))) for i in range(len(contents))]
+        new = res.state if self.train else res.state.detach()
         # one unbind, not new[i] per example: B select nodes each filled a zero [B, state]
         # gradient in backward (O(B^2) work, half of the GPU time of a text step)
         return [Result(state=Context(row, w.index, (heads, i)))
                 for i, row in enumerate(new.unbind(0))]
+
+    @staticmethod
+    def _keeps_state(batch: Batch) -> bool:
+        """Whether a later block reads a state this batch makes: not when every request is its
+        example's last piece (every text batch of one-block examples). Its packed state was a
+        [B, state_size] concatenation forward that only the end head read (now its tail)."""
+        return not all(getattr(r, "last", False) for r in batch.requests)
 
     def _head_states(self, contexts: list[Context]) -> Tensor:
         """The finished examples' state tails [B, d_model + 2M] (summary, history), gathered

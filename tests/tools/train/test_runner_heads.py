@@ -18,6 +18,10 @@ from blocklm.tools.train.runner import Context, ModelRunners
 class OldFinish(ModelRunners):
     """The previous code path: whole states stacked, then ``end_bits`` of them."""
 
+    @staticmethod
+    def _keeps_state(batch):
+        return True
+
     def finish(self, contexts):
         state = self._states(contexts)
         bits = self.model.end_bits(state)
@@ -25,9 +29,9 @@ class OldFinish(ModelRunners):
         self.window.head_count["next_mode"] += len(contexts)
 
 
-def _req(ctx, x, block=0):
+def _req(ctx, x, block=0, last=False):
     shape = (len(x),) if isinstance(x, str) else x.shape
-    return SimpleNamespace(context=ctx, shape=tuple(shape), inputs=x, block=block)
+    return SimpleNamespace(context=ctx, shape=tuple(shape), inputs=x, block=block, last=last)
 
 
 def _window(runners: ModelRunners, restored: bool = False) -> torch.Tensor:
@@ -39,9 +43,14 @@ def _window(runners: ModelRunners, restored: bool = False) -> torch.Tensor:
                                             padded_cost=20))
     imgs = [rng.integers(0, 256, (4, 6, 3), dtype=np.uint8) for _ in range(2)]
     b = runners.run("image", SimpleNamespace(
-        requests=[_req(a[1].state, imgs[0], 1), _req(a[3].state, imgs[1], 1)], padded_cost=24))
-    c = runners.run("text", SimpleNamespace(requests=[_req(None, t) for t in ["What, ho!", "No"]],
+        requests=[_req(a[1].state, imgs[0], 1, True), _req(a[3].state, imgs[1], 1)],
+        padded_cost=24))
+    c = runners.run("text", SimpleNamespace(requests=[_req(None, t, last=True)
+                                                      for t in ["What, ho!", "No"]],
                                             padded_cost=10))
+    # a batch of last pieces packs no state; one that is not all last keeps it
+    assert (c[0].state.state is None) == (type(runners) is ModelRunners)
+    assert b[0].state.state is not None
     done = [c[1].state, a[0].state, b[1].state, a[2].state, c[0].state, b[0].state]
     if restored:  # as a checkpoint restores them: state rows only
         done[2] = Context(done[2].state, done[2].window)
@@ -125,3 +134,30 @@ def test_first_blocks_start_from_a_zero_fill(tokenizer):
         state = runners._states([None, None, None])
     assert "stack" not in ops.names
     assert torch.equal(state, model.initial_state(3))
+
+
+def test_request_last_marks_each_examples_last_piece():
+    """``Request.last`` is true exactly for the last piece of each example, as the runner
+    sees it (before the dispatcher routes the result)."""
+    from blocklm.formats import Block, Sample
+    from blocklm.pipeline.dispatch import Dispatcher
+    from blocklm.pipeline.dispatch_types import DispatchConfig, Result
+
+    seen = []
+
+    def runner(batch):
+        seen.extend((r.key, r.block, r.last) for r in batch.requests)
+        return [Result(state=None) for _ in batch.requests]
+
+    def text(n):
+        return Block("text", (n,), "utf8", b"x" * n)
+
+    samples = [Sample("a", [text(3)]), Sample("b", [text(2), text(4), text(1)]),
+               Sample("c", [text(5), text(2)])]
+    d = Dispatcher({"text": runner}, None, DispatchConfig(prefetch=0), cost=lambda m, s: s[0],
+                   prepare=lambda b: ((b.mode, b.shape, b.payload), b.payload))
+    for _ in d.run(samples):
+        pass
+    last = {"a": 0, "b": 2, "c": 1}
+    assert sorted(seen) == sorted((k, i, i == last[k]) for k, n in (("a", 1), ("b", 3), ("c", 2))
+                                  for i in range(n))
