@@ -212,7 +212,11 @@ class Child:
 
     def _reap(self, flags: int) -> None:
         if self.exitcode is None:
-            pid, status = os.waitpid(self.pid, flags)
+            try:
+                pid, status = os.waitpid(self.pid, flags)
+            except ChildProcessError:  # reaped by someone else (SIGCHLD ignored): gone, status
+                self.exitcode = 0  # unknown; work it left undone is still found missing
+                return
             if pid:
                 self.exitcode = os.waitstatus_to_exitcode(status)
 

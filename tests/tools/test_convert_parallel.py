@@ -287,3 +287,15 @@ def test_a_parent_killed_alone_resumes_to_the_same_shards(corpora, tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def test_a_helper_reaped_elsewhere_counts_as_gone():
+    """A helper whose exit status someone else collected (a program that reaps every child, or
+    ignores SIGCHLD) is gone, not an error in join or is_alive."""
+    child = convert_parallel.Child(lambda: None, ())
+    os.waitpid(child.pid, 0)  # the status taken before the conversion looks
+    assert not child.is_alive() and child.exitcode == 0
+    child.join()
+    failed = convert_parallel.Child(lambda: os._exit(3), ())
+    failed.join()
+    assert failed.exitcode == 3
