@@ -32,6 +32,7 @@ import multiprocessing as mp
 import os
 import re
 import signal
+import time
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -214,7 +215,11 @@ class Child:
         if self.exitcode is None:
             try:
                 pid, status = os.waitpid(self.pid, flags)
-            except ChildProcessError:  # reaped by someone else (SIGCHLD ignored): gone, status
+            except ChildProcessError:  # its status goes elsewhere (SIGCHLD ignored, a reaper):
+                while _exists(self.pid):  # alive while its pid is
+                    if flags:
+                        return
+                    time.sleep(0.001)
                 self.exitcode = 0  # unknown; work it left undone is still found missing
                 return
             if pid:
@@ -230,6 +235,14 @@ class Child:
     def kill(self) -> None:
         if self.exitcode is None:
             os.kill(self.pid, signal.SIGKILL)
+
+
+def _exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 # Counters of finished windows whose helpers may still be exiting (not waited for). A helper

@@ -299,3 +299,14 @@ def test_a_helper_reaped_elsewhere_counts_as_gone():
     failed = convert_parallel.Child(lambda: os._exit(3), ())
     failed.join()
     assert failed.exitcode == 3
+    import signal
+    import time
+
+    old = signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children reaped by the kernel
+    try:
+        busy = convert_parallel.Child(time.sleep, (0.3,))
+        assert busy.is_alive()  # no status to collect, but still running
+        busy.join()
+        assert not busy.is_alive() and busy.exitcode == 0
+    finally:
+        signal.signal(signal.SIGCHLD, old)
