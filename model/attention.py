@@ -134,6 +134,10 @@ class BankedAttention(nn.Module):
             lp = torch.bfloat16
             return banked_attention_triton(q.to(lp), k.to(lp), v.to(lp), r, w, g, S, z, eps, C)
         v = upcast(v)  # the CPU path computes in fp32
+        if S is None:  # no incoming memory (first blocks): empty banks
+            B, H, _, D = q.shape
+            N = r.shape[-1]
+            S, z = q.new_zeros(B, H, N, D, v.shape[-1]), q.new_zeros(B, H, N, D)
         # log a = log(1 - w (1 - g)) >= log g > -inf: safe to cumulate in log space
         la = torch.log1p(-w * (1.0 - g[..., None]))  # [B,H,T,N]
         outs = []

@@ -158,14 +158,13 @@ class BlockLM(nn.Module):
         """
         sup = self.support(mode)
         device = self.start_device()
-        if state is None:
-            state = self.initial_state(len(contents), device)
         with record_function("blocklm:target"):
             batch = sup.target(contents, device)
         # one split of the whole row feeds the decoder, the heads and the history: in backward
         # its gradient is one concatenation; a slice per consumer filled a zero gradient of the
         # whole state each (~1.2M floats per example in `small`) and added them up
-        st = self.decoder.layout.unpack(state)
+        st = self._fresh(len(contents), device) if state is None else \
+            self.decoder.layout.unpack(state)
         history = st["rest"]
         tail = self._history_after(history, mode)
         with record_function("blocklm:decoder"):
@@ -188,6 +187,16 @@ class BlockLM(nn.Module):
                 out = self.heads.mode_logits(self.head_input(new_state))
         return BlockResult(loss, new_state, h, out,
                            torch.cat([summary, tail.to(summary.dtype)], 1))
+
+    def _fresh(self, B: int, device) -> dict[str, Tensor | None]:
+        """:meth:`initial_state`'s parts for the decoder, with the layers' memories None: the
+        kernels then neither read an empty incoming memory nor write its gradient, and no
+        [B, state_size] zero fill is made (~1.2M floats per example in `small`)."""
+        mem = {f"{n}{i}" for i in range(len(self.decoder.layers)) for n in ("S", "z")}
+        st = {n: None if n in mem else torch.zeros(B, *shp, device=device)
+              for n, shp in self.decoder.layout.shapes.items()}
+        st["rest"] = torch.zeros(B, 2 * len(self.supports), device=device)
+        return st
 
     def end_bits(self, state: Tensor) -> Tensor:
         """Bits of predicting end-of-example from the state after the last block: [B]."""

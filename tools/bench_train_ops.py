@@ -100,6 +100,7 @@ class StandIn(torch.autograd.Function):
     def forward(ctx, q, k, v, r, w, g, S0, z0, eps, C, R):
         B, H, _, D = q.shape
         ctx.save_for_backward(r, w, g)
+        ctx.has_s0 = S0 is not None
         S = S0 * 1.0 if S0 is not None else q.new_zeros(B, H, r.shape[-1], D, v.shape[-1],
                                                          dtype=torch.float32)
         z = z0 * 1.0 if z0 is not None else q.new_zeros(B, H, r.shape[-1], D,
@@ -110,7 +111,7 @@ class StandIn(torch.autograd.Function):
     def backward(ctx, do, dS, dz):
         r, w, g = ctx.saved_tensors
         return (do, do, do, torch.zeros_like(r), torch.zeros_like(w), torch.zeros_like(g),
-                dS, dz, None, None, None)
+                dS if ctx.has_s0 else None, dz if ctx.has_s0 else None, None, None, None)
 
 
 def route_kernels() -> None:

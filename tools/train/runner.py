@@ -134,9 +134,12 @@ class ModelRunners:
         """The runner of ``mode`` for :class:`blocklm.pipeline.Dispatcher`."""
         return lambda batch: self.run(mode, batch)
 
-    def _states(self, contexts: list[Context | None]) -> Tensor:
-        if all(c is None for c in contexts):  # first blocks (every text batch): a zero fill,
-            return self.model.initial_state(len(contexts), self.device)  # not a stack of rows
+    def _states(self, contexts: list[Context | None]) -> Tensor | None:
+        """The batch's incoming states [B, state_size]; None when every block is its example's
+        first (every text batch): ``run_block`` then starts from empty memories without making
+        B empty rows (a stack of them was a [B, state_size] copy per batch)."""
+        if all(c is None for c in contexts):
+            return None
         init = None
         rows = []
         for c in contexts:
@@ -170,7 +173,9 @@ class ModelRunners:
         w.head_count["next_mode"] += len(batch.requests)
         w.head_count["shape"] += len(batch.requests)
         if self.measure:
-            self._accuracy(self.model.head_input(state), mode,
+            full = state if state is not None else self.model.initial_state(len(contents),
+                                                                            self.device)
+            self._accuracy(self.model.head_input(full), mode,
                            [r.shape for r in batch.requests], [r.block > 0 for r in batch.requests])
         heads = res.head_state if self.train else res.head_state.detach()
         if res.state is None:  # the examples' last blocks: only the end head reads on

@@ -115,25 +115,45 @@ def test_finish_copies_no_whole_state(tokenizer):
     assert torch.allclose(runners.window.head_bits["next_mode"][-1].detach(), ref)
 
 
-def test_first_blocks_start_from_a_zero_fill(tokenizer):
-    """A batch of first blocks (every text batch) starts from zeros made at once, not from a
-    stack of B copies of the empty row (a [B, state_size] copy per batch; failed before)."""
+def test_first_blocks_start_from_empty_memories(tokenizer, monkeypatch):
+    """A batch of first blocks (every text batch) starts from no state at all: no stack of B
+    empty rows (a [B, state_size] copy per batch; failed before), and the attention kernels get
+    no incoming memory (they neither read it nor write its gradient). Same loss and gradients
+    as from explicit empty states."""
+    from blocklm.model import attention, banked_triton
+    from blocklm.tools.bench_train_ops import StandIn
+
+    seen = []
+
+    class Recording(StandIn):
+        @staticmethod
+        def forward(ctx, q, k, v, r, w, g, S0, z0, eps, C, R):
+            seen.append(S0 is None and z0 is None)
+            return StandIn.forward(ctx, q, k, v, r, w, g, S0, z0, eps, C, R)
+
     model = BlockLM(tiny(tokenizer_path=tokenizer))
     runners = ModelRunners(model, torch.device("cpu"))
-
-    class Ops(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.names: list[str] = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(func.overloadpacket.__name__)
-            return func(*args, **(kwargs or {}))
-
-    with Ops() as ops:
-        state = runners._states([None, None, None])
-    assert "stack" not in ops.names
-    assert torch.equal(state, model.initial_state(3))
+    assert runners._states([None, None, None]) is None
+    texts = ["To be, or not", "Ay", "Good morrow"]
+    for patched in (False, True):  # the CPU path, then the kernels' path (stand-in kernels)
+        if patched:
+            monkeypatch.setattr(banked_triton, "BankedAttentionFn", Recording)
+            monkeypatch.setattr(attention, "kernel_path", lambda q, v, chunk: True)
+        out = []
+        for state in (None, model.initial_state(3)):
+            model.zero_grad()
+            res = model.run_block("text", texts, state, logits=False)
+            loss = res.loss.bits.sum() + res.loss.mode_bits.sum() + res.loss.shape_bits.sum() \
+                + res.state.square().sum()
+            loss.backward()
+            out.append((loss.detach(), [p.grad.clone() for p in model.parameters()
+                                        if p.grad is not None]))
+        assert torch.allclose(out[0][0], out[1][0], rtol=1e-6)
+        assert len(out[0][1]) == len(out[1][1]) > 10
+        for a, b in zip(out[0][1], out[1][1]):
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+    n = len(model.decoder.layers)
+    assert seen == [True] * n + [False] * n
 
 
 def test_request_last_marks_each_examples_last_piece():
