@@ -23,6 +23,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
     def _answer(self, body: bool) -> None:
+        # counted before the answer goes out: the client may check the count as soon as it has
+        # the bytes, before this thread would get back to a count made after the write
+        self.server.answers += 1
         if self.path == "/old":
             self.send_response(301)
             self.send_header("Location", "/f")
@@ -42,7 +45,6 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         if body:
             self.wfile.write(DATA[a:b + 1])
-        self.server.answers += 1
         if self.server.close_silently:
             self.close_connection = True
 
