@@ -106,9 +106,9 @@ def banked_attention_reference(q: Tensor, k: Tensor, v: Tensor, r: Tensor, w: Te
 # 128 fits 4 per SM (one wave) with ~50 spilled values but measured slower (call K7: 16K 9.54
 # vs 8.29 ms; it needs num_stages 1 to fit, which alone gave 9.52): the steps are throughput-bound
 # per SM, not latency-bound.
-# Opt-in until a device call times them (GPU_NOTES "kern, 2026-11-23"): hdot_in_dh: the decay's
-# inner products <dS_end, S_start> in bwd_dh, from the gradient tile it stores (one more read of
-# hs there, a kernel at ~46% of DRAM bandwidth; 1: elementwise, 2: the diagonal of a dot, whose
+# Variants of GPU_NOTES "kern, 2026-11-23" (timed in call kern3; defaults below): hdot_in_dh:
+# the decay's inner products <dS_end, S_start> in bwd_dh, from the gradient tile it stores (one
+# more read of hs there, a kernel at ~46% of DRAM bandwidth; 1: elementwise, 2: the diagonal of a dot, whose
 # operand the compiler prefetches) instead of bwd_dv_mem's extra pass over hs; without
 # that pass bwd_dv_mem needs 115 KB of shared memory at 3 stages (one program per SM), stages_dv 2
 # fits two. fwd_o_lean (R = 1): fwd_o with fewer live tiles (136 registers at 8 warps, not 255);
@@ -121,8 +121,14 @@ KERNEL_OPTS = {"tile_h": None, "tile_hk": 64, "tile_hv": None, "tile_v": 128, "w
                "stages_mem": None, "hdot_in_dv": True, "fwd_o_loop": False, "short": 0,
                "save_blocks": 1, "prep_in_intra": None, "stages_h": None, "hdot_rows": None,
                "low_partials": True, "fast_launch": True, "maxnreg_h": None, "hdot_in_dh": False,
-               "fwd_o_lean": False, "stages_o": None, "maxnreg_o": None, "stages_dv": None,
-               "tile_vo": None, "intra_lean": False, "prefetch_dh": False}
+               "fwd_o_lean": True, "stages_o": 2, "maxnreg_o": 128, "stages_dv": None,
+               "tile_vo": None, "intra_lean": True, "prefetch_dh": True}
+# The defaults since call kern3 (GPU_NOTES "Lead, 2026-11-23 15:50"): fwd_o_lean capped at 128
+# registers with 2 stages, intra_lean and prefetch_dh each beat both default samples of the same
+# sweep at 4K and 16K (4K 2.30-2.31 -> 2.21 / 2.18 / 2.20 ms; 16K 8.28-8.29 -> 7.96 / 8.11 /
+# 8.10), 1K within 0.04 ms. OLD_DEFAULTS is the set they replaced (bench sweeps time it beside).
+OLD_DEFAULTS = {"fwd_o_lean": False, "stages_o": None, "maxnreg_o": None, "intra_lean": False,
+                "prefetch_dh": False}
 
 
 def _decay(L, w: Tensor, g: Tensor, C: int) -> Tensor:
@@ -180,8 +186,11 @@ class BankedAttentionFn(torch.autograd.Function):
               NP=pow2(N), D=D, E=E, C=C, BV=BO, num_warps=opt["warps_o"])
         else:
             L(K.fwd_o, (E // BO, NT, B * H), q, k, v, r, w, c, hs, zs, o, den, NT, eps, N=N,
-              D=D, E=E, C=C, BV=BO, R=R, num_warps=opt["warps_o"], num_stages=opt["stages_o"],
-              maxnreg=opt["maxnreg_o"])
+              D=D, E=E, C=C, BV=BO, R=R, num_warps=opt["warps_o"],
+              # the lean kernel's cap and stages do not fit fwd_o (255 registers): R = 2 with
+              # fwd_o_lean set takes fwd_o at the compiler's own choices
+              num_stages=None if opt["fwd_o_lean"] else opt["stages_o"],
+              maxnreg=None if opt["fwd_o_lean"] else opt["maxnreg_o"])
         ctx.save_for_backward(q, k, v, r, w, g, c, hs, zs, o, den)
         ctx.meta = (has_s0, C, R)
         return o, ST, zT

@@ -35,6 +35,26 @@ def _median_ms(fn, reps: int, warmup: int = 3, budget_ms: float = 3000.0) -> flo
     return statistics.median(times)
 
 
+def _queued_ms(fn, reps: int, warmup: int = 3) -> float:
+    """Median ms per call with the calls queued back to back (one sync at the end): the GPU's
+    time per call when the host runs ahead, as in a training step. _median_ms waits for each
+    call, so it also counts the host's time to the first launch (~0.1-0.2 ms for the banked
+    call's Python, GPU_NOTES "Lead, 2026-11-23 15:50")."""
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+          for _ in range(reps)]
+    for a, b in ev:
+        a.record()
+        fn()
+        b.record()
+    torch.cuda.synchronize()
+    return statistics.median(a.elapsed_time(b) for a, b in ev)
+
+
 def matmul_tflops(n: int = 8192, reps: int = 20) -> float:
     """bf16 n x n x n product through torch, random operands."""
     import torch
@@ -102,10 +122,14 @@ def kernel_resources() -> dict:
 # (elementwise, 1, or as a dot's diagonal, 2; bwd_dv_mem at 2 stages: two programs per SM),
 # fwd_o_lean (one program per SM at 146 registers; two with a 128 cap and 2 stages, or at 64-wide
 # E-tiles), bwd_intra_lean, bwd_dh's prefetches, and all together.
+_OLD = {"fwd_o_lean": False, "stages_o": None, "maxnreg_o": None, "intra_lean": False,
+        "prefetch_dh": False}  # = banked_triton.OLD_DEFAULTS (the K6 set)
 _LEAN2 = {"fwd_o_lean": True, "maxnreg_o": 128, "stages_o": 2}
 SWEEPS = {
     "k6": [{}, {"low_partials": False}, {"fast_launch": False},
            {"low_partials": False, "fast_launch": False}, {}],
+    # kern4: the new defaults (call kern3's winners) beside hdot_in_dh 2 on top, and the old set
+    "kern4": [{}, {"hdot_in_dh": 2, "stages_dv": 2}, _OLD, {}],
     "kern3": [{}, {"hdot_in_dh": 1}, {"hdot_in_dh": 1, "stages_dv": 2},
               {"hdot_in_dh": 2, "stages_dv": 2}, {"prefetch_dh": True},
               {"prefetch_dh": True, "hdot_in_dh": 1, "stages_dv": 2},
@@ -114,7 +138,7 @@ SWEEPS = {
               {"hdot_in_dh": 2, "stages_dv": 2, "intra_lean": True, "prefetch_dh": True,
                **_LEAN2}, {}],
 }
-SWEEP = SWEEPS["kern3"]
+SWEEP = SWEEPS["kern4"]
 
 
 def _safe(fn):
@@ -162,7 +186,7 @@ def profile_kernels(fn, iters: int = 3) -> list[dict]:
 @click.option("--reps", default=30, show_default=True, help="Timed repetitions (median).")
 @click.option("--sweep", is_flag=True,
               help="Also time launch-setting variants (banked, N banks) at every length.")
-@click.option("--sweep-set", type=click.Choice(sorted(SWEEPS)), default="kern3",
+@click.option("--sweep-set", type=click.Choice(sorted(SWEEPS)), default="kern4",
               show_default=True, help="Which list of variants --sweep times.")
 @click.option("--profile", "do_profile", is_flag=True,
               help="Also list per-kernel times (torch.profiler) of the banked kernels, N banks.")
@@ -209,6 +233,7 @@ def bench_gpu(batch, heads, dim, tokens, banks, chunks, ref_max_tokens, reps, sw
         def sdpa(q, k, v):
             return F.scaled_dot_product_attention(q, k, v, is_causal=True)
         row["sdpa_ms"] = _median_ms(_fwd_bwd(sdpa, (q, k, v), dout), reps)
+        row["sdpa_queued_ms"] = _queued_ms(_fwd_bwd(sdpa, (q, k, v), dout), reps)
         for bi, bname in enumerate(baseline.split(",") if baseline else []):
             base = importlib.import_module(bname)
 
@@ -230,6 +255,9 @@ def bench_gpu(batch, heads, dim, tokens, banks, chunks, ref_max_tokens, reps, sw
                 row[f"banked_N{n_banks}_C{C}_peak_gib"] = round(
                     torch.cuda.max_memory_allocated() / 2**30, 2)
                 if n_banks == N:
+                    row[f"banked_N{N}_C{C}_queued_ms"] = _safe(
+                        lambda xs=xs, banked=banked, dout=dout: _queued_ms(
+                            _fwd_bwd(banked, xs, dout), reps))
                     with torch.no_grad():
                         row[f"banked_N{N}_C{C}_fwd_ms"] = _safe(lambda xs=xs, banked=banked: (
                             _median_ms(lambda: banked(*xs), reps)))
@@ -298,3 +326,9 @@ def _table(res: dict, N: int, Cs: list[int]) -> None:
         cells = [f"{row[c]:16.3f}" if isinstance(row.get(c), float)
                  else f"{'err' if c in row else '-':>16}" for c in cols]
         click.echo(f"{row['tokens']:>7} " + " ".join(cells))
+    qcols = ["sdpa_queued_ms"] + [f"banked_N{N}_C{c}_queued_ms" for c in Cs]
+    click.echo("calls queued back to back (the host ahead, as in training): "
+               + ", ".join(qcols))
+    for row in res["rows"]:
+        click.echo(f"{row['tokens']:>7} " + " ".join(
+            f"{row[c]:16.3f}" if isinstance(row.get(c), float) else f"{'-':>16}" for c in qcols))

@@ -151,3 +151,6 @@ def test_sweep_variants_name_real_options():
             assert set(v) <= set(bt.KERNEL_OPTS), (name, set(v) - set(bt.KERNEL_OPTS))
     assert all(set(o) <= set(bt.KERNEL_OPTS) for o in GPU_VARIANTS)
     assert {k for v in SWEEPS["kern3"] for k in v} >= {"hdot_in_dh", "fwd_o_lean"}
+    # the kern4 sweep's "old defaults" entry undoes exactly what call kern3 turned on
+    assert bt.OLD_DEFAULTS in SWEEPS["kern4"]
+    assert all(bt.KERNEL_OPTS[k] != v for k, v in bt.OLD_DEFAULTS.items())
