@@ -8,10 +8,9 @@ closes everything the fixture opened.
   Copy or write a shard folder under ``nginx.root / NAME`` and read it at ``nginx.url + "/NAME"``.
   nginx runs as a foreground process (``daemon off; master_process off``) with a generated config,
   logs and temp folders in temporary folders. Skipped when nginx is not installed.
-- ``s3`` (:class:`S3`): moto's ``ThreadedMotoServer`` at ``s3.endpoint``; ``s3.client()`` is a
-  boto3 client with test credentials, ``s3.upload(folder, bucket, prefix)`` copies a folder, and
-  ``s3.config(**kw)`` is a :class:`blocklm.pipeline.RemoteConfig` pointing at it (credentials
-  passed explicitly, never through environment variables).
+- ``s3`` (``servers_s3.S3``): moto's standalone server, a subprocess, at ``s3.endpoint``;
+  ``s3.client()`` is a boto3 client with test credentials, ``s3.upload(folder, bucket, prefix)``
+  copies a folder, ``s3.config(**kw)`` is a :class:`blocklm.pipeline.RemoteConfig` pointing at it.
 - ``fault_proxy`` (:class:`FaultProxy`): a factory; ``fault_proxy(upstream_port)`` starts a proxy to
   ``127.0.0.1:upstream_port`` (closed at the end of the test). Queue faults with
   ``proxy.add(kind, after=..., seconds=..., status=...)``: each new connection takes the next one
@@ -27,7 +26,7 @@ closes everything the fixture opened.
 
 from __future__ import annotations
 
-import logging
+import importlib.util
 import os
 import shutil
 import socket
@@ -145,55 +144,21 @@ def nginx(tmp_path_factory):
 
 # ----------------------------------------------------------------------------- S3 (moto)
 
-S3_KEY, S3_SECRET = "testing", "testing"
-
-
-class S3:
-    """moto's S3 server on 127.0.0.1 (see the module docstring)."""
-
-    def __init__(self) -> None:
-        from moto.server import ThreadedMotoServer
-
-        logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one log line per request
-        self.port = free_port()
-        self.endpoint = f"http://{HOST}:{self.port}"
-        self._server = ThreadedMotoServer(ip_address=HOST, port=self.port, verbose=False)
-        self._server.start()
-        wait_for_port(self.port)
-
-    def client(self, endpoint: str | None = None):
-        import boto3
-
-        return boto3.client("s3", endpoint_url=endpoint or self.endpoint, region_name="us-east-1",
-                            aws_access_key_id=S3_KEY, aws_secret_access_key=S3_SECRET)
-
-    def upload(self, folder: Path, bucket: str, prefix: str) -> str:
-        """Upload every file of ``folder`` to ``s3://bucket/prefix/``; returns that URL."""
-        c = self.client()
-        try:
-            c.create_bucket(Bucket=bucket)
-        except c.exceptions.BucketAlreadyOwnedByYou:
-            pass
-        for p in sorted(Path(folder).iterdir()):
-            if p.is_file():
-                c.upload_file(str(p), bucket, f"{prefix}/{p.name}")
-        return f"s3://{bucket}/{prefix}"
-
-    def config(self, endpoint: str | None = None, **kw):
-        from blocklm.pipeline import RemoteConfig
-
-        return RemoteConfig(s3_endpoint_url=endpoint or self.endpoint, s3_key=S3_KEY,
-                            s3_secret=S3_SECRET, **kw)
-
-    def stop(self) -> None:
-        self._server.stop()
+def _helper(name: str):
+    """The helper module ``tests/NAME.py``, loaded by path (tests/ is not a package, and
+    ``--import-mode=importlib`` puts nothing on sys.path)."""
+    spec = importlib.util.spec_from_file_location(f"blocklm_tests_{name}",
+                                                  Path(__file__).with_name(f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="session")
 def s3():
     """moto's S3 server on 127.0.0.1 (session-scoped)."""
     pytest.importorskip("moto.server")
-    server = S3()
+    server = _helper("servers_s3").S3()
     yield server
     server.stop()
 
