@@ -46,8 +46,10 @@ class StackConfig:
     fused_ctrl: bool = True
     # with `fused_ctrl`, the cells inside a graph chunk as a ring with a head per example: a push
     # writes one row instead of shifting V [B,K,W] (stack_ctrl.py; state layout unchanged).
-    # Off until measured on the GPU (GPU_NOTES.md, stack2)
-    ring: bool = False
+    # 0.378 -> 0.327 ms per step at B = 300, 0.164 -> 0.159 at 64, 0.146 -> 0.145 at 11; mixed
+    # 52.5k -> 57.7k tokens/s, text 110k -> 107k (within its epoch-turnover noise); GPU tests
+    # pass (GPU_NOTES.md, "Lead, 2026-11-23 15:50", calls L2-L4)
+    ring: bool = True
 
 
 @dataclass
