@@ -22,6 +22,7 @@ from blocklm.pipeline import (
 )
 
 FAST_RETRY = RetryPolicy(retries=4, backoff=0.01, max_backoff=0.05, deadline=20)
+WORKER_TIMEOUT_S = 60  # DataLoader(timeout=): a worker that hangs fails its test with a message
 
 
 @pytest.fixture(scope="session")
@@ -134,8 +135,68 @@ def test_s3_in_dataloader_workers(s3, s3_url, small_keys):
     from torch.utils.data import DataLoader
 
     ds = BlockDataset(s3_url, seed=1, remote=s3.config(timeout=5))  # s3fs used before the fork
-    dl = DataLoader(ds, batch_size=None, num_workers=2, multiprocessing_context="fork")
+    dl = DataLoader(ds, batch_size=None, num_workers=2, multiprocessing_context="fork",
+                    timeout=WORKER_TIMEOUT_S)  # a hung worker fails the test, not the suite
     assert sorted(s.key for s in dl) == sorted(small_keys)
+
+
+def test_forked_workers_leave_the_parents_s3_clients_alone(s3, s3_url, small_keys, monkeypatch):
+    """A worker neither closes the parent's live s3fs client nor one left as garbage (a cycle the
+    parent has not collected yet): in the worker that client's event loop has no thread (closing
+    it waited out a timeout, then unregistered the parent's sockets from their shared epoll)."""
+    import gc
+    import os
+    import weakref
+
+    import s3fs
+    from torch.utils.data import DataLoader, IterableDataset
+
+    closed = []  # the pid of every s3fs close_session call, in the process that makes it
+    close = s3fs.S3FileSystem.close_session
+
+    def record(loop, client):
+        closed.append(os.getpid())
+        return close(loop, client)
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "close_session", staticmethod(record))
+    ds = BlockDataset(s3_url, seed=1, remote=s3.config(timeout=5))
+    parents = weakref.ref(ds.opener._clients["s3"])
+
+    class Probe(IterableDataset):
+        def __iter__(self):
+            yield from (s.key for s in ds)  # the worker makes its own client
+            gc.collect()
+            yield {"closed": sum(pid == os.getpid() for pid in closed),
+                   "alive": parents() is not None}
+
+    dl = DataLoader(Probe(), batch_size=None, num_workers=2, multiprocessing_context="fork",
+                    timeout=WORKER_TIMEOUT_S)
+    gc.disable()  # the garbage below must still be there at the fork
+    try:
+        garbage = [BlockDataset(s3_url, seed=1, remote=s3.config(timeout=5))]
+        garbage.append(garbage)  # a cycle: only the garbage collector frees it
+        del garbage
+        it = iter(dl)  # forks the workers
+    finally:
+        gc.enable()
+    got = list(it)
+    assert sorted(g for g in got if isinstance(g, str)) == sorted(small_keys)
+    # one report per worker: nothing of the parent's closed there, its live client kept alive
+    assert [g for g in got if isinstance(g, dict)] == [{"closed": 0, "alive": True}] * 2
+
+
+def test_a_worker_forked_while_fsspecs_loop_lock_is_held_does_not_hang(s3, s3_url, small_keys):
+    """fsspec's after-fork reset leaves its loop-creation lock as it was at the fork: a worker
+    forked while another thread held it (starting fsspec's IO loop) waited on it forever."""
+    import fsspec.asyn
+    from torch.utils.data import DataLoader
+
+    ds = BlockDataset(s3_url, seed=1, remote=s3.config(timeout=5))
+    dl = DataLoader(ds, batch_size=None, num_workers=2, multiprocessing_context="fork",
+                    timeout=WORKER_TIMEOUT_S)
+    with fsspec.asyn.get_lock():  # as if another thread were in fsspec.asyn.get_loop()
+        it = iter(dl)  # forks the workers
+    assert sorted(s.key for s in it) == sorted(small_keys)
 
 
 def test_a_stalled_server_times_out_instead_of_hanging(nginx, http_url, fault_proxy):
@@ -162,7 +223,8 @@ def test_http_in_dataloader_workers(http_url, small_keys):
     from torch.utils.data import DataLoader
 
     ds = BlockDataset(http_url, seed=6, remote=RemoteConfig(timeout=5))
-    dl = DataLoader(ds, batch_size=None, num_workers=2, multiprocessing_context="fork")
+    dl = DataLoader(ds, batch_size=None, num_workers=2, multiprocessing_context="fork",
+                    timeout=WORKER_TIMEOUT_S)
     assert sorted(s.key for s in dl) == sorted(small_keys)
 
 
