@@ -145,6 +145,6 @@ def test_a_data_loader_worker_sends_nothing_ahead(nginx, served, fault_proxy):
     url, local, names = served
     ds = BlockDataset(url.replace(nginx.url, proxy.url), shuffle=False,
                       remote=RemoteConfig(timeout=5))
-    got = [s.key for s in DataLoader(ds, batch_size=None, num_workers=1)]
+    got = [s.key for s in DataLoader(ds, batch_size=None, num_workers=1, timeout=60)]
     assert got == [s.key for s in iter_dataset(local)]
     assert [len(_ranges(proxy, n)) for n in names] == [1, 1, 1]

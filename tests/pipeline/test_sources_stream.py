@@ -202,7 +202,8 @@ def test_forked_workers_start_their_own_read_ahead_thread(big_url):
     url, local = big_url
     ds = BlockDataset(url, seed=2, remote=RemoteConfig(timeout=5))
     assert len(list(ds)) == 60  # the parent's thread runs (a forked worker has none of it)
-    dl = DataLoader(ds, batch_size=None, num_workers=2, multiprocessing_context="fork")
+    dl = DataLoader(ds, batch_size=None, num_workers=2, multiprocessing_context="fork",
+                    timeout=60)  # a hung worker fails the test with a message
     assert sorted(s.key for s in dl) == sorted(s.key for s in iter_dataset(local))
 
 
