@@ -1,0 +1,93 @@
+"""Epoch turnovers of the trainer: what runs between one epoch's last step and the next one's
+first (bench train's data wait at turnovers), without changing the batches."""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+
+from blocklm.formats import Sample, ShardWriter, text_block
+from blocklm.tools.train import readahead
+from blocklm.tools.train.loop import RunSpec, Trainer
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> str:
+    """40 one-block text samples: an epoch fits in flight (tiny preset: 256), as the small
+    preset's 8,192 hold the whole text set (7,222), so every epoch is admitted at once."""
+    out = tmp_path_factory.mktemp("text")
+    words = "the quick brown fox jumps over a lazy dog while seven bold kings hum".split()
+    with ShardWriter(out, max_samples=16) as w:
+        for i in range(40):
+            w.write(Sample(f"t{i:03d}", [text_block(" ".join(words[i % 7:i % 7 + 3 + i % 5]))]))
+    return str(out)
+
+
+def _trainer(tmp_path, dataset, tokenizer) -> Trainer:
+    spec = RunSpec("tiny", [dataset], None, [
+        f"model.modes.text.tokenizer_path={tokenizer}", "train.tokens_per_step=200",
+        "dispatch.budget=100", "train.log_every=1000", "train.checkpoint_every=0"])
+    return Trainer(tmp_path / "run", spec, resume=False, remote=None, progress=False,
+                   tensorboard=False)
+
+
+def _record(tr: Trainer, events: list) -> None:
+    run = tr.runners.run
+
+    def on_run(mode, batch):
+        events.append(("run", tr.epoch, tuple(r.key for r in batch.requests),
+                       gc.get_freeze_count()))
+        return run(mode, batch)
+    tr.runners.run = on_run
+
+
+def test_next_epoch_is_read_ahead_from_an_optimizer_step_not_during_admission(
+        tmp_path, dataset, tokenizer, monkeypatch):
+    """The whole epoch is drawn while it is admitted; a read-ahead started then competed for the
+    GIL with that admission (and its garbage collections landed there). It now starts at the
+    epoch's first optimizer step, after the epoch's first batches ran."""
+    events: list = []
+    init = readahead._Ahead.__init__
+
+    def on_ahead(self, source, epoch, *a, **k):
+        events.append(("ahead", epoch))
+        init(self, source, epoch, *a, **k)
+    monkeypatch.setattr(readahead._Ahead, "__init__", on_ahead)
+    tr = _trainer(tmp_path, dataset, tokenizer)
+    _record(tr, events)
+    tr.fit(steps=12, minutes=None)
+    assert tr.epoch >= 2
+    for e in range(1, tr.epoch + 1):
+        first_run = next(i for i, ev in enumerate(events) if ev[0] == "run" and ev[1] == e)
+        started = events.index(("ahead", e + 1)) if ("ahead", e + 1) in events else None
+        assert started is None or started > first_run, (e, events[:first_run + 1])
+    assert ("ahead", 2) in events  # and it does read ahead
+
+
+def test_batches_are_those_of_a_run_without_read_ahead(tmp_path, dataset, tokenizer):
+    got = {}
+    for depth in (None, 0):
+        tr = _trainer(tmp_path / str(depth), dataset, tokenizer)
+        if depth is not None:
+            tr.ahead.depth = depth  # the plain loader, epoch after epoch
+        events: list = []
+        _record(tr, events)
+        tr.fit(steps=12, minutes=None)
+        got[depth] = [ev[1:3] for ev in events]
+    assert got[None] == got[0] and len({e for e, _ in got[0]}) >= 3
+
+
+def test_setup_objects_are_frozen_out_of_the_collector_while_fitting(tmp_path, dataset,
+                                                                     tokenizer):
+    """A full collection traversed every object of the process (model, optimizer, modules:
+    125-240 ms) and fell at epoch turnovers; fit() freezes what exists when it starts."""
+    assert gc.get_freeze_count() == 0
+    tr = _trainer(tmp_path, dataset, tokenizer)
+    events: list = []
+    _record(tr, events)
+    out = tr.fit(steps=2, minutes=None)
+    assert out["step"] == 2
+    frozen = [ev[3] for ev in events]
+    assert frozen and min(frozen) > 10_000  # the model and the imported modules at least
+    assert gc.get_freeze_count() == 0  # given back to the collector at the end
