@@ -319,11 +319,14 @@ class Dispatcher:
                 self._finish(ex)
 
     # -- public -------------------------------------------------------------------------------
-    def run(self, source: Iterable[Any], *, offset: int = 0) -> Iterator[Step]:
+    def run(self, source: Iterable[Any], *, offset: int = 0,
+            prefetch: int | None = None) -> Iterator[Step]:
         """Dispatch every example of ``source`` (``Sample``-like: ``.key``, ``.blocks`` with
         ``.mode``/``.shape``); yield a :class:`Step` after each runner step. ``offset`` is the
         source position of ``source``'s first item (resuming: see :meth:`load_state_dict`). A
-        last ``Step`` with ``batch=None`` may carry examples rejected after the last batch."""
+        last ``Step`` with ``batch=None`` may carry examples rejected after the last batch.
+        ``prefetch`` replaces ``config.prefetch`` for this run (0 for a source already read and
+        prepared in memory: a thread only adds hand-offs; the batches are the same)."""
         want = None
         rs = self._restore
         if rs is None and self._in_flight and offset < self.drawn:
@@ -333,7 +336,8 @@ class Dispatcher:
         restore_items: Iterator | None = None
         if rs is not None:
             source, offset, want, restore_items = resume_plan(self, rs, source, offset)
-        pf = Prefetcher(source, self._prepare, depth=self.config.prefetch,
+        pf = Prefetcher(source, self._prepare,
+                        depth=self.config.prefetch if prefetch is None else prefetch,
                         chunk=self.config.prefetch_chunk, offset=offset, want=want,
                         workers=self.config.decode_workers)
         self._prefetcher = pf

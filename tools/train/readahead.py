@@ -111,6 +111,13 @@ class EpochReadAhead:
             if self.auto:
                 self.start_next()
 
+    def whole(self, epoch: int) -> bool:
+        """Whether all of ``epoch`` has been read ahead and prepared (the read-ahead has ended,
+        without an error, within ``depth`` samples): it is then served from memory."""
+        ahead = self._next
+        return (ahead is not None and ahead.epoch == epoch and not ahead.thread.is_alive()
+                and ahead.done and ahead.error is None)
+
     def start_next(self) -> bool:
         """Start reading the next epoch ahead if its predecessor has been drawn and it has not
         started yet (cheap otherwise: call it as often as convenient); True if it started."""

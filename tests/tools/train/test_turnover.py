@@ -91,3 +91,21 @@ def test_setup_objects_are_frozen_out_of_the_collector_while_fitting(tmp_path, d
     frozen = [ev[3] for ev in events]
     assert frozen and min(frozen) > 10_000  # the model and the imported modules at least
     assert gc.get_freeze_count() == 0  # given back to the collector at the end
+
+
+def test_an_epoch_read_ahead_whole_is_admitted_without_the_prefetch_thread(tmp_path, dataset,
+                                                                          tokenizer):
+    """Handing 7,222 samples already in memory through the dispatcher's prefetch thread was a
+    third of the turnover's admission (GIL hand-offs); from the second epoch on the read-ahead
+    holds each (40-sample) epoch whole, so the dispatcher admits it in the trainer's thread."""
+    tr = _trainer(tmp_path, dataset, tokenizer)
+    runs: list = []
+    run = tr.disp.run
+
+    def on_run(source, **kw):
+        runs.append((tr.epoch, kw.get("prefetch")))
+        return run(source, **kw)
+    tr.disp.run = on_run
+    tr.fit(steps=12, minutes=None)
+    assert runs[0] == (0, None)  # nothing was read ahead of the first epoch
+    assert len(runs) >= 3 and all(p == 0 for _, p in runs[1:]), runs
