@@ -1,0 +1,148 @@
+"""CPU proxy of an H200 host's data wait at epoch turnovers (``bench train``'s accounting).
+
+On the H200 a text step is host-bound: the main thread spends most of a step in Python (kernel
+launches), so a garbage collection or a busy helper thread stalls it wherever it falls, and the
+~1.5 s epochs of the text set turn over every ~4 steps. Here the trainer's real loader, epoch
+read-ahead and dispatcher run with the `small` preset's dispatch settings (8,192 in flight,
+65,536-token steps) on ``--data``; the model is replaced by a Python spin that holds the GIL for
+``--spin-us`` per padded token of each batch (model calls) and the optimizer step by a sleep of
+``--opt-ms`` (backward + a CUDA sync: the GIL is free). The defaults give ~355 ms steps, as on
+the H200. Per step it reports bench train's data wait (step wall minus model calls minus the
+optimizer step) and the full (generation 2) garbage collections of the run.
+
+``--baseline DIR`` runs another checkout of blocklm (e.g. ``git worktree add /tmp/base HEAD``)
+in alternating rounds with this one, each run in a fresh process.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import click
+
+TINY = ["model.decoder.d_model=64", "model.decoder.d_core=32", "model.decoder.d_ff=128",
+        "model.decoder.attention.heads=2", "model.decoder.attention.head_dim=16",
+        "model.decoder.layers=1", "model.heads.hidden=32", "model.decoder.stack.enabled=false",
+        "model.modes.text.vocab_size=none", "train.device=cpu", "train.log_every=1",
+        "train.checkpoint_every=0"]
+
+
+def one_run(data: str, steps: int, warmup: int, spin_us: float, opt_ms: float) -> dict:
+    """One trainer in this process: per-step data wait (ms) and epoch, full collections."""
+    from blocklm.pipeline.dispatch_types import Result
+    from blocklm.tools.bench_train import StepTimer
+    from blocklm.tools.train.loop import RunSpec, Trainer
+
+    full: list[tuple[str, float]] = []
+    t0: list[float] = []
+
+    def on_gc(phase: str, info: dict) -> None:
+        if info["generation"] == 2:
+            if phase == "start":
+                t0[:] = [time.perf_counter()]
+            elif t0:
+                full.append((threading.current_thread().name,
+                             round(1e3 * (time.perf_counter() - t0[0]), 1)))
+
+    gc.callbacks.append(on_gc)
+    with tempfile.TemporaryDirectory() as tmp:
+        tr = Trainer(Path(tmp) / "run", RunSpec("small", [data], overrides=TINY),
+                     resume=False, remote=None, progress=False, tensorboard=False)
+
+        def run(mode, batch):  # the host's share of a model call: Python holding the GIL
+            end = time.perf_counter() + spin_us * 1e-6 * batch.padded_cost
+            while time.perf_counter() < end:
+                pass
+            tr.runners.window.tokens += batch.padded_cost
+            return [Result(state=None) for _ in batch.requests]
+
+        def optimizer_step():  # backward and the CUDA sync: the GIL is released
+            time.sleep(opt_ms / 1e3)
+            tr.runners.window.tokens = 0
+            tr.step += 1
+
+        tr.runners.run, tr.optimizer_step = run, optimizer_step
+        timer = StepTimer(tr)
+        timer.hook = lambda n: setattr(tr, "target", n) if n >= warmup + steps else None
+        n0 = len(full)
+        tr.fit(steps=10**9, minutes=None)
+        gc.callbacks.remove(on_gc)
+        s = timer.summary(warmup, 1)
+        return {"data_wait_ms": s["data_wait_ms"], "epoch": s["epoch_per_step"],
+                "share_data_wait": s["share_data_wait"], "ms_per_step":
+                round(1e3 * s["wall_s"] / s["steps"]), "full_collections_ms": full[n0:]}
+
+
+def split(r: dict) -> tuple[list[int], list[int]]:
+    """(data wait of each epoch's first step, of the other steps)."""
+    w, e = r["data_wait_ms"], r["epoch"]
+    first = [i for i in range(1, len(w)) if e[i] != e[i - 1]]
+    return [w[i] for i in first], [w[i] for i in range(len(w)) if i not in first]
+
+
+@click.command("turnover")
+@click.option("--data", default="data/shards/text", show_default=True)
+@click.option("--steps", default=15, show_default=True, help="Timed optimizer steps per run.")
+@click.option("--warmup", default=2, show_default=True)
+@click.option("--spin-us", default=3.0, show_default=True,
+              help="Host microseconds per padded token of a batch (model calls).")
+@click.option("--opt-ms", default=120.0, show_default=True, help="Optimizer step (GIL free).")
+@click.option("--rounds", default=3, show_default=True)
+@click.option("--baseline", default=None, help="Another blocklm checkout, run in alternation.")
+@click.option("--one", is_flag=True, hidden=True)  # a single run, JSON on stdout
+def bench_turnover(data, steps, warmup, spin_us, opt_ms, rounds, baseline, one):
+    """Data wait at epoch turnovers vs other steps, host-bound GPU proxy (CPU).
+
+    \b
+    Example:
+      git worktree add /tmp/base HEAD~3
+      OMP_NUM_THREADS=1 python -m blocklm.tools.bench_turnover --baseline /tmp/base --rounds 6
+    """
+    if one:
+        click.echo(json.dumps(one_run(data, steps, warmup, spin_us, opt_ms)))
+        return
+    here = str(Path(__file__).resolve().parents[1])
+    codes = {"now": here} if baseline is None else {"baseline": baseline, "now": here}
+    args = [sys.executable, str(Path(__file__).resolve()), "--one", "--data",
+            str(Path(data).resolve()), "--steps", str(steps), "--warmup", str(warmup),
+            "--spin-us", str(spin_us), "--opt-ms", str(opt_ms)]
+    got: dict[str, list[dict]] = {c: [] for c in codes}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(rounds):
+            for name, root in codes.items():
+                link = Path(tmp) / name / "blocklm"  # the checkout imported as `blocklm`
+                link.parent.mkdir(exist_ok=True)
+                if not link.exists():
+                    link.symlink_to(root)
+                load = os.getloadavg()[0]
+                out = subprocess.run(args, capture_output=True, text=True, check=True,
+                                     env=dict(os.environ, PYTHONPATH=str(link.parent)))
+                res = json.loads(out.stdout.strip().splitlines()[-1])
+                res["load"] = round(load, 2)
+                got[name].append(res)
+                turn, rest = split(res)
+                click.echo(f"round {r + 1} {name:<8} load {load:.2f} share "
+                           f"{res['share_data_wait']:.3f} turnovers {turn} others median "
+                           f"{statistics.median(rest)} max {max(rest)} full GCs "
+                           f"{[ms for _, ms in res['full_collections_ms']]}")
+    for name, runs in got.items():
+        turn = [x for r in runs for x in split(r)[0]]
+        rest = [x for r in runs for x in split(r)[1]]
+        shares = [r["share_data_wait"] for r in runs]
+        click.echo(f"{name:<8} share median {statistics.median(shares):.3f} "
+                   f"({min(shares):.3f}-{max(shares):.3f}); turnovers median "
+                   f"{statistics.median(turn)} ms ({min(turn)}-{max(turn)}); others median "
+                   f"{statistics.median(rest)} ms (max {max(rest)})")
+
+
+if __name__ == "__main__":
+    bench_turnover()
