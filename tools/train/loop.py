@@ -285,11 +285,11 @@ class Trainer:
     def fit(self, *, steps: int | None, minutes: float | None) -> dict[str, Any]:
         """Train until ``steps`` optimizer steps in all, ``minutes`` or a signal (see
         :func:`train`). While it runs, the objects that exist when it starts (the model, the
-        optimizer, every imported module: ~0.2-0.4M in a CUDA process) are frozen out of the
+        optimizer, every imported module: ~0.44M in a CPU trainer) are frozen out of the
         garbage collector (``gc.freeze``; undone at the end): a full collection traversed them
-        all, 125-240 ms here, and one is triggered about every other epoch of the small text
-        set, mostly by the turnover's allocations, where it was the largest part of the data
-        wait (237-306 ms turnovers on the H200, 51-77 ms without one)."""
+        all (146-238 ms, `python -m blocklm.tools.bench_turnover`; 6-75 ms frozen), one about
+        every epoch of the small text set, and one falling at a turnover made it 230-350 ms
+        instead of ~50 (237-306 ms turnovers on the H200, 51-77 ms without one)."""
         freeze = gc.get_freeze_count() == 0  # a caller's own freeze is left as it is
         if freeze:
             gc.collect()  # garbage is freed, not frozen
