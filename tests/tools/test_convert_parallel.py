@@ -211,7 +211,9 @@ def test_a_finished_windows_counter_outlives_its_helpers(small_text, tmp_path, m
     monkeypatch.setattr(convert_parallel, "MAX_CHUNK", 3)
     rep = run_convert([str(small_text)], tmp_path / "o",
                       ConvertOptions(workers=2, text_split="lines", quiet=True))
-    seen |= {int(a) for a in (tmp_path / "claims").read_text().split()}
+    claims = tmp_path / "claims"  # absent when the parent claimed every chunk (a busy machine
+    if claims.exists():  # can start the helpers late: failed CI once with FileNotFoundError)
+        seen |= {int(a) for a in claims.read_text().split()}
     assert rep.samples >= 40 and len(seen) == 1
     fresh = mp.get_context("fork").Value("q", 0)  # what the next window would get
     assert ctypes.addressof(fresh.get_obj()) not in seen
