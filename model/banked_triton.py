@@ -108,8 +108,8 @@ def banked_attention_reference(q: Tensor, k: Tensor, v: Tensor, r: Tensor, w: Te
 # per SM, not latency-bound.
 # Variants of GPU_NOTES "kern, 2026-11-23" (timed in call kern3; defaults below): hdot_in_dh:
 # the decay's inner products <dS_end, S_start> in bwd_dh, from the gradient tile it stores (one
-# more read of hs there, a kernel at ~46% of DRAM bandwidth; 1: elementwise, 2: the diagonal of a dot, whose
-# operand the compiler prefetches) instead of bwd_dv_mem's extra pass over hs; without
+# more read of hs there, a kernel at ~46% of DRAM bandwidth; 1: elementwise, 2: the diagonal of
+# a dot, whose operand the compiler prefetches) instead of bwd_dv_mem's extra pass over hs; without
 # that pass bwd_dv_mem needs 115 KB of shared memory at 3 stages (one program per SM), stages_dv 2
 # fits two. fwd_o_lean (R = 1): fwd_o with fewer live tiles (136 registers at 8 warps, not 255);
 # with maxnreg_o 128 and stages_o 2 (no spills) two programs fit an SM, as with tile_vo 64 (its
