@@ -123,13 +123,15 @@ def kernel_resources() -> dict:
 # fwd_o_lean (one program per SM at 146 registers; two with a 128 cap and 2 stages, or at 64-wide
 # E-tiles), bwd_intra_lean, bwd_dh's prefetches, and all together.
 _OLD = {"fwd_o_lean": False, "stages_o": None, "maxnreg_o": None, "intra_lean": False,
-        "prefetch_dh": False}  # = banked_triton.OLD_DEFAULTS (the K6 set)
+        "prefetch_dh": False, "decay_in_h": False}  # = banked_triton.OLD_DEFAULTS (the K6 set)
 _LEAN2 = {"fwd_o_lean": True, "maxnreg_o": 128, "stages_o": 2}
 SWEEPS = {
     "k6": [{}, {"low_partials": False}, {"fast_launch": False},
            {"low_partials": False, "fast_launch": False}, {}],
     # kern4: the new defaults (call kern3's winners) beside hdot_in_dh 2 on top, and the old set
     "kern4": [{}, {"hdot_in_dh": 2, "stages_dv": 2}, _OLD, {}],
+    # host1: fwd_h making c itself (default since call M1) against decay_prep's launch before it
+    "host1": [{}, {"decay_in_h": False}, {}, {"decay_in_h": False}],
     "kern3": [{}, {"hdot_in_dh": 1}, {"hdot_in_dh": 1, "stages_dv": 2},
               {"hdot_in_dh": 2, "stages_dv": 2}, {"prefetch_dh": True},
               {"prefetch_dh": True, "hdot_in_dh": 1, "stages_dv": 2},
