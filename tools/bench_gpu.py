@@ -132,6 +132,10 @@ SWEEPS = {
     "kern4": [{}, {"hdot_in_dh": 2, "stages_dv": 2}, _OLD, {}],
     # host1: fwd_h making c itself (default since call M1) against decay_prep's launch before it
     "host1": [{}, {"decay_in_h": False}, {}, {"decay_in_h": False}],
+    # m1: host1, and knobs not re-timed since the kern3 defaults changed the kernels around them
+    "m1": [{}, {"decay_in_h": False}, {"prep_in_intra": True}, {"prep_in_intra": False},
+           {"warps_intra": 8}, {"stages_mem": 2}, {"stages_mem": 3}, {"warps_dv": 4},
+           {"stages_dv": 2}, {"warps_mem": 8}, {"tile_hk": None}, {}, {"decay_in_h": False}],
     "kern3": [{}, {"hdot_in_dh": 1}, {"hdot_in_dh": 1, "stages_dv": 2},
               {"hdot_in_dh": 2, "stages_dv": 2}, {"prefetch_dh": True},
               {"prefetch_dh": True, "hdot_in_dh": 1, "stages_dv": 2},

@@ -130,7 +130,9 @@ GPU_VARIANTS = [{"hdot_in_dh": True}, {"hdot_in_dh": True, "save_blocks": 2},
                 {"prefetch_dh": True}, {"prefetch_dh": True, "hdot_in_dh": 1},
                 {"fwd_o_lean": True, "maxnreg_o": 128, "stages_o": 2, "hdot_in_dh": 2,
                  "stages_dv": 2, "intra_lean": True, "prefetch_dh": True},  # the sweep's "all"
-                {"decay_in_h": False}, {"decay_in_h": False, "save_blocks": 2}]
+                {"decay_in_h": False}, {"decay_in_h": False, "save_blocks": 2},
+                {"prep_in_intra": True}, {"warps_intra": 8}, {"stages_mem": 3},
+                {"warps_dv": 4}, {"warps_mem": 8}, {"tile_hk": None}]  # sweep m1's knobs
 
 
 @pytest.mark.gpu
