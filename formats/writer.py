@@ -48,18 +48,20 @@ def index_name(shard: str) -> str:
     return shard[:-4] + ".index.json" if shard.endswith(".tar") else shard + ".index.json"
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename."""
+def atomic_write(path: Path, data: bytes, durable: bool = True) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename (``durable``: the file
+    is on disk, ``fsync``, before it is renamed)."""
     tmp = path.with_name(path.name + ".tmp")
-    _write_synced(tmp, data)
+    _write_synced(tmp, data, durable)
     os.replace(tmp, path)
 
 
-def _write_synced(path: Path, data: bytes) -> None:
+def _write_synced(path: Path, data: bytes, durable: bool = True) -> None:
     with open(path, "wb") as f:
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def _copy(src: int, dst: int, n: int, src_off: int, dst_off: int) -> int:
@@ -84,18 +86,26 @@ class ShardWriter:
     ``max_samples`` (a shard always holds at least one sample). ``close()`` (or leaving the
     ``with`` block) finishes the last shard and writes ``manifest.json`` listing ``previous``
     shards (already on disk, e.g. when resuming) followed by the ones written here.
+
+    ``durable`` (the default): every shard, index and the manifest is on disk (``fsync``) before
+    it gets its final name, so even a power loss leaves no partial file under a final name.
+    ``durable=False`` leaves the writing back to the page cache: a killed process still leaves
+    no partial file under a final name (the renames come after complete writes, and the page
+    cache outlives the process), but a power loss soon after may.
     """
 
     def __init__(self, out_dir: str | os.PathLike, *, max_bytes: int | None = 256 << 20,
                  max_samples: int | None = None, prefix: str = "shard", start: int = 0,
                  previous: list[ShardInfo] | None = None, level: int = ZSTD_LEVEL,
-                 limits: Limits = DEFAULT_LIMITS, write_manifest: bool = True) -> None:
+                 limits: Limits = DEFAULT_LIMITS, write_manifest: bool = True,
+                 durable: bool = True) -> None:
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.max_bytes, self.max_samples = max_bytes, max_samples
         self.prefix, self.next_number = prefix, start
         self.shards: list[ShardInfo] = list(previous or [])
         self.write_manifest = write_manifest
+        self.durable = durable
         self._encoder = SampleEncoder(level, limits)
         self._file = None
         self._name = ""
@@ -224,6 +234,9 @@ class ShardWriter:
         """Start writing the shard's bytes so far to disk in the background (``fdatasync`` in a
         thread), so the ``fsync`` that finishes the shard waits for the last few MB only
         instead of the whole shard."""
+        if not self.durable:  # nothing to hand over: the page cache writes it back in its time
+            self._synced = self._pos
+            return
         if self._syncer is not None:
             if self._syncer.locked():
                 return
@@ -299,16 +312,17 @@ class ShardWriter:
         f.flush()
         # the shard's last bytes and its index go to disk at the same time: the shard's fsync
         # on a bare thread while this one writes and fsyncs the index (one wait instead of two,
-        # ~1 ms); both are on disk before either is renamed
+        # ~1 ms); both are on disk before either is renamed (not durable: neither waits)
         synced, errors = _thread.allocate_lock(), []
-        synced.acquire()
-        _thread.start_new_thread(self._sync_shard, (f.fileno(), synced, errors))
+        if self.durable:
+            synced.acquire()
+            _thread.start_new_thread(self._sync_shard, (f.fileno(), synced, errors))
         size = self._pos + len(END_OF_ARCHIVE)
         iname = index_name(self._name)
         itmp = self.out_dir / (iname + ".tmp")
         try:
             idx = index_bytes(self._name, size, self._json)
-            _write_synced(itmp, idx)
+            _write_synced(itmp, idx, self.durable)
         except BaseException:
             itmp.unlink(missing_ok=True)
             raise
@@ -342,7 +356,7 @@ class ShardWriter:
             self.closed = True
         manifest = Manifest(self.shards)
         if self.write_manifest:
-            atomic_write(self.out_dir / MANIFEST_NAME, manifest.to_bytes())
+            atomic_write(self.out_dir / MANIFEST_NAME, manifest.to_bytes(), self.durable)
         return manifest
 
     def abort(self) -> None:

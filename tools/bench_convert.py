@@ -3,11 +3,12 @@
 Rows: a plain read of the files (the I/O ceiling), ``webdataset.ShardWriter`` writing the same
 files as samples (no validation), and ``blocktool convert`` (structural check of PNG, JPEG and WAV
 files, full decode of the other formats, checksums, index) with 1 worker and with all cores;
-``--deep-check`` adds the same two rows with every file fully decoded. MB/s counts input file
-bytes; each figure is the median of ``--repeat`` rounds, each round running every row once (so a
-change in the machine's load falls on all rows alike), after one untimed read that puts the files
-in the page cache for every row. The load average before and after is printed with the table.
-CPU seconds (this process and its workers) show the work done whatever else loads the machine.
+``--deep-check`` adds the same two rows with every file fully decoded, ``--no-durable`` the
+same two without ``fsync``. MB/s counts input file bytes; each figure is the median of
+``--repeat`` rounds, each round running every row once (so a change in the machine's load falls
+on all rows alike), after one untimed read that puts the files in the page cache for every row.
+The load average before and after is printed with the table. CPU seconds (this process and its
+workers) show the work done whatever else loads the machine.
 
 The ShardWriter row runs in a second process (started once, before the rounds, with webdataset
 imported there): ``import webdataset`` loads torch (~190 MB), and in this process that made each
@@ -60,10 +61,12 @@ def wds_write(files: list[Path], tmp: Path) -> None:
             sink.write({"__key__": f"{i:08d}", f.suffix[1:].lower(): f.read_bytes()})
 
 
-def convert_with(workers: int, inputs: list[str], deep_check: bool = False):
+def convert_with(workers: int, inputs: list[str], deep_check: bool = False,
+                 durable: bool = True):
     def run(files: list[Path], tmp: Path) -> None:
         rep = run_convert(inputs, tmp / "out", ConvertOptions(workers=workers, quiet=True,
-                                                              deep_check=deep_check))
+                                                              deep_check=deep_check,
+                                                              durable=durable))
         if rep.samples != len(files):
             raise click.ClickException(f"converted {rep.samples} of {len(files)} files "
                                        f"({len(rep.rejected)} rejected)")
@@ -139,9 +142,9 @@ def _load() -> float | None:
 
 
 def run_bench(inputs: list[str], repeat: int = 3, workers: int | None = None,
-              deep_check: bool = False) -> dict:
+              deep_check: bool = False, no_durable: bool = False) -> dict:
     """All rows of the benchmark as a dict (the ``--json`` output); ``deep_check`` adds the
-    ``--deep-check`` rows."""
+    ``--deep-check`` rows, ``no_durable`` the ``--no-durable`` ones."""
     files = bench_files(inputs)
     if not files:
         raise click.ClickException(f"no image or audio files under {' '.join(inputs)}")
@@ -155,6 +158,11 @@ def run_bench(inputs: list[str], repeat: int = 3, workers: int | None = None,
     if deep_check:
         rows += [("blocktool convert --deep-check, 1 worker", convert_with(1, inputs, True)),
                  (f"blocktool convert --deep-check, {n} workers", convert_with(n, inputs, True))]
+    if no_durable:
+        rows += [("blocktool convert --no-durable, 1 worker",
+                  convert_with(1, inputs, durable=False)),
+                 (f"blocktool convert --no-durable, {n} workers",
+                  convert_with(n, inputs, durable=False))]
     out = {"files": len(files), "bytes": nbytes, "cores": os.cpu_count(), "repeat": repeat,
            "load_before": _load(), "rows": []}
     try:
@@ -196,7 +204,9 @@ def format_table(res: dict) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 @click.option("--deep-check", is_flag=True,
               help="Add rows for `convert --deep-check` (every file fully decoded).")
-def bench_convert(inputs, repeat, workers, as_json, deep_check):
+@click.option("--no-durable", is_flag=True,
+              help="Add rows for `convert --no-durable` (no fsync: the page cache writes back).")
+def bench_convert(inputs, repeat, workers, as_json, deep_check, no_durable):
     """Convert speed (MB/s, files/s) with 1 and all workers, beside webdataset.ShardWriter
     writing the same files and a plain read of them, all in one run.
 
@@ -204,6 +214,6 @@ def bench_convert(inputs, repeat, workers, as_json, deep_check):
     Example:
       blocktool bench convert ../shared/corpora/images ../shared/corpora/audio --repeat 5
     """
-    res = run_bench(list(inputs), repeat, workers, deep_check)
+    res = run_bench(list(inputs), repeat, workers, deep_check, no_durable)
     click.echo(json.dumps(res, indent=1) if as_json else format_table(res))
     sys.stdout.flush()

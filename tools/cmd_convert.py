@@ -50,8 +50,14 @@ def parse_size(text: str) -> int:
                    "files get a structural check instead (PNG chunk CRCs, JPEG segments and EOI, "
                    "WAV chunks), which catches truncation and, for PNG, any changed byte; other "
                    "formats are always decoded.")
+@click.option("--durable/--no-durable", default=True, show_default=True,
+              help="Put every shard, index and journal on disk (fsync) before it gets its final "
+                   "name, so that not even a power loss leaves a partial file under a final "
+                   "name. --no-durable leaves that to the page cache (faster: no waiting for "
+                   "the disk): a killed job (kill -9) still resumes to the same shards, but a "
+                   "power loss may leave partial files.")
 def convert(inputs, out, kind, workers, shard_size, shard_samples, text_split, text_errors,
-            text_field, manifest_root, prefix, resume, strict, quiet, deep_check):
+            text_field, manifest_root, prefix, resume, strict, quiet, deep_check, durable):
     """Convert folders of images/audio, text, JSONL, sample manifests, WebDataset tars,
     Hugging Face datasets or parquet files into block-list shards.
 
@@ -81,7 +87,7 @@ def convert(inputs, out, kind, workers, shard_size, shard_samples, text_split, t
                               workers=workers,
                               shard_size=parse_size(shard_size), shard_samples=shard_samples,
                               prefix=prefix, resume=resume, strict=strict, quiet=quiet,
-                              deep_check=deep_check)
+                              deep_check=deep_check, durable=durable)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     try:

@@ -16,7 +16,9 @@ class ConvertOptions:
     ``kind`` forces every input to one kind (else detected per file, see ``convert_sources``);
     ``text_split`` is ``lines``, ``paragraphs`` or ``chars:N``; ``text_errors`` is ``strict``
     (non-UTF-8 text is rejected) or ``replace``. ``deep_check`` decodes every image and audio
-    file even where a structural check covers the format (PNG, JPEG, WAV).
+    file even where a structural check covers the format (PNG, JPEG, WAV). ``durable``: every
+    shard, index, manifest and journal is ``fsync``ed before its rename (safe against a power
+    loss); off, they are left to the page cache (still safe against a killed process).
     """
 
     kind: str | None = None
@@ -33,6 +35,7 @@ class ConvertOptions:
     strict: bool = False
     quiet: bool = False
     deep_check: bool = False
+    durable: bool = True
 
     def __post_init__(self) -> None:
         if self.kind is not None and self.kind not in KINDS:
@@ -50,7 +53,7 @@ class ConvertOptions:
     def fingerprint_fields(self) -> dict:
         """The options that change the output bytes (a resumed run must use the same)."""
         d = asdict(self)
-        for k in ("workers", "resume", "strict", "quiet"):
+        for k in ("workers", "resume", "strict", "quiet", "durable"):  # same bytes either way
             d.pop(k)
         if not self.deep_check:  # it may reject more inputs; off, jobs keep their old identity
             d.pop("deep_check")

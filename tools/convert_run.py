@@ -139,8 +139,9 @@ def prepare_out(out: Path, opts: ConvertOptions, fp: str) -> tuple[dict | None, 
     return state, previous
 
 
-def _write_json(path: Path, obj: dict) -> None:
-    atomic_write(path, json.dumps(obj, indent=1, sort_keys=True).encode("utf-8") + b"\n")
+def _write_json(path: Path, obj: dict, durable: bool = True) -> None:
+    atomic_write(path, json.dumps(obj, indent=1, sort_keys=True).encode("utf-8") + b"\n",
+                 durable)
 
 
 def _results(items, n_workers: int, out: Path, opts: ConvertOptions,
@@ -170,7 +171,8 @@ def run_convert(inputs: list[str], out: str | os.PathLike, opts: ConvertOptions)
     rep.resumed_at, rep.samples = done, state["samples"] if state else 0
     rep.rejected = list(state["rejected"]) if state else []
     writer = ShardWriter(out, max_bytes=opts.shard_size, max_samples=opts.shard_samples,
-                         prefix=opts.prefix, start=len(previous), previous=previous)
+                         prefix=opts.prefix, start=len(previous), previous=previous,
+                         durable=opts.durable)
     write, span = writer.write_packed, writer.span_packed
     skipped: list[str] = []
     counter = _Counter()
@@ -214,7 +216,7 @@ def run_convert(inputs: list[str], out: str | os.PathLike, opts: ConvertOptions)
                         _write_json(out / JOURNAL, {
                             "fingerprint": fp, "next_item": i, "done_hash": done_hash.hexdigest(),
                             "samples": samples, "rejected": rep.rejected,
-                            "shard_infos": [s.to_json() for s in shards]})
+                            "shard_infos": [s.to_json() for s in shards]}, opts.durable)
                     samples += 1
                     rep.samples = samples  # kept current: the report on an error shows it
                     if update is not None:
@@ -225,7 +227,7 @@ def run_convert(inputs: list[str], out: str | os.PathLike, opts: ConvertOptions)
             progress.close()
             rep.inputs, rep.skipped = counter.n, skipped
             rep.seconds = time.perf_counter() - t0
-            _write_json(out / REPORT, rep.to_json())
+            _write_json(out / REPORT, rep.to_json(), opts.durable)
             raise
     manifest = writer.close()
     progress.close()
@@ -233,7 +235,7 @@ def run_convert(inputs: list[str], out: str | os.PathLike, opts: ConvertOptions)
     rep.shards, rep.bytes = len(manifest.shards), manifest.bytes
     rep.payload_bytes = sum(m["payload_bytes"] for m in manifest.modes.values())
     rep.seconds = time.perf_counter() - t0
-    _write_json(out / REPORT, rep.to_json())
+    _write_json(out / REPORT, rep.to_json(), opts.durable)
     (out / JOURNAL).unlink(missing_ok=True)
     return rep
 

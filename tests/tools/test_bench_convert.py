@@ -10,11 +10,13 @@ from blocklm.tools.cmd_convert import parse_size
 
 
 def test_bench_rows_on_a_few_files(image_dir, audio_dir):
-    res = run_bench([str(image_dir), str(audio_dir)], repeat=1, workers=2)
+    res = run_bench([str(image_dir), str(audio_dir)], repeat=1, workers=2, no_durable=True)
     assert res["files"] == 9
     names = [r["name"] for r in res["rows"]]
     assert names == ["plain read (I/O ceiling)", "webdataset.ShardWriter, 1 process",
-                     "blocktool convert, 1 worker", "blocktool convert, 2 workers"]
+                     "blocktool convert, 1 worker", "blocktool convert, 2 workers",
+                     "blocktool convert --no-durable, 1 worker",
+                     "blocktool convert --no-durable, 2 workers"]
     assert res["rows"][1]["vs_shardwriter"] == 1.0
     assert all(r["mb_per_s"] > 0 and r["cpu_seconds"] >= 0 for r in res["rows"])
     assert "| blocktool convert, 2 workers |" in format_table(res)

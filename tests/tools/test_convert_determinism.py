@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from blocklm.tools.convert_options import ConvertOptions
 from blocklm.tools.convert_run import run_convert
 
@@ -54,14 +56,17 @@ def _next_item(out: Path) -> int:
         return 0
 
 
-def test_kill_and_resume_gives_the_same_shards(corpora, tmp_path):
+@pytest.mark.parametrize("durable", ["--durable", "--no-durable"])
+def test_kill_and_resume_gives_the_same_shards(corpora, tmp_path, durable):
+    """Killed twice with every process of the job at once, then resumed: the same shards as an
+    uninterrupted run. Without fsync too (--no-durable): the page cache outlives the processes."""
     src = tmp_path / "fsdd"
     src.mkdir()
     for name in sorted(os.listdir(corpora / "audio/fsdd"))[:600]:
         os.symlink(corpora / "audio/fsdd" / name, src / name)
     (src / "zz_bad.wav").write_bytes(b"RIFF....")  # a rejection before the kill point too
     (src / "00_bad.wav").write_bytes(b"")
-    args = [str(src), "--shard-samples", "40", "-j", "2", "-q"]
+    args = [str(src), "--shard-samples", "40", "-j", "2", "-q", durable]
     ref = tmp_path / "ref"
     run_convert([str(src)], ref, ConvertOptions(workers=2, shard_samples=40, quiet=True))
 
