@@ -105,13 +105,10 @@ if HAS_TRITON:
         tl.store(dg + t, tl.sum(dla * b_w / a, 1))
 
     @triton.jit
-    def fwd_h(k, v, w, g, c, hs, zs, S0, z0, ST, zT, NT,
+    def fwd_h(k, v, w, c, hs, zs, S0, z0, ST, zT, NT,
                N: tl.constexpr, D: tl.constexpr, E: tl.constexpr, C: tl.constexpr,
-               BK: tl.constexpr, BV: tl.constexpr, HAS_S0: tl.constexpr, DECAY: tl.constexpr):
-        """Memory across chunks for one (batch*head, bank, D-tile, E-tile); saves chunk starts.
-        DECAY: c is computed here (what ``decay_prep`` does, per bank, each program from w and
-        g; the (0, 0) tile stores it for the later kernels), not read: one launch fewer before
-        the first kernel can start (host latency, GPU_NOTES "Lead, 2026-11-23 18:00")."""
+               BK: tl.constexpr, BV: tl.constexpr, HAS_S0: tl.constexpr):
+        """Memory across chunks for one (batch*head, bank, D-tile, E-tile); saves chunk starts."""
         i_k, i_v, i_bhn = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         i_bh, n = i_bhn // N, i_bhn % N
         T = NT * C
@@ -143,17 +140,8 @@ if HAS_TRITON:
             b_k = tl.load(kb + t[:, None] * D + ok[None, :])
             b_v = tl.load(vb + t[:, None] * E + ov[None, :])
             b_w = tl.load(wb + t * N).to(tl.float32)
-            if DECAY:  # decay_prep's arithmetic on this bank's column, same order
-                x = -b_w * (1.0 - tl.load(g + i_bh.to(tl.int64) * T + t).to(tl.float32))
-                u = 1.0 + x
-                b_c = tl.cumsum(tl.where(u == 1.0, x, tl.log(u) * (
-                    x / tl.where(u == 1.0, 1.0, u - 1.0))), 0)
-                b_cT = tl.sum(tl.where(ot == C - 1, b_c, 0.0), 0)
-                if i_k == 0 and i_v == 0:
-                    tl.store(cb + t * N, b_c)
-            else:
-                b_c = tl.load(cb + t * N)
-                b_cT = tl.load(cb + (j * C + C - 1) * N)
+            b_c = tl.load(cb + t * N)
+            b_cT = tl.load(cb + (j * C + C - 1) * N)
             kd = tl.trans((b_k.to(tl.float32) * (b_w * tl.exp(b_cT - b_c))[:, None]).to(
                 b_v.dtype))  # [BK,C]
             b_h = b_h * tl.exp(b_cT) + tl.dot(kd, b_v)

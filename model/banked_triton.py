@@ -116,21 +116,19 @@ def banked_attention_reference(q: Tensor, k: Tensor, v: Tensor, r: Tensor, w: Te
 # own E-tile, None: tile_v; 102 registers). stages_o, maxnreg_o: fwd_o's pipelining depth, register cap.
 # intra_lean (R = 1): bwd_intra with r, w, c loaded once per block, not per bank and loop.
 # prefetch_dh: bwd_dh's chunk-end decay a step ahead, dden as a pipelined vector (no waits).
-# decay_in_h: fwd_h makes c itself (no decay_prep launch before it: the per-call time at 1K-4K
-# includes the host's latency to the first kernel, ~0.12-0.19 ms, GPU_NOTES call L5).
 KERNEL_OPTS = {"tile_h": None, "tile_hk": 64, "tile_hv": None, "tile_v": 128, "warps_h": 4,
                "warps_o": 8, "warps_intra": 4, "tile_dm": 128, "warps_mem": 4, "warps_dv": 8,
                "stages_mem": None, "hdot_in_dv": True, "fwd_o_loop": False, "short": 0,
                "save_blocks": 1, "prep_in_intra": None, "stages_h": None, "hdot_rows": None,
                "low_partials": True, "fast_launch": True, "maxnreg_h": None, "hdot_in_dh": False,
                "fwd_o_lean": True, "stages_o": 2, "maxnreg_o": 128, "stages_dv": None,
-               "tile_vo": None, "intra_lean": True, "prefetch_dh": True, "decay_in_h": True}
+               "tile_vo": None, "intra_lean": True, "prefetch_dh": True}
 # The defaults since call kern3 (GPU_NOTES "Lead, 2026-11-23 15:50"): fwd_o_lean capped at 128
 # registers with 2 stages, intra_lean and prefetch_dh each beat both default samples of the same
 # sweep at 4K and 16K (4K 2.30-2.31 -> 2.21 / 2.18 / 2.20 ms; 16K 8.28-8.29 -> 7.96 / 8.11 /
 # 8.10), 1K within 0.04 ms. OLD_DEFAULTS is the set they replaced (bench sweeps time it beside).
 OLD_DEFAULTS = {"fwd_o_lean": False, "stages_o": None, "maxnreg_o": None, "intra_lean": False,
-                "prefetch_dh": False, "decay_in_h": False}
+                "prefetch_dh": False}
 
 
 def _decay(L, w: Tensor, g: Tensor, C: int) -> Tensor:
@@ -167,16 +165,14 @@ class BankedAttentionFn(torch.autograd.Function):
         ctx.key = (q.dtype, k.dtype, v.dtype, r.dtype, w.dtype, g.dtype, ispec(NT), ispec(NS))
         ctx.fast = opt["fast_launch"] and aligned(q, k, v, r, w, g, s0, zz0)
         L = Launcher(dev, ctx.key, ctx.fast)
-        in_h = opt["decay_in_h"]  # c (cumsum of log a from each span's start) made by fwd_h
-        c = torch.empty(B, H, T, N, device=dev, dtype=torch.float32) if in_h else \
-            _decay(L, w, g, CS)
+        c = _decay(L, w, g, CS)  # cumsum of log a from each span's start
         hs = torch.empty(B * H * NS * N * D * E, device=dev, dtype=v.dtype)
         zs = torch.empty(B * H * NS * N * D, device=dev, dtype=torch.float32)
         ST = torch.empty(B, H, N, D, E, device=dev, dtype=torch.float32)
         zT = torch.empty(B, H, N, D, device=dev, dtype=torch.float32)
-        L(K.fwd_h, (D // BK, E // BV, B * H * N), k, v, w, g, c, hs, zs,
+        L(K.fwd_h, (D // BK, E // BV, B * H * N), k, v, w, c, hs, zs,
           s0 if has_s0 else ST, zz0 if has_s0 else zT, ST, zT, NS, N=N, D=D, E=E, C=CS,
-          BK=BK, BV=BV, HAS_S0=has_s0, DECAY=in_h, num_warps=opt["warps_h"], num_stages=opt["stages_h"],
+          BK=BK, BV=BV, HAS_S0=has_s0, num_warps=opt["warps_h"], num_stages=opt["stages_h"],
           maxnreg=opt["maxnreg_h"])
         o = torch.empty(B, H, T, E, device=dev, dtype=v.dtype)
         den = torch.empty(B, H, T, device=dev, dtype=torch.float32)

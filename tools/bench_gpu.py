@@ -123,19 +123,18 @@ def kernel_resources() -> dict:
 # fwd_o_lean (one program per SM at 146 registers; two with a 128 cap and 2 stages, or at 64-wide
 # E-tiles), bwd_intra_lean, bwd_dh's prefetches, and all together.
 _OLD = {"fwd_o_lean": False, "stages_o": None, "maxnreg_o": None, "intra_lean": False,
-        "prefetch_dh": False, "decay_in_h": False}  # = banked_triton.OLD_DEFAULTS (the K6 set)
+        "prefetch_dh": False}  # = banked_triton.OLD_DEFAULTS (the K6 set)
 _LEAN2 = {"fwd_o_lean": True, "maxnreg_o": 128, "stages_o": 2}
 SWEEPS = {
     "k6": [{}, {"low_partials": False}, {"fast_launch": False},
            {"low_partials": False, "fast_launch": False}, {}],
     # kern4: the new defaults (call kern3's winners) beside hdot_in_dh 2 on top, and the old set
     "kern4": [{}, {"hdot_in_dh": 2, "stages_dv": 2}, _OLD, {}],
-    # host1: fwd_h making c itself (default since call M1) against decay_prep's launch before it
-    "host1": [{}, {"decay_in_h": False}, {}, {"decay_in_h": False}],
-    # m1: host1, and knobs not re-timed since the kern3 defaults changed the kernels around them
-    "m1": [{}, {"decay_in_h": False}, {"prep_in_intra": True}, {"prep_in_intra": False},
-           {"warps_intra": 8}, {"stages_mem": 2}, {"stages_mem": 3}, {"warps_dv": 4},
-           {"stages_dv": 2}, {"warps_mem": 8}, {"tile_hk": None}, {}, {"decay_in_h": False}],
+    # m1: knobs not re-timed since the kern3 defaults changed the kernels around them (call M1:
+    # none faster; its decay_in_h variant, fwd_h making c itself, lost and was removed)
+    "m1": [{}, {"prep_in_intra": True}, {"prep_in_intra": False}, {"warps_intra": 8},
+           {"stages_mem": 2}, {"stages_mem": 3}, {"warps_dv": 4}, {"stages_dv": 2},
+           {"warps_mem": 8}, {"tile_hk": None}, {}],
     "kern3": [{}, {"hdot_in_dh": 1}, {"hdot_in_dh": 1, "stages_dv": 2},
               {"hdot_in_dh": 2, "stages_dv": 2}, {"prefetch_dh": True},
               {"prefetch_dh": True, "hdot_in_dh": 1, "stages_dv": 2},

@@ -44,13 +44,6 @@ CASES = [
     (45, 32, 32, 2, 16, False, {"prefetch_dh": True, "hdot_in_dh": 2, "save_blocks": 2}),
     (40, 16, 32, 3, 16, True, {"prefetch_dh": True, "hdot_in_dh": 1, "tile_h": 16,
                                "tile_hk": None}),  # two E-tiles: dden only in i_v == 0
-    # decay_prep's launch (the default makes c inside fwd_h): both ways, spans of 2, two
-    # D-tiles (only the (0, 0) tile stores c), one chunk
-    (37, 16, 16, 4, 16, True, {"decay_in_h": False}),
-    (45, 32, 32, 2, 16, False, {"decay_in_h": False, "save_blocks": 2}),
-    (45, 32, 32, 2, 16, True, {"decay_in_h": True, "save_blocks": 2, "tile_h": 16,
-                               "tile_hk": None}),
-    (13, 16, 16, 3, 16, False, {"decay_in_h": True}),
 ]
 CASES += [(29, 16, 16, 4, 16, True, v) for v in SWEEPS["kern3"] if v]  # as the bench runs them
 
@@ -130,7 +123,6 @@ GPU_VARIANTS = [{"hdot_in_dh": True}, {"hdot_in_dh": True, "save_blocks": 2},
                 {"prefetch_dh": True}, {"prefetch_dh": True, "hdot_in_dh": 1},
                 {"fwd_o_lean": True, "maxnreg_o": 128, "stages_o": 2, "hdot_in_dh": 2,
                  "stages_dv": 2, "intra_lean": True, "prefetch_dh": True},  # the sweep's "all"
-                {"decay_in_h": False}, {"decay_in_h": False, "save_blocks": 2},
                 {"prep_in_intra": True}, {"warps_intra": 8}, {"stages_mem": 3},
                 {"warps_dv": 4}, {"warps_mem": 8}, {"tile_hk": None}]  # sweep m1's knobs
 
