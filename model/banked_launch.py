@@ -14,6 +14,9 @@ caller's ``key`` (the inputs' dtypes, which fix those of every tensor the caller
 the specialisation of each integer argument), the launch options and the constexpr values; the caller turns the
 fast path off (``fast=False``) unless every tensor it passes in is 16-byte aligned (tensors from
 ``torch.empty`` always are). Launch hooks (Triton's profiler) also take the ordinary path.
+
+Where Triton's launcher allows it (:func:`raw_launch`), the cached entry calls the launcher's C
+function itself with the tensors' addresses, not the tensors: no per-pointer driver query.
 """
 
 from __future__ import annotations
@@ -51,9 +54,14 @@ class Launcher:
             ck_key = (id(kern), self.key, num_warps, num_stages, maxnreg, *consts.values())
             ent = _CACHE.get(ck_key)
             if ent is not None and ent[4] is kern:
-                run, fn, meta, tail, _ = ent
-                run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1,
-                    self.stream, fn, meta, None, None, None, *args, *tail)
+                run, fn, meta, tail, _, raw = ent
+                g1, g2 = grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1
+                if raw is None:
+                    run(grid[0], g1, g2, self.stream, fn, meta, None, None, None, *args, *tail)
+                else:  # the C entry point, tensors as addresses (see raw_launch)
+                    run(grid[0], g1, g2, self.stream, fn, *raw, meta, None, None, None,
+                        *[a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args],
+                        *tail)
                 return
         opts = {k: v for k, v in (("num_stages", num_stages), ("maxnreg", maxnreg))
                 if v is not None}
@@ -65,8 +73,36 @@ class Launcher:
                 ck = ck.result()
             if len(_CACHE) > 4096:  # many shapes seen (the key holds no sizes, few expected)
                 _CACHE.clear()
-            _CACHE[ck_key] = (ck.run, ck.function, ck.packed_metadata,
-                              tuple(consts[n] for n in names[len(args):]), kern)
+            raw = raw_launch(ck.run)
+            _CACHE[ck_key] = (ck.run if raw is None else raw[0], ck.function,
+                              ck.packed_metadata, tuple(consts[n] for n in names[len(args):]),
+                              kern, None if raw is None else raw[1:])
+
+
+def raw_launch(run) -> tuple | None:
+    """(C launch function, cooperative-grid flag, PDL flag, None, None) of a compiled kernel's
+    launcher, or None to call ``run`` itself.
+
+    Triton's launcher object (Triton 3.6, ``CudaLauncher.__call__``) allocates no scratch for
+    these kernels and then calls a C function which, for each tensor argument, calls its
+    ``data_ptr`` and asks the driver (``cuPointerGetAttribute``) whether the address is a device
+    one; given integers it uses them as they are. This launcher passes every tensor's address
+    (the kernels' tensors all come from one CUDA device, checked by the caller), which skips that
+    per-pointer driver call and the Python wrapper: the banked call has 11 launches of 9-17
+    pointers, host-bound at 1K (GPU_NOTES, call M2). Anything else (scratch memory, tensor
+    descriptors, another Triton) keeps the ordinary path."""
+    launch = getattr(run, "launch", None)
+    if (getattr(launch, "__name__", None) != "launch"  # not the tensor-descriptor wrapper
+            or getattr(run, "global_scratch_size", 1) or getattr(run, "profile_scratch_size", 1)
+            or not hasattr(run, "launch_cooperative_grid") or not hasattr(run, "launch_pdl")):
+        return None
+    return launch, run.launch_cooperative_grid, run.launch_pdl, None, None
+
+
+def on_device(dev: torch.device, *xs) -> bool:
+    """Whether every given tensor lives on ``dev`` (the direct launches pass bare addresses, so
+    nothing downstream would catch a tensor on the CPU or another GPU)."""
+    return all(x.device == dev for x in xs if x is not None)
 
 
 def aligned(*xs) -> bool:

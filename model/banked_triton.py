@@ -34,7 +34,7 @@ from torch import Tensor
 
 from .banked_backward import backward, ispec, pow2, tiles
 from .banked_kernels import HAS_TRITON
-from .banked_launch import Launcher, aligned
+from .banked_launch import Launcher, aligned, on_device
 
 if HAS_TRITON:
     from . import banked_kernels as K
@@ -163,7 +163,8 @@ class BankedAttentionFn(torch.autograd.Function):
         zz0 = z0.contiguous().float() if has_s0 else None
         # the launch key: dtypes and integer specialisations (model/banked_launch.py)
         ctx.key = (q.dtype, k.dtype, v.dtype, r.dtype, w.dtype, g.dtype, ispec(NT), ispec(NS))
-        ctx.fast = opt["fast_launch"] and aligned(q, k, v, r, w, g, s0, zz0)
+        ctx.fast = opt["fast_launch"] and aligned(q, k, v, r, w, g, s0, zz0) and \
+            on_device(dev, k, v, r, w, g, s0, zz0)
         L = Launcher(dev, ctx.key, ctx.fast)
         c = _decay(L, w, g, CS)  # cumsum of log a from each span's start
         hs = torch.empty(B * H * NS * N * D * E, device=dev, dtype=v.dtype)
@@ -200,7 +201,8 @@ class BankedAttentionFn(torch.autograd.Function):
         saved = ctx.saved_tensors  # unpacked once (each access checks versions again)
         key = ctx.key + (None if do is None else do.dtype,)
         L = Launcher(saved[0].device, key,
-                     ctx.fast and KERNEL_OPTS["fast_launch"] and aligned(do, dST, dzT))
+                     ctx.fast and KERNEL_OPTS["fast_launch"] and aligned(do, dST, dzT)
+                     and on_device(saved[0].device, do, dST, dzT))
         return backward(L, KERNEL_OPTS, saved, ctx.meta, do, dST, dzT) + (None, None, None)
 
 

@@ -93,6 +93,65 @@ def test_arguments_by_keyword_are_keyed_and_replayed_in_order(cuda_like):
     assert kern.log[1][2][-5:] == ("X", "Y", 7, 1, 2)
 
 
+class FakeRun:
+    """Stands for Triton 3.6's launcher object: a C entry point ``launch`` behind a Python
+    ``__call__`` that allocates scratch memory when the kernel needs it."""
+
+    def __init__(self, log, scratch=0):
+        self.log = log
+        self.global_scratch_size, self.profile_scratch_size = scratch, 0
+        self.launch_cooperative_grid, self.launch_pdl = False, True
+
+        def launch(*a):
+            self.log.append(("raw", a))
+        self.launch = launch
+
+    def __call__(self, *a):
+        self.log.append(("wrapper", a))
+
+
+class FakeKernelWithLauncher(FakeKernel):
+    """FakeKernel whose compiled variants carry a FakeRun launcher."""
+
+    def __init__(self, scratch):
+        super().__init__()
+        self.scratch = scratch
+
+    def __getitem__(self, grid):
+        launch = super().__getitem__(grid)
+
+        def compile_and_launch(*args, **kw):
+            ck = launch(*args, **kw)
+            ck.run = FakeRun(self.log, self.scratch)
+            return ck
+        return compile_and_launch
+
+
+@pytest.mark.parametrize("scratch", [0, 64])
+def test_direct_launch_passes_addresses_to_the_c_entry_point(cuda_like, scratch):
+    """Cached launches call the launcher's C function with the tensors' addresses (no per-pointer
+    driver query), unless the kernel needs scratch memory (then the launcher object's own path)."""
+    kern = FakeKernelWithLauncher(scratch)
+    x, y = torch.zeros(8), torch.zeros(4, dtype=torch.int32)
+    L = BL.Launcher(cuda_like, ("bf16",), fast=True)
+    L(kern, (3, 2), x, y, 7, A=1, B=2)
+    L(kern, (5,), x, y, 9, A=1, B=2)
+    assert [e[0] for e in kern.log] == ["jit", "raw" if not scratch else "wrapper"]
+    a = kern.log[-1][1]
+    if scratch:
+        assert a[5:9] == ("meta-1", None, None, None) and a[9] is x
+    else:
+        # grid, stream, function, cooperative, pdl, no scratch, metadata, no hooks, addresses
+        assert a == (5, 1, 1, 1234, "fn-1", False, True, None, None, "meta-1", None, None, None,
+                     x.data_ptr(), y.data_ptr(), 9, 1, 2)
+
+
+def test_on_device():
+    x = torch.zeros(2)
+    assert BL.on_device(torch.device("cpu"), x, None, x)
+    assert not BL.on_device(torch.device("cuda", 0), x)
+
+
 def test_aligned():
     x = torch.zeros(64, dtype=torch.float32)
     assert BL.aligned(x, None, x[4:])
