@@ -61,6 +61,19 @@ class LazyGroup(click.Group):
             return None
         return getattr(importlib.import_module(module), attr)
 
+    def invoke(self, ctx: click.Context):
+        """Runs the subcommand; bad data (a typed ``FormatError``: it names the file, shard and
+        key) ends it with ``error: ...`` and exit 1, not a traceback, whichever command met it."""
+        try:
+            return super().invoke(ctx)
+        except Exception as e:
+            from blocklm.formats.errors import FormatError  # imported only on the error path
+
+            if not isinstance(e, FormatError):
+                raise
+            click.echo(f"error: {e}", err=True)
+            ctx.exit(1)
+
 
 @click.group(cls=LazyGroup, table=COMMANDS, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="blocktool")

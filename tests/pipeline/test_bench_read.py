@@ -83,3 +83,14 @@ def test_bench_read_ceiling_receives_every_shard_byte(small_shards):
     res = json.loads(r.output)
     assert set(res["http_ceiling"]) == {"2MiB", "8MiB"}
     assert all(v > 0 for v in res["http_ceiling"].values())
+
+
+def test_bench_read_names_a_source_that_is_not_a_dataset(tmp_path):
+    """`bench read data/shards/*` also globs make_shards.json: a clear error naming the file,
+    exit 1, not a traceback (it printed one before)."""
+    bad = tmp_path / "make_shards.json"
+    bad.write_text('{"stamp": 1}')
+    r = CliRunner().invoke(main, ["bench", "read", str(bad), "--repeat", "1", "--no-decode"])
+    assert r.exit_code == 1, r.output
+    assert "error:" in r.output and "make_shards.json" in r.output
+    assert r.exception is None or isinstance(r.exception, SystemExit)
