@@ -35,6 +35,7 @@ from typing import Any
 
 from .buckets import BucketSpec
 from .cost import CostFn, ModeCost, default_cost
+from .dispatch_admit import admit_planned, usable
 from .dispatch_buckets import Bucket, Example, Piece
 from .dispatch_dist import IDLE, Agree, choose
 from .dispatch_metrics import ModeStats, dispatcher_report
@@ -326,7 +327,8 @@ class Dispatcher:
         source position of ``source``'s first item (resuming: see :meth:`load_state_dict`). A
         last ``Step`` with ``batch=None`` may carry examples rejected after the last batch.
         ``prefetch`` replaces ``config.prefetch`` for this run (0 for a source already read and
-        prepared in memory: a thread only adds hand-offs; the batches are the same)."""
+        prepared in memory: a thread only adds hand-offs; the batches are the same). An
+        :class:`~.dispatch_admit.Admission` of this dispatcher is admitted at once."""
         want = None
         rs = self._restore
         if rs is None and self._in_flight and offset < self.drawn:
@@ -336,7 +338,8 @@ class Dispatcher:
         restore_items: Iterator | None = None
         if rs is not None:
             source, offset, want, restore_items = resume_plan(self, rs, source, offset)
-        pf = Prefetcher(source, self._prepare,
+        plan = usable(self, source, offset) if rs is None else None
+        pf = Prefetcher(() if plan is not None else source, self._prepare,
                         depth=self.config.prefetch if prefetch is None else prefetch,
                         chunk=self.config.prefetch_chunk, offset=offset, want=want,
                         workers=self.config.decode_workers)
@@ -347,6 +350,8 @@ class Dispatcher:
             if rs is not None:
                 restore_examples(self, rs, restore_items or it)
                 self._restore = None
+            if plan is not None:
+                admit_planned(self, plan)
             while True:
                 self._admit(it)
                 step = self._step()

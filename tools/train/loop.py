@@ -19,6 +19,7 @@ import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from blocklm.pipeline import BlockDataset, RemoteConfig, RemoteOpener
 from blocklm.pipeline.buckets import BucketSpec, estimate_buckets
 from blocklm.pipeline.cost import cost_from_supports
 from blocklm.pipeline.dispatch import Dispatcher
+from blocklm.pipeline.dispatch_admit import plan_admission
 from blocklm.pipeline.dispatch_dist import torch_agree
 
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -175,6 +177,7 @@ class Trainer:
                                cfg.dispatch, cost=cost, agree=agree, rank=self.coll.rank)
         self.ahead.prepare = self.disp._prepare  # the next epoch is decoded ahead too:
         self.disp._prepare = self.ahead.cached(self.ahead.prepare)  # the dispatcher takes it
+        self.ahead.plan = partial(plan_admission, self.disp)  # and its admission built ahead
         self.step = self.epoch = 0
         if resume:
             self._restore()
@@ -323,9 +326,12 @@ class Trainer:
             while self.step < self.target:
                 ended = None  # the next epoch's first samples are read while this one drains
                 # an epoch read ahead whole is admitted from memory in this thread: through the
-                # prefetch thread, hand-offs were a third of its admission (7,222 examples)
-                prefetch = 0 if self.ahead.whole(self.epoch) else None
-                for st in self.disp.run(self.ahead.epoch(self.epoch), prefetch=prefetch):
+                # prefetch thread, hand-offs were a third of its admission (7,222 examples);
+                # planned ahead (dispatch_admit.py), all at once in a few ms
+                plan = self.ahead.take_whole(self.epoch)
+                prefetch = 0 if plan is not None or self.ahead.whole(self.epoch) else None
+                src = plan if plan is not None else self.ahead.epoch(self.epoch)
+                for st in self.disp.run(src, prefetch=prefetch):
                     self.runners.finish([f.state for f in st.finished
                                          if f.error is None and isinstance(f.state, Context)])
                     if st.batch is None:  # a rank-local tail step: no collectives here

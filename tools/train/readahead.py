@@ -16,6 +16,11 @@ started then read and decoded the next epoch (~0.2-0.4 s of Python on the CPU, w
 garbage collection in it) while the main thread admitted 7,222 examples, the turnover's data wait.
 Started at an optimizer step instead, most of it overlaps the backward pass, which runs without
 the GIL.
+
+An epoch read whole is also planned for admission in the thread (``plan``: the dispatcher's
+:func:`~blocklm.pipeline.dispatch_admit.plan_admission`, its examples and first requests built
+ahead): :meth:`EpochReadAhead.take_whole` hands it over, and the turnover's admission in the
+trainer's thread is a few operations per example instead of ~6 us each (bench_turnover).
 """
 
 from __future__ import annotations
@@ -29,9 +34,11 @@ class _Ahead:
     """One epoch's iterator, started in a thread that reads its first ``depth`` samples."""
 
     def __init__(self, source: Any, epoch: int, depth: int,
-                 prepare: Callable[[Any], Any] | None = None) -> None:
+                 prepare: Callable[[Any], Any] | None = None,
+                 plan: Callable[[list, list], Any] | None = None) -> None:
         self.epoch, self.buf, self.error = epoch, [], None
-        self.prepare = prepare
+        self.prepare, self.plan = prepare, plan
+        self.planned: Any = None  # plan(samples, pieces) of an epoch read whole
         self.prepared: dict[int, Any] = {}  # id(sample) -> prepare(sample), done ahead
         self.it: Iterator[Any] | None = None
         self.done = False  # the epoch ended within the read-ahead
@@ -47,6 +54,9 @@ class _Ahead:
                 item = next(self.it, self)
                 if item is self:
                     self.done = True
+                    if self.plan is not None:  # its errors are bugs: re-raised, not skipped
+                        self.planned = self.plan(self.buf, [self.prepared.get(id(s))
+                                                            for s in self.buf])
                     return
                 self.buf.append(item)
                 if self.prepare is not None:
@@ -73,8 +83,10 @@ class EpochReadAhead:
     or at the next :meth:`start_next`."""
 
     def __init__(self, source: Any, depth: int,
-                 prepare: Callable[[Any], Any] | None = None, *, auto: bool = True) -> None:
+                 prepare: Callable[[Any], Any] | None = None, *, auto: bool = True,
+                 plan: Callable[[list, list], Any] | None = None) -> None:
         self.source, self.depth, self.prepare, self.auto = source, depth, prepare, auto
+        self.plan = plan  # plan(samples, prepared pieces or None each) -> plan or None
         self._next: _Ahead | None = None
         self._due: int | None = None  # the epoch to read ahead, not started yet
         # epoch() runs in the dispatcher's prefetch thread, start_next() in the trainer's
@@ -105,11 +117,32 @@ class EpochReadAhead:
                 ahead.thread.join()  # never two readers of one loader at once
             self.source.set_epoch(epoch)
             yield from self.source
+        self._drawn(epoch)
+
+    def _drawn(self, epoch: int) -> None:
+        """All of ``epoch`` has been drawn: the next epoch may be read ahead."""
         if self.depth > 0:
             with self._lock:
                 self._due = epoch + 1
             if self.auto:
                 self.start_next()
+
+    def take_whole(self, epoch: int) -> Any:
+        """The plan of ``epoch`` when it was read ahead whole and planned (``plan`` returned
+        one), instead of :meth:`epoch` (its samples count as drawn); else None, and
+        :meth:`epoch` serves it."""
+        with self._lock:
+            ahead = self._next
+        if ahead is None or ahead.epoch != epoch:
+            return None
+        ahead.thread.join()  # as epoch() would: never two readers of one loader at once
+        if not ahead.done or ahead.error is not None or ahead.planned is None:
+            return None
+        with self._lock:
+            self._next = None
+        self._prepared = {}
+        self._drawn(epoch)
+        return ahead.planned
 
     def whole(self, epoch: int) -> bool:
         """Whether all of ``epoch`` has been read ahead and prepared (the read-ahead has ended,
@@ -124,7 +157,7 @@ class EpochReadAhead:
         with self._lock:
             if self._due is None:
                 return False
-            self._next = _Ahead(self.source, self._due, self.depth, self.prepare)
+            self._next = _Ahead(self.source, self._due, self.depth, self.prepare, self.plan)
             self._due = None
             return True
 

@@ -87,3 +87,47 @@ def test_next_epoch_is_prepared_ahead_and_taken_once():
     again = [c for c in calls if c[0][0] == 1]
     assert len(again) == 6  # 4 prepared ahead, only the last 2 prepared on demand
     ra.close()
+
+
+def test_an_epoch_read_whole_is_planned_in_the_thread_and_taken_whole():
+    """The trainer's turnover admitted the whole next epoch in its own thread; the read-ahead
+    now also builds the admission plan of an epoch it read whole, and hands it over."""
+    plans = []
+
+    def plan(samples, pieces):
+        plans.append((threading.current_thread().name, list(samples), list(pieces)))
+        return ("plan", len(samples))
+
+    src = Source(5)
+    ra = EpochReadAhead(src, depth=8, prepare=lambda s: ("p", s), auto=False, plan=plan)
+    assert ra.take_whole(0) is None  # nothing was read ahead of it
+    assert len(list(ra.epoch(0))) == 5 and ra.start_next()
+    assert ra.take_whole(1) == ("plan", 5)
+    want = [(1, (i * 7 + 1) % 5) for i in range(5)]
+    assert plans == [("epoch-read-ahead-1", want, [("p", s) for s in want])]
+    assert ra.start_next()  # taking the plan drew the epoch: the next one is read ahead
+    assert ra.take_whole(2) == ("plan", 5) and ra.take_whole(2) is None  # taken once
+    ra.close()
+
+
+def test_epochs_that_are_not_planned_are_served_as_before():
+    """An epoch longer than the read-ahead, a plan declined (bad data: the dispatcher admits
+    and reports it one by one) or failing (a bug: re-raised)."""
+    ra = EpochReadAhead(Source(10), depth=4, plan=lambda s, p: "plan")
+    assert len(list(ra.epoch(0))) == 10
+    assert ra.take_whole(1) is None
+    assert list(ra.epoch(1)) == [(1, (i * 7 + 1) % 10) for i in range(10)]
+    ra.close()
+    ra = EpochReadAhead(Source(4), depth=8, plan=lambda s, p: None)
+    list(ra.epoch(0))
+    assert ra.take_whole(1) is None and ra.whole(1)
+    assert list(ra.epoch(1)) == [(1, (i * 7 + 1) % 4) for i in range(4)]
+    ra.close()
+
+    def broken(samples, pieces):
+        raise KeyError("plan")
+    ra = EpochReadAhead(Source(4), depth=8, plan=broken)
+    list(ra.epoch(0))
+    assert ra.take_whole(1) is None
+    with pytest.raises(KeyError, match="plan"):
+        list(ra.epoch(1))

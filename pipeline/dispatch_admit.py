@@ -1,0 +1,146 @@
+"""Admitting a whole source at once, from records built ahead in any thread.
+
+When every sample of a run's source is in memory and prepared before the run starts (the
+trainer's epoch read ahead whole: the small text set's 7,222 examples, all admitted at each
+epoch turnover), admitting them one by one cost the trainer's thread ~5-7 us per example:
+iterating the read-ahead and the prefetcher's generators, an :class:`Example` and a
+:class:`Request` each, a bucket push, and the garbage collections those allocations trigger
+(40-55 ms a turnover in ``python -m blocklm.tools.bench_turnover``, while the host-bound step
+waited). :func:`plan_admission` builds everything that does not depend on the dispatcher's
+running state (the examples, their first requests, costs, bucket keys, the requests grouped by
+bucket) wherever the samples were read, e.g. the epoch read-ahead's thread;
+:func:`admit_planned`, in the run, only stamps each request's enqueue time and order and
+appends each group to its bucket.
+
+The outcome is exactly that of admitting the samples one by one: examples enter in source order
+with their source positions, request sequence numbers follow that order, buckets are created and
+become non-empty in the order of their first request (the scan's tie-breaks depend on it), and a
+bucket's max shape, cost and fullness are those after its last push (the elementwise max does not
+depend on the order). Only clean sources get a plan: every sample prepared with at least one
+piece, each first piece within its mode's budget, every mode with a runner, no ``init_state``.
+Anything else (``None``) is admitted one by one, where it is counted and reported.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from .dispatch_buckets import Bucket, Example, _emax
+from .dispatch_types import Request
+
+if TYPE_CHECKING:
+    from .dispatch import Dispatcher
+
+
+class Admission:
+    """A whole source prepared for admission by one dispatcher (:func:`plan_admission`), used by
+    at most one run. Iterating it gives its samples: a run that cannot admit it at once (a
+    resumed run, too few free places in flight, another offset) reads them as a plain source."""
+
+    __slots__ = ("owner", "offset", "samples", "examples", "requests", "groups", "used")
+
+    def __init__(self, owner: Dispatcher, offset: int, samples: list) -> None:
+        self.owner, self.offset, self.samples = owner, offset, samples
+        self.examples: dict[int, Example] = {}  # position -> example, in source order
+        self.requests: list[Request] = []  # each example's first request, in source order
+        # (bucket key, its requests in order, their elementwise max shape, its cost), ordered
+        # by each bucket's first request
+        self.groups: list[tuple[tuple, list[Request], tuple, int]] = []
+        self.used = False
+
+    def __iter__(self):
+        if self.used:
+            raise ValueError("an admission plan is admitted once (or read once as a source)")
+        self.used = True
+        return iter(self.samples)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+
+def plan_admission(d: Dispatcher, samples: Sequence[Any], pieces: Sequence[Any],
+                   offset: int = 0) -> Admission | None:
+    """The admission of ``samples`` (source positions from ``offset``) by ``d``, given each
+    sample's prepared pieces (``d``'s prepare; ``None`` or an exception where it failed); None
+    when the source is not clean (module docstring). Reads only ``d``'s fixed settings: safe in
+    a thread while ``d`` runs."""
+    if d._init_state is not None or len(pieces) != len(samples):
+        return None
+    mcs, spec, budget = d._mc, d._spec, d._budget
+    plan = Admission(d, offset, list(samples))
+    examples, requests = plan.examples, plan.requests
+    groups: dict[tuple, list] = {}  # insertion order: each bucket's first request
+    for pos, (sample, got) in enumerate(zip(plan.samples, pieces), offset):
+        if type(got) is not list or not got:
+            return None
+        block, part, mode, shape, inputs, targets = got[0]
+        mc = mcs.get(mode)
+        if mc is None:
+            return None
+        c = mc(shape)
+        if c > budget[mode]:
+            return None
+        ex = examples[pos] = Example(pos, sample.key, sample)
+        ex.pieces, ex.nsrc = got, len(got)
+        r = Request(pos, sample.key, block, part, mode, shape, None, inputs, targets, c, 0, 0,
+                    ex)
+        requests.append(r)
+        bkey = (mode, spec[mode].key(shape))
+        g = groups.get(bkey)
+        if g is None:
+            groups[bkey] = [bkey, [r], shape]
+        else:
+            g[1].append(r)
+            g[2] = _emax(g[2], shape)
+    plan.groups = [(k, reqs, ms, mcs[k[0]](ms)) for k, reqs, ms in groups.values()]
+    return plan
+
+
+def usable(d: Dispatcher, source: Any, offset: int) -> Admission | None:
+    """``source`` if it is a plan ``d`` can admit at once now, else None."""
+    if (isinstance(source, Admission) and source.owner is d and not source.used
+            and source.offset == offset
+            and len(d._in_flight) + len(source.examples) <= d.config.max_in_flight):
+        return source
+    return None
+
+
+def admit_planned(d: Dispatcher, plan: Admission) -> None:
+    """Admit every example of ``plan`` into ``d`` (see :func:`usable`), as ``d._admit`` would
+    one by one; the plan is spent (its references dropped)."""
+    if plan.used:
+        raise ValueError("an admission plan is admitted once")
+    plan.used = True
+    now, seq = d._now(), d._seq
+    for r in plan.requests:  # the only per-example work left in the run's thread
+        r.t = now
+        r.seq = seq
+        seq += 1
+    d._seq = seq
+    d._in_flight.update(plan.examples)
+    d.counts["admitted"] += len(plan.examples)
+    if plan.samples:
+        d.drawn = plan.offset + len(plan.samples)
+    cfg, buckets, nonempty = d.config, d._buckets, d._nonempty
+    for bkey, reqs, gshape, gcost in plan.groups:
+        b = buckets.get(bkey)
+        if b is None:
+            mode = bkey[0]
+            b = buckets[bkey] = Bucket(mode, bkey[1], d._mc[mode], d._budget[mode],
+                                       cfg.cap_of(mode))
+        q = b.q
+        was_empty = not q
+        q.extend(reqs)
+        ms = b.maxshape
+        if ms is None:
+            b.maxshape, b.maxcost = gshape, gcost
+        else:
+            m = _emax(ms, gshape)
+            if m is not ms:
+                b.maxshape, b.maxcost = m, b.cost(m)
+        n, cap = len(q), b.cap
+        b.full = (n + 1) * b.maxcost > b.budget or (cap is not None and n >= cap)
+        if was_empty:
+            nonempty[b] = None
+    plan.samples, plan.examples, plan.requests, plan.groups = [], {}, [], []
