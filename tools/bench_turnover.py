@@ -10,6 +10,11 @@ read-ahead and dispatcher run with the `small` preset's dispatch settings (8,192
 the H200. Per step it reports bench train's data wait (step wall minus model calls minus the
 optimizer step) and the full (generation 2) garbage collections of the run.
 
+``--spin-clock wall`` (the default) ends a model call at a wall-clock time: a helper thread that
+takes the GIL meanwhile (the epoch read-ahead) costs the step nothing. ``--spin-clock cpu`` spins
+until the main thread has run that long, as a host-bound step's launches must: time lost to a
+helper thread then lengthens the model calls (not the data wait) and shows in ``ms/step``.
+
 ``--baseline DIR`` runs another checkout of blocklm (e.g. ``git worktree add /tmp/base HEAD``)
 in alternating rounds with this one, each run in a fresh process.
 """
@@ -36,7 +41,8 @@ TINY = ["model.decoder.d_model=64", "model.decoder.d_core=32", "model.decoder.d_
         "train.checkpoint_every=0"]
 
 
-def one_run(data: str, steps: int, warmup: int, spin_us: float, opt_ms: float) -> dict:
+def one_run(data: str, steps: int, warmup: int, spin_us: float, opt_ms: float,
+            spin_clock: str = "wall") -> dict:
     """One trainer in this process: per-step data wait (ms) and epoch, full collections."""
     from blocklm.pipeline.dispatch_types import Result
     from blocklm.tools.bench_train import StepTimer
@@ -58,9 +64,11 @@ def one_run(data: str, steps: int, warmup: int, spin_us: float, opt_ms: float) -
         tr = Trainer(Path(tmp) / "run", RunSpec("small", [data], overrides=TINY),
                      resume=False, remote=None, progress=False, tensorboard=False)
 
+        clock = time.thread_time if spin_clock == "cpu" else time.perf_counter
+
         def run(mode, batch):  # the host's share of a model call: Python holding the GIL
-            end = time.perf_counter() + spin_us * 1e-6 * batch.padded_cost
-            while time.perf_counter() < end:
+            end = clock() + spin_us * 1e-6 * batch.padded_cost
+            while clock() < end:
                 pass
             tr.runners.window.tokens += batch.padded_cost
             return [Result(state=None) for _ in batch.requests]
@@ -96,25 +104,28 @@ def split(r: dict) -> tuple[list[int], list[int]]:
 @click.option("--spin-us", default=3.0, show_default=True,
               help="Host microseconds per padded token of a batch (model calls).")
 @click.option("--opt-ms", default=120.0, show_default=True, help="Optimizer step (GIL free).")
+@click.option("--spin-clock", type=click.Choice(["wall", "cpu"]), default="wall",
+              show_default=True, help="A model call spins until this clock has advanced.")
 @click.option("--rounds", default=3, show_default=True)
 @click.option("--baseline", default=None, help="Another blocklm checkout, run in alternation.")
 @click.option("--one", is_flag=True, hidden=True)  # a single run, JSON on stdout
-def bench_turnover(data, steps, warmup, spin_us, opt_ms, rounds, baseline, one):
+def bench_turnover(data, steps, warmup, spin_us, opt_ms, spin_clock, rounds, baseline, one):
     """Data wait at epoch turnovers vs other steps, host-bound GPU proxy (CPU).
 
     \b
     Example:
       git worktree add /tmp/base HEAD~3
       OMP_NUM_THREADS=1 python -m blocklm.tools.bench_turnover --baseline /tmp/base --rounds 6
+      OMP_NUM_THREADS=1 python -m blocklm.tools.bench_turnover --spin-clock cpu --rounds 2
     """
     if one:
-        click.echo(json.dumps(one_run(data, steps, warmup, spin_us, opt_ms)))
+        click.echo(json.dumps(one_run(data, steps, warmup, spin_us, opt_ms, spin_clock)))
         return
     here = str(Path(__file__).resolve().parents[1])
     codes = {"now": here} if baseline is None else {"baseline": baseline, "now": here}
     args = [sys.executable, str(Path(__file__).resolve()), "--one", "--data",
             str(Path(data).resolve()), "--steps", str(steps), "--warmup", str(warmup),
-            "--spin-us", str(spin_us), "--opt-ms", str(opt_ms)]
+            "--spin-us", str(spin_us), "--opt-ms", str(opt_ms), "--spin-clock", spin_clock]
     got: dict[str, list[dict]] = {c: [] for c in codes}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(rounds):
@@ -130,7 +141,8 @@ def bench_turnover(data, steps, warmup, spin_us, opt_ms, rounds, baseline, one):
                 res["load"] = round(load, 2)
                 got[name].append(res)
                 turn, rest = split(res)
-                click.echo(f"round {r + 1} {name:<8} load {load:.2f} share "
+                click.echo(f"round {r + 1} {name:<8} load {load:.2f} ms/step "
+                           f"{res['ms_per_step']} share "
                            f"{res['share_data_wait']:.3f} turnovers {turn} others median "
                            f"{statistics.median(rest)} max {max(rest)} full GCs "
                            f"{[ms for _, ms in res['full_collections_ms']]}")
@@ -138,7 +150,9 @@ def bench_turnover(data, steps, warmup, spin_us, opt_ms, rounds, baseline, one):
         turn = [x for r in runs for x in split(r)[0]]
         rest = [x for r in runs for x in split(r)[1]]
         shares = [r["share_data_wait"] for r in runs]
-        click.echo(f"{name:<8} share median {statistics.median(shares):.3f} "
+        click.echo(f"{name:<8} ms/step median "
+                   f"{statistics.median(r['ms_per_step'] for r in runs)} "
+                   f"share median {statistics.median(shares):.3f} "
                    f"({min(shares):.3f}-{max(shares):.3f}); turnovers median "
                    f"{statistics.median(turn)} ms ({min(turn)}-{max(turn)}); others median "
                    f"{statistics.median(rest)} ms (max {max(rest)})")
