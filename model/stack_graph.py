@@ -42,7 +42,15 @@ from . import stack_ctrl_loop
 from .stack import ProcessingStack
 from .stack_block import ponder_steps
 
-MAX_GRAPHS = 12  # (batch bucket, autocast) entries kept per stack; least recently used go first
+# Runners (a forward and a backward graph each, one per padded batch size) kept per stack, least
+# recently used evicted first. Every capture costs the trainer's thread far more than a replay:
+# two warm-up passes, and `torch.cuda.graph` synchronises the device, runs gc.collect() and empties
+# the allocator's cache on entering each of the two captures. A text epoch of `small` has 16
+# batch sizes (one per length bucket) and a mixed one ~25, the same every epoch: with 12 kept,
+# the cyclic order made every batch capture again (`bench train --simulate`-style count, GPU_NOTES
+# "Lead ... M6"). The byte cap bounds the runners' static buffers (~154 KB per padded example).
+MAX_GRAPHS = 64
+MAX_GRAPH_BYTES = 8 << 30
 
 
 def batch_bucket(b: int) -> int:
@@ -152,6 +160,7 @@ class GraphRunner:
             self.bout = body.backward(*self.inp, *self.gin)
         # the cache is keyed weakly on the stack: a runner holding it would keep it alive
         body.stack = body.ponder = None
+        self.nbytes = sum(t.numel() * t.element_size() for t in self.inp + self.gin)
 
     def forward(self, e, r, V, s):
         for dst, src in zip(self.inp, (e, r, V, s)):
@@ -230,7 +239,7 @@ def graph_runner(stack: ProcessingStack, B: int, U: int, like: Tensor) -> GraphR
     ctrl = use_ctrl(stack, like, ac)
     key = (B, U, like.dtype, like.device, ac.key(), ctrl, ctrl and stack.cfg.ring,
            tuple(p.data_ptr() for p in stack_params(stack)))
-    pools, cache = _CACHE.setdefault(stack, ({}, OrderedDict()))
+    pools, cache, counts = _CACHE.setdefault(stack, ({}, OrderedDict(), {"captures": 0}))
     if key in cache:
         cache.move_to_end(key)
         return cache[key]
@@ -238,9 +247,23 @@ def graph_runner(stack: ProcessingStack, B: int, U: int, like: Tensor) -> GraphR
         pools[like.device] = torch.cuda.graph_pool_handle()
     body = stack_ctrl_loop.CtrlRunner(stack, ac, U) if ctrl else EagerRunner(stack, ac, U)
     cache[key] = GraphRunner(body, B, U, like, pools[like.device])
-    while len(cache) > MAX_GRAPHS:  # evict after the capture: the pool never goes unused
-        cache.popitem(last=False)
+    counts["captures"] += 1
+    evict(cache, MAX_GRAPHS, MAX_GRAPH_BYTES)  # after the capture: the pool never goes unused
     return cache[key]
+
+
+def evict(cache: OrderedDict, max_n: int, max_bytes: int) -> None:
+    """Drop the least recently used runners (``cache`` oldest first, each with ``nbytes``) until
+    at most ``max_n`` remain and their bytes fit ``max_bytes``; the newest always stays."""
+    total = sum(r.nbytes for r in cache.values())
+    while len(cache) > 1 and (len(cache) > max_n or total > max_bytes):
+        total -= cache.popitem(last=False)[1].nbytes
+
+
+def graph_captures(stack: ProcessingStack) -> int:
+    """How many graph runners this stack has captured so far (each capture stalls the host)."""
+    entry = _CACHE.get(stack)
+    return entry[2]["captures"] if entry is not None else 0
 
 
 def chunked_loop(stack: ProcessingStack, e: Tensor, running: Tensor, V: Tensor, s: Tensor,

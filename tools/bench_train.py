@@ -188,6 +188,14 @@ def _is_kernel(ev) -> bool:
         if hasattr(ev, "self_device_time_total") else "CUDA" in str(dt)
 
 
+def _captures(model) -> int:
+    """Stack graph runners captured so far by the model's processing stack(s)."""
+    from blocklm.model.stack import ProcessingStack
+    from blocklm.model.stack_graph import graph_captures
+
+    return sum(graph_captures(m) for m in model.modules() if isinstance(m, ProcessingStack))
+
+
 def run_variant(data: str, variant: str, extra: list[str], warmup: int, steps: int,
                 seconds: float, profile_steps: int, preset: str = "small",
                 trace: str | None = None) -> dict:
@@ -213,7 +221,10 @@ def run_variant(data: str, variant: str, extra: list[str], warmup: int, steps: i
             now = time.perf_counter()
             if n == warmup:
                 state["warmup_s"] = now - state["t0"]
+                state["captures"] = _captures(tr.model)
             act = phases.after(n, now)
+            if act in ("profile", "stop"):  # the timed window's stack graph captures
+                state["captures"] = _captures(tr.model) - state.get("captures", 0)
             if act == "profile":
                 from torch.profiler import ProfilerActivity, profile
 
@@ -235,6 +246,7 @@ def run_variant(data: str, variant: str, extra: list[str], warmup: int, steps: i
         tr.fit(steps=10**9, minutes=None)
         res: dict = {"data": data, "variant": variant, "params": params,
                      "warmup_s": round(state.get("warmup_s", -1.0), 1)}
+        res["stack_graph_captures"] = state.get("captures")  # in the timed steps
         if "profile" in state:
             res["profile"] = state["profile"]
         res.update(timer.summary(warmup, params, phases.timed_end) if warmup

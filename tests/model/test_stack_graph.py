@@ -108,3 +108,51 @@ def test_batch_bucket_pads_little_and_to_few_sizes():
     for b in range(1, 1025):
         p = batch_bucket(b)
         assert p >= b and p % 8 == 0 and (b < 64 or p < b * 1.125)
+
+
+class _Runner:
+    def __init__(self, nbytes):
+        self.nbytes = nbytes
+
+
+def _captures(keys, max_n, max_bytes=1 << 60, nbytes=1):
+    """Captures (cache misses) of graph_runner's policy over a sequence of padded batch sizes."""
+    from collections import OrderedDict
+
+    from blocklm.model.stack_graph import evict
+    cache, n = OrderedDict(), 0
+    for k in keys:
+        if k in cache:
+            cache.move_to_end(k)
+            continue
+        n += 1
+        cache[k] = _Runner(nbytes)
+        evict(cache, max_n, max_bytes)
+    return n
+
+
+def test_an_epochs_batch_sizes_are_captured_once():
+    """The `small` text epoch's 16 padded batch sizes (one per length bucket, the same every
+    epoch; a mixed epoch has ~25), three epochs in a cyclic order: each size is captured once.
+    With the old cap of 12 every batch captured again (48 captures), and each capture
+    synchronises the device and runs gc.collect() in the trainer's thread."""
+    from blocklm.model.stack_graph import MAX_GRAPHS
+    sizes = [40, 72, 88, 120, 144, 176, 208, 240, 288, 352, 416, 576, 704, 832, 1152, 2048]
+    assert _captures(sizes * 3, 12) == 48
+    assert _captures(sizes * 3, MAX_GRAPHS) == 16
+    mixed = [batch_bucket(b) for b in range(10, 1400, 41)]  # 34 sizes
+    assert _captures(mixed * 3, MAX_GRAPHS) == len(set(mixed))
+
+
+def test_eviction_keeps_the_newest_and_respects_the_byte_cap():
+    from collections import OrderedDict
+
+    from blocklm.model.stack_graph import evict
+    cache = OrderedDict((k, _Runner(10)) for k in range(5))
+    evict(cache, 3, 1 << 60)
+    assert list(cache) == [2, 3, 4]
+    evict(cache, 10, 15)  # bytes: only the newest fits
+    assert list(cache) == [4]
+    cache[5] = _Runner(100)  # larger than the cap alone: still kept (it was just captured)
+    evict(cache, 10, 15)
+    assert list(cache) == [5]
