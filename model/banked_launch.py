@@ -26,6 +26,10 @@ import torch
 from .banked_kernels import HAS_TRITON, triton
 
 _CACHE: dict = {}  # (id(kernel), (device, key), warps, stages, constexprs) -> launch entry
+# The direct C call (raw_launch) passes arguments in the order of Triton 3.6's launcher; another
+# Triton may order them differently, so only the version it was checked on takes it (device
+# calls M2-M4: GPU tests, bench_gpu_launch). Any other version keeps Triton's own launcher call.
+_RAW_OK = HAS_TRITON and triton.__version__.split(".")[:2] == ["3", "6"]
 
 
 def _hooks_set() -> bool:
@@ -92,7 +96,7 @@ def raw_launch(run) -> tuple | None:
     pointers, host-bound at 1K (GPU_NOTES, call M2). Anything else (scratch memory, tensor
     descriptors, another Triton) keeps the ordinary path."""
     launch = getattr(run, "launch", None)
-    if (getattr(launch, "__name__", None) != "launch"  # not the tensor-descriptor wrapper
+    if (not _RAW_OK or getattr(launch, "__name__", None) != "launch"  # not the tensor-descriptor wrapper
             or getattr(run, "global_scratch_size", 1) or getattr(run, "profile_scratch_size", 1)
             or not hasattr(run, "launch_cooperative_grid") or not hasattr(run, "launch_pdl")):
         return None

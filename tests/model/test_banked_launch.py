@@ -41,6 +41,7 @@ def cuda_like(monkeypatch):
     monkeypatch.setattr(BL, "_hooks_set", lambda: False)
     monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda idx: 1234, raising=False)
     monkeypatch.setattr(BL, "_CACHE", {})
+    monkeypatch.setattr(BL, "_RAW_OK", True)
     return torch.device("cuda", 0)
 
 
@@ -175,3 +176,15 @@ def test_hooks_set_reads_triton_hook_chains():
     finally:
         chain.remove(hook)
     assert not BL._hooks_set()
+
+
+def test_direct_launch_only_on_the_checked_triton(cuda_like, monkeypatch):
+    """Another Triton version keeps its own launcher call (the C function's argument order is
+    Triton 3.6's)."""
+    monkeypatch.setattr(BL, "_RAW_OK", False)
+    kern = FakeKernelWithLauncher(0)
+    x = torch.zeros(8)
+    L = BL.Launcher(cuda_like, ("bf16",), fast=True)
+    for n in (7, 9):
+        L(kern, (1,), x, x, n, A=1, B=2)
+    assert [e[0] for e in kern.log] == ["jit", "wrapper"]
