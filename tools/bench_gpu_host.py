@@ -9,7 +9,6 @@ Usage: ``python -m blocklm.tools.bench_gpu_host``.
 from __future__ import annotations
 
 import collections
-import statistics
 import time
 
 ALLOCS = ("empty", "empty_like", "zeros", "zeros_like")
@@ -47,6 +46,7 @@ def main(lengths=(1024, 4096, 1024, 4096), calls: int = 20) -> None:
 
     from blocklm.model import banked_triton as bt
     from blocklm.tools.bench_gpu import _fwd_bwd, _inputs
+    from blocklm.tools.bench_gpu_gaps import host_us
 
     rec: dict[str, list[float]] = collections.defaultdict(list)
     instrument(rec)
@@ -57,14 +57,9 @@ def main(lengths=(1024, 4096, 1024, 4096), calls: int = 20) -> None:
         for _ in range(5):
             run()
         rec.clear()
-        tot = []
-        for _ in range(calls):
-            torch.cuda.synchronize()
-            t = time.perf_counter()
-            run()
-            tot.append(time.perf_counter() - t)
+        per_call = host_us(run, calls)
         parts = sorted(rec.items(), key=lambda kv: -sum(kv[1]))
-        print(f"T={T} host per call {statistics.median(tot) * 1e6:.0f} us; parts (us per call, "
+        print(f"T={T} host per call {per_call:.0f} us; parts (us per call, "
               "count): " + ", ".join(f"{k} {sum(v) / calls * 1e6:.0f} ({len(v) // calls})"
                                      for k, v in parts), flush=True)
         print("  max single: " + ", ".join(f"{k} {max(v) * 1e6:.0f}" for k, v in parts),
