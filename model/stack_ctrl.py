@@ -22,6 +22,11 @@ rounded to bf16 where autocast rounds them (accumulation in fp32), so values mat
 path up to summation order. The loop over iterations is stack_ctrl_loop.py; the tests compare
 with the eager reference (tests/model/test_stack_ctrl.py). ``RING`` (``StackConfig.ring``): the
 cells as a ring with a head per example instead of a shifted copy per push (stack_ring.py).
+
+``PRE_E`` (a step's first iteration): its e is the step's input embedding, which reads no state,
+so the embedding's part of ``ctrl([e, read])`` (and, backward, the gradient through it to e) is
+one matmul per chunk in the caller instead of a serial loop over Hd in every kernel: half of the
+first iteration's dependent load-then-reduce chunks (8 of 16 at the small preset's Hd=256, W=64).
 """
 
 from __future__ import annotations
@@ -81,10 +86,11 @@ if triton is not None:
     @triton.jit
     def _iter_fwd(E, se, V, S, RUN, sr, ACC, sa, LEFT, WC, BC, WA, BA, WV, BV,
                   EO, seo, VO, SO, ACCO, sao, LEFTO, RUNO, READ, srd, X, EN, VN, HD, HDO, BOT,
-                  B, K: tl.constexpr, W: tl.constexpr, H: tl.constexpr, eps, G: tl.constexpr,
-                  BK: tl.constexpr, BH: tl.constexpr, WCH: tl.constexpr, IC: tl.constexpr,
-                  FIRST: tl.constexpr, SAVE_READ: tl.constexpr, SAVE: tl.constexpr,
-                  LOWP: tl.constexpr, RING: tl.constexpr = False, ACTIVE: tl.constexpr = True):
+                  PE, spe, B, K: tl.constexpr, W: tl.constexpr, H: tl.constexpr, eps,
+                  G: tl.constexpr, BK: tl.constexpr, BH: tl.constexpr, WCH: tl.constexpr,
+                  IC: tl.constexpr, FIRST: tl.constexpr, SAVE_READ: tl.constexpr,
+                  SAVE: tl.constexpr, LOWP: tl.constexpr, RING: tl.constexpr = False,
+                  ACTIVE: tl.constexpr = True, PRE_E: tl.constexpr = False):
         # SAVE (the recompute before backward): the Linear inputs X = [e, read], e_new, v, and
         # with RING the bottom cell (BOT) a push overwrites. RING: V is a ring (VO is V, written
         # in place, one row a push) with the head HD -> HDO; s stays top-first. RING and ACTIVE:
@@ -112,17 +118,23 @@ if triton is not None:
             wc = tl.load(WC + h[:, None] * HW + H + w[None, :], mask=mh[:, None] & mw[None, :],
                          other=0.0).to(tl.float32)  # [BH,WCH]
             pre += tl.sum(_rb(rd, LOWP)[:, None, :] * wc[None, :, :], 2)
-        for i0 in range(0, H, IC):  # the embedding's part of ctrl([e, read])
-            i = i0 + tl.arange(0, IC)
-            mi = i < H
-            ec = tl.load(E + g[:, None] * se + i[None, :], mask=mg[:, None] & mi[None, :],
-                         other=0.0)  # [G,IC]
+        if PRE_E:  # the embedding's part of ctrl([e, read]) came from one matmul per chunk
+            pre += tl.load(PE + g[:, None] * spe + h[None, :], mask=mgh, other=0.0)
             if SAVE:
-                tl.store(X + g[:, None] * HW + i[None, :], _rb(ec, LOWP),
-                         mask=mg[:, None] & mi[None, :])
-            wc = tl.load(WC + h[:, None] * HW + i[None, :], mask=mh[:, None] & mi[None, :],
-                         other=0.0).to(tl.float32)  # [BH,IC]
-            pre += tl.sum(_rb(ec, LOWP)[:, None, :] * wc[None, :, :], 2)
+                ec = tl.load(E + g[:, None] * se + h[None, :], mask=mgh, other=0.0)
+                tl.store(X + g[:, None] * HW + h[None, :], _rb(ec, LOWP), mask=mgh)
+        else:
+            for i0 in range(0, H, IC):  # the embedding's part of ctrl([e, read])
+                i = i0 + tl.arange(0, IC)
+                mi = i < H
+                ec = tl.load(E + g[:, None] * se + i[None, :], mask=mg[:, None] & mi[None, :],
+                             other=0.0)  # [G,IC]
+                if SAVE:
+                    tl.store(X + g[:, None] * HW + i[None, :], _rb(ec, LOWP),
+                             mask=mg[:, None] & mi[None, :])
+                wc = tl.load(WC + h[:, None] * HW + i[None, :],
+                             mask=mh[:, None] & mi[None, :], other=0.0).to(tl.float32)
+                pre += tl.sum(_rb(ec, LOWP)[:, None, :] * wc[None, :, :], 2)  # [BH,IC] above
         bc = _rb(tl.load(BC + h, mask=mh, other=0.0), LOWP)
         en = tl.where(mgh, _tanh(_rb(pre + bc[None, :], LOWP)), 0.0)
         if SAVE:
@@ -182,7 +194,8 @@ if triton is not None:
                   W: tl.constexpr, H: tl.constexpr, G: tl.constexpr, BK: tl.constexpr,
                   BH: tl.constexpr, WCH: tl.constexpr, IC: tl.constexpr,
                   FIRST: tl.constexpr, HAS_GREAD: tl.constexpr, LOWP: tl.constexpr,
-                  RING: tl.constexpr = False, ACTIVE: tl.constexpr = True):
+                  RING: tl.constexpr = False, ACTIVE: tl.constexpr = True,
+                  PRE_E: tl.constexpr = False):
         # from the iteration's input state and what its recompute saved (e_new, v); WCT is
         # ctrl's weight transposed ([Hd+W, Hd]), so each product below reduces along a row.
         # RING: V is the ring after this iteration (head HD before it), its overwritten bottom
@@ -255,16 +268,20 @@ if triton is not None:
         gen += tl.where(run[:, None] > 0, geo, 0.0)
         gpre = _rb(tl.where(mgh, gen * (1.0 - en * en), 0.0), LOWP)
         tl.store(GPRE + g[:, None] * H + h[None, :], gpre, mask=mgh)
-        for i0 in range(0, H, IC):  # d/d e: through ctrl, and where the example had stopped
-            i = i0 + tl.arange(0, IC)
-            mi = i < H
-            m2 = mg[:, None] & mi[None, :]
-            wc = tl.load(WCT + i[:, None] * H + h[None, :], mask=mi[:, None] & mh[None, :],
-                         other=0.0).to(tl.float32)  # [IC,BH]
-            ge = _rb(tl.sum(gpre[:, None, :] * wc[None, :, :], 2), LOWP)
-            ge += tl.where(run[:, None] > 0, 0.0,
-                           tl.load(GEO + g[:, None] * sgeo + i[None, :], mask=m2, other=0.0))
-            tl.store(GE + g[:, None] * sge + i[None, :], ge, mask=m2)
+        if PRE_E:  # d/d e through ctrl: the caller's one matmul per chunk adds it (GPRE)
+            tl.store(GE + g[:, None] * sge + h[None, :], tl.where(run[:, None] > 0, 0.0, geo),
+                     mask=mgh)
+        else:
+            for i0 in range(0, H, IC):  # d/d e: through ctrl, and where the example had stopped
+                i = i0 + tl.arange(0, IC)
+                mi = i < H
+                m2 = mg[:, None] & mi[None, :]
+                wc = tl.load(WCT + i[:, None] * H + h[None, :], mask=mi[:, None] & mh[None, :],
+                             other=0.0).to(tl.float32)  # [IC,BH]
+                ge = _rb(tl.sum(gpre[:, None, :] * wc[None, :, :], 2), LOWP)
+                ge += tl.where(run[:, None] > 0, 0.0,
+                               tl.load(GEO + g[:, None] * sgeo + i[None, :], mask=m2, other=0.0))
+                tl.store(GE + g[:, None] * sge + i[None, :], ge, mask=m2)
         gw = tl.zeros([G, BK], dtype=tl.float32)  # d/d read weights
         for w0 in range(0, W, WCH):
             w = w0 + tl.arange(0, WCH)
@@ -311,7 +328,7 @@ def launch_opts(B: int, K: int, W: int, H: int) -> dict:
     reductions in sequence), so chunks are large: device call S5 ran IC=8, WCH=8 at 0.31 ms
     a step for B=11. ptxas (sm_90) for the small preset's stack with these defaults: forward
     118, backward 248 registers (8 warps), no spills; G=2 with 16 warps spills."""
-    G = 1
+    G = 1  # (OVERRIDE may also hold PRE_E=0: the first iterations' products in the kernels)
     BK, BH = triton.next_power_of_2(K), triton.next_power_of_2(H)
     WCH, IC = min(16, triton.next_power_of_2(W)), min(32, BH)
     big = G * BK * WCH >= 2048

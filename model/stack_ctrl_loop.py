@@ -65,8 +65,10 @@ class CtrlRunner:
         B, U, H = e.shape
         K, W, ms = V.shape[1], V.shape[2], cfg.max_steps
         opts = stack_ctrl.launch_opts(B, K, W, H)
+        pre_e = bool(opts.pop("PRE_E", 1))
         grid = (triton_cdiv(B, opts["G"]),)
         ws = self._weights()
+        pe = self._pre_e(e, ws[0]) if pre_e else e  # e: an unused pointer
         reads, accs, es = e.new_empty(B, U, W), e.new_empty(B, U, W), torch.empty_like(e)
         n = U * ms
         saved = (e.new_empty(n, B, H + W), e.new_empty(n, B, H), e.new_empty(n, B, W)) \
@@ -95,8 +97,9 @@ class CtrlRunner:
                     ein, ein.stride(0), V, s, rin, rin.stride(0), acc, acc.stride(0),
                     V if left is None else left, *ws, eo, eo.stride(0), Vo, so, acc,
                     acc.stride(0), lefto, runo, read, read.stride(0), X, EN, VN, hd, hdo, BOT,
-                    B, K, W, H, float(cfg.epsilon), FIRST=i == 0, SAVE_READ=i == 0 and u > 0,
-                    SAVE=keep, LOWP=self.lowp, RING=self.ring, **opts)
+                    pe[:, u], pe.stride(0), B, K, W, H, float(cfg.epsilon), FIRST=i == 0,
+                    SAVE_READ=i == 0 and u > 0, SAVE=keep, LOWP=self.lowp, RING=self.ring,
+                    PRE_E=pre_e and i == 0, **opts)
                 ein, rin, V, s, left, hd = eo, runo, Vo, so, lefto, hdo
         ring = V
         if self.ring:  # back to top-first: cell k of example b is row (head_b + k) mod K
@@ -127,6 +130,7 @@ class CtrlRunner:
             g_V = torch.empty_like(g_V).scatter_(
                 1, _rows(hd, K)[..., None].expand(-1, -1, W), g_V)
         opts = stack_ctrl.launch_opts(B, K, W, H)
+        pre_e = bool(opts.pop("PRE_E", 1))
         grid = (triton_cdiv(B, opts["G"]),)
         wc, _, wa, ba, wv, _ = self._weights()
         wct = wc.t().contiguous()  # [Hd+W, Hd]: the backward's products reduce along rows
@@ -149,10 +153,15 @@ class CtrlRunner:
                 ring if self.ring else Vs[j], ss[j], rin[j], rin[j].stride(0),
                 zero if left is None else left, EN[j], VN[j], wct, wa, ba, wv, geo,
                 geo.stride(0), g_V, g_s, gacc, gacc.stride(0), gleft, gread, gread.stride(0),
-                ge, ge.stride(0), gV, gs, glefti, GPRE[j], GLG[j], GVP[j], hds[j], s if BOT is None else BOT[j], B, K,
-                W, H, FIRST=i == 0, HAS_GREAD=i == 0 and u > 0, LOWP=self.lowp,
-                RING=self.ring, **opts)
+                ge, ge.stride(0), gV, gs, glefti, GPRE[j], GLG[j], GVP[j], hds[j],
+                s if BOT is None else BOT[j], B, K, W, H, FIRST=i == 0,
+                HAS_GREAD=i == 0 and u > 0, LOWP=self.lowp, RING=self.ring,
+                PRE_E=pre_e and i == 0, **opts)
             g_V, g_s, g_left, g_en = gV, gs, glefti, ge
+        if pre_e:  # d/d e of each step's first iteration through ctrl: one matmul per chunk
+            with torch.autocast(e.device.type, enabled=False):
+                first = GPRE.view(U, ms, B, H)[:, 0]  # [U,B,H] (bf16 values under LOWP)
+                de += _round(first @ wc[:, :H].float(), self.lowp).transpose(0, 1)
         # weight gradients: one matmul per weight over the chunk's n * B rows (fp32 sums)
         GPRE, GLG, GVP = (t.view(n * B, -1) for t in (GPRE, GLG, GVP))
         X, EN = X.view(n * B, -1), EN.view(n * B, -1)
@@ -163,6 +172,20 @@ class CtrlRunner:
             gw.addmm_(gout.t(), inp)
             gb.add_(gout.sum(0))
         return de, g_V, g_s
+
+
+    def _pre_e(self, e: Tensor, wc: Tensor) -> Tensor:
+        """The embedding's part of ctrl([e, read]) for each step's first iteration, whose e
+        is the step's input (it reads no state): e [B,U,Hd] -> [B,U,Hd] fp32, one matmul per
+        chunk instead of a serial loop over Hd in every first-iteration kernel. Under LOWP the
+        operands are bf16 values, so the fp32 product sums exact products as the kernel did."""
+        with torch.autocast(e.device.type, enabled=False):
+            return _round(e, self.lowp) @ wc[:, :e.shape[-1]].float().t()
+
+
+def _round(x: Tensor, lowp: bool) -> Tensor:
+    """autocast's bf16 rounding, kept in fp32 (the kernels' ``_rb``)."""
+    return x.to(torch.bfloat16).float() if lowp else x
 
 
 class _Ctx:

@@ -82,7 +82,10 @@ def check_all(device="cpu", ring=False):
     # last one partly masked where W=12, Hd=24 (widths off the powers of two)
     cases = [dict(seed=0, B=5, T=10, U=3, opts=dict(G=2, WCH=4, IC=8)),  # time padding to 6
              dict(seed=1, B=3, T=6, U=4, halt=True, max_steps=3),
-             dict(seed=2, B=4, T=6, U=1, K=5, W=12, H=24, opts=dict(WCH=8, IC=16))]
+             dict(seed=2, B=4, T=6, U=1, K=5, W=12, H=24, opts=dict(WCH=8, IC=16)),
+             # the first iterations' embedding products inside the kernels (PRE_E off: the
+             # path before one matmul per chunk did them)
+             dict(seed=6, B=3, T=6, U=3, K=5, halt=True, opts=dict(PRE_E=0, IC=8))]
     if ring:  # the ring with every row loaded (ACTIVE off: the benchmark's control)
         cases.append(dict(seed=5, B=3, T=10, U=5, K=6, opts=dict(ACTIVE=0)))
     try:
