@@ -106,13 +106,18 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--variants", default="eager,graphs-8-fused,graphs-8-ctrl,graphs-16-ctrl")
     ap.add_argument("--rows", action="store_true", help="rows the ring kernels touch, no timing")
+    ap.add_argument("--shapes", default=None,
+                    help="B x T blocks to time, e.g. 40x3080,144x545 (a text epoch's longest "
+                         "buckets); default: " + ",".join(f"{b}x{t}" for b, t in SHAPES))
     a = ap.parse_args()
+    shapes = SHAPES if a.shapes is None else tuple(
+        tuple(int(n) for n in bt.split("x")) for bt in a.shapes.split(","))
     if a.rows:
         for B, T in SHAPES:
             print(json.dumps(ring_rows(min(B, 64), T)), flush=True)
         return
     rows = []
-    for B, T in SHAPES:
+    for B, T in shapes:
         for v in a.variants.split(","):
             try:
                 r = measure(v, B, T, a.reps if v not in ("eager", "fused") else 1)
@@ -125,7 +130,7 @@ def main() -> None:
             json.dump(rows, f, indent=1)
     print(f"{'B':>4} {'T':>4} {'variant':<10} {'ms/step':>8} {'x eager':>8} {'first s':>8} "
           f"{'peak GiB':>8}")
-    for B, T in SHAPES:
+    for B, T in shapes:
         base = next((r["ms_per_step"] for r in rows
                      if (r["B"], r["T"]) == (B, T) and r["variant"] == "eager"
                      and "error" not in r), None)
