@@ -118,6 +118,9 @@ class ShardWriter:
         self._synced = 0  # bytes of the open shard handed to a sync-ahead
         self._syncer: _thread.LockType | None = None  # held while a sync-ahead runs
         self._sync_error: OSError | None = None
+        # copies write_span runs in another process: ``copy(src_fd, src_offset, size, dst_fd,
+        # dst_offset)`` orders one, ``wait()`` returns once all are written (tools/convert_hold.py)
+        self.span_copier = None
         self.closed = False
 
     def __enter__(self) -> ShardWriter:
@@ -221,6 +224,9 @@ class ShardWriter:
         f = self._file
         f.flush()  # the span is the tail of the shard: it ends at self._pos
         start, done = self._pos - size, 0
+        if self.span_copier is not None:  # written by the process that holds the bytes
+            self.span_copier.copy(src_fd, src_off, size, f.fileno(), start)
+            done = size
         while done < size:
             n = _copy(src_fd, f.fileno(), size - done, src_off + done, start + done)
             if n <= 0:
@@ -307,6 +313,8 @@ class ShardWriter:
 
     def _finish_shard(self) -> None:
         self.flush_spans()
+        if self.span_copier is not None:  # every span in the file before it is synced or renamed
+            self.span_copier.wait()
         f = self._file
         f.write(END_OF_ARCHIVE)
         f.flush()
