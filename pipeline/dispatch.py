@@ -16,14 +16,14 @@ How it works. Up to ``max_in_flight`` examples are in flight; each has exactly o
 2. pick one bucket: the one whose oldest request outlived the TTL (oldest first), else a full one
    (the next request would break the budget or the sample cap; oldest first), else, when no more
    examples can be admitted (stall) or the source is exhausted (drain), the bucket with the most
-   pending padded cost; with several ranks, all ranks agree on the mode first
-   (:mod:`.dispatch_dist`);
-3. take the longest FIFO prefix of that bucket whose padded cost fits the budget, call the mode's
+   pending padded cost; with several ranks, all agree on the mode first (:mod:`.dispatch_dist`);
+3. take the longest FIFO prefix of that bucket whose padded cost fits the budget (a batch not
+   full may take whole buckets of its mode along: :mod:`.dispatch_coalesce`), call the mode's
    runner, advance the clock by one, and hand each result to its example, which issues its next
    block (its own next block, else ``Result.next`` when generating) or finishes.
 
 No randomness is involved and the prefetch thread preserves order, so the same source, config and
-buckets give the same batches in the same order. With a wall-clock TTL that no longer holds.
+buckets give the same batches in the same order (not with a wall-clock TTL).
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from .buckets import BucketSpec
 from .cost import CostFn, ModeCost, default_cost
 from .dispatch_admit import admit_planned, usable
 from .dispatch_buckets import Bucket, Example, Piece
+from .dispatch_coalesce import coalesce_into
 from .dispatch_dist import IDLE, Agree, choose
 from .dispatch_metrics import ModeStats, dispatcher_report
 from .dispatch_prefetch import Prefetcher
@@ -268,6 +269,7 @@ class Dispatcher:
             reqs, pshape, pcost, cost = b.take()
             if not b.q:
                 del self._nonempty[b]
+            pshape, pcost, cost = coalesce_into(self, b, reason, reqs, pshape, pcost, cost)
             batch = Batch(self.clock, mode, b.key, reqs, pshape, pcost, cost, reason)
             ages, unit = stats.ages, self._age_unit
             for r in reqs:

@@ -106,6 +106,18 @@ class Bucket:
         self.full = bool(n) and ((n + 1) * self.maxcost > budget or (cap is not None and n >= cap))
         return reqs, ms, len(reqs) * each, total  # type: ignore[return-value]
 
+    def refresh(self) -> None:
+        """Recompute the max shape, its cost and fullness from the queue (after requests were
+        taken from its front by another batch: :mod:`.dispatch_coalesce`)."""
+        ms: Shape | None = None
+        for r in self.q:
+            ms = r.shape if ms is None else _emax(ms, r.shape)
+        self.maxshape = ms
+        self.maxcost = 0 if ms is None else self.cost(ms)
+        n, cap = len(self.q), self.cap
+        self.full = bool(n) and ((n + 1) * self.maxcost > self.budget
+                                 or (cap is not None and n >= cap))
+
 
 _NONE: list = []  # shared, never appended to: replaced by a fresh list on first use
 

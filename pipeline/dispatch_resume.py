@@ -46,7 +46,10 @@ _CONFIG_KEYS = ("max_in_flight", "budget", "mode_budget", "max_batch_samples",
 
 
 def _config_fingerprint(d: Dispatcher) -> dict[str, Any]:
-    return {k: getattr(d.config, k) for k in _CONFIG_KEYS}
+    fp = {k: getattr(d.config, k) for k in _CONFIG_KEYS}
+    if d.config.coalesce_tokens is not None:  # absent when off: older states still load
+        fp["coalesce_tokens"] = d.config.coalesce_tokens
+    return fp
 
 
 def save_state(d: Dispatcher, samples: bool = False,

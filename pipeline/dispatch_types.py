@@ -53,6 +53,9 @@ class DispatchConfig:
     on_oversize: str = "reject"  # "reject": count it and finish the example with the error; "raise"
     keep_outputs: bool = False  # collect every Result.output in the example's Finished record
     max_blocks: int = 4096  # an example never grows past this many blocks (generation)
+    # a batch its bucket does not fill (ttl, stall, drain) takes whole neighbouring buckets of
+    # its mode along where one batch fewer is worth this many padded tokens (dispatch_coalesce.py)
+    coalesce_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_in_flight < 1:
@@ -64,6 +67,8 @@ class DispatchConfig:
             raise ValueError(f"ttl_steps must be >= 1, got {self.ttl_steps}")
         if self.ttl_seconds is not None and self.ttl_seconds <= 0:
             raise ValueError(f"ttl_seconds must be > 0, got {self.ttl_seconds}")
+        if self.coalesce_tokens is not None and self.coalesce_tokens < 0:
+            raise ValueError(f"coalesce_tokens must be >= 0, got {self.coalesce_tokens}")
         if self.on_oversize not in ("reject", "raise"):
             raise ValueError(f"on_oversize must be 'reject' or 'raise', got {self.on_oversize!r}")
 
