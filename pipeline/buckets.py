@@ -208,7 +208,7 @@ def estimate_buckets(
     *,
     buckets_per_dim: int = 16,
     exact_max: int = 16,
-    max_width: float | None = 0.06,
+    max_width: float | None | Mapping[str, float | None] = 0.06,
     min_share: float = 0.002,
     max_merge_pad: float = 0.05,
 ) -> BucketSpec:
@@ -216,7 +216,9 @@ def estimate_buckets(
 
     ``buckets_per_dim`` cost-weighted quantiles per dimension (before splitting), used when a
     dimension has more than ``exact_max`` distinct values; ``max_width`` caps a bucket's
-    relative width ``(hi - lo) / hi`` (``None`` disables the split: pure quantiles).
+    relative width ``(hi - lo) / hi`` (``None`` disables the split: pure quantiles); a mapping
+    gives it per mode (modes not in it: ``None``), e.g. narrow audio buckets for coalescing
+    (``DispatchConfig.coalesce_tokens``) next to text's plain quantiles.
 
     Then every bucket holding less than ``min_share`` of all tokens (all modes together) is
     merged into the bucket where it adds the least padding, unless that would pad the merged
@@ -245,8 +247,9 @@ def estimate_buckets(
                 w = c * max(1, cost(mode, s))
                 for d in range(nd):
                     dims[d][s[d]] += w
+        width = max_width.get(mode) if isinstance(max_width, Mapping) else max_width
         mb = ModeBuckets(tuple(
-            tuple(_dim_bounds(v, buckets_per_dim, exact_max, max_width)) for v in dims))
+            tuple(_dim_bounds(v, buckets_per_dim, exact_max, width)) for v in dims))
         if min_share > 0:
             mb = _merge_rare(mode, mb, counts, cost, min_share * total, max_merge_pad)
         modes[mode] = mb

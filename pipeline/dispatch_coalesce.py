@@ -8,8 +8,8 @@ admits an epoch read ahead whole), nearly every batch is a drain: a mixed epoch 
 bucket and per wave of second blocks (``bench train --simulate``). Buckets of neighbouring shapes
 can share a batch for some padding: the question is how much padding one batch fewer is worth.
 
-Rule. ``coalesce_tokens`` (``DispatchConfig``) is that price: ``lam`` padded tokens per batch
-saved. The mode's non-full pending buckets (the batch just taken from the seed counts as one) are
+Rule. ``coalesce_tokens`` (``DispatchConfig``; ``mode_coalesce_tokens`` per mode) is that
+price: ``lam`` padded tokens per batch saved. The mode's non-full pending buckets (the batch just taken from the seed counts as one) are
 sorted by their largest shape's cost, longest first, and split into runs of consecutive buckets
 (each run fits the budget, and the sample cap) minimising ``padding + lam * runs`` by dynamic
 programming over the buckets (``O(buckets^2)``: narrow buckets, ~25-80 per mode). The run that
@@ -63,10 +63,10 @@ def coalesce_into(d: Dispatcher, seed: Bucket, reason: str, reqs: list[Request],
                   padded: int, total: int) -> tuple[Shape, int, int]:
     """Extend the batch ``reqs`` just taken from ``seed`` for ``reason`` (padded ``shape`` and
     cost, ``total`` = the requests' own costs) with the other buckets of its run under
-    ``d.config.coalesce_tokens`` (module docstring; ``None``, or a full batch: unchanged);
+    ``d.config.coalesce_of(mode)`` (module docstring; ``None``, or a full batch: unchanged);
     emptied buckets leave ``d._nonempty`` (the dispatcher's insertion-ordered set of non-empty
     buckets). Returns the batch's (padded shape, padded cost, sum of costs)."""
-    nonempty, lam = d._nonempty, d.config.coalesce_tokens
+    nonempty, lam = d._nonempty, d.config.coalesce_of(seed.mode)
     if lam is None or reason == "full" or not reqs:
         return shape, padded, total
     others = [b for b in nonempty if b.mode == seed.mode and b is not seed and not b.full]

@@ -49,6 +49,8 @@ def _config_fingerprint(d: Dispatcher) -> dict[str, Any]:
     fp = {k: getattr(d.config, k) for k in _CONFIG_KEYS}
     if d.config.coalesce_tokens is not None:  # absent when off: older states still load
         fp["coalesce_tokens"] = d.config.coalesce_tokens
+    if d.config.mode_coalesce_tokens:
+        fp["mode_coalesce_tokens"] = d.config.mode_coalesce_tokens
     return fp
 
 

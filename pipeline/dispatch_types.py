@@ -56,6 +56,7 @@ class DispatchConfig:
     # a batch its bucket does not fill (ttl, stall, drain) takes whole neighbouring buckets of
     # its mode along where one batch fewer is worth this many padded tokens (dispatch_coalesce.py)
     coalesce_tokens: int | None = None
+    mode_coalesce_tokens: dict[str, int | None] = field(default_factory=dict)  # per-mode override
 
     def __post_init__(self) -> None:
         if self.max_in_flight < 1:
@@ -67,13 +68,18 @@ class DispatchConfig:
             raise ValueError(f"ttl_steps must be >= 1, got {self.ttl_steps}")
         if self.ttl_seconds is not None and self.ttl_seconds <= 0:
             raise ValueError(f"ttl_seconds must be > 0, got {self.ttl_seconds}")
-        if self.coalesce_tokens is not None and self.coalesce_tokens < 0:
-            raise ValueError(f"coalesce_tokens must be >= 0, got {self.coalesce_tokens}")
+        for name, lam in [("coalesce_tokens", self.coalesce_tokens),
+                          *self.mode_coalesce_tokens.items()]:
+            if lam is not None and lam < 0:
+                raise ValueError(f"coalesce_tokens of {name!r} must be >= 0, got {lam}")
         if self.on_oversize not in ("reject", "raise"):
             raise ValueError(f"on_oversize must be 'reject' or 'raise', got {self.on_oversize!r}")
 
     def budget_of(self, mode: str) -> int:
         return self.mode_budget.get(mode, self.budget)
+
+    def coalesce_of(self, mode: str) -> int | None:
+        return self.mode_coalesce_tokens.get(mode, self.coalesce_tokens)
 
     def cap_of(self, mode: str) -> int | None:
         return self.mode_max_samples.get(mode, self.max_batch_samples)

@@ -127,3 +127,13 @@ def test_cost_from_supports_and_memo():
     assert calls == [(3,), (4,), (4,)]  # memo capped at one entry
     with pytest.raises(ValueError, match="negative"):
         ModeCost("text", lambda m, s: -1)((1,))
+
+
+def test_max_width_per_mode():
+    shapes = [("text", (n,)) for n in range(1, 401)] + [("audio", (n, 1)) for n in range(1, 401)]
+    spec = estimate_buckets(shapes, lambda m, s: s[0], max_width={"audio": 0.06}, min_share=0)
+    plain = estimate_buckets(shapes, lambda m, s: s[0], max_width=None, min_share=0)
+    split = estimate_buckets(shapes, lambda m, s: s[0], max_width=0.06, min_share=0)
+    assert spec.of("text").bounds == plain.of("text").bounds  # not in the mapping: quantiles
+    assert spec.of("audio").bounds == split.of("audio").bounds
+    assert len(spec.of("audio").bounds[0]) > len(spec.of("text").bounds[0])

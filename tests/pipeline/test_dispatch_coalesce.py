@@ -147,3 +147,20 @@ def test_resume_with_coalescing_replays_the_uninterrupted_batches(cut):
 def test_config_rejects_a_negative_price():
     with pytest.raises(ValueError, match="coalesce_tokens"):
         DispatchConfig(coalesce_tokens=-1)
+
+
+def test_the_price_can_be_set_per_mode():
+    data = [sample(f"t{n}", text(n)) for n in (10, 11, 12)]
+    data += [sample(f"i{i}", Block("image", (4, 8, 1), "raw", b"")) for i in range(2)]
+    spec = BucketSpec.explicit({"text": [[10, 11, 12, 20]], "image": [[4, 8], [4, 8], [1]]})
+    d, log = make(data, spec=spec, budget=1000, max_in_flight=8,
+                  mode_coalesce_tokens={"text": 100})
+    run_all(d, data)
+    assert sorted(len(b.requests) for b in log if b.mode == "text") == [3]
+    d, log = make(data, spec=spec, budget=1000, max_in_flight=8, coalesce_tokens=100,
+                  mode_coalesce_tokens={"text": None})
+    run_all(d, data)
+    assert sorted(len(b.requests) for b in log if b.mode == "text") == [1, 1, 1]
+    assert DispatchConfig(coalesce_tokens=5, mode_coalesce_tokens={"a": 7}).coalesce_of("a") == 7
+    with pytest.raises(ValueError, match="'text'"):
+        DispatchConfig(mode_coalesce_tokens={"text": -2})

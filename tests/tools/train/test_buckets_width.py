@@ -21,4 +21,4 @@ def test_bucket_width_cap_controls_the_number_of_text_buckets(tmp_path):
     quant = make_buckets([str(out)], cost, RemoteConfig(), None).modes["text"]
     n_split, n_quant = len(split.bounds[0]), len(quant.bounds[0])
     assert n_quant <= 16 < n_split  # quantiles only: at most buckets_per_dim per dimension
-    assert small().train.bucket_max_width is None
+    assert small().train.bucket_max_width == {"audio": 0.06}  # text: quantiles only
