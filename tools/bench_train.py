@@ -260,10 +260,13 @@ def run_variant(data: str, variant: str, extra: list[str], warmup: int, steps: i
         return res
 
 
-def simulate_dispatch(preset: str, data: str, extra: list[str]) -> dict:
+def simulate_dispatch(preset: str, data: str, extra: list[str], epochs: int = 1) -> dict:
     """One epoch of ``data`` through the preset's dispatcher with no-op runners (CPU, no model
     calls): batches and sequential decoder steps (the stack's recurrence: each batch runs its
-    padded length step by step) per ``tokens_per_step``, and the padding share."""
+    padded length step by step) per ``tokens_per_step``, and the padding share; per mode: batches,
+    padded tokens per batch, padding and why the batches ran (``full``, ``ttl``, ``drain``...).
+    ``epochs`` > 1 runs that many copies of the epoch as ONE dispatcher run (the trainer runs one
+    per epoch and drains it): what admitting the next epoch before this one drains would give."""
     from blocklm.model.blocklm import BlockLM
     from blocklm.pipeline import RemoteConfig
     from blocklm.pipeline.cost import cost_from_supports
@@ -277,25 +280,39 @@ def simulate_dispatch(preset: str, data: str, extra: list[str]) -> dict:
     supports = dict(BlockLM(cfg.model).supports)
     cost = cost_from_supports(supports)
     n: dict[str, float] = defaultdict(float)
+    per: dict[str, dict] = defaultdict(lambda: defaultdict(float))
 
     def runner(batch):
         if batch.requests:
-            n["batches"] += 1
-            n["padded"] += batch.padded_cost
-            n["real"] += batch.cost
-            n["seq_steps"] += cost(batch.mode, batch.padded_shape)
+            seq = cost(batch.mode, batch.padded_shape)
+            for d in (n, per[batch.mode]):
+                d["batches"] += 1
+                d["padded"] += batch.padded_cost
+                d["real"] += batch.cost
+                d["seq_steps"] += seq
+            per[batch.mode]["reason_" + batch.reason] += 1
         return [Result(state=None) for _ in batch.requests]
 
     remote = RemoteConfig()
     buckets = make_buckets([data], cost, remote, cfg.train.bucket_max_width)
     disp = Dispatcher({m: runner for m in supports}, buckets, cfg.dispatch, cost=cost)
-    for _ in disp.run(make_source(RunSpec(preset, [data]), cfg, remote)):
+    source = make_source(RunSpec(preset, [data]), cfg, remote)
+    if epochs > 1:
+        source = list(source) * epochs
+    for _ in disp.run(source):
         pass
-    per = cfg.train.tokens_per_step / max(n["padded"], 1.0)
-    return {"data": data, "bucket_max_width": cfg.train.bucket_max_width,
-            "batches_per_step": round(n["batches"] * per, 1),
-            "sequential_steps_per_step": round(n["seq_steps"] * per),
-            "padding": round(1 - n["real"] / max(n["padded"], 1.0), 3)}
+    scale = cfg.train.tokens_per_step / max(n["padded"], 1.0)
+    modes = {m: {"batches": int(v["batches"]),
+                 "tokens_per_batch": round(v["padded"] / v["batches"]),
+                 "padding": round(1 - v["real"] / v["padded"], 3),
+                 "reasons": {k[7:]: int(c) for k, c in sorted(v.items())
+                             if k.startswith("reason_")}}
+             for m, v in sorted(per.items())}
+    return {"data": data, "bucket_max_width": cfg.train.bucket_max_width, "epochs": epochs,
+            "batches_per_step": round(n["batches"] * scale, 2),
+            "sequential_steps_per_step": round(n["seq_steps"] * scale),
+            "padding": round(1 - n["real"] / max(n["padded"], 1.0), 3),
+            "batches_per_epoch": round(n["batches"] / epochs, 1), "modes": modes}
 
 
 @click.command("train")
@@ -312,22 +329,25 @@ def simulate_dispatch(preset: str, data: str, extra: list[str]) -> dict:
               help="Steps profiled (torch.profiler) after the timed steps.")
 @click.option("--simulate", is_flag=True,
               help="Only simulate the dispatcher on the CPU (batches, sequential steps, padding).")
+@click.option("--sim-epochs", default=1, show_default=True,
+              help="With --simulate: epochs run as one dispatcher run (the trainer: 1).")
 @click.option("--out", "out_path", default=None, help="Also write the JSON figures here.")
 @click.option("--trace", default=None,
               help="With --profile-steps: write chrome traces and op tables to this folder.")
 def bench_train(preset, datas, variants, extra, warmup, steps, seconds, profile_steps, simulate,
-                out_path, trace):
+                sim_epochs, out_path, trace):
     """Training tokens/s, MFU and the data-wait share of a preset (`small`), per variant.
 
     \b
     Example:
       blocktool bench train --variants off,eager --seconds 60 --profile-steps 2
       blocktool bench train --simulate --set train.bucket_max_width=0.06
+      blocktool bench train --simulate --sim-epochs 2 --data data/gpu_mixed4
       blocktool bench train --variants off --profile-steps 1 --trace prof/
     """
     if simulate:
         for data in datas:
-            click.echo(json.dumps(simulate_dispatch(preset, data, list(extra))))
+            click.echo(json.dumps(simulate_dispatch(preset, data, list(extra), sim_epochs)))
         return
     rows = []
     for data in datas:
