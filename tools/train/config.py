@@ -97,18 +97,19 @@ def small() -> RunConfig:
     per-batch host work is most of a step), 148k instead of 128k tokens/s stack off on the H200
     in the same run, peak memory 71 GiB (device call thru-2).
 
-    Audio: narrow buckets (6% width) and coalescing at 1,500 tokens a batch
-    (``pipeline/dispatch_coalesce.py``): a small epoch is admitted whole, so every audio batch is
-    a drain of one bucket (16 of ~5,700 tokens a mixed epoch); neighbouring narrow buckets now
-    share a batch where the padding they add is under 1,500 tokens a batch saved: 7 audio batches
-    of ~12,600 tokens at 10.3% padding instead of 16 at 12.6%; a mixed epoch of gpu_mixed4 runs
-    7.74 -> 6.55 batches per 65,536 tokens at the same 9.7% padding, text data unchanged (`bench
-    train --simulate`). Text keeps its quantile buckets uncoalesced: coalescing text at one price
-    either pads mixed data more or splits the text set into more batches (pipeline/DISPATCH.md).
+    Coalescing (``pipeline/dispatch_coalesce.py``): a small epoch is admitted whole, so nearly
+    every batch is a drain of one bucket (a gpu_mixed4 epoch: 52 batches of ~8,500 tokens, audio
+    16 of ~5,700). A batch now takes neighbouring buckets of its mode along where the padding they
+    add is under the price of a batch: audio 1,000 tokens over narrow (6% width) buckets, text
+    500 over its quantile buckets. gpu_mixed4: 7.74 -> 6.26 batches per 65,536 tokens, padding
+    9.7% -> 9.5%; the text set's 16 batches unchanged (`bench train --simulate`). Higher prices
+    or narrow text buckets cut more batches but pad mixed text more or split the text set into
+    more batches (one price cannot fit both: pipeline/DISPATCH.md, "Coalescing").
     """
     return RunConfig(model=model_presets.small(),
                      dispatch=DispatchConfig(max_in_flight=8192, budget=65536, ttl_steps=256,
-                                             prefetch=8192, mode_coalesce_tokens={"audio": 1500}),
+                                             prefetch=8192,
+                                             mode_coalesce_tokens={"audio": 1000, "text": 500}),
                      train=TrainConfig(lr=6e-4, tokens_per_step=65536, warmup=200,
                                        schedule_steps=20000, checkpoint_every=500,
                                        bucket_max_width={"audio": 0.06}))
