@@ -69,13 +69,13 @@ class Item:
 @dataclass(slots=True)
 class Result:
     """One item's outcome: its encoded sample (members, size, key, index template and totals, or
-    where a worker spilled them), or a rejection reason."""
+    where a helper holds them), or a rejection reason."""
 
     source: str
     encoded: tuple | None = None  # (parts, size, key, template, totals): ShardWriter.write_packed
     payload_bytes: int = 0
     error: str | None = None
-    spill: tuple | None = None  # (fd, offset, size, key, template, totals): span_packed
+    spill: tuple | None = None  # (hold, position, size, key, template, totals): span_packed
 
 
 def how_for_ext(ext: str) -> str | None:

@@ -1,19 +1,19 @@
-"""Parallel conversion with no sample bytes through pipes: the parent works too, helpers hand
-their bytes over in memory.
+"""Parallel conversion with no sample bytes through pipes: the parent works too, helpers write
+their samples into the shards themselves, where the parent places them.
 
 With ``--workers N`` the parent and ``N-1`` forked helper processes claim contiguous chunks of
 the input list (a window of it: ``convert_run.WINDOW``) in input order from one shared counter;
 each claim takes a share of what is left, so claims shrink towards the end and nobody waits long
-for the last one. A helper converts its chunk into its ring (``convert_ring``: an in-memory file
-shared with the parent) and sends the parent a note with the per-item summaries (the rejection
-reason, or size, place in the ring, key, index text and per-mode totals). The parent yields every
-result in input order: its own chunk straight into the shards when it is the next one, else held
-in memory until the chunks before it are written (at most ``HOLD_BYTES``, beyond which it waits
-for the helpers instead of claiming more); a helper's chunk, as soon as it is the next one,
-through :meth:`ShardWriter.span_packed`, which sets the shard boundaries exactly as for
-in-process writing and copies the bytes in the kernel. So the shards are byte-identical whatever
-``N`` and however the chunks were shared out, and the copies are spread over the run instead of
-left to its end.
+for the last one. A helper converts its chunk, keeps the bytes (``convert_hold``) and sends the
+parent a note with the per-item summaries (the rejection reason, or size, place in its stream,
+key, index text and per-mode totals). The parent yields every result in input order: its own
+chunk straight into the shards when it is the next one, else held in memory until the chunks
+before it are written (at most ``HOLD_BYTES``, beyond which it waits for the helpers instead of
+claiming more); a helper's chunk, as soon as it is the next one, through
+:meth:`ShardWriter.span_packed`, which sets the shard boundaries exactly as for in-process
+writing; the helper is then ordered to write those bytes at their place (``Copier``). So the
+shards are byte-identical whatever ``N`` and however the chunks were shared out, and each byte
+is written once, by the process that made it.
 
 Why not a ``multiprocessing.Pool`` that returns encoded samples (the design before the spill
 files): pickling ~45 MB of samples through pipes to an otherwise idle parent made 2 workers
@@ -26,7 +26,6 @@ Helpers are forked (they inherit the item list; a chunk is claimed by number). W
 
 from __future__ import annotations
 
-import _thread
 import gc
 import multiprocessing as mp
 import os
@@ -39,8 +38,8 @@ from contextlib import contextmanager
 from multiprocessing.connection import wait
 from pathlib import Path
 
+from .convert_hold import HELPERS_HOLD, MIN_HOLD, Copier, Hold, HoldWriter, widen_pipe
 from .convert_items import Item, Result, process
-from .convert_ring import MIN_RING, RING_BYTES, Ring, RingWriter, widen_pipe
 
 MIN_CHUNK = 8  # items: the smallest claim (each helper claim costs a note)
 MAX_CHUNK = 256  # items: the largest claim
@@ -74,8 +73,8 @@ GC_YOUNG = 20_000
 
 
 def stale_spill_dirs(out: Path, prefix: str) -> list[Path]:
-    """Spill folders (``PREFIX-spill-PID.tmp``) left by crashed runs of the design before the
-    rings (helpers wrote their chunks there)."""
+    """Spill folders (``PREFIX-spill-PID.tmp``) left by crashed runs of an older design
+    (helpers wrote their chunks there)."""
     pat = re.compile(rf"^{re.escape(prefix)}-spill-\d+\.tmp$")
     return [p for p in out.iterdir() if pat.match(p.name)] if out.is_dir() else []
 
@@ -97,15 +96,17 @@ def claim(nxt, n: int, n_workers: int) -> tuple[int, int] | None:
     return a, b
 
 
-def _helper(items, n_workers: int, nxt, conn, ring: Ring, deep_check: bool,
+def _helper(items, n_workers: int, nxt, conn, hold: Hold, deep_check: bool,
             parent: int) -> None:
-    """A helper process: claim chunks in order until none is left, each into ``ring``."""
+    """A helper process: claim chunks in order until none is left, then write what it holds as
+    the parent orders it."""
     a = -1
     try:
-        out = RingWriter(ring, conn.send, parent)
+        out = HoldWriter(hold, conn.send, parent)
         while os.getppid() == parent:  # an orphan (parent killed) stops
             chunk = claim(nxt, len(items), n_workers)
             if chunk is None:
+                out.finish()
                 break
             a, b = chunk
             out.convert(a, items[a:b], deep_check)
@@ -115,12 +116,13 @@ def _helper(items, n_workers: int, nxt, conn, ring: Ring, deep_check: bool,
         conn.close()
 
 
-def parallel_results(items: list[Item], n_workers: int, flush: Callable[[], None],
+def parallel_results(items: list[Item], n_workers: int, writer,
                      deep_check: bool = False) -> Iterator[Result]:
     """Every item's :class:`Result` in input order, converted by the parent and ``n_workers-1``
-    helpers. A result with ``spill = (fd, offset, size, key, template, totals)`` goes to
-    :meth:`ShardWriter.span_packed`; ``flush`` (the writer's ``flush_spans``) is called at the
-    end of each helper's chunk, before its room in the ring is given back."""
+    helpers. A result with ``spill = (hold, position, size, key, template, totals)`` goes to
+    ``writer.span_packed`` (a :class:`ShardWriter`); the writer's ``flush_spans`` is called at
+    the end of each helper's chunk, which orders the helper to write it (``span_copier``, set
+    while the helpers run). Returns once the helpers have written everything."""
     n = len(items)
     if n_workers <= 1 or n <= MIN_CHUNK or "fork" not in mp.get_all_start_methods():
         yield from (process(it, deep_check) for it in items)
@@ -128,23 +130,30 @@ def parallel_results(items: list[Item], n_workers: int, flush: Callable[[], None
     ctx = mp.get_context("fork")
     _reap_retired()
     nxt = ctx.Value("q", 0)
-    helpers: dict = {}  # receiving end -> (process, ring)
-    rings: list[Ring] = []
-    pending: dict[int, tuple] = {}  # helpers' finished chunks: start -> (end, records, ring, pos)
+    helpers: dict = {}  # receiving end -> (process, hold)
+    holds: dict[int, Hold] = {}  # a span's source -> its helper's hold
+    pending: dict[int, tuple] = {}  # helpers' finished chunks: start -> (end, records, hold)
     held: dict[int, tuple] = {}  # the parent's chunks waiting for their turn: start -> (end, results)
     held_bytes = 0
     finished = False
-    ring_size = max(MIN_RING, RING_BYTES // (n_workers - 1))
+    limit = max(MIN_HOLD, HELPERS_HOLD // (n_workers - 1))
+    flush = writer.flush_spans
+    at = 0  # items before `at` are yielded
+
+    def drain(ready: list) -> None:  # the notes that came while the parent waits for writes
+        _receive(helpers, pending, at, [c for c in ready if c in helpers])
+
     try:
         for _ in range(n_workers - 1):
-            ring = Ring(ring_size, ctx)
-            rings.append(ring)  # closed in `finally`
+            hold = Hold(limit, ctx)
+            holds[hold.wake_r] = hold  # closed in `finally`
             recv, send = ctx.Pipe(duplex=False)
             widen_pipe(send.fileno())
-            p = Child(_helper, (items, n_workers, nxt, send, ring, deep_check, os.getpid()))
-            helpers[recv] = (p, ring)
+            hold.child = p = Child(_helper, (items, n_workers, nxt, send, hold, deep_check,
+                                             os.getpid()))
+            helpers[recv] = (p, hold)
             send.close()  # only the helper holds it: its exit shows as EOF here
-        at = 0  # items before `at` are yielded
+        writer.span_copier = copier = Copier(holds, lambda: list(helpers), drain)
         while at < n:
             if at in held:
                 end, results = held.pop(at)
@@ -152,12 +161,11 @@ def parallel_results(items: list[Item], n_workers: int, flush: Callable[[], None
                 yield from results
                 at = end
             elif at in pending:
-                end, records, ring, pos = pending.pop(at)
-                if records is None:  # an item larger than the helper's ring
+                end, records, hold = pending.pop(at)
+                if records is None:  # an item larger than the helper's hold
                     yield from (process(it, deep_check) for it in items[at:end])
                 else:
-                    yield from _spilled(items, at, records, ring.fd, flush)
-                ring.release(pos)
+                    yield from _spilled(items, at, records, hold.wake_r, flush)
                 at = end
             elif any(conn.poll() for conn in helpers):  # take notes as they come
                 _receive(helpers, pending, at)
@@ -173,8 +181,10 @@ def parallel_results(items: list[Item], n_workers: int, flush: Callable[[], None
                     results = [process(it, deep_check) for it in items[chunk[0]:chunk[1]]]
                     held[chunk[0]] = (chunk[1], results)
                     held_bytes += _bytes(results)
+        copier.wait()  # the helpers' last writes, before their holds are closed
         finished = True
     finally:
+        writer.span_copier = None
         for conn, (p, _) in helpers.items():
             # finished: every chunk is in, a helper's last act is to find nothing left and exit;
             # it is reaped later (`_reap_retired` when the next window starts, `join_retired`;
@@ -184,10 +194,8 @@ def parallel_results(items: list[Item], n_workers: int, flush: Callable[[], None
                 p.kill()
                 p.join()
             conn.close()
-        if rings:  # a helper's copy of its ring goes when it exits
-            # on a bare thread: closing the last copy of a ring frees its pages (~0.1 ms per MB,
-            # 1-4 ms at the end of a sample-corpus run, when the helper is gone and a core free)
-            _thread.start_new_thread(_close_rings, (rings,))
+        for hold in holds.values():
+            hold.close()
         if finished:
             _RETIRED.append((nxt, [p for p, _ in helpers.values()]))
 
@@ -267,39 +275,36 @@ def join_retired() -> None:
     _RETIRED.clear()
 
 
-def _close_rings(rings: list[Ring]) -> None:
-    for ring in rings:
-        ring.close()
-
-
 def _bytes(results: list[Result]) -> int:
     return sum(r.encoded[1] for r in results if r.encoded is not None)
 
 
-def _receive(helpers: dict, pending: dict, want: int) -> None:
-    """Take one note from a helper (waiting for one); raise if a helper failed or died."""
+def _receive(helpers: dict, pending: dict, want: int, ready: list | None = None) -> None:
+    """Take one note from each helper with one waiting (``ready``: the pipes known to be
+    readable; else wait for one); raise if a helper failed or died."""
     if not helpers:
         raise RuntimeError(f"conversion helpers exited without converting item {want}")
-    for conn in wait(list(helpers)):
+    for conn in ready or wait(list(helpers)):
         try:
             a, b, records, pos, error = conn.recv()
         except EOFError:  # the helper is gone: fine once it has sent all it claimed
             p, _ = helpers.pop(conn)
             p.join()
-            conn.close()  # its ring stays open: the parent may not have copied all of it yet
+            conn.close()  # its hold stays open until the window ends
             if p.exitcode != 0:
                 raise RuntimeError(f"a conversion helper process died (exit code {p.exitcode}) "
                                    f"before item {want} was converted") from None
             continue
         if error is not None:
             raise RuntimeError(f"a conversion helper failed on the chunk at item {a}:\n{error}")
-        pending[a] = (b, records, helpers[conn][1], pos)
+        pending[a] = (b, records, helpers[conn][1])
 
 
 def _spilled(items: list[Item], start: int, records: list[tuple], fd: int,
              flush: Callable[[], None]) -> Iterator[Result]:
-    """The results of a helper's chunk from its records; the bytes stay in the ring until
-    ``flush`` (the writer's ``flush_spans``) has copied them."""
+    """The results of a helper's chunk from its records (``fd``: the key of its hold); the
+    bytes stay with the helper until ``flush`` (the writer's ``flush_spans``) orders them
+    written."""
     for it, rec in zip(items[start:start + len(records)], records):
         if len(rec) == 1:
             yield Result(it.source, error=rec[0])

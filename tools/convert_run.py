@@ -1,9 +1,9 @@
 """The conversion job: parallel, deterministic, resumable, every input accounted for.
 
-Workers build, validate and encode contiguous chunks of the inputs in parallel, each into an
-in-memory ring (``convert_parallel``, ``convert_ring``); the parent takes them in input order
-and copies each sample into the shards (``ShardWriter.span_packed``), so the shards are
-byte-identical whatever the number of workers. Each finished shard is final (atomic rename); after each one, ``progress.json``
+Workers build, validate and encode contiguous chunks of the inputs in parallel
+(``convert_parallel``, ``convert_hold``); the parent takes them in input order and places each
+sample in the shards (``ShardWriter.span_packed``; a helper then writes its samples there), so
+the shards are byte-identical whatever the number of workers. Each finished shard is final (atomic rename); after each one, ``progress.json``
 records how many items are done, the shards so far and the rejections so far. ``--resume``
 re-enumerates the inputs (cheap), skips the done items and continues writing at the next shard
 number, which gives the same bytes as an uninterrupted run. ``report.json`` is written at the end.
@@ -145,12 +145,12 @@ def _write_json(path: Path, obj: dict, durable: bool = True) -> None:
 
 
 def _results(items, n_workers: int, out: Path, opts: ConvertOptions,
-             flush) -> Iterator[Result]:
+             writer: ShardWriter) -> Iterator[Result]:
     """Every item's result in input order (``convert_parallel``: the parent and helpers), in
     windows of ``WINDOW`` items (a source read as a stream is never held whole)."""
     it = iter(items)
     while window := list(itertools.islice(it, WINDOW)):
-        yield from parallel_results(window, n_workers, flush, opts.deep_check)
+        yield from parallel_results(window, n_workers, writer, opts.deep_check)
 
 
 def run_convert(inputs: list[str], out: str | os.PathLike, opts: ConvertOptions) -> Report:
@@ -195,7 +195,7 @@ def run_convert(inputs: list[str], out: str | os.PathLike, opts: ConvertOptions)
     progress = Progress(opts.quiet, done, total)
     with frozen_heap():  # see convert_parallel.frozen_heap
         try:
-            results = _results(items, opts.n_workers, out, opts, writer.flush_spans)
+            results = _results(items, opts.n_workers, out, opts, writer)
             # the per-item path runs ~2,000 times in a sample-corpus run: names bound once
             shards, hash_source = writer.shards, done_hash.update
             update = progress.update if progress.bar is not None else None  # no bar: no call

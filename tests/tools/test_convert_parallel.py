@@ -1,6 +1,6 @@
-"""The parent + helpers design (tools/convert_parallel.py, convert_ring.py): same bytes as one
-process however the chunks are shared out and however small the rings, nothing left behind, a
-failing or dying helper is an error (never a hang)."""
+"""The parent + helpers design (tools/convert_parallel.py, convert_hold.py): same bytes as one
+process however the chunks are shared out and however little a helper may hold, nothing left
+behind, a failing or dying helper is an error (never a hang)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from blocklm.tools import convert_parallel, convert_ring, convert_run
+from blocklm.tools import convert_hold, convert_parallel, convert_run
 from blocklm.tools.convert_options import ConvertOptions
 from blocklm.tools.convert_run import StrictStop, run_convert
 
@@ -39,11 +39,11 @@ def test_claims_cover_every_item_once_and_shrink():
 def test_spilled_chunks_and_shard_cuts_give_the_same_bytes(image_dir, audio_dir, small_text,
                                                            tmp_path, monkeypatch, smallest,
                                                            largest, window, hold, ring):
-    """Helpers' chunks (in their rings, copied with span_packed) cut by shard boundaries in the
-    middle, with rejections among them, in one window or many, the parent's chunks held for
-    their turn or (hold 0) the parent waiting for the helpers, rings so small that samples wrap
-    to the start, helpers wait for room and images (larger than the ring) go back to the
-    parent, equal a one-process run."""
+    """Helpers' chunks (placed with span_packed, written by the helpers) cut by shard boundaries
+    in the middle, with rejections among them, in one window or many, the parent's chunks held
+    for their turn or (hold 0) the parent waiting for the helpers, helpers allowed to hold so
+    little that they wait for write orders before they go on and images (larger than that) go
+    back to the parent, equal a one-process run."""
     (audio_dir / "zz_bad.wav").write_bytes(b"RIFF....WAVE")
     inputs = [str(image_dir), str(audio_dir), str(small_text)]
     ref = tmp_path / "ref"
@@ -52,22 +52,23 @@ def test_spilled_chunks_and_shard_cuts_give_the_same_bytes(image_dir, audio_dir,
     monkeypatch.setattr(convert_parallel, "MAX_CHUNK", largest)
     monkeypatch.setattr(convert_run, "WINDOW", window)
     monkeypatch.setattr(convert_parallel, "HOLD_BYTES", hold)
-    monkeypatch.setattr(convert_parallel, "MIN_RING", ring)
-    monkeypatch.setattr(convert_parallel, "RING_BYTES", ring)
-    log = tmp_path / "ring.log"  # what the (forked) helpers did: "wait" and "parent" lines
-    wait, note = convert_ring.RingWriter._wait, convert_ring.RingWriter._note
+    monkeypatch.setattr(convert_parallel, "MIN_HOLD", ring)
+    monkeypatch.setattr(convert_parallel, "HELPERS_HOLD", ring)
+    log = tmp_path / "hold.log"  # what the (forked) helpers did: "wait" and "parent" lines
+    wait, note = convert_hold.HoldWriter._wait, convert_hold.HoldWriter._note
 
     def logged(line, real):
-        def fn(self, *args):
-            if line != "parent" or (args[0] < args[1] and args[2] is None):
+        def fn(self, *args):  # a wait for room (not the last one, for 0 bytes held)
+            if (line == "wait" and args[0] > 0) or (line == "parent" and args[0] < args[1]
+                                                     and args[2] is None):
                 with open(log, "a") as f:
                     f.write(line + "\n")
             return real(self, *args)
         return fn
 
-    monkeypatch.setattr(convert_ring.RingWriter, "_wait", logged("wait", wait))
-    monkeypatch.setattr(convert_ring.RingWriter, "_note", logged("parent", note))
-    if ring == 9_000:  # a slow parent: the helpers fill their rings before it takes anything
+    monkeypatch.setattr(convert_hold.HoldWriter, "_wait", logged("wait", wait))
+    monkeypatch.setattr(convert_hold.HoldWriter, "_note", logged("parent", note))
+    if ring == 9_000:  # a slow parent: the helpers fill their holds before it takes anything
         import time
 
         real = convert_parallel.process
@@ -97,7 +98,7 @@ def _dying_chunk(self, number, items, deep_check):
     os._exit(9)
 
 
-_real_chunk = convert_ring.RingWriter.convert
+_real_chunk = convert_hold.HoldWriter.convert
 
 
 @pytest.mark.parametrize("chunk,match", [(_failing_chunk, "(?s)failed on the chunk at item .*MemoryError: boom"),
@@ -106,10 +107,10 @@ def test_a_failing_helper_stops_the_job_with_its_error(audio_dir, small_text, tm
                                                        monkeypatch, chunk, match):
     import time
 
-    monkeypatch.setattr(convert_ring.RingWriter, "convert", chunk)  # the helpers are forked
+    monkeypatch.setattr(convert_hold.HoldWriter, "convert", chunk)  # the helpers are forked
     real = convert_parallel.process
 
-    def slow(item, deep_check=False):  # the parent's conversions (helpers: RingWriter.convert)
+    def slow(item, deep_check=False):  # the parent's conversions (helpers: HoldWriter.convert)
         time.sleep(0.005)
         return real(item, deep_check)
 
@@ -148,43 +149,12 @@ def test_an_orphaned_helper_claims_nothing(tmp_path):
 
     nxt = mp.Value("q", 0)
     recv, send = mp.Pipe(duplex=False)
-    ring = convert_ring.Ring(1 << 16)
-    convert_parallel._helper([None] * 40, 2, nxt, send, ring, False, parent=os.getppid() + 1)
-    assert nxt.value == 0 and os.fstat(ring.fd).st_size == 0
+    hold = convert_hold.Hold(1 << 16)
+    convert_parallel._helper([None] * 40, 2, nxt, send, hold, False, parent=os.getppid() + 1)
+    assert nxt.value == 0 and hold.written.value == 0
     with pytest.raises(EOFError):
         recv.recv()
-    ring.close()
-
-
-def test_without_memfd_the_ring_is_an_unlinked_file(image_dir, audio_dir, tmp_path, monkeypatch):
-    """Where memfd_create is missing or refused, the rings are unlinked temporary files (copied
-    by copy_file_range or sendfile): the same bytes."""
-    ref = run_convert([str(image_dir), str(audio_dir)], tmp_path / "ref",
-                      ConvertOptions(workers=1, shard_size=400_000, quiet=True))
-
-    def refused(*args):
-        raise OSError(38, "Function not implemented")
-
-    monkeypatch.setattr(os, "memfd_create", refused)
-    monkeypatch.setattr(convert_parallel, "MIN_CHUNK", 1)
-    monkeypatch.setattr(convert_parallel, "MAX_CHUNK", 2)
-    rep = run_convert([str(image_dir), str(audio_dir)], tmp_path / "o",
-                      ConvertOptions(workers=2, shard_size=400_000, quiet=True))
-    assert rep.samples == ref.samples == 9
-    assert shard_bytes(tmp_path / "o") == shard_bytes(tmp_path / "ref")
-
-
-def test_a_helper_waiting_for_room_stops_when_orphaned():
-    """A helper waiting for the parent to consume its ring exits once its parent is gone (it
-    never hangs on a full ring)."""
-    ring = convert_ring.Ring(1 << 16)
-    out = convert_ring.RingWriter(ring, lambda note: None, parent=os.getppid() + 1)
-    with pytest.raises(SystemExit):
-        out._wait(1)
-    ring.release(1)  # the parent gives the room back: no wait at all
-    out.parent = os.getppid()
-    out._wait(1)
-    ring.close()
+    hold.close()
 
 
 def test_a_finished_windows_counter_outlives_its_helpers(small_text, tmp_path, monkeypatch):
@@ -243,7 +213,8 @@ def test_frozen_heap_leaves_the_collector_as_it_found_it():
 
 def test_a_parent_killed_alone_resumes_to_the_same_shards(corpora, tmp_path):
     """kill -9 of the parent only: its helpers, orphaned, may still be converting while the job
-    is resumed at once; they never touch the disk (their rings are in memory), so the resumed
+    is resumed at once; they write only where their parent ordered, through the descriptors
+    it passed them (never by name, so never into the resumed run's new files), so the resumed
     run gives the same shards, and they exit on their own."""
     import json
     import signal
