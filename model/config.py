@@ -34,7 +34,9 @@ class StackConfig:
     # chunk (stack_graph.py; takes precedence over `compile`). With `fused`: 0.45-0.79 ms per
     # sequential step against 3.4-4.0 eager, text 44.8k vs 15.3k tokens/s (GPU_NOTES.md, S3)
     graphs: bool = True
-    graph_unroll: int = 8
+    # steps per graph chunk (and checkpoint). 8 -> 16: text 169k -> 194k tokens/s (GPU_NOTES.md,
+    # call N2, WCH=32 kernels), 0.115 -> 0.103 ms per step at B=40 x T=3080
+    graph_unroll: int = 16
     # on CUDA, the ponder loop's read and pop/accumulate/push as fused Triton kernels
     # (stack_fused.py)
     fused: bool = True

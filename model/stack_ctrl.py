@@ -326,11 +326,14 @@ def launch_opts(B: int, K: int, W: int, H: int) -> dict:
     """Block sizes: G examples a program, cells whole (BK), lanes in chunks of WCH, the
     embedding in chunks of IC. The programs are latency-bound (one example's loads and
     reductions in sequence), so chunks are large: device call S5 ran IC=8, WCH=8 at 0.31 ms
-    a step for B=11. ptxas (sm_90) for the small preset's stack with these defaults: forward
-    118, backward 248 registers (8 warps), no spills; G=2 with 16 warps spills."""
+    a step for B=11; calls N1-N2 (GPU_NOTES.md, 2026-11-23 20:30) WCH 16 -> 32: 0.139 ->
+    0.115 ms at B=40 (-17%), 0.212 -> 0.186 at B=144, and IC 32 -> 64 a few % more. ptxas
+    (sm_90, offline) for the small preset's stack (W=64, Hd=256, 8 warps, bf16): WCH=32,
+    IC=64: forward 124, backward 255 registers, no spills; WCH=64 spills 168-184 bytes in
+    the backward; G=2 with 16 warps spills."""
     G = 1  # (OVERRIDE may also hold PRE_E=0: the first iterations' products in the kernels)
     BK, BH = triton.next_power_of_2(K), triton.next_power_of_2(H)
-    WCH, IC = min(16, triton.next_power_of_2(W)), min(32, BH)
+    WCH, IC = min(32, triton.next_power_of_2(W)), min(64, BH)
     big = G * BK * WCH >= 2048
     opts = dict(G=G, BK=BK, BH=BH, WCH=WCH, IC=IC, num_warps=(16 if G > 1 else 8) if big else 4)
     return {**opts, **OVERRIDE}

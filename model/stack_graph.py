@@ -48,7 +48,8 @@ from .stack_block import ponder_steps
 # the allocator's cache on entering each of the two captures. A text epoch of `small` has 16
 # batch sizes (one per length bucket) and a mixed one ~25, the same every epoch: with 12 kept,
 # the cyclic order made every batch capture again (`bench train --simulate`-style count, GPU_NOTES
-# "Lead ... M6"). The byte cap bounds the runners' static buffers (~154 KB per padded example).
+# "Lead ... M6"). The byte cap bounds the runners' static buffers (~154 KB per padded example at
+# graph_unroll 8, ~174 KB at 16: the cells and their gradient, 128 KB, do not grow with it).
 MAX_GRAPHS = 64
 MAX_GRAPH_BYTES = 8 << 30
 
