@@ -97,8 +97,10 @@ class Copier:
                                f"expected {h.sent}")
         msg = _ORDER.pack(src_off, size, dst_off)
         if h.fd_sent != dst_fd:
-            socket.send_fds(h.to_helper, [msg], [dst_fd])
+            n = socket.send_fds(h.to_helper, [msg], [dst_fd])
             h.fd_sent = dst_fd
+            if n < len(msg):  # cut short (never seen): the rest without the descriptor
+                h.to_helper.sendall(msg[n:])
         else:
             h.to_helper.sendall(msg)
         h.sent += size

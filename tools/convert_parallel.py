@@ -141,7 +141,8 @@ def parallel_results(items: list[Item], n_workers: int, writer,
     at = 0  # items before `at` are yielded
 
     def drain(ready: list) -> None:  # the notes that came while the parent waits for writes
-        _receive(helpers, pending, at, [c for c in ready if c in helpers])
+        if live := [c for c in ready if c in helpers]:
+            _receive(helpers, pending, at, live)
 
     try:
         for _ in range(n_workers - 1):
