@@ -4,6 +4,7 @@ orders, a helper gone before it wrote, a helper waiting for orders when its pare
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 
@@ -54,6 +55,16 @@ def test_a_helper_that_dies_before_writing_stops_the_job(audio_dir, small_text, 
                         lambda self, src, size, dst: os._exit(9))
     monkeypatch.setattr(convert_parallel, "MIN_CHUNK", 1)
     monkeypatch.setattr(convert_parallel, "MAX_CHUNK", 2)
+    # the parent converts slowly, so the helper surely claims a chunk: in a clean-clone CI run
+    # the parent converted all 6 items before the forked helper claimed one (no write, no error)
+    parent, process = os.getpid(), convert_parallel.process
+
+    def slow(item, deep_check):
+        if os.getpid() == parent:
+            time.sleep(0.2)
+        return process(item, deep_check)
+
+    monkeypatch.setattr(convert_parallel, "process", slow)
     out = tmp_path / "o"
     with pytest.raises(RuntimeError, match="exit code 9"):
         run_convert([str(small_text), str(audio_dir)], out,
