@@ -135,12 +135,7 @@ class Dispatcher:
                     f"shape {list(shape)} costs {c} tokens, more than the whole batch budget "
                     f"{self._budget[mode]}, and mode {mode!r} has no splitter", key=ex.key,
                     block=block, mode=mode))
-            bkey = (mode, self._spec[mode].key(shape))
-            b = self._buckets.get(bkey)
-            if b is None:
-                b = self._buckets[bkey] = Bucket(mode, bkey[1], self._mc[mode],
-                                                 self._budget[mode], self.config.cap_of(mode))
-            hit = (b, c)
+            hit = (self._bucket((mode, self._spec[mode].key(shape))), c)
             if len(cache) < 1 << 16:
                 cache[shape] = hit
         b, c = hit
@@ -203,6 +198,15 @@ class Dispatcher:
             ex = self._new_example(pos, sample, pieces)
             if ex is not None:
                 self._issue(ex, now)
+
+    def _bucket(self, bkey: tuple) -> Bucket:
+        """The bucket ``(mode, key)``, created on first use."""
+        b = self._buckets.get(bkey)
+        if b is None:
+            mode = bkey[0]
+            b = self._buckets[bkey] = Bucket(mode, bkey[1], self._mc[mode], self._budget[mode],
+                                             self.config.cap_of(mode))
+        return b
 
     # -- scheduling ---------------------------------------------------------------------------
     def _scan(self, mode: str | None) -> tuple[int, Bucket | None]:

@@ -26,7 +26,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from .dispatch_buckets import Bucket, Example, _emax
+from .dispatch_buckets import Example, _emax
 from .dispatch_types import Request
 
 if TYPE_CHECKING:
@@ -127,25 +127,9 @@ def admit_planned(d: Dispatcher, plan: Admission) -> None:
     d.counts["admitted"] += len(plan.examples)
     if plan.samples:
         d.drawn = plan.offset + len(plan.samples)
-    cfg, buckets, nonempty = d.config, d._buckets, d._nonempty
+    nonempty = d._nonempty
     for bkey, reqs, gshape, gcost in plan.groups:
-        b = buckets.get(bkey)
-        if b is None:
-            mode = bkey[0]
-            b = buckets[bkey] = Bucket(mode, bkey[1], d._mc[mode], d._budget[mode],
-                                       cfg.cap_of(mode))
-        q = b.q
-        was_empty = not q
-        q.extend(reqs)
-        ms = b.maxshape
-        if ms is None:
-            b.maxshape, b.maxcost = gshape, gcost
-        else:
-            m = _emax(ms, gshape)
-            if m is not ms:
-                b.maxshape, b.maxcost = m, b.cost(m)
-        n, cap = len(q), b.cap
-        b.full = (n + 1) * b.maxcost > b.budget or (cap is not None and n >= cap)
-        if was_empty:
+        b = d._bucket(bkey)
+        if b.extend(reqs, gshape, gcost):
             nonempty[b] = None
     plan.samples, plan.examples, plan.requests, plan.groups = [], {}, [], []

@@ -106,17 +106,31 @@ class Bucket:
         self.full = bool(n) and ((n + 1) * self.maxcost > budget or (cap is not None and n >= cap))
         return reqs, ms, len(reqs) * each, total  # type: ignore[return-value]
 
-    def refresh(self) -> None:
-        """Recompute the max shape, its cost and fullness from the queue (after requests were
-        taken from its front by another batch: :mod:`.dispatch_coalesce`)."""
-        ms: Shape | None = None
-        for r in self.q:
-            ms = r.shape if ms is None else _emax(ms, r.shape)
-        self.maxshape = ms
-        self.maxcost = 0 if ms is None else self.cost(ms)
-        n, cap = len(self.q), self.cap
-        self.full = bool(n) and ((n + 1) * self.maxcost > self.budget
-                                 or (cap is not None and n >= cap))
+    def extend(self, reqs: list[Request], shape: Shape, cost: int) -> bool:
+        """Queue ``reqs`` at once, as that many :meth:`push` calls would (``shape``: their
+        elementwise max, ``cost`` its cost; a whole source admitted together,
+        :mod:`.dispatch_admit`). True if the bucket was empty before."""
+        q = self.q
+        was_empty = not q
+        q.extend(reqs)
+        ms = self.maxshape
+        if ms is None:
+            self.maxshape, self.maxcost = shape, cost
+        else:
+            m = _emax(ms, shape)
+            if m is not ms:
+                self.maxshape, self.maxcost = m, self.cost(m)
+        n, cap = len(q), self.cap
+        self.full = (n + 1) * self.maxcost > self.budget or (cap is not None and n >= cap)
+        return was_empty
+
+    def take_all(self) -> list[Request]:
+        """Every pending request, leaving the bucket empty (a coalesced batch takes whole
+        buckets along: :mod:`.dispatch_coalesce`)."""
+        reqs = list(self.q)
+        self.q.clear()
+        self.maxshape, self.maxcost, self.full = None, 0, False
+        return reqs
 
 
 _NONE: list = []  # shared, never appended to: replaced by a fresh list on first use

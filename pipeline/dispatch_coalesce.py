@@ -88,11 +88,10 @@ def coalesce_into(d: Dispatcher, seed: Bucket, reason: str, reqs: list[Request],
         b = u[2]
         if b is None:
             continue
-        for r in b.q:
+        taken = b.take_all()
+        for r in taken:
             shape = _emax(shape, r.shape)
             total += r.cost
-        reqs.extend(b.q)
-        b.q.clear()
-        b.refresh()
+        reqs.extend(taken)
         nonempty.pop(b, None)
     return shape, len(reqs) * cost(shape), total
