@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import click
@@ -281,6 +281,7 @@ def simulate_dispatch(preset: str, data: str, extra: list[str], epochs: int = 1)
     cost = cost_from_supports(supports)
     n: dict[str, float] = defaultdict(float)
     per: dict[str, dict] = defaultdict(lambda: defaultdict(float))
+    reasons: dict[str, Counter] = defaultdict(Counter)  # mode -> why its batches ran
 
     def runner(batch):
         if batch.requests:
@@ -290,7 +291,7 @@ def simulate_dispatch(preset: str, data: str, extra: list[str], epochs: int = 1)
                 d["padded"] += batch.padded_cost
                 d["real"] += batch.cost
                 d["seq_steps"] += seq
-            per[batch.mode]["reason_" + batch.reason] += 1
+            reasons[batch.mode][batch.reason] += 1
         return [Result(state=None) for _ in batch.requests]
 
     remote = RemoteConfig()
@@ -305,8 +306,7 @@ def simulate_dispatch(preset: str, data: str, extra: list[str], epochs: int = 1)
     modes = {m: {"batches": int(v["batches"]),
                  "tokens_per_batch": round(v["padded"] / v["batches"]),
                  "padding": round(1 - v["real"] / v["padded"], 3),
-                 "reasons": {k[7:]: int(c) for k, c in sorted(v.items())
-                             if k.startswith("reason_")}}
+                 "reasons": dict(sorted(reasons[m].items()))}
              for m, v in sorted(per.items())}
     return {"data": data, "bucket_max_width": cfg.train.bucket_max_width, "epochs": epochs,
             "batches_per_step": round(n["batches"] * scale, 2),
