@@ -164,15 +164,13 @@ class CtrlRunner:
                 de += _round(first @ wc[:, :H].float(), self.lowp).transpose(0, 1)
         # weight gradients: one matmul per weight over the chunk's n * B rows (fp32 sums)
         GPRE, GLG, GVP = (t.view(n * B, -1) for t in (GPRE, GLG, GVP))
-        X, EN = X.view(n * B, -1), EN.view(n * B, -1)
-        if self.lowp:  # act and val multiplied bf16(e_new)
-            EN = EN.to(torch.bfloat16).float()
+        X = X.view(n * B, -1)
+        EN = _round(EN.view(n * B, -1), self.lowp)  # act and val multiplied bf16(e_new)
         for gw, gb, gout, inp in zip(self.grads[0::2], self.grads[1::2], (GPRE, GLG, GVP),
                                      (X, EN, EN)):
             gw.addmm_(gout.t(), inp)
             gb.add_(gout.sum(0))
         return de, g_V, g_s
-
 
     def _pre_e(self, e: Tensor, wc: Tensor) -> Tensor:
         """The embedding's part of ctrl([e, read]) for each step's first iteration, whose e
