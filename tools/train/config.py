@@ -40,6 +40,10 @@ class TrainConfig:
     # relative width cap of shape buckets (estimate_buckets' max_width; None: quantiles only;
     # a dict: per mode, modes not in it None)
     bucket_max_width: float | None | dict[str, float | None] = 0.06
+    # one dispatcher run over epoch after epoch, the next admitted while this one drains
+    # (tools/train/chain.py: no string of small drain batches at each epoch's end); false: one
+    # run per epoch, drained, with a partial optimizer step at its end (the batches before)
+    chain_epochs: bool = True
 
 
 @dataclass

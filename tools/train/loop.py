@@ -6,6 +6,17 @@ accumulate until ``tokens_per_step`` decoder steps have run, then one backward p
 optimizer step close the window. A checkpoint is taken only at a window boundary and holds the
 model, optimizer, scheduler, RNG states, epoch, the dispatcher's state (in-flight examples with
 their contexts) and the loader's counters; resuming rebuilds the same batches in the same order.
+
+Epochs are chained by default (``train.chain_epochs``, :mod:`.chain`): ONE dispatcher run over
+epoch after epoch (each reshuffled by the loader's ``set_epoch``), the next epoch's examples
+admitted as in-flight places free up, so no epoch ends in a string of small drain batches and an
+optimizer step's window may hold samples of two epochs. ``self.epoch`` is then the epoch of the
+newest sample admitted (logged as ``epoch``); the checkpoint also records where each epoch still
+in flight starts, so a resumed run rebuilds the chain from the oldest one and forms exactly the
+uninterrupted run's batches. With ``train.chain_epochs=false`` each epoch is its own dispatcher
+run, drained, with a partial optimizer step at its end; the next epoch is then read, prepared and
+planned for admission ahead (:mod:`.readahead`). Chained, that read-ahead is the dispatcher's own
+prefetch thread, which reads on across the epoch boundary.
 """
 
 from __future__ import annotations
@@ -17,8 +28,6 @@ import math
 import os
 import random
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -27,15 +36,14 @@ import numpy as np
 import torch
 from torch.profiler import record_function
 
-from blocklm.formats import iter_index
 from blocklm.model.blocklm import BlockLM
-from blocklm.pipeline import BlockDataset, RemoteConfig, RemoteOpener
-from blocklm.pipeline.buckets import BucketSpec, estimate_buckets
+from blocklm.pipeline import RemoteConfig
 from blocklm.pipeline.cost import cost_from_supports
 from blocklm.pipeline.dispatch import Dispatcher
 from blocklm.pipeline.dispatch_admit import plan_admission
 from blocklm.pipeline.dispatch_dist import torch_agree
 
+from .chain import EpochChain
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import RunConfig, build_config
 from .distributed import Collective, init_from_launcher
@@ -51,69 +59,11 @@ from .metrics import MetricsLog
 from .readahead import EpochReadAhead
 from .runner import HEADS, Context, ModelRunners
 from .schedule import warmup_cosine
+from .spec import RUN_META, RunSpec, make_buckets, make_optimizer, make_source, pick_device
 
-RUN_META = "run.json"
+__all__ = ["RUN_META", "RunSpec", "Trainer", "load_model", "make_buckets", "make_optimizer",
+           "make_source", "pick_device", "train"]
 FULL_GC_EVERY = 50  # generation-1 collections between full ones while training (Python: 10)
-
-
-@dataclass
-class RunSpec:
-    """What identifies a run: preset, overrides and data (saved as ``RUN/run.json``)."""
-
-    preset: str
-    data: list[str]
-    weights: list[float] | None = None
-    overrides: list[str] = field(default_factory=list)
-    val: str | None = None  # held-out dataset evaluated every train.eval_every steps
-    s3_endpoint: str | None = None  # for s3:// data on S3-compatible storage (credentials:
-    # passed to train() as a RemoteConfig, or s3fs's own default chain; never saved here)
-
-    def save(self, run: Path) -> None:
-        (run / RUN_META).write_text(json.dumps(self.__dict__, indent=1) + "\n")
-
-    @classmethod
-    def load(cls, run: Path) -> RunSpec:
-        path = run / RUN_META
-        if not path.is_file():
-            raise FileNotFoundError(f"{run} holds no run to resume (no {RUN_META})")
-        return cls(**json.loads(path.read_text()))
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def make_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
-    """AdamW; matrices decay, vectors (biases, norms) and embeddings' scalars do not."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    rest = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    t = cfg.train
-    fused = all(p.is_cuda for p in decay + rest)  # one kernel per step instead of per tensor
-    return torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
-                              {"params": rest, "weight_decay": 0.0}],
-                             lr=t.lr, betas=(t.beta1, t.beta2), fused=fused or None)
-
-
-def make_source(spec: RunSpec, cfg: RunConfig, remote: RemoteConfig) -> Any:
-    t = cfg.train
-    sets = [BlockDataset(d, shuffle=True, seed=t.seed, shuffle_buffer=t.shuffle_buffer,
-                         remote=remote)
-            for d in spec.data]
-    if len(sets) == 1:
-        return sets[0]
-    return BlockDataset.mix(sets, spec.weights or [1.0] * len(sets), seed=t.seed)
-
-
-def make_buckets(data: Sequence[str], cost, remote: RemoteConfig,
-                 max_width: float | None = 0.06) -> BucketSpec:
-    """Shape buckets from the datasets' indexes (manifest and indexes only, local or remote);
-    ``max_width``: see :func:`estimate_buckets`."""
-    opener = RemoteOpener(remote)
-    shapes = ((b.mode, tuple(b.shape)) for d in data
-              for _, e in iter_index(d, opener=opener) for b in e.blocks)
-    return estimate_buckets(shapes, cost, max_width=max_width)
 
 
 def train(run: str | Path, spec: RunSpec | None = None, *, steps: int | None = None,
@@ -175,10 +125,14 @@ class Trainer:
         agree = torch_agree() if self.coll.world > 1 else None
         self.disp = Dispatcher({m: self.runners.runner(m) for m in self.modes}, self.buckets,
                                cfg.dispatch, cost=cost, agree=agree, rank=self.coll.rank)
-        self.ahead.prepare = self.disp._prepare  # the next epoch is decoded ahead too:
-        self.disp._prepare = self.ahead.cached(self.ahead.prepare)  # the dispatcher takes it
-        self.ahead.plan = partial(plan_admission, self.disp)  # and its admission built ahead
+        if not t.chain_epochs:  # chained, the dispatcher's own read-ahead crosses epochs
+            self.ahead.prepare = self.disp._prepare  # the next epoch is decoded ahead too:
+            self.disp._prepare = self.ahead.cached(self.ahead.prepare)  # the dispatcher takes it
+            self.ahead.plan = partial(plan_admission, self.disp)  # and its admission built ahead
+        # the epoch of the newest sample admitted (chained, older epochs may still be in flight)
         self.step = self.epoch = 0
+        self.chain: EpochChain | None = None  # the run's chained source (train.chain_epochs)
+        self._chain_from: tuple[int, int, dict[int, int]] = (0, 0, {})  # its first epoch, start
         if resume:
             self._restore()
         self.log = MetricsLog(run, tensorboard=tensorboard) if self.coll.rank == 0 else None
@@ -193,9 +147,13 @@ class Trainer:
 
     def checkpoint(self) -> None:
         """Model, optimizer, scheduler (rank 0) and each rank's dispatcher, loader and RNG."""
+        state = self.disp.state_dict()
         mine = {"step": self.step, "world": self.coll.world, "rng": rng_state(),
-                "dispatcher": _pack_contexts(self.disp.state_dict()),
+                "dispatcher": _pack_contexts(state),
                 "loader": {"epoch": self.epoch, "stats": _loader_stats(self.source)}}
+        if self.chain is not None:  # where each epoch still needed starts (chain.py)
+            mine["loader"]["chain"] = self.chain.state(Dispatcher.resume_position(state),
+                                                       state["drawn"])
         if self.coll.world > 1:
             torch.save(mine, self._rank_file().with_suffix(".tmp"))
             os.replace(self._rank_file().with_suffix(".tmp"), self._rank_file())
@@ -225,6 +183,14 @@ class Trainer:
         self.sched.load_state_dict(ck["scheduler"])
         set_rng_state(mine["rng"])
         self.step, self.epoch = ck["step"], ck["epoch"]
+        chain = mine.get("loader", {}).get("chain")
+        if self.t.chain_epochs:  # each rank's own epochs (their lengths may differ)
+            self.epoch = mine.get("loader", {}).get("epoch", self.epoch)
+            self._chain_from = EpochChain.resume_args(chain, self.epoch)
+        elif chain is not None:
+            raise ValueError(f"{self.run}: the checkpoint was written with chained epochs "
+                             f"(train.chain_epochs=true; epochs {[e for e, _ in chain]} in "
+                             f"flight): resume it with train.chain_epochs=true")
         self.runners.window.index = ck["window"]
         self.disp.load_state_dict(_unpack_contexts(mine["dispatcher"]))
 
@@ -324,23 +290,20 @@ class Trainer:
         stopped = "steps"
         with StopFlag() as stop:
             while self.step < self.target:
-                ended = None  # the next epoch's first samples are read while this one drains
-                # an epoch read ahead whole is admitted from memory in this thread: through the
-                # prefetch thread, hand-offs were a third of its admission (7,222 examples);
-                # planned ahead (dispatch_admit.py), all at once in a few ms
-                plan = self.ahead.take_whole(self.epoch)
-                prefetch = 0 if plan is not None or self.ahead.whole(self.epoch) else None
-                src = plan if plan is not None else self.ahead.epoch(self.epoch)
-                for st in self.disp.run(src, prefetch=prefetch):
+                ended = None
+                src, offset, prefetch = self._source()
+                for st in self.disp.run(src, offset=offset, prefetch=prefetch):
                     self.runners.finish([f.state for f in st.finished
                                          if f.error is None and isinstance(f.state, Context)])
                     if st.batch is None:  # a rank-local tail step: no collectives here
                         continue
                     if self.coll.sum([float(self.runners.window.tokens)])[0] < t.tokens_per_step:
                         continue
-                    # the next epoch is read ahead from an optimizer step on, not while this
-                    # epoch's examples are admitted (readahead.py); a no-op once started
-                    self.ahead.start_next()
+                    if self.chain is not None:
+                        self.epoch = self.chain.epoch_of(self.disp.drawn - 1)
+                    else:  # the next epoch is read ahead from an optimizer step on, not while
+                        # this epoch's examples are admitted (readahead.py); a no-op once started
+                        self.ahead.start_next()
                     ended = self._after_step(deadline, stop)
                     if ended is not None:
                         break
@@ -361,6 +324,22 @@ class Trainer:
         if self.coll.rank == 0:
             (self.run / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
         return summary
+
+    def _source(self) -> tuple[Any, int, int | None]:
+        """The next dispatcher run's (source, offset, prefetch): chained, every epoch from
+        ``self.epoch`` on (one run for the whole fit); else this epoch's samples."""
+        if self.t.chain_epochs:
+            first, start, expect = self._chain_from
+            self.chain = EpochChain(self.source, first, start, expect=expect,
+                                    name=f"{', '.join(self.spec.data)} (rank {self.coll.rank})")
+            return self.chain, start, None
+        # the next epoch's first samples are read while this one drains; an epoch read ahead
+        # whole is admitted from memory in this thread: through the prefetch thread, hand-offs
+        # were a third of its admission (7,222 examples); planned ahead (dispatch_admit.py),
+        # all at once in a few ms
+        plan = self.ahead.take_whole(self.epoch)
+        prefetch = 0 if plan is not None or self.ahead.whole(self.epoch) else None
+        return (plan if plan is not None else self.ahead.epoch(self.epoch)), 0, prefetch
 
     def _after_step(self, deadline: float, stop: StopFlag) -> str | None:
         """Optimizer step, then checkpoint when due or when stopping; returns why it stops."""

@@ -143,10 +143,11 @@ def test_sigint_writes_a_usable_checkpoint(tmp_path, dataset, tokenizer):
 
 @pytest.mark.slow
 def test_two_process_gloo_matches_one_process(tmp_path, dataset, tokenizer):
-    """With one optimizer step per epoch (a window as large as the data), 2 ranks see the same
-    global batch as 1 process: the losses must agree. Ranks hold different modes at the same
-    dispatcher step, so this also shows that uneven modes do not hang."""
-    extra = ["train.tokens_per_step=1000000000", "train.warmup=1"]
+    """With one optimizer step per epoch (a window as large as the data: one dispatcher run
+    per epoch, not chained), 2 ranks see the same global batch as 1 process: the losses must
+    agree. Ranks hold different modes at the same dispatcher step, so this also shows that
+    uneven modes do not hang."""
+    extra = ["train.tokens_per_step=1000000000", "train.warmup=1", "train.chain_epochs=false"]
     base = ["-m", "blocklm.tools.cli", "train", "--preset", "tiny", "--data", dataset,
             "--steps", "2", "--quiet"]
     for o in _spec(dataset, tokenizer, *extra).overrides:

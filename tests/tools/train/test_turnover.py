@@ -1,5 +1,6 @@
 """Epoch turnovers of the trainer: what runs between one epoch's last step and the next one's
-first (bench train's data wait at turnovers), without changing the batches."""
+first (bench train's data wait at turnovers), without changing the batches. Turnovers are those of
+per-epoch runs (``train.chain_epochs=false``): chained epochs have none (test_chain.py)."""
 
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ def dataset(tmp_path_factory) -> str:
 def _trainer(tmp_path, dataset, tokenizer) -> Trainer:
     spec = RunSpec("tiny", [dataset], None, [
         f"model.modes.text.tokenizer_path={tokenizer}", "train.tokens_per_step=200",
-        "dispatch.budget=100", "train.log_every=1000", "train.checkpoint_every=0"])
+        "dispatch.budget=100", "train.log_every=1000", "train.checkpoint_every=0",
+        "train.chain_epochs=false"])  # turnovers: one dispatcher run per epoch
     return Trainer(tmp_path / "run", spec, resume=False, remote=None, progress=False,
                    tensorboard=False)
 

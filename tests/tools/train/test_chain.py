@@ -1,0 +1,152 @@
+"""Chained epochs (``train.chain_epochs``): one dispatcher run over epoch after epoch, and exact
+resumption from a checkpoint taken while examples of two epochs are in flight."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from blocklm.formats import Sample, ShardWriter, text_block
+from blocklm.tools.train.chain import EmptyEpochError, EpochChain
+from blocklm.tools.train.loop import RunSpec, train
+from blocklm.tools.train.metrics import read_metrics
+
+
+class Source:
+    """A loader stand-in whose epochs differ in order and length."""
+
+    def __init__(self, lengths: dict[int, int]) -> None:
+        self.lengths, self.epoch = lengths, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        n = self.lengths.get(self.epoch, 3)
+        return iter([(self.epoch, (i * 5 + self.epoch) % n) for i in range(n)])
+
+
+def test_chain_numbers_epochs_on_from_an_offset_and_records_their_starts():
+    src = Source({0: 5, 1: 3, 2: 4})
+    ch = EpochChain(src, 0, 0, epochs=3)
+    items = list(ch)
+    assert items == [(e, (i * 5 + e) % n) for e, n in ((0, 5), (1, 3), (2, 4))
+                     for i in range(n)]
+    assert [ch.epoch_of(p) for p in (-1, 0, 4, 5, 7, 8, 11, 99)] == [0, 0, 0, 1, 1, 2, 2, 2]
+    # a checkpoint: resume position 6 (epoch 1), newest admitted 8 (epoch 2)
+    assert ch.state(6, 9) == [[1, 5], [2, 8]]
+    assert ch.state(6, 8) == [[1, 5]]  # epoch 2 only read ahead: not recorded
+    assert EpochChain.resume_args(ch.state(6, 9), 2) == (1, 5, {2: 8})
+    first, start, expect = EpochChain.resume_args(ch.state(6, 9), 2)
+    resumed = EpochChain(src, first, start, expect=expect, epochs=2)
+    assert list(resumed) == items[5:]
+    # a per-epoch run's checkpoint (no chain state): its epoch, numbered from 0
+    assert EpochChain.resume_args(None, 4) == (4, 0, {})
+
+
+def test_chain_errors_name_the_epoch_and_what_changed():
+    src = Source({0: 5, 1: 3})
+    with pytest.raises(ValueError, match=r"epoch 1 of data/x starts at source position 5, "
+                                         r"the checkpoint recorded 6"):
+        list(EpochChain(src, 0, 0, expect={1: 6}, name="data/x"))
+    with pytest.raises(EmptyEpochError, match="epoch 1 of the training data yielded no"):
+        list(EpochChain(Source({0: 2, 1: 0})))  # endless otherwise
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> str:
+    """30 samples, every third with a second text block (its context crosses batches)."""
+    out = tmp_path_factory.mktemp("chain")
+    words = "the quick brown fox jumps over a lazy dog while seven bold kings hum".split()
+    with ShardWriter(out, max_samples=8) as w:
+        for i in range(30):
+            t = " ".join(words[i % 7:i % 7 + 2 + i % 6])
+            more = [text_block(t[::-1] + " and more")] if i % 3 == 0 else []
+            w.write(Sample(f"s{i:03d}", [text_block(t)] + more))
+    return str(out)
+
+
+def _spec(dataset, tokenizer, *extra) -> RunSpec:
+    # 12 in flight of a 30-sample epoch: an epoch's tail and the next one's head share batches
+    return RunSpec("tiny", [dataset], None, [
+        f"model.modes.text.tokenizer_path={tokenizer}", "train.tokens_per_step=150",
+        "dispatch.budget=100", "dispatch.max_in_flight=12", "train.log_every=1",
+        "train.warmup=2", "train.lr=0.01", "train.checkpoint_every=0", *extra])
+
+
+def _epochs_in_flight(run) -> set[int]:
+    """The epochs of the examples in flight in ``run``'s checkpoint (from its chain state)."""
+    ck = torch.load(run / "checkpoint.pt", weights_only=True)
+    chain = ck["loader"]["chain"]
+    return {max(e for e, s in chain if s <= x["example"])
+            for x in ck["dispatcher"]["in_flight"]}
+
+
+def _params(run) -> dict[str, torch.Tensor]:
+    return torch.load(run / "checkpoint.pt", weights_only=True)["model"]
+
+
+def test_chained_resume_is_exact_with_two_epochs_in_flight(tmp_path, dataset, tokenizer):
+    """Stopped at step 3, examples of epochs 0 and 1 are in flight; the resumed run rebuilds
+    the chain from epoch 0 and gives the uninterrupted run's losses and parameters bitwise."""
+    full = tmp_path / "full"
+    train(full, _spec(dataset, tokenizer), steps=8, progress=False, tensorboard=False)
+    half = tmp_path / "half"
+    train(half, _spec(dataset, tokenizer), steps=3, progress=False, tensorboard=False)
+    assert _epochs_in_flight(half) == {0, 1}
+    assert read_metrics(half)[-1]["epoch"] == 2  # the newest admitted sample's epoch
+    train(half, steps=8, resume=True, progress=False, tensorboard=False)
+    a, b = read_metrics(full), read_metrics(half)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, 9))
+    assert [(r["loss"], r["epoch"]) for r in a] == [(r["loss"], r["epoch"]) for r in b]
+    assert a[-1]["epoch"] >= 4  # several epochs went by, none of them drained
+    pa, pb = _params(full), _params(half)
+    assert pa.keys() == pb.keys() and all(torch.equal(pa[k], pb[k]) for k in pa)
+
+
+def test_chained_batches_mix_epochs_and_off_runs_one_epoch_per_run(tmp_path, dataset,
+                                                                  tokenizer):
+    """On: one dispatcher run, and some batch holds samples of two epochs. Off: a run per
+    epoch, each drained (batches of one epoch only), as before the option."""
+    from blocklm.tools.train.loop import Trainer
+
+    seen = {}
+    for chain in (True, False):
+        spec = _spec(dataset, tokenizer, f"train.chain_epochs={str(chain).lower()}")
+        tr = Trainer(tmp_path / str(chain), spec, resume=False, remote=None, progress=False,
+                     tensorboard=False)
+        runs, batches = [], []
+        run, disp_run = tr.runners.run, tr.disp.run
+        tr.disp.run = (lambda source, runs=runs, disp_run=disp_run, **kw:
+                       runs.append(kw) or disp_run(source, **kw))
+
+        def on_run(mode, batch, run=run, tr=tr, batches=batches):
+            batches.append({r.example // 30 for r in batch.requests})  # 30 samples an epoch
+            return run(mode, batch)
+        tr.runners.run = on_run
+        tr.fit(steps=8, minutes=None)
+        seen[chain] = (len(runs), sum(len(b) > 1 for b in batches), tr.epoch)
+    assert seen[True][0] == 1 and seen[True][1] > 0 and seen[True][2] >= 4
+    assert seen[False][0] >= 3 and seen[False][1] == 0  # positions restart at 0 each epoch
+
+
+def test_checkpoints_across_the_switch(tmp_path, dataset, tokenizer):
+    """A per-epoch run's checkpoint (the format before chaining) resumes chained from its
+    epoch; a chained one refuses to resume per epoch, with the reason."""
+    old = tmp_path / "old"
+    train(old, _spec(dataset, tokenizer, "train.chain_epochs=false"), steps=3, progress=False,
+          tensorboard=False)
+    ck = torch.load(old / "checkpoint.pt", weights_only=True)
+    assert "chain" not in ck["loader"] and ck["dispatcher"]["in_flight"]
+    meta = json.loads((old / "run.json").read_text())
+    meta["overrides"].remove("train.chain_epochs=false")  # as if the default changed under it
+    (old / "run.json").write_text(json.dumps(meta))
+    out = train(old, steps=6, resume=True, progress=False, tensorboard=False)
+    assert out["step"] == 6 and read_metrics(old)[-1]["epoch"] >= ck["epoch"]
+    assert torch.load(old / "checkpoint.pt", weights_only=True)["loader"]["chain"]
+    meta["overrides"].append("train.chain_epochs=false")
+    (old / "run.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="written with chained epochs.*chain_epochs=true"):
+        train(old, steps=7, resume=True, progress=False, tensorboard=False)

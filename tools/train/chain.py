@@ -1,0 +1,100 @@
+"""Chained epochs: the trainer's epochs as one dispatcher source (``train.chain_epochs``).
+
+One dispatcher run per epoch drains every queue before the next epoch is admitted, so each epoch
+ends in a string of small ``drain`` batches of thin buckets (a batch costs the host about the
+same whatever its size: ~1,800 kernel launches, and with the processing stack its padded length
+step by step). Chained, the trainer runs ONE dispatcher run over epoch ``e``, then ``e + 1``
+(reshuffled by the loader's ``set_epoch``, as before), and so on: the next epoch's examples are
+admitted as in-flight places free up, and an epoch's tail shares batches with the next one's head
+(``bench train --simulate``: the small preset's mixed set 6.26 -> ~3-4 batches per optimizer
+step, the text set 3.10 -> ~2-2.4). Within an epoch the samples and their order are the loader's.
+
+**Positions.** The dispatcher numbers a run's samples from the run's ``offset``; chained, epoch
+``e + 1``'s first sample takes the position after epoch ``e``'s last. :class:`EpochChain`
+records where each epoch starts as it reaches it (in the dispatcher's read-ahead thread).
+
+**Resumption.** A checkpoint stores :meth:`EpochChain.state`: ``[[epoch, start], ...]`` for the
+epochs from the one holding the resume position (the oldest in-flight example, or the next
+sample to draw) on. Resuming rebuilds the chain from that epoch at that start (the dispatcher
+skips the positions it does not need, as within one epoch) and checks the later epochs start
+where they did. A checkpoint of a per-epoch run (no chain state: its positions count from 0
+within its epoch) resumes chained from its epoch at position 0.
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+
+class EmptyEpochError(ValueError):
+    """An epoch of the training data yielded no sample: an endless chain would never end."""
+
+
+class EpochChain:
+    """The samples of ``source`` (a loader with ``set_epoch``), epoch ``first`` (its first sample
+    at position ``offset``), then each next epoch, endlessly (or ``epochs`` of them). ``expect``
+    maps epochs to the start positions a checkpoint recorded (checked when reached). Iterate it
+    once (the dispatcher's read-ahead thread does); :meth:`epoch_of` and :meth:`state` may be
+    called from any thread meanwhile."""
+
+    def __init__(self, source: Any, first: int = 0, offset: int = 0, *,
+                 expect: dict[int, int] | None = None, epochs: int | None = None,
+                 name: str = "the training data") -> None:
+        self.source, self.first, self.offset, self.epochs = source, first, offset, epochs
+        self.name = name  # named in errors
+        self._expect = dict(expect or {})
+        self._lock = threading.Lock()
+        self._epochs = [first]  # epochs reached, ascending, and where each starts
+        self._starts = [offset]
+
+    def __iter__(self) -> Iterator[Any]:
+        e, pos = self.first, self.offset
+        while self.epochs is None or e < self.first + self.epochs:
+            if e != self.first:
+                want = self._expect.get(e)
+                if want is not None and want != pos:
+                    raise ValueError(
+                        f"resuming: epoch {e} of {self.name} starts at source position {pos}, "
+                        f"the checkpoint recorded {want} (the data or the loader's settings "
+                        f"changed since)")
+                with self._lock:
+                    self._epochs.append(e)
+                    self._starts.append(pos)
+            self.source.set_epoch(e)
+            n = 0
+            for sample in self.source:
+                n += 1
+                yield sample
+            if n == 0:
+                raise EmptyEpochError(f"epoch {e} of {self.name} yielded no samples: "
+                                      f"nothing to train on")
+            e, pos = e + 1, pos + n
+
+    def epoch_of(self, pos: int) -> int:
+        """The epoch of source position ``pos`` among the epochs reached (``first`` for a
+        position before the chain's start; the last epoch reached for one past it)."""
+        with self._lock:
+            i = bisect.bisect_right(self._starts, pos) - 1
+            return self._epochs[max(i, 0)]
+
+    def state(self, position: int, drawn: int) -> list[list[int]]:
+        """``[[epoch, start], ...]`` of the epochs from the one holding ``position`` (where a
+        resumed run must start reading) to the one holding ``drawn - 1`` (the newest admitted;
+        epochs only read ahead are left out): for the checkpoint."""
+        with self._lock:
+            i = max(bisect.bisect_right(self._starts, position) - 1, 0)
+            j = max(bisect.bisect_right(self._starts, drawn - 1), i + 1)
+            return [[e, s] for e, s in zip(self._epochs[i:j], self._starts[i:j])]
+
+    @staticmethod
+    def resume_args(state: list[list[int]] | None, epoch: int) -> tuple[int, int, dict[int, int]]:
+        """``(first epoch, its start, expected later starts)`` to rebuild a chain from a
+        checkpoint's :meth:`state`; ``None`` (a per-epoch run's checkpoint): from ``epoch`` at
+        position 0, where that run numbered the epoch's samples."""
+        if not state:
+            return epoch, 0, {}
+        (first, start), rest = state[0], state[1:]
+        return int(first), int(start), {int(e): int(s) for e, s in rest}
