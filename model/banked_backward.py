@@ -16,6 +16,7 @@ from .banked_kernels import HAS_TRITON
 
 if HAS_TRITON:
     from . import banked_kernels_bwd as KB
+    from . import banked_kernels_mem as KM
     from . import banked_kernels_var as KV
 
 
@@ -104,13 +105,21 @@ def backward(L, opt: dict, saved, meta, do, dST, dzT):
                                                                     dtype=f32)
     wd = torch.empty_like(hd)
     BR = max(1, min(D // R, opt["hdot_rows"] or 2048 // E))
-    L(KB.bwd_mem_read, (NT, B * H), q, r, c, hs, zs, dy, dden, dqi, dq, dr, NT, N=N,
-      NP=pow2(N), D=D, E=E, C=C, BD=BM, R=R, num_warps=warps, num_stages=opt["stages_mem"])
-    L(KB.bwd_mem_write, (NT, B * H), k, v, w, c, dhs, dzs, dki, dk, dw, wd, NT, N=N,
-      NP=pow2(N), D=D, E=E, C=C, BD=BM, R=R, num_warps=warps, num_stages=opt["stages_mem"])
-    L(KB.bwd_dv_mem, (E // BO, NT, B * H), k, w, c, hs, zs, dhs, dzs, dvi, dv, hd, NT, N=N,
-      D=D, E=E, C=C, BV=BO, HDOT=hdot, BR=BR, R=R, num_warps=opt["warps_dv"],
-      num_stages=opt["stages_dv"])
+    nv = int(opt["mem_fuse"] or 0)  # one launch of interleaved paths (banked_kernels_mem.py)
+    if nv and R == 1 and not in_dh and E % nv == 0:
+        L(KM.bwd_mem_all, (3 + nv, NT, B * H), q, k, v, r, w, c, hs, zs, dhs, dzs, dy, dden,
+          dqi, dki, dvi, dq, dk, dv, dr, dw, wd, hd, NT, N=N, NP=pow2(N), D=D, E=E, C=C,
+          BD=min(D, opt["tile_dmf"] or BM), BV=E // nv, BH=max(1, min(D, 4096 // E)),
+          num_warps=warps, num_stages=opt["stages_mem"], maxnreg=opt["maxnreg_mem"])
+        hdot = True  # hd is filled
+    else:
+        L(KB.bwd_mem_read, (NT, B * H), q, r, c, hs, zs, dy, dden, dqi, dq, dr, NT, N=N,
+          NP=pow2(N), D=D, E=E, C=C, BD=BM, R=R, num_warps=warps, num_stages=opt["stages_mem"])
+        L(KB.bwd_mem_write, (NT, B * H), k, v, w, c, dhs, dzs, dki, dk, dw, wd, NT, N=N,
+          NP=pow2(N), D=D, E=E, C=C, BD=BM, R=R, num_warps=warps, num_stages=opt["stages_mem"])
+        L(KB.bwd_dv_mem, (E // BO, NT, B * H), k, w, c, hs, zs, dhs, dzs, dvi, dv, hd, NT,
+          N=N, D=D, E=E, C=C, BV=BO, HDOT=hdot, BR=BR, R=R, num_warps=opt["warps_dv"],
+          num_stages=opt["stages_dv"])
     if not hdot and not in_dh:
         L(K.bwd_hdot, (B * H * NS * N,), hs, zs, dhs, dzs, hd, N=N, D=D, E=E,
           BD=min(D, 8192 // E), R=R)

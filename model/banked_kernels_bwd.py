@@ -136,7 +136,14 @@ if HAS_TRITON:
         """Reads of the chunk-start memory of one chunk: dq (adds the intra partial, rounds
         once), dr += the reads' part. D in BD-wide slices (outer loop; the per-bank sums stay in
         [C, NP] tiles): BD = D is fastest at D = 128 (model/GPU_NOTES.md, call 13)."""
-        j, i_bh = tl.program_id(0), tl.program_id(1)
+        _mem_read(q, r, c, hs, zs, dy, dden, dqi, dq, dr, tl.program_id(0), tl.program_id(1),
+                  NT, N=N, NP=NP, D=D, E=E, C=C, BD=BD, R=R)
+
+    @triton.jit
+    def _mem_read(q, r, c, hs, zs, dy, dden, dqi, dq, dr, j, i_bh, NT,
+                  N: tl.constexpr, NP: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
+                  C: tl.constexpr, BD: tl.constexpr, R: tl.constexpr):
+        """``bwd_mem_read`` of chunk j and batch*head i_bh (also a path of ``bwd_mem_all``)."""
         T = NT * C
         t = j * C + tl.arange(0, C)
         on = tl.arange(0, NP)
@@ -178,7 +185,14 @@ if HAS_TRITON:
         """Writes into the chunk-end memory of one chunk: dk (adds the intra partial), dw += the
         writes' direct part, per bank sum_s w_s dw_s (for bwd_decay). D in BD-wide slices as in
         bwd_mem_read. (dv from the same tiles here took longer than bwd_dv_mem's extra pass.)"""
-        j, i_bh = tl.program_id(0), tl.program_id(1)
+        _mem_write(k, v, w, c, dhs, dzs, dki, dk, dw, wd, tl.program_id(0), tl.program_id(1),
+                   NT, N=N, NP=NP, D=D, E=E, C=C, BD=BD, R=R)
+
+    @triton.jit
+    def _mem_write(k, v, w, c, dhs, dzs, dki, dk, dw, wd, j, i_bh, NT,
+                   N: tl.constexpr, NP: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
+                   C: tl.constexpr, BD: tl.constexpr, R: tl.constexpr):
+        """``bwd_mem_write`` of chunk j and batch*head i_bh (also a path of ``bwd_mem_all``)."""
         T = NT * C
         t = j * C + tl.arange(0, C)
         on = tl.arange(0, NP)
@@ -222,7 +236,15 @@ if HAS_TRITON:
         memory gradient. With HDOT (only when BV = E: one program sees the whole [D, E] tile)
         also <dS_end, S_start> + <dz_end, z_start> per bank, for bwd_decay: this kernel has
         registers to spare and already streams dS_end, so bwd_hdot's pass is only S_start."""
-        i_v, j, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        _dv_mem(k, w, c, hs, zs, dhs, dzs, dvi, dv, hd, tl.program_id(0), tl.program_id(1),
+                tl.program_id(2), NT, N=N, D=D, E=E, C=C, BV=BV, HDOT=HDOT, BR=BR, R=R)
+
+    @triton.jit
+    def _dv_mem(k, w, c, hs, zs, dhs, dzs, dvi, dv, hd, i_v, j, i_bh, NT,
+                N: tl.constexpr, D: tl.constexpr, E: tl.constexpr, C: tl.constexpr,
+                BV: tl.constexpr, HDOT: tl.constexpr, BR: tl.constexpr, R: tl.constexpr):
+        """``bwd_dv_mem`` of E-tile i_v, chunk j, batch*head i_bh (also a path of
+        ``bwd_mem_all``)."""
         T = NT * C
         od = tl.arange(0, D)
         ov = i_v * BV + tl.arange(0, BV)

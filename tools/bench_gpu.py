@@ -99,10 +99,13 @@ def kernel_resources() -> dict:
     from blocklm.model import banked_kernels_var as bkv
 
     out = {}
+    from blocklm.model import banked_kernels_mem as bkm
+
     for name in ("fwd_h", "fwd_o", "fwd_o_loop", "fwd_o_lean", "bwd_dh", "bwd_intra",
-                 "bwd_mem_read", "bwd_mem_write", "bwd_dv_mem", "bwd_hdot", "bwd_decay"):
+                 "bwd_mem_read", "bwd_mem_write", "bwd_dv_mem", "bwd_hdot", "bwd_decay",
+                 "bwd_mem_all"):
         try:
-            mod = next(m for m in (bk, bkb, bkv) if hasattr(m, name))
+            mod = next(m for m in (bk, bkb, bkv, bkm) if hasattr(m, name))
             caches = getattr(mod, name).device_caches
             for dev_cache in caches.values():
                 for ker in dev_cache[0].values():
@@ -142,6 +145,12 @@ SWEEPS = {
               {"intra_lean": True},
               {"hdot_in_dh": 2, "stages_dv": 2, "intra_lean": True, "prefetch_dh": True,
                **_LEAN2}, {}],
+    # kern9: the memory parts as one launch of interleaved paths (mem_fuse: dv in 2 or 1
+    # E-tiles; tile_dmf: the read/write paths' D-slice; maxnreg_mem 168: three programs per SM)
+    "kern9": [{}, {"mem_fuse": 2}, {"mem_fuse": 2, "tile_dmf": 64},
+              {"mem_fuse": 2, "tile_dmf": 64, "maxnreg_mem": 168},
+              {"mem_fuse": 1, "tile_dmf": 64}, {"mem_fuse": 2, "tile_dmf": 64, "warps_mem": 8},
+              {}],
 }
 SWEEP = SWEEPS["kern4"]
 

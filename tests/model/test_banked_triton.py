@@ -97,7 +97,8 @@ def test_imports_without_triton(monkeypatch):
     monkeypatch.setitem(sys.modules, "triton", None)  # `import triton` now raises ImportError
     monkeypatch.setitem(sys.modules, "triton.language", None)
     for name in ("banked_triton", "banked_kernels", "banked_kernels_bwd", "banked_backward",
-                 "banked_launch", "banked_kernels_var"):  # restored afterwards
+                 "banked_launch", "banked_kernels_var",
+                 "banked_kernels_mem"):  # restored afterwards
         monkeypatch.delitem(sys.modules, f"blocklm.model.{name}", raising=False)
         monkeypatch.setattr(pkg, name, getattr(pkg, name, None), raising=False)
     mod = importlib.import_module("blocklm.model.banked_triton")

@@ -46,6 +46,17 @@ CASES = [
                                "tile_hk": None}),  # two E-tiles: dden only in i_v == 0
 ]
 CASES += [(29, 16, 16, 4, 16, True, v) for v in SWEEPS["kern3"] if v]  # as the bench runs them
+# mem_fuse (the memory parts as one launch of interleaved paths): dv in one or two E-tiles, two
+# D-slices in the read/write paths, N = 1, 3, 4; with R = 2 or hdot_in_dh it falls back to the
+# three kernels
+CASES += [
+    (37, 16, 32, 4, 16, True, {"mem_fuse": 2}),
+    (21, 32, 16, 1, 16, False, {"mem_fuse": 1}),
+    (50, 32, 32, 3, 16, True, {"mem_fuse": 2, "tile_dmf": 16}),
+    (45, 16, 32, 4, 16, False, {"mem_fuse": 2, "save_blocks": 2}),
+    (40, 16, 32, 2, 16, True, {"mem_fuse": 1, "hdot_in_dh": 2}),
+]
+CASES += [(29, 16, 32, 4, 16, True, v) for v in SWEEPS["kern9"] if v]
 
 _RUN = """
 import sys, torch
@@ -86,6 +97,35 @@ def test_variants_under_triton_interpreter():
         res.stdout[-2000:] + res.stderr[-3000:]
 
 
+_FUSED_LAUNCHES = _RUN.split("for T, D, E, N, C")[0] + """
+from blocklm.model import banked_launch as BL
+names = []
+_call = BL.Launcher.__call__
+def spy(self, kern, grid, *a, **k):
+    names.append(getattr(kern, "__name__", getattr(getattr(kern, "fn", None), "__name__", "")))
+    return _call(self, kern, grid, *a, **k)
+BL.Launcher.__call__ = spy
+bt.KERNEL_OPTS["mem_fuse"] = 2
+xs = leaves(1, 2, 40, 16, 32, 4, seed=3)
+a = outputs_and_grads(bt.banked_attention_triton, xs, chunk=16)
+print("launched", sorted(set(names)))
+assert "bwd_mem_all" in names, names
+assert not set(names) & set(["bwd_mem_read", "bwd_mem_write", "bwd_dv_mem", "bwd_hdot"])
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_mem_fuse_replaces_the_three_memory_kernels():
+    """With mem_fuse the backward launches bwd_mem_all and none of the kernels it replaces (the
+    interpreter cases above then check its results)."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    code = _FUSED_LAUNCHES.format(tests=str(Path(__file__).parent))
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0 and "launched" in res.stdout, res.stdout[-2000:] + res.stderr[-3000:]
+
+
 _LEAN_BF16 = _RUN.split("for T, D, E, N, C")[0] + """
 from test_banked_triton import project
 xs = leaves(1, 2, 40, 32, 16, 4, seed=5)
@@ -124,7 +164,11 @@ GPU_VARIANTS = [{"hdot_in_dh": True}, {"hdot_in_dh": True, "save_blocks": 2},
                 {"fwd_o_lean": True, "maxnreg_o": 128, "stages_o": 2, "hdot_in_dh": 2,
                  "stages_dv": 2, "intra_lean": True, "prefetch_dh": True},  # the sweep's "all"
                 {"prep_in_intra": True}, {"warps_intra": 8}, {"stages_mem": 3},
-                {"warps_dv": 4}, {"warps_mem": 8}, {"tile_hk": None}]  # sweep m1's knobs
+                {"warps_dv": 4}, {"warps_mem": 8}, {"tile_hk": None},  # sweep m1's knobs
+                {"mem_fuse": 2}, {"mem_fuse": 1, "tile_dmf": 64},  # GPU_NOTES kern 22:15
+                {"mem_fuse": 2, "tile_dmf": 64}, {"mem_fuse": 2, "tile_dmf": 64,
+                                                  "maxnreg_mem": 168},
+                {"mem_fuse": 2, "tile_dmf": 64, "warps_mem": 8}]
 
 
 @pytest.mark.gpu

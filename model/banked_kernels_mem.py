@@ -1,0 +1,63 @@
+"""The backward's memory parts as one launch of interleaved programs (option ``mem_fuse``; see
+:mod:`blocklm.model.banked_kernels_bwd` for the kernels it runs as paths).
+
+Why: at D = E = 128, N = 4 the backward's three memory kernels are bound by DRAM bandwidth (75-81%,
+GPU_NOTES call K6) and most of their bytes are the saved memories: ``bwd_mem_read`` reads hs,
+``bwd_mem_write`` reads dhs, ``bwd_dv_mem`` reads dhs and (for the decay's inner products) hs
+again: four passes of B*H*T/C*N*D*E elements (0.54 GB each at 4K tokens). Fusing them into one
+program lost (calls 13-14, kern2-A): the fused program holds more tiles than 255 registers allow,
+or waits on a plain load of the second memory tile. Here every program does the work of one of
+the old kernels, unchanged, but the programs that touch the same chunk's tiles are neighbours in
+the launch order (program_id(0) is the path, the fastest-varying index), so they run at the same
+time and the second read of a tile is an L2 hit: hs and dhs each come from DRAM about once.
+
+Paths of chunk j (R = 1 only), all at the same warp count:
+0 ``_mem_read`` (hs -> dq, dr), 1 ``_hdot`` (<dS_end, S_start> + <dz_end, z_start> per bank, for
+``bwd_decay``), 2 ``_mem_write`` (dhs -> dk, dw), 3.. ``_dv_mem`` without its inner products, one
+path per E-tile of width BV (BV = E / NV: at 4 warps a [C, E] fp32 accumulator per path is large).
+"""
+
+from __future__ import annotations
+
+from .banked_kernels import HAS_TRITON, tl, triton
+
+if HAS_TRITON:
+    from .banked_kernels_bwd import _dv_mem, _mem_read, _mem_write
+
+    @triton.jit
+    def _hdot(hs, zs, dhs, dzs, hd, j, i_bh, NT, N: tl.constexpr, D: tl.constexpr,
+              E: tl.constexpr, BD: tl.constexpr):
+        """<dS_end, S_start> + <dz_end, z_start> of chunk j's N slots (R = 1: one per block)."""
+        oe = tl.arange(0, E)
+        for n in range(N):
+            slot = (i_bh.to(tl.int64) * NT + j) * N + n
+            acc = tl.zeros([BD, E], dtype=tl.float32)
+            for d0 in range(0, D, BD):
+                ix = slot * D * E + (d0 + tl.arange(0, BD))[:, None] * E + oe[None, :]
+                acc += tl.load(dhs + ix).to(tl.float32) * tl.load(hs + ix).to(tl.float32)
+            od = tl.arange(0, D)
+            tot = tl.sum(tl.sum(acc, axis=1), axis=0)
+            tot += tl.sum(tl.load(dzs + slot * D + od) * tl.load(zs + slot * D + od), axis=0)
+            tl.store(hd + slot, tot)
+
+    @triton.jit
+    def bwd_mem_all(q, k, v, r, w, c, hs, zs, dhs, dzs, dy, dden, dqi, dki, dvi, dq, dk, dv,
+                    dr, dw, wd, hd, NT, N: tl.constexpr, NP: tl.constexpr, D: tl.constexpr,
+                    E: tl.constexpr, C: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
+                    BH: tl.constexpr):
+        """The memory parts of the backward (dq, dk, dv, the reads' and writes' parts of dr, dw,
+        the writes' sums wd and the inner products hd) for R = 1; grid (3 + E / BV, NT, B*H),
+        the path first (module docstring). BD: D-slice of the read/write paths; BH: rows per
+        step of the inner products."""
+        p, j, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        if p == 0:
+            _mem_read(q, r, c, hs, zs, dy, dden, dqi, dq, dr, j, i_bh, NT, N=N, NP=NP, D=D,
+                      E=E, C=C, BD=BD, R=1)
+        elif p == 1:
+            _hdot(hs, zs, dhs, dzs, hd, j, i_bh, NT, N=N, D=D, E=E, BD=BH)
+        elif p == 2:
+            _mem_write(k, v, w, c, dhs, dzs, dki, dk, dw, wd, j, i_bh, NT, N=N, NP=NP, D=D,
+                       E=E, C=C, BD=BD, R=1)
+        else:
+            _dv_mem(k, w, c, hs, zs, dhs, dzs, dvi, dv, hd, p - 3, j, i_bh, NT, N=N, D=D, E=E,
+                    C=C, BV=BV, HDOT=False, BR=1, R=1)
