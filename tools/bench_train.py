@@ -245,6 +245,7 @@ def run_variant(data: str, variant: str, extra: list[str], warmup: int, steps: i
         timer.hook = hook
         tr.fit(steps=10**9, minutes=None)
         res: dict = {"data": data, "variant": variant, "params": params,
+                     "chain_epochs": tr.t.chain_epochs, "overrides": list(extra),
                      "warmup_s": round(state.get("warmup_s", -1.0), 1)}
         res["stack_graph_captures"] = state.get("captures")  # in the timed steps
         if "profile" in state:
@@ -260,31 +261,43 @@ def run_variant(data: str, variant: str, extra: list[str], warmup: int, steps: i
         return res
 
 
-def simulate_dispatch(preset: str, data: str, extra: list[str], epochs: int = 1) -> dict:
-    """One epoch of ``data`` through the preset's dispatcher with no-op runners (CPU, no model
-    calls): batches and sequential decoder steps (the stack's recurrence: each batch runs its
-    padded length step by step) per ``tokens_per_step``, and the padding share; per mode: batches,
-    padded tokens per batch, padding and why the batches ran (``full``, ``ttl``, ``drain``...).
-    ``epochs`` > 1 runs that many copies of the epoch as ONE dispatcher run (the trainer runs one
-    per epoch and drains it): what admitting the next epoch before this one drains would give."""
+def simulate_dispatch(preset: str, data: str, extra: list[str], epochs: int = 1,
+                      trace: list | None = None) -> dict:
+    """``epochs`` epochs of ``data`` through the preset's dispatcher as the trainer runs them,
+    with no-op runners (CPU, no model calls): batches and sequential decoder steps (the stack's
+    recurrence: each batch runs its padded length step by step) per ``tokens_per_step``, and the
+    padding share; per mode: batches, padded tokens per batch, padding and why the batches ran
+    (``full``, ``ttl``, ``drain``...). Epochs are reshuffled by the loader's ``set_epoch`` as in
+    the trainer. With ``train.chain_epochs`` (the default) they are ONE endless dispatcher run
+    (:mod:`blocklm.tools.train.chain`), and its steady state is counted: the batches run while
+    ``epochs`` whole epochs are admitted, from the first epoch start after ``2 x max_in_flight``
+    samples were drawn (a long run has no final drain, and its start-up admission of K examples
+    at once is not typical); with ``train.chain_epochs=false`` one run per epoch, each drained,
+    from the first. ``trace`` gets every batch's (mode, request keys)."""
     from blocklm.model.blocklm import BlockLM
     from blocklm.pipeline import RemoteConfig
     from blocklm.pipeline.cost import cost_from_supports
     from blocklm.pipeline.dispatch import Dispatcher
     from blocklm.pipeline.dispatch_types import Result
+    from blocklm.tools.train.chain import EpochChain
     from blocklm.tools.train.config import build_config
     from blocklm.tools.train.loop import RunSpec, make_buckets, make_source
 
     cfg = build_config(preset, extra)
     cfg.dispatch.decode = False  # the runners never look at the contents
+    chained = cfg.train.chain_epochs
     supports = dict(BlockLM(cfg.model).supports)
     cost = cost_from_supports(supports)
     n: dict[str, float] = defaultdict(float)
     per: dict[str, dict] = defaultdict(lambda: defaultdict(float))
     reasons: dict[str, Counter] = defaultdict(Counter)  # mode -> why its batches ran
 
+    counting = [not chained]  # chained: only the steady-state window (docstring)
+
     def runner(batch):
-        if batch.requests:
+        if trace is not None and batch.requests:
+            trace.append((batch.mode, [r.key for r in batch.requests]))
+        if batch.requests and counting[0]:
             seq = cost(batch.mode, batch.padded_shape)
             for d in (n, per[batch.mode]):
                 d["batches"] += 1
@@ -298,10 +311,23 @@ def simulate_dispatch(preset: str, data: str, extra: list[str], epochs: int = 1)
     buckets = make_buckets([data], cost, remote, cfg.train.bucket_max_width)
     disp = Dispatcher({m: runner for m in supports}, buckets, cfg.dispatch, cost=cost)
     source = make_source(RunSpec(preset, [data]), cfg, remote)
-    if epochs > 1:
-        source = list(source) * epochs
-    for _ in disp.run(source):
-        pass
+    if chained:
+        chain = EpochChain(source, 0, 0, name=data)
+        steps, first = disp.run(chain), None
+        for _ in steps:
+            if first is None and disp.drawn >= 2 * cfg.dispatch.max_in_flight:
+                first = chain.epoch_of(disp.drawn - 1) + 1  # past the start-up's admissions
+            begin = None if first is None else chain.start(first)
+            counting[0] = begin is not None and disp.drawn >= begin
+            end = None if first is None else chain.start(first + epochs)
+            if end is not None and disp.drawn >= end:
+                break
+        steps.close()
+    else:
+        for e in range(epochs):
+            source.set_epoch(e)
+            for _ in disp.run(source):
+                pass
     scale = cfg.train.tokens_per_step / max(n["padded"], 1.0)
     modes = {m: {"batches": int(v["batches"]),
                  "tokens_per_batch": round(v["padded"] / v["batches"]),
@@ -309,6 +335,7 @@ def simulate_dispatch(preset: str, data: str, extra: list[str], epochs: int = 1)
                  "reasons": dict(sorted(reasons[m].items()))}
              for m, v in sorted(per.items())}
     return {"data": data, "bucket_max_width": cfg.train.bucket_max_width, "epochs": epochs,
+            "chain_epochs": chained,
             "batches_per_step": round(n["batches"] * scale, 2),
             "sequential_steps_per_step": round(n["seq_steps"] * scale),
             "padding": round(1 - n["real"] / max(n["padded"], 1.0), 3),
@@ -329,8 +356,9 @@ def simulate_dispatch(preset: str, data: str, extra: list[str], epochs: int = 1)
               help="Steps profiled (torch.profiler) after the timed steps.")
 @click.option("--simulate", is_flag=True,
               help="Only simulate the dispatcher on the CPU (batches, sequential steps, padding).")
-@click.option("--sim-epochs", default=1, show_default=True,
-              help="With --simulate: epochs run as one dispatcher run (the trainer: 1).")
+@click.option("--sim-epochs", default=4, show_default=True,
+              help="With --simulate: epochs simulated, chained as the trainer chains them "
+                   "(train.chain_epochs) or one run per epoch.")
 @click.option("--out", "out_path", default=None, help="Also write the JSON figures here.")
 @click.option("--trace", default=None,
               help="With --profile-steps: write chrome traces and op tables to this folder.")
@@ -342,7 +370,8 @@ def bench_train(preset, datas, variants, extra, warmup, steps, seconds, profile_
     Example:
       blocktool bench train --variants off,eager --seconds 60 --profile-steps 2
       blocktool bench train --simulate --set train.bucket_max_width=0.06
-      blocktool bench train --simulate --sim-epochs 2 --data data/gpu_mixed4
+      blocktool bench train --simulate --sim-epochs 4 --data data/gpu_mixed4
+      blocktool bench train --simulate --set train.chain_epochs=false  # one run per epoch
       blocktool bench train --variants off --profile-steps 1 --trace prof/
     """
     if simulate:

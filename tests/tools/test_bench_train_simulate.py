@@ -1,27 +1,65 @@
-"""bench train --simulate: the per-mode breakdown and the epochs-per-run what-if."""
+"""bench train --simulate: the per-mode breakdown, chained epochs, and that it forms the
+trainer's own batches."""
 
 from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
 
 from blocklm.formats import Sample, ShardWriter, text_block
 from blocklm.tools.bench_train import simulate_dispatch
 
 
-def test_simulate_reports_modes_and_chained_epochs(tmp_path, tokenizer):
-    out = tmp_path / "ds"
+def _dataset(out: Path, n: int) -> str:
     with ShardWriter(out, max_samples=100) as w:
-        for i in range(300):  # two text blocks each: the second queues after the first runs
+        for i in range(n):  # two text blocks each: the second queues after the first runs
             w.write(Sample(f"k{i:04d}", [text_block("x" * (1 + i % 97)),
                                          text_block("y" * (1 + (7 * i) % 89))]))
+    return str(out)
+
+
+def test_simulate_reports_modes_and_chained_epochs(tmp_path, tokenizer):
+    out = _dataset(tmp_path / "ds", 300)
     # the test's own tokenizer: a clean checkout has no data/shards/tokenizer.model
     sets = [f"model.modes.text.tokenizer_path={tokenizer}", "dispatch.max_in_flight=4096",
             "dispatch.prefetch=0"]
-    one = simulate_dispatch("tiny", str(out), sets)
-    two = simulate_dispatch("tiny", str(out), sets, epochs=2)
+    one = simulate_dispatch("tiny", out, sets + ["train.chain_epochs=false"])
+    off = simulate_dispatch("tiny", out, sets + ["train.chain_epochs=false"], epochs=2)
+    on = simulate_dispatch("tiny", out, sets, epochs=2)
     text = one["modes"]["text"]
     assert set(one["modes"]) == {"text"} and one["epochs"] == 1
     assert text["batches"] == one["batches_per_epoch"] and sum(text["reasons"].values()) == \
         text["batches"]
     assert text["padding"] == one["padding"]
-    # two epochs in one run: the second blocks' queues hold twice the examples
-    assert two["batches_per_epoch"] < one["batches_per_epoch"]
-    assert two["modes"]["text"]["tokens_per_batch"] > text["tokens_per_batch"]
+    assert (off["chain_epochs"], on["chain_epochs"]) == (False, True)
+    # per epoch, each drained: the reshuffled second epoch forms as many batches
+    assert off["batches_per_epoch"] == pytest.approx(one["batches_per_epoch"], rel=0.15)
+    assert "drain" in off["modes"]["text"]["reasons"]
+    # chained: the next epoch's first blocks join this one's second blocks' queues
+    assert on["batches_per_epoch"] < off["batches_per_epoch"]
+    assert on["modes"]["text"]["tokens_per_batch"] > off["modes"]["text"]["tokens_per_batch"]
+
+
+@pytest.mark.parametrize("chain", ["true", "false"])
+def test_simulation_forms_the_trainers_batches(tmp_path, tokenizer, chain):
+    """The simulation runs the trainer's dispatcher over the trainer's source (chained or one
+    run per epoch, reshuffled): the trainer's batches are its first batches."""
+    from blocklm.tools.train.loop import RunSpec, Trainer
+
+    out = _dataset(tmp_path / "ds", 50)
+    sets = [f"model.modes.text.tokenizer_path={tokenizer}", "dispatch.max_in_flight=24",
+            "dispatch.budget=400", "train.tokens_per_step=800", f"train.chain_epochs={chain}",
+            "train.checkpoint_every=0", "train.log_every=1000"]
+    sim: list = []
+    simulate_dispatch("tiny", out, sets, epochs=3, trace=sim)
+    tr = Trainer(tmp_path / "run", RunSpec("tiny", [out], overrides=sets), resume=False,
+                 remote=None, progress=False, tensorboard=False)
+    got: list = []
+    run = tr.runners.run
+    tr.runners.run = lambda mode, batch: got.append(
+        (mode, [r.key for r in batch.requests])) or run(mode, batch)
+    tr.fit(steps=3, minutes=None)
+    n = min(len(got), len(sim))
+    assert tr.epoch >= 1 and n > 100  # across epoch boundaries
+    assert got[:n] == sim[:n]

@@ -80,6 +80,12 @@ class EpochChain:
             i = bisect.bisect_right(self._starts, pos) - 1
             return self._epochs[max(i, 0)]
 
+    def start(self, epoch: int) -> int | None:
+        """The source position of ``epoch``'s first sample; None if not reached yet."""
+        with self._lock:
+            i = bisect.bisect_left(self._epochs, epoch)
+            return self._starts[i] if i < len(self._epochs) and self._epochs[i] == epoch else None
+
     def state(self, position: int, drawn: int) -> list[list[int]]:
         """``[[epoch, start], ...]`` of the epochs from the one holding ``position`` (where a
         resumed run must start reading) to the one holding ``drawn - 1`` (the newest admitted;
