@@ -46,23 +46,25 @@ def backward(L, opt: dict, saved, meta, do, dST, dzT):
     q, k, v, r, w, g, c, hs, zs, o, den = saved
     has_s0, C, R = meta
     B, H, T, D = q.shape
-    E, N = v.shape[-1], r.shape[-1]
-    NT, NS, CS = T // C, T // (C * R), C * R
-    BK, BV, BO = tiles(opt, B * H * N, NS, D, E)
-    dev = q.device
-    f32 = torch.float32
+    NT = T // C
     do = do.contiguous() if do is not None else torch.zeros_like(o)
     dy = torch.empty_like(v)
     dden = torch.empty_like(den)
+    prep = opt["prep_in_intra"]
+    prep = T <= 2048 if prep is None else prep
+    if not prep:  # launched first: the GPU waits for the backward's first kernel while the
+        # host is behind (~0.05 ms at 4K tokens, GPU_NOTES call L5); the rest is set up after
+        L(KB.bwd_prep, (NT, B * H), do, o, den, dy, dden, E=v.shape[-1], C=C)
+    E, N = v.shape[-1], r.shape[-1]
+    NS, CS = T // (C * R), C * R
+    BK, BV, BO = tiles(opt, B * H * N, NS, D, E)
+    dev = q.device
+    f32 = torch.float32
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dr = torch.empty(B, H, T, N, device=dev, dtype=f32)
     dw = torch.empty_like(dr)
-    prep = opt["prep_in_intra"]
-    prep = T <= 2048 if prep is None else prep
     BM = min(D, opt["tile_dm"])
     warps = opt["warps_mem"] if D * E >= 8192 else 4
-    if not prep:
-        L(KB.bwd_prep, (NT, B * H), do, o, den, dy, dden, E=E, C=C)
     # intra-span parts first (with dy, dden; dr, dw initialised), then the memory gradient
     # across spans, then the memory parts
     pdt = q.dtype if opt["low_partials"] else f32  # one more rounding, half the bytes

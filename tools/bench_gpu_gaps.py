@@ -4,7 +4,9 @@
 This prints, per length T, both medians, the host's time for the forward and for the backward
 (no profiler), then one profiled call as a timeline: each kernel's start on the GPU relative to
 the call's start and the gap before it, and the longest host ops. model/GPU_NOTES.md, call L5.
-Usage: ``python -m blocklm.tools.bench_gpu_gaps [T ...]`` (default 4096).
+Usage: ``python -m blocklm.tools.bench_gpu_gaps [T ...] [--vs MODULE]`` (default 4096); with
+``--vs`` (an importable module with another ``banked_attention``, e.g. ``blk9.banked_triton``, a
+copy of earlier code) the figures without the profiler are taken for both, alternating, twice.
 """
 
 from __future__ import annotations
@@ -31,19 +33,31 @@ def host_us(fn, n: int = 30) -> float:
     return round(statistics.median(ts) * 1e6, 1)
 
 
-def measure(T: int) -> None:
+def measure(T: int, vs: str | None = None) -> None:
     """Print the figures of one length (see the module docstring)."""
+    import importlib
+
     import torch
-    from torch.profiler import ProfilerActivity, profile, record_function
 
     from blocklm.model import banked_triton as bt
-    from blocklm.tools.bench_gpu import _fwd_bwd, _inputs, _median_ms, _queued_ms
+    from blocklm.tools.bench_gpu import _inputs
 
     xs = _inputs(B, H, T, D, N, seed=T)
     dout = torch.randn_like(xs[2])
+    mods = [("HEAD", bt)] if vs is None else [(vs, importlib.import_module(vs)), ("HEAD", bt)] * 2
+    for name, mod in mods:
+        figures(T, mod, xs, dout, "" if vs is None else name)
+    timeline(T, bt, xs, dout)
+
+
+def figures(T: int, mod, xs, dout, name: str = "") -> None:
+    """Per call and queued medians, host times of the call's parts (no profiler): one line."""
+    import torch
+
+    from blocklm.tools.bench_gpu import _fwd_bwd, _median_ms, _queued_ms
 
     def banked(*a):
-        return bt.banked_attention(*a, eps=1e-3, chunk=64)[0]
+        return mod.banked_attention(*a, eps=1e-3, chunk=64)[0]
 
     def backward_us() -> float:
         y = banked(*xs)
@@ -55,13 +69,24 @@ def measure(T: int) -> None:
     run = _fwd_bwd(banked, xs, dout)
     for _ in range(5):
         run()
-    out = {"T": T, "per_call_ms": round(_median_ms(run, 50), 4),
-           "queued_ms": round(_queued_ms(run, 50), 4), "host_us_fwd_bwd": host_us(run),
+    out = {"T": T, **({"code": name} if name else {}),
+           "per_call_ms": round(_median_ms(run, 50), 4), "queued_ms": round(_queued_ms(run, 50), 4), "host_us_fwd_bwd": host_us(run),
            "host_us_fwd_grad": host_us(lambda: banked(*xs))}
     with torch.no_grad():
         out["host_us_fwd_nograd"] = host_us(lambda: banked(*xs))
     out["host_us_bwd"] = round(statistics.median(backward_us() for _ in range(30)) * 1e6, 1)
     print(json.dumps(out), flush=True)
+
+
+def timeline(T: int, bt, xs, dout) -> None:
+    """One profiled call: each kernel's start relative to the call's and the longest host ops."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    from blocklm.tools.bench_gpu import _fwd_bwd
+
+    run = _fwd_bwd(lambda *a: bt.banked_attention(*a, eps=1e-3, chunk=64)[0], xs, dout)
+    run()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for i in range(3):
             torch.cuda.synchronize()
@@ -89,8 +114,9 @@ def measure(T: int) -> None:
 
 
 def main(argv: list[str]) -> None:
-    for T in [int(a) for a in argv] or [4096]:
-        measure(T)
+    vs = argv[argv.index("--vs") + 1] if "--vs" in argv else None
+    for T in [int(a) for a in argv if a.isdigit()] or [4096]:
+        measure(T, vs)
 
 
 if __name__ == "__main__":

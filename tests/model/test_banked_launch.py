@@ -188,3 +188,34 @@ def test_direct_launch_only_on_the_checked_triton(cuda_like, monkeypatch):
     for n in (7, 9):
         L(kern, (1,), x, x, n, A=1, B=2)
     assert [e[0] for e in kern.log] == ["jit", "wrapper"]
+
+
+def test_backward_launches_the_output_split_before_its_other_allocations(monkeypatch):
+    """The backward's first kernel (``bwd_prep``, T > 2048 tokens) is launched right after the
+    two tensors it writes are allocated: everything else the backward sets up happens while it
+    runs (the GPU waits for that launch when the host is behind, GPU_NOTES call L5). Before,
+    seven allocations came first."""
+    pytest.importorskip("triton")
+    from blocklm.model import banked_backward as BB
+    from blocklm.model import banked_triton as bt
+
+    events = []
+    for name in ("empty", "empty_like", "zeros", "zeros_like"):
+        fn = getattr(torch, name)
+        monkeypatch.setattr(torch, name, lambda *a, _fn=fn, _n=name, **k: (
+            events.append(_n), _fn(*a, **k))[1])
+
+    def launch(kern, grid, *args, **kw):
+        events.append("launch " + kern.__name__)
+
+    B, H, T, D, N, C = 1, 1, 32, 16, 2, 16
+    q, k, v = (torch.rand(B, H, T, D) for _ in range(3))
+    r, w, c = (torch.rand(B, H, T, N) for _ in range(3))
+    g, den = torch.rand(B, H, T), torch.rand(B, H, T)
+    hs, zs = torch.rand(B * H * 2 * N * D * D), torch.rand(B * H * 2 * N * D)
+    saved = (q, k, v, r, w, g, c, hs, zs, torch.rand(B, H, T, D), den)
+    opt = {**bt.KERNEL_OPTS, "prep_in_intra": False}
+    BB.backward(launch, opt, saved, (False, C, 1), torch.rand(B, H, T, D), None, None)
+    first = events.index("launch bwd_prep")
+    assert events[:first] == ["empty_like", "empty_like"], events[:first]
+    assert sum(e.startswith("launch") for e in events) >= 5

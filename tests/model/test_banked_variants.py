@@ -168,7 +168,8 @@ GPU_VARIANTS = [{"hdot_in_dh": True}, {"hdot_in_dh": True, "save_blocks": 2},
                 {"mem_fuse": 2}, {"mem_fuse": 1, "tile_dmf": 64},  # GPU_NOTES kern 22:15
                 {"mem_fuse": 2, "tile_dmf": 64}, {"mem_fuse": 2, "tile_dmf": 64,
                                                   "maxnreg_mem": 168},
-                {"mem_fuse": 2, "tile_dmf": 64, "warps_mem": 8}]
+                {"mem_fuse": 2, "tile_dmf": 64, "warps_mem": 8},
+                {"prep_in_intra": False}]  # bwd_prep launched first (T > 2048 by default)
 
 
 @pytest.mark.gpu
