@@ -42,7 +42,7 @@ TINY = ["model.decoder.d_model=64", "model.decoder.d_core=32", "model.decoder.d_
 
 
 def one_run(data: str, steps: int, warmup: int, spin_us: float, opt_ms: float,
-            spin_clock: str = "wall") -> dict:
+            spin_clock: str = "wall", extra: tuple[str, ...] = ()) -> dict:
     """One trainer in this process: per-step data wait (ms) and epoch, full collections."""
     from blocklm.pipeline.dispatch_types import Result
     from blocklm.tools.bench_train import StepTimer
@@ -61,7 +61,7 @@ def one_run(data: str, steps: int, warmup: int, spin_us: float, opt_ms: float,
 
     gc.callbacks.append(on_gc)
     with tempfile.TemporaryDirectory() as tmp:
-        tr = Trainer(Path(tmp) / "run", RunSpec("small", [data], overrides=TINY),
+        tr = Trainer(Path(tmp) / "run", RunSpec("small", [data], overrides=TINY + list(extra)),
                      resume=False, remote=None, progress=False, tensorboard=False)
 
         clock = time.thread_time if spin_clock == "cpu" else time.perf_counter
@@ -79,13 +79,40 @@ def one_run(data: str, steps: int, warmup: int, spin_us: float, opt_ms: float,
             tr.step += 1
 
         tr.runners.run, tr.optimizer_step = run, optimizer_step
+        # the trainer thread's admissions: one by one (chained: a few at every step) and
+        # whole planned epochs (per-epoch runs' turnovers)
+        import blocklm.pipeline.dispatch as dispatch
+
+        admit = [0.0]
+
+        def timed(fn):
+            def call(*a):
+                t = time.perf_counter()
+                fn(*a)
+                admit[0] += time.perf_counter() - t
+            return call
+        tr.disp._admit = timed(tr.disp._admit)
+        planned = dispatch.admit_planned
+        dispatch.admit_planned = timed(planned)
         timer = StepTimer(tr)
-        timer.hook = lambda n: setattr(tr, "target", n) if n >= warmup + steps else None
+        at_warmup = [0.0]
+
+        def hook(n: int) -> None:
+            if n == warmup:
+                at_warmup[0] = admit[0]
+            if n >= warmup + steps:
+                tr.target = n
+        timer.hook = hook
         n0 = len(full)
-        tr.fit(steps=10**9, minutes=None)
+        try:
+            tr.fit(steps=10**9, minutes=None)
+        finally:
+            dispatch.admit_planned = planned
         gc.callbacks.remove(on_gc)
         s = timer.summary(warmup, 1)
         return {"data_wait_ms": s["data_wait_ms"], "epoch": s["epoch_per_step"],
+                "batches_per_step": s["batches_per_step"], "tokens_per_s": s["tokens_per_s"],
+                "admit_ms_per_step": round((admit[0] - at_warmup[0]) * 1e3 / steps, 1),
                 "share_data_wait": s["share_data_wait"], "ms_per_step":
                 round(1e3 * s["wall_s"] / s["steps"]), "full_collections_ms": full[n0:]}
 
@@ -108,8 +135,13 @@ def split(r: dict) -> tuple[list[int], list[int]]:
               show_default=True, help="A model call spins until this clock has advanced.")
 @click.option("--rounds", default=3, show_default=True)
 @click.option("--baseline", default=None, help="Another blocklm checkout, run in alternation.")
+@click.option("--set", "extra", multiple=True, help="key=value override of this checkout's runs.")
+@click.option("--alt-set", "alt", multiple=True,
+              help="key=value: also run this checkout with these overrides (name 'alt') in "
+                   "each round, e.g. train.chain_epochs=false.")
 @click.option("--one", is_flag=True, hidden=True)  # a single run, JSON on stdout
-def bench_turnover(data, steps, warmup, spin_us, opt_ms, spin_clock, rounds, baseline, one):
+def bench_turnover(data, steps, warmup, spin_us, opt_ms, spin_clock, rounds, baseline, extra, alt,
+                   one):
     """Data wait at epoch turnovers vs other steps, host-bound GPU proxy (CPU).
 
     \b
@@ -117,32 +149,39 @@ def bench_turnover(data, steps, warmup, spin_us, opt_ms, spin_clock, rounds, bas
       git worktree add /tmp/base HEAD~3
       OMP_NUM_THREADS=1 python -m blocklm.tools.bench_turnover --baseline /tmp/base --rounds 6
       OMP_NUM_THREADS=1 python -m blocklm.tools.bench_turnover --spin-clock cpu --rounds 2
+      OMP_NUM_THREADS=1 python -m blocklm.tools.bench_turnover --alt-set train.chain_epochs=false
     """
     if one:
-        click.echo(json.dumps(one_run(data, steps, warmup, spin_us, opt_ms, spin_clock)))
+        click.echo(json.dumps(one_run(data, steps, warmup, spin_us, opt_ms, spin_clock, extra)))
         return
     here = str(Path(__file__).resolve().parents[1])
-    codes = {"now": here} if baseline is None else {"baseline": baseline, "now": here}
+    codes = {"now": (here, extra)}
+    if baseline is not None:
+        codes = {"baseline": (baseline, ()), **codes}
+    if alt:
+        codes["alt"] = (here, extra + alt)
     args = [sys.executable, str(Path(__file__).resolve()), "--one", "--data",
             str(Path(data).resolve()), "--steps", str(steps), "--warmup", str(warmup),
             "--spin-us", str(spin_us), "--opt-ms", str(opt_ms), "--spin-clock", spin_clock]
     got: dict[str, list[dict]] = {c: [] for c in codes}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(rounds):
-            for name, root in codes.items():
+            for name, (root, sets) in codes.items():
                 link = Path(tmp) / name / "blocklm"  # the checkout imported as `blocklm`
                 link.parent.mkdir(exist_ok=True)
                 if not link.exists():
                     link.symlink_to(root)
                 load = os.getloadavg()[0]
-                out = subprocess.run(args, capture_output=True, text=True, check=True,
+                out = subprocess.run(args + [f"--set={o}" for o in sets], capture_output=True,
+                                     text=True, check=True,
                                      env=dict(os.environ, PYTHONPATH=str(link.parent)))
                 res = json.loads(out.stdout.strip().splitlines()[-1])
                 res["load"] = round(load, 2)
                 got[name].append(res)
                 turn, rest = split(res)
-                click.echo(f"round {r + 1} {name:<8} load {load:.2f} ms/step "
-                           f"{res['ms_per_step']} share "
+                click.echo(f"round {r + 1} {name:<8} load {load:.2f} tokens/s "
+                           f"{res.get('tokens_per_s')} ms/step {res['ms_per_step']} batches/step {res.get('batches_per_step')} "
+                           f"admit ms {res.get('admit_ms_per_step')} share "
                            f"{res['share_data_wait']:.3f} turnovers {turn} others median "
                            f"{statistics.median(rest)} max {max(rest)} full GCs "
                            f"{[ms for _, ms in res['full_collections_ms']]}")
@@ -150,7 +189,11 @@ def bench_turnover(data, steps, warmup, spin_us, opt_ms, spin_clock, rounds, bas
         turn = [x for r in runs for x in split(r)[0]]
         rest = [x for r in runs for x in split(r)[1]]
         shares = [r["share_data_wait"] for r in runs]
-        click.echo(f"{name:<8} ms/step median "
+        click.echo(f"{name:<8} tokens/s median "
+                   f"{statistics.median(r.get('tokens_per_s', 0) for r in runs)} "
+                   f"admit ms/step median "
+                   f"{statistics.median(r.get('admit_ms_per_step', 0) for r in runs)} "
+                   f"ms/step median "
                    f"{statistics.median(r['ms_per_step'] for r in runs)} "
                    f"share median {statistics.median(shares):.3f} "
                    f"({min(shares):.3f}-{max(shares):.3f}); turnovers median "
