@@ -107,7 +107,9 @@ def backward(L, opt: dict, saved, meta, do, dST, dzT):
                                                                     dtype=f32)
     wd = torch.empty_like(hd)
     BR = max(1, min(D // R, opt["hdot_rows"] or 2048 // E))
-    nv = int(opt["mem_fuse"] or 0)  # one launch of interleaved paths (banked_kernels_mem.py)
+    # the memory parts as one launch of interleaved paths (banked_kernels_mem.py), dv in nv
+    # E-tiles of at least 16 columns (a dot's smallest side on the GPU)
+    nv = min(int(opt["mem_fuse"] or 0), E // 16) if E >= 16 else int(opt["mem_fuse"] or 0)
     if nv and R == 1 and not in_dh and E % nv == 0:
         L(KM.bwd_mem_all, (3 + nv, NT, B * H), q, k, v, r, w, c, hs, zs, dhs, dzs, dy, dden,
           dqi, dki, dvi, dq, dk, dv, dr, dw, wd, hd, NT, N=N, NP=pow2(N), D=D, E=E, C=C,

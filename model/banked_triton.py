@@ -116,25 +116,29 @@ def banked_attention_reference(q: Tensor, k: Tensor, v: Tensor, r: Tensor, w: Te
 # own E-tile, None: tile_v; 102 registers). stages_o, maxnreg_o: fwd_o's pipelining depth, register cap.
 # intra_lean (R = 1): bwd_intra with r, w, c loaded once per block, not per bank and loop.
 # prefetch_dh: bwd_dh's chunk-end decay a step ahead, dden as a pipelined vector (no waits).
-# mem_fuse NV (R = 1; 0: off): the memory parts (reads, writes, inner products, dv in NV E-tiles)
-# as one launch whose programs of one chunk are neighbours, so each saved memory comes from DRAM
-# about once, not twice (banked_kernels_mem.py; GPU_NOTES "kern, 2026-11-23 22:15"); tile_dmf:
-# D-slice of its read and write paths (None: tile_dm; 64: 174 registers, not 255 with 92 bytes
-# spilled, ptxas sm_90), maxnreg_mem: its register cap (168: three programs per SM).
+# mem_fuse NV (R = 1; 0: off): the memory parts (reads, writes, inner products, dv in NV E-tiles,
+# at most E / 16) as one launch whose programs of one chunk are neighbours, so each saved memory
+# comes from DRAM about once, not twice (banked_kernels_mem.py; GPU_NOTES "kern, 2026-11-23
+# 22:15"); tile_dmf: D-slice of its read and write paths (None: tile_dm; 64: 174 registers, not
+# 255 with 92 bytes spilled, ptxas sm_90), maxnreg_mem: its register cap (168: 3 programs per SM).
 KERNEL_OPTS = {"tile_h": None, "tile_hk": 64, "tile_hv": None, "tile_v": 128, "warps_h": 4,
                "warps_o": 8, "warps_intra": 4, "tile_dm": 128, "warps_mem": 4, "warps_dv": 8,
                "stages_mem": None, "hdot_in_dv": True, "fwd_o_loop": False, "short": 0,
                "save_blocks": 1, "prep_in_intra": None, "stages_h": None, "hdot_rows": None,
                "low_partials": True, "fast_launch": True, "maxnreg_h": None, "hdot_in_dh": False,
                "fwd_o_lean": True, "stages_o": 2, "maxnreg_o": 128, "stages_dv": None,
-               "tile_vo": None, "intra_lean": True, "prefetch_dh": True, "mem_fuse": 0,
-               "tile_dmf": None, "maxnreg_mem": None}
+               "tile_vo": None, "intra_lean": True, "prefetch_dh": True, "mem_fuse": 2,
+               "tile_dmf": 64, "maxnreg_mem": 168}
 # The defaults since call kern3 (GPU_NOTES "Lead, 2026-11-23 15:50"): fwd_o_lean capped at 128
 # registers with 2 stages, intra_lean and prefetch_dh each beat both default samples of the same
 # sweep at 4K and 16K (4K 2.30-2.31 -> 2.21 / 2.18 / 2.20 ms; 16K 8.28-8.29 -> 7.96 / 8.11 /
 # 8.10), 1K within 0.04 ms. OLD_DEFAULTS is the set they replaced (bench sweeps time it beside).
 OLD_DEFAULTS = {"fwd_o_lean": False, "stages_o": None, "maxnreg_o": None, "intra_lean": False,
                 "prefetch_dh": False}
+# mem_fuse 2 with tile_dmf 64 and maxnreg_mem 168 since call kern9-1 (GPU_NOTES "kern, 2026-11-23
+# 22:15"): 4K 2.18 / 2.10 -> 1.96 ms, 16K 7.91 / 7.83 -> 7.21, 1K 0.73 / 0.78 -> 0.76 (same
+# sweep), its kernel 0.68 ms at 4K against the three kernels' 0.82. PRE_FUSE: the set before.
+PRE_FUSE = {"mem_fuse": 0, "tile_dmf": None, "maxnreg_mem": None}
 
 
 def _decay(L, w: Tensor, g: Tensor, C: int) -> Tensor:

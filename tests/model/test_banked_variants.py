@@ -56,7 +56,9 @@ CASES += [
     (45, 16, 32, 4, 16, False, {"mem_fuse": 2, "save_blocks": 2}),
     (40, 16, 32, 2, 16, True, {"mem_fuse": 1, "hdot_in_dh": 2}),
 ]
-CASES += [(29, 16, 32, 4, 16, True, v) for v in SWEEPS["kern9"] if v]
+CASES += [(29, 16, 32, 4, 16, True, v) for v in SWEEPS["kern9"] + SWEEPS["kern9b"] if v]
+CASES += [(35, 16, 64, 2, 16, False, {"mem_fuse": 4, "tile_dmf": 16}),  # dv in 4 E-tiles
+          (35, 16, 16, 3, 16, True, {"mem_fuse": 2})]  # E = 16: dv in one E-tile
 
 _RUN = """
 import sys, torch
@@ -169,7 +171,10 @@ GPU_VARIANTS = [{"hdot_in_dh": True}, {"hdot_in_dh": True, "save_blocks": 2},
                 {"mem_fuse": 2, "tile_dmf": 64}, {"mem_fuse": 2, "tile_dmf": 64,
                                                   "maxnreg_mem": 168},
                 {"mem_fuse": 2, "tile_dmf": 64, "warps_mem": 8},
-                {"prep_in_intra": False}]  # bwd_prep launched first (T > 2048 by default)
+                {"prep_in_intra": False},  # bwd_prep launched first (T > 2048 by default)
+                bt.PRE_FUSE, {"tile_dmf": 32, "maxnreg_mem": None},  # sweep kern9b
+                {"tile_dmf": 32, "stages_mem": 2, "maxnreg_mem": None},
+                {"mem_fuse": 4, "tile_dmf": 32, "maxnreg_mem": 96}]
 
 
 @pytest.mark.gpu
@@ -201,3 +206,5 @@ def test_sweep_variants_name_real_options():
     # the kern4 sweep's "old defaults" entry undoes exactly what call kern3 turned on
     assert bt.OLD_DEFAULTS in SWEEPS["kern4"]
     assert all(bt.KERNEL_OPTS[k] != v for k, v in bt.OLD_DEFAULTS.items())
+    assert bt.PRE_FUSE in SWEEPS["kern9b"]  # the set before the fused memory launch
+    assert all(bt.KERNEL_OPTS[k] != v for k, v in bt.PRE_FUSE.items())
