@@ -153,12 +153,13 @@ SWEEPS = {
               {}],
     # kern9b: the fused memory launch as default (kern9's winner) beside the set before it and
     # narrower slices / more programs per SM (ptxas sm_90: D-slice 32: 114 registers, 65 KB, 3
-    # per SM; 2 stages 125 / 49 KB, 4; dv in 4 E-tiles 114 / 41 KB, 4; capped at 96, 5)
+    # per SM; 2 stages 125 / 49 KB, 4; dv in 4 E-tiles 114 / 41 KB, 4; capped at 96, 5) and the
+    # output-gradient split inside bwd_intra again (even with the three memory kernels, call M1)
     "kern9b": [{}, {"mem_fuse": 0, "tile_dmf": None, "maxnreg_mem": None},
                {"tile_dmf": 32, "maxnreg_mem": None},
                {"tile_dmf": 32, "stages_mem": 2, "maxnreg_mem": None},
                {"mem_fuse": 4, "tile_dmf": 32, "maxnreg_mem": None},
-               {"mem_fuse": 4, "tile_dmf": 32, "maxnreg_mem": 96}, {}],
+               {"mem_fuse": 4, "tile_dmf": 32, "maxnreg_mem": 96}, {"prep_in_intra": True}, {}],
 }
 SWEEP = SWEEPS["kern9b"]
 
