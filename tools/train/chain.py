@@ -13,6 +13,15 @@ step, the text set 3.10 -> ~2-2.4). Within an epoch the samples and their order 
 ``e + 1``'s first sample takes the position after epoch ``e``'s last. :class:`EpochChain`
 records where each epoch starts as it reaches it (in the dispatcher's read-ahead thread).
 
+**Reading at optimizer steps** (:meth:`EpochChain.gate`). Chained, the dispatcher's prefetch
+thread reads and prepares the next samples whenever its queue has room, i.e. right after the
+trainer's thread admitted some, while that thread launches the next batches: on a host-bound GPU
+step the two compete for the GIL (in ``bench_turnover --spin-clock cpu`` chained runs lost ~40 ms
+a step more to it than per-epoch ones, whose next epoch is read during the optimizer step). A
+gated chain reads on only while fewer than ``low`` samples wait ahead of admission, or up to the
+position the trainer releases (:meth:`release`) at each optimizer step (whose backward runs
+mostly without the GIL). Which samples come, and in which order, does not change.
+
 **Resumption.** A checkpoint stores :meth:`EpochChain.state`: ``[[epoch, start], ...]`` for the
 epochs from the one holding the resume position (the oldest in-flight example, or the next
 sample to draw) on. Resuming rebuilds the chain from that epoch at that start (the dispatcher
@@ -24,9 +33,12 @@ within its epoch) resumes chained from its epoch at position 0.
 from __future__ import annotations
 
 import bisect
+import math
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
+
+_END = object()
 
 
 class EmptyEpochError(ValueError):
@@ -49,6 +61,9 @@ class EpochChain:
         self._lock = threading.Lock()
         self._epochs = [first]  # epochs reached, ascending, and where each starts
         self._starts = [offset]
+        self._cond = threading.Condition(self._lock)
+        self._drawn: Callable[[], int] | None = None  # gate(): the consumer's position
+        self._low, self._allowed = 0, math.inf  # read freely below either
 
     def __iter__(self) -> Iterator[Any]:
         e, pos = self.first, self.offset
@@ -64,14 +79,41 @@ class EpochChain:
                     self._epochs.append(e)
                     self._starts.append(pos)
             self.source.set_epoch(e)
-            n = 0
-            for sample in self.source:
+            n, it = 0, iter(self.source)
+            while True:
+                if self._drawn is not None and pos + n >= self._allowed:
+                    self._hold(pos + n)  # before the read: reading is the work to move
+                sample = next(it, _END)
+                if sample is _END:
+                    break
                 n += 1
                 yield sample
             if n == 0:
                 raise EmptyEpochError(f"epoch {e} of {self.name} yielded no samples: "
                                       f"nothing to train on")
             e, pos = e + 1, pos + n
+
+    def gate(self, drawn: Callable[[], int], low: int) -> None:
+        """Read on only while fewer than ``low`` samples are read ahead of ``drawn()`` (the
+        consumer's next position, read from the reading thread) or below the position last
+        released (:meth:`release`; module docstring). Only for a chain read in another thread than
+        ``drawn``'s: a consumer waiting on its own reader would wait 20 ms per check."""
+        with self._cond:
+            self._drawn, self._low, self._allowed = drawn, max(1, low), 0
+
+    def release(self, upto: float = math.inf) -> None:
+        """Let a gated chain read every position below ``upto`` (default: all, ungated: call it
+        before abandoning the reading thread, or it waits for a release that never comes)."""
+        with self._cond:
+            if upto > self._allowed:
+                self._allowed = upto
+                self._cond.notify_all()
+
+    def _hold(self, pos: int) -> None:
+        drawn = self._drawn
+        with self._cond:  # the consumer is polled: admission does not notify (no hook there)
+            while pos >= self._allowed and pos - drawn() >= self._low:
+                self._cond.wait(0.02)
 
     def epoch_of(self, pos: int) -> int:
         """The epoch of source position ``pos`` among the epochs reached (``first`` for a

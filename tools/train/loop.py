@@ -278,7 +278,6 @@ class Trainer:
                 gc.unfreeze()
 
     def _fit(self, steps: int | None, minutes: float | None) -> dict[str, Any]:
-        t = self.t
         self.target = steps if steps is not None else math.inf
         deadline = time.monotonic() + 60 * minutes if minutes is not None else math.inf
         self.bar = None
@@ -290,27 +289,7 @@ class Trainer:
         stopped = "steps"
         with StopFlag() as stop:
             while self.step < self.target:
-                ended = None
-                src, offset, prefetch = self._source()
-                for st in self.disp.run(src, offset=offset, prefetch=prefetch):
-                    self.runners.finish([f.state for f in st.finished
-                                         if f.error is None and isinstance(f.state, Context)])
-                    if st.batch is None:  # a rank-local tail step: no collectives here
-                        continue
-                    if self.coll.sum([float(self.runners.window.tokens)])[0] < t.tokens_per_step:
-                        continue
-                    if self.chain is not None:
-                        self.epoch = self.chain.epoch_of(self.disp.drawn - 1)
-                    else:  # the next epoch is read ahead from an optimizer step on, not while
-                        # this epoch's examples are admitted (readahead.py); a no-op once started
-                        self.ahead.start_next()
-                    ended = self._after_step(deadline, stop)
-                    if ended is not None:
-                        break
-                else:
-                    if self.coll.sum([float(self.runners.window.tokens)])[0] > 0:
-                        self.ahead.start_next()
-                        ended = self._after_step(deadline, stop)  # the epoch's partial window
+                ended = self._dispatch(deadline, stop)
                 if ended is not None:
                     stopped = ended
                     break
@@ -325,6 +304,37 @@ class Trainer:
             (self.run / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
         return summary
 
+    def _dispatch(self, deadline: float, stop: StopFlag) -> str | None:
+        """One dispatcher run (chained: the whole fit; else one epoch, its partial window
+        stepped at its end); why training stops, or None when the epoch ended."""
+        src, offset, prefetch = self._source()
+        run = self.disp.run(src, offset=offset, prefetch=prefetch)
+        try:
+            for st in run:
+                self.runners.finish([f.state for f in st.finished
+                                     if f.error is None and isinstance(f.state, Context)])
+                if st.batch is None:  # a rank-local tail step: no collectives here
+                    continue
+                if self.coll.sum([float(self.runners.window.tokens)])[0] < self.t.tokens_per_step:
+                    continue
+                if self.chain is not None:  # the next samples are read during backward
+                    self.epoch = self.chain.epoch_of(self.disp.drawn - 1)
+                    self.chain.release(self.disp.drawn + self.cfg.dispatch.prefetch)
+                else:  # the next epoch is read ahead from an optimizer step on, not while
+                    # this epoch's examples are admitted (readahead.py); a no-op once started
+                    self.ahead.start_next()
+                ended = self._after_step(deadline, stop)
+                if ended is not None:
+                    return ended
+            if self.coll.sum([float(self.runners.window.tokens)])[0] > 0:
+                self.ahead.start_next()
+                return self._after_step(deadline, stop)  # the epoch's partial window
+            return None
+        finally:
+            if self.chain is not None:
+                self.chain.release()  # its reader must not wait for a step that never comes
+            run.close()
+
     def _source(self) -> tuple[Any, int, int | None]:
         """The next dispatcher run's (source, offset, prefetch): chained, every epoch from
         ``self.epoch`` on (one run for the whole fit); else this epoch's samples."""
@@ -332,6 +342,9 @@ class Trainer:
             first, start, expect = self._chain_from
             self.chain = EpochChain(self.source, first, start, expect=expect,
                                     name=f"{', '.join(self.spec.data)} (rank {self.coll.rank})")
+            depth = self.cfg.dispatch.prefetch
+            if depth > 0:  # read in the prefetch thread: at optimizer steps (chain.py)
+                self.chain.gate(lambda: self.disp.drawn, depth // 2)
             return self.chain, start, None
         # the next epoch's first samples are read while this one drains; an epoch read ahead
         # whole is admitted from memory in this thread: through the prefetch thread, hand-offs

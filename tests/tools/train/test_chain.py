@@ -55,6 +55,34 @@ def test_chain_errors_name_the_epoch_and_what_changed():
         list(EpochChain(Source({0: 2, 1: 0})))  # endless otherwise
 
 
+def test_a_gated_chain_reads_ahead_when_released_or_when_its_consumer_runs_short():
+    """Chained, the prefetch thread read whenever its queue had room, competing for the GIL
+    with the trainer's launches; gated, it reads at optimizer steps (release) and otherwise
+    only to keep ``low`` samples ahead of the consumer."""
+    import threading
+    import time
+
+    ch, drawn, got = EpochChain(Source({0: 50}), epochs=1), [0], []
+    ch.gate(lambda: drawn[0], low=4)
+    reader = threading.Thread(target=lambda: got.extend(ch), daemon=True)
+    reader.start()
+
+    def settles_at(n):
+        deadline = time.monotonic() + 10
+        while len(got) < n and time.monotonic() < deadline:
+            time.sleep(0.005)
+        time.sleep(0.1)  # and reads no further
+        return len(got)
+    assert settles_at(4) == 4  # low samples ahead of the consumer, then it holds
+    drawn[0] = 3
+    assert settles_at(7) == 7  # the consumer took some: it keeps low ahead
+    ch.release(20)
+    assert settles_at(20) == 20
+    ch.release()
+    reader.join(10)
+    assert got == list(Source({0: 50}))  # the same samples in the same order
+
+
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> str:
     """30 samples, every third with a second text block (its context crosses batches)."""
