@@ -101,6 +101,7 @@ def banked_attention_reference(q: Tensor, k: Tensor, v: Tensor, r: Tensor, w: Te
 # N=4, 1.6 of their 3.2 GB of traffic; one more bf16 rounding of the intra part). (Recomputing
 # the intra part inside the memory kernels instead cost more than the partials' bytes: call K5.)
 # fast_launch: cached direct launches (model/banked_launch.py; the 1K call is host-bound).
+# launch_first: the forward's kernels launched before autograd's bookkeeping of the call (_apply).
 # maxnreg_h: register cap of the state kernels (None: the compiler's choice, 212-226 at 4 warps:
 # 2 programs per SM, so 512 sequential programs at B*H=64, N=4 run as 1.94 waves, ncu call K6).
 # 128 fits 4 per SM (one wave) with ~50 spilled values but measured slower (call K7: 16K 9.54
@@ -128,7 +129,8 @@ KERNEL_OPTS = {"tile_h": None, "tile_hk": 64, "tile_hv": None, "tile_v": 128, "w
                "low_partials": True, "fast_launch": True, "maxnreg_h": None, "hdot_in_dh": False,
                "fwd_o_lean": True, "stages_o": 2, "maxnreg_o": 128, "stages_dv": None,
                "tile_vo": None, "intra_lean": True, "prefetch_dh": True, "mem_fuse": 2,
-               "tile_dmf": 64, "maxnreg_mem": 168}
+               "tile_dmf": 64, "maxnreg_mem": 168,
+               "launch_first": True}
 # The defaults since call kern3 (GPU_NOTES "Lead, 2026-11-23 15:50"): fwd_o_lean capped at 128
 # registers with 2 stages, intra_lean and prefetch_dh each beat both default samples of the same
 # sweep at 4K and 16K (4K 2.30-2.31 -> 2.21 / 2.18 / 2.20 ms; 16K 8.28-8.29 -> 7.96 / 8.11 /
@@ -155,56 +157,79 @@ def _save_blocks(C: int) -> int:
     return R if R == 2 and C * R <= 128 and not KERNEL_OPTS["fwd_o_loop"] else 1
 
 
+class Launched:
+    """The forward's kernels as launched for one call: outputs (o, ST, zT), the tensors the
+    backward needs, the launch key and path, (has_s0, C, R)."""
+
+    __slots__ = ("o", "ST", "zT", "saved", "key", "fast", "meta")
+
+
+def launch_forward(q, k, v, r, w, g, S0, z0, eps, C, R) -> Launched:
+    """Launch the forward's kernels on padded, contiguous inputs (T a multiple of R*C); autograd
+    plays no part (inputs are read, nothing is recorded)."""
+    B, H, T, D = q.shape
+    E, N = v.shape[-1], r.shape[-1]
+    NT, NS, CS = T // C, T // (C * R), C * R
+    opt = KERNEL_OPTS
+    BK, BV, BO = tiles(opt, B * H * N, NS, D, E)
+    dev = q.device
+    has_s0 = S0 is not None
+    s0 = S0.detach().contiguous().float() if has_s0 else None
+    zz0 = z0.detach().contiguous().float() if has_s0 else None
+    f = Launched()
+    # the launch key: dtypes and integer specialisations (model/banked_launch.py)
+    f.key = (q.dtype, k.dtype, v.dtype, r.dtype, w.dtype, g.dtype, ispec(NT), ispec(NS))
+    f.fast = opt["fast_launch"] and aligned(q, k, v, r, w, g, s0, zz0) and \
+        on_device(dev, k, v, r, w, g, s0, zz0)
+    L = Launcher(dev, f.key, f.fast)
+    c = _decay(L, w, g, CS)  # cumsum of log a from each span's start
+    hs = torch.empty(B * H * NS * N * D * E, device=dev, dtype=v.dtype)
+    zs = torch.empty(B * H * NS * N * D, device=dev, dtype=torch.float32)
+    ST = torch.empty(B, H, N, D, E, device=dev, dtype=torch.float32)
+    zT = torch.empty(B, H, N, D, device=dev, dtype=torch.float32)
+    L(K.fwd_h, (D // BK, E // BV, B * H * N), k, v, w, c, hs, zs,
+      s0 if has_s0 else ST, zz0 if has_s0 else zT, ST, zT, NS, N=N, D=D, E=E, C=CS,
+      BK=BK, BV=BV, HAS_S0=has_s0, num_warps=opt["warps_h"], num_stages=opt["stages_h"],
+      maxnreg=opt["maxnreg_h"])
+    o = torch.empty(B, H, T, E, device=dev, dtype=v.dtype)
+    den = torch.empty(B, H, T, device=dev, dtype=torch.float32)
+    if opt["fwd_o_lean"] and R == 1 and not opt["fwd_o_loop"]:
+        BL = min(E, opt["tile_vo"] or BO)  # its own E-tile (bwd_dv_mem keeps tile_v)
+        L(KV.fwd_o_lean, (E // BL, NT, B * H), q, k, v, r, w, c, hs, zs, o, den, NT, eps,
+          N=N, D=D, E=E, C=C, BV=BL, ZW=max(16, pow2(2 * N)), num_warps=opt["warps_o"],
+          num_stages=opt["stages_o"], maxnreg=opt["maxnreg_o"])
+    elif opt["fwd_o_loop"]:
+        L(KV.fwd_o_loop, (NT, B * H), q, k, v, r, w, c, hs, zs, o, den, NT, eps, N=N,
+          NP=pow2(N), D=D, E=E, C=C, BV=BO, num_warps=opt["warps_o"])
+    else:
+        L(K.fwd_o, (E // BO, NT, B * H), q, k, v, r, w, c, hs, zs, o, den, NT, eps, N=N,
+          D=D, E=E, C=C, BV=BO, R=R, num_warps=opt["warps_o"],
+          # the lean kernel's cap and stages do not fit fwd_o (255 registers): R = 2 with
+          # fwd_o_lean set takes fwd_o at the compiler's own choices
+          num_stages=None if opt["fwd_o_lean"] else opt["stages_o"],
+          maxnreg=None if opt["fwd_o_lean"] else opt["maxnreg_o"])
+    f.o, f.ST, f.zT = o, ST, zT
+    f.saved = (q, k, v, r, w, g, c, hs, zs, o, den)
+    f.meta = (has_s0, C, R)
+    return f
+
+
 class BankedAttentionFn(torch.autograd.Function):
     """Triton chunked banked attention on padded inputs: (q, k, v, r, w, g, S0, z0, eps, C, R)
-    with T a multiple of R*C (blocks of C rows, memories saved every R blocks) -> (out, S, z)."""
+    with T a multiple of R*C (blocks of C rows, memories saved every R blocks) -> (out, S, z).
+    A twelfth argument, the :class:`Launched` of :func:`launch_forward` on the same inputs,
+    hands over a forward already launched (``launch_first``)."""
+
+    launches_first = True  # takes a Launched (stand-ins that replace this class in tests do not)
 
     @staticmethod
-    def forward(ctx, q, k, v, r, w, g, S0, z0, eps, C, R):
+    def forward(ctx, q, k, v, r, w, g, S0, z0, eps, C, R, f=None):
         ctx.set_materialize_grads(False)  # unused outputs (S, z) get no zero-filled gradients
-        B, H, T, D = q.shape
-        E, N = v.shape[-1], r.shape[-1]
-        NT, NS, CS = T // C, T // (C * R), C * R
-        opt = KERNEL_OPTS
-        BK, BV, BO = tiles(opt, B * H * N, NS, D, E)
-        dev = q.device
-        has_s0 = S0 is not None
-        s0 = S0.contiguous().float() if has_s0 else None
-        zz0 = z0.contiguous().float() if has_s0 else None
-        # the launch key: dtypes and integer specialisations (model/banked_launch.py)
-        ctx.key = (q.dtype, k.dtype, v.dtype, r.dtype, w.dtype, g.dtype, ispec(NT), ispec(NS))
-        ctx.fast = opt["fast_launch"] and aligned(q, k, v, r, w, g, s0, zz0) and \
-            on_device(dev, k, v, r, w, g, s0, zz0)
-        L = Launcher(dev, ctx.key, ctx.fast)
-        c = _decay(L, w, g, CS)  # cumsum of log a from each span's start
-        hs = torch.empty(B * H * NS * N * D * E, device=dev, dtype=v.dtype)
-        zs = torch.empty(B * H * NS * N * D, device=dev, dtype=torch.float32)
-        ST = torch.empty(B, H, N, D, E, device=dev, dtype=torch.float32)
-        zT = torch.empty(B, H, N, D, device=dev, dtype=torch.float32)
-        L(K.fwd_h, (D // BK, E // BV, B * H * N), k, v, w, c, hs, zs,
-          s0 if has_s0 else ST, zz0 if has_s0 else zT, ST, zT, NS, N=N, D=D, E=E, C=CS,
-          BK=BK, BV=BV, HAS_S0=has_s0, num_warps=opt["warps_h"], num_stages=opt["stages_h"],
-          maxnreg=opt["maxnreg_h"])
-        o = torch.empty(B, H, T, E, device=dev, dtype=v.dtype)
-        den = torch.empty(B, H, T, device=dev, dtype=torch.float32)
-        if opt["fwd_o_lean"] and R == 1 and not opt["fwd_o_loop"]:
-            BL = min(E, opt["tile_vo"] or BO)  # its own E-tile (bwd_dv_mem keeps tile_v)
-            L(KV.fwd_o_lean, (E // BL, NT, B * H), q, k, v, r, w, c, hs, zs, o, den, NT, eps,
-              N=N, D=D, E=E, C=C, BV=BL, ZW=max(16, pow2(2 * N)), num_warps=opt["warps_o"],
-              num_stages=opt["stages_o"], maxnreg=opt["maxnreg_o"])
-        elif opt["fwd_o_loop"]:
-            L(KV.fwd_o_loop, (NT, B * H), q, k, v, r, w, c, hs, zs, o, den, NT, eps, N=N,
-              NP=pow2(N), D=D, E=E, C=C, BV=BO, num_warps=opt["warps_o"])
-        else:
-            L(K.fwd_o, (E // BO, NT, B * H), q, k, v, r, w, c, hs, zs, o, den, NT, eps, N=N,
-              D=D, E=E, C=C, BV=BO, R=R, num_warps=opt["warps_o"],
-              # the lean kernel's cap and stages do not fit fwd_o (255 registers): R = 2 with
-              # fwd_o_lean set takes fwd_o at the compiler's own choices
-              num_stages=None if opt["fwd_o_lean"] else opt["stages_o"],
-              maxnreg=None if opt["fwd_o_lean"] else opt["maxnreg_o"])
-        ctx.save_for_backward(q, k, v, r, w, g, c, hs, zs, o, den)
-        ctx.meta = (has_s0, C, R)
-        return o, ST, zT
+        if f is None:
+            f = launch_forward(q, k, v, r, w, g, S0, z0, eps, C, R)
+        ctx.key, ctx.fast, ctx.meta = f.key, f.fast, f.meta
+        ctx.save_for_backward(*f.saved)
+        return f.o, f.ST, f.zT
 
     @staticmethod
     def backward(ctx, do, dST, dzT):
@@ -213,7 +238,7 @@ class BankedAttentionFn(torch.autograd.Function):
         L = Launcher(saved[0].device, key,
                      ctx.fast and KERNEL_OPTS["fast_launch"] and aligned(do, dST, dzT)
                      and on_device(saved[0].device, do, dST, dzT))
-        return backward(L, KERNEL_OPTS, saved, ctx.meta, do, dST, dzT) + (None, None, None)
+        return backward(L, KERNEL_OPTS, saved, ctx.meta, do, dST, dzT) + (None,) * 4
 
 
 def triton_supports(q: Tensor, v: Tensor, chunk: int) -> bool:
@@ -221,6 +246,17 @@ def triton_supports(q: Tensor, v: Tensor, chunk: int) -> bool:
     def ok(n: int) -> bool:
         return 16 <= n <= 256 and n & (n - 1) == 0
     return HAS_TRITON and ok(q.shape[-1]) and ok(v.shape[-1]) and ok(chunk) and chunk <= 128
+
+
+def _apply(args: tuple) -> tuple[Tensor, Tensor, Tensor]:
+    """BankedAttentionFn on args; with ``launch_first`` the kernels are launched before autograd
+    records the call: its bookkeeping (~10 us of host time on this project's 2-core machine)
+    then runs while the GPU works, not before the first kernel (GPU_NOTES "kern, 2026-11-23
+    22:15")."""
+    fn = BankedAttentionFn
+    if KERNEL_OPTS["launch_first"] and getattr(fn, "launches_first", False):
+        return fn.apply(*args, launch_forward(*args))
+    return fn.apply(*args)
 
 
 def banked_attention_triton(q: Tensor, k: Tensor, v: Tensor, r: Tensor, w: Tensor, g: Tensor,
@@ -244,9 +280,9 @@ def banked_attention_triton(q: Tensor, k: Tensor, v: Tensor, r: Tensor, w: Tenso
             g.contiguous(), S0, z0, float(eps), chunk, R)
     if q.is_cuda and q.device.index != torch.cuda.current_device():  # launches go to the
         with torch.cuda.device(q.device):  # current device: make it q's (a no-op otherwise)
-            o, S, z = BankedAttentionFn.apply(*args)
+            o, S, z = _apply(args)
     else:  # q's device is current, or CPU tensors (only under TRITON_INTERPRET=1)
-        o, S, z = BankedAttentionFn.apply(*args)
+        o, S, z = _apply(args)
     return (o[:, :, :T] if pad else o), S, z
 
 

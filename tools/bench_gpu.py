@@ -160,6 +160,10 @@ SWEEPS = {
                {"tile_dmf": 32, "stages_mem": 2, "maxnreg_mem": None},
                {"mem_fuse": 4, "tile_dmf": 32, "maxnreg_mem": None},
                {"mem_fuse": 4, "tile_dmf": 32, "maxnreg_mem": 96}, {"prep_in_intra": True}, {}],
+    # kern9c: the forward's kernels launched before autograd's bookkeeping (launch_first) or
+    # inside it, alternating (a host-latency change: per-call figures only)
+    "kern9c": [{}, {"launch_first": False}, {}, {"launch_first": False}, {},
+               {"launch_first": False}],
 }
 SWEEP = SWEEPS["kern9b"]
 

@@ -4,9 +4,10 @@
 This prints, per length T, both medians, the host's time for the forward and for the backward
 (no profiler), then one profiled call as a timeline: each kernel's start on the GPU relative to
 the call's start and the gap before it, and the longest host ops. model/GPU_NOTES.md, call L5.
-Usage: ``python -m blocklm.tools.bench_gpu_gaps [T ...] [--vs MODULE]`` (default 4096); with
-``--vs`` (an importable module with another ``banked_attention``, e.g. ``blk9.banked_triton``, a
-copy of earlier code) the figures without the profiler are taken for both, alternating, twice.
+Usage: ``python -m blocklm.tools.bench_gpu_gaps [T ...] [--vs MODULE[,MODULE]]`` (default
+4096); with ``--vs`` (importable modules with another ``banked_attention``, e.g.
+``blk9.banked_triton``, copies of earlier code) the figures without the profiler are taken for
+each and for HEAD, alternating, twice.
 """
 
 from __future__ import annotations
@@ -44,7 +45,9 @@ def measure(T: int, vs: str | None = None) -> None:
 
     xs = _inputs(B, H, T, D, N, seed=T)
     dout = torch.randn_like(xs[2])
-    mods = [("HEAD", bt)] if vs is None else [(vs, importlib.import_module(vs)), ("HEAD", bt)] * 2
+    mods = [("HEAD", bt)] if vs is None else [
+        (m, importlib.import_module(m)) for m in vs.split(",")] + [("HEAD", bt)]
+    mods = mods if vs is None else mods * 2
     for name, mod in mods:
         figures(T, mod, xs, dout, "" if vs is None else name)
     timeline(T, bt, xs, dout)
@@ -70,7 +73,8 @@ def figures(T: int, mod, xs, dout, name: str = "") -> None:
     for _ in range(5):
         run()
     out = {"T": T, **({"code": name} if name else {}),
-           "per_call_ms": round(_median_ms(run, 50), 4), "queued_ms": round(_queued_ms(run, 50), 4), "host_us_fwd_bwd": host_us(run),
+           "per_call_ms": round(_median_ms(run, 50), 4),
+           "queued_ms": round(_queued_ms(run, 50), 4), "host_us_fwd_bwd": host_us(run),
            "host_us_fwd_grad": host_us(lambda: banked(*xs))}
     with torch.no_grad():
         out["host_us_fwd_nograd"] = host_us(lambda: banked(*xs))

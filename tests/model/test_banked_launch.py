@@ -219,3 +219,55 @@ def test_backward_launches_the_output_split_before_its_other_allocations(monkeyp
     first = events.index("launch bwd_prep")
     assert events[:first] == ["empty_like", "empty_like"], events[:first]
     assert sum(e.startswith("launch") for e in events) >= 5
+
+
+def test_forward_kernels_are_launched_before_autograd_records_the_call(monkeypatch):
+    """With ``launch_first`` the forward's kernels are launched before BankedAttentionFn.apply
+    (its bookkeeping then overlaps the GPU's work); without it, inside; a stand-in for the class
+    (as the CPU step bench and some tests use) is applied as before, with the usual 11
+    arguments."""
+    pytest.importorskip("triton")
+    from blocklm.model import banked_triton as bt
+
+    events = []
+    real = bt.launch_forward
+    Fn = bt.BankedAttentionFn
+
+    def fake_launch(*args):
+        events.append("launch")
+        f = bt.Launched()
+        q, v = args[0], args[2]
+        f.o, f.ST, f.zT = torch.zeros_like(v), q.new_zeros(1), q.new_zeros(1)
+        f.saved, f.key, f.fast, f.meta = (), None, False, None
+        return f
+
+    class Spy(Fn):
+        @staticmethod
+        def forward(ctx, *args):
+            events.append(("apply", len(args)))
+            return Fn.forward(ctx, *args)
+
+    monkeypatch.setattr(bt, "launch_forward", fake_launch)
+    monkeypatch.setattr(bt, "BankedAttentionFn", Spy)
+    args = (torch.rand(1, 1, 8, 16), torch.rand(1, 1, 8, 16), torch.rand(1, 1, 8, 16),
+            torch.rand(1, 1, 8, 2), torch.rand(1, 1, 8, 2), torch.rand(1, 1, 8), None, None,
+            1e-3, 8, 1)
+    bt._apply(args)
+    assert events == ["launch", ("apply", 12)]
+    events.clear()
+    monkeypatch.setitem(bt.KERNEL_OPTS, "launch_first", False)
+    bt._apply(args)
+    assert events == [("apply", 11), "launch"]
+
+    class StandIn(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q, k, v, r, w, g, S0, z0, eps, C, R):
+            events.append("stand-in")
+            return v * 1, q.new_zeros(1), q.new_zeros(1)
+
+    monkeypatch.setitem(bt.KERNEL_OPTS, "launch_first", True)
+    monkeypatch.setattr(bt, "BankedAttentionFn", StandIn)
+    events.clear()
+    bt._apply(args)
+    assert events == ["stand-in"]
+    assert real is not fake_launch

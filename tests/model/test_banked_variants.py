@@ -58,7 +58,8 @@ CASES += [
 ]
 CASES += [(29, 16, 32, 4, 16, True, v) for v in SWEEPS["kern9"] + SWEEPS["kern9b"] if v]
 CASES += [(35, 16, 64, 2, 16, False, {"mem_fuse": 4, "tile_dmf": 16}),  # dv in 4 E-tiles
-          (35, 16, 16, 3, 16, True, {"mem_fuse": 2})]  # E = 16: dv in one E-tile
+          (35, 16, 16, 3, 16, True, {"mem_fuse": 2}),  # E = 16: dv in one E-tile
+          (37, 16, 32, 4, 16, True, {"launch_first": False})]  # kernels launched inside apply
 
 _RUN = """
 import sys, torch
@@ -174,7 +175,7 @@ GPU_VARIANTS = [{"hdot_in_dh": True}, {"hdot_in_dh": True, "save_blocks": 2},
                 {"prep_in_intra": False},  # bwd_prep launched first (T > 2048 by default)
                 bt.PRE_FUSE, {"tile_dmf": 32, "maxnreg_mem": None},  # sweep kern9b
                 {"tile_dmf": 32, "stages_mem": 2, "maxnreg_mem": None},
-                {"mem_fuse": 4, "tile_dmf": 32, "maxnreg_mem": 96}]
+                {"mem_fuse": 4, "tile_dmf": 32, "maxnreg_mem": 96}, {"launch_first": False}]
 
 
 @pytest.mark.gpu
