@@ -218,6 +218,9 @@ def test_backward_launches_the_output_split_before_its_other_allocations(monkeyp
     BB.backward(launch, opt, saved, (False, C, 1), torch.rand(B, H, T, D), None, None)
     first = events.index("launch bwd_prep")
     assert events[:first] == ["empty_like", "empty_like"], events[:first]
+    # then what bwd_intra writes (dr, dw, the three partials), dq, dk, dv after its launch
+    intra = next(i for i, e in enumerate(events) if e.startswith("launch bwd_intra"))
+    assert len(events[first + 1:intra]) == 5, events[first + 1:intra]
     assert sum(e.startswith("launch") for e in events) >= 5
 
 
