@@ -115,7 +115,8 @@ def backward(L, opt: dict, saved, meta, do, dST, dzT):
     if nv and R == 1 and not in_dh and E % nv == 0:
         L(KM.bwd_mem_all, (3 + nv, NT, B * H), q, k, v, r, w, c, hs, zs, dhs, dzs, dy, dden,
           dqi, dki, dvi, dq, dk, dv, dr, dw, wd, hd, NT, N=N, NP=pow2(N), D=D, E=E, C=C,
-          BD=min(D, opt["tile_dmf"] or BM), BV=E // nv, BH=max(1, min(D, 4096 // E)),
+          BD=min(D, opt["tile_dmf"] or BM), BV=E // nv,
+          BH=max(1, min(D, opt["tile_hdf"] or 4096 // E)), HW=int(opt["hdot_mf"] or 0),
           num_warps=warps, num_stages=opt["stages_mem"], maxnreg=opt["maxnreg_mem"])
         hdot = True  # hd is filled
     else:

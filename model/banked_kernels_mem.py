@@ -41,20 +41,49 @@ if HAS_TRITON:
             tl.store(hd + slot, tot)
 
     @triton.jit
+    def _hdot_wide(hs, zs, dhs, dzs, hd, j, i_bh, NT, N: tl.constexpr, D: tl.constexpr,
+                   E: tl.constexpr, BD: tl.constexpr, ST: tl.constexpr):
+        """``_hdot`` with more bytes in flight (``hdot_mf``): each step's [BD, E] product is
+        summed at once (no [BD, E] accumulator: registers go to wider loads), and the steps of
+        all N banks are one loop that Triton pipelines ST deep (ST > 1) through shared memory.
+        Why: ``_hdot`` waits on every 16 KB step (plain loads are not pipelined, TTGIR), 16
+        round trips per chunk for 256 KB, the longest path of the launch."""
+        oe = tl.arange(0, E)
+        od = tl.arange(0, BD)
+        SD: tl.constexpr = D // BD  # steps per bank
+        base = (i_bh.to(tl.int64) * NT + j) * N
+        tot = tl.zeros([BD], dtype=tl.float32)  # this bank's row sums so far
+        for i in tl.range(0, N * SD, num_stages=ST):
+            ix = (base + i // SD) * D * E + ((i % SD) * BD + od)[:, None] * E + oe[None, :]
+            tot += tl.sum(tl.load(dhs + ix).to(tl.float32) * tl.load(hs + ix).to(tl.float32),
+                          axis=1)
+            if i % SD == SD - 1:  # the bank's last step: its sum with <dz_end, z_start>
+                slot = base + i // SD
+                zd = tl.arange(0, D)
+                s = tl.sum(tot, axis=0) + tl.sum(tl.load(dzs + slot * D + zd) *
+                                                 tl.load(zs + slot * D + zd), axis=0)
+                tl.store(hd + slot, s)
+                tot = tl.zeros([BD], dtype=tl.float32)
+
+    @triton.jit
     def bwd_mem_all(q, k, v, r, w, c, hs, zs, dhs, dzs, dy, dden, dqi, dki, dvi, dq, dk, dv,
                     dr, dw, wd, hd, NT, N: tl.constexpr, NP: tl.constexpr, D: tl.constexpr,
                     E: tl.constexpr, C: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
-                    BH: tl.constexpr):
+                    BH: tl.constexpr, HW: tl.constexpr = 0):
         """The memory parts of the backward (dq, dk, dv, the reads' and writes' parts of dr, dw,
         the writes' sums wd and the inner products hd) for R = 1; grid (3 + E / BV, NT, B*H),
         the path first (module docstring). BD: D-slice of the read/write paths; BH: rows per
-        step of the inner products."""
+        step of the inner products; HW > 0: their path is ``_hdot_wide`` pipelined HW deep
+        (1: not pipelined)."""
         p, j, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         if p == 0:
             _mem_read(q, r, c, hs, zs, dy, dden, dqi, dq, dr, j, i_bh, NT, N=N, NP=NP, D=D,
                       E=E, C=C, BD=BD, R=1)
         elif p == 1:
-            _hdot(hs, zs, dhs, dzs, hd, j, i_bh, NT, N=N, D=D, E=E, BD=BH)
+            if HW:
+                _hdot_wide(hs, zs, dhs, dzs, hd, j, i_bh, NT, N=N, D=D, E=E, BD=BH, ST=HW)
+            else:
+                _hdot(hs, zs, dhs, dzs, hd, j, i_bh, NT, N=N, D=D, E=E, BD=BH)
         elif p == 2:
             _mem_write(k, v, w, c, dhs, dzs, dki, dk, dw, wd, j, i_bh, NT, N=N, NP=NP, D=D,
                        E=E, C=C, BD=BD, R=1)

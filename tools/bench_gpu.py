@@ -164,6 +164,12 @@ SWEEPS = {
     # inside it, alternating (a host-latency change: per-call figures only)
     "kern9c": [{}, {"launch_first": False}, {}, {"launch_first": False}, {},
                {"launch_first": False}],
+    # kern2 (GPU_NOTES "kern2, 2026-11-23 23:00"): the fused launch's inner-product path
+    # pipelined (hdot_mf: depth; 1 = the summed-at-once form unpipelined) and its rows per step
+    # (tile_hdf; ptxas sm_90: 168 registers, 0 spilled, 65.5 KB shared for all of these: still
+    # three programs per SM), alternating with the defaults
+    "kern2": [{}, {"hdot_mf": 3}, {"hdot_mf": 3, "tile_hdf": 64}, {}, {"hdot_mf": 4},
+              {"hdot_mf": 2, "tile_hdf": 64}, {"hdot_mf": 1}, {}],
 }
 SWEEP = SWEEPS["kern9b"]
 

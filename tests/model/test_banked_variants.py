@@ -59,7 +59,12 @@ CASES += [
 CASES += [(29, 16, 32, 4, 16, True, v) for v in SWEEPS["kern9"] + SWEEPS["kern9b"] if v]
 CASES += [(35, 16, 64, 2, 16, False, {"mem_fuse": 4, "tile_dmf": 16}),  # dv in 4 E-tiles
           (35, 16, 16, 3, 16, True, {"mem_fuse": 2}),  # E = 16: dv in one E-tile
-          (37, 16, 32, 4, 16, True, {"launch_first": False})]  # kernels launched inside apply
+          (37, 16, 32, 4, 16, True, {"launch_first": False}),  # kernels launched inside apply
+          # hdot_mf: the inner-product path pipelined; one or four steps per bank, N = 1, 3, 4
+          (37, 16, 32, 4, 16, True, {"hdot_mf": 3}),
+          (50, 32, 32, 3, 16, False, {"hdot_mf": 3, "tile_hdf": 8}),
+          (21, 32, 16, 1, 16, True, {"hdot_mf": 1, "tile_hdf": 16, "mem_fuse": 1})]
+CASES += [(29, 16, 32, 4, 16, True, v) for v in SWEEPS["kern2"] if v]
 
 _RUN = """
 import sys, torch
@@ -175,7 +180,9 @@ GPU_VARIANTS = [{"hdot_in_dh": True}, {"hdot_in_dh": True, "save_blocks": 2},
                 {"prep_in_intra": False},  # bwd_prep launched first (T > 2048 by default)
                 bt.PRE_FUSE, {"tile_dmf": 32, "maxnreg_mem": None},  # sweep kern9b
                 {"tile_dmf": 32, "stages_mem": 2, "maxnreg_mem": None},
-                {"mem_fuse": 4, "tile_dmf": 32, "maxnreg_mem": 96}, {"launch_first": False}]
+                {"mem_fuse": 4, "tile_dmf": 32, "maxnreg_mem": 96}, {"launch_first": False},
+                {"hdot_mf": 3}, {"hdot_mf": 3, "tile_hdf": 64}, {"hdot_mf": 4},  # sweep kern2
+                {"hdot_mf": 2, "tile_hdf": 64}, {"hdot_mf": 1}]
 
 
 @pytest.mark.gpu
