@@ -170,6 +170,9 @@ SWEEPS = {
     # three programs per SM), alternating with the defaults
     "kern2": [{}, {"hdot_mf": 3}, {"hdot_mf": 3, "tile_hdf": 64}, {}, {"hdot_mf": 4},
               {"hdot_mf": 2, "tile_hdf": 64}, {"hdot_mf": 1}, {}],
+    # kern2b: kern2's winner (hdot_mf 4) against the path before it, alternating (call kern2-2
+    # times a checkout whose default is hdot_mf 4, so {} is the candidate there)
+    "kern2b": [{}, {"hdot_mf": 0}, {}, {"hdot_mf": 0}, {}, {"hdot_mf": 0}, {}, {"hdot_mf": 0}],
 }
 SWEEP = SWEEPS["kern9b"]
 
