@@ -12,8 +12,8 @@ the launch order (program_id(0) is the path, the fastest-varying index), so they
 time and the second read of a tile is an L2 hit: hs and dhs each come from DRAM about once.
 
 Paths of chunk j (R = 1 only), all at the same warp count:
-0 ``_mem_read`` (hs -> dq, dr), 1 ``_hdot`` (<dS_end, S_start> + <dz_end, z_start> per bank, for
-``bwd_decay``), 2 ``_mem_write`` (dhs -> dk, dw), 3.. ``_dv_mem`` without its inner products, one
+0 ``_mem_read`` (hs -> dq, dr), 1 ``_hdot_wide`` (``hdot_mf`` > 0, the default; else ``_hdot``:
+<dS_end, S_start> + <dz_end, z_start> per bank, for ``bwd_decay``), 2 ``_mem_write`` (dhs -> dk, dw), 3.. ``_dv_mem`` without its inner products, one
 path per E-tile of width BV (BV = E / NV: at 4 warps a [C, E] fp32 accumulator per path is large).
 """
 

@@ -104,7 +104,9 @@ def banked_attention_reference(q: Tensor, k: Tensor, v: Tensor, r: Tensor, w: Te
 # launch_first: the forward's kernels launched before autograd's bookkeeping of the call (_apply).
 # hdot_mf S (mem_fuse; 0: off): the fused launch's inner-product path loads [tile_hdf, E] steps of
 # hs and dhs pipelined S deep (1: not pipelined) and sums each at once (_hdot_wide), instead of
-# waiting on every 16 KB step; tile_hdf: its rows per step (None: 4096 / E). GPU_NOTES "kern2".
+# waiting on every 16 KB step; tile_hdf: its rows per step (None: 4096 / E). GPU_NOTES "kern2":
+# hdot_mf 4 the default since call kern2-2 (bwd_mem_all 0.68 -> 0.63 ms at 4K, 2.68 -> 2.49 at
+# 16K; 4K per call lower in all 4 alternating pairs, 1.85-1.88 against 1.91-1.93).
 # maxnreg_h: register cap of the state kernels (None: the compiler's choice, 212-226 at 4 warps:
 # 2 programs per SM, so 512 sequential programs at B*H=64, N=4 run as 1.94 waves, ncu call K6).
 # 128 fits 4 per SM (one wave) with ~50 spilled values but measured slower (call K7: 16K 9.54
@@ -133,7 +135,7 @@ KERNEL_OPTS = {"tile_h": None, "tile_hk": 64, "tile_hv": None, "tile_v": 128, "w
                "fwd_o_lean": True, "stages_o": 2, "maxnreg_o": 128, "stages_dv": None,
                "tile_vo": None, "intra_lean": True, "prefetch_dh": True, "mem_fuse": 2,
                "tile_dmf": 64, "maxnreg_mem": 168,
-               "launch_first": True, "hdot_mf": 0, "tile_hdf": None}
+               "launch_first": True, "hdot_mf": 4, "tile_hdf": None}
 # The defaults since call kern3 (GPU_NOTES "Lead, 2026-11-23 15:50"): fwd_o_lean capped at 128
 # registers with 2 stages, intra_lean and prefetch_dh each beat both default samples of the same
 # sweep at 4K and 16K (4K 2.30-2.31 -> 2.21 / 2.18 / 2.20 ms; 16K 8.28-8.29 -> 7.96 / 8.11 /

@@ -63,7 +63,8 @@ CASES += [(35, 16, 64, 2, 16, False, {"mem_fuse": 4, "tile_dmf": 16}),  # dv in 
           # hdot_mf: the inner-product path pipelined; one or four steps per bank, N = 1, 3, 4
           (37, 16, 32, 4, 16, True, {"hdot_mf": 3}),
           (50, 32, 32, 3, 16, False, {"hdot_mf": 3, "tile_hdf": 8}),
-          (21, 32, 16, 1, 16, True, {"hdot_mf": 1, "tile_hdf": 16, "mem_fuse": 1})]
+          (21, 32, 16, 1, 16, True, {"hdot_mf": 1, "tile_hdf": 16, "mem_fuse": 1}),
+          (37, 16, 32, 4, 16, True, {"hdot_mf": 0})]  # the path before (default until kern2-2)
 CASES += [(29, 16, 32, 4, 16, True, v) for v in SWEEPS["kern2"] if v]
 
 _RUN = """
@@ -182,7 +183,7 @@ GPU_VARIANTS = [{"hdot_in_dh": True}, {"hdot_in_dh": True, "save_blocks": 2},
                 {"tile_dmf": 32, "stages_mem": 2, "maxnreg_mem": None},
                 {"mem_fuse": 4, "tile_dmf": 32, "maxnreg_mem": 96}, {"launch_first": False},
                 {"hdot_mf": 3}, {"hdot_mf": 3, "tile_hdf": 64}, {"hdot_mf": 4},  # sweep kern2
-                {"hdot_mf": 2, "tile_hdf": 64}, {"hdot_mf": 1}]
+                {"hdot_mf": 2, "tile_hdf": 64}, {"hdot_mf": 1}, {"hdot_mf": 0}]
 
 
 @pytest.mark.gpu
