@@ -64,7 +64,8 @@ class StepTimer:
         self.tr = trainer
         self.cur: dict[str, float] = defaultdict(float)
         self.steps: list[dict[str, float]] = []
-        self.batches: list[tuple[str, int, int, int]] = []  # mode, requests, padded, real cost
+        # mode, requests, padded, real cost, host ms of the model call
+        self.batches: list[tuple[str, int, int, int, float]] = []
         self.hook = lambda n: None  # called after each optimizer step with its number
         run, fin, opt = trainer.runners.run, trainer.runners.finish, trainer.optimizer_step
 
@@ -76,9 +77,10 @@ class StepTimer:
                 with record_function(f"bench:run:{mode}"):
                     return run(mode, batch)
             finally:
-                self.cur["model"] += time.perf_counter() - t
+                dt = time.perf_counter() - t
+                self.cur["model"] += dt
                 self.batches.append((mode, len(batch.requests), batch.padded_cost,
-                                     getattr(batch, "cost", batch.padded_cost)))
+                                     getattr(batch, "cost", batch.padded_cost), dt * 1e3))
 
         def timed_finish(contexts):
             t = time.perf_counter()
@@ -117,7 +119,8 @@ class StepTimer:
         tps = tokens / wall
         nb = sel[-1]["batches"] - a["batches"]
         per_mode: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0, 0])
-        for mode, n, padded, cost in self.batches[a["batches"]:sel[-1]["batches"]]:
+        window = self.batches[a["batches"]:sel[-1]["batches"]]
+        for mode, n, padded, cost, _ in window:
             for i, v in enumerate((1, n, padded, cost)):
                 per_mode[mode][i] += v
         real = sum(v[3] for v in per_mode.values())
@@ -134,6 +137,10 @@ class StepTimer:
                                         - s.get("optimizer", 0.0)) * 1e3)
                                  for p, s in zip([a] + sel[:-1], sel)],
                 "epoch_per_step": [s.get("epoch") for s in sel],
+                # the slowest model calls (host ms, which include syncs and graph captures):
+                # [mode, requests, padded tokens, ms]
+                "slowest_batches": [[m, n, p, round(ms)] for m, n, p, _, ms in
+                                    sorted(window, key=lambda b: -b[4])[:6]],
                 "batches": {m: {"n": v[0], "requests_mean": round(v[1] / v[0], 1),
                                 "padded_tokens_mean": round(v[2] / v[0])}
                             for m, v in sorted(per_mode.items())}}
@@ -213,6 +220,8 @@ def run_variant(data: str, variant: str, extra: list[str], warmup: int, steps: i
         tr = Trainer(Path(tmp) / "run", spec, resume=False, remote=None, progress=False,
                      tensorboard=False)
         params = sum(p.numel() for p in tr.model.parameters())
+        tr.checkpoint = lambda: None  # the folder is deleted unread (a chained mixed run's
+        # in-flight contexts made its closing checkpoint cost more than its timed steps)
         timer = StepTimer(tr)
         phases = Phases(warmup, steps, seconds, profile_steps)
         state: dict = {"t0": time.perf_counter()}

@@ -26,7 +26,7 @@ def test_simulate_reports_modes_and_chained_epochs(tmp_path, tokenizer):
             "dispatch.prefetch=0"]
     one = simulate_dispatch("tiny", out, sets + ["train.chain_epochs=false"])
     off = simulate_dispatch("tiny", out, sets + ["train.chain_epochs=false"], epochs=2)
-    on = simulate_dispatch("tiny", out, sets, epochs=2)
+    on = simulate_dispatch("tiny", out, sets + ["train.chain_epochs=true"], epochs=2)
     text = one["modes"]["text"]
     assert set(one["modes"]) == {"text"} and one["epochs"] == 1
     assert text["batches"] == one["batches_per_epoch"] and sum(text["reasons"].values()) == \

@@ -64,6 +64,7 @@ class EpochChain:
         self._cond = threading.Condition(self._lock)
         self._drawn: Callable[[], int] | None = None  # gate(): the consumer's position
         self._low, self._allowed = 0, math.inf  # read freely below either
+        self._released = False
 
     def __iter__(self) -> Iterator[Any]:
         e, pos = self.first, self.offset
@@ -94,19 +95,23 @@ class EpochChain:
             e, pos = e + 1, pos + n
 
     def gate(self, drawn: Callable[[], int], low: int) -> None:
-        """Read on only while fewer than ``low`` samples are read ahead of ``drawn()`` (the
-        consumer's next position, read from the reading thread) or below the position last
-        released (:meth:`release`; module docstring). Only for a chain read in another thread than
-        ``drawn``'s: a consumer waiting on its own reader would wait 20 ms per check."""
-        with self._cond:
-            self._drawn, self._low, self._allowed = drawn, max(1, low), 0
+        """From the first :meth:`release` on, read on only while fewer than ``low`` samples are
+        read ahead of ``drawn()`` (the consumer's next position, read from the reading thread)
+        or below the position last released (module docstring). Only for a chain read in
+        another thread than ``drawn``'s: a consumer waiting on its own reader would wait 20 ms
+        per check. ``low`` must exceed the samples the reading thread can hold without handing
+        them over (a prefetcher's unfilled chunk, its decoders' window), or both wait."""
+        with self._cond:  # it holds from the first release() on: before that a resumed run
+            # skips positions it does not need, which drawn() does not count
+            self._drawn, self._low = drawn, max(1, low)
 
     def release(self, upto: float = math.inf) -> None:
-        """Let a gated chain read every position below ``upto`` (default: all, ungated: call it
-        before abandoning the reading thread, or it waits for a release that never comes)."""
+        """Let a gated chain read every position below ``upto`` (default: all, and ungated for
+        good: call it before abandoning the reading thread, or it waits for a release that never
+        comes). The first release starts the gating."""
         with self._cond:
-            if upto > self._allowed:
-                self._allowed = upto
+            if not self._released or upto > self._allowed:
+                self._allowed, self._released = upto, True
                 self._cond.notify_all()
 
     def _hold(self, pos: int) -> None:

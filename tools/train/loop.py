@@ -342,9 +342,13 @@ class Trainer:
             first, start, expect = self._chain_from
             self.chain = EpochChain(self.source, first, start, expect=expect,
                                     name=f"{', '.join(self.spec.data)} (rank {self.coll.rank})")
-            depth = self.cfg.dispatch.prefetch
-            if depth > 0:  # read in the prefetch thread: at optimizer steps (chain.py)
-                self.chain.gate(lambda: self.disp.drawn, depth // 2)
+            c = self.cfg.dispatch
+            if c.prefetch > 0:  # read in the prefetch thread: at optimizer steps (chain.py);
+                # it may hold samples it pulled but cannot hand over yet (a chunk not full, the
+                # decoders' window): the gate holds only with more than those ahead (deadlock)
+                stuck = min(c.prefetch_chunk, c.prefetch) + (c.prefetch if c.decode_workers > 1
+                                                             else 0)
+                self.chain.gate(lambda: self.disp.drawn, max(c.prefetch // 2, stuck + 1))
             return self.chain, start, None
         # the next epoch's first samples are read while this one drains; an epoch read ahead
         # whole is admitted from memory in this thread: through the prefetch thread, hand-offs

@@ -64,6 +64,7 @@ def test_a_gated_chain_reads_ahead_when_released_or_when_its_consumer_runs_short
 
     ch, drawn, got = EpochChain(Source({0: 50}), epochs=1), [0], []
     ch.gate(lambda: drawn[0], low=4)
+    ch.release(2)  # the first release starts the gating (a resume skips positions first)
     reader = threading.Thread(target=lambda: got.extend(ch), daemon=True)
     reader.start()
 
@@ -97,11 +98,13 @@ def dataset(tmp_path_factory) -> str:
 
 
 def _spec(dataset, tokenizer, *extra) -> RunSpec:
-    # 12 in flight of a 30-sample epoch: an epoch's tail and the next one's head share batches
+    # 12 in flight of a 30-sample epoch: an epoch's tail and the next one's head share batches;
+    # 8 read ahead: a resume skips more positions than that (a gated read-ahead hung on them)
     return RunSpec("tiny", [dataset], None, [
         f"model.modes.text.tokenizer_path={tokenizer}", "train.tokens_per_step=150",
         "dispatch.budget=100", "dispatch.max_in_flight=12", "train.log_every=1",
-        "train.warmup=2", "train.lr=0.01", "train.checkpoint_every=0", *extra])
+        "train.warmup=2", "train.lr=0.01", "train.checkpoint_every=0", "dispatch.prefetch=8",
+        "train.chain_epochs=true", *extra])
 
 
 def _epochs_in_flight(run) -> set[int]:
@@ -169,7 +172,7 @@ def test_checkpoints_across_the_switch(tmp_path, dataset, tokenizer):
     ck = torch.load(old / "checkpoint.pt", weights_only=True)
     assert "chain" not in ck["loader"] and ck["dispatcher"]["in_flight"]
     meta = json.loads((old / "run.json").read_text())
-    meta["overrides"].remove("train.chain_epochs=false")  # as if the default changed under it
+    meta["overrides"].remove("train.chain_epochs=false")  # resumed chained (the later "=true")
     (old / "run.json").write_text(json.dumps(meta))
     out = train(old, steps=6, resume=True, progress=False, tensorboard=False)
     assert out["step"] == 6 and read_metrics(old)[-1]["epoch"] >= ck["epoch"]
