@@ -7,16 +7,16 @@ optimizer step close the window. A checkpoint is taken only at a window boundary
 model, optimizer, scheduler, RNG states, epoch, the dispatcher's state (in-flight examples with
 their contexts) and the loader's counters; resuming rebuilds the same batches in the same order.
 
-Epochs are chained by default (``train.chain_epochs``, :mod:`.chain`): ONE dispatcher run over
-epoch after epoch (each reshuffled by the loader's ``set_epoch``), the next epoch's examples
-admitted as in-flight places free up, so no epoch ends in a string of small drain batches and an
-optimizer step's window may hold samples of two epochs. ``self.epoch`` is then the epoch of the
-newest sample admitted (logged as ``epoch``); the checkpoint also records where each epoch still
-in flight starts, so a resumed run rebuilds the chain from the oldest one and forms exactly the
-uninterrupted run's batches. With ``train.chain_epochs=false`` each epoch is its own dispatcher
-run, drained, with a partial optimizer step at its end; the next epoch is then read, prepared and
-planned for admission ahead (:mod:`.readahead`). Chained, that read-ahead is the dispatcher's own
-prefetch thread, which reads on across the epoch boundary.
+By default each epoch is its own dispatcher run, drained, with a partial optimizer step at its
+end; the next epoch is read, prepared and planned for admission ahead (:mod:`.readahead`). With
+``train.chain_epochs=true`` epochs are chained (:mod:`.chain`): ONE dispatcher run over epoch
+after epoch (each reshuffled by the loader's ``set_epoch``), the next epoch's examples admitted as
+in-flight places free up, so no epoch ends in a string of small drain batches and an optimizer
+step's window may hold samples of two epochs. ``self.epoch`` is then the epoch of the newest
+sample admitted (logged as ``epoch``); the checkpoint also records where each epoch still in
+flight starts, so a resumed run rebuilds the chain from the oldest one and forms exactly the
+uninterrupted run's batches. Chained, the read-ahead is the dispatcher's own prefetch thread,
+which reads on across the epoch boundary (released at optimizer steps: ``EpochChain.gate``).
 """
 
 from __future__ import annotations
