@@ -264,6 +264,33 @@ def _apply(args: tuple) -> tuple[Tensor, Tensor, Tensor]:
     return fn.apply(*args)
 
 
+# CUDA caps a launch grid's y and z sizes at 65,535. The state kernels' grids put B*H*N on z, the
+# others B*H on y or z: a batch of more than 65,535 // (H*N) examples (2,730 for `small`: H=6,
+# N=4) failed with "Triton Error [CUDA]: invalid argument" (device call ep-2, chained text
+# batches of ~3,500). Such a batch runs as several calls on batch slices, each within the cap.
+GRID_YZ_MAX = 65535
+
+
+def _batch_slices(B: int, H: int, N: int, NT: int) -> list[slice]:
+    """Batch slices whose launches stay within :data:`GRID_YZ_MAX` (one slice: the whole batch)."""
+    if NT > GRID_YZ_MAX:
+        raise ValueError(f"{NT} chunks in a sequence: the kernels launch at most {GRID_YZ_MAX} "
+                         "(use a longer chunk or split the sequence)")
+    per = max(1, GRID_YZ_MAX // (H * max(N, 1)))
+    return [slice(i, min(B, i + per)) for i in range(0, B, per)]
+
+
+def _apply_sliced(args: tuple) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`_apply` on the whole batch, or on slices of it that fit the grid (outputs joined)."""
+    q, r, chunk = args[0], args[3], args[9]
+    B, H, T = q.shape[:3]
+    parts = _batch_slices(B, H, r.shape[-1], T // chunk)
+    if len(parts) == 1:
+        return _apply(args)
+    outs = [_apply(tuple(x[sl] if isinstance(x, Tensor) else x for x in args)) for sl in parts]
+    return tuple(torch.cat(xs, 0) for xs in zip(*outs))  # type: ignore[return-value]
+
+
 def banked_attention_triton(q: Tensor, k: Tensor, v: Tensor, r: Tensor, w: Tensor, g: Tensor,
                             S0: Tensor | None = None, z0: Tensor | None = None,
                             eps: float = 1e-3, chunk: int = 64
@@ -285,9 +312,9 @@ def banked_attention_triton(q: Tensor, k: Tensor, v: Tensor, r: Tensor, w: Tenso
             g.contiguous(), S0, z0, float(eps), chunk, R)
     if q.is_cuda and q.device.index != torch.cuda.current_device():  # launches go to the
         with torch.cuda.device(q.device):  # current device: make it q's (a no-op otherwise)
-            o, S, z = _apply(args)
+            o, S, z = _apply_sliced(args)
     else:  # q's device is current, or CPU tensors (only under TRITON_INTERPRET=1)
-        o, S, z = _apply(args)
+        o, S, z = _apply_sliced(args)
     return (o[:, :, :T] if pad else o), S, z
 
 
