@@ -288,7 +288,7 @@ def simulate_dispatch(preset: str, data: str, extra: list[str], epochs: int = 1,
     from blocklm.pipeline.cost import cost_from_supports
     from blocklm.pipeline.dispatch import Dispatcher
     from blocklm.pipeline.dispatch_types import Result
-    from blocklm.tools.train.chain import EpochChain
+    from blocklm.tools.train.chain import EpochChain, training_dispatch
     from blocklm.tools.train.config import build_config
     from blocklm.tools.train.loop import RunSpec, make_buckets, make_source
 
@@ -318,7 +318,7 @@ def simulate_dispatch(preset: str, data: str, extra: list[str], epochs: int = 1,
 
     remote = RemoteConfig()
     buckets = make_buckets([data], cost, remote, cfg.train.bucket_max_width)
-    disp = Dispatcher({m: runner for m in supports}, buckets, cfg.dispatch, cost=cost)
+    disp = Dispatcher({m: runner for m in supports}, buckets, training_dispatch(cfg), cost=cost)
     source = make_source(RunSpec(preset, [data]), cfg, remote)
     if chained:
         chain = EpochChain(source, 0, 0, name=data)

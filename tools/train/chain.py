@@ -6,8 +6,11 @@ same whatever its size: ~1,800 kernel launches, and with the processing stack it
 step by step). Chained, the trainer runs ONE dispatcher run over epoch ``e``, then ``e + 1``
 (reshuffled by the loader's ``set_epoch``, as before), and so on: the next epoch's examples are
 admitted as in-flight places free up, and an epoch's tail shares batches with the next one's head
-(``bench train --simulate``: the small preset's mixed set 6.26 -> ~3-4 batches per optimizer
-step, the text set 3.10 -> ~2-2.4). Within an epoch the samples and their order are the loader's.
+(``bench train --simulate``, 4 epochs: the small preset's mixed set 6.26 -> 2.47 batches per
+65,536-token step, the text set 3.10 -> 1.52). Within an epoch the samples and their order are the
+loader's. Chained batches grow larger than per-epoch ones (text up to ~3,500 short examples), so
+they take at most ``train.chain_batch_samples`` examples (:func:`training_dispatch`; H200 calls
+ep-1 and ep-2, README).
 
 **Positions.** The dispatcher numbers a run's samples from the run's ``offset``; chained, epoch
 ``e + 1``'s first sample takes the position after epoch ``e``'s last. :class:`EpochChain`
@@ -33,12 +36,26 @@ within its epoch) resumes chained from its epoch at position 0.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import math
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from blocklm.pipeline.dispatch_types import DispatchConfig
+
 _END = object()
+
+
+def training_dispatch(cfg: Any) -> DispatchConfig:
+    """The training dispatcher's config of a run config: chained (``train.chain_epochs``), its
+    ``max_batch_samples`` lowered to ``train.chain_batch_samples`` (chained batches grow larger
+    than per-epoch ones: :class:`~blocklm.tools.train.config.TrainConfig`); else as given."""
+    d, t = cfg.dispatch, cfg.train
+    if not t.chain_epochs or t.chain_batch_samples is None:
+        return d
+    cap = min(c for c in (d.max_batch_samples, t.chain_batch_samples) if c is not None)
+    return dataclasses.replace(d, max_batch_samples=cap)
 
 
 class EmptyEpochError(ValueError):

@@ -42,10 +42,14 @@ class TrainConfig:
     bucket_max_width: float | None | dict[str, float | None] = 0.06
     # one dispatcher run over epoch after epoch, the next admitted while this one drains
     # (tools/train/chain.py: no string of small drain batches at each epoch's end); false: one
-    # run per epoch, drained, with a partial optimizer step at its end. Off by default: on the
-    # H200 (device call ep-1, small preset, ring) chained text batches of up to ~3,500 examples
-    # ran 12x slower per token (15k vs 189k tokens/s) and mixed was even (87k vs 89-94k)
-    chain_epochs: bool = False
+    # run per epoch, drained, with a partial optimizer step at its end (the batches before)
+    chain_epochs: bool = True
+    # chained, a batch takes at most this many examples (dispatch.max_batch_samples, lowered
+    # to it; a mode's own dispatch.mode_max_samples wins; None: no cap). Chained text batches
+    # reached ~3,500 short examples (per-epoch runs 1,968): uncapped ep-1 ran 15k tokens/s on
+    # the H200 (and over 2,730 the banked kernels' grid fails); at 1,024 (ep-2) text 198-206k vs
+    # 191k per epoch, mixed 103k vs 89k, peak memory 69 / 107 GiB vs 53 / 65
+    chain_batch_samples: int | None = 1024
 
 
 @dataclass

@@ -43,7 +43,7 @@ from blocklm.pipeline.dispatch import Dispatcher
 from blocklm.pipeline.dispatch_admit import plan_admission
 from blocklm.pipeline.dispatch_dist import torch_agree
 
-from .chain import EpochChain
+from .chain import EpochChain, training_dispatch
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import RunConfig, build_config
 from .distributed import Collective, init_from_launcher
@@ -124,7 +124,8 @@ class Trainer:
         self.buckets = make_buckets(spec.data, cost, remote, t.bucket_max_width)
         agree = torch_agree() if self.coll.world > 1 else None
         self.disp = Dispatcher({m: self.runners.runner(m) for m in self.modes}, self.buckets,
-                               cfg.dispatch, cost=cost, agree=agree, rank=self.coll.rank)
+                               training_dispatch(cfg), cost=cost, agree=agree,
+                               rank=self.coll.rank)
         if not t.chain_epochs:  # chained, the dispatcher's own read-ahead crosses epochs
             self.ahead.prepare = self.disp._prepare  # the next epoch is decoded ahead too:
             self.disp._prepare = self.ahead.cached(self.ahead.prepare)  # the dispatcher takes it
@@ -185,6 +186,10 @@ class Trainer:
         self.step, self.epoch = ck["step"], ck["epoch"]
         chain = mine.get("loader", {}).get("chain")
         if self.t.chain_epochs:  # each rank's own epochs (their lengths may differ)
+            if chain is None and self.disp.config != self.cfg.dispatch:
+                raise ValueError(f"{self.run}: the checkpoint is of per-epoch runs: resume it "
+                                 "with train.chain_epochs=false, or chained with "
+                                 "train.chain_batch_samples=none (its batches had no such cap)")
             self.epoch = mine.get("loader", {}).get("epoch", self.epoch)
             self._chain_from = EpochChain.resume_args(chain, self.epoch)
         elif chain is not None:

@@ -46,6 +46,23 @@ def test_chain_numbers_epochs_on_from_an_offset_and_records_their_starts():
     assert EpochChain.resume_args(None, 4) == (4, 0, {})
 
 
+def test_chained_batches_are_capped_and_per_epoch_ones_untouched():
+    """Chained text batches reached ~3,500 examples (ep-1: 15k tokens/s on the H200); chained,
+    the dispatcher's max_batch_samples is lowered to train.chain_batch_samples."""
+    from blocklm.tools.train.chain import training_dispatch
+    from blocklm.tools.train.config import build_config
+
+    on = build_config("small")
+    assert training_dispatch(on).max_batch_samples == 1024
+    assert training_dispatch(on).mode_coalesce_tokens == on.dispatch.mode_coalesce_tokens
+    off = build_config("small", ["train.chain_epochs=false"])
+    assert training_dispatch(off) is off.dispatch and off.dispatch.max_batch_samples is None
+    low = build_config("small", ["dispatch.max_batch_samples=300"])
+    assert training_dispatch(low).max_batch_samples == 300  # a lower cap of its own stays
+    free = build_config("small", ["train.chain_batch_samples=none"])
+    assert training_dispatch(free) is free.dispatch
+
+
 def test_chain_errors_name_the_epoch_and_what_changed():
     src = Source({0: 5, 1: 3})
     with pytest.raises(ValueError, match=r"epoch 1 of data/x starts at source position 5, "
@@ -165,7 +182,8 @@ def test_chained_batches_mix_epochs_and_off_runs_one_epoch_per_run(tmp_path, dat
 
 def test_checkpoints_across_the_switch(tmp_path, dataset, tokenizer):
     """A per-epoch run's checkpoint (the format before chaining) resumes chained from its
-    epoch; a chained one refuses to resume per epoch, with the reason."""
+    epoch (without the chained batch cap it never had); a chained one refuses to resume per
+    epoch, with the reason."""
     old = tmp_path / "old"
     train(old, _spec(dataset, tokenizer, "train.chain_epochs=false"), steps=3, progress=False,
           tensorboard=False)
@@ -174,10 +192,14 @@ def test_checkpoints_across_the_switch(tmp_path, dataset, tokenizer):
     meta = json.loads((old / "run.json").read_text())
     meta["overrides"].remove("train.chain_epochs=false")  # resumed chained (the later "=true")
     (old / "run.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="per-epoch runs.*chain_batch_samples=none"):
+        train(old, steps=6, resume=True, progress=False, tensorboard=False)  # capped batches
+    meta["overrides"].append("train.chain_batch_samples=none")
+    (old / "run.json").write_text(json.dumps(meta))
     out = train(old, steps=6, resume=True, progress=False, tensorboard=False)
     assert out["step"] == 6 and read_metrics(old)[-1]["epoch"] >= ck["epoch"]
     assert torch.load(old / "checkpoint.pt", weights_only=True)["loader"]["chain"]
-    meta["overrides"].append("train.chain_epochs=false")
+    meta["overrides"] += ["train.chain_epochs=false"]
     (old / "run.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="written with chained epochs.*chain_epochs=true"):
         train(old, steps=7, resume=True, progress=False, tensorboard=False)
