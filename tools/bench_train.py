@@ -19,10 +19,12 @@ from __future__ import annotations
 import json
 import tempfile
 import time
-from collections import Counter, defaultdict
+from collections import defaultdict
 from pathlib import Path
 
 import click
+
+from .bench_train_sim import simulate_dispatch
 
 PEAK_TFLOPS = 989.0  # H200 SXM dense bf16
 VARIANTS = {
@@ -268,87 +270,6 @@ def run_variant(data: str, variant: str, extra: list[str], warmup: int, steps: i
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         return res
-
-
-def simulate_dispatch(preset: str, data: str, extra: list[str], epochs: int = 1,
-                      trace: list | None = None) -> dict:
-    """``epochs`` epochs of ``data`` through the preset's dispatcher as the trainer runs them,
-    with no-op runners (CPU, no model calls): batches and sequential decoder steps (the stack's
-    recurrence: each batch runs its padded length step by step) per ``tokens_per_step``, and the
-    padding share; per mode: batches, padded tokens per batch, padding and why the batches ran
-    (``full``, ``ttl``, ``drain``...). Epochs are reshuffled by the loader's ``set_epoch`` as in
-    the trainer. With ``train.chain_epochs`` (the default) they are ONE endless dispatcher run
-    (:mod:`blocklm.tools.train.chain`), and its steady state is counted: the batches run while
-    ``epochs`` whole epochs are admitted, from the first epoch start after ``2 x max_in_flight``
-    samples were drawn (a long run has no final drain, and its start-up admission of K examples
-    at once is not typical); with ``train.chain_epochs=false`` one run per epoch, each drained,
-    from the first. ``trace`` gets every batch's (mode, request keys)."""
-    from blocklm.model.blocklm import BlockLM
-    from blocklm.pipeline import RemoteConfig
-    from blocklm.pipeline.cost import cost_from_supports
-    from blocklm.pipeline.dispatch import Dispatcher
-    from blocklm.pipeline.dispatch_types import Result
-    from blocklm.tools.train.chain import EpochChain, training_dispatch
-    from blocklm.tools.train.config import build_config
-    from blocklm.tools.train.loop import RunSpec, make_buckets, make_source
-
-    cfg = build_config(preset, extra)
-    cfg.dispatch.decode = False  # the runners never look at the contents
-    chained = cfg.train.chain_epochs
-    supports = dict(BlockLM(cfg.model).supports)
-    cost = cost_from_supports(supports)
-    n: dict[str, float] = defaultdict(float)
-    per: dict[str, dict] = defaultdict(lambda: defaultdict(float))
-    reasons: dict[str, Counter] = defaultdict(Counter)  # mode -> why its batches ran
-
-    counting = [not chained]  # chained: only the steady-state window (docstring)
-
-    def runner(batch):
-        if trace is not None and batch.requests:
-            trace.append((batch.mode, [r.key for r in batch.requests]))
-        if batch.requests and counting[0]:
-            seq = cost(batch.mode, batch.padded_shape)
-            for d in (n, per[batch.mode]):
-                d["batches"] += 1
-                d["padded"] += batch.padded_cost
-                d["real"] += batch.cost
-                d["seq_steps"] += seq
-            reasons[batch.mode][batch.reason] += 1
-        return [Result(state=None) for _ in batch.requests]
-
-    remote = RemoteConfig()
-    buckets = make_buckets([data], cost, remote, cfg.train.bucket_max_width)
-    disp = Dispatcher({m: runner for m in supports}, buckets, training_dispatch(cfg), cost=cost)
-    source = make_source(RunSpec(preset, [data]), cfg, remote)
-    if chained:
-        chain = EpochChain(source, 0, 0, name=data)
-        steps, first = disp.run(chain), None
-        for _ in steps:
-            if first is None and disp.drawn >= 2 * cfg.dispatch.max_in_flight:
-                first = chain.epoch_of(disp.drawn - 1) + 1  # past the start-up's admissions
-            begin = None if first is None else chain.start(first)
-            counting[0] = begin is not None and disp.drawn >= begin
-            end = None if first is None else chain.start(first + epochs)
-            if end is not None and disp.drawn >= end:
-                break
-        steps.close()
-    else:
-        for e in range(epochs):
-            source.set_epoch(e)
-            for _ in disp.run(source):
-                pass
-    scale = cfg.train.tokens_per_step / max(n["padded"], 1.0)
-    modes = {m: {"batches": int(v["batches"]),
-                 "tokens_per_batch": round(v["padded"] / v["batches"]),
-                 "padding": round(1 - v["real"] / v["padded"], 3),
-                 "reasons": dict(sorted(reasons[m].items()))}
-             for m, v in sorted(per.items())}
-    return {"data": data, "bucket_max_width": cfg.train.bucket_max_width, "epochs": epochs,
-            "chain_epochs": chained,
-            "batches_per_step": round(n["batches"] * scale, 2),
-            "sequential_steps_per_step": round(n["seq_steps"] * scale),
-            "padding": round(1 - n["real"] / max(n["padded"], 1.0), 3),
-            "batches_per_epoch": round(n["batches"] / epochs, 1), "modes": modes}
 
 
 @click.command("train")
