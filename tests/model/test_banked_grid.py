@@ -7,8 +7,6 @@ batch (H=6, N=4) of more than 2,730 examples failed with "Triton Error [CUDA]: i
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,7 +16,15 @@ import torch
 from blocklm.model import banked_triton as bt
 
 sys.path.insert(0, str(Path(__file__).parent))  # the shared helpers (tests are not a package)
-from test_banked_triton import CUDA, HAS_TRITON, NAMES, leaves, outputs_and_grads, rel  # noqa: E402
+from test_banked_triton import (  # noqa: E402
+    CUDA,
+    HAS_TRITON,
+    NAMES,
+    leaves,
+    outputs_and_grads,
+    rel,
+    run_interpreted,
+)
 
 
 def test_batch_slices_cover_the_batch_within_the_grid_cap():
@@ -56,16 +62,6 @@ def test_triton_path_runs_an_oversize_batch_in_slices(monkeypatch):
 
 
 _INTERP = """
-import sys, torch
-import triton.runtime.interpreter as I
-_orig = I._patch_lang_tensor
-def _patched(tensor, scope):  # numpy >= 2 refuses int() of a 1-element array
-    _orig(tensor, scope)
-    scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-I._patch_lang_tensor = _patched
-sys.path.insert(0, {tests!r})
-from test_banked_triton import leaves, outputs_and_grads, rel, NAMES
-from blocklm.model import banked_triton as bt
 bt.GRID_YZ_MAX = 2 * 2 * 2  # B=3, H=2, N=2: slices of 2 and 1 examples
 xs = leaves(3, 2, 20, 16, 16, 2, seed=5, state=True)
 a = outputs_and_grads(bt.banked_attention_triton, xs, chunk=16)
@@ -81,11 +77,7 @@ print("ok")
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 def test_sliced_batch_under_triton_interpreter():
     """The real kernels on batch slices (fp32, ``TRITON_INTERPRET=1``, fresh process)."""
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    code = _INTERP.format(tests=str(Path(__file__).parent))
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         timeout=300)
-    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
+    assert "ok" in run_interpreted(_INTERP)
 
 
 @pytest.mark.gpu

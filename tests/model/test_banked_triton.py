@@ -108,7 +108,7 @@ def test_imports_without_triton(monkeypatch):
     assert o.shape == (1, 1, 6, 16) and S.shape == (1, 1, 2, 16, 16) and z.shape == (1, 1, 2, 16)
 
 
-_INTERP = """
+INTERP_PRELUDE = """
 import sys, torch
 import triton.runtime.interpreter as I
 _orig = I._patch_lang_tensor
@@ -119,6 +119,21 @@ I._patch_lang_tensor = _patched
 sys.path.insert(0, {tests!r})
 from test_banked_triton import leaves, outputs_and_grads, rel, NAMES
 from blocklm.model import banked_triton as bt
+"""
+
+
+def run_interpreted(body: str, timeout: float = 300, **fmt) -> str:
+    """``INTERP_PRELUDE + body`` (``str.format``-ed with ``tests`` and ``fmt``) in a fresh process
+    under ``TRITON_INTERPRET=1``; asserts it exited 0 and returns its stdout."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    code = (INTERP_PRELUDE + body).format(tests=str(Path(__file__).parent), **fmt)
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=timeout)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    return res.stdout
+
+
+_INTERP = """
 CASES = [(40, 16, 16, 3, 16, True, {{}}), (30, 16, 32, 1, 16, False, {{}}),
          (40, 16, 16, 3, 16, True, {{"save_blocks": 2}}),  # a memory saved every 2 blocks
          (130, 32, 64, 2, 32, False, {{"tile_dm": 16, "save_blocks": 2}}),  # spans, padded
@@ -148,11 +163,7 @@ print("ok")
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 def test_kernels_under_triton_interpreter():
     """fp32 inputs through the real kernels on the CPU (``TRITON_INTERPRET=1``, fresh process)."""
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    code = _INTERP.format(tests=str(Path(__file__).parent))
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         timeout=300)
-    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
+    assert "ok" in run_interpreted(_INTERP)
 
 
 # ---- GPU: Triton against the fp32 reference on the same bf16-rounded inputs -----------------

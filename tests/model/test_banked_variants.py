@@ -5,8 +5,6 @@ D = E = 128 (the shape the benchmark sweeps)."""
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,7 +14,15 @@ import torch
 from blocklm.model import banked_triton as bt
 
 sys.path.insert(0, str(Path(__file__).parent))  # the shared helpers (tests are not a package)
-from test_banked_triton import CUDA, HAS_TRITON, NAMES, leaves, outputs_and_grads, rel  # noqa: E402
+from test_banked_triton import (  # noqa: E402
+    CUDA,
+    HAS_TRITON,
+    NAMES,
+    leaves,
+    outputs_and_grads,
+    rel,
+    run_interpreted,
+)
 
 from blocklm.tools.bench_gpu import SWEEPS  # noqa: E402
 
@@ -68,16 +74,6 @@ CASES += [(35, 16, 64, 2, 16, False, {"mem_fuse": 4, "tile_dmf": 16}),  # dv in 
 CASES += [(29, 16, 32, 4, 16, True, v) for v in SWEEPS["kern2"] if v]
 
 _RUN = """
-import sys, torch
-import triton.runtime.interpreter as I
-_orig = I._patch_lang_tensor
-def _patched(tensor, scope):  # numpy >= 2 refuses int() of a 1-element array
-    _orig(tensor, scope)
-    scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-I._patch_lang_tensor = _patched
-sys.path.insert(0, {tests!r})
-from test_banked_triton import leaves, outputs_and_grads, rel, NAMES
-from blocklm.model import banked_triton as bt
 for T, D, E, N, C, st, opts in {cases!r}:
     saved = dict(bt.KERNEL_OPTS)
     bt.KERNEL_OPTS.update(opts)
@@ -98,15 +94,11 @@ print("ok")
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 def test_variants_under_triton_interpreter():
     """Each opt-in variant computes the reference's function (all outputs and gradients)."""
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    code = _RUN.format(tests=str(Path(__file__).parent), cases=CASES)
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         timeout=300)
-    assert res.returncode == 0 and res.stdout.count("case ok") == len(CASES), \
-        res.stdout[-2000:] + res.stderr[-3000:]
+    out = run_interpreted(_RUN, cases=CASES)
+    assert out.count("case ok") == len(CASES), out[-2000:]
 
 
-_FUSED_LAUNCHES = _RUN.split("for T, D, E, N, C")[0] + """
+_FUSED_LAUNCHES = """
 from blocklm.model import banked_launch as BL
 names = []
 _call = BL.Launcher.__call__
@@ -128,14 +120,10 @@ assert not set(names) & set(["bwd_mem_read", "bwd_mem_write", "bwd_dv_mem", "bwd
 def test_mem_fuse_replaces_the_three_memory_kernels():
     """With mem_fuse the backward launches bwd_mem_all and none of the kernels it replaces (the
     interpreter cases above then check its results)."""
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    code = _FUSED_LAUNCHES.format(tests=str(Path(__file__).parent))
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         timeout=120)
-    assert res.returncode == 0 and "launched" in res.stdout, res.stdout[-2000:] + res.stderr[-3000:]
+    assert "launched" in run_interpreted(_FUSED_LAUNCHES, timeout=120)
 
 
-_LEAN_BF16 = _RUN.split("for T, D, E, N, C")[0] + """
+_LEAN_BF16 = """
 from test_banked_triton import project
 xs = leaves(1, 2, 40, 32, 16, 4, seed=5)
 q, k, v, r, w, g, S0, z0 = (x.detach() for x in project(xs))
@@ -156,11 +144,7 @@ def test_lean_normaliser_keeps_z_precision_with_bf16_q():
     """fwd_o_lean takes q . z_start as a dot of z split into high and low parts in q's dtype:
     with 16-bit q its outputs match fwd_o's fp32 products closely (fp16 here: the interpreter
     has no bf16; z rounded to q's dtype alone would be ~1e-4 off)."""
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    code = _LEAN_BF16.format(tests=str(Path(__file__).parent))
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         timeout=120)
-    assert res.returncode == 0 and "ok" in res.stdout, res.stdout[-2000:] + res.stderr[-3000:]
+    assert "ok" in run_interpreted(_LEAN_BF16, timeout=120)
 
 
 GPU_VARIANTS = [{"hdot_in_dh": True}, {"hdot_in_dh": True, "save_blocks": 2},
