@@ -52,6 +52,13 @@ if HAS_TRITON:
         """<dS_end, S_start> + <dz_end, z_start> of one (batch*head, span, bank) slot, stored
         as the first block's partial (hd has R per span, the others zero)."""
         slot = tl.program_id(0).to(tl.int64)
+        tot = slot_hdot(hs, zs, dhs, dzs, slot, D=D, E=E, BD=BD)
+        tl.store(hd + ((slot // N) * R) * N + slot % N, tot)
+
+    @triton.jit
+    def slot_hdot(hs, zs, dhs, dzs, slot, D: tl.constexpr, E: tl.constexpr, BD: tl.constexpr):
+        """<dS_end, S_start> + <dz_end, z_start> of saved-memory slot ``slot`` (int64), the
+        [D, E] product in BD-row steps (also the fused launch's unpipelined path)."""
         oe = tl.arange(0, E)
         acc = tl.zeros([BD, E], dtype=tl.float32)
         for d0 in range(0, D, BD):
@@ -59,8 +66,7 @@ if HAS_TRITON:
             acc += tl.load(dhs + ix).to(tl.float32) * tl.load(hs + ix).to(tl.float32)
         od = tl.arange(0, D)
         tot = tl.sum(tl.sum(acc, axis=1), axis=0)
-        tot += tl.sum(tl.load(dzs + slot * D + od) * tl.load(zs + slot * D + od), axis=0)
-        tl.store(hd + ((slot // N) * R) * N + slot % N, tot)
+        return tot + tl.sum(tl.load(dzs + slot * D + od) * tl.load(zs + slot * D + od), axis=0)
 
     @triton.jit
     def bwd_decay(r, w, g, c, dr, dw, dg, hd, wd, hp, N: tl.constexpr, NP: tl.constexpr,

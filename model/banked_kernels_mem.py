@@ -22,23 +22,16 @@ from __future__ import annotations
 from .banked_kernels import HAS_TRITON, tl, triton
 
 if HAS_TRITON:
+    from .banked_kernels import slot_hdot
     from .banked_kernels_bwd import _dv_mem, _mem_read, _mem_write
 
     @triton.jit
     def _hdot(hs, zs, dhs, dzs, hd, j, i_bh, NT, N: tl.constexpr, D: tl.constexpr,
               E: tl.constexpr, BD: tl.constexpr):
         """<dS_end, S_start> + <dz_end, z_start> of chunk j's N slots (R = 1: one per block)."""
-        oe = tl.arange(0, E)
         for n in range(N):
             slot = (i_bh.to(tl.int64) * NT + j) * N + n
-            acc = tl.zeros([BD, E], dtype=tl.float32)
-            for d0 in range(0, D, BD):
-                ix = slot * D * E + (d0 + tl.arange(0, BD))[:, None] * E + oe[None, :]
-                acc += tl.load(dhs + ix).to(tl.float32) * tl.load(hs + ix).to(tl.float32)
-            od = tl.arange(0, D)
-            tot = tl.sum(tl.sum(acc, axis=1), axis=0)
-            tot += tl.sum(tl.load(dzs + slot * D + od) * tl.load(zs + slot * D + od), axis=0)
-            tl.store(hd + slot, tot)
+            tl.store(hd + slot, slot_hdot(hs, zs, dhs, dzs, slot, D=D, E=E, BD=BD))
 
     @triton.jit
     def _hdot_wide(hs, zs, dhs, dzs, hd, j, i_bh, NT, N: tl.constexpr, D: tl.constexpr,
