@@ -35,7 +35,7 @@ from typing import Any
 
 from .buckets import BucketSpec
 from .cost import CostFn, ModeCost, default_cost
-from .dispatch_admit import admit_planned, usable
+from .dispatch_admit import admit_planned, new_example, usable
 from .dispatch_buckets import Bucket, Example, Piece
 from .dispatch_coalesce import coalesce_into
 from .dispatch_dist import IDLE, Agree, choose
@@ -49,7 +49,6 @@ from .dispatch_types import (
     DispatchError,
     Finished,
     OversizeBlockError,
-    PrepareError,
     Request,
     Result,
     Runner,
@@ -167,24 +166,6 @@ class Dispatcher:
         return prepare_pieces(sample, self.config.decode, self._prepare_fn, self._splitters,
                               self._mc, self._budget)
 
-    def _new_example(self, pos: int, sample: Any, pieces: Any) -> Example | None:
-        ex = Example(pos, sample.key, sample)
-        self._in_flight[pos] = ex
-        self.counts["admitted"] += 1
-        if isinstance(pieces, Exception):
-            err = pieces if isinstance(pieces, DispatchError) else PrepareError(
-                str(pieces), key=sample.key)
-            self._reject(ex, err)
-            return None
-        ex.pieces = pieces
-        ex.nsrc = len(pieces)
-        if self._init_state is not None:
-            ex.state = self._init_state(sample)
-        if not pieces:
-            self._finish(ex)
-            return None
-        return ex
-
     def _admit(self, it: Iterator) -> None:
         k = self.config.max_in_flight
         now = self._now()
@@ -195,7 +176,7 @@ class Dispatcher:
                 break
             pos, sample, pieces = item
             self.drawn = pos + 1
-            ex = self._new_example(pos, sample, pieces)
+            ex = new_example(self, pos, sample, pieces)
             if ex is not None:
                 self._issue(ex, now)
 

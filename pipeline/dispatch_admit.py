@@ -1,4 +1,5 @@
-"""Admitting a whole source at once, from records built ahead in any thread.
+"""Admission: one example at a time (:func:`new_example`), or a whole source at once from records
+built ahead in any thread (:func:`plan_admission`, :func:`admit_planned`).
 
 When every sample of a run's source is in memory and prepared before the run starts (the
 trainer's epoch read ahead whole: the small text set's 7,222 examples, all admitted at each
@@ -27,7 +28,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from .dispatch_buckets import Example, _emax
-from .dispatch_types import Request
+from .dispatch_types import DispatchError, PrepareError, Request
 
 if TYPE_CHECKING:
     from .dispatch import Dispatcher
@@ -57,6 +58,27 @@ class Admission:
 
     def __len__(self) -> int:
         return len(self.samples)
+
+
+def new_example(d: Dispatcher, pos: int, sample: Any, pieces: Any) -> Example | None:
+    """Admit one sample at source position ``pos`` into ``d`` (one by one: ``d._admit``):
+    in flight and counted; rejected (``pieces`` an exception) or finished (no pieces) at once,
+    else returned for its first request."""
+    ex = Example(pos, sample.key, sample)
+    d._in_flight[pos] = ex
+    d.counts["admitted"] += 1
+    if isinstance(pieces, Exception):
+        d._reject(ex, pieces if isinstance(pieces, DispatchError)
+                  else PrepareError(str(pieces), key=sample.key))
+        return None
+    ex.pieces = pieces
+    ex.nsrc = len(pieces)
+    if d._init_state is not None:
+        ex.state = d._init_state(sample)
+    if not pieces:
+        d._finish(ex)
+        return None
+    return ex
 
 
 def plan_admission(d: Dispatcher, samples: Sequence[Any], pieces: Sequence[Any],
