@@ -35,7 +35,7 @@ from typing import Any
 
 from .buckets import BucketSpec
 from .cost import CostFn, ModeCost, default_cost
-from .dispatch_admit import admit_planned, new_example, usable
+from .dispatch_admit import Feed, admission_builder, admit_from, admit_planned, usable
 from .dispatch_buckets import Bucket, Example, Piece
 from .dispatch_coalesce import coalesce_into
 from .dispatch_dist import IDLE, Agree, choose
@@ -66,7 +66,10 @@ class Dispatcher:
     :mod:`.dispatch_dist` when several ranks run in step (``None``: a single rank);
     ``prepare(block) -> (inputs, targets)`` replaces ``block.decode()``; ``splitters[mode]``
     splits blocks over the budget instead of rejecting them (:mod:`.dispatch_split`);
-    ``init_state(sample)`` gives an example's initial context."""
+    ``init_state(sample)`` gives an example's initial context. ``admit_ahead = False`` admits
+    every sample one by one in the run's thread (same batches; :mod:`.dispatch_admit`)."""
+
+    admit_ahead = True  # examples and first requests built in the prefetch thread
 
     def __init__(self, runners: Mapping[str, Runner], buckets: BucketSpec | None = None,
                  config: DispatchConfig | None = None, *, cost: CostFn = default_cost,
@@ -166,19 +169,9 @@ class Dispatcher:
         return prepare_pieces(sample, self.config.decode, self._prepare_fn, self._splitters,
                               self._mc, self._budget)
 
-    def _admit(self, it: Iterator) -> None:
-        k = self.config.max_in_flight
-        now = self._now()
-        while len(self._in_flight) < k and not self._exhausted:
-            item = next(it, None)
-            if item is None:
-                self._exhausted = True
-                break
-            pos, sample, pieces = item
-            self.drawn = pos + 1
-            ex = new_example(self, pos, sample, pieces)
-            if ex is not None:
-                self._issue(ex, now)
+    def _admit(self, feed: Feed) -> None:
+        if len(self._in_flight) < self.config.max_in_flight and not self._exhausted:
+            admit_from(self, feed)  # examples built in the prefetch thread (dispatch_admit.py)
 
     def _bucket(self, bkey: tuple) -> Bucket:
         """The bucket ``(mode, key)``, created on first use."""
@@ -329,18 +322,18 @@ class Dispatcher:
         pf = Prefetcher(() if plan is not None else source, self._prepare,
                         depth=self.config.prefetch if prefetch is None else prefetch,
                         chunk=self.config.prefetch_chunk, offset=offset, want=want,
-                        workers=self.config.decode_workers)
+                        workers=self.config.decode_workers, build=admission_builder(self))
         self._prefetcher = pf
         self._exhausted = False
         try:
-            it = iter(pf)
+            feed = Feed(pf)
             if rs is not None:
-                restore_examples(self, rs, restore_items or it)
+                restore_examples(self, rs, restore_items or iter(feed))
                 self._restore = None
             if plan is not None:
                 admit_planned(self, plan)
             while True:
-                self._admit(it)
+                self._admit(feed)
                 step = self._step()
                 if step is None:
                     break

@@ -1,5 +1,18 @@
-"""Admission: one example at a time (:func:`new_example`), or a whole source at once from records
-built ahead in any thread (:func:`plan_admission`, :func:`admit_planned`).
+"""Admission: one example at a time (:func:`new_example`), from records built ahead in the
+prefetch thread (:func:`admission_builder`, :func:`admit_from`), or a whole source at once from
+records built ahead in any thread (:func:`plan_admission`, :func:`admit_planned`).
+
+**Built in the prefetch thread** (every prefetched run; chained epochs admit all their examples
+so, a few hundred at every step). One by one, each example cost the admitting (trainer's) thread
+an :class:`Example`, a :class:`Request`, a cost and bucket lookup, a push and a generator step
+(8-11 ms a step of the small text set, ``bench_turnover --spin-clock cpu``). The prefetch thread
+now builds each clean sample's example and first request (cost, bucket key; memoised per shape)
+as it hands the sample over; :func:`admit_from` only stamps each request's time and sequence
+number, puts the example in flight and pushes the request to its bucket (looked up, or created
+there: buckets and all running state stay the admitting thread's). Samples that are not clean
+(below) take :func:`new_example` there, in their place in the order, counted and reported as
+before. :attr:`Dispatcher.admit_ahead` ``= False`` admits every sample one by one (the reference
+the tests compare with).
 
 When every sample of a run's source is in memory and prepared before the run starts (the
 trainer's epoch read ahead whole: the small text set's 7,222 examples, all admitted at each
@@ -24,7 +37,7 @@ Anything else (``None``) is admitted one by one, where it is counted and reporte
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .dispatch_buckets import Example, _emax
@@ -32,6 +45,9 @@ from .dispatch_types import DispatchError, PrepareError, Request
 
 if TYPE_CHECKING:
     from .dispatch import Dispatcher
+    from .dispatch_prefetch import Item, Prefetcher
+
+_MEMO_CAP = 1 << 16  # shapes memoised per mode (adversarial data: ever-new shapes)
 
 
 class Admission:
@@ -155,3 +171,118 @@ def admit_planned(d: Dispatcher, plan: Admission) -> None:
         if b.extend(reqs, gshape, gcost):
             nonempty[b] = None
     plan.samples, plan.examples, plan.requests, plan.groups = [], {}, [], []
+
+
+def admission_builder(d: Dispatcher) -> Callable[[Item], Any] | None:
+    """``build(item)`` for ``d``'s prefetch thread: ``(example, its first request, bucket key)``
+    of a clean sample (as :func:`plan_admission` defines it), else None (the admitting thread
+    takes :func:`new_example`, which rejects, finishes or raises as before). Reads only ``d``'s
+    fixed settings; None (nothing built) with ``init_state`` or ``d.admit_ahead`` off."""
+    if d._init_state is not None or not d.admit_ahead:
+        return None
+    mcs, spec, budget = d._mc, d._spec, d._budget
+    seen: dict[str, dict] = {m: {} for m in mcs}  # shape -> (cost, bucket key) or None: over
+
+    def build(item: Item) -> Any:
+        pos, sample, got = item
+        if type(got) is not list or not got:
+            return None
+        try:
+            block, part, mode, shape, inputs, targets = got[0]
+            memo = seen.get(mode)
+            if memo is None:
+                return None
+            hit = memo.get(shape, False)
+            if hit is False:
+                c = mcs[mode](shape)
+                hit = (c, (mode, spec[mode].key(shape))) if c <= budget[mode] else None
+                if len(memo) < _MEMO_CAP:
+                    memo[shape] = hit
+            if hit is None:
+                return None
+            c, bkey = hit
+            ex = Example(pos, sample.key, sample)
+            ex.pieces, ex.nsrc = got, len(got)
+            return ex, Request(pos, ex.key, block, part, mode, shape, None, inputs, targets, c,
+                               0, 0, ex), bkey
+        except Exception:  # odd data (unhashable shape, a failing cost): the admitting
+            return None  # thread meets it one by one, as before, and reports it
+
+    return build
+
+
+class Feed:
+    """A run's prefetched items as the admitting thread takes them: the chunk at hand (items,
+    and what :func:`admission_builder` built for them or None) and the next one's index."""
+
+    __slots__ = ("pf", "items", "built", "i")
+
+    def __init__(self, pf: Prefetcher) -> None:
+        self.pf = pf
+        self.items: list[Item] = []
+        self.built: list | None = None
+        self.i = 0
+
+    def refill(self) -> bool:
+        """Take the next chunk; False at the source's end."""
+        got = self.pf.next_chunk()
+        if got is None:
+            return False
+        self.items, self.built = got
+        self.i = 0
+        return True
+
+    def __iter__(self) -> Iterator[Item]:
+        """The items one at a time (a resumed run's in-flight examples), each taken."""
+        while self.i < len(self.items) or self.refill():
+            item = self.items[self.i]
+            self.i += 1
+            self.pf.taken(1)
+            yield item
+
+
+def admit_from(d: Dispatcher, feed: Feed) -> None:
+    """Admit from ``feed`` until ``d.config.max_in_flight`` examples are in flight or the source
+    ends: as one-by-one admission would (the same examples, sequence numbers, enqueue times and
+    bucket order), built examples in runs, the others through :func:`new_example`."""
+    k, in_flight = d.config.max_in_flight, d._in_flight
+    buckets, nonempty, now = d._buckets, d._nonempty, d._now()
+    while len(in_flight) < k:
+        items, built, i = feed.items, feed.built, feed.i
+        if i >= len(items):
+            if not feed.refill():
+                d._exhausted = True
+                return
+            continue
+        # each built example adds one to those in flight: at most this many fit
+        stop, j = min(len(items), i + k - len(in_flight)), i
+        if built is not None:
+            seq = d._seq
+            while j < stop:
+                got = built[j]
+                if got is None:
+                    break
+                ex, r, bkey = got
+                r.t, r.seq = now, seq
+                seq += 1
+                in_flight[ex.eid] = ex
+                b = buckets.get(bkey)
+                if b is None:
+                    b = d._bucket(bkey)
+                if b.push(r):
+                    nonempty[b] = None
+                j += 1
+            if j > i:
+                d._seq = seq
+                d.counts["admitted"] += j - i
+                d.drawn = items[j - 1][0] + 1
+                feed.pf.taken(j - i)
+                feed.i = j
+        if j < stop:  # not built: one by one, in its place
+            pos, sample, pieces = items[j]
+            feed.i = j + 1
+            feed.pf.taken(1)
+            d.drawn = pos + 1
+            ex = new_example(d, pos, sample, pieces)
+            if ex is not None:
+                d._issue(ex, now)

@@ -1,0 +1,194 @@
+"""Admission built in the prefetch thread (``dispatch_admit.admission_builder`` / ``admit_from``):
+over chained epochs with bad samples in the stream, every batch (each request's key, shape, time
+and sequence number), finished example, error, metric and resumed run is that of one-by-one
+admission (``Dispatcher.admit_ahead = False``, the path before)."""
+
+from __future__ import annotations
+
+import random
+import threading
+
+import pytest
+
+from blocklm.formats import Block
+from blocklm.pipeline import dispatch_admit
+from blocklm.pipeline.buckets import BucketSpec
+from blocklm.pipeline.dispatch import Dispatcher
+from blocklm.pipeline.dispatch_split import split_first_axis
+from blocklm.pipeline.dispatch_types import DispatchConfig, Result
+from blocklm.tools.train.chain import EpochChain
+
+from .test_dispatch import length_cost, prep, random_samples, sample, text
+
+SPEC = BucketSpec.explicit({"text": [[8, 16, 32, 64]], "image": [[4, 6, 8], [4, 6, 8], [1]]})
+BAD = {  # what each kind of bad sample looks like, and how it is reported
+    "prepare": (lambda: [text(3, "bad")], "PrepareError"),
+    "oversize": (lambda: [Block("image", (8, 8, 1), "raw", b"")], "OversizeBlockError"),
+    "late_oversize": (lambda: [text(4), Block("image", (8, 8, 1), "raw", b"")],
+                      "OversizeBlockError"),  # its first block runs, the second is rejected
+    "unknown": (lambda: [Block("video", (2,), "raw", b"")], "UnknownModeError"),
+    "empty": (lambda: [], None),  # finished at once
+}
+
+
+def bad_prep(block):
+    if block.payload == b"bad":
+        raise ValueError("cannot decode")
+    return prep(block)
+
+
+class Epochs:
+    """A loader stand-in: 40 samples an epoch (one of each bad kind among them), reshuffled."""
+
+    def __init__(self) -> None:
+        good = random_samples(35, seed=11)
+        bad = [sample(f"bad-{k}", *make()) for k, (make, _) in BAD.items()]
+        self.samples, self.epoch = good + bad, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        order = list(self.samples)
+        random.Random(self.epoch).shuffle(order)
+        return iter(order)
+
+
+def _dispatcher(log: list, ahead: bool, prefetch: int, chunk: int) -> Dispatcher:
+    def run(batch):
+        log.append((batch.step, batch.mode, batch.bucket, batch.reason, batch.padded_shape,
+                    batch.padded_cost, [(r.example, r.key, r.block, r.part, r.shape, r.context,
+                                         r.cost, r.t, r.seq, r.last) for r in batch.requests]))
+        return [Result(state=(r.key, r.block, r.part)) for r in batch.requests]
+
+    d = Dispatcher({"text": run, "image": run}, SPEC,
+                   DispatchConfig(max_in_flight=24, budget=48, ttl_steps=6, prefetch=prefetch,
+                                  prefetch_chunk=chunk),
+                   cost=length_cost, prepare=bad_prep, splitters={"text": split_first_axis})
+    d.admit_ahead = ahead
+    return d
+
+
+def _chained(ahead: bool, prefetch: int, chunk: int = 4, *, stop: int | None = None,
+             state: dict | None = None):
+    """Batches, finished examples and metrics over 4 chained epochs (from ``state``, a saved
+    dispatcher and chain state; to step ``stop``, then its state)."""
+    log: list = []
+    d = _dispatcher(log, ahead, prefetch, chunk)
+    first, start, expect = 0, 0, {}
+    if state is not None:
+        d.load_state_dict(state["dispatcher"])
+        first, start, expect = EpochChain.resume_args(state["chain"], 0)
+    chain = EpochChain(Epochs(), first, start, expect=expect, epochs=4 - first)
+    finished, saved = [], None
+    for st in d.run(chain, offset=start):
+        finished += [(f.example, f.key, f.state, type(f.error).__name__) for f in st.finished]
+        if stop is not None and st.batch is not None and st.batch.step == stop:
+            s = d.state_dict()
+            saved = {"dispatcher": s, "chain": chain.state(Dispatcher.resume_position(s),
+                                                           s["drawn"])}
+            break
+    return log, finished, d.metrics(), dict(d.counts), d.drawn, saved
+
+
+@pytest.mark.parametrize("prefetch,chunk", [(0, 4), (16, 4), (64, 32)])
+def test_chained_epochs_with_bad_samples_form_the_batches_of_one_by_one_admission(prefetch,
+                                                                                  chunk):
+    old = _chained(False, prefetch, chunk)
+    new = _chained(True, prefetch, chunk)
+    assert new == old
+    log, finished, metrics = old[:3]
+    assert len(log) > 30 and len({b[3] for b in log}) >= 2
+    assert len({r[1] for b in log for r in b[6]}) > 30  # keys of several epochs ran
+    assert metrics["rejected"] == {"PrepareError": 4, "OversizeBlockError": 8,
+                                   "UnknownModeError": 4}
+    assert sorted(f[3] for f in finished if f[1] == "bad-empty") == ["NoneType"] * 4
+    assert len(finished) == 160 and old[4] == 160
+
+
+@pytest.mark.parametrize("prefetch", [0, 16])
+def test_a_run_resumed_mid_chain_forms_the_batches_of_the_uninterrupted_one(prefetch):
+    """Stopped at step 29 or 100 (examples of two epochs in flight) and resumed from the saved
+    state (the chain rebuilt from its oldest epoch, positions before ``drawn`` skipped), with
+    either admission on either side: the uninterrupted one-by-one run's batches."""
+    full = _chained(False, prefetch)[0]
+    for stop, before, after in ((29, True, True), (100, True, True), (100, False, True),
+                                (100, True, False)):
+        head = _chained(before, prefetch, stop=stop)
+        saved = head[5]
+        assert saved["chain"] == ([[0, 0], [1, 40]] if stop == 29 else [[1, 40], [2, 80]])
+        tail = _chained(after, prefetch, state=saved)[0]
+        assert head[0] + tail == full
+
+
+class Counted:
+    """A source whose state is the number of samples pulled from it (``source_state``)."""
+
+    def __init__(self, samples: list) -> None:
+        self.samples, self.n = samples, 0
+
+    def __iter__(self):
+        while self.n < len(self.samples):
+            self.n += 1
+            yield self.samples[self.n - 1]
+
+
+def test_a_state_with_samples_keeps_the_read_ahead_a_chunk_has_not_admitted():
+    """``state_dict(samples=True)``: samples handed over in a chunk but not admitted yet (the
+    admitting thread takes a chunk's items in runs) are still the read-ahead's, so the resumed
+    run (loader restored, no replay) forms the same batches."""
+    samples = list(Epochs()) + random_samples(60, seed=3)
+    log: list = []
+    d = _dispatcher(log, True, 64, 32)
+    for _ in d.run(samples):
+        pass
+    full = log[:]
+    for stop in (3, 10, 17):
+        log.clear()
+        d = _dispatcher(log, True, 64, 32)
+        src = Counted(samples)
+        for st in d.run(src):
+            if st.batch is not None and st.batch.step == stop:
+                state = d.state_dict(samples=True, source_state=lambda src=src: src.n)
+                break
+        assert state["read_ahead"] and state["read_ahead"][0][0] == state["drawn"]
+        head = log[:]
+        log.clear()
+        d = _dispatcher(log, True, 64, 32)
+        d.load_state_dict(state)
+        rest = Counted(samples)
+        rest.n = state["source_state"]
+        for _ in d.run(rest):
+            pass
+        assert head + log == full
+
+
+def test_examples_are_built_in_the_prefetch_thread_and_bad_ones_admitted_one_by_one(
+        monkeypatch):
+    """The work moved: every clean sample's example and first request are built in the
+    dispatcher's prefetch thread; the run's thread takes new_example only for the samples bad
+    at admission (``late_oversize`` is admitted built: its first block is fine, its second one
+    is rejected when issued)."""
+    built, slow = [], []
+    builder, new_example = dispatch_admit.admission_builder, dispatch_admit.new_example
+
+    def on_builder(d):
+        build = builder(d)
+
+        def on_build(item):
+            got = build(item)
+            built.append((threading.current_thread().name, item[1].key, got is not None))
+            return got
+        return on_build
+
+    def on_new(d, pos, s, pieces):
+        slow.append((threading.current_thread().name, s.key))
+        return new_example(d, pos, s, pieces)
+    monkeypatch.setattr("blocklm.pipeline.dispatch.admission_builder", on_builder)
+    monkeypatch.setattr(dispatch_admit, "new_example", on_new)
+    _chained(True, 16)
+    assert len(built) == 160 and {t for t, _, _ in built} == {"dispatch-prefetch"}
+    bad = sorted(f"bad-{k}" for k in BAD if k != "late_oversize")
+    assert sorted({k for _, k, ok in built if not ok}) == bad
+    main = threading.current_thread().name
+    assert sorted(slow) == sorted((main, k) for k in bad for _ in range(4))
