@@ -108,6 +108,7 @@ class Dispatcher:
         self.drawn = 0  # next source position
         self._exhausted = False
         self._in_flight: dict[int, Example] = {}
+        self._dead: list[Example] = []  # finished since the last step
         self._finished: list[Finished] = []
         self._stats = {m: ModeStats() for m in self.modes}
         self.counts: Counter[str] = Counter()  # admitted, finished, rejected_*, truncated
@@ -162,6 +163,8 @@ class Dispatcher:
         self.counts["finished"] += 1
         self._finished.append(Finished(ex.eid, ex.key, ex.state, ex.outputs or [],
                                        ex.generated or [], err))
+        ex.state = None  # the Finished record hands it on; the example is dropped later,
+        self._dead.append(ex)  # by the prefetch thread when it can (_step, Prefetcher.bury)
 
     # -- admission ----------------------------------------------------------------------------
     def _prepare(self, sample: Any) -> list[Piece]:
@@ -263,6 +266,9 @@ class Dispatcher:
         self.clock += 1
         self._route(batch.requests, results)
         finished, self._finished = self._finished, []
+        dead, self._dead = self._dead, []
+        if dead and self._prefetcher is not None:
+            self._prefetcher.bury(dead)  # else (False) dropped here, as before
         return Step(batch.step, batch, results, finished)
 
     def _route(self, reqs: list[Request], results) -> None:
@@ -342,7 +348,7 @@ class Dispatcher:
                 finished, self._finished = self._finished, []
                 yield Step(self.clock, None, [], finished)  # type: ignore[arg-type]
         finally:
-            self._prefetcher = None
+            self._prefetcher, self._dead = None, []
             pf.close()
 
     @property
