@@ -328,7 +328,8 @@ class Dispatcher:
         pf = Prefetcher(() if plan is not None else source, self._prepare,
                         depth=self.config.prefetch if prefetch is None else prefetch,
                         chunk=self.config.prefetch_chunk, offset=offset, want=want,
-                        workers=self.config.decode_workers, build=admission_builder(self))
+                        workers=self.config.decode_workers,
+                        **admission_builder(self))  # build, seal: dispatch_admit.py
         self._prefetcher = pf
         self._exhausted = False
         try:

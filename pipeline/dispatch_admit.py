@@ -7,11 +7,12 @@ so, a few hundred at every step). One by one, each example cost the admitting (t
 an :class:`Example`, a :class:`Request`, a cost and bucket lookup, a push and a generator step
 (8-11 ms a step of the small text set, ``bench_turnover --spin-clock cpu``). The prefetch thread
 now builds each clean sample's example and first request (cost, bucket key; memoised per shape)
-as it hands the sample over; :func:`admit_from` only stamps each request's time and sequence
-number, puts the example in flight and pushes the request to its bucket (looked up, or created
-there: buckets and all running state stay the admitting thread's). Samples that are not clean
-(below) take :func:`new_example` there, in their place in the order, counted and reported as
-before. :attr:`Dispatcher.admit_ahead` ``= False`` admits every sample one by one (the reference
+as it hands the sample over, and groups a chunk's requests by bucket (as :func:`plan_admission`
+groups a source's); :func:`admit_from` only stamps each request's time and sequence number, puts
+the examples in flight and appends each group to its bucket (looked up, or created there:
+buckets and all running state stay the admitting thread's), or, for a chunk it admits in part,
+pushes request by request. Samples that are not clean (below) take :func:`new_example` there, in
+their place in the order, counted and reported as before. :attr:`Dispatcher.admit_ahead` ``= False`` admits every sample one by one (the reference
 the tests compare with).
 
 When every sample of a run's source is in memory and prepared before the run starts (the
@@ -173,13 +174,16 @@ def admit_planned(d: Dispatcher, plan: Admission) -> None:
     plan.samples, plan.examples, plan.requests, plan.groups = [], {}, [], []
 
 
-def admission_builder(d: Dispatcher) -> Callable[[Item], Any] | None:
-    """``build(item)`` for ``d``'s prefetch thread: ``(example, its first request, bucket key)``
-    of a clean sample (as :func:`plan_admission` defines it), else None (the admitting thread
-    takes :func:`new_example`, which rejects, finishes or raises as before). Reads only ``d``'s
-    fixed settings; None (nothing built) with ``init_state`` or ``d.admit_ahead`` off."""
+def admission_builder(d: Dispatcher) -> dict[str, Callable[[Any], Any]]:
+    """``{"build": build, "seal": seal}`` for ``d``'s :class:`Prefetcher`: ``build(item)`` is
+    ``(example, its first request, bucket key)`` of a clean sample (as :func:`plan_admission`
+    defines it), else None (the admitting thread takes :func:`new_example`, which rejects,
+    finishes or raises as before); ``seal(built)`` of a chunk all built is ``(examples by
+    position, requests, [(bucket key, its requests, their max shape, its cost)] in the order of
+    each bucket's first request)``, else None. Both read only ``d``'s fixed settings. ``{}``
+    (nothing built) with ``init_state`` or ``d.admit_ahead`` off."""
     if d._init_state is not None or not d.admit_ahead:
-        return None
+        return {}
     mcs, spec, budget = d._mc, d._spec, d._budget
     seen: dict[str, dict] = {m: {} for m in mcs}  # shape -> (cost, bucket key) or None: over
 
@@ -208,19 +212,41 @@ def admission_builder(d: Dispatcher) -> Callable[[Item], Any] | None:
         except Exception:  # odd data (unhashable shape, a failing cost): the admitting
             return None  # thread meets it one by one, as before, and reports it
 
-    return build
+    def seal(built: list) -> Any:
+        exs: dict[int, Example] = {}
+        reqs: list[Request] = []
+        groups: dict[tuple, list] = {}  # insertion order: each bucket's first request
+        try:
+            for got in built:
+                if got is None:
+                    return None
+                ex, r, bkey = got
+                exs[ex.eid] = ex
+                reqs.append(r)
+                g = groups.get(bkey)
+                if g is None:
+                    groups[bkey] = [bkey, [r], r.shape]
+                else:
+                    g[1].append(r)
+                    g[2] = _emax(g[2], r.shape)
+            return exs, reqs, [(k, rs, ms, mcs[k[0]](ms)) for k, rs, ms in groups.values()]
+        except Exception:  # (a cost failing on a max shape) request by request instead
+            return None
+
+    return {"build": build, "seal": seal}
 
 
 class Feed:
     """A run's prefetched items as the admitting thread takes them: the chunk at hand (items,
     and what :func:`admission_builder` built for them or None) and the next one's index."""
 
-    __slots__ = ("pf", "items", "built", "i")
+    __slots__ = ("pf", "items", "built", "sealed", "i")
 
     def __init__(self, pf: Prefetcher) -> None:
         self.pf = pf
         self.items: list[Item] = []
         self.built: list | None = None
+        self.sealed: Any = None
         self.i = 0
 
     def refill(self) -> bool:
@@ -228,7 +254,7 @@ class Feed:
         got = self.pf.next_chunk()
         if got is None:
             return False
-        self.items, self.built = got
+        self.items, self.built, self.sealed = got
         self.i = 0
         return True
 
@@ -256,6 +282,25 @@ def admit_from(d: Dispatcher, feed: Feed) -> None:
             continue
         # each built example adds one to those in flight: at most this many fit
         stop, j = min(len(items), i + k - len(in_flight)), i
+        if i == 0 and stop == len(items) and feed.sealed is not None:  # the whole chunk
+            exs, reqs, groups = feed.sealed
+            seq = d._seq
+            for r in reqs:
+                r.t, r.seq = now, seq
+                seq += 1
+            d._seq = seq
+            in_flight.update(exs)
+            for bkey, greqs, gshape, gcost in groups:
+                b = buckets.get(bkey)
+                if b is None:
+                    b = d._bucket(bkey)
+                if b.extend(greqs, gshape, gcost):
+                    nonempty[b] = None
+            d.counts["admitted"] += stop
+            d.drawn = items[-1][0] + 1
+            feed.pf.taken(stop)
+            feed.i = stop
+            continue
         if built is not None:
             seq = d._seq
             while j < stop:

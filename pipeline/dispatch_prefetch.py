@@ -6,14 +6,16 @@ dispatcher forms. Samples are handed over in chunks to keep queue locking off th
 path, and the consumer walks a chunk's list itself (:meth:`Prefetcher.next_chunk`,
 :meth:`Prefetcher.taken`): a generator step per sample cost the admitting thread ~0.5 us each.
 ``build(item)``, when given, runs in the worker on every item after its preparation and its
-result is handed over beside it (the dispatcher builds each example's first request there:
-:func:`~.dispatch_admit.admission_builder`). Errors of the source itself are re-raised in the
+result is handed over beside it, and ``seal(built)`` on each chunk's results before the hand-over
+(the dispatcher builds each example's first request there and groups a chunk's requests by
+bucket: :func:`~.dispatch_admit.admission_builder`). Errors of the source itself are re-raised in the
 consumer; errors preparing one sample are handed over as that sample's result (the dispatcher
 counts and reports them).
 """
 
 from __future__ import annotations
 
+import itertools
 import queue
 import threading
 from collections import deque
@@ -66,17 +68,23 @@ class Prefetcher:
     """Iterate ``(position, sample, prepare(sample))`` computed ``depth`` samples ahead in a
     thread (``depth == 0``: in the caller's thread), with ``workers`` decoder threads under it
     when ``workers > 1``; or take them a chunk at a time (:meth:`next_chunk`), each chunk with
-    ``build(item)`` of its items (module docstring). Call :meth:`close` when abandoning it."""
+    ``build(item)`` of its items and ``seal`` of those (module docstring). Call :meth:`close`
+    when abandoning it."""
 
     def __init__(self, source: Iterable[Any], prepare: Callable[[Any], Any], *, depth: int = 256,
                  chunk: int = 32, offset: int = 0, want: Callable[[int], bool] | None = None,
-                 workers: int = 1, build: Callable[[Item], Any] | None = None) -> None:
+                 workers: int = 1, build: Callable[[Item], Any] | None = None,
+                 seal: Callable[[list], Any] | None = None) -> None:
         self._lock = threading.Lock()
         self._build = build
+        self._seal = seal if build is not None else None
         self._ended = False
         self._graves: deque[Any] = deque()  # bury(): dropped by the worker before its next read
         self._worker_done = False
-        self._raw: deque[tuple[int, Any]] = deque()  # pulled from the source, not yet taken
+        self._raw: deque[tuple[int, Any]] = deque()  # pulled from the source, not yet popped
+        # the first (_ntaken - _npopped) of _raw were taken: popped by the reading thread
+        # (taken()), where the long-untouched tuples' deallocation costs the consumer nothing
+        self._ntaken = self._npopped = 0
         self._items = _prepared(self._pull(source, offset, want), prepare,
                                 workers if depth > 0 else 1, max(1, depth))
         self._depth = depth
@@ -99,6 +107,7 @@ class Prefetcher:
             while graves:  # what the consumer buried is deallocated here, in the worker
                 graves.popleft()
             with self._lock:
+                self._pop_taken()
                 got = next(it, None)
                 while got is not None and want is not None and not want(got[0]):
                     got = next(it, None)
@@ -111,7 +120,9 @@ class Prefetcher:
         """``([(position, sample), ...] pulled from the source but not yet taken, the source's
         state)``, both at the same instant (the reader is held between two samples)."""
         with self._lock:
-            return list(self._raw), None if source_state is None else source_state()
+            skip = self._ntaken - self._npopped
+            return (list(itertools.islice(self._raw, skip, None)),
+                    None if source_state is None else source_state())
 
     def _put(self, obj: Any) -> bool:
         while not self._stop.is_set():
@@ -124,7 +135,7 @@ class Prefetcher:
 
     def _work(self) -> None:
         buf: list[Item] = []
-        build = self._build
+        build, seal = self._build, self._seal
         built: list | None = None if build is None else []
         try:
             for item in self._items:
@@ -133,10 +144,10 @@ class Prefetcher:
                     built.append(build(item))
                 # hand over a full chunk, or sooner while the consumer is starving
                 if len(buf) >= self._chunk or self._q.empty():
-                    if not self._put((buf, built)):
+                    if not self._put((buf, built, seal and seal(built))):
                         return
                     buf, built = [], None if build is None else []
-            if buf and not self._put((buf, built)):
+            if buf and not self._put((buf, built, seal and seal(built))):
                 return
             self._put(_END)
         except BaseException as e:  # the source failed: the consumer re-raises it
@@ -156,9 +167,10 @@ class Prefetcher:
         self._graves.append(dead)
         return True
 
-    def next_chunk(self) -> tuple[list[Item], list | None] | None:
-        """The next ``(items, [build(item) for item in items] or None without build)``, None at
-        the end. Its items stay the read-ahead's (:meth:`snapshot`) until :meth:`taken`."""
+    def next_chunk(self) -> tuple[list[Item], list | None, Any] | None:
+        """The next ``(items, [build(item) for item in items] or None without build, seal of
+        that or None)``, None at the end. Its items stay the read-ahead's (:meth:`snapshot`)
+        until :meth:`taken`."""
         if self._ended:
             return None
         if self._thread is None:  # one at a time: the source is read no further than before
@@ -166,7 +178,10 @@ class Prefetcher:
             if item is None:
                 self._ended = True
                 return None
-            return [item], None if self._build is None else [self._build(item)]
+            if self._build is None:
+                return [item], None, None
+            built = [self._build(item)]
+            return [item], built, self._seal and self._seal(built)
         got = self._q.get()
         if got is _END:
             self._ended = True
@@ -178,9 +193,16 @@ class Prefetcher:
 
     def taken(self, n: int) -> None:
         """The consumer took the next ``n`` items handed over: no longer the read-ahead's."""
-        popleft = self._raw.popleft
-        for _ in range(n):
+        self._ntaken += n  # written in the consumer's thread only
+        if self._worker_done:  # nobody reads on to pop them
+            with self._lock:
+                self._pop_taken()
+
+    def _pop_taken(self) -> None:  # under the lock; taken() may add to _ntaken meanwhile
+        n, popleft = self._ntaken, self._raw.popleft
+        for _ in range(n - self._npopped):
             popleft()
+        self._npopped = n
 
     def __iter__(self) -> Iterator[Item]:
         while True:

@@ -15,6 +15,7 @@ from blocklm.formats import Block
 from blocklm.pipeline import dispatch_admit
 from blocklm.pipeline.buckets import BucketSpec
 from blocklm.pipeline.dispatch import Dispatcher
+from blocklm.pipeline.dispatch_prefetch import _safe
 from blocklm.pipeline.dispatch_split import split_first_axis
 from blocklm.pipeline.dispatch_types import DispatchConfig, Result
 from blocklm.tools.train.chain import EpochChain
@@ -174,13 +175,14 @@ def test_examples_are_built_in_the_prefetch_thread_and_bad_ones_admitted_one_by_
     builder, new_example = dispatch_admit.admission_builder, dispatch_admit.new_example
 
     def on_builder(d):
-        build = builder(d)
+        fns = builder(d)
+        build = fns["build"]
 
         def on_build(item):
             got = build(item)
             built.append((threading.current_thread().name, item[1].key, got is not None))
             return got
-        return on_build
+        return {**fns, "build": on_build}
 
     def on_new(d, pos, s, pieces):
         slow.append((threading.current_thread().name, s.key))
@@ -260,3 +262,55 @@ def test_what_is_buried_stays_bounded_while_the_worker_cannot_drop_it():
     assert [x[0] for x in it] == [1, 2, 3, 4]
     pf.close()
     assert got[1:] == ["dispatch-prefetch"] * MAX_GRAVES
+
+
+class Chunks:
+    """A prefetcher stand-in handing over the given chunks, built and sealed as the prefetch
+    thread does (its chunk boundaries depend on timing: here they are fixed)."""
+
+    def __init__(self, d: Dispatcher, chunks: list) -> None:
+        fns = dispatch_admit.admission_builder(d)
+        self.chunks = []
+        for items in chunks:
+            built = [fns["build"](x) for x in items] if fns else None
+            self.chunks.append((items, built, fns["seal"](built) if fns else None))
+        self.chunks.reverse()
+        self.taken_n = 0
+
+    def next_chunk(self):
+        return self.chunks.pop() if self.chunks else None
+
+    def taken(self, n: int) -> None:
+        self.taken_n += n
+
+
+@pytest.mark.parametrize("room", [64, 7])
+def test_a_chunk_admitted_whole_queues_as_request_by_request(room):
+    """A chunk admitted whole is appended to its buckets a group at a time: buckets are created
+    and become non-empty in the order of their first request (the scan's tie-breaks), with the
+    max shapes, costs, fullness, times and sequence numbers of pushes one by one; with room for
+    fewer, the chunks are admitted in part, request by request."""
+    img = Block("image", (4, 4, 1), "raw", b"")
+    samples = [sample("i0", img), sample("t0", text(12)), sample("t1", text(8)),
+               sample("t2", text(30)), sample("i1", Block("image", (6, 4, 1), "raw", b"")),
+               sample("t3", text(16)), sample("t4", text(60)), sample("t5", text(12)),
+               sample("x", text(3, "bad")), sample("t6", text(9))]
+    got = []
+    for ahead in (True, False):
+        d = _dispatcher([], ahead, 0, 4)
+        d.config = DispatchConfig(**{**d.config.__dict__, "max_in_flight": room})
+        d._seq = 5  # requests issued before
+        items = [(p, s, _safe(d._prepare, s)) for p, s in enumerate(samples, 100)]
+        feed = dispatch_admit.Feed(Chunks(d, [items[:6], items[6:]]))
+        dispatch_admit.admit_from(d, feed)
+        got.append(([b for b in d._buckets], [(b.mode, b.key, b.maxshape, b.maxcost, b.full,
+                                               [(r.key, r.t, r.seq, r.cost) for r in b.q])
+                                              for b in d._nonempty],
+                    list(d._in_flight), dict(d.counts), d.drawn, d._seq, feed.pf.taken_n))
+    assert got[0] == got[1]
+    if room == 64:
+        assert got[0][0] == [("image", (0, 0, 0)), ("text", (1,)), ("text", (0,)),
+                             ("text", (2,)), ("image", (1, 0, 0)), ("text", (3,))]
+        assert got[0][3] == {"admitted": 10, "rejected_PrepareError": 1, "finished": 1}
+    else:
+        assert len(got[0][2]) == 7 and got[0][4] == 107
