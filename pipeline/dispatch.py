@@ -118,6 +118,10 @@ class Dispatcher:
         self.errors: list[DispatchError] = []  # the first MAX_KEPT_ERRORS rejections
         self._restore: dict | None = None
         self._prefetcher: Prefetcher | None = None  # of the run in progress
+        # The most padded tokens the next batch may cost (None: the mode's budget), set by the
+        # consumer between steps: the trainer's room left in its optimizer step's window, whose
+        # activations are all alive until its backward (tools/train/loop.py, train.window_max)
+        self.batch_limit: int | None = None
 
     # -- requests ------------------------------------------------------------------------------
     def _now(self) -> float:
@@ -247,7 +251,7 @@ class Dispatcher:
         else:
             reason = ("full" if b.full else "ttl" if u == 2 else
                       "drain" if self._exhausted else "stall")
-            reqs, pshape, pcost, cost = b.take()
+            reqs, pshape, pcost, cost = b.take(self.batch_limit)
             if not b.q:
                 del self._nonempty[b]
             pshape, pcost, cost = coalesce_into(self, b, reason, reqs, pshape, pcost, cost)

@@ -72,13 +72,16 @@ class Bucket:
         """Padded cost of all pending requests together (to pick the fullest partial bucket)."""
         return len(self.q) * self.maxcost
 
-    def take(self) -> tuple[list[Request], Shape, int, int]:
-        """Pop the longest FIFO prefix whose padded cost fits the budget (and the cap).
+    def take(self, limit: int | None = None) -> tuple[list[Request], Shape, int, int]:
+        """Pop the longest FIFO prefix whose padded cost fits the budget (and the cap), and
+        ``limit`` padded tokens when given (the consumer's room for this batch:
+        :attr:`~.dispatch.Dispatcher.batch_limit`; ``full`` still refers to the budget).
 
         Returns (requests, padded shape, padded cost, sum of the requests' costs). Always takes
         at least one request (admission already rejected requests over the budget).
         """
-        q, cost, budget, cap = self.q, self.cost, self.budget, self.cap
+        q, cost, cap = self.q, self.cost, self.cap
+        budget = self.budget if limit is None else min(self.budget, limit)
         reqs: list[Request] = []
         ms: Shape | None = None
         each = total = 0
@@ -103,7 +106,8 @@ class Bucket:
                 ms2 = r.shape if ms2 is None else _emax(ms2, r.shape)
             self.maxshape = ms2
             self.maxcost = 0 if ms2 is None else cost(ms2)
-        self.full = bool(n) and ((n + 1) * self.maxcost > budget or (cap is not None and n >= cap))
+        self.full = bool(n) and ((n + 1) * self.maxcost > self.budget
+                                 or (cap is not None and n >= cap))
         return reqs, ms, len(reqs) * each, total  # type: ignore[return-value]
 
     def extend(self, reqs: list[Request], shape: Shape, cost: int) -> bool:

@@ -45,7 +45,9 @@ VARIANTS = {
 }
 _KERNEL_KINDS = (  # first match wins: (category, substrings of the CUDA kernel name)
     ("banked attention (Triton)", ("fwd_h", "fwd_o", "bwd_dh", "bwd_dqk", "bwd_dv", "bwd_hdot",
-                                   "bwd_decay", "bwd_prep", "decay_prep")),
+                                   "bwd_decay", "bwd_prep", "decay_prep", "bwd_mem",
+                                   "bwd_intra")),
+    ("stack (Triton)", ("_iter_fwd", "_iter_bwd", "ctrl")),
     ("stack (Inductor)", ("triton_",)),
     ("optimizer", ("adam", "multi_tensor")),
     ("matmul", ("gemm", "sm90", "cutlass", "cublas", "nvjet", "splitk")),
@@ -101,7 +103,7 @@ class StepTimer:
             end = time.perf_counter()
             self.cur["optimizer"] += end - t
             self.steps.append(dict(self.cur, end=end, tokens=tokens, batches=len(self.batches),
-                                   epoch=getattr(trainer, "epoch", None)))
+                                   epoch=getattr(trainer, "epoch", None), peak=_peak_gib()))
             self.cur.clear()
             self.hook(len(self.steps))
 
@@ -174,13 +176,25 @@ class Phases:
         return "stop_profile" if n >= self.timed_end + self.profile_steps else None
 
 
+def _peak_gib() -> float | None:
+    """The peak CUDA memory allocated since the last call (GiB; None without CUDA)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    torch.cuda.reset_peak_memory_stats()
+    return round(peak, 1)
+
+
 def kernel_breakdown(prof) -> dict:
     """GPU kernel time per category (ms) from a torch.profiler run."""
     out: dict[str, float] = defaultdict(float)
     top = []
     for ev in prof.key_averages():
         ms = getattr(ev, "device_time_total", getattr(ev, "cuda_time_total", 0.0)) / 1e3
-        if ms <= 0 or ev.key.startswith("ProfilerStep") or not _is_kernel(ev):
+        if ms <= 0 or ev.key.startswith(("ProfilerStep", "bench:", "blocklm:")) \
+                or not _is_kernel(ev):  # the named ranges are not kernels
             continue
         name = ev.key.lower()
         kind = next((k for k, subs in _KERNEL_KINDS if any(s in name for s in subs)), "other")
@@ -263,8 +277,13 @@ def run_variant(data: str, variant: str, extra: list[str], warmup: int, steps: i
             res["profile"] = state["profile"]
         res.update(timer.summary(warmup, params, phases.timed_end) if warmup
                    else {"error": "no warm-up step"})
-        res["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 1) \
-            if torch.cuda.is_available() else None
+        peaks = [p for p in [s.get("peak") for s in timer.steps] + [_peak_gib()]
+                 if p is not None]  # every step's, warm-up included, and since the last
+        res["peak_gib"] = max(peaks) if peaks else None
+        # every step's (warm-up included) window: padded tokens (thousands) and the peak memory
+        # (GiB) of its forward, backward and optimizer step (train.window_max)
+        res["window_ktokens_peak_gib"] = [[round(s["tokens"] / 1e3), s.get("peak")]
+                                          for s in timer.steps]
         del tr
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

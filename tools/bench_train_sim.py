@@ -27,6 +27,7 @@ def simulate_dispatch(preset: str, data: str, extra: list[str], epochs: int = 1,
     from blocklm.tools.train.chain import EpochChain, training_dispatch
     from blocklm.tools.train.config import build_config
     from blocklm.tools.train.loop import RunSpec, make_buckets, make_source
+    from blocklm.tools.train.loop_util import window_limited
 
     cfg = build_config(preset, extra)
     cfg.dispatch.decode = False  # the runners never look at the contents
@@ -38,8 +39,11 @@ def simulate_dispatch(preset: str, data: str, extra: list[str], epochs: int = 1,
     reasons: dict[str, Counter] = defaultdict(Counter)  # mode -> why its batches ran
 
     counting = [not chained]  # chained: only the steady-state window (docstring)
+    window = [0]  # padded tokens of the optimizer step's window so far (the trainer's)
+    windows: list[int] = []  # each counted window's padded tokens (train.window_max)
 
     def runner(batch):
+        window[0] += batch.padded_cost
         if trace is not None and batch.requests:
             trace.append((batch.mode, [r.key for r in batch.requests]))
         if batch.requests and counting[0]:
@@ -56,9 +60,20 @@ def simulate_dispatch(preset: str, data: str, extra: list[str], epochs: int = 1,
     buckets = make_buckets([data], cost, remote, cfg.train.bucket_max_width)
     disp = Dispatcher({m: runner for m in supports}, buckets, training_dispatch(cfg), cost=cost)
     source = make_source(RunSpec(preset, [data]), cfg, remote)
+    t = cfg.train
+    room = None if t.window_max is None else int(t.window_max * t.tokens_per_step)
+
+    def limited(run):
+        for st in window_limited(run, disp, room, lambda: window[0]):
+            yield st
+            if window[0] >= t.tokens_per_step:  # the trainer's optimizer step
+                if counting[0]:
+                    windows.append(window[0])
+                window[0] = 0
+
     if chained:
         chain = EpochChain(source, 0, 0, name=data)
-        steps, first = disp.run(chain), None
+        steps, first = limited(disp.run(chain)), None
         for _ in steps:
             if first is None and disp.drawn >= 2 * cfg.dispatch.max_in_flight:
                 first = chain.epoch_of(disp.drawn - 1) + 1  # past the start-up's admissions
@@ -71,8 +86,9 @@ def simulate_dispatch(preset: str, data: str, extra: list[str], epochs: int = 1,
     else:
         for e in range(epochs):
             source.set_epoch(e)
-            for _ in disp.run(source):
+            for _ in limited(disp.run(source)):
                 pass
+            window[0] = 0  # the epoch's partial window
     scale = cfg.train.tokens_per_step / max(n["padded"], 1.0)
     modes = {m: {"batches": int(v["batches"]),
                  "tokens_per_batch": round(v["padded"] / v["batches"]),
@@ -84,4 +100,8 @@ def simulate_dispatch(preset: str, data: str, extra: list[str], epochs: int = 1,
             "batches_per_step": round(n["batches"] * scale, 2),
             "sequential_steps_per_step": round(n["seq_steps"] * scale),
             "padding": round(1 - n["real"] / max(n["padded"], 1.0), 3),
-            "batches_per_epoch": round(n["batches"] / epochs, 1), "modes": modes}
+            "batches_per_epoch": round(n["batches"] / epochs, 1),
+            # full windows' padded tokens (their activations live until the window's backward)
+            "window_tokens": {"max": max(windows, default=0),
+                              "mean": round(sum(windows) / max(len(windows), 1))},
+            "modes": modes}

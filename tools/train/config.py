@@ -50,6 +50,14 @@ class TrainConfig:
     # the H200 (and over 2,730 the banked kernels' grid fails); at 1,024 (ep-2) text 198-206k vs
     # 191k per epoch, mixed 103k vs 89k, peak memory 69 / 107 GiB vs 53 / 65
     chain_batch_samples: int | None = 1024
+    # an optimizer step's window holds at most this many times tokens_per_step padded tokens: a
+    # batch that would overfill it takes fewer requests (Dispatcher.batch_limit; the rest wait
+    # for the next window). Every batch of a window keeps its activations until the window's
+    # backward, so the window, not the batch, sets the peak memory: uncapped, a window closed
+    # on the first batch past tokens_per_step and chained mixed windows reached 130k tokens
+    # for 65,536 (`small` with the stack ran out of the H200's 140 GiB after ~30 steps). None:
+    # no cap
+    window_max: float | None = 1.5
 
 
 @dataclass

@@ -54,6 +54,7 @@ from .loop_util import (
     _loader_stats,
     _pack_contexts,
     _unpack_contexts,
+    window_limited,
 )
 from .metrics import MetricsLog
 from .readahead import EpochReadAhead
@@ -315,7 +316,10 @@ class Trainer:
         src, offset, prefetch = self._source()
         run = self.disp.run(src, offset=offset, prefetch=prefetch)
         try:
-            for st in run:
+            cap = self.t.window_max  # the window's room for batches (loop_util.window_limited)
+            for st in window_limited(run, self.disp, None if cap is None else
+                                     int(cap * self.t.tokens_per_step),
+                                     lambda: self.runners.window.tokens):
                 self.runners.finish([f.state for f in st.finished
                                      if f.error is None and isinstance(f.state, Context)])
                 if st.batch is None:  # a rank-local tail step: no collectives here

@@ -4,6 +4,7 @@ metrics records."""
 from __future__ import annotations
 
 import signal
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from .runner import Context
@@ -63,3 +64,18 @@ def _dispatch_metrics(m: dict[str, Any]) -> dict[str, Any]:
     return {"examples_in_flight": m.get("examples_in_flight"), "rejected": m.get("rejected"),
             "modes": {k: {f: v.get(f) for f in keep if f in v}
                       for k, v in m.get("modes", {}).items()}}
+
+
+def window_limited(run: Iterator[Any], disp: Any, room: int | None,
+                   used: Callable[[], int]) -> Iterator[Any]:
+    """``run``'s steps (a dispatcher run of ``disp``), each next batch limited to the padded
+    tokens left of ``room`` in the optimizer step's window (``used()``: those run in it so far;
+    ``room`` None: no limit). The limit is set when the consumer asks for the next step, after
+    any optimizer step it took, and before the dispatcher forms that batch; it depends only on
+    the batches, so a resumed run (whose checkpoint sits at a window boundary) sets the same."""
+    while True:
+        disp.batch_limit = None if room is None else max(1, room - used())
+        st = next(run, None)
+        if st is None:
+            return
+        yield st

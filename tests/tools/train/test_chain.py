@@ -320,3 +320,31 @@ def test_two_process_chained_resume_is_exact(tmp_path, dataset, tokenizer):
     assert [r["loss"] for r in a] == [r["loss"] for r in b]
     pa, pb = _params(tmp_path / "full"), _params(tmp_path / "half")
     assert all(torch.equal(pa[k], pb[k]) for k in pa)
+
+
+def test_windows_are_capped_at_window_max_times_tokens_per_step(tmp_path, dataset, tokenizer):
+    """A window's batches keep their activations until its backward, so train.window_max caps
+    its padded tokens (here 1.5 x 60 = 90): uncapped, the batch that crosses tokens_per_step
+    took the window past it (chained mixed windows reached 2x on the H200, out of memory)."""
+    from collections import Counter
+
+    from blocklm.tools.train.loop import Trainer
+
+    most = {}
+    for cap in ("1.5", "none"):
+        spec = _spec(dataset, tokenizer, f"train.window_max={cap}", "train.tokens_per_step=60",
+                     "dispatch.max_in_flight=30")  # batches as large as a window
+        tr = Trainer(tmp_path / cap, spec, resume=False, remote=None, progress=False,
+                     tensorboard=False)
+        tokens: Counter = Counter()
+        run = tr.runners.run
+
+        def on_run(mode, batch, run=run, tr=tr, tokens=tokens):
+            tokens[tr.runners.window.index] += batch.padded_cost
+            return run(mode, batch)
+        tr.runners.run = on_run
+        tr.fit(steps=12, minutes=None)
+        full = [v for k, v in tokens.items() if k < max(tokens)]  # the last may be partial
+        assert len(full) >= 11 and min(full) >= 60
+        most[cap] = max(full)
+    assert most["1.5"] <= 90 < most["none"]
