@@ -268,7 +268,11 @@ def run_variant(data: str, variant: str, extra: list[str], warmup: int, steps: i
             if act in ("stop", "stop_profile") or now - state["t0"] >= seconds + 600:
                 tr.target = n
         timer.hook = hook
-        tr.fit(steps=10**9, minutes=None)
+        failed = None
+        try:
+            tr.fit(steps=10**9, minutes=None)
+        except Exception as e:  # keep the steps that ran (an out-of-memory: which window)
+            failed = f"{type(e).__name__}: {e}"[:2000]
         res: dict = {"data": data, "variant": variant, "params": params,
                      "chain_epochs": tr.t.chain_epochs, "overrides": list(extra),
                      "warmup_s": round(state.get("warmup_s", -1.0), 1)}
@@ -284,6 +288,8 @@ def run_variant(data: str, variant: str, extra: list[str], warmup: int, steps: i
         # (GiB) of its forward, backward and optimizer step (train.window_max)
         res["window_ktokens_peak_gib"] = [[round(s["tokens"] / 1e3), s.get("peak")]
                                           for s in timer.steps]
+        if failed is not None:
+            res["error"] = failed
         del tr
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
