@@ -19,6 +19,8 @@ from blocklm.model.blocklm import BlockLM
 from blocklm.model.heads import END, to_device
 from blocklm.pipeline.dispatch_types import Batch, Result
 
+from .state_groups import StateGroups
+
 HEADS = ("next_mode", "shape")  # the head terms of the objective, in this order
 
 
@@ -31,6 +33,9 @@ class Context:
     # where the state's tail (summary, history: all the end-of-example head reads) lies: row
     # `head[1]` of the batch's BlockResult.head_state; None: slice it from `state` (restored)
     head: tuple[Tensor, int] | None = None
+    # read by its example's next block or its end head: no longer the example's context (a
+    # step object may still hold it for a while; state_groups.py does not count it as live)
+    spent: bool = False
 
 
 @dataclass
@@ -110,6 +115,7 @@ class ModelRunners:
         self.model, self.device, self.train, self.autocast = model, device, train, autocast
         self.measure = measure  # also count next-mode and shape accuracy (evaluation)
         self.window = Window()
+        self.groups = StateGroups()  # the in-flight states, per batch that made them
         self._ac: torch.autocast | None = None  # open from a window's first batch to its end
         if device.type == "cuda":  # compile the fused layers' graphs now, not mid-window
             model.decoder.warm_layers(device, autocast=autocast)
@@ -147,7 +153,9 @@ class ModelRunners:
                 if init is None:
                     init = self.model.initial_state(1, self.device)[0]
                 rows.append(init)
-            elif c.window == self.window.index:
+                continue
+            c.spent = True  # the example moves on: no longer its context
+            if c.window == self.window.index:
                 rows.append(c.state)
             else:
                 rows.append(c.state.detach())
@@ -183,8 +191,9 @@ class ModelRunners:
         new = res.state if self.train else res.state.detach()
         # one unbind, not new[i] per example: B select nodes each filled a zero [B, state]
         # gradient in backward (O(B^2) work, half of the GPU time of a text step)
-        return [Result(state=Context(row, w.index, (heads, i)))
-                for i, row in enumerate(new.unbind(0))]
+        made = [Context(row, w.index, (heads, i)) for i, row in enumerate(new.unbind(0))]
+        self.groups.add(made, len(made))  # compacted at the window's close (state_groups.py)
+        return [Result(state=c) for c in made]
 
     @staticmethod
     def _keeps_state(batch: Batch) -> bool:
@@ -221,6 +230,8 @@ class ModelRunners:
         """Add the bits of predicting end-of-example after each finished example's last block."""
         if not contexts:
             return
+        for c in contexts:
+            c.spent = True
         self._autocast()
         ctx = self.model.head_input_of(self._head_states(contexts))
         bits = self.model.heads.mode_bits(ctx, [END] * len(contexts))
@@ -255,4 +266,5 @@ class ModelRunners:
         self.close_autocast()
         done = self.window
         self.window = Window(index=done.index + 1)
+        self.groups.close()  # the states still in flight: detached, their storage compacted
         return done
