@@ -12,8 +12,8 @@ groups a source's); :func:`admit_from` only stamps each request's time and seque
 the examples in flight and appends each group to its bucket (looked up, or created there:
 buckets and all running state stay the admitting thread's), or, for a chunk it admits in part,
 pushes request by request. Samples that are not clean (below) take :func:`new_example` there, in
-their place in the order, counted and reported as before. :attr:`Dispatcher.admit_ahead` ``= False`` admits every sample one by one (the reference
-the tests compare with).
+their place in the order, counted and reported as before. ``Dispatcher.admit_ahead = False``
+admits every sample one by one (the reference the tests compare with).
 
 When every sample of a run's source is in memory and prepared before the run starts (the
 trainer's epoch read ahead whole: the small text set's 7,222 examples, all admitted at each

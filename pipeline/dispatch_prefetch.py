@@ -8,9 +8,9 @@ path, and the consumer walks a chunk's list itself (:meth:`Prefetcher.next_chunk
 ``build(item)``, when given, runs in the worker on every item after its preparation and its
 result is handed over beside it, and ``seal(built)`` on each chunk's results before the hand-over
 (the dispatcher builds each example's first request there and groups a chunk's requests by
-bucket: :func:`~.dispatch_admit.admission_builder`). Errors of the source itself are re-raised in the
-consumer; errors preparing one sample are handed over as that sample's result (the dispatcher
-counts and reports them).
+bucket: :func:`~.dispatch_admit.admission_builder`). Errors of the source itself are re-raised
+in the consumer; errors preparing one sample are handed over as that sample's result (the
+dispatcher counts and reports them).
 """
 
 from __future__ import annotations

@@ -9,8 +9,8 @@ admitted as in-flight places free up (each example and its first request built i
 dispatcher's prefetch thread, the trainer's thread only queues them: ``dispatch_admit.py``; one
 by one there, 7.5-11 ms of a small text step), and an epoch's tail shares batches with the next
 one's head (``bench train --simulate``, 4 epochs: the small preset's mixed set 6.26 -> 2.47
-batches per 65,536-token step, the text set 3.10 -> 1.52). Within an epoch the samples and their order are the
-loader's. Chained batches grow larger than per-epoch ones (text up to ~3,500 short examples), so
+batches per 65,536-token step, the text set 3.10 -> 1.52). Within an epoch the samples and
+their order are the loader's. Chained batches grow larger than per-epoch ones (text up to ~3,500 short examples), so
 they take at most ``train.chain_batch_samples`` examples (:func:`training_dispatch`; H200 calls
 ep-1 and ep-2, README).
 
