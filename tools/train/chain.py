@@ -10,9 +10,9 @@ dispatcher's prefetch thread, the trainer's thread only queues them: ``dispatch_
 by one there, 7.5-11 ms of a small text step), and an epoch's tail shares batches with the next
 one's head (``bench train --simulate``, 4 epochs: the small preset's mixed set 6.26 -> 2.47
 batches per 65,536-token step, the text set 3.10 -> 1.52). Within an epoch the samples and
-their order are the loader's. Chained batches grow larger than per-epoch ones (text up to ~3,500 short examples), so
-they take at most ``train.chain_batch_samples`` examples (:func:`training_dispatch`; H200 calls
-ep-1 and ep-2, README).
+their order are the loader's. Chained batches grow larger than per-epoch ones (text up to
+~3,500 short examples), so they take at most ``train.chain_batch_samples`` examples
+(:func:`training_dispatch`; H200 calls ep-1 and ep-2, README).
 
 **Positions.** The dispatcher numbers a run's samples from the run's ``offset``; chained, epoch
 ``e + 1``'s first sample takes the position after epoch ``e``'s last. :class:`EpochChain`
