@@ -202,7 +202,7 @@ def kernel_breakdown(prof) -> dict:
         top.append((ms, ev.count, ev.key[:90]))
     top.sort(reverse=True)
     return {"by_kind_ms": {k: round(v, 1) for k, v in sorted(out.items(), key=lambda x: -x[1])},
-            "top": [{"ms": round(ms, 2), "calls": n, "kernel": k} for ms, n, k in top[:12]]}
+            "top": [{"ms": round(ms, 2), "calls": n, "kernel": k} for ms, n, k in top[:24]]}
 
 
 def _is_kernel(ev) -> bool:
