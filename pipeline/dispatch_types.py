@@ -27,6 +27,8 @@ Shape = tuple[int, ...]
 # had nothing of the mode all ranks agreed on (empty).
 REASONS = ("full", "ttl", "stall", "drain", "empty")
 
+ADMISSIONS = ("inline", "one_by_one", "prefetch")  # DispatchConfig.admission
+
 
 @dataclass
 class DispatchConfig:
@@ -57,6 +59,10 @@ class DispatchConfig:
     # its mode along where one batch fewer is worth this many padded tokens (dispatch_coalesce.py)
     coalesce_tokens: int | None = None
     mode_coalesce_tokens: dict[str, int | None] = field(default_factory=dict)  # per-mode override
+    # where each example and its first request are built (dispatch_admit.py; same batches):
+    # "inline" in the run's thread as a chunk arrives, "one_by_one" the same thread the older,
+    # slower way, "prefetch" in the prefetch thread (slower on the H200: its GIL competes)
+    admission: str = "inline"
 
     def __post_init__(self) -> None:
         if self.max_in_flight < 1:
@@ -74,6 +80,8 @@ class DispatchConfig:
                 raise ValueError(f"coalesce_tokens of {name!r} must be >= 0, got {lam}")
         if self.on_oversize not in ("reject", "raise"):
             raise ValueError(f"on_oversize must be 'reject' or 'raise', got {self.on_oversize!r}")
+        if self.admission not in ADMISSIONS:
+            raise ValueError(f"admission must be one of {ADMISSIONS}, got {self.admission!r}")
 
     def budget_of(self, mode: str) -> int:
         return self.mode_budget.get(mode, self.budget)
