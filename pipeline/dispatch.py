@@ -44,6 +44,7 @@ from .dispatch_prefetch import Prefetcher
 from .dispatch_resume import restore_examples, resume_plan, save_state
 from .dispatch_split import Splitter, prepare_pieces
 from .dispatch_types import (
+    ADMISSIONS,
     Batch,
     DispatchConfig,
     DispatchError,
@@ -66,10 +67,8 @@ class Dispatcher:
     :mod:`.dispatch_dist` when several ranks run in step (``None``: a single rank);
     ``prepare(block) -> (inputs, targets)`` replaces ``block.decode()``; ``splitters[mode]``
     splits blocks over the budget instead of rejecting them (:mod:`.dispatch_split`);
-    ``init_state(sample)`` gives an example's initial context. ``admit_ahead = False`` admits
-    every sample one by one in the run's thread (same batches; :mod:`.dispatch_admit`)."""
-
-    admit_ahead = True  # examples and first requests built in the prefetch thread
+    ``init_state(sample)`` gives an example's initial context. ``config.admission`` says where
+    examples are built for admission (same batches; :mod:`.dispatch_admit`)."""
 
     def __init__(self, runners: Mapping[str, Runner], buckets: BucketSpec | None = None,
                  config: DispatchConfig | None = None, *, cost: CostFn = default_cost,
@@ -82,6 +81,8 @@ class Dispatcher:
         self.runners = dict(runners)
         self.modes = sorted(self.runners)
         self.config = cfg = config or DispatchConfig()
+        if cfg.admission not in ADMISSIONS:  # a config changed after construction
+            raise ValueError(f"admission must be one of {ADMISSIONS}, got {cfg.admission!r}")
         spec = buckets or BucketSpec({})
         missing = sorted(set(spec.modes) - set(self.runners))
         if missing:
@@ -271,7 +272,7 @@ class Dispatcher:
         self._route(batch.requests, results)
         finished, self._finished = self._finished, []
         dead, self._dead = self._dead, []
-        if dead and self._prefetcher is not None:
+        if dead and self._prefetcher is not None and self.config.admission == "prefetch":
             self._prefetcher.bury(dead)  # else (False) dropped here, as before
         return Step(batch.step, batch, results, finished)
 
@@ -329,15 +330,17 @@ class Dispatcher:
         if rs is not None:
             source, offset, want, restore_items = resume_plan(self, rs, source, offset)
         plan = usable(self, source, offset) if rs is None else None
+        fns, build = admission_builder(self), None  # {build, seal} (dispatch_admit.py): built
+        if self.config.admission == "inline":  # in this thread as each chunk comes
+            fns, build = {}, fns.get("build")
         pf = Prefetcher(() if plan is not None else source, self._prepare,
                         depth=self.config.prefetch if prefetch is None else prefetch,
                         chunk=self.config.prefetch_chunk, offset=offset, want=want,
-                        workers=self.config.decode_workers,
-                        **admission_builder(self))  # build, seal: dispatch_admit.py
+                        workers=self.config.decode_workers, **fns)
         self._prefetcher = pf
         self._exhausted = False
         try:
-            feed = Feed(pf)
+            feed = Feed(pf, build)
             if rs is not None:
                 restore_examples(self, rs, restore_items or iter(feed))
                 self._restore = None

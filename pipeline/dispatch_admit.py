@@ -181,8 +181,8 @@ def admission_builder(d: Dispatcher) -> dict[str, Callable[[Any], Any]]:
     finishes or raises as before); ``seal(built)`` of a chunk all built is ``(examples by
     position, requests, [(bucket key, its requests, their max shape, its cost)] in the order of
     each bucket's first request)``, else None. Both read only ``d``'s fixed settings. ``{}``
-    (nothing built) with ``init_state`` or ``d.admit_ahead`` off."""
-    if d._init_state is not None or not d.admit_ahead:
+    (nothing built) with ``init_state`` or ``d.config.admission == "one_by_one"``."""
+    if d._init_state is not None or d.config.admission == "one_by_one":
         return {}
     mcs, spec, budget = d._mc, d._spec, d._budget
     seen: dict[str, dict] = {m: {} for m in mcs}  # shape -> (cost, bucket key) or None: over
@@ -238,12 +238,13 @@ def admission_builder(d: Dispatcher) -> dict[str, Callable[[Any], Any]]:
 
 class Feed:
     """A run's prefetched items as the admitting thread takes them: the chunk at hand (items,
-    and what :func:`admission_builder` built for them or None) and the next one's index."""
+    and what :func:`admission_builder` built for them or None) and the next one's index;
+    ``build`` builds each chunk's items as it comes, in the admitting thread ("inline")."""
 
-    __slots__ = ("pf", "items", "built", "sealed", "i")
+    __slots__ = ("pf", "build", "items", "built", "sealed", "i")
 
-    def __init__(self, pf: Prefetcher) -> None:
-        self.pf = pf
+    def __init__(self, pf: Prefetcher, build: Callable[[Item], Any] | None = None) -> None:
+        self.pf, self.build = pf, build
         self.items: list[Item] = []
         self.built: list | None = None
         self.sealed: Any = None
@@ -255,6 +256,8 @@ class Feed:
         if got is None:
             return False
         self.items, self.built, self.sealed = got
+        if self.build is not None:
+            self.built = list(map(self.build, self.items))
         self.i = 0
         return True
 

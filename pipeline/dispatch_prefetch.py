@@ -192,11 +192,18 @@ class Prefetcher:
         return got
 
     def taken(self, n: int) -> None:
-        """The consumer took the next ``n`` items handed over: no longer the read-ahead's."""
-        self._ntaken += n  # written in the consumer's thread only
-        if self._worker_done:  # nobody reads on to pop them
-            with self._lock:
-                self._pop_taken()
+        """The consumer took the next ``n`` items handed over: no longer the read-ahead's.
+        Without ``build`` they are popped here; with it, by the reading thread before its next
+        read, or here once it reads no more. Never under the lock: the reader holds it while
+        its source waits (a gated chain waits for this very consumer)."""
+        if self._build is not None:
+            self._ntaken += n  # written in the consumer's thread only
+            if not self._worker_done:
+                return
+            n, self._npopped = self._ntaken - self._npopped, self._ntaken  # reader stopped
+        popleft = self._raw.popleft  # deque operations are atomic; the reader only appends
+        for _ in range(n):
+            popleft()
 
     def _pop_taken(self) -> None:  # under the lock; taken() may add to _ntaken meanwhile
         n, popleft = self._ntaken, self._raw.popleft

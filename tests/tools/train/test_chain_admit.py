@@ -1,8 +1,8 @@
-"""The chained trainer's admission built in the dispatcher's prefetch thread
-(``pipeline/dispatch_admit.py``): a real chained run forms exactly the batches of one-by-one
-admission (``Dispatcher.admit_ahead = False``), on text and on mixed text and image shards with
-rejected (oversize) samples in the stream, and a run resumed from a checkpoint mid-run continues
-with the uninterrupted run's batches."""
+"""The chained trainer's admission from examples built ahead (``pipeline/dispatch_admit.py``,
+``dispatch.admission`` "inline", the default, and "prefetch"): a real chained run forms exactly
+the batches of one-by-one admission ("one_by_one"), on text and on mixed text and image shards
+with rejected (oversize) samples in the stream, and a run resumed from a checkpoint mid-run
+continues with the uninterrupted run's batches."""
 
 from __future__ import annotations
 
@@ -37,22 +37,21 @@ def shards(tmp_path_factory) -> dict[str, str]:
     return {"text": str(out / "text"), "mixed": str(out / "mixed")}
 
 
-def _spec(data: str, tokenizer: str) -> RunSpec:
+def _spec(data: str, tokenizer: str, mode: str) -> RunSpec:
     # 12 in flight and 8 read ahead in chunks of 3 (a chunk is often admitted in part) of
     # 30-sample epochs: epochs' tails and heads share batches
     return RunSpec("tiny", [data], None, [
         f"model.modes.text.tokenizer_path={tokenizer}", "train.tokens_per_step=150",
         "dispatch.budget=100", "dispatch.max_in_flight=12", "dispatch.prefetch=8",
         "dispatch.prefetch_chunk=3", "train.log_every=1", "train.warmup=2", "train.lr=0.01",
-        "train.checkpoint_every=0", "train.chain_epochs=true"])
+        "train.checkpoint_every=0", "train.chain_epochs=true", f"dispatch.admission={mode}"])
 
 
-def _batches(run, spec: RunSpec | None, steps: int, ahead: bool) -> tuple[list[str], dict]:
+def _batches(run, spec: RunSpec | None, steps: int) -> tuple[list[str], dict]:
     """A digest of every batch a (new, or with ``spec=None`` resumed) run forms: its mode,
     reason, padded shape and each request's position, key, block, shape, time and sequence
     number; and the dispatcher's counts."""
     tr = Trainer(run, spec, resume=spec is None, remote=None, progress=False, tensorboard=False)
-    tr.disp.admit_ahead = ahead
     digests, run_batch = [], tr.runners.run
 
     def on_run(mode, batch):
@@ -65,17 +64,17 @@ def _batches(run, spec: RunSpec | None, steps: int, ahead: bool) -> tuple[list[s
     return digests, dict(tr.disp.counts)
 
 
-@pytest.mark.slow  # six short CPU trainings: ~10 s on a busy 2-core machine
+@pytest.mark.slow  # ten short CPU trainings: ~15 s on a busy 2-core machine
 @pytest.mark.parametrize("data", ["text", "mixed"])
 def test_chained_runs_form_the_batches_of_one_by_one_admission_and_resume_exactly(
         tmp_path, shards, tokenizer, data):
-    spec = _spec(shards[data], tokenizer)
-    new, counts = _batches(tmp_path / "new", spec, 8, ahead=True)
-    old, old_counts = _batches(tmp_path / "old", spec, 8, ahead=False)
+    old, old_counts = _batches(tmp_path / "old", _spec(shards[data], tokenizer, "one_by_one"), 8)
+    new, counts = _batches(tmp_path / "new", _spec(shards[data], tokenizer, "inline"), 8)
     assert new == old and counts == old_counts
+    assert _batches(tmp_path / "pre", _spec(shards[data], tokenizer, "prefetch"), 8)[0] == old
     assert len(new) > 40 and counts["admitted"] > 60  # more than two epochs went through
     if data == "mixed":
         assert counts["rejected_OversizeBlockError"] >= 2
-    head, _ = _batches(tmp_path / "half", spec, 3, ahead=True)
-    tail, _ = _batches(tmp_path / "half", None, 8, ahead=True)  # resumed from the checkpoint
+    head, _ = _batches(tmp_path / "half", _spec(shards[data], tokenizer, "inline"), 3)
+    tail, _ = _batches(tmp_path / "half", None, 8)  # resumed from the checkpoint
     assert head + tail == new
