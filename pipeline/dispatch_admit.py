@@ -1,19 +1,21 @@
-"""Admission: one example at a time (:func:`new_example`), from records built ahead in the
-prefetch thread (:func:`admission_builder`, :func:`admit_from`), or a whole source at once from
-records built ahead in any thread (:func:`plan_admission`, :func:`admit_planned`).
+"""Admission: one example at a time (:func:`new_example`), from examples built ahead a chunk at a
+time (:func:`admission_builder`, :func:`admit_from`), or a whole source at once from records
+built ahead in any thread (:func:`plan_admission`, :func:`admit_planned`).
 
-**Built in the prefetch thread** (every prefetched run; chained epochs admit all their examples
-so, a few hundred at every step). One by one, each example cost the admitting (trainer's) thread
-an :class:`Example`, a :class:`Request`, a cost and bucket lookup, a push and a generator step
-(8-11 ms a step of the small text set, ``bench_turnover --spin-clock cpu``). The prefetch thread
-now builds each clean sample's example and first request (cost, bucket key; memoised per shape)
-as it hands the sample over, and groups a chunk's requests by bucket (as :func:`plan_admission`
-groups a source's); :func:`admit_from` only stamps each request's time and sequence number, puts
-the examples in flight and appends each group to its bucket (looked up, or created there:
-buckets and all running state stay the admitting thread's), or, for a chunk it admits in part,
-pushes request by request. Samples that are not clean (below) take :func:`new_example` there, in
-their place in the order, counted and reported as before. ``Dispatcher.admit_ahead = False``
-admits every sample one by one (the reference the tests compare with).
+**Built a chunk at a time** (every run but a planned one; chained epochs admit all their
+examples so). One by one (``DispatchConfig.admission="one_by_one"``, the path before), each
+example cost the admitting (trainer's) thread a generator step, ``new_example`` and ``_issue``,
+an :class:`Example`, a :class:`Request`, a cost and bucket lookup and a push (7.5-11 ms a step of
+the small text set, ``bench_turnover --spin-clock cpu``). ``build`` makes each clean sample's
+example and first request (cost, bucket key; memoised per shape), ``seal`` groups a chunk's
+requests by bucket (as :func:`plan_admission` groups a source's); :func:`admit_from` only stamps
+each request's time and sequence number, puts the examples in flight and pushes the requests or
+appends each group to its bucket (looked up, or created there: buckets and all running state
+stay the admitting thread's). ``"inline"`` (default) builds in the admitting thread as each chunk
+comes; ``"prefetch"`` builds and seals in the prefetch thread (which then also drops finished
+examples): less of the admitting thread, but slower on the H200, whose launches release the GIL
+to it (pipeline/DISPATCH.md). Samples that are not clean (below) take :func:`new_example` in
+their place in the order, counted and reported as before.
 
 When every sample of a run's source is in memory and prepared before the run starts (the
 trainer's epoch read ahead whole: the small text set's 7,222 examples, all admitted at each

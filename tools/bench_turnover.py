@@ -15,6 +15,14 @@ takes the GIL meanwhile (the epoch read-ahead) costs the step nothing. ``--spin-
 until the main thread has run that long, as a host-bound step's launches must: time lost to a
 helper thread then lengthens the model calls (not the data wait) and shows in ``ms/step``.
 
+``--launch-us N`` makes the spin release the GIL every N us of it (``time.sleep(0)``), as the
+H200's kernel launches do (Triton's launcher lets the GIL go around ``cuLaunchKernel``): a
+helper thread with Python work to do then takes the GIL at each release and the spinning thread
+waits for it to block or for the switch interval (5 ms), the convoy that made admission built in
+the prefetch thread slower on the H200 (device call adm-1) while the plain spin showed a gain.
+``--opt-spin-ms`` adds such a spin to the optimizer step (the backward's Python autograd
+functions launch kernels too: its GIL is not free).
+
 ``--baseline DIR`` runs another checkout of blocklm (e.g. ``git worktree add /tmp/base HEAD``)
 in alternating rounds with this one, each run in a fresh process.
 """
@@ -42,7 +50,8 @@ TINY = ["model.decoder.d_model=64", "model.decoder.d_core=32", "model.decoder.d_
 
 
 def one_run(data: str, steps: int, warmup: int, spin_us: float, opt_ms: float,
-            spin_clock: str = "wall", extra: tuple[str, ...] = ()) -> dict:
+            spin_clock: str = "wall", extra: tuple[str, ...] = (), launch_us: float = 0.0,
+            opt_spin_ms: float = 0.0) -> dict:
     """One trainer in this process: per-step data wait (ms) and epoch, full collections."""
     from blocklm.pipeline.dispatch_types import Result
     from blocklm.tools.bench_train import StepTimer
@@ -66,14 +75,28 @@ def one_run(data: str, steps: int, warmup: int, spin_us: float, opt_ms: float,
 
         clock = time.thread_time if spin_clock == "cpu" else time.perf_counter
 
-        def run(mode, batch):  # the host's share of a model call: Python holding the GIL
-            end = clock() + spin_us * 1e-6 * batch.padded_cost
-            while clock() < end:
-                pass
+        def spin(seconds: float) -> None:  # Python holding the GIL, launches letting it go
+            end = clock() + seconds
+            if launch_us <= 0:
+                while clock() < end:
+                    pass
+                return
+            while True:
+                t = clock()
+                if t >= end:
+                    return
+                stop = min(end, t + launch_us * 1e-6)
+                while clock() < stop:
+                    pass
+                time.sleep(0)  # a kernel launch: the GIL is released and taken back
+
+        def run(mode, batch):  # the host's share of a model call
+            spin(spin_us * 1e-6 * batch.padded_cost)
             tr.runners.window.tokens += batch.padded_cost
             return [Result(state=None) for _ in batch.requests]
 
-        def optimizer_step():  # backward and the CUDA sync: the GIL is released
+        def optimizer_step():  # backward's launches (opt_spin_ms), then the GIL-free rest
+            spin(opt_spin_ms / 1e3)
             time.sleep(opt_ms / 1e3)
             tr.runners.window.tokens = 0
             tr.step += 1
@@ -133,6 +156,10 @@ def split(r: dict) -> tuple[list[int], list[int]]:
 @click.option("--opt-ms", default=120.0, show_default=True, help="Optimizer step (GIL free).")
 @click.option("--spin-clock", type=click.Choice(["wall", "cpu"]), default="wall",
               show_default=True, help="A model call spins until this clock has advanced.")
+@click.option("--launch-us", default=0.0, show_default=True,
+              help="The spin releases the GIL every this many us (kernel launches); 0: never.")
+@click.option("--opt-spin-ms", default=0.0, show_default=True,
+              help="Spin (with --launch-us releases) in the optimizer step before its sleep.")
 @click.option("--rounds", default=3, show_default=True)
 @click.option("--baseline", default=None, help="Another blocklm checkout, run in alternation.")
 @click.option("--set", "extra", multiple=True, help="key=value override of this checkout's runs.")
@@ -140,8 +167,8 @@ def split(r: dict) -> tuple[list[int], list[int]]:
               help="key=value: also run this checkout with these overrides (name 'alt') in "
                    "each round, e.g. train.chain_epochs=false.")
 @click.option("--one", is_flag=True, hidden=True)  # a single run, JSON on stdout
-def bench_turnover(data, steps, warmup, spin_us, opt_ms, spin_clock, rounds, baseline, extra, alt,
-                   one):
+def bench_turnover(data, steps, warmup, spin_us, opt_ms, spin_clock, launch_us, opt_spin_ms,
+                   rounds, baseline, extra, alt, one):
     """Data wait at epoch turnovers vs other steps, host-bound GPU proxy (CPU).
 
     \b
@@ -150,9 +177,12 @@ def bench_turnover(data, steps, warmup, spin_us, opt_ms, spin_clock, rounds, bas
       OMP_NUM_THREADS=1 python -m blocklm.tools.bench_turnover --baseline /tmp/base --rounds 6
       OMP_NUM_THREADS=1 python -m blocklm.tools.bench_turnover --spin-clock cpu --rounds 2
       OMP_NUM_THREADS=1 python -m blocklm.tools.bench_turnover --alt-set train.chain_epochs=false
+      OMP_NUM_THREADS=1 python -m blocklm.tools.bench_turnover --spin-clock cpu --launch-us 50 \
+          --opt-spin-ms 60 --alt-set dispatch.admission=prefetch
     """
     if one:
-        click.echo(json.dumps(one_run(data, steps, warmup, spin_us, opt_ms, spin_clock, extra)))
+        click.echo(json.dumps(one_run(data, steps, warmup, spin_us, opt_ms, spin_clock, extra,
+                                      launch_us, opt_spin_ms)))
         return
     here = str(Path(__file__).resolve().parents[1])
     codes = {"now": (here, extra)}
@@ -162,7 +192,8 @@ def bench_turnover(data, steps, warmup, spin_us, opt_ms, spin_clock, rounds, bas
         codes["alt"] = (here, extra + alt)
     args = [sys.executable, str(Path(__file__).resolve()), "--one", "--data",
             str(Path(data).resolve()), "--steps", str(steps), "--warmup", str(warmup),
-            "--spin-us", str(spin_us), "--opt-ms", str(opt_ms), "--spin-clock", spin_clock]
+            "--spin-us", str(spin_us), "--opt-ms", str(opt_ms), "--spin-clock", spin_clock,
+            "--launch-us", str(launch_us), "--opt-spin-ms", str(opt_spin_ms)]
     got: dict[str, list[dict]] = {c: [] for c in codes}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(rounds):
