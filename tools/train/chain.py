@@ -7,10 +7,10 @@ step by step). Chained, the trainer runs ONE dispatcher run over epoch ``e``, th
 (reshuffled by the loader's ``set_epoch``, as before), and so on: the next epoch's examples are
 admitted as in-flight places free up (built a chunk at a time: ``dispatch.admission``,
 ``dispatch_admit.py``; one by one, 7.5-11 ms of a small text step), and an epoch's tail shares
-batches with the next one's head (``bench train --simulate``, 4 epochs: the small preset's
-mixed set 6.26 -> 2.47 batches per 65,536-token step, the text set 3.10 -> 1.52). Within an
-epoch the samples and their order are the loader's. Chained batches grow larger than per-epoch ones (text up to
-~3,500 short examples), so they take at most ``train.chain_batch_samples`` examples
+batches with the next one's head (``bench train --simulate``, 4 epochs: the small preset's mixed
+set 6.26 -> 2.47 batches per 65,536-token step, the text set 3.10 -> 1.52). Within an epoch the
+samples and their order are the loader's. Chained batches grow larger than per-epoch ones (text
+up to ~3,500 short examples), so they take at most ``train.chain_batch_samples`` examples
 (:func:`training_dispatch`; H200 calls ep-1 and ep-2, README).
 
 **Positions.** The dispatcher numbers a run's samples from the run's ``offset``; chained, epoch
