@@ -132,8 +132,7 @@ def plan_admission(d: Dispatcher, samples: Sequence[Any], pieces: Sequence[Any],
                 g = groups[bkey] = [bkey, [], shape]
             hit = memo[shape] = (c, g)
         c, g = hit
-        ex = examples[pos] = Example(pos, sample.key, sample)
-        ex.pieces, ex.nsrc = got, len(got)
+        ex = examples[pos] = Example(pos, sample.key, sample, got)
         r = Request(pos, sample.key, block, part, mode, shape, None, inputs, targets, c, 0, 0,
                     ex)
         requests.append(r)
@@ -207,8 +206,7 @@ def admission_builder(d: Dispatcher) -> dict[str, Callable[[Any], Any]]:
             if hit is None:
                 return None
             c, bkey = hit
-            ex = Example(pos, sample.key, sample)
-            ex.pieces, ex.nsrc = got, len(got)
+            ex = Example(pos, sample.key, sample, got)
             return ex, Request(pos, ex.key, block, part, mode, shape, None, inputs, targets, c,
                                0, 0, ex), bkey
         except Exception:  # odd data (unhashable shape, a failing cost): the admitting
