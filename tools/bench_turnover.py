@@ -140,6 +140,54 @@ def one_run(data: str, steps: int, warmup: int, spin_us: float, opt_ms: float,
                 round(1e3 * s["wall_s"] / s["steps"]), "full_collections_ms": full[n0:]}
 
 
+def time_admission(data: str, reps: int = 9, n: int = 7000) -> dict:
+    """The admitting thread's microseconds per example, each ``DispatchConfig.admission`` in
+    turn (interleaved reps, one process): ``n`` prepared samples of ``data`` in chunks of 32 as
+    the prefetch thread hands them over ("prefetch": built and sealed beforehand, as there)."""
+    import dataclasses
+    import itertools
+
+    from blocklm.pipeline.dispatch_admit import Feed, admission_builder, admit_from
+    from blocklm.tools.train.loop import RunSpec, Trainer
+
+    class Chunks:  # the prefetcher's hand-over, without its thread
+        def __init__(self, chunks):
+            self.chunks = iter(chunks)
+
+        def next_chunk(self):
+            return next(self.chunks, None)
+
+        def taken(self, k):
+            pass
+    with tempfile.TemporaryDirectory() as tmp:
+        tr = Trainer(Path(tmp) / "run", RunSpec("small", [data], overrides=TINY),
+                     resume=False, remote=None, progress=False, tensorboard=False)
+    d, cfg = tr.disp, tr.disp.config
+    tr.source.set_epoch(0)
+    items = [(i, s, d._prepare(s)) for i, s in enumerate(itertools.islice(tr.source, n))]
+    got: dict[str, list[float]] = {m: [] for m in ("one_by_one", "inline", "prefetch")}
+    for _ in range(reps):
+        for mode, times in got.items():
+            d.config = dataclasses.replace(cfg, admission=mode)
+            d._in_flight.clear(), d._buckets.clear(), d._nonempty.clear()
+            d._exhausted, d._seq, d._dead = False, 0, []
+            fns = admission_builder(d)
+            parts = [items[i:i + 32] for i in range(0, len(items), 32)]
+            if mode == "prefetch":
+                built = [list(map(fns["build"], c)) for c in parts]
+                feed = Feed(Chunks([(c, b, fns["seal"](b)) for c, b in zip(parts, built)]))
+            else:
+                feed = Feed(Chunks([(c, None, None) for c in parts]),
+                            fns.get("build") if mode == "inline" else None)
+            gc.collect()
+            gc.disable()
+            t = time.perf_counter()
+            admit_from(d, feed)
+            times.append((time.perf_counter() - t) * 1e6 / len(d._in_flight))
+            gc.enable()
+    return {m: round(statistics.median(v), 2) for m, v in got.items()}
+
+
 def split(r: dict) -> tuple[list[int], list[int]]:
     """(data wait of each epoch's first step, of the other steps)."""
     w, e = r["data_wait_ms"], r["epoch"]
@@ -166,9 +214,11 @@ def split(r: dict) -> tuple[list[int], list[int]]:
 @click.option("--alt-set", "alt", multiple=True,
               help="key=value: also run this checkout with these overrides (name 'alt') in "
                    "each round, e.g. train.chain_epochs=false.")
+@click.option("--admit-micro", is_flag=True,
+              help="Only time admission itself per example, each dispatch.admission, in turn.")
 @click.option("--one", is_flag=True, hidden=True)  # a single run, JSON on stdout
 def bench_turnover(data, steps, warmup, spin_us, opt_ms, spin_clock, launch_us, opt_spin_ms,
-                   rounds, baseline, extra, alt, one):
+                   rounds, baseline, extra, alt, admit_micro, one):
     """Data wait at epoch turnovers vs other steps, host-bound GPU proxy (CPU).
 
     \b
@@ -179,7 +229,11 @@ def bench_turnover(data, steps, warmup, spin_us, opt_ms, spin_clock, launch_us, 
       OMP_NUM_THREADS=1 python -m blocklm.tools.bench_turnover --alt-set train.chain_epochs=false
       OMP_NUM_THREADS=1 python -m blocklm.tools.bench_turnover --spin-clock cpu --launch-us 50 \
           --opt-spin-ms 60 --alt-set dispatch.admission=prefetch
+      OMP_NUM_THREADS=1 python -m blocklm.tools.bench_turnover --admit-micro
     """
+    if admit_micro:
+        click.echo(json.dumps({"us_per_example_median": time_admission(data)}))
+        return
     if one:
         click.echo(json.dumps(one_run(data, steps, warmup, spin_us, opt_ms, spin_clock, extra,
                                       launch_us, opt_spin_ms)))
