@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .banked_triton import banked_attention_triton, triton_supports
+from .attention_io import KernelGates, KernelQKV, KernelRows
+from .banked_triton import _save_blocks, banked_attention_triton, triton_supports
 from .config import AttentionConfig
 
 
@@ -116,6 +117,9 @@ class BankedAttention(nn.Module):
                 bt: tuple[int, int] | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Chunked parallel form. x [B,T,d] -> y [B,T,d], new S, new z. With ``bt = (B, T)``
         x is [M >= B*T, d] (steps, then padding rows) and y is [M, d], zero-padded rows."""
+        D = self.cfg.head_dim
+        if kernel_path(x.new_empty(0, D), x.new_empty(0, D), self.cfg.chunk):
+            return self._forward_kernels(x, S, z, mask, bt)
         q, k, v, r, w, g = self._project(x, mask, bt)  # projections may run under autocast
         B, H, T, D = q.shape
         with torch.autocast(device_type=x.device.type, enabled=False):
@@ -124,6 +128,25 @@ class BankedAttention(nn.Module):
         if bt is not None:
             o = F.pad(o.reshape(B * T, H * D), (0, 0, 0, x.shape[0] - B * T))
         return self.out(o.to(x.dtype)), S, z  # autocast applies again here
+
+    def _forward_kernels(self, x: Tensor, S: Tensor, z: Tensor, mask: Tensor | None,
+                         bt: tuple[int, int] | None) -> tuple[Tensor, Tensor, Tensor]:
+        """:meth:`forward` through the Triton kernels: q, k, v made in the kernels' layout
+        (attention_io.KernelQKV: bf16, time padded to whole kernel blocks) and o taken back to
+        rows (KernelRows), one pass each way instead of chains of casts, pads and copies."""
+        B, T = bt if bt is not None else x.shape[:2]
+        H, D, N, C = self.cfg.heads, self.cfg.head_dim, self.cfg.banks, self.cfg.chunk
+        rows = x if bt is not None else x.reshape(B * T, x.shape[-1])  # [M, d]
+        step = C * _save_blocks(C)
+        Tp = -(-T // step) * step  # whole kernel blocks: the kernel wrapper pads nothing
+        qkv, sel = self.qkv(rows), self.select(rows)  # [M, 3HD], [M, 2HN+H]
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            q, k, v = KernelQKV.apply(qkv, B, T, Tp, H, D)  # [B,H,Tp,D] bf16
+            r, w, g = KernelGates.apply(sel, mask, B, T, Tp, H, N)  # [B,H,Tp,N], [B,H,Tp]
+            o, S, z = banked_attention_triton(q, k, v, r, w, g, S, z, self.cfg.eps, C)
+            o = KernelRows.apply(o, T, rows.shape[0])  # [M, H*E]
+        y = self.out(o.to(x.dtype))  # autocast applies again here
+        return (y if bt is not None else y.view(B, T, -1)), S, z
 
     def _mix(self, q: Tensor, k: Tensor, v: Tensor, r: Tensor, w: Tensor, g: Tensor, S: Tensor,
              z: Tensor) -> tuple[Tensor, Tensor, Tensor]:

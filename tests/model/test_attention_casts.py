@@ -26,9 +26,9 @@ def old_project(att, x, mask, bt=None):
     return feature_map(q), feature_map(k), v, r, w, g
 
 
-def _run(att, x, S, z, mask, bt):
+def _run(att, x, S, z, mask, bt, fn=None):
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y, S1, z1 = att(x, S, z, mask, bt)
+        y, S1, z1 = att(x, S, z, mask, bt) if fn is None else fn(att, x, S, z, mask, bt)
     loss = y.float().square().sum() + S1.sum() + z1.square().sum()
     return loss, torch.autograd.grad(loss, [x, S, z] + list(att.parameters()))
 
@@ -75,18 +75,21 @@ def test_bf16_forward_and_gradients_match_the_widened_v_path(monkeypatch):
 def test_kernel_path_casts_less(monkeypatch):
     """On the kernels' path (the kernels replaced by the step bench's stand-in, as on the
     CPU there are none) v is no longer widened and cast back: fewer casts forward + backward,
-    same result."""
+    same result. The kernel route now makes its inputs without _project (attention_io, tested
+    in test_attention_io.py): this drives _project's route as it was (old_forward there)."""
     from blocklm.model import attention, banked_triton
     from blocklm.tools.bench_train_ops import StandIn
+
+    from .test_attention_io import old_forward
 
     monkeypatch.setattr(banked_triton, "BankedAttentionFn", StandIn)
     monkeypatch.setattr(attention, "kernel_path", lambda q, v, chunk: True)
     att, args = _inputs()
     with Casts() as new_casts:
-        new = _run(att, *args)
+        new = _run(att, *args, fn=old_forward)
     monkeypatch.setattr(BankedAttention, "_project", old_project)
     with Casts() as old_casts:
-        old = _run(att, *args)
+        old = _run(att, *args, fn=old_forward)
     assert torch.allclose(new[0], old[0], rtol=1e-6, atol=0)
     for a, b in zip(new[1], old[1]):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), (a - b).abs().max()
