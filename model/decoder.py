@@ -68,15 +68,31 @@ class StateLayout:
 
 
 class RMSNorm(nn.RMSNorm):
-    """``nn.RMSNorm`` that normalises in fp32 and returns the input's dtype. Under bf16
+    """``nn.RMSNorm`` that normalises in fp32 and returns the input's dtype (bf16 on CUDA:
+    :func:`rms_norm_low`). Under bf16
     autocast a bf16 input with the fp32 weight cannot take PyTorch's fused kernel and runs as
     ~6 ops forward and ~10 backward per call (24 calls per batch in ``small``); the output is
     the same (the unfused path also computes in fp32, with fp32's eps, then casts back)."""
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
+            return rms_norm_low(x, self.normalized_shape, self.weight, self.eps)
         wide = x.float() if x.dtype in (torch.bfloat16, torch.float16) else x  # fp64 stays
         return nn.functional.rms_norm(wide, self.normalized_shape, self.weight,
                                       self.eps).to(x.dtype)
+
+
+def rms_norm_low(x: Tensor, shape, weight: Tensor, eps: float | None) -> Tensor:
+    """RMS norm of a bf16/fp16 x by the fused kernel in x's dtype (CUDA: fp32 statistics inside
+    the kernel; the weight rounded to x's dtype, ~1 ulp of the output at most). The fp32 route
+    widened x and cast the result back: two [rows, width] passes forward and two in backward
+    per call (the core norm: 12 calls per batch in ``small``; device call D4's ``bfloat16_copy``
+    and ``direct_copy`` kernels). eps None is fp32's, as on that route, given explicitly: the
+    result does not hang on which default a kernel takes for a bf16 input (nn.RMSNorm documents
+    ``finfo(x.dtype).eps``: 2^-7 for bf16)."""
+    eps = torch.finfo(torch.float32).eps if eps is None else eps
+    with torch.autocast(x.device.type, enabled=False):  # rms_norm may be on its fp32 list
+        return nn.functional.rms_norm(x, shape, weight.to(x.dtype), eps)
 
 
 def token_rows(m: int) -> int:
