@@ -96,21 +96,21 @@ class KernelGates(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, sel: Tensor, mask: Tensor | None, B: int, T: int, Tp: int, H: int, N: int):
-        s = sel[:B * T].view(B, T, -1)
+        s = sel[:B * T].float().view(B, T, -1)  # one widening (softmax's dtype= casts too,
+        # on CUDA for fp16 alone in one pass with the softmax: a cast per slice for bf16)
         rw = sel.new_empty(2, B, H, Tp, N, dtype=torch.float32)
         g = sel.new_empty(B, H, Tp, dtype=torch.float32)
         if Tp > T:
             rw[:, :, :, T:].zero_()
             g[:, :, T:].fill_(1.0)
-        f32 = torch.float32
-        r = torch.softmax(s[..., :H * N].view(B, T, H, N), -1, dtype=f32)  # [B,T,H,N]
-        w = torch.softmax(s[..., H * N:2 * H * N].view(B, T, H, N), -1, dtype=f32)
+        r = s[..., :H * N].view(B, T, H, N).softmax(-1)  # [B,T,H,N]
+        w = s[..., H * N:2 * H * N].view(B, T, H, N).softmax(-1)
         rw[0, :, :, :T].copy_(r.transpose(1, 2))
         if mask is None:
             rw[1, :, :, :T].copy_(w.transpose(1, 2))
         else:  # padded steps write nothing
             torch.mul(w, mask[:, :, None, None], out=rw[1, :, :, :T].transpose(1, 2))
-        sg = torch.sigmoid(s[..., 2 * H * N:].float())  # [B,T,H] (not in place: fp32 sel)
+        sg = torch.sigmoid(s[..., 2 * H * N:])  # [B,T,H] (not in place: s may be sel itself)
         torch.clamp(sg, min=1e-6, out=g[:, :, :T].transpose(1, 2))
         ctx.save_for_backward(sel, mask, r, w, sg)
         ctx.dims = (B, T, H, N)

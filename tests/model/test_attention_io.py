@@ -135,7 +135,7 @@ def test_kernel_route_matches_the_op_chain(monkeypatch, memory, rows, autocast):
 
 def test_kernel_route_moves_less(monkeypatch):
     """Forward + backward of one layer's attention on the kernel route: fewer copies, casts
-    and fills, and fewer bytes written by them, than the op chain (here 55 -> 42 ops, 251 ->
+    and fills, and fewer bytes written by them, than the op chain (here 55 -> 40 ops, 251 ->
     152 KB; the weights' casts, the same on both routes, included)."""
     att, args = _setup(monkeypatch)
     with Moves() as new:
@@ -143,7 +143,7 @@ def test_kernel_route_moves_less(monkeypatch):
     with Moves() as old:
         _run(old_forward, att, *args)
     print("moves", old.n, "->", new.n, "bytes", old.bytes, "->", new.bytes)
-    assert new.n <= old.n - 13
+    assert new.n <= old.n - 15
     assert new.bytes <= old.bytes - 95_000
 
 
