@@ -19,6 +19,10 @@ import torch
 from torch import Tensor
 
 
+# the kernels' operand dtype (tests under the Triton interpreter, which has no bf16, set fp32)
+KERNEL_DTYPE = torch.bfloat16
+
+
 class KernelQKV(torch.autograd.Function):
     """qkv [M >= B*T, 3*H*D] (rows B*T.. padding) -> q, k, v [B,H,Tp,D] bf16 (q, k through the
     feature map ``elu + 1``; steps T.. zero). Gradient: [M, 3*H*D] in qkv's dtype, padding rows
@@ -27,7 +31,7 @@ class KernelQKV(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qkv: Tensor, B: int, T: int, Tp: int, H: int, D: int):
         src = qkv[:B * T].view(B, T, 3, H, D).permute(2, 0, 3, 1, 4)  # [3,B,H,T,D] view
-        buf = qkv.new_empty(3, B, H, Tp, D, dtype=torch.bfloat16)
+        buf = qkv.new_empty(3, B, H, Tp, D, dtype=KERNEL_DTYPE)
         if Tp > T:  # padded steps: finite (they write nothing: w = 0)
             buf[:, :, :, T:].zero_()
         # phi in fp32, rounded once into the kernel's layout (what elu(x.float()) + 1 then

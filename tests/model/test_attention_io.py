@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from blocklm.model import attention, banked_triton
+from blocklm.model import attention, attention_io, banked_triton
 from blocklm.model.attention import BankedAttention
 from blocklm.model.attention_io import KernelGates, KernelQKV, KernelRows
 from blocklm.model.config import AttentionConfig
@@ -70,7 +70,7 @@ def old_forward(att, x, S, z, mask=None, bt=None):
     q, k, v, r, w, g = att._project(x, mask, bt)
     B, H, T, D = q.shape
     with torch.autocast(device_type=x.device.type, enabled=False):
-        lp = torch.bfloat16
+        lp = attention_io.KERNEL_DTYPE
         o, S, z = banked_triton.banked_attention_triton(q.to(lp), k.to(lp), v.to(lp), r, w, g,
                                                         S, z, att.cfg.eps, att.cfg.chunk)
     o = o.transpose(1, 2).reshape(B, T, H * D)
@@ -180,3 +180,38 @@ def test_gates_layout_and_masked_steps():
     assert torch.allclose(r[:, :, :T].sum(-1), torch.ones(B, H, T)) and bool((g >= 1e-6).all())
     (r.sum() + w.square().sum() + g.sum()).backward()
     assert not sel.grad[B * T:].any() and sel.grad[:B * T].abs().sum() > 0
+
+
+_INTERP = """
+from blocklm.model import attention
+from blocklm.model.attention import BankedAttention
+from blocklm.model.config import AttentionConfig
+from test_attention_io import old_forward, _run
+from blocklm.model import attention_io
+attention.kernel_path = lambda q, v, chunk: True  # CPU tensors through the real kernels
+attention_io.KERNEL_DTYPE = torch.float32  # the interpreter has no bf16
+torch.manual_seed(0)
+att = BankedAttention(AttentionConfig(heads=2, head_dim=16, banks=3, chunk=16), 24)
+B, T, M = 3, 21, 70
+x = torch.randn(M, 24, requires_grad=True)
+S = torch.rand(B, 2, 3, 16, 16, requires_grad=True)
+z = torch.rand(B, 2, 3, 16, requires_grad=True)
+mask = torch.arange(T)[None, :] < torch.tensor([[21], [13], [4]])
+new = _run(BankedAttention.forward, att, x, S, z, mask, (B, T), autocast=False)
+old = _run(old_forward, att, x, S, z, mask, (B, T), autocast=False)
+assert torch.equal(new[0], old[0])
+for a, b in zip(new[1:], old[1:]):
+    assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), (a - b).abs().max()
+print("ok")
+"""
+
+
+@pytest.mark.slow
+def test_kernel_route_through_the_real_kernels_under_the_interpreter():
+    """The real BankedAttentionFn (launch_first, saved inputs that are views of one buffer,
+    its own backward) under ``TRITON_INTERPRET=1`` (fp32 operands: the interpreter has no
+    bf16): the same output bits and gradients as the op chain through the same kernels."""
+    pytest.importorskip("triton")
+    from .test_banked_triton import run_interpreted
+
+    assert run_interpreted(_INTERP.replace("{", "{{").replace("}", "}}")).strip() == "ok"
