@@ -18,9 +18,20 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-
 # the kernels' operand dtype (tests under the Triton interpreter, which has no bf16, set fp32)
 KERNEL_DTYPE = torch.bfloat16
+
+
+def _first(t: Tensor, dim: int, n: int) -> Tensor:
+    """t's first n entries along dim; t itself when that is all of it. (narrow, unbind and
+    split: one view op each; Python indexing of 4-5 dims made one per dim, host time.)"""
+    return t if t.shape[dim] == n else t.narrow(dim, 0, n)
+
+
+def _zero_tail(t: Tensor, dim: int, n: int, value: float = 0.0) -> None:
+    """Fill t's entries from n on along dim (padding: rows or steps)."""
+    if t.shape[dim] > n:
+        t.narrow(dim, n, t.shape[dim] - n).fill_(value)
 
 
 class KernelQKV(torch.autograd.Function):
@@ -30,18 +41,18 @@ class KernelQKV(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, qkv: Tensor, B: int, T: int, Tp: int, H: int, D: int):
-        src = qkv[:B * T].view(B, T, 3, H, D).permute(2, 0, 3, 1, 4)  # [3,B,H,T,D] view
+        src = _first(qkv, 0, B * T).view(B, T, 3, H, D).permute(2, 0, 3, 1, 4)  # [3,B,H,T,D]
         buf = qkv.new_empty(3, B, H, Tp, D, dtype=KERNEL_DTYPE)
-        if Tp > T:  # padded steps: finite (they write nothing: w = 0)
-            buf[:, :, :, T:].zero_()
+        _zero_tail(buf, 3, T)  # padded steps: finite (they write nothing: w = 0)
+        dst = _first(buf, 3, T)
         # phi in fp32, rounded once into the kernel's layout (what elu(x.float()) + 1 then
         # .to(bf16) computed, without its two intermediate tensors and the transposing copies)
-        f = torch.nn.functional.elu(src[:2].float())  # [2,B,H,T,D] fp32
-        torch.add(f, 1.0, out=buf[:2, :, :, :T])
-        buf[2, :, :, :T].copy_(src[2])
+        f = torch.nn.functional.elu(src.narrow(0, 0, 2).float())  # [2,B,H,T,D] fp32
+        torch.add(f, 1.0, out=dst.narrow(0, 0, 2))
+        dst.select(0, 2).copy_(src.select(0, 2))
         ctx.save_for_backward(qkv)
         ctx.dims = (B, T, H, D)
-        return buf[0], buf[1], buf[2]
+        return buf.unbind(0)
 
     @staticmethod
     def backward(ctx, dq: Tensor | None, dk: Tensor | None, dv: Tensor | None):
@@ -49,21 +60,21 @@ class KernelQKV(torch.autograd.Function):
         B, T, H, D = ctx.dims
         n = B * T
         dqkv = qkv.new_empty(qkv.shape)
-        if qkv.shape[0] > n:
-            dqkv[n:].zero_()
-        dst = dqkv[:n].view(B, T, 3, H, D).permute(2, 0, 3, 1, 4)  # [3,B,H,T,D] view
-        x = qkv[:n].view(B, T, 3, H, D).permute(2, 0, 3, 1, 4)[:2].float()  # pre-activation
+        _zero_tail(dqkv, 0, n)
+        dst = _first(dqkv, 0, n).view(B, T, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)
+        src = _first(qkv, 0, n).view(B, T, 3, H, D).permute(2, 0, 3, 1, 4)
+        x = src.narrow(0, 0, 2).float().unbind(0)  # the feature map's input, [B,H,T,D] each
         for i, d in enumerate((dq, dk)):
             if d is None:
                 dst[i].zero_()
             else:  # elu's own backward (grad * exp(x) for x <= 0, grad above) in fp32, one
                 # rounding into dqkv's dtype: the values of the widen / elu / cast-back chain
-                torch.ops.aten.elu_backward.grad_input(d[:, :, :T], 1.0, 1.0, 1.0, False, x[i],
-                                                       grad_input=dst[i])
+                torch.ops.aten.elu_backward.grad_input(_first(d, 2, T), 1.0, 1.0, 1.0, False,
+                                                       x[i], grad_input=dst[i])
         if dv is None:
             dst[2].zero_()
         else:
-            dst[2].copy_(dv[:, :, :T])
+            dst[2].copy_(_first(dv, 2, T))
         return dqkv, None, None, None, None, None
 
 
@@ -75,9 +86,8 @@ class KernelRows(torch.autograd.Function):
     def forward(ctx, o: Tensor, T: int, M: int):
         B, H, Tp, E = o.shape
         out = o.new_empty(M, H * E)
-        if M > B * T:
-            out[B * T:].zero_()
-        out[:B * T].view(B, T, H, E).copy_(o[:, :, :T].transpose(1, 2))
+        _zero_tail(out, 0, B * T)
+        _first(out, 0, B * T).view(B, T, H, E).copy_(_first(o, 2, T).transpose(1, 2))
         ctx.dims = (B, H, T, Tp, E)
         return out
 
@@ -85,9 +95,8 @@ class KernelRows(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         B, H, T, Tp, E = ctx.dims
         do = grad.new_empty(B, H, Tp, E)
-        if Tp > T:  # outputs of padded steps were dropped: no gradient
-            do[:, :, T:].zero_()
-        do[:, :, :T].copy_(grad[:B * T].reshape(B, T, H, E).transpose(1, 2))
+        _zero_tail(do, 2, T)  # outputs of padded steps were dropped: no gradient
+        _first(do, 2, T).copy_(_first(grad, 0, B * T).reshape(B, T, H, E).transpose(1, 2))
         return do, None, None
 
 
@@ -100,50 +109,49 @@ class KernelGates(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, sel: Tensor, mask: Tensor | None, B: int, T: int, Tp: int, H: int, N: int):
-        s = sel[:B * T].float().view(B, T, -1)  # one widening (softmax's dtype= casts too,
-        # on CUDA for fp16 alone in one pass with the softmax: a cast per slice for bf16)
+        # one widening (softmax's dtype= casts too: on CUDA in one pass with it for fp16 only)
+        s = _first(sel, 0, B * T).float().view(B, T, -1)
+        sr, sw, sg = s.split([H * N, H * N, H], -1)
         rw = sel.new_empty(2, B, H, Tp, N, dtype=torch.float32)
         g = sel.new_empty(B, H, Tp, dtype=torch.float32)
-        if Tp > T:
-            rw[:, :, :, T:].zero_()
-            g[:, :, T:].fill_(1.0)
-        r = s[..., :H * N].view(B, T, H, N).softmax(-1)  # [B,T,H,N]
-        w = s[..., H * N:2 * H * N].view(B, T, H, N).softmax(-1)
-        rw[0, :, :, :T].copy_(r.transpose(1, 2))
+        _zero_tail(rw, 3, T)
+        _zero_tail(g, 2, T, 1.0)
+        rt, wt = _first(rw, 3, T).unbind(0)  # [B,H,T,N]
+        r = sr.view(B, T, H, N).softmax(-1)  # [B,T,H,N]
+        w = sw.view(B, T, H, N).softmax(-1)
+        rt.copy_(r.transpose(1, 2))
         if mask is None:
-            rw[1, :, :, :T].copy_(w.transpose(1, 2))
+            wt.copy_(w.transpose(1, 2))
         else:  # padded steps write nothing
-            torch.mul(w, mask[:, :, None, None], out=rw[1, :, :, :T].transpose(1, 2))
-        sg = torch.sigmoid(s[..., 2 * H * N:])  # [B,T,H] (not in place: s may be sel itself)
-        torch.clamp(sg, min=1e-6, out=g[:, :, :T].transpose(1, 2))
+            torch.mul(w, mask.reshape(B, T, 1, 1), out=wt.transpose(1, 2))
+        sg = torch.sigmoid(sg)  # [B,T,H] (not in place: s may be sel itself)
+        torch.clamp(sg, min=1e-6, out=_first(g, 2, T).transpose(1, 2))
         ctx.save_for_backward(sel, mask, r, w, sg)
         ctx.dims = (B, T, H, N)
-        return rw[0], rw[1], g
+        return (*rw.unbind(0), g)
 
     @staticmethod
     def backward(ctx, dr: Tensor | None, dw: Tensor | None, dg: Tensor | None):
         sel, mask, r, w, sg = ctx.saved_tensors
         B, T, H, N = ctx.dims
-        n, HN = B * T, H * N
         dsel = sel.new_empty(sel.shape)
-        if sel.shape[0] > n:
-            dsel[n:].zero_()
-        ds = dsel[:n].view(B, T, -1)
-        dsr, dsw = ds[..., :HN].view(B, T, H, N), ds[..., HN:2 * HN].view(B, T, H, N)
+        _zero_tail(dsel, 0, B * T)
+        dsr, dsw, dsg = _first(dsel, 0, B * T).view(B, T, -1).split([H * N, H * N, H], -1)
         sb = torch.ops.aten._softmax_backward_data
         if dr is None:
             dsr.zero_()
         else:
-            dsr.copy_(sb(dr[:, :, :T].transpose(1, 2), r, -1, torch.float32))
+            dsr.view(B, T, H, N).copy_(sb(_first(dr, 2, T).transpose(1, 2), r, -1,
+                                          torch.float32))
         if dw is None:
             dsw.zero_()
         else:
-            d = dw[:, :, :T].transpose(1, 2)
-            d = d if mask is None else d * mask[:, :, None, None]
-            dsw.copy_(sb(d, w, -1, torch.float32))
+            d = _first(dw, 2, T).transpose(1, 2)
+            d = d if mask is None else d * mask.reshape(B, T, 1, 1)
+            dsw.view(B, T, H, N).copy_(sb(d, w, -1, torch.float32))
         if dg is None:
-            ds[..., 2 * HN:].zero_()
+            dsg.zero_()
         else:  # the clamp passes the gradient where sigmoid >= 1e-6 (as clamp's backward)
-            d = torch.where(sg >= 1e-6, dg[:, :, :T].transpose(1, 2), 0.0)
-            torch.ops.aten.sigmoid_backward.grad_input(d, sg, grad_input=ds[..., 2 * HN:])
+            d = torch.where(sg >= 1e-6, _first(dg, 2, T).transpose(1, 2), 0.0)
+            torch.ops.aten.sigmoid_backward.grad_input(d, sg, grad_input=dsg)
         return dsel, None, None, None, None, None, None
