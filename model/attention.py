@@ -117,8 +117,8 @@ class BankedAttention(nn.Module):
                 bt: tuple[int, int] | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Chunked parallel form. x [B,T,d] -> y [B,T,d], new S, new z. With ``bt = (B, T)``
         x is [M >= B*T, d] (steps, then padding rows) and y is [M, d], zero-padded rows."""
-        D = self.cfg.head_dim
-        if kernel_path(x.new_empty(0, D), x.new_empty(0, D), self.cfg.chunk):
+        probe = x.new_empty(0, self.cfg.head_dim)  # q's and v's head width (E = D here)
+        if kernel_path(probe, probe, self.cfg.chunk):
             return self._forward_kernels(x, S, z, mask, bt)
         q, k, v, r, w, g = self._project(x, mask, bt)  # projections may run under autocast
         B, H, T, D = q.shape
