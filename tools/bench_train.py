@@ -16,6 +16,7 @@ is not in it) against 989 TFLOP/s, the H200's dense bf16 peak.
 
 from __future__ import annotations
 
+import gc
 import json
 import tempfile
 import time
@@ -71,6 +72,16 @@ class StepTimer:
         # mode, requests, padded, real cost, host ms of the model call
         self.batches: list[tuple[str, int, int, int, float]] = []
         self.hook = lambda n: None  # called after each optimizer step with its number
+        self._gc_t0 = 0.0  # full (generation 2) garbage collections: host ms in this step
+
+        def on_gc(phase: str, info: dict) -> None:
+            if info.get("generation") == 2:
+                if phase == "start":
+                    self._gc_t0 = time.perf_counter()
+                else:
+                    self.cur["full_gc"] += time.perf_counter() - self._gc_t0
+        gc.callbacks.append(on_gc)
+        self.on_gc = on_gc  # removed by the caller (gc.callbacks.remove) when done
         run, fin, opt = trainer.runners.run, trainer.runners.finish, trainer.optimizer_step
 
         from torch.profiler import record_function  # named ranges in --trace profiles
@@ -141,6 +152,8 @@ class StepTimer:
                                         - s.get("optimizer", 0.0)) * 1e3)
                                  for p, s in zip([a] + sel[:-1], sel)],
                 "epoch_per_step": [s.get("epoch") for s in sel],
+                # per step: host ms in full garbage collections (inside the data wait or not)
+                "full_gc_ms": [round(s.get("full_gc", 0.0) * 1e3) for s in sel],
                 # the slowest model calls (host ms, which include syncs and graph captures):
                 # [mode, requests, padded tokens, ms]
                 "slowest_batches": [[m, n, p, round(ms)] for m, n, p, _, ms in
@@ -273,6 +286,8 @@ def run_variant(data: str, variant: str, extra: list[str], warmup: int, steps: i
             tr.fit(steps=10**9, minutes=None)
         except Exception as e:  # keep the steps that ran (an out-of-memory: which window)
             failed = f"{type(e).__name__}: {e}"[:2000]
+        finally:
+            gc.callbacks.remove(timer.on_gc)
         res: dict = {"data": data, "variant": variant, "params": params,
                      "chain_epochs": tr.t.chain_epochs, "overrides": list(extra),
                      "warmup_s": round(state.get("warmup_s", -1.0), 1)}

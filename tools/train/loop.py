@@ -22,7 +22,6 @@ which reads on across the epoch boundary (released at optimizer steps: ``EpochCh
 from __future__ import annotations
 
 import dataclasses
-import gc
 import json
 import math
 import os
@@ -49,6 +48,8 @@ from .config import RunConfig, build_config
 from .distributed import Collective, init_from_launcher
 from .evaluate import evaluate, validation_source
 from .loop_util import (
+    FULL_GC_EVERY,  # noqa: F401  (re-exported)
+    GCFreeze,
     StopFlag,
     _dispatch_metrics,
     _loader_stats,
@@ -64,7 +65,6 @@ from .spec import RUN_META, RunSpec, make_buckets, make_optimizer, make_source, 
 
 __all__ = ["RUN_META", "RunSpec", "Trainer", "load_model", "make_buckets", "make_optimizer",
            "make_source", "pick_device", "train"]
-FULL_GC_EVERY = 50  # generation-1 collections between full ones while training (Python: 10)
 
 
 def train(run: str | Path, spec: RunSpec | None = None, *, steps: int | None = None,
@@ -133,6 +133,7 @@ class Trainer:
             self.ahead.plan = partial(plan_admission, self.disp)  # and its admission built ahead
         # the epoch of the newest sample admitted (chained, older epochs may still be in flight)
         self.step = self.epoch = 0
+        self._gc = GCFreeze()  # entered by fit()
         self.chain: EpochChain | None = None  # the run's chained source (train.chain_epochs)
         self._chain_from: tuple[int, int, dict[int, int]] = (0, 0, {})  # its first epoch, start
         if resume:
@@ -260,28 +261,9 @@ class Trainer:
 
     def fit(self, *, steps: int | None, minutes: float | None) -> dict[str, Any]:
         """Train until ``steps`` optimizer steps in all, ``minutes`` or a signal (see
-        :func:`train`). While it runs, the objects that exist when it starts (the model, the
-        optimizer, every imported module: ~0.44M in a CPU trainer) are frozen out of the
-        garbage collector (``gc.freeze``; undone at the end): a full collection traversed them
-        all (146-238 ms, `python -m blocklm.tools.bench_turnover`; 6-75 ms frozen), one about
-        every epoch of the small text set, and one falling at a turnover made it 230-350 ms
-        instead of ~50 (237-306 ms turnovers on the H200, 51-77 ms without one). Full
-        collections are also made 5x rarer (``FULL_GC_EVERY``, restored at the end): a pass
-        over the young objects of two epochs still costs 20-75 ms, and the admission of an
-        epoch's examples triggered one at most turnovers (mixed: 36-86 ms turnovers, 17-26
-        without); young cyclic garbage is collected as often as before."""
-        freeze = gc.get_freeze_count() == 0  # a caller's own freeze is left as it is
-        if freeze:
-            gc.collect()  # garbage is freed, not frozen
-            gc.freeze()
-        threshold = gc.get_threshold()
-        gc.set_threshold(*threshold[:2], max(threshold[2], FULL_GC_EVERY))
-        try:
+        :func:`train`), with the garbage collector tuned for it (:class:`.loop_util.GCFreeze`)."""
+        with GCFreeze() as self._gc:
             return self._fit(steps, minutes)
-        finally:
-            gc.set_threshold(*threshold)
-            if freeze:
-                gc.unfreeze()
 
     def _fit(self, steps: int | None, minutes: float | None) -> dict[str, Any]:
         self.target = steps if steps is not None else math.inf
@@ -370,10 +352,12 @@ class Trainer:
     def _after_step(self, deadline: float, stop: StopFlag) -> str | None:
         """Optimizer step, then checkpoint when due or when stopping; returns why it stops."""
         self.optimizer_step()
+        self._gc.step()  # this step's survivors join the frozen objects
         ended = self._check_stop(deadline, stop)
         if ended is not None or (self.t.checkpoint_every
                                  and self.step % self.t.checkpoint_every == 0):
             self.checkpoint()
+            self._gc.reclaim()  # the cyclic garbage since the last checkpoint
         return ended
 
     def _check_stop(self, deadline: float, stop: StopFlag) -> str | None:

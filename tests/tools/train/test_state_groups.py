@@ -86,6 +86,6 @@ def test_a_chained_run_with_compaction_trains_exactly_as_without(tmp_path, datas
         tr.fit(steps=8, minutes=None)
         out[on] = (losses, {k: v.clone() for k, v in tr.model.state_dict().items()},
                    max(w for _, w in seen), sum(n for n, _ in seen))
-    (la, pa, wa, na), (lb, pb, wb, nb) = out[True], out[False]
+    (la, pa, wa, na), (lb, pb, wb, _) = out[True], out[False]
     assert la == lb and all(torch.equal(pa[k], pb[k]) for k in pa)
     assert na > 0 and wa <= 2.0 < wb  # without it a straggler pinned its batch's storage
