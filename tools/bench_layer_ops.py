@@ -106,8 +106,9 @@ def _quiet_kernels() -> None:
 
 
 def run(batch: int, words: tuple[int, int], stack: bool, seed: int, sites: int,
-        state_out: bool = False) -> dict:
-    """One `small` text batch forward + backward under the log; the totals (and top sites)."""
+        state_out: bool = False, tokenizer: str = "data/shards/tokenizer.model") -> dict:
+    """One `small` text batch forward + backward under the log; the totals (and top sites).
+    ``tokenizer``: the sentencepiece model of the text vocabulary."""
     from blocklm.model.blocklm import BlockLM
     from blocklm.model.presets import small
 
@@ -115,7 +116,7 @@ def run(batch: int, words: tuple[int, int], stack: bool, seed: int, sites: int,
     rng = random.Random(seed)
     torch.set_num_threads(1)
     _quiet_kernels()
-    cfg = small(vocab_size=None)
+    cfg = small(tokenizer_path=tokenizer, vocab_size=None)
     cfg.decoder.stack.enabled = stack
     model = BlockLM(cfg)
     model.decoder.grid_rows = True  # the GPU's padded row grid

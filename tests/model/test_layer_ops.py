@@ -11,7 +11,7 @@ import torch
 
 
 @pytest.mark.slow
-def test_small_text_batch_moves_less(monkeypatch):
+def test_small_text_batch_moves_less(monkeypatch, tokenizer_path):
     from blocklm.model import attention, banked_triton
     from blocklm.tools import bench_layer_ops
 
@@ -20,7 +20,8 @@ def test_small_text_batch_moves_less(monkeypatch):
     monkeypatch.setattr(attention, "kernel_path", attention.kernel_path)
     threads = torch.get_num_threads()
     try:
-        res = bench_layer_ops.run(batch=4, words=(5, 8), stack=False, seed=0, sites=5)
+        res = bench_layer_ops.run(batch=4, words=(5, 8), stack=False, seed=0, sites=5,
+                                  tokenizer=tokenizer_path)
     finally:
         torch.set_num_threads(threads)
     fwd, bwd = res["forward"], res["backward"]
