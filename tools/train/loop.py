@@ -133,7 +133,6 @@ class Trainer:
             self.ahead.plan = partial(plan_admission, self.disp)  # and its admission built ahead
         # the epoch of the newest sample admitted (chained, older epochs may still be in flight)
         self.step = self.epoch = 0
-        self._gc = GCFreeze()  # entered by fit()
         self.chain: EpochChain | None = None  # the run's chained source (train.chain_epochs)
         self._chain_from: tuple[int, int, dict[int, int]] = (0, 0, {})  # its first epoch, start
         if resume:
@@ -262,7 +261,7 @@ class Trainer:
     def fit(self, *, steps: int | None, minutes: float | None) -> dict[str, Any]:
         """Train until ``steps`` optimizer steps in all, ``minutes`` or a signal (see
         :func:`train`), with the garbage collector tuned for it (:class:`.loop_util.GCFreeze`)."""
-        with GCFreeze() as self._gc:
+        with GCFreeze():
             return self._fit(steps, minutes)
 
     def _fit(self, steps: int | None, minutes: float | None) -> dict[str, Any]:
@@ -352,12 +351,10 @@ class Trainer:
     def _after_step(self, deadline: float, stop: StopFlag) -> str | None:
         """Optimizer step, then checkpoint when due or when stopping; returns why it stops."""
         self.optimizer_step()
-        self._gc.step()  # this step's survivors join the frozen objects
         ended = self._check_stop(deadline, stop)
         if ended is not None or (self.t.checkpoint_every
                                  and self.step % self.t.checkpoint_every == 0):
             self.checkpoint()
-            self._gc.reclaim()  # the cyclic garbage since the last checkpoint
         return ended
 
     def _check_stop(self, deadline: float, stop: StopFlag) -> str | None:

@@ -99,11 +99,10 @@ class GCFreeze:
     most turnovers (mixed: 36-86 ms turnovers, 17-26 without); young cyclic garbage is collected
     as often as before.
 
-    :meth:`step` (after each optimizer step) freezes what is alive then as well (O(1)): with
-    chained epochs thousands of in-flight examples, their samples and requests live for several
-    steps, and a full collection traversed them all. Frozen objects still die by reference
-    counting; cyclic garbage among them waits for :meth:`reclaim` (at each checkpoint, which
-    costs more than a full collection anyway: unfrozen, collected, frozen again)."""
+    Freezing the survivors of every optimizer step as well was measured and not kept: with
+    chained epochs a full collection still took 260-350 ms about every 20 text steps on the H200
+    (``bench train``'s ``full_gc_ms``, call FIN2: 313 and 348 ms with it, 314 and 259 without),
+    and frozen cyclic garbage would hold its tensors until the next checkpoint."""
 
     def __init__(self) -> None:
         self.active = False
@@ -125,15 +124,3 @@ class GCFreeze:
         if self.active:
             gc.unfreeze()
             self.active = False
-
-    def step(self) -> None:
-        """Freeze the objects alive now (after an optimizer step)."""
-        if self.active:
-            gc.freeze()
-
-    def reclaim(self) -> None:
-        """Collect the cyclic garbage among the frozen objects, then freeze again."""
-        if self.active:
-            gc.unfreeze()
-            gc.collect()
-            gc.freeze()

@@ -1,6 +1,6 @@
-"""The trainer's garbage-collector settings (loop_util.GCFreeze): what is alive after an optimizer
-step is frozen out of full collections, cyclic garbage among it is collected at reclaim (each
-checkpoint), and everything is restored at the end."""
+"""The trainer's garbage-collector settings (loop_util.GCFreeze): the objects alive when training
+starts are frozen out of full collections, full collections are rarer, and everything is
+restored at the end (also when a caller froze objects itself)."""
 
 from __future__ import annotations
 
@@ -15,22 +15,24 @@ class Node:
         self.me = self  # a reference cycle: only the collector frees it
 
 
-def test_step_freezes_survivors_and_reclaim_frees_their_cyclic_garbage():
+def test_objects_alive_at_the_start_are_frozen_and_all_is_restored():
     before = gc.get_threshold()
+    n = Node()
+    ref = weakref.ref(n)
     with GCFreeze() as g:
-        assert g.active and gc.get_threshold()[2] == max(before[2], FULL_GC_EVERY)
-        n = Node()
-        ref = weakref.ref(n)
-        frozen = gc.get_freeze_count()
-        g.step()  # n survives the step: frozen
-        assert gc.get_freeze_count() > frozen
+        assert g.active and gc.get_freeze_count() > 0
+        assert gc.get_threshold()[2] == max(before[2], FULL_GC_EVERY)
         del n
-        gc.collect()  # a full collection does not see frozen objects
+        gc.collect()  # a full collection does not see the frozen cycle
         assert ref() is not None
-        g.reclaim()
-        assert ref() is None
-        assert gc.get_freeze_count() > 0  # frozen again
+        young = Node()
+        young_ref = weakref.ref(young)
+        del young
+        gc.collect()  # one made while training is collected as usual
+        assert young_ref() is None
     assert gc.get_freeze_count() == 0 and gc.get_threshold() == before
+    gc.collect()
+    assert ref() is None
 
 
 def test_a_callers_own_freeze_is_left_alone():
@@ -38,10 +40,7 @@ def test_a_callers_own_freeze_is_left_alone():
     try:
         n = gc.get_freeze_count()
         with GCFreeze() as g:
-            assert not g.active
-            g.step()
-            g.reclaim()
-            assert gc.get_freeze_count() == n
+            assert not g.active and gc.get_freeze_count() == n
         assert gc.get_freeze_count() == n
     finally:
         gc.unfreeze()
