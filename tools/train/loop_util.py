@@ -86,8 +86,9 @@ FULL_GC_EVERY = 50  # generation-1 collections between full ones while training 
 
 
 class GCFreeze:
-    """The garbage collector while a trainer fits (a context manager; a caller's own freeze
-    is left as it is, and everything is restored at the end).
+    """The garbage collector while a trainer fits (a context manager; the thresholds are
+    restored at the end, and the freeze undone unless objects were frozen before it began:
+    those stay frozen, and the trainer's with them).
 
     The objects that exist when training starts (the model, the optimizer, every imported
     module: ~0.44M in a CPU trainer) are frozen out of the collector (``gc.freeze``): a full
@@ -99,20 +100,22 @@ class GCFreeze:
     most turnovers (mixed: 36-86 ms turnovers, 17-26 without); young cyclic garbage is collected
     as often as before.
 
-    Freezing the survivors of every optimizer step as well was measured and not kept: with
-    chained epochs a full collection still took 260-350 ms about every 20 text steps on the H200
-    (``bench train``'s ``full_gc_ms``, call FIN2: 313 and 348 ms with it, 314 and 259 without),
-    and frozen cyclic garbage would hold its tensors until the next checkpoint."""
+    Until 2026-11-24 it froze nothing where objects were already frozen, which is every run on
+    the H200 (375 frozen at import): there every full collection traversed the model and all
+    modules, 255-283 ms about every 20 text steps (call GC, ``bench train``'s ``full_gc_ms``).
+    Freezing the survivors of every optimizer step as well is not done: frozen cyclic garbage
+    would hold its tensors until the end."""
 
     def __init__(self) -> None:
-        self.active = False
+        self.active = False  # whether the freeze is ours to undo at the end
         self._threshold: tuple[int, int, int] | None = None
 
     def __enter__(self) -> GCFreeze:
+        # Frozen objects from before (the H200's imports leave 375: call GC) are no reason
+        # not to freeze; they only mean the end must not unfreeze them (and ours with them)
         self.active = gc.get_freeze_count() == 0
-        if self.active:
-            gc.collect()  # garbage is freed, not frozen
-            gc.freeze()
+        gc.collect()  # garbage is freed, not frozen
+        gc.freeze()
         self._threshold = gc.get_threshold()
         t = self._threshold
         gc.set_threshold(t[0], t[1], max(t[2], FULL_GC_EVERY))
