@@ -179,7 +179,7 @@ class Dispatcher:
 
     def _admit(self, feed: Feed) -> None:
         if len(self._in_flight) < self.config.max_in_flight and not self._exhausted:
-            admit_from(self, feed)  # examples built in the prefetch thread (dispatch_admit.py)
+            admit_from(self, feed)  # examples built a chunk at a time (dispatch_admit.py)
 
     def _bucket(self, bkey: tuple) -> Bucket:
         """The bucket ``(mode, key)``, created on first use."""
@@ -273,7 +273,7 @@ class Dispatcher:
         finished, self._finished = self._finished, []
         dead, self._dead = self._dead, []
         if dead and self._prefetcher is not None and self.config.admission == "prefetch":
-            self._prefetcher.bury(dead)  # else (False) dropped here, as before
+            self._prefetcher.bury(dead)  # else (or bury refused) dropped here, as before
         return Step(batch.step, batch, results, finished)
 
     def _route(self, reqs: list[Request], results) -> None:

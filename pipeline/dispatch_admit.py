@@ -40,7 +40,7 @@ Anything else (``None``) is admitted one by one, where it is counted and reporte
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .dispatch_buckets import Example, _emax
@@ -108,37 +108,13 @@ def plan_admission(d: Dispatcher, samples: Sequence[Any], pieces: Sequence[Any],
     a thread while ``d`` runs."""
     if d._init_state is not None or len(pieces) != len(samples):
         return None
-    mcs, spec, budget = d._mc, d._spec, d._budget
+    build, seal = _first_requests(d)
     plan = Admission(d, offset, list(samples))
-    examples, requests = plan.examples, plan.requests
-    groups: dict[tuple, list] = {}  # insertion order: each bucket's first request
-    # shape -> (cost, its bucket's group), per mode: shapes repeat (773 in 7,222 text examples)
-    seen: dict[str, dict[tuple, tuple[int, list]]] = {m: {} for m in mcs}
-    for pos, (sample, got) in enumerate(zip(plan.samples, pieces), offset):
-        if type(got) is not list or not got:
-            return None
-        block, part, mode, shape, inputs, targets = got[0]
-        memo = seen.get(mode)
-        if memo is None:
-            return None
-        hit = memo.get(shape)
-        if hit is None:
-            c = mcs[mode](shape)
-            if c > budget[mode]:
-                return None
-            bkey = (mode, spec[mode].key(shape))
-            g = groups.get(bkey)
-            if g is None:
-                g = groups[bkey] = [bkey, [], shape]
-            hit = memo[shape] = (c, g)
-        c, g = hit
-        ex = examples[pos] = Example(pos, sample.key, sample, got)
-        r = Request(pos, sample.key, block, part, mode, shape, None, inputs, targets, c, 0, 0,
-                    ex)
-        requests.append(r)
-        g[1].append(r)
-        g[2] = _emax(g[2], shape)
-    plan.groups = [(k, reqs, ms, mcs[k[0]](ms)) for k, reqs, ms in groups.values()]
+    sealed = seal(build(item) for item in zip(range(offset, offset + len(samples)),
+                                              plan.samples, pieces))
+    if sealed is None:
+        return None
+    plan.examples, plan.requests, plan.groups = sealed
     return plan
 
 
@@ -157,21 +133,9 @@ def admit_planned(d: Dispatcher, plan: Admission) -> None:
     if plan.used:
         raise ValueError("an admission plan is admitted once")
     plan.used = True
-    now, seq = d._now(), d._seq
-    for r in plan.requests:  # the only per-example work left in the run's thread
-        r.t = now
-        r.seq = seq
-        seq += 1
-    d._seq = seq
-    d._in_flight.update(plan.examples)
-    d.counts["admitted"] += len(plan.examples)
+    _enqueue(d, plan.examples, plan.requests, plan.groups, d._now())
     if plan.samples:
         d.drawn = plan.offset + len(plan.samples)
-    nonempty = d._nonempty
-    for bkey, reqs, gshape, gcost in plan.groups:
-        b = d._bucket(bkey)
-        if b.extend(reqs, gshape, gcost):
-            nonempty[b] = None
     plan.samples, plan.examples, plan.requests, plan.groups = [], {}, [], []
 
 
@@ -185,6 +149,31 @@ def admission_builder(d: Dispatcher) -> dict[str, Callable[[Any], Any]]:
     (nothing built) with ``init_state`` or ``d.config.admission == "one_by_one"``."""
     if d._init_state is not None or d.config.admission == "one_by_one":
         return {}
+    build, seal = _first_requests(d)
+    return {"build": build, "seal": seal}
+
+
+def _enqueue(d: Dispatcher, exs: dict[int, Example], reqs: list[Request],
+             groups: list[tuple[tuple, list[Request], Any, int]], now: float) -> None:
+    """Put built examples in flight and their first requests (``reqs``, in source order) in
+    their buckets, a group at a time (``groups`` as :func:`_first_requests`' ``seal`` makes
+    them): as many one-by-one admissions would."""
+    seq = d._seq
+    for r in reqs:  # the only per-example work left in the admitting thread
+        r.t, r.seq = now, seq
+        seq += 1
+    d._seq = seq
+    d._in_flight.update(exs)
+    d.counts["admitted"] += len(exs)
+    nonempty = d._nonempty
+    for bkey, greqs, gshape, gcost in groups:
+        b = d._bucket(bkey)
+        if b.extend(greqs, gshape, gcost):
+            nonempty[b] = None
+
+
+def _first_requests(d: Dispatcher) -> tuple[Callable[[Item], Any], Callable[[Iterable], Any]]:
+    """``(build, seal)`` (:func:`admission_builder`) whatever ``d.config.admission`` says."""
     mcs, spec, budget = d._mc, d._spec, d._budget
     seen: dict[str, dict] = {m: {} for m in mcs}  # shape -> (cost, bucket key) or None: over
 
@@ -212,7 +201,7 @@ def admission_builder(d: Dispatcher) -> dict[str, Callable[[Any], Any]]:
         except Exception:  # odd data (unhashable shape, a failing cost): the admitting
             return None  # thread meets it one by one, as before, and reports it
 
-    def seal(built: list) -> Any:
+    def seal(built: Iterable) -> Any:
         exs: dict[int, Example] = {}
         reqs: list[Request] = []
         groups: dict[tuple, list] = {}  # insertion order: each bucket's first request
@@ -233,7 +222,7 @@ def admission_builder(d: Dispatcher) -> dict[str, Callable[[Any], Any]]:
         except Exception:  # (a cost failing on a max shape) request by request instead
             return None
 
-    return {"build": build, "seal": seal}
+    return build, seal
 
 
 class Feed:
@@ -286,20 +275,7 @@ def admit_from(d: Dispatcher, feed: Feed) -> None:
         # each built example adds one to those in flight: at most this many fit
         stop, j = min(len(items), i + k - len(in_flight)), i
         if i == 0 and stop == len(items) and feed.sealed is not None:  # the whole chunk
-            exs, reqs, groups = feed.sealed
-            seq = d._seq
-            for r in reqs:
-                r.t, r.seq = now, seq
-                seq += 1
-            d._seq = seq
-            in_flight.update(exs)
-            for bkey, greqs, gshape, gcost in groups:
-                b = buckets.get(bkey)
-                if b is None:
-                    b = d._bucket(bkey)
-                if b.extend(greqs, gshape, gcost):
-                    nonempty[b] = None
-            d.counts["admitted"] += stop
+            _enqueue(d, *feed.sealed, now)
             d.drawn = items[-1][0] + 1
             feed.pf.taken(stop)
             feed.i = stop
