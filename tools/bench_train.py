@@ -81,7 +81,7 @@ class StepTimer:
                 else:
                     self.cur["full_gc"] += time.perf_counter() - self._gc_t0
         gc.callbacks.append(on_gc)
-        self.on_gc = on_gc  # removed by the caller (gc.callbacks.remove) when done
+        self._on_gc = on_gc  # until close()
         run, fin, opt = trainer.runners.run, trainer.runners.finish, trainer.optimizer_step
 
         from torch.profiler import record_function  # named ranges in --trace profiles
@@ -120,6 +120,11 @@ class StepTimer:
 
         trainer.runners.run, trainer.runners.finish = timed_run, timed_finish
         trainer.optimizer_step = timed_opt
+
+    def close(self) -> None:
+        """Stop timing the garbage collector (its callback is process-wide)."""
+        if self._on_gc in gc.callbacks:
+            gc.callbacks.remove(self._on_gc)
 
     def summary(self, first: int, params: int, last: int | None = None) -> dict:
         """Figures over steps first+1 .. last (1-based; all after ``first`` when None; their
@@ -287,7 +292,7 @@ def run_variant(data: str, variant: str, extra: list[str], warmup: int, steps: i
         except Exception as e:  # keep the steps that ran (an out-of-memory: which window)
             failed = f"{type(e).__name__}: {e}"[:2000]
         finally:
-            gc.callbacks.remove(timer.on_gc)
+            timer.close()
         res: dict = {"data": data, "variant": variant, "params": params,
                      "chain_epochs": tr.t.chain_epochs, "overrides": list(extra),
                      "warmup_s": round(state.get("warmup_s", -1.0), 1)}

@@ -131,6 +131,7 @@ def one_run(data: str, steps: int, warmup: int, spin_us: float, opt_ms: float,
             tr.fit(steps=10**9, minutes=None)
         finally:
             dispatch.admit_planned = planned
+            timer.close()
         gc.callbacks.remove(on_gc)
         s = timer.summary(warmup, 1)
         return {"data_wait_ms": s["data_wait_ms"], "epoch": s["epoch_per_step"],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import time
 from types import SimpleNamespace
 
@@ -75,3 +76,22 @@ def test_step_timer_summary_stops_at_the_last_timed_step():
         tr.optimizer_step()
     s = timer.summary(1, params=10, last=3)
     assert s["steps"] == 2 and s["tokens"] == 200 and s["batches"]["text"]["n"] == 2
+
+
+def test_step_timer_counts_full_collections_per_step_and_lets_go():
+    """``full_gc_ms``: host ms of generation-2 collections in each step (the H200's 260-350 ms
+    data waits were these); the timer's process-wide callback is gone after close()."""
+    tr = FakeTrainer()
+    timer = StepTimer(tr)
+    batch = SimpleNamespace(requests=[1], padded_cost=100, cost=100)
+    junk = [[i] for i in range(300_000)]  # something for a full collection to traverse
+    for step in range(4):
+        tr.runners.run("text", batch)
+        if step == 2:
+            gc.collect()
+        tr.optimizer_step()
+    timer.close()
+    assert timer._on_gc not in gc.callbacks
+    ms = timer.summary(1, params=10)["full_gc_ms"]
+    assert len(ms) == 3 and ms[1] > 0 and ms[0] == ms[2] == 0, ms
+    del junk

@@ -39,6 +39,9 @@ def test_simulate_reports_modes_and_chained_epochs(tmp_path, tokenizer):
     # chained: the next epoch's first blocks join this one's second blocks' queues
     assert on["batches_per_epoch"] < off["batches_per_epoch"]
     assert on["modes"]["text"]["tokens_per_batch"] > off["modes"]["text"]["tokens_per_batch"]
+    # the trainer's windows: past tokens_per_step (2,048), within window_max (1.5) x it
+    for r in (off, on):
+        assert 2048 <= r["window_tokens"]["mean"] <= r["window_tokens"]["max"] <= 3072
 
 
 @pytest.mark.parametrize("chain", ["true", "false"])
