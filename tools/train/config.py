@@ -143,4 +143,8 @@ def build_config(preset: str, overrides: list[str] | tuple[str, ...] = ()) -> Ru
     cfg = PRESETS[preset]()
     for o in overrides:
         apply_override(cfg, o)
+    w = cfg.train.window_max
+    if w is not None and not w >= 1:  # under 1 a window could not reach tokens_per_step
+        raise ValueError(f"train.window_max must be at least 1 (a window holds at least "
+                         f"tokens_per_step padded tokens) or none, got {w!r}")
     return cfg

@@ -348,3 +348,11 @@ def test_windows_are_capped_at_window_max_times_tokens_per_step(tmp_path, datase
         assert len(full) >= 11 and min(full) >= 60
         most[cap] = max(full)
     assert most["1.5"] <= 90 < most["none"]
+
+
+def test_a_window_cap_under_one_step_is_refused():
+    from blocklm.tools.train.config import build_config
+
+    with pytest.raises(ValueError, match="window_max must be at least 1"):
+        build_config("tiny", ["train.window_max=0.5"])
+    assert build_config("tiny", ["train.window_max=none"]).train.window_max is None
