@@ -19,6 +19,7 @@ from .codecs import (
 from .errors import (
     ChecksumError,
     CodecError,
+    CodecUnavailableError,
     FormatError,
     IndexMismatchError,
     LimitError,
@@ -48,7 +49,7 @@ __all__ = [
     "Block", "Sample", "canonical_json", "check_key",
     "audio_file_block", "bytes_block", "decode_block", "image_file_block", "pcm_block",
     "raw_image_block", "text_block", "tokens_block", "check_integrity",
-    "FormatError", "ChecksumError", "CodecError", "IndexMismatchError", "LimitError",
+    "FormatError", "ChecksumError", "CodecError", "CodecUnavailableError", "IndexMismatchError", "LimitError",
     "MissingFileError",
     "TruncatedShardError", "UnsafeMemberError", "Limits", "DEFAULT_LIMITS",
     "BlockInfo", "IndexEntry", "Manifest", "ShardIndex", "ShardInfo", "checksum",

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from .block import MODE_RE, Block, MetaValue
-from .errors import CodecError
+from .errors import CodecError, CodecUnavailableError
 from .limits import DEFAULT_LIMITS, Limits
 
 
@@ -63,6 +63,29 @@ _PIL_FORMATS = {"PNG": "png", "JPEG": "jpeg", "MPO": "jpeg", "WEBP": "webp", "GI
 _SF_FORMATS = {"WAV": "wav", "WAVEX": "wav", "FLAC": "flac", "MP3": "mp3", "NIST": "sph"}
 _OBJ_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-f]+>")  # error texts stay the same every run
 _ARRAY_DTYPES = {"tok16": "<u2", "tok32": "<u4", "u8": "u1", "pcm16": "<i2", "f32": "<f4"}
+
+
+def _soundfile() -> Any:
+    """The ``soundfile`` module; :class:`CodecUnavailableError` when it cannot be loaded (its
+    import raises ImportError without the ``cffi`` backend, OSError without libsndfile)."""
+    try:
+        import soundfile
+    except (ImportError, OSError) as e:
+        raise CodecUnavailableError(
+            f"audio blocks need the 'soundfile' package and libsndfile, which cannot be loaded "
+            f"here ({type(e).__name__}: {e}); install them (pip install soundfile)") from e
+    return soundfile
+
+
+def _pil_image() -> Any:
+    """PIL's ``Image`` module; :class:`CodecUnavailableError` when Pillow cannot be loaded."""
+    try:
+        from PIL import Image
+    except (ImportError, OSError) as e:
+        raise CodecUnavailableError(
+            f"image blocks need Pillow, which cannot be loaded here ({type(e).__name__}: {e}); "
+            f"install it (pip install pillow)") from e
+    return Image
 
 
 def codec_info(codec: str) -> CodecInfo:
@@ -176,11 +199,10 @@ def _png_bit_depth(data: bytes) -> int | None:
 def probe_image(data: bytes, limits: Limits = DEFAULT_LIMITS) -> tuple[str, tuple[int, int, int],
                                                                       dict[str, MetaValue]]:
     """Read an encoded image's codec, ``(H, W, C)`` and metadata from its header (no decode)."""
-    from PIL import Image, UnidentifiedImageError
-
+    Image = _pil_image()
     try:
         img = Image.open(io.BytesIO(data))
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+    except (Image.UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise CodecError(f"not a readable image: {e}") from None
     codec = _PIL_FORMATS.get(img.format or "")
     if codec is None:
@@ -205,8 +227,7 @@ def probe_audio(data: bytes, limits: Limits = DEFAULT_LIMITS) -> tuple[str, tupl
     if fast is not None:
         limits.check_shape(fast[0])
         return "wav", fast[0], fast[1]
-    import soundfile as sf
-
+    sf = _soundfile()
     try:
         info = sf.info(io.BytesIO(data))
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as e:
@@ -341,8 +362,7 @@ def _expect(ok: bool, block: Block, got: str) -> None:
 
 
 def _decode_image(block: Block, limits: Limits) -> np.ndarray:
-    from PIL import Image
-
+    Image = _pil_image()
     codec, shape, meta = probe_image(block.payload, limits)
     _expect(shape == block.shape, block, f"{list(shape)} in the file header")
     try:
@@ -366,8 +386,7 @@ def _decode_image(block: Block, limits: Limits) -> np.ndarray:
 
 
 def _decode_audio(block: Block) -> np.ndarray:
-    import soundfile as sf
-
+    sf = _soundfile()
     dtype = "int16" if block.meta.get("subtype") == "PCM_16" else "float32"
     try:
         arr, _ = sf.read(io.BytesIO(block.payload), dtype=dtype, always_2d=True)

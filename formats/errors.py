@@ -64,5 +64,12 @@ class CodecError(FormatError):
     """A payload cannot be encoded or decoded by its codec, or does not match its shape."""
 
 
+class CodecUnavailableError(ImportError):
+    """A codec's library cannot be loaded (``soundfile`` without its ``cffi`` backend or
+    libsndfile, say). Not the data's fault: every block of that codec would fail the same way,
+    so readers, the dispatcher and the converters stop with this message instead of rejecting
+    the blocks one by one (and retrying the failed import for each, ~5 ms a block)."""
+
+
 class MissingFileError(FormatError):
     """A shard, index or manifest does not exist where it was looked for."""

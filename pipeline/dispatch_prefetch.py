@@ -23,6 +23,8 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from blocklm.formats.errors import CodecUnavailableError
+
 _END = object()
 MAX_GRAVES = 16  # lists buried (bury) and not yet dropped: past it the consumer drops its own
 
@@ -40,6 +42,8 @@ Item = tuple[int, Any, Any]  # (position in the source, sample, prepared pieces 
 def _safe(prepare: Callable[[Any], Any], sample: Any) -> Any:
     try:
         return prepare(sample)
+    except CodecUnavailableError:  # no decoder at all: the run stops (re-raised in the consumer)
+        raise
     except Exception as e:  # bad data: reported by the dispatcher, never silently skipped
         return e
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from blocklm.formats.errors import CodecUnavailableError
+
 from .dispatch_types import PrepareError
 
 Shape = tuple[int, ...]
@@ -52,7 +54,9 @@ def prepare_pieces(sample: Any, decode: bool, prepare: Callable[[Any], tuple[Any
     """``(block, part, mode, shape, inputs, targets)`` for every block of ``sample``: inputs and
     targets from ``prepare(block)``, else both ``block.decode()`` (``decode``) or the block
     itself; blocks over their mode's budget cut by the mode's splitter when it has one. Runs in
-    the read-ahead thread. Raises :class:`PrepareError` naming the sample and block."""
+    the read-ahead thread. Raises :class:`PrepareError` naming the sample and block, or
+    :class:`~blocklm.formats.errors.CodecUnavailableError` (a decoder's library cannot be
+    loaded: every block of its codec would fail, so the run stops rather than reject them)."""
     pieces: list[tuple] = []
     for i, b in enumerate(sample.blocks):
         mode, shape = b.mode, tuple(b.shape)
@@ -69,6 +73,9 @@ def prepare_pieces(sample: Any, decode: bool, prepare: Callable[[Any], tuple[Any
                 for j, (s, x, y) in enumerate(split(shape, inputs, targets, budgets[mode], mc)):
                     pieces.append((i, j, mode, tuple(s), x, y))
                 continue
+        except CodecUnavailableError as e:  # the environment's fault, not the sample's
+            raise CodecUnavailableError(f"sample {sample.key!r}, block {i}, mode {mode!r}: {e}") \
+                from e
         except Exception as e:
             raise PrepareError(f"{type(e).__name__}: {e}", key=sample.key, block=i,
                                mode=mode) from e

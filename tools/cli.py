@@ -63,13 +63,16 @@ class LazyGroup(click.Group):
 
     def invoke(self, ctx: click.Context):
         """Runs the subcommand; bad data (a typed ``FormatError``: it names the file, shard and
-        key) ends it with ``error: ...`` and exit 1, not a traceback, whichever command met it."""
+        key) or a decoder library missing on this machine (``CodecUnavailableError``: it names
+        the package) ends it with ``error: ...`` and exit 1, not a traceback, whichever command
+        met it."""
         try:
             return super().invoke(ctx)
         except Exception as e:
-            from blocklm.formats.errors import FormatError  # imported only on the error path
+            # imported only on the error path
+            from blocklm.formats.errors import CodecUnavailableError, FormatError
 
-            if not isinstance(e, FormatError):
+            if not isinstance(e, (FormatError, CodecUnavailableError)):
                 raise
             click.echo(f"error: {e}", err=True)
             ctx.exit(1)

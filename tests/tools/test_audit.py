@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 
 import pytest
 
@@ -130,3 +131,13 @@ def test_single_tar_paths(pairs, run_cli):
     assert len(run_cli("ls", tar).stdout.splitlines()) == 2
     s = json.loads(run_cli("inspect", tar, "--json").stdout)
     assert s["samples"] == 2 and s["shards"] == 1
+
+
+def test_verify_without_the_audio_decoder_is_one_clear_error(pairs, monkeypatch, run_cli):
+    # a machine whose soundfile cannot load: one `error:` line naming the package, exit 1, not a
+    # traceback nor one problem line per audio block
+    monkeypatch.setitem(sys.modules, "soundfile", None)
+    res = run_cli("verify", pairs, "-j", "1")
+    assert res.exit_code == 1
+    assert res.stderr.startswith("error: ") and "soundfile" in res.stderr
+    assert res.stdout == ""
