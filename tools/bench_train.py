@@ -297,6 +297,10 @@ def run_variant(data: str, variant: str, extra: list[str], warmup: int, steps: i
                      "chain_epochs": tr.t.chain_epochs, "overrides": list(extra),
                      "warmup_s": round(state.get("warmup_s", -1.0), 1)}
         res["stack_graph_captures"] = state.get("captures")  # in the timed steps
+        # samples the dispatcher rejected (bad data, counted by kind): a run that lost a mode
+        # (every audio block rejected, say) must not pass for a fast one
+        res["rejected"] = {k[len("rejected_"):]: v for k, v in tr.disp.counts.items()
+                           if k.startswith("rejected_")}
         if "profile" in state:
             res["profile"] = state["profile"]
         res.update(timer.summary(warmup, params, phases.timed_end) if warmup
@@ -373,7 +377,8 @@ def bench_train(preset, datas, variants, extra, warmup, steps, seconds, profile_
             continue
         click.echo(f"{r['data']:<22} {r['variant']:<9} {r['tokens_per_s']:>9} {r['mfu']:>6.3f} "
                    f"{r['share_model_calls']:>6.2f} {r['share_backward_optimizer']:>7.2f} "
-                   f"{r['share_data_wait']:>6.2f} {r['batches_per_step']:>12}")
+                   f"{r['share_data_wait']:>6.2f} {r['batches_per_step']:>12}"
+                   + (f"  rejected {r['rejected']}" if r.get("rejected") else ""))
 
 
 if __name__ == "__main__":

@@ -95,3 +95,24 @@ def test_step_timer_counts_full_collections_per_step_and_lets_go():
     ms = timer.summary(1, params=10)["full_gc_ms"]
     assert len(ms) == 3 and ms[1] > 0 and ms[0] == ms[2] == 0, ms
     del junk
+
+
+def test_a_run_reports_the_samples_it_rejected(tmp_path):
+    # a bench run that silently lost a mode looked fast (H200, soundfile without its cffi
+    # backend): the figures now carry the dispatcher's rejections by kind
+    from blocklm.formats import Block, Sample, ShardWriter, text_block
+    from blocklm.tools.bench_train import run_variant
+    from blocklm.tools.bench_turnover import TINY
+
+    with ShardWriter(tmp_path / "d", max_samples=64) as w:
+        for i in range(40):
+            blocks = [text_block("to be or not to be, " * (1 + i % 5))]
+            if i % 10 == 3:  # a WAV block whose bytes are not a WAV file
+                blocks.append(Block("audio", (50, 1), "wav", b"RIFF" + bytes(60)))
+            w.write(Sample(f"s{i:03d}", blocks))
+    res = run_variant(str(tmp_path / "d"), "off", [o for o in TINY if "log_every" not in o],
+                      warmup=1, steps=1, seconds=30.0, profile_steps=0, preset="tiny")
+    assert res.get("error") is None
+    # 4 bad samples an epoch, every epoch the run went through (chained epochs)
+    assert set(res["rejected"]) == {"PrepareError"}
+    assert res["rejected"]["PrepareError"] >= 4 and res["rejected"]["PrepareError"] % 4 == 0
