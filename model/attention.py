@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attention_io import KernelGates, KernelQKV, KernelRows
+from .attention_io_triton import KernelQKVTriton, qkv_triton_ok
 from .banked_triton import _save_blocks, banked_attention_triton, triton_supports
 from .config import AttentionConfig
 
@@ -141,7 +142,9 @@ class BankedAttention(nn.Module):
         Tp = -(-T // step) * step  # whole kernel blocks: the kernel wrapper pads nothing
         qkv, sel = self.qkv(rows), self.select(rows)  # [M, 3HD], [M, 2HN+H]
         with torch.autocast(device_type=x.device.type, enabled=False):
-            q, k, v = KernelQKV.apply(qkv, B, T, Tp, H, D)  # [B,H,Tp,D] bf16
+            fused = self.cfg.fused_io and qkv_triton_ok(qkv, Tp, D)
+            q, k, v = (KernelQKVTriton if fused else KernelQKV).apply(qkv, B, T, Tp, H, D)
+            # q, k, v [B,H,Tp,D] bf16
             r, w, g = KernelGates.apply(sel, mask, B, T, Tp, H, N)  # [B,H,Tp,N], [B,H,Tp]
             o, S, z = banked_attention_triton(q, k, v, r, w, g, S, z, self.cfg.eps, C)
             o = KernelRows.apply(o, T, rows.shape[0])  # [M, H*E]

@@ -1,0 +1,85 @@
+"""KernelQKV's Triton kernels against the PyTorch version they replace (fresh random inputs,
+forward values and gradients), and the attention layer through either path. CUDA only; on the
+CPU the PyTorch version is the path itself (checked by the dispatch test below)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from blocklm.model.attention import BankedAttention
+from blocklm.model.attention_io import KernelQKV
+from blocklm.model.attention_io_triton import HAS_TRITON, KernelQKVTriton, qkv_triton_ok
+from blocklm.model.config import AttentionConfig
+
+cuda = pytest.mark.skipif(not (torch.cuda.is_available() and HAS_TRITON),
+                          reason="needs CUDA and Triton")
+
+
+def test_cpu_operands_take_the_pytorch_path():
+    assert not qkv_triton_ok(torch.zeros(8, 3 * 2 * 16), 16, 16)
+
+
+def _both(qkv: torch.Tensor, B: int, T: int, Tp: int, H: int, D: int, drop: tuple = ()):
+    outs, grads = [], []
+    gen = torch.Generator(device=qkv.device).manual_seed(7)
+    ups = [torch.randn(B, H, Tp, D, device=qkv.device, generator=gen) for _ in range(3)]
+    for fn in (KernelQKV, KernelQKVTriton):
+        x = qkv.detach().clone().requires_grad_(True)
+        q, k, v = fn.apply(x, B, T, Tp, H, D)
+        loss = sum((o.float() * u).sum() for i, (o, u) in enumerate(zip((q, k, v), ups))
+                   if i not in drop)
+        loss.backward()
+        outs.append(torch.stack([q, k, v]))
+        grads.append(x.grad)
+    return outs, grads
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("B,T,Tp,H,D,pad", [(3, 37, 64, 6, 64, 5), (2, 128, 128, 4, 32, 0),
+                                            (5, 1, 16, 2, 16, 3)])
+def test_kernels_match_the_pytorch_version(dtype, B, T, Tp, H, D, pad):
+    torch.manual_seed(B * 1000 + T)
+    qkv = (torch.randn(B * T + pad, 3 * H * D, device="cuda") * 2).to(dtype)
+    (ref, new), (gref, gnew) = _both(qkv, B, T, Tp, H, D)
+    assert new.dtype == ref.dtype == torch.bfloat16 and new.shape == ref.shape
+    # one rounding of the same fp32 value: equal but for exp's last bits (1 bf16 step at most)
+    torch.testing.assert_close(new.float(), ref.float(), rtol=2 ** -7, atol=1e-6)
+    assert (new[:, :, :, T:] == 0).all()  # padded steps
+    assert gnew.dtype == gref.dtype == dtype
+    tol = 2 ** -7 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(gnew.float(), gref.float(), rtol=tol, atol=1e-6)
+    assert (gnew[B * T:] == 0).all()  # padding rows
+
+
+@cuda
+@pytest.mark.parametrize("drop", [(0,), (2,), (0, 1)])
+def test_missing_gradients_are_zero(drop):
+    torch.manual_seed(3)
+    qkv = torch.randn(2 * 40, 3 * 4 * 64, device="cuda").bfloat16()
+    (_, _), (gref, gnew) = _both(qkv, 2, 40, 64, 4, 64, drop=drop)
+    torch.testing.assert_close(gnew.float(), gref.float(), rtol=2 ** -7, atol=1e-6)
+
+
+@cuda
+def test_attention_layer_same_through_either_path():
+    torch.manual_seed(0)
+    outs = []
+    for fused in (False, True):
+        cfg = AttentionConfig(heads=4, head_dim=64, banks=4, chunk=64, fused_io=fused)
+        torch.manual_seed(0)
+        layer = BankedAttention(cfg, 256).cuda()
+        x = torch.randn(3, 100, 256, device="cuda", requires_grad=True)
+        S0 = torch.zeros(3, 4, 4, 64, 64, device="cuda")
+        z0 = torch.zeros(3, 4, 4, 64, device="cuda")
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y, S, z = layer(x, S0, z0)
+        y.float().square().mean().backward()
+        outs.append((y.float(), S, x.grad, [p.grad for p in layer.parameters()]))
+    (y0, S0, gx0, gp0), (y1, S1, gx1, gp1) = outs
+    torch.testing.assert_close(y1, y0, rtol=2e-2, atol=2e-3)
+    torch.testing.assert_close(S1, S0, rtol=2e-2, atol=2e-3)
+    torch.testing.assert_close(gx1, gx0, rtol=2e-2, atol=2e-4)
+    for a, b in zip(gp1, gp0):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-4)
