@@ -56,7 +56,11 @@ def check_meta(meta: object, **where) -> dict[str, MetaValue]:
     return out
 
 
-@dataclass(eq=True)
+# Slotted (no per-instance ``__dict__``): the read-ahead and in-flight samples of a training run
+# are some 16k Samples and as many Blocks, and each dict was one more object for every full
+# garbage collection to traverse (`python -m blocklm.tools.bench_turnover`); weak references
+# to them still work (``weakref_slot``), as they did
+@dataclass(eq=True, slots=True, weakref_slot=True)
 class Block:
     """One block of a sample: a mode, a shape, a codec and the codec's payload bytes.
 
@@ -110,7 +114,7 @@ class Block:
         return math.prod(self.shape)
 
 
-@dataclass(eq=True)
+@dataclass(eq=True, slots=True, weakref_slot=True)
 class Sample:
     """A training example: a unique key and an ordered list of blocks."""
 

@@ -47,33 +47,40 @@ class StoredBlock(Block):
     :class:`FormatError` naming shard, key and block if the payload turns out not to decompress.
     """
 
+    # slotted like Block (no __dict__: one object fewer per block for the collector); the
+    # ``payload`` property below stands in front of Block's own slot, which stays unused
+    __slots__ = ("_payload", "_stored", "_size", "_cap", "_where")
+
     @classmethod
     def lazy(cls, mode: str, shape: tuple[int, ...], codec: str, meta: dict[str, MetaValue],
              stored: bytes, size: int, cap: int, where: tuple[str, str, int]) -> StoredBlock:
         b = object.__new__(cls)
-        b.__dict__.update(mode=mode, shape=shape, codec=codec, meta=meta, _payload=None,
-                          _stored=stored, _size=size, _cap=cap, _where=where)
+        b.mode, b.shape, b.codec, b.meta = mode, shape, codec, meta
+        b._payload, b._stored, b._size, b._cap, b._where = None, stored, size, cap, where
         return b
 
     @property  # type: ignore[override]
     def payload(self) -> bytes:
-        p = self.__dict__.get("_payload")
+        p = self._payload
         if p is None:
             shard, key, block = self._where
             p = decompress(self._stored, self._size, self._cap, shard=shard, key=key,
                            block=block)
-            self.__dict__.update(_payload=p, _stored=None)
+            self._payload, self._stored = p, None
         return p
 
     @payload.setter
     def payload(self, value: bytes) -> None:
-        self.__dict__.update(_payload=value, _stored=None)
+        self._payload, self._stored = value, None
 
     def __getstate__(self) -> dict[str, Any]:
-        d = dict(self.__dict__)
-        if isinstance(d.get("_stored"), memoryview):  # a view of a mapped shard: send its bytes
+        d = _slots_state(self, _STORED)
+        if isinstance(d["_stored"], memoryview):  # a view of a mapped shard: send its bytes
             d["_stored"] = bytes(d["_stored"])
         return d
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        _set_slots(self, state)
 
     def __eq__(self, other: Any) -> bool:
         if not isinstance(other, Block):
@@ -84,7 +91,7 @@ class StoredBlock(Block):
     __hash__ = None  # type: ignore[assignment]
 
     def __repr__(self) -> str:
-        state = "compressed" if self.__dict__.get("_payload") is None else "decompressed"
+        state = "compressed" if self._payload is None else "decompressed"
         return (f"StoredBlock(mode={self.mode!r}, shape={self.shape!r}, codec={self.codec!r}, "
                 f"{state}, meta={self.meta!r})")
 
@@ -99,42 +106,60 @@ class ViewBlock(Block):
     its payload as bytes (DataLoader workers send blocks to the main process).
     """
 
+    __slots__ = ("_payload", "_view")  # as StoredBlock's
+
     @classmethod
     def of(cls, mode: str, shape: tuple[int, ...], codec: str, meta: dict[str, MetaValue],
            view: memoryview) -> ViewBlock:
         b = object.__new__(cls)
-        b.__dict__.update(mode=mode, shape=shape, codec=codec, meta=meta, _payload=None,
-                          _view=view)
+        b.mode, b.shape, b.codec, b.meta, b._payload, b._view = mode, shape, codec, meta, None, view
         return b
 
     @property
     def view(self) -> memoryview:
         """The payload without a copy (a view of the mapped shard, or of the bytes once made)."""
-        v = self.__dict__.get("_view")
-        return v if v is not None else memoryview(self.__dict__["_payload"])
+        v = self._view
+        return v if v is not None else memoryview(self._payload)
 
     @property  # type: ignore[override]
     def payload(self) -> bytes:
-        p = self.__dict__.get("_payload")
+        p = self._payload
         if p is None:
             p = bytes(self._view)
-            self.__dict__.update(_payload=p, _view=None)
+            self._payload, self._view = p, None
         return p
 
     @payload.setter
     def payload(self, value: bytes) -> None:
-        self.__dict__.update(_payload=value, _view=None)
+        self._payload, self._view = value, None
 
     def __getstate__(self) -> dict[str, Any]:
-        d = dict(self.__dict__)
-        if d.get("_view") is not None:
+        d = _slots_state(self, _VIEW)
+        if d["_view"] is not None:
             d.update(_payload=bytes(d["_view"]), _view=None)
         return d
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        _set_slots(self, state)
 
     __eq__ = StoredBlock.__eq__
     __hash__ = None  # type: ignore[assignment]
 
     def __repr__(self) -> str:
-        state = "view" if self.__dict__.get("_view") is not None else "bytes"
+        state = "view" if self._view is not None else "bytes"
         return (f"ViewBlock(mode={self.mode!r}, shape={self.shape!r}, codec={self.codec!r}, "
                 f"{state}, meta={self.meta!r})")
+
+
+# what each pickles: the fields but ``payload`` (a property here), then its own slots
+_STORED = ("mode", "shape", "codec", "meta") + StoredBlock.__slots__
+_VIEW = ("mode", "shape", "codec", "meta") + ViewBlock.__slots__
+
+
+def _slots_state(b: Block, names: tuple[str, ...]) -> dict[str, Any]:
+    return {n: getattr(b, n) for n in names}
+
+
+def _set_slots(b: Block, state: dict[str, Any]) -> None:
+    for n, v in state.items():
+        object.__setattr__(b, n, v)

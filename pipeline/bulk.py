@@ -10,7 +10,8 @@ shard is checked here with far fewer Python operations:
   once per shard, kept with its compiled index);
 - the payloads sliced and their checksums computed by ``map`` (no bytecode per block), compared
   as one list of ints against the recorded ones; zstd frame sizes likewise;
-- Blocks made from a per-block template dict (``dict.copy`` is a memcpy) with the payload put in.
+- Blocks made from a per-block row of their fields with the payload put in (slotted records:
+  no dict per block).
 
 If anything at all differs (a field, a checksum, a frame size) the chunk returns None and the
 caller cuts it again sample by sample with the fast path, which hands each failure to the format's
@@ -39,19 +40,23 @@ class BulkShard:
     """What cutting chunks of one shard needs, compiled once from its compiled index records
     (``CompiledShard.recs``) for one reader setting (``shard`` name, ``verify``, payload ``cap``).
 
-    Memory: 5 bytes per compared header byte (some 100 per sample) plus a template dict, a
-    slice and a checksum per block: about 1.1 KB per sample, kept as long as the index is."""
+    Memory: 5 bytes per compared header byte (some 100 per sample) plus a row, a payload range
+    and a checksum per block: about 1 KB per sample, kept as long as the index is. Rows hold
+    only strings, numbers and tuples of them (metadata by its position in ``metas``), and
+    ranges are two lists of ints, not slices: the garbage collector untracks such tuples, and
+    full collections while training do not traverse three objects per sample."""
 
-    __slots__ = ("setting", "pos", "exp", "cum", "bcum", "nobulk", "big", "slices", "digs",
-                 "zmask", "zcum", "zsizes", "rows", "single")
+    __slots__ = ("setting", "pos", "exp", "cum", "bcum", "nobulk", "big", "dstarts", "dstops",
+                 "digs", "zmask", "zcum", "zsizes", "rows", "single", "metas")
 
-    def __init__(self, recs: list, ends: list[int], shard: str, verify: bool, cap: int) -> None:
+    def __init__(self, recs: list, metas: list[dict], ends: list[int], shard: str, verify: bool,
+                 cap: int) -> None:
         self.setting = (shard, verify, cap)
         starts: list[int] = []
         lens: list[int] = []
         exp: list[bytes] = []
         cum, bcum, nobulk, big = [0], [0], [0], [0]
-        slices, digs, zmask, zcum, zsizes, rows = [], [], [], [0], [], []
+        dstarts, dstops, digs, zmask, zcum, zsizes, rows = [], [], [], [], [0], [], []
         single = True
         for (key, offset, hname, hlen, blocks), end in zip(recs, ends):
             starts.append(offset)
@@ -63,14 +68,15 @@ class BulkShard:
             odd = offset + hlen > end
             has_big = False
             tmpls = []
-            for j, (doff, stored, zstd, xxh3, mname, _mend, sfield, mode, shape, codec, meta,
+            for j, (doff, stored, zstd, xxh3, mname, _mend, sfield, mode, shape, codec, mi,
                     size, bigb) in enumerate(blocks):
                 odd |= doff - BLOCK < offset
                 starts += (doff - BLOCK, doff - 388)
                 lens += (len(mname), len(sfield))
                 exp += (mname, sfield)
                 n += len(mname) + len(sfield)
-                slices.append(slice(doff, doff + stored))
+                dstarts.append(doff)
+                dstops.append(doff + stored)
                 digs.append(xxh3)
                 has_big |= bigb
                 zmask.append(zstd)
@@ -79,13 +85,7 @@ class BulkShard:
                     # the fast path's own checks that need no bytes: anything odd goes to it
                     odd |= stored < 4 or size > cap
                     zsizes.append(size)
-                    tmpls.append((StoredBlock, "_stored", {
-                        "mode": mode, "shape": shape, "codec": codec, "meta": meta,
-                        "_payload": None, "_stored": None, "_size": size, "_cap": cap,
-                        "_where": (shard, key, j)}))
-                else:
-                    tmpls.append((Block, "payload", {"mode": mode, "shape": shape, "codec": codec,
-                                                     "payload": None, "meta": meta}))
+                tmpls.append((zstd, mode, shape, codec, mi, size, (shard, key, j)))
                 odd |= verify and xxh3 < 0
             single &= len(blocks) == 1
             rows.append((key, tuple(tmpls)))
@@ -102,7 +102,7 @@ class BulkShard:
         self.pos = pos.astype(np.int32) if len(pos) and pos.max() < 2**31 else pos
         self.exp = b"".join(exp)
         self.cum, self.bcum, self.nobulk, self.big = cum, bcum, nobulk, big
-        self.slices, self.digs = slices, digs
+        self.dstarts, self.dstops, self.digs, self.metas = dstarts, dstops, digs, metas
         self.zmask, self.zcum, self.zsizes = zmask, zcum, zsizes
         self.single = single
         # single-block samples (all text, most audio): a flat row per sample for a flat loop
@@ -126,10 +126,11 @@ class BulkShard:
         if got != self.exp[c0:c1]:
             return None
         b0, b1 = self.bcum[l0], self.bcum[l1]
-        if base == 0:
-            datas = list(map(buf.__getitem__, self.slices[b0:b1]))
+        if base == 0:  # the slices made in C, as they are used
+            datas = list(map(buf.__getitem__, map(slice, self.dstarts[b0:b1], self.dstops[b0:b1])))
         else:
-            datas = [buf[s.start - base:s.stop - base] for s in self.slices[b0:b1]]
+            datas = [buf[a - base:e - base] for a, e in zip(self.dstarts[b0:b1],
+                                                            self.dstops[b0:b1])]
         if self.setting[1] and list(map(_xxh3, datas)) != self.digs[b0:b1]:
             return None
         z0, z1 = self.zcum[b0], self.zcum[b1]
@@ -142,29 +143,37 @@ class BulkShard:
                 return None
         out = []
         app = out.append
+        cap, metas = self.setting[2], self.metas
         if self.single:
-            for (key, cls, slot, tmpl), data in zip(self.rows[l0:l1], datas):
-                d = tmpl.copy()
-                d[slot] = data
-                b = _new(cls)
-                b.__dict__ = d
-                s = _new(Sample)  # attributes set one by one: kept inline, no dict made
-                s.key = key
-                s.blocks = [b]
+            for (key, zstd, mode, shape, codec, mi, size, where), data in zip(self.rows[l0:l1],
+                                                                              datas):
+                meta = metas[mi]
+                if zstd:  # as StoredBlock.lazy sets it, without the call
+                    b = _new(StoredBlock)
+                    b.mode, b.shape, b.codec, b.meta = mode, shape, codec, meta
+                    b._payload, b._stored, b._size, b._cap, b._where = None, data, size, cap, where
+                else:  # as Block.trusted sets it
+                    b = _new(Block)
+                    b.mode, b.shape, b.codec, b.payload, b.meta = mode, shape, codec, data, meta
+                s = _new(Sample)
+                s.key, s.blocks = key, [b]
                 app(s)
             return out
         nxt = iter(datas).__next__
         for key, tmpls in self.rows[l0:l1]:
             blocks = []
-            for cls, slot, tmpl in tmpls:
-                d = tmpl.copy()
-                d[slot] = nxt()
-                b = _new(cls)
-                b.__dict__ = d
+            for zstd, mode, shape, codec, mi, size, where in tmpls:
+                meta = metas[mi]
+                if zstd:
+                    b = _new(StoredBlock)
+                    b.mode, b.shape, b.codec, b.meta = mode, shape, codec, meta
+                    b._payload, b._stored, b._size, b._cap, b._where = (None, nxt(), size, cap,
+                                                                         where)
+                else:
+                    b = _new(Block)
+                    b.mode, b.shape, b.codec, b.payload, b.meta = mode, shape, codec, nxt(), meta
                 blocks.append(b)
             s = _new(Sample)
-            s.key = key
-            s.blocks = blocks
+            s.key, s.blocks = key, blocks
             app(s)
         return out
-

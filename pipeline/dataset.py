@@ -26,10 +26,10 @@ from blocklm.formats.reader import DatasetShard, Opener
 
 from .buffers import RunBuffers
 from .errors import StateError
-from .fastpath import IndexCache
+from .fastpath import IndexCache, compiled_index
 from .live import Live as _Live
 from .maps import MapCache
-from .opener import RemoteOpener
+from .opener import RemoteOpener, is_remote
 from .readahead import ReadAhead
 from .shuffle import buffer_order, rng_for
 from .sources import RemoteConfig
@@ -139,6 +139,24 @@ class BlockDataset(IterableDataset):
     @stats.setter
     def stats(self, value: LoaderStats) -> None:
         self._stats = value
+
+    def load_indexes(self) -> int:
+        """Load the local shards' indexes now into the cache that every pass reads them from,
+        if all fit it (else none: a pass would drop some); how many. A remote one, or one that
+        fails (its pass reports it, as before), is left to the first pass. The trainer calls
+        it before it freezes the objects alive at the start out of the garbage collector: the
+        indexes were built later, and each full collection traversed them (3 objects a sample)."""
+        if sum(self.counts) > self._indexes.max_entries:
+            return 0
+        n = 0
+        for url, count, xxh3 in zip(self.urls, self.counts, self.index_xxh3):
+            if not is_remote(url):
+                try:
+                    compiled_index(self._indexes, url, count, xxh3, self.opener, self.limits)
+                    n += 1
+                except FormatError:
+                    pass
+        return n
 
     def _missing_shard(self, shard: DatasetShard, err: FormatError) -> None:
         self.stats.skip(err, shard.url, None)

@@ -19,13 +19,16 @@ import xxhash
 import zstandard
 
 from blocklm.formats.block import Block, Sample
+from blocklm.formats.errors import IndexMismatchError
 from blocklm.formats.index import IndexEntry
 from blocklm.formats.lazy import StoredBlock, ViewBlock
-from blocklm.formats.reader import BlockDecoder
+from blocklm.formats.limits import Limits
+from blocklm.formats.reader import BlockDecoder, Opener
 from blocklm.formats.tar import BLOCK
 from blocklm.formats.writer import header_member, payload_member
 
 from .bulk import BulkShard
+from .urls import load_index_typed
 
 _new = object.__new__
 _xxh3 = xxhash.xxh3_64_intdigest  # an int compares faster than a 16-digit string
@@ -56,7 +59,7 @@ VIEW_MIN = 16 << 10  # mapped payloads from this size are handed out as views, n
 class CompiledShard:
     """An index's entries plus, per entry, the bytes the fast path compares."""
 
-    __slots__ = ("entries", "recs", "bulk", "offs", "ends", "opened", "vcum")
+    __slots__ = ("entries", "recs", "metas", "bulk", "offs", "ends", "opened", "vcum")
 
     def __init__(self, entries: list[IndexEntry]) -> None:
         self.entries = entries
@@ -67,6 +70,12 @@ class CompiledShard:
         self.bulk: BulkShard | None = None  # compiled on first use, for one reader setting
         self.opened = False  # a FastDecoder has used it (see FastDecoder.bulk)
         recs = []
+        # a block's metadata as its position in ``metas`` (distinct dicts: the index shares equal
+        # ones), not the dict: a tuple holding only ints, strings and such is untracked by the
+        # garbage collector, one holding a dict never is (three tuples a sample, some 22k objects
+        # of the small text set for every full collection to traverse)
+        metas: list[dict] = []
+        mi: dict[int, int] = {}
         vb, vcum = 0, [0]
         for e in entries:
             blocks = []
@@ -74,14 +83,18 @@ class CompiledShard:
                 name = _name_field(payload_member(e.key, j, b, b.zstd))
                 # where the name and size fields start, relative to the payload (512 and 388
                 # bytes before it) and end: compared in place, no tar header is parsed
+                m = mi.get(id(b.meta))
+                if m is None:
+                    m = mi[id(b.meta)] = len(metas)
+                    metas.append(b.meta)
                 blocks.append((b.offset, b.stored, b.zstd, _digest(b.xxh3), name, len(name) - BLOCK,
-                               _size_field(b.stored), b.mode, b.shape, b.codec, b.meta, b.size,
+                               _size_field(b.stored), b.mode, b.shape, b.codec, m, b.size,
                                b.stored >= VIEW_MIN))
             hname = _name_field(header_member(e.key))
             recs.append((e.key, e.offset, hname, len(hname), tuple(blocks)))
             vb += sum(b[1] for b in blocks if b[12])
             vcum.append(vb)
-        self.recs = recs
+        self.recs, self.metas = recs, metas
         # bytes of payloads handed out as views, cumulated: how much of a run would be views
         self.vcum = np.array(vcum, dtype=np.int64)
 
@@ -99,7 +112,7 @@ class FastDecoder:
 
     def __init__(self, shard: CompiledShard, decoder: BlockDecoder) -> None:
         self.shard = shard
-        self.recs = shard.recs
+        self.recs, self.metas = shard.recs, shard.metas
         self.decoder = decoder
         self.verify = decoder.verify
         self._cap = decoder.limits.max_payload_bytes
@@ -116,8 +129,10 @@ class FastDecoder:
             return self._slow(i, mv, base)
         verify = self.verify
         out = []
-        for doff, stored, zstd, xxh3, mname, mend, sfield, mode, shape, codec, meta, size, big \
+        metas = self.metas
+        for doff, stored, zstd, xxh3, mname, mend, sfield, mode, shape, codec, mi, size, big \
                 in blocks:
+            meta = metas[mi]
             a = doff - base
             end = a + stored
             if buf[a - BLOCK:a + mend] != mname or buf[a - 388:a - 376] != sfield:
@@ -130,20 +145,19 @@ class FastDecoder:
                 if stored < 4 or _frame_size(data) != size or size > self._cap:
                     return self._slow(i, mv, base)
                 b = _new(StoredBlock)  # as StoredBlock.lazy sets it, without the call
-                b.__dict__ = {"mode": mode, "shape": shape, "codec": codec, "meta": meta,
-                              "_payload": None, "_stored": data, "_size": size,
-                              "_cap": self._cap, "_where": (self.decoder.shard, key, len(out))}
+                b.mode, b.shape, b.codec, b.meta = mode, shape, codec, meta
+                b._payload, b._stored, b._size, b._cap = None, data, size, self._cap
+                b._where = (self.decoder.shard, key, len(out))
             elif view:
                 b = _new(ViewBlock)  # as ViewBlock.of sets it
-                b.__dict__ = {"mode": mode, "shape": shape, "codec": codec, "meta": meta,
-                              "_payload": None, "_view": data}
+                b.mode, b.shape, b.codec, b.meta, b._payload, b._view = (mode, shape, codec, meta,
+                                                                          None, data)
             else:
                 b = _new(Block)  # as Block.trusted sets it
-                b.__dict__ = {"mode": mode, "shape": shape, "codec": codec, "payload": data,
-                              "meta": meta}
+                b.mode, b.shape, b.codec, b.payload, b.meta = mode, shape, codec, data, meta
             out.append(b)
         s = _new(Sample)
-        s.__dict__ = {"key": key, "blocks": out}
+        s.key, s.blocks = key, out
         return s
 
     def bulk(self) -> BulkShard | None:
@@ -154,7 +168,7 @@ class FastDecoder:
         if b is None and self._first:
             return None
         if b is None or b.setting != setting:
-            b = self.shard.bulk = BulkShard(self.recs, self.shard.ends, *setting)
+            b = self.shard.bulk = BulkShard(self.recs, self.metas, self.shard.ends, *setting)
         return b
 
     def _slow(self, i: int, mv: memoryview, base: int) -> Sample:
@@ -188,3 +202,19 @@ class IndexCache:
 
     def __getstate__(self) -> dict:
         return {"max_entries": self.max_entries, "_items": OrderedDict(), "_total": 0}
+
+
+def compiled_index(indexes: IndexCache, url: str, count: int, xxh3: str | None, opener: Opener,
+                   limits: Limits) -> CompiledShard:
+    """Shard ``url``'s compiled index: the one in ``indexes``, else its index loaded (checked
+    against the manifest's ``xxh3`` and sample ``count``: a :class:`FormatError` if it is bad),
+    compiled and put there."""
+    comp = indexes.get(url)
+    if comp is None:
+        idx = load_index_typed(url, opener=opener, limits=limits, expect_xxh3=xxh3)
+        if len(idx.samples) != count:
+            raise IndexMismatchError(f"index lists {len(idx.samples)} samples, manifest "
+                                     f"{count}", shard=url)
+        comp = CompiledShard(idx.samples)
+        indexes.put(url, comp)
+    return comp

@@ -69,6 +69,10 @@ class MixedDataset(IterableDataset):
             st.update(workers=None, worker=None, draws=0, alive=[], gen=0)
         return st
 
+    def load_indexes(self) -> int:
+        """Each dataset's :meth:`BlockDataset.load_indexes`; how many in all."""
+        return sum(d.load_indexes() for d in self.datasets)
+
     def load_state_dict(self, state: Any) -> None:
         """Resume from a mixture state, a list of them, or a ``StatefulDataLoader`` state."""
         states = extract_states(state, MIX_KEY)

@@ -22,19 +22,18 @@ from time import sleep as _sleep
 import numpy as np
 
 from blocklm.formats.block import Sample
-from blocklm.formats.errors import FormatError, IndexMismatchError, TruncatedShardError
+from blocklm.formats.errors import FormatError, TruncatedShardError
 from blocklm.formats.limits import Limits
 from blocklm.formats.reader import RUN_BYTES, BlockDecoder, ByteSource, LocalSource, Opener
 
 from .buffers import RunBuffers
 from .errors import SourceError
-from .fastpath import CompiledShard, FastDecoder, IndexCache
+from .fastpath import FastDecoder, IndexCache, compiled_index
 from .maps import MapCache
 from .opener import is_remote
 from .readahead import ReadAhead, fetch_run, next_request, pairs
 from .sources import HTTPSource
 from .stats import LoaderStats
-from .urls import load_index_typed
 
 OPEN_SHARDS = 4  # indexes and sources kept open per process (LRU): bounds memory over epochs
 READ_AHEAD = 1  # runs fetched ahead of the one being decoded
@@ -133,15 +132,8 @@ class RunReader:
             return o
         url = self.urls[s]
         try:
-            comp = self.indexes.get(url)
-            if comp is None:
-                idx = load_index_typed(url, opener=self.opener, limits=self.limits,
-                                 expect_xxh3=self.index_xxh3[s])
-                if len(idx.samples) != self.counts[s]:
-                    raise IndexMismatchError(f"index lists {len(idx.samples)} samples, manifest "
-                                             f"{self.counts[s]}", shard=url)
-                comp = CompiledShard(idx.samples)
-                self.indexes.put(url, comp)
+            comp = compiled_index(self.indexes, url, self.counts[s], self.index_xxh3[s],
+                                  self.opener, self.limits)
             dec = BlockDecoder(url, verify=self.verify, limits=self.limits)
             src = self.maps.get(url)
             if src is None:

@@ -261,6 +261,8 @@ class Trainer:
     def fit(self, *, steps: int | None, minutes: float | None) -> dict[str, Any]:
         """Train until ``steps`` optimizer steps in all, ``minutes`` or a signal (see
         :func:`train`), with the garbage collector tuned for it (:class:`.loop_util.GCFreeze`)."""
+        # the indexes first, so that they are frozen with the rest (BlockDataset.load_indexes)
+        getattr(self.source, "load_indexes", lambda: 0)()
         with GCFreeze():
             return self._fit(steps, minutes)
 

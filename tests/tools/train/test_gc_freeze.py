@@ -53,3 +53,25 @@ def test_objects_frozen_before_do_not_stop_the_freeze_and_stay_frozen():
     finally:
         gc.unfreeze()
         gc.collect()
+
+
+def test_the_trainer_loads_its_indexes_before_it_freezes():
+    """The text set's indexes were built after the start-of-fit freeze (by its first pass), and
+    every full collection traversed them: the trainer loads them first, so they are frozen."""
+    from blocklm.tools.train.loop import Trainer
+
+    class Fake:  # what Trainer.fit uses of a trainer
+        def __init__(self) -> None:
+            self.source, self.seen = self, []
+
+        def load_indexes(self) -> int:
+            self.seen.append(("load", gc.get_freeze_count()))
+            return 1
+
+        def _fit(self, steps, minutes):
+            self.seen.append(("fit", gc.get_freeze_count()))
+            return {}
+
+    f = Fake()
+    assert Trainer.fit(f, steps=1, minutes=None) == {}
+    assert [w for w, _ in f.seen] == ["load", "fit"] and f.seen[1][1] > f.seen[0][1]
