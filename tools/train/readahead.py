@@ -46,6 +46,7 @@ class _Ahead:
         self.prepare, self.plan = prepare, plan
         self.planned: Any = None  # plan(samples, pieces) of an epoch read whole
         self.prepared: dict[int, Any] = {}  # id(sample) -> prepare(sample), done ahead
+        self.owners: dict[int, Any] = {}  # id(sample) -> sample: whose pieces they are
         self.it: Iterator[Any] | None = None
         self.done = False  # the epoch ended within the read-ahead
         self.thread = threading.Thread(target=self._read, args=(source, depth),
@@ -68,6 +69,7 @@ class _Ahead:
                 if self.prepare is not None:
                     try:
                         self.prepared[id(item)] = self.prepare(item)
+                        self.owners[id(item)] = item
                     except Exception:  # bad data: prepared again by the dispatcher, which
                         pass  # reports it as that sample's error
         except BaseException as e:  # re-raised in the consumer, with the loader's message
@@ -98,6 +100,7 @@ class EpochReadAhead:
         # epoch() runs in the dispatcher's prefetch thread, start_next() in the trainer's
         self._lock = threading.Lock()
         self._prepared: dict[int, Any] = {}  # of the epoch being served
+        self._owners: dict[int, Any] = {}
 
     def cached(self, prepare: Callable[[Any], Any]) -> Callable[[Any], Any]:
         """``prepare`` that first takes what the read-ahead already prepared for a sample (the
@@ -105,18 +108,22 @@ class EpochReadAhead:
         8,192 examples in one thread while the GPU waited, 0.8-1.1 s in device call
         thru-final). The read-ahead must be given the same, deterministic ``prepare``."""
         def get(sample: Any) -> Any:
+            # a sample drawn but never prepared (a resumed run skips those not in flight) left
+            # its entry; once it is freed a later sample can have its id: the owner tells
             hit = self._prepared.pop(id(sample), None)
-            return hit if hit is not None else prepare(sample)
+            if hit is not None and self._owners.pop(id(sample), None) is sample:
+                return hit
+            return prepare(sample)
         return get
 
     def epoch(self, epoch: int) -> Iterator[Any]:
         """The samples of ``epoch`` (the loader's own order)."""
         with self._lock:  # a read-ahead not started by now never starts: this reads the epoch
             ahead, self._next, self._due = self._next, None, None
-        self._prepared = {}
+        self._prepared, self._owners = {}, {}
         if ahead is not None and ahead.epoch == epoch:
             ahead.thread.join()
-            self._prepared = ahead.prepared  # samples stay alive until prepared: ids hold
+            self._prepared, self._owners = ahead.prepared, ahead.owners
             yield from ahead.items()
         else:
             if ahead is not None:
@@ -146,7 +153,7 @@ class EpochReadAhead:
             return None
         with self._lock:
             self._next = None
-        self._prepared = {}
+        self._prepared, self._owners = {}, {}
         self._drawn(epoch)
         return ahead.planned
 
