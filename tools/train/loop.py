@@ -62,6 +62,7 @@ from .readahead import EpochReadAhead
 from .runner import HEADS, Context, ModelRunners
 from .schedule import warmup_cosine
 from .spec import RUN_META, RunSpec, make_buckets, make_optimizer, make_source, pick_device
+from .step_log import Figures, StepRecord
 
 __all__ = ["RUN_META", "RunSpec", "Trainer", "load_model", "make_buckets", "make_optimizer",
            "make_source", "pick_device", "train"]
@@ -142,6 +143,10 @@ class Trainer:
         self.acc: dict[str, list[float]] = {}
         self.tokens_since, self.t_log = 0.0, time.monotonic()
         self.summary: dict[str, Any] = {}
+        self._pending: StepRecord | None = None  # a step whose record is not written yet
+        self.bar = None  # fit's progress bar
+        self._async_log = (t.async_log if t.async_log is not None
+                           else self.device.type == "cuda" and self.coll.world == 1)
 
     # -- checkpoints ---------------------------------------------------------------------------
     def _rank_file(self) -> Path:
@@ -149,6 +154,7 @@ class Trainer:
 
     def checkpoint(self) -> None:
         """Model, optimizer, scheduler (rank 0) and each rank's dispatcher, loader and RNG."""
+        self._flush()  # the log holds every step the checkpoint holds
         state = self.disp.state_dict()
         mine = {"step": self.step, "world": self.coll.world, "rng": rng_state(),
                 "dispatcher": _pack_contexts(state),
@@ -202,22 +208,18 @@ class Trainer:
 
     # -- steps ---------------------------------------------------------------------------------
     def optimizer_step(self) -> None:
-        """Back-propagate the window (global normalisers), sum gradients, step, log."""
+        """Back-propagate the window (global normalisers), sum gradients, step; the step's log
+        record is written once its figures reach the host (:mod:`.step_log`)."""
         w = self.runners.window
         self.runners.close_autocast()
-        # the normalisers are host counts; the bits (for the log) are read from the GPU only
-        # once backward is queued: read first, they made the host wait for the window's whole
-        # forward before it could start launching the backward
-        counts = self.coll.sum(w.counts(self.modes) + [float(w.tokens)])
+        counts = self.coll.sum(w.counts(self.modes) + [float(w.tokens)])  # host numbers
         nm = len(self.modes)
         objective = w.objective(dict(zip(self.modes, counts)), dict(zip(HEADS, counts[nm:])))
         if objective is not None:
             with record_function("blocklm:backward"):
                 objective.backward()
         with record_function("blocklm:window_sums"):
-            bits = self.coll.sum(w.bit_sums(self.modes))
-        sums = [v for pair in zip(bits, counts) for v in pair] + [counts[-1]]
-        heads = {k: (sums[2 * (nm + j)], sums[2 * (nm + j) + 1]) for j, k in enumerate(HEADS)}
+            bits = w.bit_sums_tensor(self.modes)  # queued: read with the record (step_log)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.coll.sum_gradients(params)
         with record_function("blocklm:clip_adamw"):
@@ -227,28 +229,21 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         self.runners.next_window()
         self.step += 1
-        self.tokens_since += sums[-1]
-        for i, m in enumerate(self.modes):
-            if sums[2 * i + 1] > 0:
-                self.acc.setdefault(m, []).append(sums[2 * i] / sums[2 * i + 1])
-        if self.bar is not None:
-            self.bar.update(1)
-            self.bar.set_postfix({m: f"{v[-1]:.3f}" for m, v in self.acc.items()})
-        if self.step % self.t.log_every == 0 or self.step >= self.target:
-            now = time.monotonic()
-            self.summary = {
-                "step": self.step, "epoch": self.epoch,
-                "loss": {m: float(np.mean(v)) for m, v in self.acc.items()},
-                "heads_bits": {k: b / max(c, 1.0) for k, (b, c) in heads.items()},
-                "grad_norm": float(grad_norm), "lr": self.sched.get_last_lr()[0],
-                "tokens_per_s": self.tokens_since / max(now - self.t_log, 1e-9),
-                "dispatch": _dispatch_metrics(self.disp.metrics())}
-            if self.log is not None:
-                self.log.log(self.summary)
-            self.acc, self.tokens_since, self.t_log = {}, 0.0, now
+        if bits is None:  # no bits in the window: zeros, as bit_sums gives
+            bits = grad_norm.new_zeros(nm + len(HEADS), dtype=torch.float64)
+        log = self.step % self.t.log_every == 0 or self.step >= self.target
+        rec = StepRecord(self.step, self.epoch, counts,
+                         Figures(torch.cat([bits, grad_norm.detach().reshape(1).double()])),
+                         self.sched.get_last_lr()[0], time.monotonic(), log,
+                         _dispatch_metrics(self.disp.metrics()) if log else None)
+        self._flush()  # the previous step's record: its figures are on the host by now
+        self._pending = rec
+        if not self._async_log:
+            self._flush()
         spec, t = self.spec, self.t
         if spec.val and t.eval_every and (self.step % t.eval_every == 0
                                           or self.step >= self.target) and self.coll.rank == 0:
+            self._flush()  # the step's record first, then the evaluation's
             ev = evaluate(self.model, validation_source(spec.val, t.seed, self.remote, shuffle=True),
                           samples=t.eval_samples, config=self.cfg.dispatch, device=self.device,
                           buckets=self.buckets)
@@ -257,6 +252,39 @@ class Trainer:
                           "eval_mode_accuracy_later": ev["mode_accuracy_later"],
                           "eval_shape_accuracy": ev["shape_accuracy"],
                           "eval_heads_bits": ev["heads_bits"], "eval_samples": ev["samples"]})
+
+    def _flush(self) -> None:
+        """Write the pending step's record (a no-op without one)."""
+        rec, self._pending = self._pending, None
+        if rec is not None:
+            self._record(rec)
+
+    def _record(self, rec: StepRecord) -> None:
+        """Step ``rec.step``'s losses into the running means, the progress bar and, when due,
+        the metrics log (every rank takes part: the bit sums are summed over ranks)."""
+        vals = rec.figures.get()
+        bits, grad_norm, counts = self.coll.sum(vals[:-1]), vals[-1], rec.counts
+        nm = len(self.modes)
+        sums = [v for pair in zip(bits, counts) for v in pair] + [counts[-1]]
+        heads = {k: (sums[2 * (nm + j)], sums[2 * (nm + j) + 1]) for j, k in enumerate(HEADS)}
+        self.tokens_since += sums[-1]
+        for i, m in enumerate(self.modes):
+            if sums[2 * i + 1] > 0:
+                self.acc.setdefault(m, []).append(sums[2 * i] / sums[2 * i + 1])
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix({m: f"{v[-1]:.3f}" for m, v in self.acc.items()})
+        if rec.log:
+            self.summary = {
+                "step": rec.step, "epoch": rec.epoch,
+                "loss": {m: float(np.mean(v)) for m, v in self.acc.items()},
+                "heads_bits": {k: b / max(c, 1.0) for k, (b, c) in heads.items()},
+                "grad_norm": grad_norm, "lr": rec.lr,
+                "tokens_per_s": self.tokens_since / max(rec.t_end - self.t_log, 1e-9),
+                "dispatch": rec.dispatch}
+            if self.log is not None:
+                self.log.log(self.summary)
+            self.acc, self.tokens_since, self.t_log = {}, 0.0, rec.t_end
 
     def fit(self, *, steps: int | None, minutes: float | None) -> dict[str, Any]:
         """Train until ``steps`` optimizer steps in all, ``minutes`` or a signal (see
@@ -283,6 +311,7 @@ class Trainer:
                     stopped = ended
                     break
                 self.epoch += 1
+        self._flush()
         self.ahead.close()
         if self.bar is not None:
             self.bar.close()

@@ -88,11 +88,21 @@ class Window:
     def bit_sums(self, modes: list[str]) -> list[float]:
         """Bits per mode in ``modes`` order, then per head in HEADS (detached)."""
         # one device -> host read for all sums (a float() per tensor waited for the GPU each)
+        t = self.bit_sums_tensor(modes)
+        return t.tolist() if t is not None else [0.0] * (len(modes) + len(HEADS))
+
+    def bit_sums_tensor(self, modes: list[str]) -> Tensor | None:
+        """:meth:`bit_sums` as one float64 tensor where the bits are (None without any): its
+        ops are queued, nothing waits for the device (the trainer reads it a step later)."""
         groups = [self.bits.get(m) or [] for m in modes] + \
                  [self.head_bits.get(k) or [] for k in HEADS]
-        parts = [torch.cat([b.detach().reshape(-1) for b in g]).sum() for g in groups if g]
-        vals = iter(torch.stack(parts).double().tolist() if parts else [])
-        return [next(vals) if g else 0.0 for g in groups]
+        parts = [torch.cat([b.detach().reshape(-1) for b in g]).sum() if g else None
+                 for g in groups]
+        first = next((p for p in parts if p is not None), None)
+        if first is None:
+            return None
+        zero = first.new_zeros(())
+        return torch.stack([zero if p is None else p for p in parts]).double()
 
     def heads_report(self) -> float | None:
         """Mean bits per head prediction (next mode and shape together), detached."""

@@ -195,8 +195,8 @@ def test_window_bits_are_read_after_backward_is_queued(tmp_path, dataset, tokeni
     from blocklm.tools.train import runner
 
     events: list[str] = []
-    read, backward = runner.Window.bit_sums, torch.autograd.backward
-    monkeypatch.setattr(runner.Window, "bit_sums",
+    read, backward = runner.Window.bit_sums_tensor, torch.autograd.backward
+    monkeypatch.setattr(runner.Window, "bit_sums_tensor",
                         lambda self, modes: events.append("read") or read(self, modes))
     monkeypatch.setattr(torch.autograd, "backward",
                         lambda *a, **k: events.append("backward") or backward(*a, **k))
@@ -204,3 +204,43 @@ def test_window_bits_are_read_after_backward_is_queued(tmp_path, dataset, tokeni
                 tensorboard=False)
     assert out["step"] == 2 and math.isfinite(out["loss"]["text"])
     assert events == ["backward", "read"] * 2
+
+
+@pytest.mark.parametrize("extra", [(), ("train.checkpoint_every=2",)])
+def test_async_log_writes_the_same_records_a_step_later(tmp_path, dataset, tokenizer, extra):
+    """train.async_log (on by default on CUDA): each step's figures are read from the device a
+    step late (tools/train/step_log.py). The records are those of the synchronous log; during
+    the run the log holds every step but the last (a checkpoint flushes it), and fit writes
+    that one at its end."""
+    from blocklm.tools.train.loop import Trainer
+
+    seen: list[tuple[int, int]] = []  # (step, records in the log) after each optimizer step
+    runs = {}
+    for lag in (False, True):
+        tr = Trainer(tmp_path / str(lag), _spec(dataset, tokenizer, f"train.async_log={lag}",
+                                                *extra), resume=False, remote=None, progress=False,
+                     tensorboard=False)
+        step, ck = tr.optimizer_step, tr.checkpoint
+
+        def counted(step=step, tr=tr, lag=lag):
+            step()
+            if lag:
+                seen.append((tr.step, len(read_metrics(tr.run))))
+
+        def checkpoint(ck=ck, tr=tr, lag=lag):
+            ck()
+            if lag:
+                seen.append((-tr.step, len(read_metrics(tr.run))))
+        tr.optimizer_step, tr.checkpoint = counted, checkpoint
+        runs[lag] = (tr.fit(steps=5, minutes=None), read_metrics(tr.run))
+    (s0, r0), (s1, r1) = runs[False], runs[True]
+    drop = {"tokens_per_s"}  # wall-clock figures
+    assert [{k: v for k, v in r.items() if k not in drop} for r in r1] == \
+           [{k: v for k, v in r.items() if k not in drop} for r in r0]
+    assert [r["step"] for r in r1] == [1, 2, 3, 4, 5]
+    assert {k: v for k, v in s1.items() if k not in drop} == \
+           {k: v for k, v in s0.items() if k not in drop}
+    steps = [x for x in seen if x[0] > 0]
+    assert steps == [(1, 0), (2, 1), (3, 2), (4, 3), (5, 4)]
+    if extra:  # the checkpoints at steps 2 and 4 (and at the end) flushed their step's record
+        assert [x for x in seen if x[0] < 0][:2] == [(-2, 2), (-4, 4)]
