@@ -145,7 +145,7 @@ class Trainer:
         self.summary: dict[str, Any] = {}
         self._pending: StepRecord | None = None  # a step whose record is not written yet
         self.bar = None  # fit's progress bar
-        self._async_log = (t.async_log if t.async_log is not None
+        self.async_log = (t.async_log if t.async_log is not None
                            else self.device.type == "cuda" and self.coll.world == 1)
 
     # -- checkpoints ---------------------------------------------------------------------------
@@ -238,7 +238,7 @@ class Trainer:
                          _dispatch_metrics(self.disp.metrics()) if log else None)
         self._flush()  # the previous step's record: its figures are on the host by now
         self._pending = rec
-        if not self._async_log:
+        if not self.async_log:
             self._flush()
         spec, t = self.spec, self.t
         if spec.val and t.eval_every and (self.step % t.eval_every == 0
