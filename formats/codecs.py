@@ -7,6 +7,7 @@ that the content agrees with the declared shape and caps sizes before it allocat
 
 from __future__ import annotations
 
+import importlib
 import io
 import math
 import re
@@ -65,27 +66,24 @@ _OBJ_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-f]+>")  # error texts stay th
 _ARRAY_DTYPES = {"tok16": "<u2", "tok32": "<u4", "u8": "u1", "pcm16": "<i2", "f32": "<f4"}
 
 
-def _soundfile() -> Any:
-    """The ``soundfile`` module; :class:`CodecUnavailableError` when it cannot be loaded (its
-    import raises ImportError without the ``cffi`` backend, OSError without libsndfile)."""
+def _library(name: str, needs: str) -> Any:
+    """Module ``name``; :class:`CodecUnavailableError` saying what ``needs`` it when it cannot be
+    loaded (an import raises ImportError without, say, soundfile's ``cffi`` backend, OSError
+    without libsndfile)."""
     try:
-        import soundfile
+        return importlib.import_module(name)
     except (ImportError, OSError) as e:
-        raise CodecUnavailableError(
-            f"audio blocks need the 'soundfile' package and libsndfile, which cannot be loaded "
-            f"here ({type(e).__name__}: {e}); install them (pip install soundfile)") from e
-    return soundfile
+        raise CodecUnavailableError(f"{needs}, which cannot be loaded here "
+                                    f"({type(e).__name__}: {e})") from e
+
+
+def _soundfile() -> Any:
+    return _library("soundfile", "audio blocks need the 'soundfile' package and libsndfile "
+                                 "(pip install soundfile)")
 
 
 def _pil_image() -> Any:
-    """PIL's ``Image`` module; :class:`CodecUnavailableError` when Pillow cannot be loaded."""
-    try:
-        from PIL import Image
-    except (ImportError, OSError) as e:
-        raise CodecUnavailableError(
-            f"image blocks need Pillow, which cannot be loaded here ({type(e).__name__}: {e}); "
-            f"install it (pip install pillow)") from e
-    return Image
+    return _library("PIL.Image", "image blocks need Pillow (pip install pillow)")
 
 
 def codec_info(codec: str) -> CodecInfo:

@@ -43,7 +43,8 @@ def test_audio_decode_without_soundfile_names_the_package(monkeypatch):
 
 def test_image_decode_without_pillow_names_the_package(monkeypatch):
     block = image_file_block(_png())
-    monkeypatch.setitem(sys.modules, "PIL", None)
+    monkeypatch.setitem(sys.modules, "PIL", None)  # Pillow not installed: no module of it
+    monkeypatch.setitem(sys.modules, "PIL.Image", None)
     with pytest.raises(CodecUnavailableError, match="Pillow"):
         decode_block(block)
 
