@@ -32,7 +32,7 @@ class TrainConfig:
     log_every: int = 10  # optimizer steps between metrics records
     # read each step's logged figures (bits, gradient norm) from the GPU a step late, so the
     # host does not wait for the backward pass before the next window (tools/train/step_log.py;
-    # None: on CUDA with one process; the records are the same, written a step later)
+    # None: on CUDA; one process only; the records are the same, written a step later)
     async_log: bool | None = None
     checkpoint_every: int = 100  # optimizer steps between checkpoints (0: only at exit)
     eval_every: int = 0  # optimizer steps between held-out evaluations (0: never)

@@ -145,8 +145,9 @@ class Trainer:
         self.summary: dict[str, Any] = {}
         self._pending: StepRecord | None = None  # a step whose record is not written yet
         self.bar = None  # fit's progress bar
+        # one process only: with several, each step's bit sums are summed over the ranks then
         self.async_log = (t.async_log if t.async_log is not None
-                           else self.device.type == "cuda" and self.coll.world == 1)
+                          else self.device.type == "cuda") and self.coll.world == 1
 
     # -- checkpoints ---------------------------------------------------------------------------
     def _rank_file(self) -> Path:
