@@ -68,5 +68,6 @@ def tokenizer(tmp_path_factory) -> str:
     prefix = tmp_path_factory.mktemp("spm") / "tok"
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(text.splitlines()), model_prefix=str(prefix), vocab_size=400,
-        model_type="bpe", byte_fallback=True, character_coverage=1.0, minloglevel=2)
+        model_type="bpe", byte_fallback=True, character_coverage=1.0,
+        hard_vocab_limit=False, minloglevel=2)  # the fallback text holds fewer than 400 pieces
     return str(prefix) + ".model"

@@ -97,7 +97,7 @@ def test_step_timer_counts_full_collections_per_step_and_lets_go():
     del junk
 
 
-def test_a_run_reports_the_samples_it_rejected(tmp_path):
+def test_a_run_reports_the_samples_it_rejected(tmp_path, tokenizer):
     # a bench run that silently lost a mode looked fast (H200, soundfile without its cffi
     # backend): the figures now carry the dispatcher's rejections by kind
     from blocklm.formats import Block, Sample, ShardWriter, text_block
@@ -110,8 +110,10 @@ def test_a_run_reports_the_samples_it_rejected(tmp_path):
             if i % 10 == 3:  # a WAV block whose bytes are not a WAV file
                 blocks.append(Block("audio", (50, 1), "wav", b"RIFF" + bytes(60)))
             w.write(Sample(f"s{i:03d}", blocks))
-    res = run_variant(str(tmp_path / "d"), "off", [o for o in TINY if "log_every" not in o],
-                      warmup=1, steps=1, seconds=30.0, profile_steps=0, preset="tiny")
+    overrides = [o for o in TINY if "log_every" not in o]
+    overrides.append(f"model.modes.text.tokenizer_path={tokenizer}")  # none in a fresh clone
+    res = run_variant(str(tmp_path / "d"), "off", overrides, warmup=1, steps=1, seconds=30.0,
+                      profile_steps=0, preset="tiny")
     assert res.get("error") is None
     # 4 bad samples an epoch, every epoch the run went through (chained epochs)
     assert set(res["rejected"]) == {"PrepareError"}
