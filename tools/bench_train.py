@@ -8,7 +8,10 @@ All variants run in the same process, side by side.
 
 Timing: host wall time per optimizer step, split into model calls (the runners' forward,
 including their host syncs), the optimizer step (backward, clipping, AdamW; synchronised at its
-end) and the rest: the dispatcher and the loader, i.e. the time the GPU waits for data. Tokens
+end unless the trainer reads its step figures a step late) and the rest: the dispatcher and the
+loader (``share_data_wait``). On CUDA, ``share_gpu_data_gap`` is the GPU's own idle between an
+optimizer step's work and the next window's first model call (CUDA events): the part of the data
+work the GPU did not overlap. Tokens
 are padded decoder steps (what the trainer counts), real tokens the blocks' own. MFU counts
 6 x parameters x real tokens/s (all parameters; the attention's and the stack's own arithmetic
 is not in it) against 989 TFLOP/s, the H200's dense bf16 peak.
@@ -65,8 +68,16 @@ def _sync() -> None:
 class StepTimer:
     """Wraps a trainer's runners and optimizer step with host timers (per optimizer step)."""
 
-    def __init__(self, trainer, sync: bool = True) -> None:
+    def __init__(self, trainer, sync: bool = True, events=None) -> None:
         self.tr, self.sync = trainer, sync
+        # the GPU's own clock, where there is one: an event after each optimizer step and one
+        # before the next window's first model call; the GPU time between them is the GPU idle
+        # while the host did the data work (``gpu_data_gap_ms``), whether or not the host waited
+        # for the GPU at the step's end. ``events``: a factory of objects with record() and
+        # elapsed_time(other) in ms (torch.cuda.Event); None: CUDA's when it is there.
+        self._events = events if events is not None else _cuda_events()
+        self._gap_start = None  # the event after the last optimizer step, until a model call
+        self._gaps: list[tuple[int, object, object]] = []  # (step it opens, after opt, before run)
         self.cur: dict[str, float] = defaultdict(float)
         self.steps: list[dict[str, float]] = []
         # mode, requests, padded, real cost, host ms of the model call
@@ -86,7 +97,15 @@ class StepTimer:
 
         from torch.profiler import record_function  # named ranges in --trace profiles
 
+        def close_gap() -> None:  # at the window's first model call (a batch or end heads)
+            if self._gap_start is not None:
+                e = self._events()
+                e.record()
+                self._gaps.append((len(self.steps) + 1, self._gap_start, e))
+                self._gap_start = None
+
         def timed_run(mode, batch):
+            close_gap()
             t = time.perf_counter()
             try:
                 with record_function(f"bench:run:{mode}"):
@@ -98,6 +117,7 @@ class StepTimer:
                                      getattr(batch, "cost", batch.padded_cost), dt * 1e3))
 
         def timed_finish(contexts):
+            close_gap()
             t = time.perf_counter()
             try:
                 with record_function("bench:finish"):
@@ -112,6 +132,9 @@ class StepTimer:
                 opt()
                 if sync:  # the GPU's backward and optimizer time counted here, not later
                     _sync()
+                if self._events is not None:
+                    self._gap_start = self._events()
+                    self._gap_start.record()
             end = time.perf_counter()
             self.cur["optimizer"] += end - t
             self.steps.append(dict(self.cur, end=end, tokens=tokens, batches=len(self.batches),
@@ -126,6 +149,17 @@ class StepTimer:
         """Stop timing the garbage collector (its callback is process-wide)."""
         if self._on_gc in gc.callbacks:
             gc.callbacks.remove(self._on_gc)
+
+    def _gpu_gaps(self, first: int, last: int, wall: float) -> dict:
+        """Per step first+1 .. last: GPU ms between the previous optimizer step's work and the
+        step's first model call's (the GPU idle for data), and their share of ``wall``."""
+        if self._events is None:
+            return {}
+        _sync()
+        gaps = {n: a.elapsed_time(b) for n, a, b in self._gaps if first < n <= last}
+        ms = [round(gaps[n], 1) if n in gaps else None for n in range(first + 1, last + 1)]
+        return {"gpu_data_gap_ms": ms,
+                "share_gpu_data_gap": round(sum(m for m in ms if m) / 1e3 / wall, 3)}
 
     def summary(self, first: int, params: int, last: int | None = None) -> dict:
         """Figures over steps first+1 .. last (1-based; all after ``first`` when None; their
@@ -158,6 +192,7 @@ class StepTimer:
                                         - s.get("optimizer", 0.0)) * 1e3)
                                  for p, s in zip([a] + sel[:-1], sel)],
                 "epoch_per_step": [s.get("epoch") for s in sel],
+                **self._gpu_gaps(first, first + len(sel), wall),
                 # per step: host ms in full garbage collections (inside the data wait or not)
                 "full_gc_ms": [round(s.get("full_gc", 0.0) * 1e3) for s in sel],
                 # the slowest model calls (host ms, which include syncs and graph captures):
@@ -167,6 +202,14 @@ class StepTimer:
                 "batches": {m: {"n": v[0], "requests_mean": round(v[1] / v[0], 1),
                                 "padded_tokens_mean": round(v[2] / v[0])}
                             for m, v in sorted(per_mode.items())}}
+
+
+def _cuda_events():
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return lambda: torch.cuda.Event(enable_timing=True)
 
 
 class Phases:

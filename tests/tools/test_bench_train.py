@@ -49,6 +49,33 @@ def test_step_timer_splits_wall_time():
     assert timer.summary(4, params=10)["error"].startswith("only 4")
 
 
+class HostEvent:
+    """Stands in for torch.cuda.Event: the host's clock at record()."""
+
+    def record(self) -> None:
+        self.t = time.perf_counter()
+
+    def elapsed_time(self, other: HostEvent) -> float:
+        return (other.t - self.t) * 1e3
+
+
+def test_gpu_data_gap_runs_from_an_optimizer_step_to_the_next_windows_first_call():
+    tr = FakeTrainer()
+    timer = StepTimer(tr, events=HostEvent)
+    batch = SimpleNamespace(requests=[1], padded_cost=10, cost=10)
+    for i in range(4):
+        time.sleep(0.04 if i else 0.0)  # the data work before the window's first call
+        tr.runners.run("text", batch)
+        time.sleep(0.01)  # between two calls of one window: not a gap
+        tr.runners.run("text", batch)
+        tr.optimizer_step()
+    s = timer.summary(1, params=10)
+    assert len(s["gpu_data_gap_ms"]) == 3
+    assert all(38 <= g < 60 for g in s["gpu_data_gap_ms"])
+    assert 0.2 < s["share_gpu_data_gap"] < 0.5
+    assert "gpu_data_gap_ms" not in StepTimer(FakeTrainer()).summary(0, params=1)  # no CUDA
+
+
 def test_profiled_steps_come_after_the_timed_window():
     """With or without profiling the timed window is steps warmup+1 .. warmup+steps (the
     profiled steps used to come first and shift it onto other batches); profiling then runs
