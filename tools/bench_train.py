@@ -155,8 +155,11 @@ class StepTimer:
         step's first model call's (the GPU idle for data), and their share of ``wall``."""
         if self._events is None:
             return {}
-        _sync()
-        gaps = {n: a.elapsed_time(b) for n, a, b in self._gaps if first < n <= last}
+        try:
+            _sync()
+            gaps = {n: a.elapsed_time(b) for n, a, b in self._gaps if first < n <= last}
+        except Exception as e:  # noqa: BLE001 - a diagnostic must not cost the run's figures
+            return {"gpu_data_gap_error": f"{type(e).__name__}: {e}"[:300]}
         ms = [round(gaps[n], 1) if n in gaps else None for n in range(first + 1, last + 1)]
         return {"gpu_data_gap_ms": ms,
                 "share_gpu_data_gap": round(sum(m for m in ms if m) / 1e3 / wall, 3)}
