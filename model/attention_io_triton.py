@@ -67,7 +67,7 @@ if HAS_TRITON:
         tl.store(dqkv + rows, y.to(dqkv.dtype.element_ty), mask=live)
 
 
-def _tile(T: int, Tp: int) -> int:
+def _tile(Tp: int) -> int:
     """Steps per program: 64, or smaller where the padded length is not a multiple of it."""
     return next(bt for bt in (64, 32, 16) if Tp % bt == 0)
 
@@ -85,7 +85,7 @@ class KernelQKVTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qkv: Tensor, B: int, T: int, Tp: int, H: int, D: int):
         buf = qkv.new_empty(3, B, H, Tp, D, dtype=KERNEL_DTYPE)
-        BT = _tile(T, Tp)
+        BT = _tile(Tp)
         _qkv_fwd[(B * (Tp // BT), 3 * H)](qkv, buf, B, T, Tp, H, qkv.stride(0), BT=BT, D=D,
                                            num_warps=4)
         ctx.save_for_backward(qkv)
@@ -100,7 +100,7 @@ class KernelQKVTriton(torch.autograd.Function):
         _zero_tail(dqkv, 0, B * T)  # padding rows: no gradient
         grads = [None if x is None else x.contiguous() for x in (dq, dk, dv)]
         dummy = dqkv  # never read: its flag is off
-        BT = _tile(T, Tp)
+        BT = _tile(Tp)
         _qkv_bwd[(B * (Tp // BT), H, 3)](
             qkv, *[dummy if x is None else x for x in grads], dqkv, T, Tp, H, qkv.stride(0),
             HAS_Q=grads[0] is not None, HAS_K=grads[1] is not None,

@@ -54,7 +54,7 @@ def one_run(data: str, steps: int, warmup: int, spin_us: float, opt_ms: float,
             opt_spin_ms: float = 0.0) -> dict:
     """One trainer in this process: per-step data wait (ms) and epoch, full collections."""
     from blocklm.pipeline.dispatch_types import Result
-    from blocklm.tools.bench_train import StepTimer
+    from blocklm.tools.bench_train_timer import StepTimer
     from blocklm.tools.train.loop import RunSpec, Trainer
 
     full: list[tuple[str, float]] = []

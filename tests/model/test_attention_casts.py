@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from blocklm.model.attention import BankedAttention, feature_map, upcast
 from blocklm.model.config import AttentionConfig
+
+from .test_attention_io import OpCount
 
 
 def old_project(att, x, mask, bt=None):
@@ -33,20 +34,10 @@ def _run(att, x, S, z, mask, bt, fn=None):
     return loss, torch.autograd.grad(loss, [x, S, z] + list(att.parameters()))
 
 
-class Casts(TorchDispatchMode):
-    """Counts dtype-changing copies."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.n = 0
-        self.bytes = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if func.overloadpacket.__name__ == "_to_copy" and out.dtype != args[0].dtype:
-            self.n += 1
-            self.bytes += out.numel() * out.element_size()
-        return out
+def Casts() -> OpCount:
+    """Dtype-changing copies."""
+    return OpCount(lambda func, args, out: func.overloadpacket.__name__ == "_to_copy"
+                   and out.dtype != args[0].dtype)
 
 
 def _inputs():

@@ -79,20 +79,25 @@ def old_forward(att, x, S, z, mask=None, bt=None):
     return att.out(o.to(x.dtype)), S, z
 
 
-class Moves(TorchDispatchMode):
-    """Counts data-movement ops and the bytes they write."""
+class OpCount(TorchDispatchMode):
+    """Counts the ops ``keep(func, args, out)`` selects and the bytes they write."""
 
-    def __init__(self) -> None:
+    def __init__(self, keep) -> None:
         super().__init__()
-        self.n = 0
-        self.bytes = 0
+        self.keep, self.n, self.bytes = keep, 0, 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if func.overloadpacket.__name__ in MOVES and not RefKernel.uncounted[0]:
+        if self.keep(func, args, out):
             self.n += 1
             self.bytes += out.numel() * out.element_size()
         return out
+
+
+def Moves() -> OpCount:
+    """Data-movement ops outside the reference kernel."""
+    return OpCount(lambda func, args, out: func.overloadpacket.__name__ in MOVES
+                   and not RefKernel.uncounted[0])
 
 
 def _setup(monkeypatch, memory=True, rows=True):

@@ -6,7 +6,7 @@ import gc
 import time
 from types import SimpleNamespace
 
-from blocklm.tools.bench_train import StepTimer
+from blocklm.tools.bench_train_timer import StepTimer
 
 
 class FakeTrainer:

@@ -62,7 +62,7 @@ from .readahead import EpochReadAhead
 from .runner import HEADS, Context, ModelRunners
 from .schedule import warmup_cosine
 from .spec import RUN_META, RunSpec, make_buckets, make_optimizer, make_source, pick_device
-from .step_log import Figures, StepRecord
+from .step_log import Figures, StepLog, StepRecord
 
 __all__ = ["RUN_META", "RunSpec", "Trainer", "load_model", "make_buckets", "make_optimizer",
            "make_source", "pick_device", "train"]
@@ -140,14 +140,10 @@ class Trainer:
             self._restore()
         self.log = MetricsLog(run, tensorboard=tensorboard) if self.coll.rank == 0 else None
         self.progress = progress and self.coll.rank == 0
-        self.acc: dict[str, list[float]] = {}
-        self.tokens_since, self.t_log = 0.0, time.monotonic()
-        self.summary: dict[str, Any] = {}
-        self._pending: StepRecord | None = None  # a step whose record is not written yet
-        self.bar = None  # fit's progress bar
         # one process only: with several, each step's bit sums are summed over the ranks then
         self.async_log = (t.async_log if t.async_log is not None
                           else self.device.type == "cuda") and self.coll.world == 1
+        self.steplog = StepLog(self.modes, self.coll, self.log, lag=self.async_log)
 
     # -- checkpoints ---------------------------------------------------------------------------
     def _rank_file(self) -> Path:
@@ -155,7 +151,7 @@ class Trainer:
 
     def checkpoint(self) -> None:
         """Model, optimizer, scheduler (rank 0) and each rank's dispatcher, loader and RNG."""
-        self._flush()  # the log holds every step the checkpoint holds
+        self.steplog.flush()  # the log holds every step the checkpoint holds
         state = self.disp.state_dict()
         mine = {"step": self.step, "world": self.coll.world, "rng": rng_state(),
                 "dispatcher": _pack_contexts(state),
@@ -237,14 +233,11 @@ class Trainer:
                          Figures(torch.cat([bits, grad_norm.detach().reshape(1).double()])),
                          self.sched.get_last_lr()[0], time.monotonic(), log,
                          _dispatch_metrics(self.disp.metrics()) if log else None)
-        self._flush()  # the previous step's record: its figures are on the host by now
-        self._pending = rec
-        if not self.async_log:
-            self._flush()
+        self.steplog.push(rec)
         spec, t = self.spec, self.t
         if spec.val and t.eval_every and (self.step % t.eval_every == 0
                                           or self.step >= self.target) and self.coll.rank == 0:
-            self._flush()  # the step's record first, then the evaluation's
+            self.steplog.flush()  # the step's record first, then the evaluation's
             ev = evaluate(self.model, validation_source(spec.val, t.seed, self.remote, shuffle=True),
                           samples=t.eval_samples, config=self.cfg.dispatch, device=self.device,
                           buckets=self.buckets)
@@ -254,38 +247,10 @@ class Trainer:
                           "eval_shape_accuracy": ev["shape_accuracy"],
                           "eval_heads_bits": ev["heads_bits"], "eval_samples": ev["samples"]})
 
-    def _flush(self) -> None:
-        """Write the pending step's record (a no-op without one)."""
-        rec, self._pending = self._pending, None
-        if rec is not None:
-            self._record(rec)
-
-    def _record(self, rec: StepRecord) -> None:
-        """Step ``rec.step``'s losses into the running means, the progress bar and, when due,
-        the metrics log (every rank takes part: the bit sums are summed over ranks)."""
-        vals = rec.figures.get()
-        bits, grad_norm, counts = self.coll.sum(vals[:-1]), vals[-1], rec.counts
-        nm = len(self.modes)
-        sums = [v for pair in zip(bits, counts) for v in pair] + [counts[-1]]
-        heads = {k: (sums[2 * (nm + j)], sums[2 * (nm + j) + 1]) for j, k in enumerate(HEADS)}
-        self.tokens_since += sums[-1]
-        for i, m in enumerate(self.modes):
-            if sums[2 * i + 1] > 0:
-                self.acc.setdefault(m, []).append(sums[2 * i] / sums[2 * i + 1])
-        if self.bar is not None:
-            self.bar.update(1)
-            self.bar.set_postfix({m: f"{v[-1]:.3f}" for m, v in self.acc.items()})
-        if rec.log:
-            self.summary = {
-                "step": rec.step, "epoch": rec.epoch,
-                "loss": {m: float(np.mean(v)) for m, v in self.acc.items()},
-                "heads_bits": {k: b / max(c, 1.0) for k, (b, c) in heads.items()},
-                "grad_norm": grad_norm, "lr": rec.lr,
-                "tokens_per_s": self.tokens_since / max(rec.t_end - self.t_log, 1e-9),
-                "dispatch": rec.dispatch}
-            if self.log is not None:
-                self.log.log(self.summary)
-            self.acc, self.tokens_since, self.t_log = {}, 0.0, rec.t_end
+    @property
+    def summary(self) -> dict[str, Any]:
+        """The last metrics record written."""
+        return self.steplog.summary
 
     def fit(self, *, steps: int | None, minutes: float | None) -> dict[str, Any]:
         """Train until ``steps`` optimizer steps in all, ``minutes`` or a signal (see
@@ -298,12 +263,13 @@ class Trainer:
     def _fit(self, steps: int | None, minutes: float | None) -> dict[str, Any]:
         self.target = steps if steps is not None else math.inf
         deadline = time.monotonic() + 60 * minutes if minutes is not None else math.inf
-        self.bar = None
+        bar = None
         if self.progress:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=steps, initial=self.step, unit="step", disable=None,
-                            dynamic_ncols=True)
+            bar = tqdm(total=steps, initial=self.step, unit="step", disable=None,
+                       dynamic_ncols=True)
+        self.steplog.bar = bar
         stopped = "steps"
         with StopFlag() as stop:
             while self.step < self.target:
@@ -312,10 +278,11 @@ class Trainer:
                     stopped = ended
                     break
                 self.epoch += 1
-        self._flush()
+        self.steplog.flush()
+        self.steplog.bar = None
         self.ahead.close()
-        if self.bar is not None:
-            self.bar.close()
+        if bar is not None:
+            bar.close()
         if self.log is not None:
             self.log.close()
         summary = dict(self.summary, stopped=stopped, step=self.step)

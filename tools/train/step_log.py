@@ -13,11 +13,15 @@ the same; only the moment they are written moves.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
+
+from .runner import HEADS
 
 
 class Figures:
@@ -48,8 +52,61 @@ class StepRecord:
     step: int
     epoch: int
     counts: list[float]  # elements per mode, predictions per head, then tokens (host numbers)
-    figures: Figures | None  # None: no bits in the window (no gradient norm either)
+    figures: Figures  # bit sums per mode and head, then the gradient norm
     lr: float
     t_end: float  # time.monotonic() at the step's end
     log: bool  # a metrics record is due at this step
     dispatch: dict[str, Any] | None = field(default=None)  # dispatcher metrics, when ``log``
+
+
+class StepLog:
+    """The trainer's running log of optimizer steps: the losses averaged since the last record,
+    the progress bar and the metrics records. :meth:`push` hands it a step's record; with
+    ``lag`` it is written when the next one comes (or at :meth:`flush`), else at once."""
+
+    def __init__(self, modes: list[str], coll: Any, log: Any, lag: bool) -> None:
+        self.modes, self.coll, self.log, self.lag = modes, coll, log, lag
+        self.acc: dict[str, list[float]] = {}  # mode -> bits per element of each step
+        self.tokens_since, self.t_log = 0.0, time.monotonic()
+        self.summary: dict[str, Any] = {}  # the last record written
+        self.bar: Any = None  # a tqdm bar, while fit runs
+        self._pending: StepRecord | None = None
+
+    def push(self, rec: StepRecord) -> None:
+        self.flush()  # the previous step's record: its figures are on the host by now
+        self._pending = rec
+        if not self.lag:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the pending step's record (a no-op without one)."""
+        rec, self._pending = self._pending, None
+        if rec is not None:
+            self._record(rec)
+
+    def _record(self, rec: StepRecord) -> None:
+        """Step ``rec.step``'s losses into the running means, the progress bar and, when due,
+        the metrics log (every rank takes part: the bit sums are summed over ranks)."""
+        vals = rec.figures.get()
+        bits, grad_norm, counts = self.coll.sum(vals[:-1]), vals[-1], rec.counts
+        nm = len(self.modes)
+        sums = [v for pair in zip(bits, counts) for v in pair] + [counts[-1]]
+        heads = {k: (sums[2 * (nm + j)], sums[2 * (nm + j) + 1]) for j, k in enumerate(HEADS)}
+        self.tokens_since += sums[-1]
+        for i, m in enumerate(self.modes):
+            if sums[2 * i + 1] > 0:
+                self.acc.setdefault(m, []).append(sums[2 * i] / sums[2 * i + 1])
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix({m: f"{v[-1]:.3f}" for m, v in self.acc.items()})
+        if rec.log:
+            self.summary = {
+                "step": rec.step, "epoch": rec.epoch,
+                "loss": {m: float(np.mean(v)) for m, v in self.acc.items()},
+                "heads_bits": {k: b / max(c, 1.0) for k, (b, c) in heads.items()},
+                "grad_norm": grad_norm, "lr": rec.lr,
+                "tokens_per_s": self.tokens_since / max(rec.t_end - self.t_log, 1e-9),
+                "dispatch": rec.dispatch}
+            if self.log is not None:
+                self.log.log(self.summary)
+            self.acc, self.tokens_since, self.t_log = {}, 0.0, rec.t_end

@@ -1,0 +1,179 @@
+"""``bench train``'s step timer: host time per optimizer step, split into model calls, the
+optimizer step and the rest (the data wait); on CUDA also the GPU's own idle between a step's
+work and the next window's first model call, and the peak memory of each step."""
+
+from __future__ import annotations
+
+import gc
+import time
+from collections import defaultdict
+
+PEAK_TFLOPS = 989.0  # H200 SXM dense bf16
+
+
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+class StepTimer:
+    """Wraps a trainer's runners and optimizer step with host timers (per optimizer step)."""
+
+    def __init__(self, trainer, sync: bool = True, events=None) -> None:
+        self.tr, self.sync = trainer, sync
+        # the GPU's own clock, where there is one: an event after each optimizer step and one
+        # before the next window's first model call; the GPU time between them is the GPU idle
+        # while the host did the data work (``gpu_data_gap_ms``), whether or not the host waited
+        # for the GPU at the step's end. ``events``: a factory of objects with record() and
+        # elapsed_time(other) in ms (torch.cuda.Event); None: CUDA's when it is there.
+        self._events = events if events is not None else _cuda_events()
+        self._gap_start = None  # the event after the last optimizer step, until a model call
+        self._gaps: list[tuple[int, object, object]] = []  # (step it opens, after opt, before run)
+        self.cur: dict[str, float] = defaultdict(float)
+        self.steps: list[dict[str, float]] = []
+        # mode, requests, padded, real cost, host ms of the model call
+        self.batches: list[tuple[str, int, int, int, float]] = []
+        self.hook = lambda n: None  # called after each optimizer step with its number
+        self._gc_t0 = 0.0  # full (generation 2) garbage collections: host ms in this step
+
+        def on_gc(phase: str, info: dict) -> None:
+            if info.get("generation") == 2:
+                if phase == "start":
+                    self._gc_t0 = time.perf_counter()
+                else:
+                    self.cur["full_gc"] += time.perf_counter() - self._gc_t0
+        gc.callbacks.append(on_gc)
+        self._on_gc = on_gc  # until close()
+        run, fin, opt = trainer.runners.run, trainer.runners.finish, trainer.optimizer_step
+
+        from torch.profiler import record_function  # named ranges in --trace profiles
+
+        def close_gap() -> None:  # at the window's first model call (a batch or end heads)
+            if self._gap_start is not None:
+                e = self._events()
+                e.record()
+                self._gaps.append((len(self.steps) + 1, self._gap_start, e))
+                self._gap_start = None
+
+        def timed_run(mode, batch):
+            close_gap()
+            t = time.perf_counter()
+            try:
+                with record_function(f"bench:run:{mode}"):
+                    return run(mode, batch)
+            finally:
+                dt = time.perf_counter() - t
+                self.cur["model"] += dt
+                self.batches.append((mode, len(batch.requests), batch.padded_cost,
+                                     getattr(batch, "cost", batch.padded_cost), dt * 1e3))
+
+        def timed_finish(contexts):
+            close_gap()
+            t = time.perf_counter()
+            try:
+                with record_function("bench:finish"):
+                    return fin(contexts)
+            finally:
+                self.cur["model"] += time.perf_counter() - t
+
+        def timed_opt():
+            tokens = trainer.runners.window.tokens
+            t = time.perf_counter()
+            with record_function("bench:optimizer_step"):
+                opt()
+                if sync:  # the GPU's backward and optimizer time counted here, not later
+                    _sync()
+                if self._events is not None:
+                    self._gap_start = self._events()
+                    self._gap_start.record()
+            end = time.perf_counter()
+            self.cur["optimizer"] += end - t
+            self.steps.append(dict(self.cur, end=end, tokens=tokens, batches=len(self.batches),
+                                   epoch=getattr(trainer, "epoch", None), peak=_peak_gib()))
+            self.cur.clear()
+            self.hook(len(self.steps))
+
+        trainer.runners.run, trainer.runners.finish = timed_run, timed_finish
+        trainer.optimizer_step = timed_opt
+
+    def close(self) -> None:
+        """Stop timing the garbage collector (its callback is process-wide)."""
+        if self._on_gc in gc.callbacks:
+            gc.callbacks.remove(self._on_gc)
+
+    def _gpu_gaps(self, first: int, last: int, wall: float) -> dict:
+        """Per step first+1 .. last: GPU ms between the previous optimizer step's work and the
+        step's first model call's (the GPU idle for data), and their share of ``wall``."""
+        if self._events is None:
+            return {}
+        try:
+            _sync()
+            gaps = {n: a.elapsed_time(b) for n, a, b in self._gaps if first < n <= last}
+        except Exception as e:  # noqa: BLE001 - a diagnostic must not cost the run's figures
+            return {"gpu_data_gap_error": f"{type(e).__name__}: {e}"[:300]}
+        ms = [round(gaps[n], 1) if n in gaps else None for n in range(first + 1, last + 1)]
+        return {"gpu_data_gap_ms": ms,
+                "share_gpu_data_gap": round(sum(m for m in ms if m) / 1e3 / wall, 3)}
+
+    def summary(self, first: int, params: int, last: int | None = None) -> dict:
+        """Figures over steps first+1 .. last (1-based; all after ``first`` when None; their
+        wall time runs from step first's end)."""
+        if len(self.steps) <= first:
+            return {"error": f"only {len(self.steps)} optimizer steps ran (warm-up {first})"}
+        a, sel = self.steps[first - 1], self.steps[first:last]
+        wall = sel[-1]["end"] - a["end"]
+        tokens = sum(s["tokens"] for s in sel)
+        model = sum(s.get("model", 0.0) for s in sel)
+        opt = sum(s.get("optimizer", 0.0) for s in sel)
+        tps = tokens / wall
+        nb = sel[-1]["batches"] - a["batches"]
+        per_mode: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0, 0])
+        window = self.batches[a["batches"]:sel[-1]["batches"]]
+        for mode, n, padded, cost, _ in window:
+            for i, v in enumerate((1, n, padded, cost)):
+                per_mode[mode][i] += v
+        real = sum(v[3] for v in per_mode.values())
+        return {"steps": len(sel), "wall_s": round(wall, 2), "tokens": tokens,
+                "tokens_per_s": round(tps), "real_tokens_per_s": round(real / wall),
+                "mfu": round(6 * params * real / wall / PEAK_TFLOPS / 1e12, 4),
+                "share_model_calls": round(model / wall, 3),
+                "share_backward_optimizer": round(opt / wall, 3),
+                "share_data_wait": round(max(wall - model - opt, 0.0) / wall, 3),
+                "batches_per_step": round(nb / len(sel), 1),
+                # per step: host ms outside model calls and the optimizer step (epoch turnovers
+                # of a small dataset show up as single large values)
+                "data_wait_ms": [round((s["end"] - p["end"] - s.get("model", 0.0)
+                                        - s.get("optimizer", 0.0)) * 1e3)
+                                 for p, s in zip([a] + sel[:-1], sel)],
+                "epoch_per_step": [s.get("epoch") for s in sel],
+                **self._gpu_gaps(first, first + len(sel), wall),
+                # per step: host ms in full garbage collections (inside the data wait or not)
+                "full_gc_ms": [round(s.get("full_gc", 0.0) * 1e3) for s in sel],
+                # the slowest model calls (host ms, which include syncs and graph captures):
+                # [mode, requests, padded tokens, ms]
+                "slowest_batches": [[m, n, p, round(ms)] for m, n, p, _, ms in
+                                    sorted(window, key=lambda b: -b[4])[:6]],
+                "batches": {m: {"n": v[0], "requests_mean": round(v[1] / v[0], 1),
+                                "padded_tokens_mean": round(v[2] / v[0])}
+                            for m, v in sorted(per_mode.items())}}
+
+
+def _cuda_events():
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return lambda: torch.cuda.Event(enable_timing=True)
+
+
+def _peak_gib() -> float | None:
+    """The peak CUDA memory allocated since the last call (GiB; None without CUDA)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    torch.cuda.reset_peak_memory_stats()
+    return round(peak, 1)
