@@ -9,9 +9,11 @@ All variants run in the same process, side by side.
 Timing: host wall time per optimizer step, split into model calls (the runners' forward,
 including their host syncs), the optimizer step (backward, clipping, AdamW; synchronised at its
 end unless the trainer reads its step figures a step late) and the rest: the dispatcher and the
-loader (``share_data_wait``). On CUDA, ``share_gpu_data_gap`` is the GPU's own idle between an
-optimizer step's work and the next window's first model call (CUDA events): the part of the data
-work the GPU did not overlap. Tokens
+loader (``share_data_wait``). On CUDA, ``share_gpu_data_gap`` is the GPU's own time in those
+intervals (CUDA events after each model call's and optimizer step's work and before the next:
+the GPU idle, or running the dispatcher's state moves, while the host did the data work; the part
+of the data work the GPU did not overlap); ``gpu_window_gap_ms`` its part between an optimizer
+step and the next window's first call. Tokens
 are padded decoder steps (what the trainer counts), real tokens the blocks' own. MFU counts
 6 x parameters x real tokens/s (all parameters; the attention's and the stack's own arithmetic
 is not in it) against 989 TFLOP/s, the H200's dense bf16 peak.

@@ -1,6 +1,7 @@
 """``bench train``'s step timer: host time per optimizer step, split into model calls, the
-optimizer step and the rest (the data wait); on CUDA also the GPU's own idle between a step's
-work and the next window's first model call, and the peak memory of each step."""
+optimizer step and the rest (the data wait); on CUDA also the GPU's own time in the host's data
+work (between one model call's or optimizer step's work and the next one's), and the peak memory
+of each step."""
 
 from __future__ import annotations
 
@@ -23,14 +24,17 @@ class StepTimer:
 
     def __init__(self, trainer, sync: bool = True, events=None) -> None:
         self.tr, self.sync = trainer, sync
-        # the GPU's own clock, where there is one: an event after each optimizer step and one
-        # before the next window's first model call; the GPU time between them is the GPU idle
-        # while the host did the data work (``gpu_data_gap_ms``), whether or not the host waited
-        # for the GPU at the step's end. ``events``: a factory of objects with record() and
-        # elapsed_time(other) in ms (torch.cuda.Event); None: CUDA's when it is there.
+        # the GPU's own clock, where there is one: an event after each model call and optimizer
+        # step, and one before the next; the GPU time between them is the GPU idle (or running
+        # the dispatcher's own state moves) while the host did the data work
+        # (``gpu_data_gap_ms``), whether or not the host waited for the GPU at the step's end.
+        # ``events``: a factory of objects with record() and elapsed_time(other) in ms
+        # (torch.cuda.Event); None: CUDA's when it is there.
         self._events = events if events is not None else _cuda_events()
-        self._gap_start = None  # the event after the last optimizer step, until a model call
-        self._gaps: list[tuple[int, object, object]] = []  # (step it opens, after opt, before run)
+        self._gap_start = None  # the event after the last call's work, until the next call
+        # (step it falls in, after the work, before the next; between windows or within one)
+        self._gaps: list[tuple[int, object, object, bool]] = []
+        self._gap_opt = False
         self.cur: dict[str, float] = defaultdict(float)
         self.steps: list[dict[str, float]] = []
         # mode, requests, padded, real cost, host ms of the model call
@@ -50,12 +54,18 @@ class StepTimer:
 
         from torch.profiler import record_function  # named ranges in --trace profiles
 
-        def close_gap() -> None:  # at the window's first model call (a batch or end heads)
+        def close_gap() -> None:  # at a model call's or optimizer step's start
             if self._gap_start is not None:
                 e = self._events()
                 e.record()
-                self._gaps.append((len(self.steps) + 1, self._gap_start, e))
+                # a gap opened by an optimizer step is the one between windows
+                self._gaps.append((len(self.steps) + 1, self._gap_start, e, self._gap_opt))
                 self._gap_start = None
+
+        def open_gap(opt: bool = False) -> None:  # at a model call's or optimizer step's end
+            if self._events is not None:
+                self._gap_start, self._gap_opt = self._events(), opt
+                self._gap_start.record()
 
         def timed_run(mode, batch):
             close_gap()
@@ -64,6 +74,7 @@ class StepTimer:
                 with record_function(f"bench:run:{mode}"):
                     return run(mode, batch)
             finally:
+                open_gap()
                 dt = time.perf_counter() - t
                 self.cur["model"] += dt
                 self.batches.append((mode, len(batch.requests), batch.padded_cost,
@@ -76,18 +87,18 @@ class StepTimer:
                 with record_function("bench:finish"):
                     return fin(contexts)
             finally:
+                open_gap()
                 self.cur["model"] += time.perf_counter() - t
 
         def timed_opt():
             tokens = trainer.runners.window.tokens
+            close_gap()
             t = time.perf_counter()
             with record_function("bench:optimizer_step"):
                 opt()
                 if sync:  # the GPU's backward and optimizer time counted here, not later
                     _sync()
-                if self._events is not None:
-                    self._gap_start = self._events()
-                    self._gap_start.record()
+                open_gap(opt=True)
             end = time.perf_counter()
             self.cur["optimizer"] += end - t
             self.steps.append(dict(self.cur, end=end, tokens=tokens, batches=len(self.batches),
@@ -104,18 +115,27 @@ class StepTimer:
             gc.callbacks.remove(self._on_gc)
 
     def _gpu_gaps(self, first: int, last: int, wall: float) -> dict:
-        """Per step first+1 .. last: GPU ms between the previous optimizer step's work and the
-        step's first model call's (the GPU idle for data), and their share of ``wall``."""
+        """Per step first+1 .. last: GPU ms in the host's data work (every interval between one
+        call's work and the next call; ``gpu_window_gap_ms``: the one between the previous
+        optimizer step and the step's first model call), and their share of ``wall``."""
         if self._events is None:
             return {}
         try:
             _sync()
-            gaps = {n: a.elapsed_time(b) for n, a, b in self._gaps if first < n <= last}
+            gaps: dict[int, float] = defaultdict(float)
+            window: dict[int, float] = defaultdict(float)
+            for n, a, b, opt in self._gaps:
+                if first < n <= last:
+                    ms = a.elapsed_time(b)
+                    gaps[n] += ms
+                    if opt:
+                        window[n] += ms
         except Exception as e:  # noqa: BLE001 - a diagnostic must not cost the run's figures
             return {"gpu_data_gap_error": f"{type(e).__name__}: {e}"[:300]}
-        ms = [round(gaps[n], 1) if n in gaps else None for n in range(first + 1, last + 1)]
-        return {"gpu_data_gap_ms": ms,
-                "share_gpu_data_gap": round(sum(m for m in ms if m) / 1e3 / wall, 3)}
+        steps = range(first + 1, last + 1)
+        ms = [round(gaps[n], 1) for n in steps]
+        return {"gpu_data_gap_ms": ms, "gpu_window_gap_ms": [round(window[n], 1) for n in steps],
+                "share_gpu_data_gap": round(sum(ms) / 1e3 / wall, 3)}
 
     def summary(self, first: int, params: int, last: int | None = None) -> dict:
         """Figures over steps first+1 .. last (1-based; all after ``first`` when None; their

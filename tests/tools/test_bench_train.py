@@ -59,20 +59,23 @@ class HostEvent:
         return (other.t - self.t) * 1e3
 
 
-def test_gpu_data_gap_runs_from_an_optimizer_step_to_the_next_windows_first_call():
+def test_gpu_data_gap_counts_every_interval_of_host_data_work():
+    """The GPU clock between one call's work and the next: before a window's first call (the
+    optimizer step's gap, also in ``gpu_window_gap_ms``) and between the calls of a window."""
     tr = FakeTrainer()
     timer = StepTimer(tr, events=HostEvent)
     batch = SimpleNamespace(requests=[1], padded_cost=10, cost=10)
     for i in range(4):
         time.sleep(0.04 if i else 0.0)  # the data work before the window's first call
         tr.runners.run("text", batch)
-        time.sleep(0.01)  # between two calls of one window: not a gap
+        time.sleep(0.02)  # data work between two calls of one window
         tr.runners.run("text", batch)
         tr.optimizer_step()
     s = timer.summary(1, params=10)
-    assert len(s["gpu_data_gap_ms"]) == 3
-    assert all(38 <= g < 60 for g in s["gpu_data_gap_ms"])
-    assert 0.2 < s["share_gpu_data_gap"] < 0.5
+    assert len(s["gpu_data_gap_ms"]) == len(s["gpu_window_gap_ms"]) == 3
+    assert all(38 <= g < 60 for g in s["gpu_window_gap_ms"])
+    assert all(58 <= g < 90 for g in s["gpu_data_gap_ms"])  # 40 + 20 ms (+ ~0 before opt)
+    assert 0.3 < s["share_gpu_data_gap"] < 0.7
     assert "gpu_data_gap_ms" not in StepTimer(FakeTrainer()).summary(0, params=1)  # no CUDA
 
 
