@@ -17,17 +17,9 @@ from torch import Tensor, nn
 
 from .config import HeadsConfig, SampleConfig
 from .sampling import sample_logits
-from .support import LN2
+from .support import LN2, to_device
 
 END = "end"
-
-
-def to_device(t: Tensor, device: torch.device) -> Tensor:
-    """A small host tensor on ``device`` without waiting for the GPU: through pinned memory
-    on CUDA (a copy from pageable memory synchronises the stream)."""
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
 
 
 class SizeBins:

@@ -53,10 +53,21 @@ class BlockBatch:
                 return v
             # small tensors only: pinning a large one costs a pinned allocation (cudaHostAlloc,
             # ~20 ms for an image batch's inputs in the thru-final profile) and a host copy
+            if pin and v.device.type == "cpu" and v.is_pinned():  # written there (pack)
+                return v.to(dev, non_blocking=True)
             if pin and v.device.type == "cpu" and v.numel() * v.element_size() <= 1 << 22:
                 return v.pin_memory().to(dev, non_blocking=True)
             return v.to(dev)
         return BlockBatch(**{k: move(v) for k, v in self.__dict__.items()})
+
+
+def to_device(t: Tensor, device) -> Tensor:
+    """A small host tensor on ``device`` without waiting for the GPU: through pinned memory
+    on CUDA (a copy from pageable memory synchronises the stream)."""
+    device = torch.device(device) if device is not None else t.device
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def sinusoid(pos: Tensor, d: int) -> Tensor:
@@ -129,12 +140,20 @@ class ModeSupport(nn.Module):
         per-example slice copies, which copy large rows faster than a masked write, into one
         uint8 tensor (the elements are 8-bit): the inputs are the targets shifted by one step,
         made on the device with the int64 copy, so the host writes and sends 1 byte per element
-        instead of two int64 arrays (~190 MB for a batch of 19 480x320 images).
+        instead of two int64 arrays (~190 MB for a batch of 19 480x320 images). Supports that
+        implement :meth:`pack` (image, audio) write each block's elements straight into that
+        tensor (pinned for a CUDA device, sent without waiting) and make the masks on the device
+        from the shapes (:meth:`element_masks`): building them per block on the host held the
+        H200 idle ~90 ms before each image or audio batch (GPU_NOTES.md, call P13).
         """
         shapes = [self.shape_of(c) for c in contents]
         B, E = len(contents), self.elements_per_step
+        dev = torch.device(device) if device is not None else None
+        packed = self.pack(contents, shapes, dev) if E > 1 else None
         if E == 1:
             vals, msk, n = self.encode_flat(contents)  # [sum n, 1], [sum n, 1], [B] steps
+        elif packed is not None:
+            n, targets = packed  # [B] steps, [B,T,E] uint8
         else:
             enc = [self.encode(c) for c in contents]
             n = torch.tensor([v.shape[0] for v, _ in enc], dtype=torch.long)
@@ -149,6 +168,8 @@ class ModeSupport(nn.Module):
             inputs[:, 1:][body] = vals
             targets[:, :-1][body] = vals
             mask[:, :-1][body] = msk
+        elif packed is not None:
+            inputs, mask = targets[:0], None  # both made on the device
         else:
             targets = torch.zeros(B, T, E, dtype=torch.uint8)  # 8-bit elements, widened below
             inputs = targets[:0]  # made from the targets on the device
@@ -160,15 +181,32 @@ class ModeSupport(nn.Module):
         start = torch.zeros(B, T, dtype=torch.bool)
         start[:, 0] = True
         # no conditioning (text): one empty tensor, not one per block (~300 host ops a batch)
-        cond = torch.zeros(B, 0) if self.cond_dims == 0 else \
-            torch.stack([self.cond_of(s) for s in shapes]).view(B, self.cond_dims)
+        cond = torch.zeros(B, 0) if self.cond_dims == 0 else self.cond_batch(shapes)
         elements = torch.tensor([float(self.elements_of(s)) for s in shapes])
         batch = BlockBatch(self.name, shapes, inputs, start, positions, cond, targets, mask,
                            steps, elements).to(device)
+        if packed is not None:
+            batch.mask = self.element_masks(shapes, T, batch.targets.device)
         if E > 1:  # step t's inputs are step t-1's elements: [B,T,E] long
             batch.targets = batch.targets.long()
             batch.inputs = nn.functional.pad(batch.targets[:, :-1], (0, 0, 1, 0))
         return batch
+
+    def pack(self, contents: list, shapes: list, device=None
+             ) -> tuple[Tensor, Tensor] | None:
+        """E > 1: the batch's element steps n [B] long and elements [B, max n + 1, E] uint8
+        (zeros past each block's n steps), on ``device`` or on the host (pinned for a CUDA
+        device), with :meth:`element_masks` for the masks; None (the default): :meth:`target`
+        encodes each block with :meth:`encode` instead. Both ways give the same batch."""
+        return None
+
+    def element_masks(self, shapes: list, T: int, device=None) -> Tensor:
+        """With :meth:`pack`: which elements count [B,T,E] bool, made on ``device``."""
+        raise NotImplementedError
+
+    def cond_batch(self, shapes: list) -> Tensor:
+        """:meth:`cond_of` of every shape [B,C] (supports may build it at once)."""
+        return torch.stack([self.cond_of(s) for s in shapes]).view(len(shapes), self.cond_dims)
 
     def encode_flat(self, contents: list) -> tuple[Tensor, Tensor, Tensor]:
         """All contents' elements concatenated [sum n, E] long, their loss mask [sum n, E] bool

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from blocklm.model.support import BlockBatch, ModeSupport
@@ -55,6 +56,42 @@ def test_batched_target_equals_per_example(model):
             same(sup.target(sub), per_example_target(sup, sub))
 
 
+def test_packed_batches_equal_the_per_block_encoding(model):
+    """Image and audio write each block straight into the batch (``pack``) and make the masks
+    from the shapes (``element_masks``): the same batch as encoding each block, on shapes that
+    are and are not whole patches / frames, every channel count, int16, float, 1-D and
+    ``(array, rate)`` audio, an empty clip."""
+    P = model.support("image").P
+    shapes = [(P, P, 1), (2 * P, 3 * P, 3), (2 * P + 1, P - 1, 4), (1, 5 * P + 3, 2),
+              (P + 2, 2 * P, 3)]
+    imgs = [RNG.integers(0, 256, s, dtype=np.uint8) for s in shapes]
+    imgs.append(RNG.integers(0, 256, (3 * P, P, 3), dtype=np.uint8)[::-1])  # not contiguous
+    # equal shapes apart (one group, not a run of rows) and together
+    imgs += [RNG.integers(0, 256, shapes[1], dtype=np.uint8) for _ in range(2)]
+    imgs.insert(2, RNG.integers(0, 256, shapes[1], dtype=np.uint8))
+    F = model.support("audio").cfg.frame
+    auds = [(RNG.standard_normal((n, c)) * 9000).clip(-32768, 32767).astype(np.int16)
+            for n, c in ((F, 1), (3 * F + 1, 2), (F - 1, 2), (0, 1))]
+    auds += [np.array([-32768, 32767, 0, -1, 1], np.int16),  # the table's ends, 1-D
+             (RNG.uniform(-1.2, 1.2, (2 * F + 3, 2)).astype(np.float32), 8000),
+             RNG.uniform(-1, 1, (F + 2, 1))]
+    for mode, contents in (("image", imgs), ("audio", auds)):
+        sup = model.support(mode)
+        ref = per_example_target(sup, contents)
+        got = sup.target(contents)
+        same(got, ref)
+        for sub in [contents[i:i + 1] for i in range(len(contents))] + [contents[1:3]]:
+            same(sup.target(sub), per_example_target(sup, sub))  # [1:3]: one run of equal shapes
+        assert torch.equal(sup.element_masks(got.shapes, got.mask.shape[1]), ref.mask)
+
+
+def test_int16_level_table_is_the_formula():
+    from blocklm.model.audio import int16_levels, mu_law_encode
+
+    every = np.arange(-32768, 32768).astype(np.int16)
+    assert np.array_equal(int16_levels(every), mu_law_encode(every.astype(np.float64) / 32768.0))
+
+
 def test_element_count_is_counted_on_the_host(model):
     """run_block reports the element count as a float from the shapes (the runner read it from
     the device tensor before: one GPU wait per batch); it equals the per-example tensor's sum."""
@@ -81,3 +118,23 @@ def test_element_head_lookup_equals_advanced_indexing():
     ref.square().sum().backward()
     torch.testing.assert_close(head.logits(h, values), ref, rtol=0, atol=0)
     torch.testing.assert_close(got, head.val.grad, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (pinned memory)")
+def test_packed_batches_on_cuda_equal_the_cpu_ones(model):
+    """On a CUDA device the elements go through pinned memory without waiting and the masks are
+    made there: the same batch as on the CPU."""
+    imgs = [RNG.integers(0, 256, s, dtype=np.uint8)
+            for s in ((9, 17, 3), (16, 8, 4), (5, 3, 1), (9, 17, 3))]
+    auds = [(RNG.standard_normal((n, c)) * 3000).astype(np.int16) for n, c in ((99, 2), (5, 1))]
+    for mode, contents in (("image", imgs), ("audio", auds)):
+        sup = model.support(mode)
+        for _ in range(3):  # pinned buffers are reused: later batches must not see old bytes
+            got = sup.target(contents, "cuda")
+            torch.cuda.synchronize()
+            ref = sup.target(contents)
+            for k, v in ref.__dict__.items():
+                w = got.__dict__[k]
+                if isinstance(v, torch.Tensor):
+                    assert w.device.type == "cuda" and torch.equal(w.cpu(), v), k
+            contents = contents[::-1]
