@@ -117,7 +117,12 @@ def small() -> RunConfig:
     ~26 (3,070 -> 754 sequential stack steps; padding 2.7% -> 15%; `bench train --simulate`).
     8,192 examples in flight instead of 4,096: text in 3.3 instead of 4.8 batches per step (the
     per-batch host work is most of a step), 148k instead of 128k tokens/s stack off on the H200
-    in the same run, peak memory 71 GiB (device call thru-2).
+    in the same run, peak memory 71 GiB (device call thru-2). 12,288 instead of 8,192: mixed
+    image batches fill (`bench train --simulate`, gpu_mixed4: 2.5 -> 1.92 batches and 1,548 ->
+    1,078 sequential stack steps per step; the text set 1.79 -> 1.87 batches, padding 14.5% ->
+    16.5%); on the H200 mixed with the stack 137,418 / 135,358 -> 146,331 tokens/s over 40 steps,
+    peak memory 94.6 -> 99.9 GiB (the states of examples between blocks), text with the stack
+    267,506 -> 265,575 (calls P15, P16); 16,384 peaked at 117 GiB and 24,576 ran out of memory.
 
     Coalescing (``pipeline/dispatch_coalesce.py``): a small epoch is admitted whole, so nearly
     every batch is a drain of one bucket (a gpu_mixed4 epoch: 52 batches of ~8,500 tokens, audio
@@ -129,7 +134,7 @@ def small() -> RunConfig:
     more batches (one price cannot fit both: pipeline/DISPATCH.md, "Coalescing").
     """
     return RunConfig(model=model_presets.small(),
-                     dispatch=DispatchConfig(max_in_flight=8192, budget=65536, ttl_steps=256,
+                     dispatch=DispatchConfig(max_in_flight=12288, budget=65536, ttl_steps=256,
                                              prefetch=8192,
                                              mode_coalesce_tokens={"audio": 1000, "text": 500}),
                      train=TrainConfig(lr=6e-4, tokens_per_step=65536, warmup=200,
