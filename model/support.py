@@ -126,6 +126,13 @@ class ModeSupport(nn.Module):
         return math.prod(shape)
 
     # -- training ------------------------------------------------------------------------------
+    def prepare(self, content):
+        """Work on one block's decoded content that can be done ahead of its batch, off the
+        model's thread (the trainer's dispatcher runs it in its read-ahead thread): a content
+        :meth:`target` takes in place of the decoded one, with the same result. Default: the
+        content as it is (text: its token ids, :class:`blocklm.model.text.Tokenized`)."""
+        return content
+
     def encode(self, content) -> tuple[Tensor, Tensor]:
         """One content -> its steps' elements [n,E] long and their loss mask [n,E] bool."""
         raise NotImplementedError

@@ -14,7 +14,9 @@ characters; the result is cut (or, if the step cap is hit, padded with spaces) t
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -28,6 +30,15 @@ def load_tokenizer(path: str):
     import sentencepiece as spm
 
     return spm.SentencePieceProcessor(model_file=str(path))
+
+
+@dataclass(frozen=True, slots=True)
+class Tokenized:
+    """A text content with its token ids, made ahead (:meth:`TextSupport.prepare`, in the
+    dispatcher's read-ahead thread) so the batch is built without tokenizing."""
+
+    text: str
+    ids: np.ndarray  # int64 [n]
 
 
 class TextSupport(ModeSupport):
@@ -63,7 +74,17 @@ class TextSupport(ModeSupport):
             self._sp = sp
         return self._sp
 
+    def prepare(self, content) -> Tokenized:
+        """The text with its token ids (:class:`Tokenized`), for :meth:`target` to use as is."""
+        self.shape_of(content)
+        if isinstance(content, Tokenized):
+            return content
+        return Tokenized(content, np.asarray(self.tokenizer.encode(content, out_type=int),
+                                             dtype=np.int64))
+
     def shape_of(self, content) -> tuple[int, ...]:
+        if isinstance(content, Tokenized):
+            return (len(content.text),)
         if not isinstance(content, str):
             raise ValueError(f"text content must be str, got {type(content).__name__}")
         return (len(content),)
@@ -81,18 +102,22 @@ class TextSupport(ModeSupport):
         return torch.arange(T).float()[:, None]
 
     def encode(self, content) -> tuple[Tensor, Tensor]:
-        self.shape_of(content)
-        ids = torch.tensor(self.tokenizer.encode(content, out_type=int), dtype=torch.long)
+        ids = torch.from_numpy(self.prepare(content).ids)
         return ids[:, None], torch.ones(len(ids), 1, dtype=torch.bool)
 
     def encode_flat(self, contents: list) -> tuple[Tensor, Tensor, Tensor]:
-        # one batch call of the tokenizer (it threads across the batch) and one tensor, not
-        # two small tensors per block: the per-block path was most of a text batch's set-up
+        # the ids made ahead (Tokenized) as they are; the other texts by one batch call of the
+        # tokenizer (it threads across the batch); one tensor, not two small tensors per block
         for c in contents:
             self.shape_of(c)
-        ids = self.tokenizer.encode(list(contents), out_type=int)
+        ids: list = [c.ids if isinstance(c, Tokenized) else None for c in contents]
+        todo = [i for i, c in enumerate(ids) if c is None]
+        if todo:
+            for i, t in zip(todo, self.tokenizer.encode([contents[i] for i in todo],
+                                                        out_type=int)):
+                ids[i] = np.asarray(t, dtype=np.int64)
         n = torch.tensor([len(i) for i in ids], dtype=torch.long)
-        vals = torch.tensor([t for i in ids for t in i], dtype=torch.long).view(-1, 1)
+        vals = torch.from_numpy(np.concatenate(ids) if ids else np.zeros(0, np.int64)).view(-1, 1)
         return vals, torch.ones_like(vals, dtype=torch.bool), n
 
     def positions_flat(self, shapes: list, n: Tensor) -> Tensor:

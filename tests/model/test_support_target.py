@@ -138,3 +138,20 @@ def test_packed_batches_on_cuda_equal_the_cpu_ones(model):
                 if isinstance(v, torch.Tensor):
                     assert w.device.type == "cuda" and torch.equal(w.cpu(), v), k
             contents = contents[::-1]
+
+
+def test_text_tokenized_ahead_gives_the_same_batch(model):
+    """``prepare`` (the read-ahead thread's tokenization) changes nothing in the batch: texts
+    all prepared, none, or some of them (the rest tokenized in one call there)."""
+    from blocklm.model.text import Tokenized
+
+    sup = model.support("text")
+    texts = ["To be, or not to be", "", "Ay", "x" * 57, "Good morrow, cousin.", "é ü ß"]
+    ref = sup.target(texts)
+    ready = [sup.prepare(t) for t in texts]
+    assert all(isinstance(r, Tokenized) and r.text == t for r, t in zip(ready, texts))
+    assert sup.prepare(ready[0]) is ready[0]
+    same(sup.target(ready), ref)
+    same(sup.target([r if i % 2 else t for i, (r, t) in enumerate(zip(ready, texts))]), ref)
+    assert sup.shape_of(ready[3]) == (57,)
+    assert sup.content_steps(ready[4]) == sup.content_steps(texts[4])

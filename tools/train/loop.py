@@ -127,7 +127,7 @@ class Trainer:
         agree = torch_agree() if self.coll.world > 1 else None
         self.disp = Dispatcher({m: self.runners.runner(m) for m in self.modes}, self.buckets,
                                training_dispatch(cfg), cost=cost, agree=agree,
-                               rank=self.coll.rank)
+                               rank=self.coll.rank, prepare=self.runners.prepare)
         if not t.chain_epochs:  # chained, the dispatcher's own read-ahead crosses epochs
             self.ahead.prepare = self.disp._prepare  # the next epoch is decoded ahead too:
             self.disp._prepare = self.ahead.cached(self.ahead.prepare)  # the dispatcher takes it

@@ -181,3 +181,20 @@ def test_request_last_marks_each_examples_last_piece():
     last = {"a": 0, "b": 2, "c": 1}
     assert sorted(seen) == sorted((k, i, i == last[k]) for k, n in (("a", 1), ("b", 3), ("c", 2))
                                   for i in range(n))
+
+
+def test_prepare_tokenizes_text_ahead_and_decodes_the_rest(tokenizer):
+    """The dispatcher's ``prepare``: text blocks come back tokenized (the same batch as the
+    decoded string), other modes decoded as they are."""
+    from blocklm.formats.codecs import raw_image_block, text_block
+    from blocklm.model.text import Tokenized
+
+    model = BlockLM(tiny(tokenizer_path=tokenizer))
+    runners = ModelRunners(model, torch.device("cpu"))
+    img = np.random.default_rng(2).integers(0, 256, (4, 6, 3), dtype=np.uint8)
+    x, y = runners.prepare(text_block("To be, or not"))
+    assert x is y and isinstance(x, Tokenized) and x.text == "To be, or not"
+    sup = model.support("text")
+    assert torch.equal(sup.target([x]).targets, sup.target(["To be, or not"]).targets)
+    x, _ = runners.prepare(raw_image_block(img))
+    assert np.array_equal(x, img)
