@@ -29,6 +29,7 @@ from pathlib import Path
 
 import click
 
+from .bench_train_idle import PhaseMarks, cuda_kernels, idle_by_phase
 from .bench_train_sim import simulate_dispatch
 from .bench_train_timer import StepTimer, _peak_gib
 
@@ -119,10 +120,12 @@ def _captures(model) -> int:
 
 def run_variant(data: str, variant: str, extra: list[str], warmup: int, steps: int,
                 seconds: float, profile_steps: int, preset: str = "small",
-                trace: str | None = None) -> dict:
+                trace: str | None = None, idle: bool = False) -> dict:
     """One fresh trainer on ``data`` with the variant's overrides; its figures. One ``fit`` call
     (the dispatcher cannot restart mid-epoch); the timer's hooks start and stop the profiler and
-    end the run (``trainer.target``) after ``steps`` timed steps or ``seconds``."""
+    end the run (``trainer.target``) after ``steps`` timed steps or ``seconds``. ``idle``: the
+    profiled steps record CUDA activity only, with phase markers (bench_train_idle.py), and
+    report where the GPU idled (``idle``)."""
     import torch
 
     from blocklm.tools.train.loop import RunSpec, Trainer
@@ -154,13 +157,27 @@ def run_variant(data: str, variant: str, extra: list[str], warmup: int, steps: i
             if act == "profile":
                 from torch.profiler import ProfilerActivity, profile
 
-                state["prof"] = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+                acts = [ProfilerActivity.CUDA] if idle else \
+                    [ProfilerActivity.CPU, ProfilerActivity.CUDA]
+                state["prof"] = profile(activities=acts)
                 state["prof"].__enter__()
+                if idle:
+                    state["marks"] = PhaseMarks(tr)
+                    state["marks"].on = True
                 state["tp"] = now
             elif act == "stop_profile":
+                marks = state.pop("marks", None)
+                if marks is not None:
+                    marks.on = False
                 state["prof"].__exit__(None, None, None)
                 state["profile"] = dict(kernel_breakdown(state["prof"]), steps=profile_steps,
                                         wall_ms=round((now - state["tp"]) * 1e3, 1))
+                if marks is not None:
+                    marks.close()
+                    try:
+                        state["idle"] = idle_by_phase(cuda_kernels(state["prof"]), marks.labels)
+                    except Exception as e:  # noqa: BLE001 - beside the figures, never instead
+                        state["idle"] = {"error": f"{type(e).__name__}: {e}"[:300]}
                 if trace:
                     from .bench_train_prof import export_profile
 
@@ -187,6 +204,8 @@ def run_variant(data: str, variant: str, extra: list[str], warmup: int, steps: i
                            if k.startswith("rejected_")}
         if "profile" in state:
             res["profile"] = state["profile"]
+        if "idle" in state:
+            res["idle"] = state["idle"]
         res.update(timer.summary(warmup, params, phases.timed_end) if warmup
                    else {"error": "no warm-up step"})
         peaks = [p for p in [s.get("peak") for s in timer.steps] + [_peak_gib()]
@@ -217,6 +236,10 @@ def run_variant(data: str, variant: str, extra: list[str], warmup: int, steps: i
 @click.option("--seconds", default=60.0, show_default=True, help="Time cap per variant.")
 @click.option("--profile-steps", default=0, show_default=True,
               help="Steps profiled (torch.profiler) after the timed steps.")
+@click.option("--idle", is_flag=True,
+              help="With --profile-steps, on CUDA: profile the GPU only, with marker kernels at "
+                   "every host phase, and report where the GPU idled (batch set-up, data work "
+                   "between calls, the backward's launch, ...).")
 @click.option("--simulate", is_flag=True,
               help="Only simulate the dispatcher on the CPU (batches, sequential steps, padding).")
 @click.option("--sim-epochs", default=4, show_default=True,
@@ -225,8 +248,8 @@ def run_variant(data: str, variant: str, extra: list[str], warmup: int, steps: i
 @click.option("--out", "out_path", default=None, help="Also write the JSON figures here.")
 @click.option("--trace", default=None,
               help="With --profile-steps: write chrome traces and op tables to this folder.")
-def bench_train(preset, datas, variants, extra, warmup, steps, seconds, profile_steps, simulate,
-                sim_epochs, out_path, trace):
+def bench_train(preset, datas, variants, extra, warmup, steps, seconds, profile_steps, idle,
+                simulate, sim_epochs, out_path, trace):
     """Training tokens/s, MFU and the data-wait share of a preset (`small`), per variant.
 
     \b
@@ -236,6 +259,7 @@ def bench_train(preset, datas, variants, extra, warmup, steps, seconds, profile_
       blocktool bench train --simulate --sim-epochs 4 --data data/gpu_mixed4
       blocktool bench train --simulate --set train.chain_epochs=false  # one run per epoch
       blocktool bench train --variants off --profile-steps 1 --trace prof/
+      blocktool bench train --variants ring --warmup 30 --profile-steps 3 --idle
     """
     if simulate:
         for data in datas:
@@ -246,7 +270,7 @@ def bench_train(preset, datas, variants, extra, warmup, steps, seconds, profile_
         for v in variants.split(","):
             try:
                 r = run_variant(data, v, list(extra), warmup, steps, seconds, profile_steps,
-                                preset, trace)
+                                preset, trace, idle)
             except Exception as e:  # one failing variant must not lose the others' figures
                 r = {"data": data, "variant": v, "error": f"{type(e).__name__}: {e}"[:2000]}
             rows.append(r)
@@ -263,6 +287,10 @@ def bench_train(preset, datas, variants, extra, warmup, steps, seconds, profile_
                    f"{r['share_model_calls']:>6.2f} {r['share_backward_optimizer']:>7.2f} "
                    f"{r['share_data_wait']:>6.2f} {r['batches_per_step']:>12}"
                    + (f"  rejected {r['rejected']}" if r.get("rejected") else ""))
+        if r.get("idle", {}).get("busy_share") is not None:
+            i = r["idle"]
+            click.echo(f"{'':<22} GPU busy {i['busy_share']:.1%}, idle in the data work "
+                       f"{i['share_idle_data']:.1%}; idle ms by phase {i['idle_ms']}")
 
 
 if __name__ == "__main__":
