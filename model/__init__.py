@@ -18,7 +18,8 @@ Entry points for the dispatcher (``blocklm.pipeline``) and the trainer::
     model.run_block(mode, contents: list, state: Tensor[B, S] | None, targets=True) -> BlockResult
         contents: decoded block contents of one mode (text ``str`` [n_chars]; image
         ``numpy uint8 [H, W, C]``, C in 1..4; audio ``numpy int16/float32 [frames, ch]`` or
-        ``(array, sample_rate)``). Returns
+        ``(array, sample_rate)``), or ``model.supports[mode].prepare(content)`` of them (work
+        done ahead, e.g. in a loader thread: text is tokenized there, ``Tokenized``). Returns
           .state        Tensor[B, S]  the context after the block (hand to the next block)
           .loss         BlockLoss with per-example Tensors[B]:
                           bits        content bits summed over the block
