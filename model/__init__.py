@@ -53,6 +53,7 @@ shape), ``sampling``, ``blocklm`` (the model), ``bench_tasks`` / ``bench_heads``
 """
 
 from . import presets
+from .batch import BlockBatch
 from .blocklm import BlockLM, BlockLoss, BlockResult
 from .config import (
     AttentionConfig,
@@ -65,7 +66,7 @@ from .config import (
     StackConfig,
     TextConfig,
 )
-from .support import BlockBatch, ModeSupport, Registry, default_registry
+from .support import ModeSupport, Registry, default_registry
 
 __all__ = [
     "BlockLM", "BlockLoss", "BlockResult", "BlockBatch", "ModeSupport", "Registry",

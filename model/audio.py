@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .batch import to_device
 from .config import AudioConfig
 from .patch import PatchSupport
-from .support import to_device
 
 
 def mu_law_encode(x: np.ndarray, mu: int = 255) -> np.ndarray:

@@ -15,9 +15,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .batch import to_device
 from .config import HeadsConfig, SampleConfig
 from .sampling import sample_logits
-from .support import LN2, to_device
+from .support import LN2
 
 END = "end"
 

@@ -16,9 +16,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .batch import to_device
 from .config import ImageConfig
 from .patch import PatchSupport
-from .support import to_device
 
 CMAX = 4
 

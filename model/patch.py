@@ -18,9 +18,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from .batch import BlockBatch
 from .config import SampleConfig
 from .sampling import sample_logits
-from .support import BlockBatch, ModeSupport, grid_rows, row_bits
+from .support import ModeSupport, grid_rows, row_bits
 
 
 class ElementHead(nn.Module):

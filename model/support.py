@@ -17,57 +17,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from .batch import BlockBatch
 from .config import SampleConfig
 from .sampling import sample_logits
 
 LN2 = math.log(2.0)
-
-
-@dataclass
-class BlockBatch:
-    """A batch of blocks of one mode, ready for the decoder (T = longest block's steps)."""
-
-    mode: str
-    shapes: list[tuple[int, ...]]
-    inputs: Tensor  # [B,T,E] long: the previous step's elements (zeros at the start step)
-    start: Tensor  # [B,T] bool: the start-token step (t == 0)
-    positions: Tensor  # [B,T,P] float: coordinates, from the block start, of what step t predicts
-    cond: Tensor  # [B,C] float: per-block conditioning from the shape (may be [B,0])
-    targets: Tensor  # [B,T,E] long
-    mask: Tensor  # [B,T,E] bool: the element counts toward the loss (padding never does)
-    steps: Tensor  # [B,T] bool: real decoder steps, a prefix (includes the summary step)
-    elements: Tensor  # [B] float: what bits are reported per (characters, sub-pixels, samples)
-
-    def to(self, device) -> BlockBatch:
-        """The same batch on ``device`` (CUDA: through pinned memory, without waiting)."""
-        dev = torch.device(device) if device is not None else None
-        pin = dev is not None and dev.type == "cuda"
-
-        def move(v):
-            if not isinstance(v, Tensor) or dev is None or v.device == dev:
-                return v
-            # small tensors only: pinning a large one costs a pinned allocation (cudaHostAlloc,
-            # ~20 ms for an image batch's inputs in the thru-final profile) and a host copy
-            if pin and v.device.type == "cpu" and v.is_pinned():  # written there (pack)
-                return v.to(dev, non_blocking=True)
-            if pin and v.device.type == "cpu" and v.numel() * v.element_size() <= 1 << 22:
-                return v.pin_memory().to(dev, non_blocking=True)
-            return v.to(dev)
-        return BlockBatch(**{k: move(v) for k, v in self.__dict__.items()})
-
-
-def to_device(t: Tensor, device) -> Tensor:
-    """A small host tensor on ``device`` without waiting for the GPU: through pinned memory
-    on CUDA (a copy from pageable memory synchronises the stream)."""
-    device = torch.device(device) if device is not None else t.device
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
 
 
 def sinusoid(pos: Tensor, d: int) -> Tensor:
@@ -175,8 +133,8 @@ class ModeSupport(nn.Module):
             inputs[:, 1:][body] = vals
             targets[:, :-1][body] = vals
             mask[:, :-1][body] = msk
-        elif packed is not None:
-            inputs, mask = targets[:0], None  # both made on the device
+        elif packed is not None:  # the inputs made from the targets, the masks on the device
+            inputs, mask = targets[:0], self.element_masks(shapes, T, dev)
         else:
             targets = torch.zeros(B, T, E, dtype=torch.uint8)  # 8-bit elements, widened below
             inputs = targets[:0]  # made from the targets on the device
@@ -192,8 +150,6 @@ class ModeSupport(nn.Module):
         elements = torch.tensor([float(self.elements_of(s)) for s in shapes])
         batch = BlockBatch(self.name, shapes, inputs, start, positions, cond, targets, mask,
                            steps, elements).to(device)
-        if packed is not None:
-            batch.mask = self.element_masks(shapes, T, batch.targets.device)
         if E > 1:  # step t's inputs are step t-1's elements: [B,T,E] long
             batch.targets = batch.targets.long()
             batch.inputs = nn.functional.pad(batch.targets[:, :-1], (0, 0, 1, 0))

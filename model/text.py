@@ -20,9 +20,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .batch import BlockBatch
 from .config import SampleConfig, TextConfig
 from .sampling import sample_logits
-from .support import BlockBatch, ModeSupport
+from .support import ModeSupport
 
 
 def load_tokenizer(path: str):

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from blocklm.model.support import BlockBatch, ModeSupport
+from blocklm.model.batch import BlockBatch
+from blocklm.model.support import ModeSupport
 
 RNG = np.random.default_rng(3)
 

@@ -15,9 +15,9 @@ import torch
 from torch import Tensor
 from torch.profiler import record_function
 
+from blocklm.model.batch import to_device
 from blocklm.model.blocklm import BlockLM
 from blocklm.model.heads import END
-from blocklm.model.support import to_device
 from blocklm.pipeline.dispatch_types import Batch, Result
 
 from .state_groups import StateGroups
