@@ -21,6 +21,7 @@ from torch import Tensor
 from .batch import to_device
 from .config import AudioConfig
 from .patch import PatchSupport
+from .support import step_index
 
 
 def mu_law_encode(x: np.ndarray, mu: int = 255) -> np.ndarray:
@@ -140,10 +141,7 @@ class AudioSupport(PatchSupport):
         return c
 
     def positions_flat(self, shapes: list, n: Tensor) -> Tensor:
-        steps = n + 1  # positions_of for every block's n + 1 steps at once
-        t = torch.arange(int(steps.sum())) - torch.repeat_interleave(steps.cumsum(0) - steps,
-                                                                     steps)
-        return (t * self.cfg.frame).float()[:, None]
+        return (step_index(n) * self.cfg.frame).float()[:, None]  # positions_of, all at once
 
     def encode(self, content) -> tuple[Tensor, Tensor]:
         a = as_float(content)

@@ -32,10 +32,10 @@ class BlockBatch:
         def move(v):
             if not isinstance(v, Tensor) or dev is None or v.device == dev:
                 return v
-            # small tensors only: pinning a large one costs a pinned allocation (cudaHostAlloc,
-            # ~20 ms for an image batch's inputs in the thru-final profile) and a host copy
             if pin and v.device.type == "cpu" and v.is_pinned():  # written there (pack)
                 return v.to(dev, non_blocking=True)
+            # small tensors only: pinning a large one costs a pinned allocation (cudaHostAlloc,
+            # ~20 ms for an image batch's inputs in the thru-final profile) and a host copy
             if pin and v.device.type == "cpu" and v.numel() * v.element_size() <= 1 << 22:
                 return v.pin_memory().to(dev, non_blocking=True)
             return v.to(dev)

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from .batch import to_device
 from .config import ImageConfig
 from .patch import PatchSupport
+from .support import step_index
 
 CMAX = 4
 
@@ -94,7 +95,7 @@ class ImageSupport(PatchSupport):
                 img = np.asarray(contents[i]).reshape(-1)
                 buf[o:o + img.size] = img
                 o += img.size
-        flat = flat.to(dev, non_blocking=True) if dev.type == "cuda" else flat
+        flat = flat.to(dev, non_blocking=True)  # pinned on CUDA: no wait
         out = torch.zeros(len(contents), int(n.max()) + 1, E, dtype=torch.uint8, device=dev)
         o = 0
         for (H, W, C), idx in groups.items():
@@ -132,11 +133,9 @@ class ImageSupport(PatchSupport):
         return c
 
     def positions_flat(self, shapes: list, n: Tensor) -> Tensor:
-        steps = n + 1  # as positions_of, for every block's n + 1 steps at once
-        t = torch.arange(int(steps.sum())) - torch.repeat_interleave(steps.cumsum(0) - steps,
-                                                                     steps)
+        t = step_index(n)  # as positions_of, for every block's n + 1 steps at once
         pw = torch.repeat_interleave(torch.tensor([max(self._grid(s)[1], 1) for s in shapes]),
-                                     steps)
+                                     n + 1)
         return torch.stack([(t // pw) * self.P, (t % pw) * self.P], -1).float()
 
     def encode(self, content) -> tuple[Tensor, Tensor]:

@@ -28,6 +28,13 @@ from .sampling import sample_logits
 LN2 = math.log(2.0)
 
 
+def step_index(n: Tensor) -> Tensor:
+    """The step index t (0..n_i) of every block's n_i + 1 steps, concatenated: n [B] long ->
+    [sum(n + 1)] long (the flat positions of text, image and audio are functions of it)."""
+    steps = n + 1
+    return torch.arange(int(steps.sum())) - torch.repeat_interleave(steps.cumsum(0) - steps, steps)
+
+
 def sinusoid(pos: Tensor, d: int) -> Tensor:
     """Sinusoidal features of coordinates. pos [..., P] -> [..., d] (d split over P coordinates)."""
     P = pos.shape[-1]

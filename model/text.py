@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from .batch import BlockBatch
 from .config import SampleConfig, TextConfig
 from .sampling import sample_logits
-from .support import ModeSupport
+from .support import ModeSupport, step_index
 
 
 def load_tokenizer(path: str):
@@ -122,9 +122,7 @@ class TextSupport(ModeSupport):
         return vals, torch.ones_like(vals, dtype=torch.bool), n
 
     def positions_flat(self, shapes: list, n: Tensor) -> Tensor:
-        steps = n + 1  # token index from each block's start, for every block at once
-        start = torch.repeat_interleave(steps.cumsum(0) - steps, steps)
-        return (torch.arange(int(steps.sum())) - start).float()[:, None]
+        return step_index(n).float()[:, None]  # the token index from each block's start
 
     def embed_elements(self, inputs: Tensor, cond: Tensor) -> Tensor:
         return self.emb(inputs[..., 0])  # [B,T,d]

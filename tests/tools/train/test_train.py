@@ -244,3 +244,23 @@ def test_async_log_writes_the_same_records_a_step_later(tmp_path, dataset, token
     assert steps == [(1, 0), (2, 1), (3, 2), (4, 3), (5, 4)]
     if extra:  # the checkpoints at steps 2 and 4 (and at the end) flushed their step's record
         assert [x for x in seen if x[0] < 0][:2] == [(-2, 2), (-4, 4)]
+
+
+def test_trainer_tokenizes_text_in_the_read_ahead(tmp_path, dataset, tokenizer):
+    """The trainer's dispatcher prepares each block through its mode support, so text reaches
+    the runners tokenized (made in the read-ahead thread), audio decoded as it is."""
+    from blocklm.model.text import Tokenized
+    from blocklm.tools.train.loop import Trainer
+
+    tr = Trainer(tmp_path / "run", _spec(dataset, tokenizer), resume=False, remote=None,
+                 progress=False, tensorboard=False)
+    seen: dict[str, set] = {}
+    run = tr.runners.run
+
+    def spy(mode, batch):
+        seen.setdefault(mode, set()).update(type(r.inputs) for r in batch.requests)
+        return run(mode, batch)
+    tr.runners.run = spy
+    tr.fit(steps=1, minutes=None)
+    assert seen["text"] == {Tokenized}
+    assert seen["audio"] and Tokenized not in seen["audio"]
