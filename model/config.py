@@ -55,6 +55,11 @@ class StackConfig:
     # 52.5k -> 57.7k tokens/s, text 110k -> 107k (within its epoch-turnover noise); GPU tests
     # pass (GPU_NOTES.md, "Lead, 2026-11-23 15:50", calls L2-L4)
     ring: bool = True
+    # with `ring`, under grad: the forward keeps what each chunk's backward reads (the ring, the
+    # iterations' inputs and Linear inputs; ~190 KB per padded example per chunk at `small`)
+    # when a block's buffers fit this many bytes, so the backward runs no recompute (a third of
+    # the stack's kernels; GPU_NOTES.md, "2026-11-24 (second)"); 0: always recompute
+    save_bytes: int = 2 << 30
 
 
 @dataclass

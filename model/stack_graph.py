@@ -134,76 +134,134 @@ class EagerRunner:
 
 
 class GraphRunner:
-    """A chunk runner's two functions (``body``: an :class:`EagerRunner`, or a
+    """A chunk runner's functions (``body``: an :class:`EagerRunner`, or a
     :class:`blocklm.model.stack_ctrl_loop.CtrlRunner`) captured as CUDA graphs for one static
     shape (B padded, U); static inputs are copied in before and outputs used right after a
-    replay."""
+    replay. Graphs are captured in pairs on first use (:meth:`ensure`): "recompute" (forward
+    without grad; backward recomputing from the checkpoint) and, where the body ``saves``,
+    "saved" (forward keeping the chunk's saved buffer; backward from it)."""
 
     def __init__(self, body, B, U, like: Tensor, pool) -> None:
         self.U, self.grads, self.zero_grads = U, body.grads, body.zero_grads
+        self.body, self.pool, self.B = body, pool, B
+        self.saves = bool(getattr(body, "saves", False))
         cfg = body.stack.cfg
         K, W, Hd = cfg.depth, cfg.width, cfg.hidden
         z = lambda *shape: torch.zeros(*shape, device=like.device, dtype=like.dtype)  # noqa: E731
         self.inp = [z(B, U, Hd), z(B, U), z(B, K, W), z(B, K)]  # e, running, V, s
         self.gin = [z(B, U, W), z(B, U, W), z(B, U, Hd), z(B, K, W), z(B, K)]
+        self.flat = z(body.saved_numel(B, U)) if self.saves else None
+        self.graphs: dict[str, tuple] = {}  # name -> (graph, its outputs)
+        # the cache is keyed weakly on the stack: a runner holding it would keep it alive
+        body.stack = None
+        if isinstance(body, EagerRunner):
+            body.ponder = None
+        self.nbytes = sum(t.numel() * t.element_size()
+                          for t in self.inp + self.gin + ([self.flat] if self.saves else []))
+
+    def ensure(self, kind: str, stack: ProcessingStack) -> bool:
+        """Capture the pair ``kind`` ("recompute" or "saved") unless it is there; -> whether
+        this call captured (which stalls the host: two warm-up passes, a device sync)."""
+        if kind in self.graphs:
+            return False
+        body = self.body
+        body.stack = stack
+        if isinstance(body, EagerRunner):
+            body.ponder = _Ponder(stack)
+        if kind == "saved":
+            fns = (lambda: body.forward_saved(*self.inp, self.flat),
+                   lambda: body.backward_saved(self.inp[1], self.flat, *self.gin))
+        else:
+            fns = (lambda: body.forward(*self.inp), lambda: body.backward(*self.inp, *self.gin))
+        like = self.inp[0]
         side = torch.cuda.Stream(like.device)
         side.wait_stream(torch.cuda.current_stream(like.device))
         with torch.cuda.stream(side):  # warm-up (cuBLAS handles, workspaces, Triton builds)
             for _ in range(2):
-                body.forward(*self.inp)
-                body.backward(*self.inp, *self.gin)
+                for fn in fns:
+                    fn()
         torch.cuda.current_stream(like.device).wait_stream(side)
-        self.fg, self.bg = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
-        # thread_local: the loader's threads may call CUDA while this thread captures
-        with torch.cuda.graph(self.fg, pool=pool, capture_error_mode="thread_local"):
-            self.fout = body.forward(*self.inp)
-        with torch.cuda.graph(self.bg, pool=pool, capture_error_mode="thread_local"):
-            self.bout = body.backward(*self.inp, *self.gin)
-        # the cache is keyed weakly on the stack: a runner holding it would keep it alive
-        body.stack = body.ponder = None
-        self.nbytes = sum(t.numel() * t.element_size() for t in self.inp + self.gin)
+        pair = []
+        for fn in fns:
+            g = torch.cuda.CUDAGraph()
+            # thread_local: the loader's threads may call CUDA while this thread captures
+            with torch.cuda.graph(g, pool=self.pool, capture_error_mode="thread_local"):
+                out = fn()
+            pair.append((g, out))
+        self.graphs[kind] = tuple(pair)
+        body.stack = None
+        if isinstance(body, EagerRunner):
+            body.ponder = None
+        return True
+
+    def _replay(self, kind: str, which: int, dsts, srcs):
+        for dst, src in zip(dsts, srcs):
+            dst.copy_(src)
+        g, out = self.graphs[kind][which]
+        g.replay()
+        return out
 
     def forward(self, e, r, V, s):
-        for dst, src in zip(self.inp, (e, r, V, s)):
-            dst.copy_(src)
-        self.fg.replay()
-        return self.fout
+        return self._replay("recompute", 0, self.inp, (e, r, V, s))
 
     def backward(self, e, r, V, s, *g):
-        for dst, src in zip(self.inp + self.gin, (e, r, V, s) + g):
-            dst.copy_(src)
-        self.bg.replay()
-        return self.bout
+        return self._replay("recompute", 1, self.inp + self.gin, (e, r, V, s) + g)
+
+    def saved_numel(self, B: int, U: int) -> int:
+        return self.flat.numel()
+
+    def forward_saved(self, e, r, V, s, flat):
+        out = self._replay("saved", 0, self.inp, (e, r, V, s))
+        flat.copy_(self.flat)
+        return out
+
+    def backward_saved(self, r, flat, *g):
+        return self._replay("saved", 1, [self.inp[1], self.flat] + self.gin, (r, flat) + g)
 
 
 class _Loop(torch.autograd.Function):
-    """The chunked loop as one autograd node: forward keeps checkpoints, backward recomputes."""
+    """The chunked loop as one autograd node. Forward keeps, per chunk, either the runner's
+    saved buffer (``save``: the backward runs no recompute) or a checkpoint of the state (the
+    backward recomputes the chunk from it)."""
 
     @staticmethod
-    def forward(ctx, runner, e, r, V, s, *params):
-        read, acc, es, V, s, ck = run_chunks(runner, e, r, V, s, keep=True)
-        ctx.runner = runner
-        ctx.save_for_backward(e, r, *ck)
+    def forward(ctx, runner, save, e, r, V, s, *params):
+        read, acc, es, V, s, ck, store = run_chunks(runner, e, r, V, s, keep=not save,
+                                                    save=save)
+        ctx.runner, ctx.save, ctx.store = runner, save, store
+        ctx.save_for_backward(e, r, *(ck if ck is not None else ()))
         return read, acc, es, V, s
 
     @staticmethod
     def backward(ctx, g_read, g_acc, g_es, g_V, g_s):
         runner = ctx.runner  # undefined output gradients arrive as zeros (materialized)
-        e, r, ckV, cks = ctx.saved_tensors
+        e, r, *ck = ctx.saved_tensors
+        store = ctx.store
+        if ctx.save and store is None:
+            raise RuntimeError(
+                "the stack's saved chunks serve one backward (their rings are turned back in "
+                "place and freed); for a second backward set StackConfig.save_bytes=0")
         U = runner.U
         de = torch.empty_like(e)
         runner.zero_grads()
-        for j in reversed(range(ckV.shape[0])):
+        for j in reversed(range(e.shape[1] // U)):
             sl = slice(j * U, (j + 1) * U)
-            de_j, g_V, g_s = runner.backward(e[:, sl], r[:, sl], ckV[j], cks[j], g_read[:, sl],
-                                             g_acc[:, sl], g_es[:, sl], g_V, g_s)
+            gs = (g_read[:, sl], g_acc[:, sl], g_es[:, sl], g_V, g_s)
+            if store is not None:
+                de_j, g_V, g_s = runner.backward_saved(r[:, sl], store[j], *gs)
+            else:
+                de_j, g_V, g_s = runner.backward(e[:, sl], r[:, sl], ck[0][j], ck[1][j], *gs)
             de[:, sl] = de_j
+        ctx.store = None  # free the saved chunks now, not when the autograd graph goes
         # a graph's outputs and accumulators change at its next replay: hand out copies
-        return (None, de, None, g_V.clone(), g_s.clone(), *(g.clone() for g in runner.grads))
+        return (None, None, de, None, g_V.clone(), g_s.clone(),
+                *(g.clone() for g in runner.grads))
 
 
-def run_chunks(runner, e, r, V, s, keep: bool):
-    """Forward over all chunks; with ``keep`` also the checkpoints ([n,B,K,W], [n,B,K])."""
+def run_chunks(runner, e, r, V, s, keep: bool, save: bool = False):
+    """Forward over all chunks; with ``keep`` also the checkpoints ([n,B,K,W], [n,B,K]), with
+    ``save`` the runner's saved buffer of each chunk ([n, runner.saved_numel]).
+    -> read, acc, es, V, s, checkpoints or None, saved buffers or None."""
     B, T, _ = e.shape
     U = runner.U
     W = V.shape[-1]
@@ -211,14 +269,18 @@ def run_chunks(runner, e, r, V, s, keep: bool):
     n = T // U
     ckV = V.new_empty(n, *V.shape) if keep else None
     cks = s.new_empty(n, *s.shape) if keep else None
+    store = e.new_empty(n, runner.saved_numel(B, U)) if save else None
     for j in range(n):
         sl = slice(j * U, (j + 1) * U)
         if keep:
             ckV[j], cks[j] = V, s
-        out = runner.forward(e[:, sl], r[:, sl], V, s)
+        if save:
+            out = runner.forward_saved(e[:, sl], r[:, sl], V, s, store[j])
+        else:
+            out = runner.forward(e[:, sl], r[:, sl], V, s)
         read[:, sl], acc[:, sl], es[:, sl] = out[0], out[1], out[2]
         V, s = out[3], out[4]  # copied into the graph's inputs before its next replay
-    return read, acc, es, V.clone(), s.clone(), (ckV, cks)
+    return read, acc, es, V.clone(), s.clone(), (ckV, cks) if keep else None, store
 
 
 # stack -> (its graphs' memory pool, OrderedDict of runners). The pool is per stack, not global:
@@ -234,8 +296,10 @@ def use_ctrl(stack: ProcessingStack, like: Tensor, ac: _Autocast) -> bool:
             and (not ac.enabled or ac.dtype == torch.bfloat16))
 
 
-def graph_runner(stack: ProcessingStack, B: int, U: int, like: Tensor) -> GraphRunner:
-    """The cached :class:`GraphRunner` for (B, U, dtype, autocast, parameter storage)."""
+def graph_runner(stack: ProcessingStack, B: int, U: int, like: Tensor,
+                 kind: str = "recompute") -> GraphRunner:
+    """The cached :class:`GraphRunner` for (B, U, dtype, autocast, parameter storage), with its
+    graph pair ``kind`` captured (:meth:`GraphRunner.ensure`)."""
     ac = _Autocast(like.device.type)
     ctrl = use_ctrl(stack, like, ac)
     key = (B, U, like.dtype, like.device, ac.key(), ctrl, ctrl and stack.cfg.ring,
@@ -243,14 +307,16 @@ def graph_runner(stack: ProcessingStack, B: int, U: int, like: Tensor) -> GraphR
     pools, cache, counts = _CACHE.setdefault(stack, ({}, OrderedDict(), {"captures": 0}))
     if key in cache:
         cache.move_to_end(key)
-        return cache[key]
-    if like.device not in pools:
-        pools[like.device] = torch.cuda.graph_pool_handle()
-    body = stack_ctrl_loop.CtrlRunner(stack, ac, U) if ctrl else EagerRunner(stack, ac, U)
-    cache[key] = GraphRunner(body, B, U, like, pools[like.device])
-    counts["captures"] += 1
-    evict(cache, MAX_GRAPHS, MAX_GRAPH_BYTES)  # after the capture: the pool never goes unused
-    return cache[key]
+    else:
+        if like.device not in pools:
+            pools[like.device] = torch.cuda.graph_pool_handle()
+        body = stack_ctrl_loop.CtrlRunner(stack, ac, U) if ctrl else EagerRunner(stack, ac, U)
+        cache[key] = GraphRunner(body, B, U, like, pools[like.device])
+    runner = cache[key]
+    if runner.ensure(kind, stack):
+        counts["captures"] += 1
+        evict(cache, MAX_GRAPHS, MAX_GRAPH_BYTES)  # after a capture: the pool never goes unused
+    return runner
 
 
 def evict(cache: OrderedDict, max_n: int, max_bytes: int) -> None:
@@ -273,23 +339,39 @@ def chunked_loop(stack: ProcessingStack, e: Tensor, running: Tensor, V: Tensor, 
     s [B,K] -> reads [B,T,W], accs [B,T,W], last e's [B,T,Hd], V and s after step T.
 
     ``runner_for(B_pad, U, like)``: the chunk runner; None: CUDA graphs (:func:`graph_runner`).
-    The batch is padded to :func:`batch_bucket` and the time axis to a multiple of U.
+    The batch is padded to :func:`batch_bucket` and the time axis to a multiple of U. Under grad
+    the forward keeps each chunk's saved buffer where :func:`saves` allows (the backward then
+    runs no recompute), else a checkpoint per chunk.
     """
     B, T, _ = e.shape
     Bp, Tp = batch_bucket(B), T + (-T % U)
     ep = F.pad(e, (0, 0, 0, Tp - T, 0, Bp - B))
     rp = F.pad(running, (0, Tp - T, 0, Bp - B))  # padded examples and steps: running = 0
     Vp, sp = F.pad(V, (0, 0, 0, 0, 0, Bp - B)), F.pad(s, (0, 0, 0, Bp - B))
+    params = stack_params(stack)
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in [e, V, s] + params)
+    save = grad and saves(stack, Bp, Tp, U, ep)
     if runner_for is None:
-        runner = graph_runner(stack, Bp, U, ep)
+        runner = graph_runner(stack, Bp, U, ep, "saved" if save else "recompute")
     else:
         runner = runner_for(Bp, U, ep)
-    params = stack_params(stack)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in [e, V, s] + params):
-        read, acc, es, Vn, sn = _Loop.apply(runner, ep, rp.detach(), Vp, sp, *params)
+        save = save and bool(getattr(runner, "saves", False))
+    if grad:
+        read, acc, es, Vn, sn = _Loop.apply(runner, save, ep, rp.detach(), Vp, sp, *params)
     else:
-        read, acc, es, Vn, sn, _ = run_chunks(runner, ep, rp, Vp, sp, keep=False)
+        read, acc, es, Vn, sn, _, _ = run_chunks(runner, ep, rp, Vp, sp, keep=False)
     return read[:B, :T], acc[:B, :T], es[:B, :T], Vn[:B], sn[:B]
+
+
+def saves(stack: ProcessingStack, B: int, T: int, U: int, like: Tensor) -> bool:
+    """Whether a block's forward keeps its chunks' saved buffers: the per-iteration kernels with
+    the ring (:func:`use_ctrl`, ``StackConfig.ring``), and the buffers (B padded examples, T
+    padded steps) within ``StackConfig.save_bytes``."""
+    cfg = stack.cfg
+    if not (cfg.ring and use_ctrl(stack, like, _Autocast(like.device.type))):
+        return False
+    nbytes = (T // U) * stack_ctrl_loop.saved_numel(cfg, B, U) * like.element_size()
+    return nbytes <= cfg.save_bytes
 
 
 def eager_runner_for(stack: ProcessingStack):

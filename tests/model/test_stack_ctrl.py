@@ -117,11 +117,42 @@ def check_halting_happens():
     assert float(stats.iterations.min()) < 3
 
 
+def check_saved_equals_recompute(device="cpu"):
+    """With the ring, under grad, the forward keeps each chunk's saved buffer (the default) and
+    the backward runs no recompute; the same values and gradients as with the recompute from
+    checkpoints (``save_bytes=0``: the same kernels fill the same buffer in the backward)."""
+    from blocklm.model.stack_ctrl_loop import CtrlRunner
+    (x, V, s, mask), st = setup(seed=8, B=5, T=10, K=6, device=device, ring=True)
+    calls = {"backward": 0, "backward_saved": 0}
+    orig = {k: getattr(CtrlRunner, k) for k in calls}
+
+    def counted(name):
+        def fn(self, *a):
+            calls[name] += 1
+            return orig[name](self, *a)
+        return fn
+    try:
+        for k in calls:
+            setattr(CtrlRunner, k, counted(k))
+        saved = run(ctrl_block(3), st, x, V, s, mask)  # 2 blocks of 5 steps: 2 chunks each
+        assert calls == {"backward": 0, "backward_saved": 4}
+        st.cfg.save_bytes = 0
+        recomputed = run(ctrl_block(3), st, x, V, s, mask)
+        assert calls == {"backward": 4, "backward_saved": 8}
+    finally:
+        for k, f in orig.items():
+            setattr(CtrlRunner, k, f)
+    for a, b in zip(saved, recomputed):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
 _INTERP = """
 import sys; sys.path.insert(0, {tests!r})
-from test_stack_ctrl import check_all, check_halting_happens
+from test_stack_ctrl import check_all, check_halting_happens, check_saved_equals_recompute
 check_halting_happens()
 check_all(ring={ring})
+if {ring}:
+    check_saved_equals_recompute()
 print("ok")
 """
 
@@ -142,6 +173,8 @@ def test_ctrl_kernels_under_triton_interpreter(ring):
 def test_ctrl_kernels_on_cuda(ring):
     torch.backends.cuda.matmul.allow_tf32 = False
     check_all("cuda", ring=ring)
+    if ring:
+        check_saved_equals_recompute("cuda")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or not HAS_TRITON, reason="needs CUDA")
@@ -158,6 +191,11 @@ def test_ctrl_graphs_match_the_step_loop_on_cuda(ring):
         ref = run(step_loop, st, x, V, s, mask)
         for a, b in zip(got, ref):
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+        if ring:  # the graphs of the recompute (the same runner's other pair) agree
+            st.cfg.save_bytes = 0
+            for a, b in zip(run(stack_block, st, x, V, s, mask), got):
+                torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+            st.cfg.save_bytes = StackConfig.save_bytes
         # bf16: the derivative jumps at relu/min kinks, and at this size bf16 rounding moves
         # some rows across one: the eager bf16 reference itself is 39% off fp32 in act.bias
         # (CPU, S5). So: as close to the bf16 reference as 2e-2 plus twice that own distance

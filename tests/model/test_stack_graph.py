@@ -102,6 +102,70 @@ def test_no_grad_forward_equals_reference():
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+class _Saving:
+    """An eager runner with the saved-buffer interface (CtrlRunner's with the ring, which needs
+    Triton): its buffer holds the chunk's inputs (e, V, s) and the chunk's serial number, and
+    its backward runs from the buffer alone (plus r). So the test sees which chunk's buffer each
+    backward got, and that no checkpoint is used."""
+
+    saves = True
+
+    def __init__(self, st, U):
+        from blocklm.model.stack_graph import EagerRunner, _Autocast
+        self.inner = EagerRunner(st, _Autocast("cpu"), U)
+        self.U, self.grads, self.zero_grads = U, self.inner.grads, self.inner.zero_grads
+        self.n, self.got, self.recomputes = 0, [], 0
+        self.forward = None  # the saved path must not call the plain forward
+        self.K, self.W, self.Hd = st.cfg.depth, st.cfg.width, st.cfg.hidden
+
+    def saved_numel(self, B, U):
+        return B * U * self.Hd + B * self.K * self.W + B * self.K + 1
+
+    def _split(self, flat, B, U):
+        a, b = B * U * self.Hd, B * self.K * self.W
+        return (flat[:a].view(B, U, self.Hd), flat[a:a + b].view(B, self.K, self.W),
+                flat[a + b:-1].view(B, self.K), flat[-1])
+
+    def forward_saved(self, e, r, V, s, flat):
+        ef, Vf, sf, serial = self._split(flat, *e.shape[:2])
+        ef.copy_(e), Vf.copy_(V), sf.copy_(s), serial.fill_(self.n)
+        self.n += 1
+        return self.inner.forward(e, r, V, s)
+
+    def backward_saved(self, r, flat, *g):
+        e, V, s, serial = self._split(flat, *r.shape)
+        self.got.append(int(serial))
+        return self.inner.backward(e, r, V, s, *g)
+
+    def backward(self, *a):
+        self.recomputes += 1
+        return self.inner.backward(*a)
+
+
+def test_loop_backward_from_saved_buffers():
+    """``_Loop`` with ``save``: each chunk's buffer goes to that chunk's backward (last first),
+    the checkpoints are not kept, values and gradients are the step loop's; a second backward
+    through the same graph is refused (the buffers were turned and freed)."""
+    from blocklm.model.stack_graph import _Loop, stack_params
+    st, x, V, s, mask = _setup(seed=6, B=4, T=12)
+    runner = _Saving(st, 4)
+
+    def saved(st, x, V, s, mask):
+        e = st.embed(x)
+        read, acc, es, V, s = _Loop.apply(runner, True, e, mask.to(s.dtype), V, s,
+                                          *stack_params(st))
+        return st.output(read, acc, es), V, s
+    ref_out, ref_g = _grads(st, step_loop, x, V, s, mask)
+    out, g = _grads(st, saved, x, V, s, mask)
+    for a, b in zip(out + g, ref_out + ref_g):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert runner.got == [2, 1, 0] and runner.recomputes == 0
+    y = saved(st, x, V, s.requires_grad_(True), mask)[0]
+    y.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward"):
+        y.sum().backward()
+
+
 def test_batch_bucket_pads_little_and_to_few_sizes():
     sizes = {batch_bucket(b) for b in range(1, 1025)}
     assert len(sizes) <= 48
