@@ -25,7 +25,10 @@ memory pool: nothing a graph writes in the pool is read after its replay has bee
 
 With ``StackConfig.fused_ctrl`` (the default; fp32 or bf16 autocast) the captured chunk body is
 :class:`blocklm.model.stack_ctrl_loop.CtrlRunner` instead: one Triton kernel per ponder
-iteration forward and one backward, no autograd inside the graphs.
+iteration forward and one backward, no autograd inside the graphs. With its ring (the default)
+the forward under grad keeps, instead of the checkpoint, each chunk's saved buffer (what the
+backward kernels read; within ``StackConfig.save_bytes`` per block), and the backward runs from
+it without recomputing the chunk (:func:`saves`).
 """
 
 from __future__ import annotations
