@@ -40,6 +40,12 @@ class TrainConfig:
     seed: int = 0
     shuffle_buffer: int = 1000
     device: str = "auto"  # "auto": cuda when available, else cpu
+    # PyTorch's intra-op CPU threads while fitting (set at the fit's start, restored at its end;
+    # None: 1 on a CUDA device, torch's default on the CPU, where they compute the model). On
+    # CUDA the host's tensor work is small bookkeeping (batch set-up: masks, positions, index
+    # writes), and each such op woke a team of all the cores' threads, busy in the trainer's
+    # thread: mixed 172-176k -> 198-200k tokens/s on the H200 (GPU_NOTES.md, calls P26-P27)
+    host_threads: int | None = None
     bf16: bool = True  # autocast to bf16 on CUDA (ignored on CPU: fp32 there)
     # relative width cap of shape buckets (estimate_buckets' max_width; None: quantiles only;
     # a dict: per mode, modes not in it None)

@@ -50,11 +50,13 @@ from .evaluate import evaluate, validation_source
 from .loop_util import (
     FULL_GC_EVERY,  # noqa: F401  (re-exported)
     GCFreeze,
+    HostThreads,
     StopFlag,
     _dispatch_metrics,
     _loader_stats,
     _pack_contexts,
     _unpack_contexts,
+    host_threads,
     window_limited,
 )
 from .metrics import MetricsLog
@@ -254,10 +256,11 @@ class Trainer:
 
     def fit(self, *, steps: int | None, minutes: float | None) -> dict[str, Any]:
         """Train until ``steps`` optimizer steps in all, ``minutes`` or a signal (see
-        :func:`train`), with the garbage collector tuned for it (:class:`.loop_util.GCFreeze`)."""
+        :func:`train`), with the garbage collector tuned for it (:class:`.loop_util.GCFreeze`)
+        and torch's CPU threads set by ``train.host_threads`` (:class:`.loop_util.HostThreads`)."""
         # the indexes first, so that they are frozen with the rest (BlockDataset.load_indexes)
         getattr(self.source, "load_indexes", lambda: 0)()
-        with GCFreeze():
+        with HostThreads(host_threads(self.t.host_threads, self.device.type)), GCFreeze():
             return self._fit(steps, minutes)
 
     def _fit(self, steps: int | None, minutes: float | None) -> dict[str, Any]:

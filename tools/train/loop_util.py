@@ -82,6 +82,38 @@ def window_limited(run: Iterator[Any], disp: Any, room: int | None,
         yield st
 
 
+class HostThreads:
+    """PyTorch's intra-op CPU threads set to ``n`` for a fit (a context manager; ``None``:
+    unchanged), and the previous number restored at its end. Set before the fit starts its
+    helper threads, so their first parallel op takes the same number."""
+
+    def __init__(self, n: int | None) -> None:
+        if n is not None and n < 1:
+            raise ValueError(f"train.host_threads must be >= 1 or none, got {n}")
+        self.n = n
+        self._before: int | None = None
+
+    def __enter__(self) -> HostThreads:
+        import torch
+
+        if self.n is not None:
+            self._before = torch.get_num_threads()
+            torch.set_num_threads(self.n)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        import torch
+
+        if self._before is not None:
+            torch.set_num_threads(self._before)
+            self._before = None
+
+
+def host_threads(n: int | None, device_type: str) -> int | None:
+    """``train.host_threads`` resolved: None -> 1 on CUDA, else None (torch's default)."""
+    return n if n is not None else (1 if device_type == "cuda" else None)
+
+
 FULL_GC_EVERY = 50  # generation-1 collections between full ones while training (Python: 10)
 
 

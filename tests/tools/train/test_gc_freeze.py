@@ -7,6 +7,8 @@ from __future__ import annotations
 import gc
 import weakref
 
+import torch
+
 from blocklm.tools.train.loop_util import FULL_GC_EVERY, GCFreeze
 
 
@@ -63,6 +65,8 @@ def test_the_trainer_loads_its_indexes_before_it_freezes():
     class Fake:  # what Trainer.fit uses of a trainer
         def __init__(self) -> None:
             self.source, self.seen = self, []
+            self.t = type("T", (), {"host_threads": None})()  # train.host_threads: unchanged
+            self.device = torch.device("cpu")
 
         def load_indexes(self) -> int:
             self.seen.append(("load", gc.get_freeze_count()))

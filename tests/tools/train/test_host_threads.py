@@ -1,0 +1,59 @@
+"""The trainer's CPU threads (loop_util.HostThreads, ``train.host_threads``): set for a fit and
+restored after; one thread on a CUDA device unless configured, torch's default on the CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from blocklm.tools.train.loop_util import HostThreads, host_threads
+
+
+def test_threads_are_set_for_the_fit_and_restored():
+    before = torch.get_num_threads()
+    with HostThreads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with HostThreads(None):  # unchanged
+        assert torch.get_num_threads() == before
+    assert torch.get_num_threads() == before
+
+
+def test_restored_when_the_fit_raises():
+    before = torch.get_num_threads()
+    with pytest.raises(RuntimeError), HostThreads(1):
+        raise RuntimeError("a failed step")
+    assert torch.get_num_threads() == before
+
+
+def test_the_default_is_one_thread_on_cuda_only():
+    assert host_threads(None, "cuda") == 1
+    assert host_threads(None, "cpu") is None
+    assert host_threads(3, "cuda") == 3 and host_threads(2, "cpu") == 2
+    with pytest.raises(ValueError, match="host_threads"):
+        HostThreads(0)
+
+
+def test_fit_enters_host_threads_with_the_resolved_number(monkeypatch):
+    """The trainer's fit runs inside HostThreads with ``train.host_threads`` resolved for its
+    device (None on the CPU: torch's threads compute the model there)."""
+    from blocklm.tools.train import loop
+
+    seen, inside = [], []
+    real = loop.HostThreads
+
+    class Spy(real):
+        def __init__(self, n):
+            seen.append(n)
+            super().__init__(n)
+    monkeypatch.setattr(loop, "HostThreads", Spy)
+    tr = object.__new__(loop.Trainer)  # fit's own logic only: no model, no data
+    tr.t = type("T", (), {"host_threads": None})()
+    tr.source = None
+    tr._fit = lambda steps, minutes: inside.append(torch.get_num_threads()) or {"ok": True}
+    before = torch.get_num_threads()
+    for device, n in (("cpu", None), ("cuda", None), ("cpu", 2)):
+        tr.device, tr.t.host_threads = torch.device(device), n
+        assert loop.Trainer.fit(tr, steps=1, minutes=None) == {"ok": True}
+    assert seen == [None, 1, 2] and inside == [before, 1, 2]
+    assert torch.get_num_threads() == before
