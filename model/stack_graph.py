@@ -38,21 +38,24 @@ from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
-from torch.func import functional_call
+from torch import Tensor
 
 from . import stack_ctrl_loop
 from .stack import ProcessingStack
-from .stack_block import ponder_steps
+from .stack_runners import EagerRunner, GraphRunner, _Autocast, stack_params
 
-# Runners (a forward and a backward graph each, one per padded batch size) kept per stack, least
-# recently used evicted first. Every capture costs the trainer's thread far more than a replay:
+__all__ = ["EagerRunner", "GraphRunner", "batch_bucket", "chunked_loop", "eager_runner_for",
+           "graph_runner", "stack_params"]
+
+# Runners (:class:`GraphRunner`: a forward and a backward graph for each kind of pair used, one
+# runner per padded batch size) kept per stack, least recently used evicted first. Every capture costs the trainer's thread far more than a replay:
 # two warm-up passes, and `torch.cuda.graph` synchronises the device, runs gc.collect() and empties
 # the allocator's cache on entering each of the two captures. A text epoch of `small` has 16
 # batch sizes (one per length bucket) and a mixed one ~25, the same every epoch: with 12 kept,
 # the cyclic order made every batch capture again (`bench train --simulate`-style count, GPU_NOTES
 # "Lead ... M6"). The byte cap bounds the runners' static buffers (~154 KB per padded example at
-# graph_unroll 8, ~174 KB at 16: the cells and their gradient, 128 KB, do not grow with it).
+# graph_unroll 8, ~174 KB at 16: the cells and their gradient, 128 KB, do not grow with it; with
+# the ring, ~190 KB more at 16 for the saved buffer).
 MAX_GRAPHS = 64
 MAX_GRAPH_BYTES = 8 << 30
 
@@ -62,164 +65,6 @@ def batch_bucket(b: int) -> int:
     (under 12.5% padding from 64 up), so a few graphs serve every batch size."""
     step = max(8, (1 << max(b - 1, 1).bit_length()) >> 4)
     return -(-b // step) * step
-
-
-def stack_params(stack: ProcessingStack) -> list[Tensor]:
-    """The parameters the ponder loop reads (the embedding and output projections run outside)."""
-    return [stack.ctrl.weight, stack.ctrl.bias, stack.act.weight, stack.act.bias,
-            stack.val.weight, stack.val.bias]
-
-
-class _Autocast:
-    """The caller's autocast state, re-entered (without the weight-cast cache, which a graph
-    must not capture) for the recompute in backward and for graph capture."""
-
-    def __init__(self, device_type: str) -> None:
-        self.device_type = device_type
-        self.enabled = torch.is_autocast_enabled(device_type)
-        self.dtype = torch.get_autocast_dtype(device_type)
-
-    def __call__(self):
-        return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.enabled,
-                              cache_enabled=False)
-
-    def key(self) -> tuple:
-        return (self.enabled, self.dtype if self.enabled else None)
-
-
-class _Ponder(nn.Module):
-    """:func:`ponder_steps` as a module, so ``functional_call`` can swap its parameters."""
-
-    def __init__(self, stack: ProcessingStack) -> None:
-        super().__init__()
-        self.stack = stack
-
-    def forward(self, e, r, V, s):
-        return ponder_steps(self.stack, e, r, V, s)
-
-
-class EagerRunner:
-    """One chunk forward / recompute+backward with eager ops (the CPU path of the tests, and the
-    body every :class:`GraphRunner` captures)."""
-
-    def __init__(self, stack: ProcessingStack, autocast: _Autocast, U: int) -> None:
-        self.stack, self.autocast, self.U = stack, autocast, U
-        self.ponder = _Ponder(stack)
-        name_of = {id(p): n for n, p in self.ponder.named_parameters()}
-        self.names = [name_of[id(p)] for p in stack_params(stack)]
-        self.grads = [torch.zeros_like(p) for p in stack_params(stack)]
-
-    def zero_grads(self) -> None:
-        for g in self.grads:
-            g.zero_()
-
-    def forward(self, e, r, V, s):
-        """e [B,U,Hd], r [B,U], V [B,K,W], s [B,K] -> reads, accs, last e's, V, s (no grad)."""
-        with torch.no_grad(), self.autocast():
-            return ponder_steps(self.stack, e, r, V, s)
-
-    def backward(self, e, r, V, s, g_read, g_acc, g_e, g_V, g_s):
-        """Recompute the chunk from its checkpoint and back-propagate: -> de [B,U,Hd], dV, ds
-        at the chunk's start; parameter gradients are added to ``self.grads``."""
-        # differentiate w.r.t. fresh aliases of the parameters (same storage), not the
-        # parameters: a parameter's gradient accumulator node, once created on the default
-        # stream by the autograd graph of an earlier block still alive, would make this capture
-        # wait on the default stream and invalidate it (the trainer's case, device call S1)
-        params = [p.detach().requires_grad_(True) for p in stack_params(self.stack)]
-        with torch.enable_grad(), self.autocast():
-            xs = [t.detach().requires_grad_(True) for t in (e, V, s)]
-            outs = functional_call(self.ponder, dict(zip(self.names, params)),
-                                   (xs[0], r, xs[1], xs[2]))
-            gs = torch.autograd.grad(outs, xs + params, (g_read, g_acc, g_e, g_V, g_s),
-                                     allow_unused=True, materialize_grads=True)
-        torch._foreach_add_(self.grads, list(gs[3:]))
-        return gs[0], gs[1], gs[2]
-
-
-class GraphRunner:
-    """A chunk runner's functions (``body``: an :class:`EagerRunner`, or a
-    :class:`blocklm.model.stack_ctrl_loop.CtrlRunner`) captured as CUDA graphs for one static
-    shape (B padded, U); static inputs are copied in before and outputs used right after a
-    replay. Graphs are captured in pairs on first use (:meth:`ensure`): "recompute" (forward
-    without grad; backward recomputing from the checkpoint) and, where the body ``saves``,
-    "saved" (forward keeping the chunk's saved buffer; backward from it)."""
-
-    def __init__(self, body, B, U, like: Tensor, pool) -> None:
-        self.U, self.grads, self.zero_grads = U, body.grads, body.zero_grads
-        self.body, self.pool, self.B = body, pool, B
-        self.saves = bool(getattr(body, "saves", False))
-        cfg = body.stack.cfg
-        K, W, Hd = cfg.depth, cfg.width, cfg.hidden
-        z = lambda *shape: torch.zeros(*shape, device=like.device, dtype=like.dtype)  # noqa: E731
-        self.inp = [z(B, U, Hd), z(B, U), z(B, K, W), z(B, K)]  # e, running, V, s
-        self.gin = [z(B, U, W), z(B, U, W), z(B, U, Hd), z(B, K, W), z(B, K)]
-        self.flat = z(body.saved_numel(B, U)) if self.saves else None
-        self.graphs: dict[str, tuple] = {}  # name -> (graph, its outputs)
-        # the cache is keyed weakly on the stack: a runner holding it would keep it alive
-        body.stack = None
-        if isinstance(body, EagerRunner):
-            body.ponder = None
-        self.nbytes = sum(t.numel() * t.element_size()
-                          for t in self.inp + self.gin + ([self.flat] if self.saves else []))
-
-    def ensure(self, kind: str, stack: ProcessingStack) -> bool:
-        """Capture the pair ``kind`` ("recompute" or "saved") unless it is there; -> whether
-        this call captured (which stalls the host: two warm-up passes, a device sync)."""
-        if kind in self.graphs:
-            return False
-        body = self.body
-        body.stack = stack
-        if isinstance(body, EagerRunner):
-            body.ponder = _Ponder(stack)
-        if kind == "saved":
-            fns = (lambda: body.forward_saved(*self.inp, self.flat),
-                   lambda: body.backward_saved(self.inp[1], self.flat, *self.gin))
-        else:
-            fns = (lambda: body.forward(*self.inp), lambda: body.backward(*self.inp, *self.gin))
-        like = self.inp[0]
-        side = torch.cuda.Stream(like.device)
-        side.wait_stream(torch.cuda.current_stream(like.device))
-        with torch.cuda.stream(side):  # warm-up (cuBLAS handles, workspaces, Triton builds)
-            for _ in range(2):
-                for fn in fns:
-                    fn()
-        torch.cuda.current_stream(like.device).wait_stream(side)
-        pair = []
-        for fn in fns:
-            g = torch.cuda.CUDAGraph()
-            # thread_local: the loader's threads may call CUDA while this thread captures
-            with torch.cuda.graph(g, pool=self.pool, capture_error_mode="thread_local"):
-                out = fn()
-            pair.append((g, out))
-        self.graphs[kind] = tuple(pair)
-        body.stack = None
-        if isinstance(body, EagerRunner):
-            body.ponder = None
-        return True
-
-    def _replay(self, kind: str, which: int, dsts, srcs):
-        for dst, src in zip(dsts, srcs):
-            dst.copy_(src)
-        g, out = self.graphs[kind][which]
-        g.replay()
-        return out
-
-    def forward(self, e, r, V, s):
-        return self._replay("recompute", 0, self.inp, (e, r, V, s))
-
-    def backward(self, e, r, V, s, *g):
-        return self._replay("recompute", 1, self.inp + self.gin, (e, r, V, s) + g)
-
-    def saved_numel(self, B: int, U: int) -> int:
-        return self.flat.numel()
-
-    def forward_saved(self, e, r, V, s, flat):
-        out = self._replay("saved", 0, self.inp, (e, r, V, s))
-        flat.copy_(self.flat)
-        return out
-
-    def backward_saved(self, r, flat, *g):
-        return self._replay("saved", 1, [self.inp[1], self.flat] + self.gin, (r, flat) + g)
 
 
 class _Loop(torch.autograd.Function):
