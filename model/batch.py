@@ -37,7 +37,7 @@ class BlockBatch:
             # small tensors only: pinning a large one costs a pinned allocation (cudaHostAlloc,
             # ~20 ms for an image batch's inputs in the thru-final profile) and a host copy
             if pin and v.device.type == "cpu" and v.numel() * v.element_size() <= 1 << 22:
-                return v.pin_memory().to(dev, non_blocking=True)
+                return to_device(v, dev)
             return v.to(dev)
         return BlockBatch(**{k: move(v) for k, v in self.__dict__.items()})
 

@@ -86,11 +86,13 @@ class CtrlRunner:
         return out
 
     def _states(self, e, r, V, s, keep: bool, flat: Tensor | None = None):
-        """Run the chunk's iterations. Returns (reads, accs, es, V, s) and, with ``keep``, the
-        inputs of every iteration (lists of e, running, V, s, left (None: zero), head) and what
-        the backward kernels and the weight gradients need (X = [e, read], e_new, v). ``flat``
-        (ring only; implies keep): all of that written into the saved buffer instead, and
-        ``None, None`` for the rest."""
+        """Run the chunk's iterations. Returns (reads, accs, es, V, s) and, with ``keep``
+        (without the ring), the inputs of every iteration (lists of e, running, V, s, left
+        (None: zero), head) and what the backward kernels and the weight gradients need
+        (X = [e, read], e_new, v). With the ring a kept chunk goes into ``flat``, the saved
+        buffer (``keep`` implied), and ``None, None`` is returned for the rest."""
+        if keep and self.ring and flat is None:
+            raise ValueError("with the ring a chunk is kept in its saved buffer (forward_saved)")
         cfg = self.stack.cfg
         B, U, H = e.shape
         K, W, ms = V.shape[1], V.shape[2], cfg.max_steps
@@ -108,8 +110,6 @@ class CtrlRunner:
         else:
             saved = (e.new_empty(n, B, H + W), e.new_empty(n, B, H), e.new_empty(n, B, W)) \
                 if keep else (e, e, e)  # unused pointers when not kept
-        bots = (sv["bot"] if sv is not None else e.new_empty(n, B, W)) \
-            if keep and self.ring else None
         kept = [[], [], [], [], [], []]
         hd = torch.zeros(B, dtype=torch.int32, device=V.device) if self.ring else s  # s: unused
         if sv is not None:  # the ring and the first iteration's inputs live in the buffer
@@ -125,7 +125,7 @@ class CtrlRunner:
                 j = u * ms + i
                 last = i == ms - 1
                 if keep and sv is None:
-                    for lst, t in zip(kept, (ein, rin, None if self.ring else V, s, left, hd)):
+                    for lst, t in zip(kept, (ein, rin, V, s, left, hd)):
                         lst.append(t)
                 eo = es[:, u] if last else e.new_empty(B, H)
                 Vo = V if self.ring else torch.empty_like(V)
@@ -136,7 +136,7 @@ class CtrlRunner:
                     lefto, runo = s.new_empty(B), s.new_empty(B)
                 read = reads[:, u - 1] if (i == 0 and u > 0) else eo  # eo: an unused pointer
                 X, EN, VN = (t[j] for t in saved) if keep else saved
-                BOT = e if bots is None else bots[j]  # e: an unused pointer
+                BOT = sv["bot"][j] if sv is not None else e  # e: an unused pointer
                 stack_ctrl._iter_fwd[grid](
                     ein, ein.stride(0), V, s, rin, rin.stride(0), acc, acc.stride(0),
                     V if left is None else left, *ws, eo, eo.stride(0), Vo, so, acc,
@@ -145,14 +145,13 @@ class CtrlRunner:
                     SAVE_READ=i == 0 and u > 0, SAVE=keep, LOWP=self.lowp, RING=self.ring,
                     PRE_E=pre_e and i == 0, **opts)
                 ein, rin, V, s, left, hd = eo, runo, Vo, so, lefto, hdo
-        ring = V
         if self.ring:  # back to top-first: cell k of example b is row (head_b + k) mod K
             V = V.gather(1, _rows(hd, K)[..., None].expand(-1, -1, W))
         with torch.no_grad():
             reads[:, U - 1] = stack_fused.fused_read(V, s)
         if sv is not None:
             return (reads, accs, es, V, s), None, None
-        return (reads, accs, es, V, s), kept, saved + (bots, ring, hd)
+        return (reads, accs, es, V, s), kept, saved
 
     def forward(self, e, r, V, s):
         """e [B,U,Hd], r [B,U], V [B,K,W], s [B,K] -> reads, accs, last e's, V, s (no grad)."""
@@ -173,8 +172,7 @@ class CtrlRunner:
             self.forward_saved(e, r, V, s, flat)
             return self.backward_saved(r, flat, g_read, g_acc, g_e, g_V, g_s)
         e, r, V, s = (t.contiguous() for t in (e, r, V, s))
-        out, (_, rin, Vs, ss, lefts, hds), (X, EN, VN, _, _, _) = self._states(
-            e, r, V, s, keep=True)
+        out, (_, rin, Vs, ss, lefts, hds), (X, EN, VN) = self._states(e, r, V, s, keep=True)
         # the last step's read is a kernel of its own: its gradient joins the final state's
         gVr, gsr = stack_fused._Read.backward(_Ctx(out[3], out[4]), g_read[:, -1])
         return self._backward(r, g_read, g_acc, g_e, g_V + gVr, g_s + gsr, rin, Vs, ss, lefts,

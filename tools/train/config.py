@@ -162,4 +162,7 @@ def build_config(preset: str, overrides: list[str] | tuple[str, ...] = ()) -> Ru
     if w is not None and not w >= 1:  # under 1 a window could not reach tokens_per_step
         raise ValueError(f"train.window_max must be at least 1 (a window holds at least "
                          f"tokens_per_step padded tokens) or none, got {w!r}")
+    h = cfg.train.host_threads
+    if h is not None and not (isinstance(h, int) and h >= 1):
+        raise ValueError(f"train.host_threads must be a whole number >= 1 or none, got {h!r}")
     return cfg

@@ -8,6 +8,8 @@ import signal
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import torch
+
 from .runner import Context
 
 
@@ -88,22 +90,16 @@ class HostThreads:
     helper threads, so their first parallel op takes the same number."""
 
     def __init__(self, n: int | None) -> None:
-        if n is not None and n < 1:
-            raise ValueError(f"train.host_threads must be >= 1 or none, got {n}")
-        self.n = n
+        self.n = n  # (build_config checks train.host_threads)
         self._before: int | None = None
 
     def __enter__(self) -> HostThreads:
-        import torch
-
         if self.n is not None:
             self._before = torch.get_num_threads()
             torch.set_num_threads(self.n)
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        import torch
-
         if self._before is not None:
             torch.set_num_threads(self._before)
             self._before = None

@@ -30,8 +30,14 @@ def test_the_default_is_one_thread_on_cuda_only():
     assert host_threads(None, "cuda") == 1
     assert host_threads(None, "cpu") is None
     assert host_threads(3, "cuda") == 3 and host_threads(2, "cpu") == 2
-    with pytest.raises(ValueError, match="host_threads"):
-        HostThreads(0)
+
+
+@pytest.mark.parametrize("bad", ["0", "-2"])
+def test_a_bad_number_is_refused_when_the_config_is_built(bad):
+    from blocklm.tools.train.config import build_config
+    assert build_config("tiny", ["train.host_threads=3"]).train.host_threads == 3
+    with pytest.raises(ValueError, match="train.host_threads"):
+        build_config("tiny", [f"train.host_threads={bad}"])
 
 
 def test_fit_enters_host_threads_with_the_resolved_number(monkeypatch):
