@@ -35,7 +35,8 @@ class ImageSupport(PatchSupport):
     def __init__(self, cfg: ImageConfig, d_model: int) -> None:
         self.cfg = cfg
         self.P = cfg.patch
-        super().__init__(d_model, self.P * self.P * CMAX, cfg.head_width, cfg.loss_chunk)
+        super().__init__(d_model, self.P * self.P * CMAX, cfg.head_width, cfg.loss_chunk,
+                         cfg.compile_head)
 
     def shape_of(self, content) -> tuple[int, ...]:
         a = np.asarray(content)

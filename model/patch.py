@@ -10,6 +10,9 @@ discrete: ``p(step) = prod_e p(x_e | h, x_<e)`` with
 (the sum over earlier elements is a cumulative sum, so training is parallel over e; sampling
 walks e = 0..E-1). Elements outside the content (padding, absent channels) are fixed at 0, never
 count in the loss and are forced to 0 when sampling.
+
+The head's arithmetic lives in :mod:`.patch_fused` as plain functions of tensors; the training
+loss runs it per checkpointed slice of steps, ``torch.compile``d on CUDA (``compile_head``).
 """
 
 from __future__ import annotations
@@ -20,8 +23,9 @@ from torch.utils.checkpoint import checkpoint
 
 from .batch import BlockBatch
 from .config import SampleConfig
+from .patch_fused import element_logits, low_precision, slice_bits_fn
 from .sampling import sample_logits
-from .support import ModeSupport, grid_rows, row_bits
+from .support import ModeSupport, grid_rows
 
 
 class ElementHead(nn.Module):
@@ -36,18 +40,16 @@ class ElementHead(nn.Module):
         self.out = nn.Sequential(nn.GELU(), nn.Linear(width, width), nn.GELU(),
                                  nn.Linear(width, vocab))
 
+    def params(self) -> tuple[Tensor, ...]:
+        """The head's weights in :func:`.patch_fused.element_logits`'s order (the value table
+        viewed as [E*vocab, w])."""
+        V = self.val.shape[1]
+        return (self.ctx.weight, self.ctx.bias, self.pos, self.val.view(self.E * V, -1),
+                self.out[1].weight, self.out[1].bias, self.out[3].weight, self.out[3].bias)
+
     def logits(self, h: Tensor, values: Tensor) -> Tensor:
         """h [B,T,d], values [B,T,E] long (teacher forcing) -> logits [B,T,E,V]."""
-        c = self.ctx(h)[..., None, :] + self.pos  # [B,T,E,w]
-        # one embedding lookup into val viewed as [E*vocab, w]: the same rows as
-        # val[arange(E), values], but its backward sums duplicate rows by segments, where
-        # advanced indexing's backward (index_put with accumulate) serialises them (32 ms of a
-        # mixed step's GPU time on the H200, most rows repeat)
-        V = self.val.shape[1]
-        idx = values + torch.arange(self.E, device=values.device) * V
-        ve = nn.functional.embedding(idx, self.val.view(self.E * V, -1))  # [B,T,E,w]
-        prev = ve.cumsum(-2) - ve  # sum over the earlier elements of the same step
-        return self.out(c + prev.to(c.dtype))
+        return element_logits(h, values, *self.params(), lp=None)  # autocast decides
 
     def sample(self, h: Tensor, emask: Tensor, cfg: SampleConfig,
                generator: torch.Generator | None) -> Tensor:
@@ -68,10 +70,15 @@ class PatchSupport(ModeSupport):
 
     vocab = 256
 
-    def __init__(self, d_model: int, E: int, head_width: int, loss_chunk: int) -> None:
+    def __init__(self, d_model: int, E: int, head_width: int, loss_chunk: int,
+                 compile_head: bool = False) -> None:
         super().__init__(d_model)
         self.elements_per_step = E
         self.loss_chunk = loss_chunk
+        self.compile_head = compile_head
+        # the loss slices' form (patch_fused.slice_bits_fn): None = Inductor on CUDA if
+        # compile_head, else eager; "eager" / "inductor" / "aot_eager" (tests) force one
+        self.head_form: str | None = None
         self.inp = nn.Linear(E, d_model)
         self.cond_in = nn.Linear(self.cond_dims, d_model)
         self.head = ElementHead(E, d_model, head_width)
@@ -89,14 +96,23 @@ class PatchSupport(ModeSupport):
         """[B,T,d] -> logits [B,T,E,256], each element conditioned on the earlier ones."""
         return self.head.logits(h, batch.targets)
 
+    def _form(self, h: Tensor) -> str:
+        if self.head_form is not None:
+            return self.head_form
+        return "inductor" if h.is_cuda and self.compile_head else "eager"
+
     def _slice_bits(self, h: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
-        """h [B,t,d] -> bits [B]; on CUDA the B*t rows padded to the decoder's row grid (the
-        head's matrices see repeating shapes, see ModeSupport.bits)."""
+        """h [B,t,d] -> bits [B] (:func:`.patch_fused.slice_bits`); on CUDA the B*t rows padded
+        to the decoder's row grid (the head's matrices see repeating shapes, see
+        ModeSupport.bits); padding rows have target 0 and no element in the mask."""
         B, t, d = h.shape
-        m = grid_rows(B * t, h)
-        hp = nn.functional.pad(h.reshape(B * t, d), (0, 0, 0, m - B * t)).view(1, m, d)
-        tg = nn.functional.pad(targets.reshape(B * t, -1), (0, 0, 0, m - B * t))
-        return row_bits(self.head.logits(hp, tg.view(1, m, -1)), targets, mask)
+        n = B * t
+        m = grid_rows(n, h)
+        hp = nn.functional.pad(h.reshape(n, d), (0, 0, 0, m - n))
+        tg = nn.functional.pad(targets.reshape(n, -1), (0, 0, 0, m - n))
+        mk = torch.cat([mask.reshape(n, -1), mask.new_zeros(m - n, mask.shape[-1])])
+        fn = slice_bits_fn(self._form(h), low_precision(h.device.type))
+        return fn(hp, tg, mk, *self.head.params())[:n].view(B, t).sum(1)
 
     def bits(self, h: Tensor, batch: BlockBatch) -> tuple[Tensor, Tensor]:
         """Bits in slices of ``loss_chunk`` steps, each checkpointed, so the [B,T,E,256] logits
@@ -107,8 +123,12 @@ class PatchSupport(ModeSupport):
         total = h.new_zeros(h.shape[0], dtype=torch.float32)
         for t0 in range(0, T, c):
             sl = slice(t0, t0 + c)
+            # no random op in a slice: no RNG state to stash and restore per slice (with it,
+            # a first compile inside the slice on a machine whose CUDA was not yet
+            # initialised was refused: "device state was initialized in the forward pass")
             total = total + checkpoint(self._slice_bits, h[:, sl], batch.targets[:, sl],
-                                       batch.mask[:, sl], use_reentrant=False)
+                                       batch.mask[:, sl], use_reentrant=False,
+                                       preserve_rng_state=False)
         return total, batch.elements
 
     def sample(self, h: Tensor, shapes: list, t: int, cfg: SampleConfig,

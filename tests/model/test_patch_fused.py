@@ -1,0 +1,138 @@
+"""The image/audio element head's loss through model/patch_fused.py: the function the eager
+path and the compiled path share equals the head's logits + cross-entropy (values and
+gradients), through the checkpointed slices, padded rows and bf16 autocast; the aot_eager
+compile of it on the CPU and Inductor on CUDA agree with it; one compiled graph serves every
+slice and batch shape."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from blocklm.model import patch as patch_mod
+from blocklm.model.audio import AudioSupport
+from blocklm.model.batch import BlockBatch
+from blocklm.model.config import AudioConfig, ImageConfig
+from blocklm.model.image import ImageSupport
+
+
+def _support(loss_chunk=4, device="cpu", d=32):
+    torch.manual_seed(0)
+    return ImageSupport(ImageConfig(patch=2, head_width=16, loss_chunk=loss_chunk), d).to(device)
+
+
+def _batch(sup, B, T, device="cpu", seed=1):
+    g = torch.Generator().manual_seed(seed)
+    E = sup.elements_per_step
+    targets = torch.randint(0, 256, (B, T, E), generator=g)
+    mask = torch.rand(B, T, E, generator=g) > 0.3
+    mask[-1, T // 2:] = False  # a shorter block
+    z = torch.zeros(B, T, dtype=torch.bool)
+    b = BlockBatch(sup.name, [(2, 2, 3)] * B, targets, z, torch.zeros(B, T, 2),
+                   torch.zeros(B, sup.cond_dims), targets, mask, ~z, torch.ones(B))
+    return b.to(device)
+
+
+def _reference(sup, h, batch):
+    """bits per example from the module's own logits (autocast casts) and cross-entropy."""
+    logits = sup.head.logits(h, batch.targets)  # [B,T,E,V]
+    nll = torch.nn.functional.cross_entropy(logits.float().flatten(0, -2),
+                                            batch.targets.flatten(), reduction="none")
+    return (nll.view(batch.targets.shape) * batch.mask).flatten(1).sum(1) / math.log(2.0)
+
+
+def _run(sup, h, batch, form, autocast=False, fn=None):
+    sup.head_form = form
+    for p in sup.parameters():
+        p.grad = None
+    h.grad = None
+    with torch.autocast(h.device.type, dtype=torch.bfloat16, enabled=autocast):
+        bits = fn(sup, h, batch) if fn else sup.bits(h, batch)[0]
+    bits.sum().backward()
+    return [bits.detach()] + [h.grad.clone()] + [p.grad.clone() for p in sup.head.parameters()]
+
+
+@pytest.mark.parametrize("T", [3, 10])  # one slice; three checkpointed slices of 4 steps
+def test_slices_equal_the_heads_logits_and_cross_entropy(T):
+    sup = _support()
+    batch = _batch(sup, 3, T)
+    h = torch.randn(3, T, 32, requires_grad=True)
+    ref = _run(sup, h, batch, "eager", fn=_reference)
+    got = _run(sup, h, batch, "eager")
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
+
+
+def test_padded_rows_cost_nothing(monkeypatch):
+    """Rows padded to the row grid (CUDA) have target 0 and no mask: same bits and gradients."""
+    sup = _support(loss_chunk=256)
+    batch = _batch(sup, 3, 5)
+    h = torch.randn(3, 5, 32, requires_grad=True)
+    ref = _run(sup, h, batch, "eager")
+    monkeypatch.setattr(patch_mod, "grid_rows", lambda n, like: n + 7)
+    got = _run(sup, h, batch, "eager")
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_explicit_casts_match_autocast():
+    """Under bf16 autocast the function casts explicitly (what Inductor compiles): the same
+    values as the module's logits under autocast, gradients to bf16 rounding."""
+    sup = _support()
+    batch = _batch(sup, 2, 9)
+    h = torch.randn(2, 9, 32, requires_grad=True)
+    ref = _run(sup, h, batch, "eager", autocast=True, fn=_reference)
+    got = _run(sup, h, batch, "eager", autocast=True)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2 * float(b.abs().max()))
+
+
+def test_compiled_slices_equal_eager_and_share_one_graph():
+    """aot_eager (the compile without code generation) through the checkpointed slices, for
+    batches of other shapes: the same values and gradients, no graph breaks, one graph per
+    mode (E) rather than one per shape."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    sup = _support()
+    for B, T in ((3, 10), (5, 7), (2, 13)):
+        batch = _batch(sup, B, T, seed=B)
+        h = torch.randn(B, T, 32, requires_grad=True)
+        ref = _run(sup, h, batch, "eager")
+        got = _run(sup, h, batch, "aot_eager")
+        for a, b in zip(got, ref):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])
+
+
+def test_compile_head_is_on_by_default_and_only_on_cuda():
+    """``compile_head`` (default on) compiles on CUDA; a CPU run stays eager (no compiler)."""
+    img = ImageSupport(ImageConfig(), 32)
+    aud = AudioSupport(AudioConfig(), 32)
+    assert img.compile_head and aud.compile_head
+    assert img._form(torch.empty(0)) == "eager"
+    assert ImageSupport(ImageConfig(compile_head=False), 32)._form(torch.empty(0)) == "eager"
+    if torch.cuda.is_available():
+        assert img._form(torch.empty(0, device="cuda")) == "inductor"
+        assert ImageSupport(ImageConfig(compile_head=False), 32)._form(
+            torch.empty(0, device="cuda")) == "eager"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (Inductor + Triton)")
+def test_inductor_head_equals_eager_on_cuda():
+    """Inductor's kernels against the eager function under the same bf16 autocast, both
+    against fp32: errors of the same size."""
+    sup = _support(loss_chunk=64, device="cuda", d=64)
+    batch = _batch(sup, 6, 150, device="cuda")
+    h = torch.randn(6, 150, 64, device="cuda", requires_grad=True)
+    exact = _run(sup, h, batch, "eager")
+    ref = _run(sup, h, batch, "eager", autocast=True)
+    got = _run(sup, h, batch, "inductor", autocast=True)
+    for a, b, c in zip(got, ref, exact):
+        scale = c.abs().max()
+        err_fused, err_plain = (a - c).abs().max() / scale, (b - c).abs().max() / scale
+        assert err_fused <= 1.5 * err_plain + 3e-3, (err_fused, err_plain)
