@@ -34,6 +34,7 @@ BENCH: dict[str, str] = {
     "model": "blocklm.tools.bench_model:bench_model",
     "gpu": "blocklm.tools.bench_gpu:bench_gpu",
     "train": "blocklm.tools.bench_train:bench_train",
+    "heads": "blocklm.tools.bench_heads:bench_heads",
 }
 
 
