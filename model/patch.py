@@ -101,6 +101,24 @@ class PatchSupport(ModeSupport):
             return self.head_form
         return "inductor" if h.is_cuda and self.compile_head else "eager"
 
+    def warm_head(self, device, autocast: bool = True, grad: bool = True) -> None:
+        """Compile the loss slices' graph now (CUDA, ``compile_head``): the first compile,
+        forward and backward, takes ~10-20 s, which would otherwise stall the first image or
+        audio batch mid-window. Runs one small slice (``grad``: forward and backward, as in
+        training, else the no-grad graph of evaluation); parameter gradients are not touched
+        (only the input's is asked for)."""
+        device = torch.device(device)
+        h = torch.zeros(2, 3, self.inp.out_features, device=device, requires_grad=grad)
+        if self._form(h) == "eager":
+            return
+        targets = torch.zeros(2, 3, self.elements_per_step, dtype=torch.long, device=device)
+        mask = torch.ones(2, 3, self.elements_per_step, dtype=torch.bool, device=device)
+        with torch.set_grad_enabled(grad), torch.autocast(device.type, dtype=torch.bfloat16,
+                                                          enabled=autocast):
+            bits = self._slice_bits(h, targets, mask)
+        if grad:
+            torch.autograd.grad(bits.sum(), h)
+
     def _slice_bits(self, h: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
         """h [B,t,d] -> bits [B] (:func:`.patch_fused.slice_bits`); on CUDA the B*t rows padded
         to the decoder's row grid (the head's matrices see repeating shapes, see

@@ -136,3 +136,26 @@ def test_inductor_head_equals_eager_on_cuda():
         scale = c.abs().max()
         err_fused, err_plain = (a - c).abs().max() / scale, (b - c).abs().max() / scale
         assert err_fused <= 1.5 * err_plain + 3e-3, (err_fused, err_plain)
+
+
+def test_warm_head_compiles_ahead_without_touching_gradients():
+    """warm_head runs one small slice through the compiled form (forward and backward for
+    training, no-grad for evaluation): the graphs exist before the first batch, and no
+    parameter gradient is written; in the eager form it does nothing."""
+    from torch._dynamo.utils import counters
+
+    sup = _support()
+    counters.clear()
+    sup.warm_head("cpu", autocast=False)  # eager on the CPU: nothing to compile
+    assert not counters["stats"]["unique_graphs"]
+    torch._dynamo.reset()
+    sup.head_form = "aot_eager"
+    sup.warm_head("cpu", autocast=False)
+    assert counters["stats"]["unique_graphs"] == 1
+    sup.warm_head("cpu", autocast=False, grad=False)
+    assert counters["stats"]["unique_graphs"] == 2  # the no-grad graph of evaluation
+    assert all(p.grad is None for p in sup.parameters())
+    batch = _batch(sup, 3, 10)  # a training batch of another shape: no new graph
+    h = torch.randn(3, 10, 32, requires_grad=True)
+    _run(sup, h, batch, "aot_eager")
+    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])

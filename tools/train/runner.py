@@ -128,8 +128,11 @@ class ModelRunners:
         self.window = Window()
         self.groups = StateGroups()  # the in-flight states, per batch that made them
         self._ac: torch.autocast | None = None  # open from a window's first batch to its end
-        if device.type == "cuda":  # compile the fused layers' graphs now, not mid-window
-            model.decoder.warm_layers(device, autocast=autocast)
+        if device.type == "cuda":  # compile the fused layers' and heads' graphs now, not
+            model.decoder.warm_layers(device, autocast=autocast)  # mid-window
+            for sup in model.supports.values():
+                if hasattr(sup, "warm_head"):
+                    sup.warm_head(device, autocast=autocast, grad=train)
 
     def _autocast(self) -> None:
         """Enter bf16 autocast for the rest of the window. Autocast caches each weight's bf16
