@@ -106,7 +106,7 @@ _PRE_DYN = {0: (0,), 8: (0, 1)}  # x rows; mask batch, length
 _POST_DYN = {0: (0,), 1: (0,), 2: (0,), 3: (0, 2), 11: (0, 1)}  # x, xb, u rows; o B, Tp; mask
 
 
-def _dynamic(fn, dims: dict[int, tuple[int, ...]]):
+def dynamic_dims(fn, dims: dict[int, tuple[int, ...]]):
     """``fn`` that marks ``dims`` of its tensor arguments dynamic before calling (sizes 0 and 1
     stay specialised: a batch of one gets its own graph)."""
     def run(*args):
@@ -127,5 +127,5 @@ def functions(form: str, heads: int, head_dim: int, banks: int, eps_core: float 
     pre, post = make_pre(heads, head_dim, banks, eps_core, lp, step), make_post(eps, lp)
     if form == "eager":
         return pre, post
-    return (_dynamic(torch.compile(pre, backend=form), _PRE_DYN),
-            _dynamic(torch.compile(post, backend=form), _POST_DYN))
+    return (dynamic_dims(torch.compile(pre, backend=form), _PRE_DYN),
+            dynamic_dims(torch.compile(post, backend=form), _POST_DYN))

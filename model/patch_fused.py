@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .layer_fused import dynamic_dims
+
 LN2 = math.log(2.0)
 
 
@@ -85,18 +87,6 @@ def make_slice_bits(lp: torch.dtype | None):
 _DYN = {0: (0,), 1: (0,), 2: (0,)}
 
 
-def _dynamic(fn, dims: dict[int, tuple[int, ...]]):
-    """``fn`` that marks ``dims`` of its tensor arguments dynamic before calling (a size of
-    1 stays specialised)."""
-    def run(*args):
-        for i, ds in dims.items():
-            for d in ds:
-                if args[i].shape[d] > 1:
-                    torch._dynamo.mark_dynamic(args[i], d)
-        return fn(*args)
-    return run
-
-
 @functools.cache
 def slice_bits_fn(form: str, lp: torch.dtype | None):
     """:func:`make_slice_bits` in ``form``: "eager" (the plain function) or a
@@ -105,4 +95,4 @@ def slice_bits_fn(form: str, lp: torch.dtype | None):
     fn = make_slice_bits(lp)
     if form == "eager":
         return fn
-    return _dynamic(torch.compile(fn, backend=form), _DYN)
+    return dynamic_dims(torch.compile(fn, backend=form), _DYN)
