@@ -60,6 +60,11 @@ class StackConfig:
     # when a block's buffers fit this many bytes, so the backward runs no recompute (a third of
     # the stack's kernels; GPU_NOTES.md, "2026-11-24 (second)"); 0: always recompute
     save_bytes: int = 2 << 30
+    # with `ring` and the saved buffers: a chunk's iterations in one launch forward and one
+    # backward, one program per example looping over them (stack_chunk.py), for batches of at
+    # most one example per SM: H200, 20 x 2,401 steps 0.067 -> 0.061 ms per step, 64 x 128
+    # 0.084 -> 0.075; 300 x 96 would be 0.205 -> 0.218, so stays per iteration (GPU_NOTES P37)
+    persistent: bool = True
 
 
 @dataclass

@@ -40,7 +40,7 @@ def measure(variant: str, B: int, T: int, reps: int) -> dict:
     """One (variant, shape): 'eager', 'fused' (eager loop, fused kernels), 'graphs-U' (U steps
     a graph), 'graphs-U-fused' or 'graphs-U-ctrl' (one kernel per ponder iteration,
     stack_ctrl.py), 'graphs-U-ring' (ctrl with ``StackConfig.ring``; ':ACTIVE=0' loads every
-    row)."""
+    row), 'graphs-U-persist' (ring, a chunk's iterations in one launch: stack_chunk.py)."""
     torch.manual_seed(0)
     variant, _, opts = variant.partition(":")  # 'graphs-8-ctrl:G=2+IC=16': launch options
     stack_ctrl.OVERRIDE.clear()
@@ -50,7 +50,9 @@ def measure(variant: str, B: int, T: int, reps: int) -> dict:
     cfg = StackConfig(depth=256, width=64, hidden=256, max_steps=2, graphs=graphs,
                       graph_unroll=int(variant.split("-")[1]) if graphs else 8,
                       fused=variant.endswith("fused"),
-                      fused_ctrl=variant.endswith(("ctrl", "ring")), ring=variant.endswith("ring"))
+                      fused_ctrl=variant.endswith(("ctrl", "ring", "persist")),
+                      ring=variant.endswith(("ring", "persist")),
+                      persistent=variant.endswith("persist"))
     st = ProcessingStack(cfg, 768).cuda()
     x = torch.randn(B, T, 768, device="cuda", requires_grad=True)
     V = torch.randn(B, 256, 64, device="cuda").requires_grad_(True)

@@ -146,13 +146,30 @@ def check_saved_equals_recompute(device="cpu"):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
 
 
+def check_persistent_equals_loop(device="cpu"):
+    """``StackConfig.persistent``: a chunk's iterations in one launch forward and one backward
+    (stack_chunk.py) give the per-iteration loop's values and gradients, with halting, masked
+    and padded steps, chunks of 1 and 3 steps, fp32 and bf16 autocast, 1 and 3 iterations."""
+    for seed, kw, U, ac in ((9, {}, 3, None), (10, {"halt": True}, 1, None),
+                            (11, {"max_steps": 3}, 3, None), (12, {}, 3, torch.bfloat16)):
+        (x, V, s, mask), st = setup(seed=seed, B=5, T=10, K=6, device=device, ring=True, **kw)
+        st.cfg.persistent = False
+        loop = run(ctrl_block(U), st, x, V, s, mask, autocast=ac)
+        st.cfg.persistent = True  # the default (every batch of these fits one launch)
+        one = run(ctrl_block(U), st, x, V, s, mask, autocast=ac)
+        for a, b in zip(one, loop):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
 _INTERP = """
 import sys; sys.path.insert(0, {tests!r})
-from test_stack_ctrl import check_all, check_halting_happens, check_saved_equals_recompute
+from test_stack_ctrl import (check_all, check_halting_happens, check_persistent_equals_loop,
+                             check_saved_equals_recompute)
 check_halting_happens()
 check_all(ring={ring})
 if {ring}:
     check_saved_equals_recompute()
+    check_persistent_equals_loop()
 print("ok")
 """
 
@@ -166,6 +183,12 @@ def test_ctrl_kernels_under_triton_interpreter(ring):
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          timeout=600)
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not HAS_TRITON, reason="needs CUDA")
+def test_persistent_chunks_on_cuda():
+    torch.backends.cuda.matmul.allow_tf32 = False
+    check_persistent_equals_loop("cuda")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or not HAS_TRITON, reason="needs CUDA")
