@@ -113,11 +113,17 @@ class PatchSupport(ModeSupport):
             return
         targets = torch.zeros(2, 3, self.elements_per_step, dtype=torch.long, device=device)
         mask = torch.ones(2, 3, self.elements_per_step, dtype=torch.bool, device=device)
-        with torch.set_grad_enabled(grad), torch.autocast(device.type, dtype=torch.bfloat16,
-                                                          enabled=autocast):
-            bits = self._slice_bits(h, targets, mask)
-        if grad:
-            torch.autograd.grad(bits.sum(), h)
+        try:
+            with torch.set_grad_enabled(grad), torch.autocast(device.type, dtype=torch.bfloat16,
+                                                              enabled=autocast):
+                bits = self._slice_bits(h, targets, mask)
+            if grad:
+                torch.autograd.grad(bits.sum(), h)
+        except Exception as e:  # a machine without a working compiler: say what to turn off
+            raise RuntimeError(
+                f"compiling the {self.name} head's loss ({self._form(h)}) failed: "
+                f"{type(e).__name__}: {e}; to run it uncompiled, set "
+                f"model.modes.{self.name}.compile_head=false") from e
 
     def _slice_bits(self, h: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
         """h [B,t,d] -> bits [B] (:func:`.patch_fused.slice_bits`); on CUDA the B*t rows padded

@@ -159,3 +159,18 @@ def test_warm_head_compiles_ahead_without_touching_gradients():
     h = torch.randn(3, 10, 32, requires_grad=True)
     _run(sup, h, batch, "aot_eager")
     assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
+
+
+def test_a_failing_compile_names_the_mode_and_the_setting(monkeypatch):
+    """A machine whose compiler fails stops when the runners are built, with the setting that
+    runs the head uncompiled, not mid-window with the compiler's traceback alone."""
+    sup = _support()
+    sup.head_form = "aot_eager"
+
+    def broken(form, lp):
+        def fn(*a):
+            raise OSError("no C compiler")
+        return fn
+    monkeypatch.setattr(patch_mod, "slice_bits_fn", broken)
+    with pytest.raises(RuntimeError, match=r"image head.*model\.modes\.image\.compile_head=false"):
+        sup.warm_head("cpu", autocast=False)
