@@ -20,15 +20,13 @@ first linear, the second GELU on ``lp`` values, logits in ``lp``, the cross-entr
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .layer_fused import dynamic_dims
-
-LN2 = math.log(2.0)
+from .support import LN2
 
 
 def _lin(x: Tensor, w: Tensor, b: Tensor | None, lp: torch.dtype | None) -> Tensor:

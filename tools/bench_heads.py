@@ -91,15 +91,40 @@ def measure(sup, B: int, T: int, d_model: int, forms: list[str], reps: int,
     return rows
 
 
+FORMS = ("eager", "inductor", "aot_eager")
+
+
+def _batch_shape(ctx, param, text: str) -> tuple[int, int]:
+    """``BxT`` -> (B, T), both positive."""
+    try:
+        B, T = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a batch shape like 32x2401") from None
+    if B < 1 or T < 1:
+        raise click.BadParameter(f"{text!r}: B and T must be at least 1")
+    return B, T
+
+
+def _forms(ctx, param, text: str) -> list[str]:
+    forms = [f.strip() for f in text.split(",") if f.strip()]
+    bad = [f for f in forms if f not in FORMS]
+    if bad or not forms:
+        raise click.BadParameter(f"{bad or text!r}: forms are {', '.join(FORMS)}")
+    return forms
+
+
 @click.command("heads")
-@click.option("--preset", default="small", show_default=True, help="Model preset (heads' sizes).")
+@click.option("--preset", default="small", show_default=True,
+              type=click.Choice(["tiny", "small"]), help="Model preset (heads' sizes).")
 @click.option("--image", "image_bt", default="32x2401", show_default=True,
+              callback=_batch_shape,
               help="Image batch BxT (T steps of one patch; `small`: 480x320 images = 2,401).")
 @click.option("--audio", "audio_bt", default="64x1000", show_default=True,
-              help="Audio batch BxT (T frames).")
-@click.option("--forms", default="eager,inductor", show_default=True,
+              callback=_batch_shape, help="Audio batch BxT (T frames).")
+@click.option("--forms", default="eager,inductor", show_default=True, callback=_forms,
               help="Forms, the first is the baseline (eager, inductor, aot_eager).")
-@click.option("--reps", default=5, show_default=True, help="Timed calls per form (median).")
+@click.option("--reps", default=5, show_default=True, type=click.IntRange(min=1),
+              help="Timed calls per form (median).")
 @click.option("--device", default=None, help="Default: cuda if available, else cpu.")
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON too.")
 def bench_heads(preset, image_bt, audio_bt, forms, reps, device, as_json):
@@ -120,10 +145,10 @@ def bench_heads(preset, image_bt, audio_bt, forms, reps, device, as_json):
     cfg = getattr(presets, preset)(tokenizer_path=None)
     d = cfg.decoder.d_model
     rows = []
-    for cls, name, bt in ((ImageSupport, "image", image_bt), (AudioSupport, "audio", audio_bt)):
-        B, T = (int(x) for x in bt.lower().split("x"))
+    for cls, name, (B, T) in ((ImageSupport, "image", image_bt),
+                              (AudioSupport, "audio", audio_bt)):
         sup = cls(cfg.modes[name], d).to(device)
-        rows += measure(sup, B, T, d, forms.split(","), reps, device)
+        rows += measure(sup, B, T, d, forms, reps, device)
     if as_json:
         click.echo(json.dumps(rows))
     click.echo(f"{'mode':<6} {'form':<10} {'B x T x E':>16} {'ms':>9} {'x base':>7} "

@@ -220,3 +220,31 @@ def test_eviction_keeps_the_newest_and_respects_the_byte_cap():
     cache[5] = _Runner(100)  # larger than the cap alone: still kept (it was just captured)
     evict(cache, 10, 15)
     assert list(cache) == [5]
+
+
+def test_one_launch_per_chunk_only_where_the_batch_fits_the_sms(monkeypatch):
+    """``StackConfig.persistent``: a chunk runs as one launch where its programs (one per
+    example) fit the GPU's SMs (a batch of more runs in waves, slower: GPU_NOTES P37), per
+    iteration otherwise and with the option off; every batch on the CPU (the interpreter)."""
+    from types import SimpleNamespace
+
+    from blocklm.model.stack_ctrl_loop import CtrlRunner
+    from blocklm.model.stack_runners import _Autocast
+
+    def runner(**kw):
+        st = ProcessingStack(StackConfig(depth=4, width=4, hidden=8, **kw), 8)
+        return CtrlRunner(st, _Autocast("cpu"), 4)
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda dev: SimpleNamespace(multi_processor_count=132))
+
+    def on_gpu(B):
+        return SimpleNamespace(is_cuda=True, shape=(B, 16, 8), device="cuda:0")
+
+    r = runner()
+    assert r.persistent
+    assert r._one_launch(on_gpu(20)) and r._one_launch(on_gpu(132))
+    assert not r._one_launch(on_gpu(133)) and not r._one_launch(on_gpu(300))
+    assert r._one_launch(torch.zeros(300, 16, 8))
+    assert not runner(persistent=False)._one_launch(on_gpu(20))
+    assert not runner(ring=False)._one_launch(on_gpu(20))

@@ -24,3 +24,12 @@ def test_bench_heads_runs_both_forms_and_prints_the_table_last():
         assert r["rel_bits"] < 1e-5 and r["rel_dh"] < 1e-4 and r["rel_dval"] < 1e-4, r
     assert all(r["ms"] > 0 for r in rows)
     assert lines[1].split()[:2] == ["mode", "form"] and len(lines) == 6
+
+
+def test_bad_options_are_refused_with_what_was_wrong():
+    for args, msg in ((["--image", "32by2401"], "not a batch shape like 32x2401"),
+                      (["--audio", "0x5"], "B and T must be at least 1"),
+                      (["--forms", "eager,fast"], "forms are eager, inductor, aot_eager"),
+                      (["--reps", "0"], "--reps")):
+        res = CliRunner().invoke(main, ["bench", "heads", "--device", "cpu", *args])
+        assert res.exit_code == 2 and msg in res.output, (args, res.output)
