@@ -31,7 +31,8 @@ def _fwd_step(u, E, se, R, sr, ACC, sa, WC, BC, WA, BA, WV, BV, ES, ses, SCR, RV
               VN, BOT, RUNS, LEFTS, HDS, READS, srd, PE, spe, B, K: tl.constexpr,
               W: tl.constexpr, H: tl.constexpr, eps, G: tl.constexpr, BK: tl.constexpr,
               BH: tl.constexpr, WCH: tl.constexpr, IC: tl.constexpr, MS: tl.constexpr,
-              LOWP: tl.constexpr, PRE_E: tl.constexpr, SAVE_READ: tl.constexpr):
+              LOWP: tl.constexpr, PRE_E: tl.constexpr, SAVE_READ: tl.constexpr,
+              ACTIVE: tl.constexpr):
     # step u's MS iterations; iteration j = u * MS + i reads rows j and writes rows j + 1 of
     # the saved buffer (s, run, left, head), as CtrlRunner._states does
     for i in tl.static_range(MS):
@@ -51,7 +52,7 @@ def _fwd_step(u, E, se, R, sr, ACC, sa, WC, BC, WA, BA, WV, BV, ES, ses, SCR, RV
                   EN + j * B * H, VN + j * B * W, HDS + j * B, HDS + (j + 1) * B,
                   BOT + j * B * W, PE + u * H, spe, B, K, W, H, eps, G, BK, BH, WCH, IC,
                   FIRST=i == 0, SAVE_READ=SAVE_READ and i == 0, SAVE=True, LOWP=LOWP,
-                  RING=True, ACTIVE=True, PRE_E=PRE_E and i == 0)
+                  RING=True, ACTIVE=ACTIVE, PRE_E=PRE_E and i == 0)
         tl.debug_barrier()  # this iteration's rows are written before the next reads them
 
 
@@ -60,15 +61,15 @@ def _chunk_fwd(E, se, R, sr, ACC, sa, WC, BC, WA, BA, WV, BV, ES, ses, SCR, RV, 
                BOT, RUNS, LEFTS, HDS, READS, srd, PE, spe, U, B, K: tl.constexpr,
                W: tl.constexpr, H: tl.constexpr, eps, G: tl.constexpr, BK: tl.constexpr,
                BH: tl.constexpr, WCH: tl.constexpr, IC: tl.constexpr, MS: tl.constexpr,
-               LOWP: tl.constexpr, PRE_E: tl.constexpr):
+               LOWP: tl.constexpr, PRE_E: tl.constexpr, ACTIVE: tl.constexpr = True):
     # the first step has no previous step whose output read it would store
     _fwd_step(0, E, se, R, sr, ACC, sa, WC, BC, WA, BA, WV, BV, ES, ses, SCR, RV, S, X, EN, VN,
               BOT, RUNS, LEFTS, HDS, READS, srd, PE, spe, B, K, W, H, eps, G, BK, BH, WCH,
-              IC, MS, LOWP, PRE_E, False)
+              IC, MS, LOWP, PRE_E, False, ACTIVE)
     for u in range(1, U):
         _fwd_step(u, E, se, R, sr, ACC, sa, WC, BC, WA, BA, WV, BV, ES, ses, SCR, RV, S, X, EN,
                   VN, BOT, RUNS, LEFTS, HDS, READS, srd, PE, spe, B, K, W, H, eps, G, BK, BH,
-                  WCH, IC, MS, LOWP, PRE_E, True)
+                  WCH, IC, MS, LOWP, PRE_E, True, ACTIVE)
 
 
 @triton.jit
@@ -77,7 +78,7 @@ def _bwd_step(u, U, RV, S, R, sr, RUNS, LEFTS, EN, VN, WCT, WA, BA, WV, GE_IN, s
               K: tl.constexpr, W: tl.constexpr, H: tl.constexpr, G: tl.constexpr,
               BK: tl.constexpr, BH: tl.constexpr, WCH: tl.constexpr, IC: tl.constexpr,
               MS: tl.constexpr, LOWP: tl.constexpr, PRE_E: tl.constexpr,
-              HAS_GREAD: tl.constexpr):
+              HAS_GREAD: tl.constexpr, ACTIVE: tl.constexpr):
     # step u's iterations, last first, as CtrlRunner._backward. The gradient of s passes
     # through two slots by the parity of the iterations done so far (k); the gradients of e
     # and left between a step's iterations through GEN[i] and GL[i]
@@ -100,7 +101,7 @@ def _bwd_step(u, U, RV, S, R, sr, RUNS, LEFTS, EN, VN, WCT, WA, BA, WV, GE_IN, s
                   GL + i * B, GPRE + j * B * H, GLG + j * B * 3, GVP + j * B * W,
                   HDS + j * B, BOT + j * B * W, B, K, W, H, G, BK, BH, WCH, IC,
                   FIRST=i == 0, HAS_GREAD=HAS_GREAD and i == 0, LOWP=LOWP, RING=True,
-                  ACTIVE=True, PRE_E=PRE_E and i == 0)
+                  ACTIVE=ACTIVE, PRE_E=PRE_E and i == 0)
         tl.debug_barrier()
 
 
@@ -109,19 +110,36 @@ def _chunk_bwd(RV, S, R, sr, RUNS, LEFTS, EN, VN, WCT, WA, BA, WV, GE_IN, sgi, G
                sga, GL, ZERO, GREAD, sgr, DE, sde, GEN, GPRE, GLG, GVP, HDS, BOT, U, B,
                K: tl.constexpr, W: tl.constexpr, H: tl.constexpr, G: tl.constexpr,
                BK: tl.constexpr, BH: tl.constexpr, WCH: tl.constexpr, IC: tl.constexpr,
-               MS: tl.constexpr, LOWP: tl.constexpr, PRE_E: tl.constexpr):
+               MS: tl.constexpr, LOWP: tl.constexpr, PRE_E: tl.constexpr,
+               ACTIVE: tl.constexpr = True):
     for uu in range(0, U - 1):  # steps U-1 .. 1: their first iteration gets the read's grad
         _bwd_step(U - 1 - uu, U, RV, S, R, sr, RUNS, LEFTS, EN, VN, WCT, WA, BA, WV, GE_IN, sgi,
                   GV, GSS, GACC, sga, GL, ZERO, GREAD, sgr, DE, sde, GEN, GPRE, GLG, GVP, HDS,
-                  BOT, B, K, W, H, G, BK, BH, WCH, IC, MS, LOWP, PRE_E, True)
+                  BOT, B, K, W, H, G, BK, BH, WCH, IC, MS, LOWP, PRE_E, True, ACTIVE)
     _bwd_step(0, U, RV, S, R, sr, RUNS, LEFTS, EN, VN, WCT, WA, BA, WV, GE_IN, sgi, GV, GSS,
               GACC, sga, GL, ZERO, GREAD, sgr, DE, sde, GEN, GPRE, GLG, GVP, HDS, BOT, B, K, W,
-              H, G, BK, BH, WCH, IC, MS, LOWP, PRE_E, False)
+              H, G, BK, BH, WCH, IC, MS, LOWP, PRE_E, False, ACTIVE)
+
+
+# launch options Triton takes beside a kernel's parameters
+_LAUNCH = frozenset(("num_warps", "num_stages", "num_ctas", "maxnreg"))
+
+
+def check_opts(kernel, opts: dict) -> None:
+    """Refuse launch options that are neither ``kernel``'s parameters nor Triton's launch
+    options: compiled Triton raises on them only at the launch, and its CPU interpreter drops
+    them silently (so a benchmark's ``ACTIVE=0`` once passed the interpreter's tests and then
+    failed on the GPU)."""
+    bad = sorted(set(opts) - set(kernel.arg_names) - _LAUNCH)
+    if bad:
+        raise ValueError(f"{kernel.fn.__name__}: launch options {bad} are not parameters of "
+                         f"the one-launch chunk kernel (stack_chunk.py)")
 
 
 def forward(grid, e, r, accs, ws, es, scr, sv, reads, pe, B, U, K, W, H, eps, ms, lowp, pre_e,
             opts) -> None:
     """Launch :func:`_chunk_fwd` on the saved buffer's views ``sv`` (CtrlRunner._views)."""
+    check_opts(_chunk_fwd, opts)
     _chunk_fwd[grid](e, e.stride(0), r, r.stride(0), accs, accs.stride(0), *ws, es,
                      es.stride(0), scr, sv["ring"], sv["s"], sv["x"], sv["en"], sv["vn"],
                      sv["bot"], sv["run"], sv["left"], sv["hd"], reads, reads.stride(0), pe,
@@ -132,6 +150,7 @@ def backward(grid, ring, sv, r, wct, wa, ba, wv, g_e, g_V, gss, g_acc, gl, zero,
              gen, GPRE, GLG, GVP, B, U, K, W, H, ms, lowp, pre_e, opts) -> None:
     """Launch :func:`_chunk_bwd`; ``gss`` [2,B,K] holds the incoming d/ds in slot 0 and ends
     with d/ds at the chunk's start in slot ``(U * ms) % 2``."""
+    check_opts(_chunk_bwd, opts)
     _chunk_bwd[grid](ring, sv["s"], r, r.stride(0), sv["run"], sv["left"], sv["en"], sv["vn"],
                      wct, wa, ba, wv, g_e, g_e.stride(0), g_V, gss, g_acc, g_acc.stride(0), gl,
                      zero, g_read, g_read.stride(0), de, de.stride(0), gen, GPRE, GLG, GVP,

@@ -185,6 +185,22 @@ def test_ctrl_kernels_under_triton_interpreter(ring):
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
 
 
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+def test_chunk_kernels_take_every_launch_option():
+    """Every option the per-iteration kernels take from ``launch_opts`` or a benchmark's
+    override (``ACTIVE=0``, ``PRE_E`` is the caller's) is a parameter of the one-launch chunk
+    kernels too, and an unknown one is refused by name. (The CPU interpreter drops unknown
+    keywords, so ``ACTIVE=0`` passed there and failed on the H200, GPU_NOTES P38.)"""
+    from blocklm.model import stack_chunk, stack_ctrl
+    opts = {**stack_ctrl.launch_opts(20, 256, 64, 256), "ACTIVE": 0}
+    assert set(opts) - {"num_warps"} <= set(stack_ctrl._iter_fwd.arg_names)
+    for kernel in (stack_chunk._chunk_fwd, stack_chunk._chunk_bwd):
+        assert set(opts) - {"num_warps"} <= set(kernel.arg_names), kernel.fn.__name__
+        stack_chunk.check_opts(kernel, opts)
+        with pytest.raises(ValueError, match=r"_chunk_(fwd|bwd): .*\['WCHUNK'\]"):
+            stack_chunk.check_opts(kernel, {**opts, "WCHUNK": 16})
+
+
 @pytest.mark.skipif(not torch.cuda.is_available() or not HAS_TRITON, reason="needs CUDA")
 def test_persistent_chunks_on_cuda():
     torch.backends.cuda.matmul.allow_tf32 = False
