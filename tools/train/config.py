@@ -46,6 +46,11 @@ class TrainConfig:
     # writes), and each such op woke a team of all the cores' threads, busy in the trainer's
     # thread: mixed 172-176k -> 198-200k tokens/s on the H200 (GPU_NOTES.md, calls P26-P27)
     host_threads: int | None = None
+    # full garbage collections while fitting: one every this many generation-1 collections
+    # (loop_util.GCFreeze; Python's default 10). Each traverses the examples read ahead and in
+    # flight: 119-291 ms on the H200 (mixed), at 50 one about every 14 optimizer steps
+    # (GPU_NOTES P40-P41); at 500 about every 140
+    full_gc_every: int = 500
     bf16: bool = True  # autocast to bf16 on CUDA (ignored on CPU: fp32 there)
     # relative width cap of shape buckets (estimate_buckets' max_width; None: quantiles only;
     # a dict: per mode, modes not in it None)
@@ -165,4 +170,7 @@ def build_config(preset: str, overrides: list[str] | tuple[str, ...] = ()) -> Ru
     h = cfg.train.host_threads
     if h is not None and not (isinstance(h, int) and h >= 1):
         raise ValueError(f"train.host_threads must be a whole number >= 1 or none, got {h!r}")
+    g = cfg.train.full_gc_every
+    if not (isinstance(g, int) and not isinstance(g, bool) and g >= 1):
+        raise ValueError(f"train.full_gc_every must be a whole number >= 1, got {g!r}")
     return cfg

@@ -260,7 +260,8 @@ class Trainer:
         and torch's CPU threads set by ``train.host_threads`` (:class:`.loop_util.HostThreads`)."""
         # the indexes first, so that they are frozen with the rest (BlockDataset.load_indexes)
         getattr(self.source, "load_indexes", lambda: 0)()
-        with HostThreads(host_threads(self.t.host_threads, self.device.type)), GCFreeze():
+        with HostThreads(host_threads(self.t.host_threads, self.device.type)), \
+                GCFreeze(self.t.full_gc_every):
             return self._fit(steps, minutes)
 
     def _fit(self, steps: int | None, minutes: float | None) -> dict[str, Any]:

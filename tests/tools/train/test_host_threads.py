@@ -54,7 +54,7 @@ def test_fit_enters_host_threads_with_the_resolved_number(monkeypatch):
             super().__init__(n)
     monkeypatch.setattr(loop, "HostThreads", Spy)
     tr = object.__new__(loop.Trainer)  # fit's own logic only: no model, no data
-    tr.t = type("T", (), {"host_threads": None})()
+    tr.t = type("T", (), {"host_threads": None, "full_gc_every": 500})()
     tr.source = None
     tr._fit = lambda steps, minutes: inside.append(torch.get_num_threads()) or {"ok": True}
     before = torch.get_num_threads()

@@ -12,6 +12,7 @@ import pytest
 from blocklm.formats import Sample, ShardWriter, text_block
 from blocklm.tools.train import readahead
 from blocklm.tools.train.loop import RunSpec, Trainer
+from blocklm.tools.train.loop_util import FULL_GC_EVERY
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +96,7 @@ def test_setup_objects_are_frozen_out_of_the_collector_while_fitting(tmp_path, d
     frozen = [ev[3] for ev in events]
     assert frozen and min(frozen) > 10_000  # the model and the imported modules at least
     # full collections (of what is not frozen: two epochs of samples, 20-75 ms) 5x rarer
-    assert {ev[4] for ev in events} == {(*before[:2], max(before[2], 50))}
+    assert {ev[4] for ev in events} == {(*before[:2], max(before[2], FULL_GC_EVERY))}
     assert gc.get_freeze_count() == 0 and gc.get_threshold() == before  # restored at the end
 
 
