@@ -214,6 +214,11 @@ class ModeSupport(nn.Module):
         bits = (nll * batch.mask).flatten(1).sum(1) / LN2
         return bits, batch.elements
 
+    def warm_head(self, device, autocast: bool = True, grad: bool = True) -> None:
+        """Compile the loss's graphs ahead of training, where a support compiles any (the
+        image and audio heads, :meth:`blocklm.model.patch.PatchSupport.warm_head`); here
+        nothing to do."""
+
     def bits(self, h: Tensor, batch: BlockBatch) -> tuple[Tensor, Tensor]:
         """Decoder outputs -> (bits [B], elements [B]); supports may bound memory here.
 

@@ -174,3 +174,19 @@ def test_a_failing_compile_names_the_mode_and_the_setting(monkeypatch):
     monkeypatch.setattr(patch_mod, "slice_bits_fn", broken)
     with pytest.raises(RuntimeError, match=r"image head.*model\.modes\.image\.compile_head=false"):
         sup.warm_head("cpu", autocast=False)
+
+
+def test_every_support_can_be_warmed():
+    """The trainer's runners warm every support's loss on CUDA (``warm_head``); a support that
+    compiles nothing (text) inherits the no-op and leaves its parameters alone."""
+    from torch._dynamo.utils import counters
+
+    from blocklm.model.config import TextConfig
+    from blocklm.model.text import TextSupport
+
+    sup = TextSupport(TextConfig(tokenizer_path=None, vocab_size=50), 32)
+    counters.clear()
+    sup.warm_head("cpu", autocast=False)
+    sup.warm_head("cpu", autocast=False, grad=False)
+    assert not counters["stats"]["unique_graphs"]
+    assert all(p.grad is None for p in sup.parameters())

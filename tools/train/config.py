@@ -48,8 +48,8 @@ class TrainConfig:
     host_threads: int | None = None
     # full garbage collections while fitting: one every this many generation-1 collections
     # (loop_util.GCFreeze; Python's default 10). Each traverses the examples read ahead and in
-    # flight: 119-291 ms on the H200 (mixed), at 50 one about every 14 optimizer steps
-    # (GPU_NOTES P40-P41); at 500 about every 140
+    # flight: 119-291 ms on the H200 (mixed), at 50 one every 14-40 optimizer steps
+    # (GPU_NOTES P41-P43); at 500 ten times rarer
     full_gc_every: int = 500
     bf16: bool = True  # autocast to bf16 on CUDA (ignored on CPU: fp32 there)
     # relative width cap of shape buckets (estimate_buckets' max_width; None: quantiles only;

@@ -123,16 +123,17 @@ class GCFreeze:
     collection traversed them all (146-238 ms, `python -m blocklm.tools.bench_turnover`; 6-75 ms
     frozen), one about every epoch of the small text set, and one falling at a turnover made it
     230-350 ms instead of ~50 (237-306 ms turnovers on the H200, 51-77 ms without one). Full
-    collections are also made rarer (``full_every``; 5x Python's default at first): a pass over the young objects of
-    two epochs still costs 20-75 ms, and the admission of an epoch's examples triggered one at
+    collections are also made rarer (``full_every``; at first 5x Python's default): a pass over
+    the young objects of two epochs still costs 20-75 ms, and the admission of an epoch's examples triggered one at
     most turnovers (mixed: 36-86 ms turnovers, 17-26 without); young cyclic garbage is collected
     as often as before.
 
     ``full_every`` (``train.full_gc_every``, default 500; 50 until 2026-11-24): on the H200 a
     mixed run's full collections still traversed 184-280k live objects (the examples read ahead
-    and in flight: their samples, blocks, token ids, requests) at 119-291 ms each, one about
-    every 14 optimizer steps (~4% of the step time; GPU_NOTES P40-P41). Ten times rarer, the
-    cyclic garbage they free (30-50k small objects each there) waits ten times longer.
+    and in flight: their samples, blocks, token ids, requests) at 119-291 ms each, one every
+    14-40 optimizer steps (P41; in 40-step windows one of 186-297 ms, 1.1-1.8% of the window:
+    GPU_NOTES P42-P43). Ten times rarer, the cyclic garbage they free (9-50k small objects each
+    there) waits ten times longer.
 
     Until 2026-11-24 it froze nothing where objects were already frozen, which is every run on
     the H200 (375 frozen at import): there every full collection traversed the model and all
@@ -141,7 +142,8 @@ class GCFreeze:
     would hold its tensors until the end."""
 
     def __init__(self, full_every: int = FULL_GC_EVERY) -> None:
-        if not (isinstance(full_every, int) and full_every >= 1):
+        if not (isinstance(full_every, int) and not isinstance(full_every, bool)
+                and full_every >= 1):
             raise ValueError(f"full collections every N generation-1 collections: N must be a "
                              f"whole number >= 1, got {full_every!r} (train.full_gc_every)")
         self.full_every = full_every

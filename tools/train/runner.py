@@ -131,8 +131,7 @@ class ModelRunners:
         if device.type == "cuda":  # compile the fused layers' and heads' graphs now, not
             model.decoder.warm_layers(device, autocast=autocast)  # mid-window
             for sup in model.supports.values():
-                if hasattr(sup, "warm_head"):
-                    sup.warm_head(device, autocast=autocast, grad=train)
+                sup.warm_head(device, autocast=autocast, grad=train)
 
     def _autocast(self) -> None:
         """Enter bf16 autocast for the rest of the window. Autocast caches each weight's bf16
