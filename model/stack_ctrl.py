@@ -322,7 +322,7 @@ if triton is not None:
 OVERRIDE: dict = {}  # launch options forced by benchmarks (stack_timing's sweep), else empty
 
 
-def launch_opts(B: int, K: int, W: int, H: int) -> dict:
+def launch_opts(B: int, K: int, W: int, H: int, backward: bool = False) -> dict:
     """Block sizes: G examples a program, cells whole (BK), lanes in chunks of WCH, the
     embedding in chunks of IC. The programs are latency-bound (one example's loads and
     reductions in sequence), so chunks are large: device call S5 ran IC=8, WCH=8 at 0.31 ms
@@ -330,10 +330,16 @@ def launch_opts(B: int, K: int, W: int, H: int) -> dict:
     0.115 ms at B=40 (-17%), 0.212 -> 0.186 at B=144, and IC 32 -> 64 a few % more. ptxas
     (sm_90, offline) for the small preset's stack (W=64, Hd=256, 8 warps, bf16): WCH=32,
     IC=64: forward 124, backward 255 registers, no spills; WCH=64 spills 168-184 bytes in
-    the backward; G=2 with 16 warps spills."""
+    the backward; G=2 with 16 warps spills.
+
+    Warps: the forward kernels run 4 (more programs fit an SM; one example's chain loses
+    little), the ``backward`` 8 (at 4 its kernels took 1.6x as long, GPU_NOTES P39). H200,
+    ms per step forward + backward, both at 8 -> forward at 4 (call P51): 1024 x 32 steps
+    0.518 -> 0.468, 300 x 96 0.199 -> 0.182, 20 x 2,401 0.061 -> 0.059."""
     G = 1  # (OVERRIDE may also hold PRE_E=0: the first iterations' products in the kernels)
     BK, BH = triton.next_power_of_2(K), triton.next_power_of_2(H)
     WCH, IC = min(32, triton.next_power_of_2(W)), min(64, BH)
     big = G * BK * WCH >= 2048
-    opts = dict(G=G, BK=BK, BH=BH, WCH=WCH, IC=IC, num_warps=(16 if G > 1 else 8) if big else 4)
+    warps = (16 if G > 1 else 8 if backward else 4) if big else 4
+    opts = dict(G=G, BK=BK, BH=BH, WCH=WCH, IC=IC, num_warps=warps)
     return {**opts, **OVERRIDE}

@@ -228,7 +228,7 @@ class CtrlRunner:
         g_read, g_acc, g_e = (t.contiguous() for t in (g_read, g_acc, g_e))
         B, U, H = g_e.shape
         K, W, ms = g_V.shape[1], g_V.shape[2], cfg.max_steps
-        opts = stack_ctrl.launch_opts(B, K, W, H)
+        opts = stack_ctrl.launch_opts(B, K, W, H, backward=True)
         pre_e = bool(opts.pop("PRE_E", 1))
         grid = (triton_cdiv(B, opts["G"]),)
         wc, _, wa, ba, wv, _ = self._weights()

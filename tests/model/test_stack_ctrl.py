@@ -192,9 +192,12 @@ def test_chunk_kernels_take_every_launch_option():
     kernels too, and an unknown one is refused by name. (The CPU interpreter drops unknown
     keywords, so ``ACTIVE=0`` passed there and failed on the H200, GPU_NOTES P38.)"""
     from blocklm.model import stack_chunk, stack_ctrl
-    opts = {**stack_ctrl.launch_opts(20, 256, 64, 256), "ACTIVE": 0}
-    assert set(opts) - {"num_warps"} <= set(stack_ctrl._iter_fwd.arg_names)
-    for kernel in (stack_chunk._chunk_fwd, stack_chunk._chunk_bwd):
+    for kernel, it, back in ((stack_chunk._chunk_fwd, stack_ctrl._iter_fwd, False),
+                             (stack_chunk._chunk_bwd, stack_ctrl._iter_bwd, True)):
+        opts = {**stack_ctrl.launch_opts(20, 256, 64, 256, backward=back), "ACTIVE": 0}
+        # the small preset's warps: forward 4, backward 8 (GPU_NOTES P39, P51)
+        assert opts["num_warps"] == (8 if back else 4)
+        assert set(opts) - {"num_warps"} <= set(it.arg_names), it.fn.__name__
         assert set(opts) - {"num_warps"} <= set(kernel.arg_names), kernel.fn.__name__
         stack_chunk.check_opts(kernel, opts)
         with pytest.raises(ValueError, match=r"_chunk_(fwd|bwd): .*\['WCHUNK'\]"):

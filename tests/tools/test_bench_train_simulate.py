@@ -1,5 +1,5 @@
 """bench train --simulate: the per-mode breakdown, chained epochs, and that it forms the
-trainer's own batches."""
+trainer's own batches; the command's closing table (a short CPU run)."""
 
 from __future__ import annotations
 
@@ -66,3 +66,25 @@ def test_simulation_forms_the_trainers_batches(tmp_path, tokenizer, chain):
     n = min(len(got), len(sim))
     assert tr.epoch >= 1 and n > 100  # across epoch boundaries
     assert got[:n] == sim[:n]
+
+
+def test_the_table_shows_padded_and_real_tokens(tmp_path, tokenizer):
+    # a short CPU run of the command: its table gives both counts, as the JSON has them (the
+    # GPT-2 baseline's tokens are real ones; the trainer's tokens/s counts padded steps)
+    import json
+
+    from click.testing import CliRunner
+
+    from blocklm.tools.bench_train import bench_train
+
+    out = _dataset(tmp_path / "ds", 300)
+    res = CliRunner().invoke(bench_train, [
+        "--preset", "tiny", "--data", out, "--variants", "off", "--warmup", "1", "--steps", "2",
+        "--seconds", "30", "--out", str(tmp_path / "r.json"),
+        "--set", f"model.modes.text.tokenizer_path={tokenizer}", "--set", "dispatch.prefetch=0"])
+    assert res.exit_code == 0, res.output
+    (row,) = json.loads((tmp_path / "r.json").read_text())
+    head, line = res.output.splitlines()[-2:]
+    assert head.split()[:4] == ["data", "variant", "tokens/s", "real"]
+    assert line.split()[2:4] == [str(row["tokens_per_s"]), str(row["real_tokens_per_s"])]
+    assert row["real_tokens_per_s"] < row["tokens_per_s"]  # the text blocks vary: padding
