@@ -340,6 +340,11 @@ def launch_opts(B: int, K: int, W: int, H: int, backward: bool = False) -> dict:
     BK, BH = triton.next_power_of_2(K), triton.next_power_of_2(H)
     WCH, IC = min(32, triton.next_power_of_2(W)), min(64, BH)
     big = G * BK * WCH >= 2048
-    warps = (16 if G > 1 else 8 if backward else 4) if big else 4
+    if not big:
+        warps = 4
+    elif G > 1:
+        warps = 16
+    else:
+        warps = 8 if backward else 4
     opts = dict(G=G, BK=BK, BH=BH, WCH=WCH, IC=IC, num_warps=warps)
     return {**opts, **OVERRIDE}
