@@ -86,7 +86,7 @@ class AudioSupport(PatchSupport):
         self.cfg = cfg
         self.cond_dims = cfg.max_channels
         super().__init__(d_model, cfg.frame * cfg.max_channels, cfg.head_width,
-                         cfg.loss_chunk, cfg.compile_head)
+                         cfg.loss_chunk, cfg.compile_head, cfg.fused_head)
 
     def shape_of(self, content) -> tuple[int, ...]:
         a = samples_of(content)  # the shape without a float copy of the samples

@@ -36,7 +36,7 @@ class ImageSupport(PatchSupport):
         self.cfg = cfg
         self.P = cfg.patch
         super().__init__(d_model, self.P * self.P * CMAX, cfg.head_width, cfg.loss_chunk,
-                         cfg.compile_head)
+                         cfg.compile_head, cfg.fused_head)
 
     def shape_of(self, content) -> tuple[int, ...]:
         a = np.asarray(content)

@@ -12,7 +12,9 @@ walks e = 0..E-1). Elements outside the content (padding, absent channels) are f
 count in the loss and are forced to 0 when sampling.
 
 The head's arithmetic lives in :mod:`.patch_fused` as plain functions of tensors; the training
-loss runs it per checkpointed slice of steps, ``torch.compile``d on CUDA (``compile_head``).
+loss runs it per checkpointed slice of steps, ``torch.compile``d on CUDA (``compile_head``), or,
+on CUDA with Triton (``fused_head``, opt-in), per slice as the two kernels of :mod:`.patch_triton`, which
+save only a few floats per element instead of being checkpointed.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from torch.utils.checkpoint import checkpoint
 from .batch import BlockBatch
 from .config import SampleConfig
 from .patch_fused import element_logits, low_precision, slice_bits_fn
+from .patch_kernel import head_bits
+from .patch_triton import triton
 from .sampling import sample_logits
 from .support import ModeSupport, grid_rows
 
@@ -71,13 +75,15 @@ class PatchSupport(ModeSupport):
     vocab = 256
 
     def __init__(self, d_model: int, E: int, head_width: int, loss_chunk: int,
-                 compile_head: bool = False) -> None:
+                 compile_head: bool = False, fused_head: bool = False) -> None:
         super().__init__(d_model)
         self.elements_per_step = E
         self.loss_chunk = loss_chunk
         self.compile_head = compile_head
-        # the loss slices' form (patch_fused.slice_bits_fn): None = Inductor on CUDA if
-        # compile_head, else eager; "eager" / "inductor" / "aot_eager" (tests) force one
+        self.fused_head = fused_head
+        # the loss slices' form: None = on CUDA the Triton kernels if fused_head (and triton is
+        # installed), else Inductor if compile_head, else eager; "triton" (patch_triton), or
+        # "eager" / "inductor" / "aot_eager" (tests; patch_fused.slice_bits_fn) force one
         self.head_form: str | None = None
         self.inp = nn.Linear(E, d_model)
         self.cond_in = nn.Linear(self.cond_dims, d_model)
@@ -99,6 +105,8 @@ class PatchSupport(ModeSupport):
     def _form(self, h: Tensor) -> str:
         if self.head_form is not None:
             return self.head_form
+        if h.is_cuda and self.fused_head and triton is not None:
+            return "triton"
         return "inductor" if h.is_cuda and self.compile_head else "eager"
 
     def warm_head(self, device, autocast: bool = True, grad: bool = True) -> None:
@@ -120,10 +128,11 @@ class PatchSupport(ModeSupport):
             if grad:
                 torch.autograd.grad(bits.sum(), h)
         except Exception as e:  # a machine without a working compiler: say what to turn off
+            flag = "fused_head" if self._form(h) == "triton" else "compile_head"
             raise RuntimeError(
                 f"compiling the {self.name} head's loss ({self._form(h)}) failed: "
-                f"{type(e).__name__}: {e}; to run it uncompiled, set "
-                f"model.modes.{self.name}.compile_head=false") from e
+                f"{type(e).__name__}: {e}; to run the head another way, set "
+                f"model.modes.{self.name}.{flag}=false") from e
 
     def _slice_bits(self, h: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
         """h [B,t,d] -> bits [B] (:func:`.patch_fused.slice_bits`); on CUDA the B*t rows padded
@@ -131,6 +140,9 @@ class PatchSupport(ModeSupport):
         ModeSupport.bits); padding rows have target 0 and no element in the mask."""
         B, t, d = h.shape
         n = B * t
+        if self._form(h) == "triton":  # any row count; the kernels hold the rows' tensors
+            return head_bits(h.reshape(n, d), targets.reshape(n, -1), mask.reshape(n, -1),
+                             *self.head.params(), lp=low_precision(h.device.type)).view(B, t).sum(1)
         m = grid_rows(n, h)
         hp = nn.functional.pad(h.reshape(n, d), (0, 0, 0, m - n))
         tg = nn.functional.pad(targets.reshape(n, -1), (0, 0, 0, m - n))
@@ -140,13 +152,20 @@ class PatchSupport(ModeSupport):
 
     def bits(self, h: Tensor, batch: BlockBatch) -> tuple[Tensor, Tensor]:
         """Bits in slices of ``loss_chunk`` steps, each checkpointed, so the [B,T,E,256] logits
-        of a large image never exist at once (forward or saved for backward)."""
+        of a large image never exist at once (forward or saved for backward). The Triton form
+        saves a few floats per element, not logits: its slices are not checkpointed (they bound
+        the backward's buffers)."""
         T, c = h.shape[1], self.loss_chunk
         if T <= c:
             return self._slice_bits(h, batch.targets, batch.mask), batch.elements
         total = h.new_zeros(h.shape[0], dtype=torch.float32)
+        fused = self._form(h) == "triton"
         for t0 in range(0, T, c):
             sl = slice(t0, t0 + c)
+            if fused:
+                total = total + self._slice_bits(h[:, sl], batch.targets[:, sl],
+                                                 batch.mask[:, sl])
+                continue
             # no random op in a slice: no RNG state to stash and restore per slice (with it,
             # a first compile inside the slice on a machine whose CUDA was not yet
             # initialised was refused: "device state was initialized in the forward pass")

@@ -1,9 +1,10 @@
-"""``blocktool bench heads``: the image and audio element heads' loss, eager against compiled.
+"""``blocktool bench heads``: the image and audio element heads' loss, eager, compiled, kernels.
 
 One batch of decoder outputs through ``PatchSupport.bits`` (the training loss: checkpointed
 slices of ``loss_chunk`` steps, bf16 autocast on CUDA), forward + backward, for each form of
 :mod:`blocklm.model.patch_fused` side by side in one process: "eager" (the baseline: the ops one
-by one) and "inductor" (``compile_head``, the default on CUDA). Reports the median ms of
+by one) and "inductor" (``compile_head``, the default on CUDA), and the Triton kernels of
+:mod:`blocklm.model.patch_triton` ("triton", ``fused_head``, opt-in). Reports the median ms of
 ``--reps`` calls after a first call (which compiles), the peak memory, and how far each form's
 bits and gradients are from the first form's. Inputs: random decoder outputs and element values
 near a random level per step (neighbouring sub-pixels are alike, so value rows repeat as in
@@ -91,7 +92,7 @@ def measure(sup, B: int, T: int, d_model: int, forms: list[str], reps: int,
     return rows
 
 
-FORMS = ("eager", "inductor", "aot_eager")
+FORMS = ("eager", "inductor", "aot_eager", "triton")
 
 
 def _batch_shape(ctx, param, text: str) -> tuple[int, int]:
@@ -122,17 +123,18 @@ def _forms(ctx, param, text: str) -> list[str]:
 @click.option("--audio", "audio_bt", default="64x1000", show_default=True,
               callback=_batch_shape, help="Audio batch BxT (T frames).")
 @click.option("--forms", default="eager,inductor", show_default=True, callback=_forms,
-              help="Forms, the first is the baseline (eager, inductor, aot_eager).")
+              help="Forms, the first is the baseline (eager, inductor, aot_eager, triton).")
 @click.option("--reps", default=5, show_default=True, type=click.IntRange(min=1),
               help="Timed calls per form (median).")
 @click.option("--device", default=None, help="Default: cuda if available, else cpu.")
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON too.")
 def bench_heads(preset, image_bt, audio_bt, forms, reps, device, as_json):
-    """Image/audio element heads' loss: eager against torch.compile, one process.
+    """Image/audio element heads' loss: eager, torch.compile, Triton kernels, one process.
 
     \b
     Example (the H200 figures in the README):
       blocktool bench heads --json
+      blocktool bench heads --image 20x2401 --forms inductor,triton
       blocktool bench heads --device cpu --image 2x40 --audio 2x40 --forms eager,aot_eager
     """
     import torch

@@ -1,0 +1,145 @@
+"""The element head's loss through the kernels of :mod:`.patch_triton`: the autograd function,
+its launch options and :func:`head_bits` (``ImageConfig.fused_head`` / ``AudioConfig``).
+
+Opt-in, not the default: on the H200 it agrees with the compiled head (bf16, every gradient) but
+is not faster: an image batch 85 against Inductor's 78-80 ms, an audio batch 56 against 52-60
+(GPU_NOTES, P58-P59). The forward is at par (18 ms); the backward kernel is latency-bound
+(52 ms at one 8-warp program per SM).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .patch_triton import triton
+
+if triton is not None:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    from .patch_triton import _bwd, _fwd
+
+
+@dataclass(frozen=True)
+class HeadKernelOpts:
+    """Launch options of the two kernels (the best of P56-P57 on the H200 for each)."""
+
+    fwd_warps: int = 4
+    fwd_maxnreg: int | None = 128  # registers a thread (None: the compiler's choice)
+    fwd_stages: int = 1  # software-pipeline stages of the tile loop
+    bwd_warps: int = 8
+    bwd_maxnreg: int | None = None
+    bwd_stages: int = 2
+    tile_max: int = 32  # elements per tile at most
+    vocab_chunk: int = 64  # logits (and their gradient) this many values at a time
+    programs_per_sm: int = 8  # each program walks ~M / programs steps
+
+
+DEFAULT_OPTS = HeadKernelOpts()
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def tile_elements(E: int, tile_max: int = 32) -> int:
+    """Elements per tile: E up to ``tile_max`` (at least 16, a tensor-core operand's rows)."""
+    return min(tile_max, max(16, _pow2(E)))
+
+
+def _launch(warps: int, maxnreg: int | None) -> dict:
+    return {"num_warps": warps} | ({} if maxnreg is None else {"maxnreg": maxnreg})
+
+
+def _programs(M: int, device: torch.device, per_sm: int) -> int:
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        return max(1, min(M, per_sm * sms))
+    return max(1, min(M, 4))
+
+
+class _HeadBits(torch.autograd.Function):
+    """bits [M] of the head on c [M,w] (the context projection's output)."""
+
+    @staticmethod
+    def forward(ctx, c, targets, mask, pos, val, w1, b1, w2, b2, lowp: bool,
+                opts: HeadKernelOpts):
+        M, WD = c.shape
+        E, V = targets.shape[1], w2.shape[0]
+        if _pow2(WD) != WD or _pow2(V) != V or WD < 16 or V < 16:
+            raise ValueError(f"the fused element head needs a power-of-two width >= 16 and "
+                             f"vocabulary, got width {WD}, vocabulary {V}; set "
+                             f"fused_head=false for this mode")
+        wt = torch.bfloat16 if lowp else torch.float32
+        w1_, b1_, w2_, b2_ = (w.detach().to(wt).contiguous() for w in (w1, b1, w2, b2))
+        VC = min(V, opts.vocab_chunk)
+        TE = tile_elements(E, opts.tile_max)
+        NT = -(-E // TE)
+        P = _programs(M, c.device, opts.programs_per_sm)
+        RPP = -(-M // P)
+        c_, t_ = c.detach().contiguous(), targets.contiguous()
+        m_ = mask.contiguous().view(torch.uint8)
+        pos_, val_ = pos.detach().float().contiguous(), val.detach().float().contiguous()
+        bits = torch.empty(M, dtype=torch.float32, device=c.device)
+        lse = torch.empty(M, E, dtype=torch.float32, device=c.device)
+        pre = torch.empty(M, NT, WD, dtype=torch.float32, device=c.device)
+        _fwd[(P,)](c_, t_, m_, pos_, val_, TensorDescriptor.from_tensor(w1_, [WD, WD]), b1_,
+                   TensorDescriptor.from_tensor(w2_, [VC, WD]), b2_, bits, lse, pre, M, E,
+                   RPP, WD=WD, V=V, TE=TE, NT=NT, VC=VC, NS=opts.fwd_stages, LOWP=lowp,
+                   **_launch(opts.fwd_warps, opts.fwd_maxnreg))
+        ctx.save_for_backward(c_, t_, m_, pos_, val_, w1_, b1_, w2_, b2_, lse, pre)
+        ctx.meta = (lowp, TE, NT, VC, P, RPP, opts, c.dtype)
+        return bits
+
+    @staticmethod
+    def backward(ctx, gbits):
+        c, t, m, pos, val, w1, b1, w2, b2, lse, pre = ctx.saved_tensors
+        lowp, TE, NT, VC, P, RPP, opts, cdt = ctx.meta
+        M, WD = c.shape
+        E, V = t.shape[1], w2.shape[0]
+        R, dev = M * E, c.device
+        dt = torch.bfloat16 if lowp else torch.float32
+        dc = torch.empty(M, WD, dtype=torch.float32, device=dev)
+        dve = torch.empty(R, WD, dtype=torch.float32, device=dev)
+        dl = torch.empty(R, V, dtype=dt, device=dev)
+        y, x, dp1 = (torch.empty(R, WD, dtype=dt, device=dev) for _ in range(3))
+        db1 = torch.empty(P, WD, dtype=torch.float32, device=dev)
+        db2 = torch.zeros(P, V, dtype=torch.float32, device=dev)
+        _bwd[(P,)](c, t, m, pos, val, TensorDescriptor.from_tensor(w1, [WD, WD]), b1,
+                   TensorDescriptor.from_tensor(w2, [VC, WD]), b2, lse, pre,
+                   gbits.float().contiguous(), dc, dve, dl, y, x, dp1, db1, db2, M, E, RPP,
+                   WD=WD, V=V, TE=TE, NT=NT, VC=VC, NS=opts.bwd_stages, LOWP=lowp,
+                   **_launch(opts.bwd_warps, opts.bwd_maxnreg))
+        # the weights' gradients: one product over all element rows each (rounded as autocast
+        # rounds a bf16 Linear's weight gradient)
+        dw2 = (dl.t() @ y).float()
+        dw1 = (dp1.t() @ x).float()
+        idx = (t + torch.arange(E, device=dev) * V).reshape(R)
+        dval = torch.ops.aten.embedding_dense_backward(dve, idx, E * V, -1, False)
+        # d pre0[m,e] = dve[m,e-1] - dve[m,e] (e >= 1) and dc[m] - dve[m,0]: the position
+        # gradient (a sum over steps of d pre0) from the value rows' gradients
+        s = dve.view(M, E, WD).sum(0)
+        dpos = torch.cat([(dc.sum(0) - s[0])[None], s[:-1] - s[1:]])
+        return (dc.to(cdt), None, None, dpos, dval, dw1, db1.sum(0), dw2, db2.sum(0), None,
+                None)
+
+
+def head_bits(h: Tensor, targets: Tensor, mask: Tensor, ctx_w: Tensor, ctx_b: Tensor,
+              pos: Tensor, val: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
+              lp: torch.dtype | None, opts: HeadKernelOpts | None = None) -> Tensor:
+    """:func:`.patch_fused.slice_bits` through the kernels: h [M, d], targets [M, E] (integer),
+    mask [M, E] bool -> bits per row [M] fp32. ``lp``: bf16 (autocast's products) or None
+    (fp32). CUDA tensors, or CPU ones under ``TRITON_INTERPRET=1`` (the tests)."""
+    if triton is None:
+        raise RuntimeError("the fused element head needs triton; set fused_head=false")
+    if lp not in (None, torch.bfloat16):
+        raise ValueError(f"the fused element head runs in fp32 or bf16, not {lp}")
+    with torch.autocast(device_type=h.device.type, enabled=False):
+        if lp is None:
+            c = torch.nn.functional.linear(h, ctx_w, ctx_b)
+        else:
+            c = torch.nn.functional.linear(h.to(lp), ctx_w.to(lp), ctx_b.to(lp))
+        return _HeadBits.apply(c, targets, mask, pos, val, w1, b1, w2, b2, lp is not None,
+                               opts or DEFAULT_OPTS)

@@ -1,0 +1,152 @@
+"""The element head's Triton kernels (model/patch_triton.py) against the function the eager and
+Inductor paths share (``patch_fused.slice_bits``): bits and the gradients of the input and of
+every head parameter, for tiles of one, part of one and several, masked and padded elements,
+through PatchSupport's slices. On the CPU through Triton's interpreter in fp32 (fresh process);
+on the GPU in bf16 against fp32, with errors the size of the eager bf16 path's."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from blocklm.model.audio import AudioSupport
+from blocklm.model.config import AudioConfig, ImageConfig
+from blocklm.model.image import ImageSupport
+
+from .test_patch_fused import _batch, _run
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+CUDA = torch.cuda.is_available()
+
+_PRELUDE = """
+import sys, torch
+import triton.runtime.interpreter as I
+_orig = I._patch_lang_tensor
+def _patched(tensor, scope):  # numpy >= 2 refuses int() of a 1-element array
+    _orig(tensor, scope)
+    scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+I._patch_lang_tensor = _patched
+sys.path.insert(0, {tests!r})
+"""
+
+
+def _interpreted(body: str) -> str:
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    code = _PRELUDE.format(tests=str(Path(__file__).parent)) + body
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=400)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    return res.stdout
+
+
+_FUNCTION = """
+from blocklm.model.patch_fused import make_slice_bits
+from blocklm.model.patch_kernel import head_bits
+torch.manual_seed(0)
+V = 256
+# rows, elements (one tile; a padded tile; two tiles, the second partial), width, input dims
+for M, E, WD, d in [(5, 16, 16, 24), (3, 8, 16, 12), (4, 80, 32, 16)]:
+    h = torch.randn(M, d)
+    t = torch.randint(0, V, (M, E))
+    t[0, :5] = 7  # repeated value rows: their gradients add up
+    mk = torch.rand(M, E) > 0.3
+    mk[-1] = False  # a padding row: costs nothing, still no gradient trouble
+    ps = [torch.randn(WD, d) * 0.3, torch.randn(WD) * 0.1, torch.randn(E, WD) * 0.3,
+          torch.randn(E * V, WD) * 0.3, torch.randn(WD, WD) * 0.3, torch.randn(WD) * 0.1,
+          torch.randn(V, WD) * 0.3, torch.randn(V) * 0.1]
+    outs = []
+    for f in (make_slice_bits(None), lambda *a: head_bits(*a, lp=None)):
+        hh = h.clone().requires_grad_(True)
+        pp = [p.clone().requires_grad_(True) for p in ps]
+        b = f(hh, t, mk, *pp)
+        (b * torch.arange(1, M + 1)).sum().backward()  # unequal weights per row
+        outs.append([b.detach(), hh.grad] + [p.grad for p in pp])
+    assert outs[0][0][-1] == 0 and outs[1][0][-1] == 0
+    for i, (a, r) in enumerate(zip(*outs)):
+        err = ((a - r).norm() / r.norm()).item()
+        assert err < 1e-5, (M, E, WD, i, err)
+print("ok")
+"""
+
+_SUPPORT = """
+from test_patch_fused import _support, _batch, _run
+for chunk, B, T in [(4, 3, 10), (256, 2, 5)]:  # three slices of 4 steps; one slice
+    sup = _support(loss_chunk=chunk)
+    batch = _batch(sup, B, T)
+    h = torch.randn(B, T, 32, requires_grad=True)
+    ref = _run(sup, h, batch, "eager")
+    got = _run(sup, h, batch, "triton")
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+print("ok")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_kernels_equal_the_function_under_the_interpreter():
+    """fp32: values and every gradient within 1e-5 of ``slice_bits`` (fresh process)."""
+    assert "ok" in _interpreted(_FUNCTION)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_support_slices_through_the_kernels_equal_eager():
+    """PatchSupport.bits in the Triton form (slices not checkpointed) equals the eager form."""
+    assert "ok" in _interpreted(_SUPPORT)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_unsupported_widths_and_precisions_say_what_to_set():
+    """A width the kernels cannot tile, or a precision they do not run, is refused by name."""
+    from blocklm.model.patch_kernel import head_bits
+
+    M, E, WD, V = 2, 4, 24, 256
+    args = [torch.randn(M, 8), torch.zeros(M, E, dtype=torch.long),
+            torch.ones(M, E, dtype=torch.bool), torch.randn(WD, 8), torch.randn(WD),
+            torch.randn(E, WD), torch.randn(E * V, WD), torch.randn(WD, WD), torch.randn(WD),
+            torch.randn(V, WD), torch.randn(V)]
+    with pytest.raises(ValueError, match="width 24.*fused_head=false"):
+        head_bits(*args, lp=None)
+    with pytest.raises(ValueError, match="fp32 or bf16"):
+        head_bits(*args, lp=torch.float16)
+
+
+def test_fused_head_is_opt_in_and_only_on_cuda():
+    """``fused_head`` (default off: not faster than the compiled head on the H200) picks the
+    kernels on CUDA where Triton is installed; the CPU stays eager either way."""
+    img = ImageSupport(ImageConfig(), 32)
+    aud = AudioSupport(AudioConfig(), 32)
+    assert not img.fused_head and not aud.fused_head
+    on = ImageSupport(ImageConfig(fused_head=True), 32)
+    assert on._form(torch.empty(0)) == "eager"
+    if CUDA:
+        cuda = torch.empty(0, device="cuda")
+        assert on._form(cuda) == ("triton" if HAS_TRITON else "inductor")
+        assert img._form(cuda) == "inductor"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (CUDA and HAS_TRITON), reason="needs CUDA and triton")
+@pytest.mark.parametrize("cfg", [ImageConfig(patch=2, head_width=16, loss_chunk=64),
+                                 ImageConfig(patch=8, head_width=128, loss_chunk=64),
+                                 AudioConfig(frame=64, max_channels=2, head_width=128)])
+def test_kernels_in_bf16_are_as_close_to_fp32_as_eager_bf16(cfg):
+    """bf16 autocast: the kernels and the eager function, both against fp32 eager."""
+    torch.manual_seed(0)
+    sup = (ImageSupport if isinstance(cfg, ImageConfig) else AudioSupport)(cfg, 64).to("cuda")
+    batch = _batch(sup, 3, 150, device="cuda")
+    h = torch.randn(3, 150, 64, device="cuda", requires_grad=True)
+    exact = _run(sup, h, batch, "eager")
+    ref = _run(sup, h, batch, "eager", autocast=True)
+    got = _run(sup, h, batch, "triton", autocast=True)
+    for a, b, c in zip(got, ref, exact):
+        scale = c.abs().max()
+        err_fused, err_plain = (a - c).abs().max() / scale, (b - c).abs().max() / scale
+        assert err_fused <= 1.5 * err_plain + 3e-3, (err_fused, err_plain)
