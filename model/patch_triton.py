@@ -36,12 +36,7 @@ except ImportError:  # pragma: no cover - depends on the machine
     triton = None
 
 if triton is not None:
-    @triton.jit
-    def _rnd(x, LOWP: tl.constexpr):
-        # autocast's rounding of a Linear's output or gradient (bf16), else nothing
-        if LOWP:
-            x = x.to(tl.bfloat16).to(tl.float32)
-        return x
+    from .stack_ctrl import _rb as _rnd  # autocast's bf16 rounding (LOWP), else nothing
 
     @triton.jit
     def _gelu(x):

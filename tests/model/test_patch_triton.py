@@ -2,15 +2,12 @@
 Inductor paths share (``patch_fused.slice_bits``): bits and the gradients of the input and of
 every head parameter, for tiles of one, part of one and several, masked and padded elements,
 through PatchSupport's slices. On the CPU through Triton's interpreter in fp32 (fresh process);
-on the GPU in bf16 against fp32, with errors the size of the eager bf16 path's."""
+on the GPU in bf16 against fp32, with errors the size of the eager bf16 path's. (The
+interpreter's process starts with test_banked_triton's prelude: its helpers, a numpy fix.)"""
 
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,31 +16,11 @@ from blocklm.model.audio import AudioSupport
 from blocklm.model.config import AudioConfig, ImageConfig
 from blocklm.model.image import ImageSupport
 
-from .test_patch_fused import _batch, _run
+from .test_banked_triton import run_interpreted
+from .test_patch_fused import _batch, _run, assert_as_close_to_fp32
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 CUDA = torch.cuda.is_available()
-
-_PRELUDE = """
-import sys, torch
-import triton.runtime.interpreter as I
-_orig = I._patch_lang_tensor
-def _patched(tensor, scope):  # numpy >= 2 refuses int() of a 1-element array
-    _orig(tensor, scope)
-    scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-I._patch_lang_tensor = _patched
-sys.path.insert(0, {tests!r})
-"""
-
-
-def _interpreted(body: str) -> str:
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    code = _PRELUDE.format(tests=str(Path(__file__).parent)) + body
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         timeout=400)
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
-    return res.stdout
-
 
 _FUNCTION = """
 from blocklm.model.patch_fused import make_slice_bits
@@ -92,14 +69,14 @@ print("ok")
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 def test_kernels_equal_the_function_under_the_interpreter():
     """fp32: values and every gradient within 1e-5 of ``slice_bits`` (fresh process)."""
-    assert "ok" in _interpreted(_FUNCTION)
+    assert "ok" in run_interpreted(_FUNCTION)
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 def test_support_slices_through_the_kernels_equal_eager():
     """PatchSupport.bits in the Triton form (slices not checkpointed) equals the eager form."""
-    assert "ok" in _interpreted(_SUPPORT)
+    assert "ok" in run_interpreted(_SUPPORT)
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
@@ -146,7 +123,4 @@ def test_kernels_in_bf16_are_as_close_to_fp32_as_eager_bf16(cfg):
     exact = _run(sup, h, batch, "eager")
     ref = _run(sup, h, batch, "eager", autocast=True)
     got = _run(sup, h, batch, "triton", autocast=True)
-    for a, b, c in zip(got, ref, exact):
-        scale = c.abs().max()
-        err_fused, err_plain = (a - c).abs().max() / scale, (b - c).abs().max() / scale
-        assert err_fused <= 1.5 * err_plain + 3e-3, (err_fused, err_plain)
+    assert_as_close_to_fp32(got, ref, exact)
