@@ -103,8 +103,8 @@ class ImageConfig:
     # H200: an image batch's head 281 -> 118 ms, mixed training +14%, GPU_NOTES P31-P32)
     compile_head: bool = True
     # on CUDA with Triton, the head and its loss as two Triton kernels instead (model/
-    # patch_triton.py: no [rows, E, 256] logits in memory; compile_head then unused). Off: not
-    # faster than the compiled head (an image batch 85 vs 78-80 ms, GPU_NOTES P58-P59)
+    # patch_triton.py: no [rows, E, 256] logits in memory; compile_head then unused). Opt-in:
+    # an image batch 70 vs 77 ms, but mixed training the same within its spread (P62-P64)
     fused_head: bool = False
     max_side: int = 4096  # height/width bins of the shape head cover 1..max_side
 
@@ -121,7 +121,7 @@ class AudioConfig:
     # H200: an audio batch's head (64 x 1,000 frames) 117 -> 51 ms, GPU_NOTES P35)
     compile_head: bool = True
     # on CUDA with Triton, the head and its loss as two Triton kernels (model/patch_triton.py;
-    # off: not faster than the compiled head, an audio batch 55-56 vs 52-60 ms, P58-P59)
+    # opt-in: an audio batch 46 vs 52 ms, mixed training the same within its spread, P62-P64)
     fused_head: bool = False
     mu: int = 255
     sample_rate: int = 16000  # rate given to generated audio when none is known

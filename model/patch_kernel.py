@@ -1,10 +1,11 @@
 """The element head's loss through the kernels of :mod:`.patch_triton`: the autograd function,
 its launch options and :func:`head_bits` (``ImageConfig.fused_head`` / ``AudioConfig``).
 
-Opt-in, not the default: on the H200 it agrees with the compiled head (bf16, every gradient) but
-is not faster: an image batch 85 against Inductor's 78-80 ms, an audio batch 56 against 52-60
-(GPU_NOTES, P58-P59). The forward is at par (18 ms); the backward kernel is latency-bound
-(52 ms at one 8-warp program per SM).
+Opt-in. On the H200 it agrees with the compiled head (bf16, every gradient) and is faster for
+one batch: an image batch 70-71 against Inductor's 77 ms, an audio batch 46 against 52 (GPU_NOTES,
+P64). Mixed training end to end showed no difference outside the spread (P62-P63: 30-step
+windows 193-203k tokens/s either way), and its weight reads and row writes go through
+tensor descriptors (TMA) tested only on Hopper, so the compiled head stays the default.
 """
 
 from __future__ import annotations
@@ -24,15 +25,18 @@ if triton is not None:
 
 @dataclass(frozen=True)
 class HeadKernelOpts:
-    """Launch options of the two kernels (the best of P56-P57 on the H200 for each)."""
+    """Launch options of the two kernels (the best of P56-P60 on the H200 for each)."""
 
     fwd_warps: int = 4
     fwd_maxnreg: int | None = 128  # registers a thread (None: the compiler's choice)
     fwd_stages: int = 1  # software-pipeline stages of the tile loop
-    bwd_warps: int = 8
-    bwd_maxnreg: int | None = None
-    bwd_stages: int = 2
-    tile_max: int = 32  # elements per tile at most
+    # 4 programs of 4 warps an SM, each its own tile chain: 8 warps at 255 registers held the
+    # SM alone (backward 48 ms of an image batch, against ~37; P60)
+    bwd_warps: int = 4
+    bwd_maxnreg: int | None = 128
+    bwd_stages: int = 1
+    tile_max: int = 32  # elements per tile at most, forward
+    bwd_tile_max: int = 16  # and backward (a power of two up to tile_max)
     vocab_chunk: int = 64  # logits (and their gradient) this many values at a time
     programs_per_sm: int = 8  # each program walks ~M / programs steps
 
@@ -77,6 +81,11 @@ class _HeadBits(torch.autograd.Function):
         VC = min(V, opts.vocab_chunk)
         TE = tile_elements(E, opts.tile_max)
         NT = -(-E // TE)
+        TB = min(TE, tile_elements(E, opts.bwd_tile_max))  # the backward's tiles
+        NB = -(-E // TB)
+        if M * NB * TB >= 2**31:  # the backward's descriptors address rows in int32
+            raise ValueError(f"the fused element head takes under 2**31 element rows a call, "
+                             f"got {M} steps x {NB * TB}; use a smaller loss_chunk")
         P = _programs(M, c.device, opts.programs_per_sm)
         RPP = -(-M // P)
         c_, t_ = c.detach().contiguous(), targets.contiguous()
@@ -84,13 +93,14 @@ class _HeadBits(torch.autograd.Function):
         pos_, val_ = pos.detach().float().contiguous(), val.detach().float().contiguous()
         bits = torch.empty(M, dtype=torch.float32, device=c.device)
         lse = torch.empty(M, E, dtype=torch.float32, device=c.device)
-        pre = torch.empty(M, NT, WD, dtype=torch.float32, device=c.device)
-        _fwd[(P,)](c_, t_, m_, pos_, val_, TensorDescriptor.from_tensor(w1_, [WD, WD]), b1_,
-                   TensorDescriptor.from_tensor(w2_, [VC, WD]), b2_, bits, lse, pre, M, E,
-                   RPP, WD=WD, V=V, TE=TE, NT=NT, VC=VC, NS=opts.fwd_stages, LOWP=lowp,
+        pre = torch.empty(M, NB, WD, dtype=torch.float32, device=c.device)
+        desc = TensorDescriptor.from_tensor
+        _fwd[(P,)](c_, t_, m_, desc(pos_, [TE, WD]), val_, desc(w1_, [WD, WD]), b1_,
+                   desc(w2_, [VC, WD]), b2_, bits, lse, pre, M, E, RPP, WD=WD, V=V, TE=TE,
+                   NT=NT, PT=TB, NPT=NB, VC=VC, NS=opts.fwd_stages, LOWP=lowp,
                    **_launch(opts.fwd_warps, opts.fwd_maxnreg))
         ctx.save_for_backward(c_, t_, m_, pos_, val_, w1_, b1_, w2_, b2_, lse, pre)
-        ctx.meta = (lowp, TE, NT, VC, P, RPP, opts, c.dtype)
+        ctx.meta = (lowp, TB, NB, VC, P, RPP, opts, c.dtype)
         return bits
 
     @staticmethod
@@ -99,7 +109,8 @@ class _HeadBits(torch.autograd.Function):
         lowp, TE, NT, VC, P, RPP, opts, cdt = ctx.meta
         M, WD = c.shape
         E, V = t.shape[1], w2.shape[0]
-        R, dev = M * E, c.device
+        EP, dev = NT * TE, c.device  # element rows a step in the buffers (rows past E unused)
+        R = M * EP
         dt = torch.bfloat16 if lowp else torch.float32
         dc = torch.empty(M, WD, dtype=torch.float32, device=dev)
         dve = torch.empty(R, WD, dtype=torch.float32, device=dev)
@@ -107,16 +118,22 @@ class _HeadBits(torch.autograd.Function):
         y, x, dp1 = (torch.empty(R, WD, dtype=dt, device=dev) for _ in range(3))
         db1 = torch.empty(P, WD, dtype=torch.float32, device=dev)
         db2 = torch.zeros(P, V, dtype=torch.float32, device=dev)
-        _bwd[(P,)](c, t, m, pos, val, TensorDescriptor.from_tensor(w1, [WD, WD]), b1,
-                   TensorDescriptor.from_tensor(w2, [VC, WD]), b2, lse, pre,
-                   gbits.float().contiguous(), dc, dve, dl, y, x, dp1, db1, db2, M, E, RPP,
+        rows = [TensorDescriptor.from_tensor(b, [TE, b.shape[1] if b is not dl else VC])
+                for b in (dve, dl, y, x, dp1)]
+        desc = TensorDescriptor.from_tensor
+        _bwd[(P,)](c, t, m, desc(pos, [TE, WD]), val, desc(w1, [WD, WD]), b1, desc(w2, [VC, WD]),
+                   b2, lse, pre, gbits.float().contiguous(), dc, *rows, db1, db2, M, E, RPP,
                    WD=WD, V=V, TE=TE, NT=NT, VC=VC, NS=opts.bwd_stages, LOWP=lowp,
                    **_launch(opts.bwd_warps, opts.bwd_maxnreg))
+        # rows past E (a step's last tile when TE does not divide E) have zero gradients of
+        # the logits and of the first Linear, so the products may keep them; the value rows
+        # may not (their index would be another element's)
+        dve = dve.view(M, EP, WD)[:, :E].reshape(M * E, WD)
         # the weights' gradients: one product over all element rows each (rounded as autocast
         # rounds a bf16 Linear's weight gradient)
         dw2 = (dl.t() @ y).float()
         dw1 = (dp1.t() @ x).float()
-        idx = (t + torch.arange(E, device=dev) * V).reshape(R)
+        idx = (t + torch.arange(E, device=dev) * V).reshape(M * E)
         dval = torch.ops.aten.embedding_dense_backward(dve, idx, E * V, -1, False)
         # d pre0[m,e] = dve[m,e-1] - dve[m,e] (e >= 1) and dc[m] - dve[m,0]: the position
         # gradient (a sum over steps of d pre0) from the value rows' gradients

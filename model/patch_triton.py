@@ -11,14 +11,16 @@ time (the [TE, 256] tile and the weights whole did not fit a program's registers
 
 * forward (``_fwd``): ``x = gelu(c + pos + prefix of val[e, t_e])``, ``y = gelu(x W1' + b1)``,
   ``logits = y W2' + b2``, the log-sum-exp and the masked bits per step. It writes the bits, each
-  element's log-sum-exp and each tile's incoming prefix ([M, NT, w]); no logits, so nothing is
-  checkpointed.
+  element's log-sum-exp and the incoming prefix of each of the backward's (smaller) tiles
+  ([M, NPT, w]); no logits, so nothing is checkpointed.
 * backward (``_bwd``): the tiles again, last first (the value table's gradient is a sum over
   the *later* elements), the forward recomputed from the saved prefix, then the softmax from the
   saved log-sum-exp and the gradients down to the head's input. It writes what the weight
   gradients need (the logits' gradient, y, x, the first layer's input gradient) for one matrix
-  product each, the value rows' gradients, and per program the bias gradients' partial sums; the
-  position gradient follows from the value rows' gradients (``patch_kernel``).
+  product each and the value rows' gradients, all through tensor descriptors (TMA stores: as
+  pointer tensors their addresses took the registers that now let 4 programs share an SM), and
+  per program the bias gradients' partial sums; the position gradient follows from the value
+  rows' gradients (``patch_kernel``).
 
 ``LOWP`` (bf16 autocast): the matrix products take bf16 operands with fp32 accumulation and the
 values are rounded to bf16 where autocast rounds them in ``slice_bits`` (the two Linear outputs,
@@ -57,7 +59,7 @@ if triton is not None:
         return out
 
     @triton.jit
-    def _tile(m, s, live, T, MK, POS, VAL, E, WD: tl.constexpr, V: tl.constexpr,
+    def _tile(m, s, live, T, MK, POSD, VAL, E, WD: tl.constexpr, V: tl.constexpr,
               TE: tl.constexpr):
         # tile s of step m (``live``: m is a step): element indices, their mask, targets, loss
         # mask, pos and value rows
@@ -68,8 +70,7 @@ if triton is not None:
         mk = tl.load(MK + m * E + r, mask=me, other=0) != 0
         ve = tl.load(VAL + (r.to(tl.int64) * V + t)[:, None] * WD + j[None, :],
                      mask=me[:, None], other=0.0).to(tl.float32)  # [TE, WD]
-        pos = tl.load(POS + r[:, None] * WD + j[None, :], mask=me[:, None],
-                      other=0.0).to(tl.float32)
+        pos = POSD.load([s * TE, 0])  # rows past E read as zeros
         return r, me, t, mk & me, ve, pos
 
     @triton.jit
@@ -95,13 +96,16 @@ if triton is not None:
         b2 = tl.load(B2 + vv).to(tl.float32)
         return _rnd(_mm(y, tl.trans(w2), LOWP) + b2[None, :], LOWP), vv, w2
 
-    @triton.jit
-    def _fwd(C, T, MK, POS, VAL, W1D, B1, W2D, B2, BITS, LSE, PRE, M, E, RPP,
+    # M and RPP vary batch to batch: not specialised (a value of 1 or a multiple of 16 would
+    # compile another kernel, ~5-10 s, mid-run)
+    @triton.jit(do_not_specialize=["M", "RPP"])
+    def _fwd(C, T, MK, POSD, VAL, W1D, B1, W2D, B2, BITS, LSE, PRE, M, E, RPP,
              WD: tl.constexpr, V: tl.constexpr, TE: tl.constexpr, NT: tl.constexpr,
-             VC: tl.constexpr, NS: tl.constexpr, LOWP: tl.constexpr):
-        """Steps [pid*RPP, (pid+1)*RPP): bits [M], log-sum-exp [M,E], tile prefixes [M,NT,WD].
-        One loop over the program's (step, tile) pairs (``NS``: its software-pipeline stages,
-        which fetch later tiles' rows during this one's arithmetic)."""
+             PT: tl.constexpr, NPT: tl.constexpr, VC: tl.constexpr, NS: tl.constexpr,
+             LOWP: tl.constexpr):
+        """Steps [pid*RPP, (pid+1)*RPP): bits [M], log-sum-exp [M,E] and the prefixes at the
+        backward's tiles of ``PT`` elements [M,NPT,WD] (PT divides TE). One loop over the
+        program's (step, tile) pairs (``NS``: its software-pipeline stages)."""
         j = tl.arange(0, WD)
         pid = tl.program_id(0)
         carry = tl.zeros([WD], dtype=tl.float32)
@@ -116,8 +120,12 @@ if triton is not None:
             carry = tl.where(s == 0, 0.0, carry)
             bits = tl.where(s == 0, 0.0, bits)
             c = tl.load(C + ml * WD + j).to(tl.float32)
-            r, me, t, mk, ve, pos = _tile(m, s, live, T, MK, POS, VAL, E, WD, V, TE)
-            tl.store(PRE + (m * NT + s) * WD + j, carry, mask=jl)
+            r, me, t, mk, ve, pos = _tile(m, s, live, T, MK, POSD, VAL, E, WD, V, TE)
+            for k in tl.static_range(TE // PT):  # the prefix at each backward tile
+                sb = s * (TE // PT) + k
+                part = tl.sum(tl.where((tl.arange(0, TE) < k * PT)[:, None], ve, 0.0), 0)
+                tl.store(PRE + (m * NPT + sb) * WD + j, carry + part,
+                         mask=j < tl.where(sb < NPT, jl.to(tl.int32) * WD, 0))
             prev = carry[None, :] + tl.cumsum(ve, 0) - ve
             carry += tl.sum(ve, 0)
             pre0, x, p1, y = _hidden(c, pos, prev, W1D, B1, WD, LOWP)
@@ -138,14 +146,15 @@ if triton is not None:
             # one lane writes the step's bits after its last tile
             tl.store(BITS + m + j * 0, total, mask=j < tl.where(s == NT - 1, jl.to(tl.int32), 0))
 
-    @triton.jit
-    def _bwd(C, T, MK, POS, VAL, W1D, B1, W2D, B2, LSE, PRE, G, DC, DVE, DL, Y, X, DP1,
+    @triton.jit(do_not_specialize=["M", "RPP"])
+    def _bwd(C, T, MK, POSD, VAL, W1D, B1, W2D, B2, LSE, PRE, G, DC, DVED, DLD, YD, XD, DP1D,
              DB1, DB2, M, E, RPP, WD: tl.constexpr, V: tl.constexpr, TE: tl.constexpr,
              NT: tl.constexpr, VC: tl.constexpr, NS: tl.constexpr, LOWP: tl.constexpr):
         """Steps [pid*RPP, (pid+1)*RPP), each step's tiles last first: d c [M,WD]; per element
-        row d val-row [M*E,WD], the logits' gradient [M*E,V], y, x and the first Linear's
-        output gradient [M*E,WD]; this program's bias-gradient sums DB1[pid] [WD], DB2[pid] [V]
-        (zeroed by the caller)."""
+        row (NT*TE rows a step, the rows past E zero or unused) d val-row [.,WD], the logits'
+        gradient [.,V], y, x and the first Linear's output gradient [.,WD], written through
+        tensor descriptors (TMA: as pointer tensors their addresses spilled registers); this
+        program's bias-gradient sums DB1[pid] [WD], DB2[pid] [V] (zeroed by the caller)."""
         j = tl.arange(0, WD)
         pid = tl.program_id(0)
         db1 = tl.zeros([WD], dtype=tl.float32)
@@ -160,14 +169,14 @@ if triton is not None:
             later = tl.where(q == 0, 0.0, later)
             c = tl.load(C + ml * WD + j).to(tl.float32)
             gm = tl.load(G + ml).to(tl.float32) / 0.6931471805599453
-            r, me, t, mk, ve, pos = _tile(m, s, live, T, MK, POS, VAL, E, WD, V, TE)
+            r, me, t, mk, ve, pos = _tile(m, s, live, T, MK, POSD, VAL, E, WD, V, TE)
             carry = tl.load(PRE + (ml * NT + s) * WD + j)
             prev = carry[None, :] + tl.cumsum(ve, 0) - ve
             pre0, x, p1, y = _hidden(c, pos, prev, W1D, B1, WD, LOWP)
-            row = m * E + r
-            mrow = me[:, None]
-            tl.store(Y + row[:, None] * WD + j[None, :], y.to(Y.dtype.element_ty), mask=mrow)
-            tl.store(X + row[:, None] * WD + j[None, :], x.to(X.dtype.element_ty), mask=mrow)
+            # past the last step: out of bounds, TMA writes nothing (rows < 2**31: the caller)
+            row0 = ((m * NT + s) * TE).to(tl.int32)
+            YD.store([row0, 0], y.to(YD.dtype))
+            XD.store([row0, 0], x.to(XD.dtype))
             lse = tl.load(LSE + m * E + r, mask=me, other=0.0)
             g = tl.where(mk, gm, 0.0)
             dy = tl.zeros([TE, WD], dtype=tl.float32)
@@ -176,15 +185,13 @@ if triton is not None:
                 p = tl.exp(lg - lse[:, None])
                 dl = tl.where(vv[None, :] == t[:, None], p - 1.0, p)
                 dl = _rnd(dl * g[:, None], LOWP)  # [TE, VC]
-                tl.store(DL + row[:, None] * V + vv[None, :], dl.to(DL.dtype.element_ty),
-                         mask=mrow)
+                DLD.store([row0, vc * VC], dl.to(DLD.dtype))
                 b2p = DB2 + pid * V + vv
                 tl.store(b2p, tl.load(b2p) + tl.sum(dl, 0))
                 dy += _mm(dl, w2, LOWP)
             dy = _rnd(dy, LOWP)
             dp1 = _rnd(dy * _gelu_grad(p1), LOWP)
-            tl.store(DP1 + row[:, None] * WD + j[None, :], dp1.to(DP1.dtype.element_ty),
-                     mask=mrow)
+            DP1D.store([row0, 0], dp1.to(DP1D.dtype))
             db1 += tl.sum(dp1, 0)
             w1 = W1D.load([0, 0])  # [out, in]
             dx = _rnd(_mm(dp1, w1, LOWP), LOWP)
@@ -193,6 +200,6 @@ if triton is not None:
             # the value row of element e feeds every later element's prefix
             dve = later[None, :] + tot[None, :] - tl.cumsum(d0, 0)
             later += tot
-            tl.store(DVE + row[:, None] * WD + j[None, :], dve, mask=mrow)
+            DVED.store([row0, 0], dve)
             tl.store(DC + m * WD + j, later, mask=j < tl.where(s == 0, tl.where(live, WD, 0), 0))
         tl.store(DB1 + pid * WD + j, db1)

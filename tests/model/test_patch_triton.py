@@ -24,7 +24,7 @@ CUDA = torch.cuda.is_available()
 
 _FUNCTION = """
 from blocklm.model.patch_fused import make_slice_bits
-from blocklm.model.patch_kernel import head_bits
+from blocklm.model.patch_kernel import HeadKernelOpts, head_bits
 torch.manual_seed(0)
 V = 256
 # rows, elements (one tile; a padded tile; two tiles, the second partial), width, input dims
@@ -38,16 +38,20 @@ for M, E, WD, d in [(5, 16, 16, 24), (3, 8, 16, 12), (4, 80, 32, 16)]:
           torch.randn(E * V, WD) * 0.3, torch.randn(WD, WD) * 0.3, torch.randn(WD) * 0.1,
           torch.randn(V, WD) * 0.3, torch.randn(V) * 0.1]
     outs = []
-    for f in (make_slice_bits(None), lambda *a: head_bits(*a, lp=None)):
+    kernels = lambda *a: head_bits(*a, lp=None)  # noqa: E731
+    # the backward's tiles as long as the forward's (E = 80: 3 tiles of 32 both ways)
+    same = lambda *a: head_bits(*a, lp=None, opts=HeadKernelOpts(bwd_tile_max=32))  # noqa: E731
+    for f in (make_slice_bits(None), kernels, same):
         hh = h.clone().requires_grad_(True)
         pp = [p.clone().requires_grad_(True) for p in ps]
         b = f(hh, t, mk, *pp)
         (b * torch.arange(1, M + 1)).sum().backward()  # unequal weights per row
         outs.append([b.detach(), hh.grad] + [p.grad for p in pp])
     assert outs[0][0][-1] == 0 and outs[1][0][-1] == 0
-    for i, (a, r) in enumerate(zip(*outs)):
-        err = ((a - r).norm() / r.norm()).item()
-        assert err < 1e-5, (M, E, WD, i, err)
+    for got in outs[1:]:
+        for i, (a, r) in enumerate(zip(got, outs[0])):
+            err = ((a - r).norm() / r.norm()).item()
+            assert err < 1e-5, (M, E, WD, i, err)
 print("ok")
 """
 
