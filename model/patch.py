@@ -13,8 +13,8 @@ count in the loss and are forced to 0 when sampling.
 
 The head's arithmetic lives in :mod:`.patch_fused` as plain functions of tensors; the training
 loss runs it per checkpointed slice of steps, ``torch.compile``d on CUDA (``compile_head``), or,
-on CUDA with Triton (``fused_head``, opt-in), per slice as the two kernels of :mod:`.patch_triton`, which
-save only a few floats per element instead of being checkpointed.
+on CUDA with Triton (``fused_head``, opt-in), per slice as the two kernels of
+:mod:`.patch_triton`, which save only a few floats per element instead of being checkpointed.
 """
 
 from __future__ import annotations
@@ -161,17 +161,15 @@ class PatchSupport(ModeSupport):
         total = h.new_zeros(h.shape[0], dtype=torch.float32)
         fused = self._form(h) == "triton"
         for t0 in range(0, T, c):
-            sl = slice(t0, t0 + c)
+            part = (h[:, t0:t0 + c], batch.targets[:, t0:t0 + c], batch.mask[:, t0:t0 + c])
             if fused:
-                total = total + self._slice_bits(h[:, sl], batch.targets[:, sl],
-                                                 batch.mask[:, sl])
-                continue
-            # no random op in a slice: no RNG state to stash and restore per slice (with it,
-            # a first compile inside the slice on a machine whose CUDA was not yet
-            # initialised was refused: "device state was initialized in the forward pass")
-            total = total + checkpoint(self._slice_bits, h[:, sl], batch.targets[:, sl],
-                                       batch.mask[:, sl], use_reentrant=False,
-                                       preserve_rng_state=False)
+                total = total + self._slice_bits(*part)
+            else:
+                # no random op in a slice: no RNG state to stash and restore per slice (with
+                # it, a first compile inside the slice on a machine whose CUDA was not yet
+                # initialised was refused: "device state was initialized in the forward pass")
+                total = total + checkpoint(self._slice_bits, *part, use_reentrant=False,
+                                           preserve_rng_state=False)
         return total, batch.elements
 
     def sample(self, h: Tensor, shapes: list, t: int, cfg: SampleConfig,

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .banked_backward import pow2
 from .patch_triton import triton
 
 if triton is not None:
@@ -40,17 +41,19 @@ class HeadKernelOpts:
     vocab_chunk: int = 64  # logits (and their gradient) this many values at a time
     programs_per_sm: int = 8  # each program walks ~M / programs steps
 
+    def __post_init__(self) -> None:
+        for name in ("tile_max", "bwd_tile_max", "vocab_chunk"):
+            n = getattr(self, name)
+            if n < 16 or pow2(n) != n:  # tensor-core operands: powers of two of 16 or more
+                raise ValueError(f"HeadKernelOpts.{name} must be a power of two >= 16, got {n}")
+
 
 DEFAULT_OPTS = HeadKernelOpts()
 
 
-def _pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
 def tile_elements(E: int, tile_max: int = 32) -> int:
     """Elements per tile: E up to ``tile_max`` (at least 16, a tensor-core operand's rows)."""
-    return min(tile_max, max(16, _pow2(E)))
+    return min(tile_max, max(16, pow2(E)))
 
 
 def _launch(warps: int, maxnreg: int | None) -> dict:
@@ -72,7 +75,7 @@ class _HeadBits(torch.autograd.Function):
                 opts: HeadKernelOpts):
         M, WD = c.shape
         E, V = targets.shape[1], w2.shape[0]
-        if _pow2(WD) != WD or _pow2(V) != V or WD < 16 or V < 16:
+        if pow2(WD) != WD or pow2(V) != V or WD < 16 or V < 16:
             raise ValueError(f"the fused element head needs a power-of-two width >= 16 and "
                              f"vocabulary, got width {WD}, vocabulary {V}; set "
                              f"fused_head=false for this mode")

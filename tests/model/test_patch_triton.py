@@ -99,6 +99,26 @@ def test_unsupported_widths_and_precisions_say_what_to_set():
         head_bits(*args, lp=torch.float16)
 
 
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_too_many_rows_and_bad_launch_options_are_refused_before_any_launch():
+    """2**31 element rows would overflow the backward's int32 row offsets: refused with the
+    setting to change, before anything the size of the rows is allocated (the inputs here are
+    broadcast views); tile and chunk sizes must be powers of two the tensor cores take."""
+    from blocklm.model.patch_kernel import DEFAULT_OPTS, HeadKernelOpts, _HeadBits
+
+    M, E, WD, V = 2**27, 16, 16, 256
+    c = torch.zeros(1, WD).expand(M, WD)
+    t = torch.zeros(1, E, dtype=torch.long).expand(M, E)
+    mk = torch.zeros(1, E, dtype=torch.bool).expand(M, E)
+    ws = [torch.zeros(E, WD), torch.zeros(E * V, WD), torch.zeros(WD, WD), torch.zeros(WD),
+          torch.zeros(V, WD), torch.zeros(V)]
+    with pytest.raises(ValueError, match="2\\*\\*31 element rows.*loss_chunk"):
+        _HeadBits.apply(c, t, mk, *ws, False, DEFAULT_OPTS)
+    for bad in ({"tile_max": 24}, {"bwd_tile_max": 8}, {"vocab_chunk": 100}):
+        with pytest.raises(ValueError, match=f"HeadKernelOpts.{next(iter(bad))}"):
+            HeadKernelOpts(**bad)
+
+
 def test_fused_head_is_opt_in_and_only_on_cuda():
     """``fused_head`` (default off: not faster than the compiled head on the H200) picks the
     kernels on CUDA where Triton is installed; the CPU stays eager either way."""
