@@ -250,8 +250,11 @@ class Decoder(nn.Module):
         a = self.cfg.attention
         step = a.chunk * _save_blocks(a.chunk)
         layer = self.layers[0]  # every layer calls the same graphs
+        # x in the stream's dtype in training: bf16 under autocast (a graph for fp32 x was
+        # never used, every one was compiled again at the first batches: GPU_NOTES P72)
+        dt = torch.bfloat16 if autocast else torch.float32
         for B, T in ((2, 3), (1, 3), (2, step), (1, step)):
-            x = torch.randn(token_rows(B * T), self.cfg.d_model, device=device,
+            x = torch.randn(token_rows(B * T), self.cfg.d_model, device=device, dtype=dt,
                             requires_grad=True)
             st = self.layout.unpack(self.initial_state(B, device))
             mask = torch.ones(B, T, dtype=torch.bool, device=device)

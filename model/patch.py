@@ -116,7 +116,11 @@ class PatchSupport(ModeSupport):
         training, else the no-grad graph of evaluation); parameter gradients are not touched
         (only the input's is asked for)."""
         device = torch.device(device)
-        h = torch.zeros(2, 3, self.inp.out_features, device=device, requires_grad=grad)
+        # h in the dtype training gives it: under bf16 autocast the decoder's stream is bf16,
+        # and a graph compiled for fp32 h was never used (the first image and audio batches
+        # compiled theirs again, ~6-7 s each on the H200: GPU_NOTES P72)
+        dt = torch.bfloat16 if autocast else torch.float32
+        h = torch.zeros(2, 3, self.inp.out_features, device=device, dtype=dt, requires_grad=grad)
         if self._form(h) == "eager":
             return
         targets = torch.zeros(2, 3, self.elements_per_step, dtype=torch.long, device=device)

@@ -208,10 +208,11 @@ class Dispatcher:
             return 2, exp
         if full is not None:
             return 1, full
-        best, best_c = None, -1
+        best, best_c = None, -1.0
+        weight = self.config.stall_weight_of
         for b in self._nonempty:
             if mode is None or b.mode == mode:
-                c = b.pending_cost()
+                c = b.pending_cost() * weight(b.mode)
                 if c > best_c:
                     best, best_c = b, c
         return 0, best

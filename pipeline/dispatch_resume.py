@@ -51,6 +51,8 @@ def _config_fingerprint(d: Dispatcher) -> dict[str, Any]:
         fp["coalesce_tokens"] = d.config.coalesce_tokens
     if d.config.mode_coalesce_tokens:
         fp["mode_coalesce_tokens"] = d.config.mode_coalesce_tokens
+    if d.config.mode_stall_weight:  # (absent when unset: older states still load)
+        fp["mode_stall_weight"] = d.config.mode_stall_weight
     return fp
 
 

@@ -16,6 +16,7 @@ that gradient synchronisation sees the same steps on every rank.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -59,6 +60,12 @@ class DispatchConfig:
     # its mode along where one batch fewer is worth this many padded tokens (dispatch_coalesce.py)
     coalesce_tokens: int | None = None
     mode_coalesce_tokens: dict[str, int | None] = field(default_factory=dict)  # per-mode override
+    # at a stall (no bucket full or expired), the partial bucket with the most pending padded
+    # cost runs; a mode's cost counts times this weight there (default 1). Under 1 the mode's
+    # partial buckets wait for fuller batches while others run (the TTL still bounds the wait):
+    # for a mode whose batch costs per batch, not per token (image: 2,400 sequential stack steps
+    # whatever the batch size)
+    mode_stall_weight: dict[str, float] = field(default_factory=dict)
     # where each example and its first request are built (dispatch_admit.py; same batches):
     # "inline" in the run's thread as a chunk arrives, "one_by_one" the same thread the older,
     # slower way, "prefetch" in the prefetch thread (slower on the H200: its GIL competes)
@@ -78,6 +85,10 @@ class DispatchConfig:
                           *self.mode_coalesce_tokens.items()]:
             if lam is not None and lam < 0:
                 raise ValueError(f"coalesce_tokens of {name!r} must be >= 0, got {lam}")
+        for name, w in self.mode_stall_weight.items():
+            if not (isinstance(w, (int, float)) and not isinstance(w, bool) and w > 0
+                    and math.isfinite(w)):
+                raise ValueError(f"mode_stall_weight of {name!r} must be a number > 0, got {w!r}")
         if self.on_oversize not in ("reject", "raise"):
             raise ValueError(f"on_oversize must be 'reject' or 'raise', got {self.on_oversize!r}")
         if self.admission not in ADMISSIONS:
@@ -88,6 +99,9 @@ class DispatchConfig:
 
     def coalesce_of(self, mode: str) -> int | None:
         return self.mode_coalesce_tokens.get(mode, self.coalesce_tokens)
+
+    def stall_weight_of(self, mode: str) -> float:
+        return float(self.mode_stall_weight.get(mode, 1.0))
 
     def cap_of(self, mode: str) -> int | None:
         return self.mode_max_samples.get(mode, self.max_batch_samples)

@@ -109,19 +109,24 @@ def test_inductor_layers_equal_the_plain_layers_on_cuda():
         assert err_fused <= 1.5 * err_plain + 3e-3, (err_fused, err_plain)
 
 
-def test_warm_layers_compiles_the_specialisations_ahead():
+@pytest.mark.parametrize("autocast", [False, True])
+def test_warm_layers_compiles_the_specialisations_ahead(autocast):
     """warm_layers runs the graphs for batch 1 and > 1 and for lengths with and without time
-    padding: batches of those kinds then compile nothing new."""
+    padding: batches of those kinds then compile nothing new. Under bf16 autocast the
+    residual stream is bf16, and the warm-up's x must be too (it was fp32: every graph was
+    compiled again for bf16 at the first batches, GPU_NOTES P72)."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
     counters.clear()
     dec, _, _, _ = _inputs()
     dec.fused_layers = "aot_eager"
-    dec.warm_layers("cpu", autocast=False)
+    dec.warm_layers("cpu", autocast=autocast)
     warmed = counters["stats"]["unique_graphs"]
     assert warmed >= 2
     for B, T in ((1, 5), (3, 8), (4, 7), (1, 12)):
         _, x, state, mask = _inputs(B, T)
-        _run(dec, x, state, mask, "aot_eager", grid=True)
+        if autocast:
+            x = x.detach().to(torch.bfloat16).requires_grad_()
+        _run(dec, x, state, mask, "aot_eager", grid=True, autocast=autocast)
     assert counters["stats"]["unique_graphs"] == warmed

@@ -167,6 +167,24 @@ def test_warm_head_compiles_ahead_without_touching_gradients():
     assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
 
 
+def test_warm_head_compiles_the_graph_bf16_training_uses():
+    """Under bf16 autocast the decoder's stream, so the head's h, is bf16: warm_head compiles
+    for that dtype. It compiled for fp32 h, a graph training never used: the first image and
+    audio batches compiled theirs again (GPU_NOTES P72)."""
+    from torch._dynamo.utils import counters
+
+    sup = _support()
+    torch._dynamo.reset()
+    counters.clear()
+    sup.head_form = "aot_eager"
+    sup.warm_head("cpu", autocast=True)
+    assert counters["stats"]["unique_graphs"] == 1
+    batch = _batch(sup, 3, 10)
+    h = torch.randn(3, 10, 32).to(torch.bfloat16).requires_grad_()
+    _run(sup, h, batch, "aot_eager", autocast=True)
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+
+
 def test_a_failing_compile_names_the_mode_and_the_setting(monkeypatch):
     """A machine whose compiler fails stops when the runners are built, with the setting that
     runs the head uncompiled, not mid-window with the compiler's traceback alone."""

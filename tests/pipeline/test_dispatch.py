@@ -354,3 +354,42 @@ def test_stall_runs_the_fullest_partial_bucket():
     assert len(finished) == 4
     assert log[0].reason == "stall" and log[0].requests[0].key == "e1"  # 30 > 3 pending cost
     assert log[-1].reason == "drain"
+
+
+def _image(n: int = 5) -> Block:
+    return Block("image", (n, n, 1), "raw", b"")
+
+
+@pytest.mark.parametrize("weight, first", [(None, "image"), (1.0, "image"), (0.25, "text")])
+def test_stall_weight_lets_a_mode_wait_for_a_fuller_batch(weight, first):
+    # nothing fills the budget of 100: at the first stall the image bucket holds 2 x 25 = 50
+    # pending tokens, the text bucket 2 x 10 = 20; weighted 0.25 the images count 12.5 there,
+    # so the text runs first and the images wait (then run together)
+    samples = [sample("e0", _image(), text(3)), sample("e1", _image(), text(3)),
+               sample("e2", text(10), text(10)), sample("e3", text(10), text(10))]
+    spec = BucketSpec.explicit({"text": [[10, 100]], "image": [[5], [5], [1]]})
+    cfg = {} if weight is None else {"mode_stall_weight": {"image": weight}}
+    d, log = make(samples, spec=spec, budget=100, max_in_flight=4, **cfg)
+    _, finished = run_all(d, samples)
+    assert len(finished) == 4 and all(f.error is None for f in finished)
+    assert log[0].reason == "stall" and log[0].mode == first
+    images = [b for b in log if b.mode == "image"]
+    assert len(images) == 1 and len(images[0].requests) == 2
+
+
+def test_stall_weight_still_bounded_by_the_ttl():
+    # however small the weight, a waiting image runs once its request outlives the TTL
+    samples = [sample("e0", _image(), text(3))] + [
+        sample(f"t{i}", *[text(10)] * 6) for i in range(3)]
+    spec = BucketSpec.explicit({"text": [[10, 100]], "image": [[5], [5], [1]]})
+    d, log = make(samples, spec=spec, budget=100, max_in_flight=4, ttl_steps=2,
+                 mode_stall_weight={"image": 1e-6})
+    run_all(d, samples)
+    at = [i for i, b in enumerate(log) if b.mode == "image"]
+    assert len(at) == 1 and log[at[0]].reason == "ttl" and at[0] == 2
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf"), True, "0.5"])
+def test_stall_weight_refuses_what_is_not_a_positive_number(bad):
+    with pytest.raises(ValueError, match="mode_stall_weight of 'image'"):
+        DispatchConfig(mode_stall_weight={"image": bad})

@@ -47,15 +47,16 @@ def make(trace, **over):
     return Dispatcher({"text": runner, "image": runner}, SPEC, DispatchConfig(**cfg), cost=cost)
 
 
+@pytest.mark.parametrize("over", [{}, {"mode_stall_weight": {"image": 0.3}}])
 @pytest.mark.parametrize("cut", [1, 17, 60])
-def test_resume_replays_the_uninterrupted_batches(cut):
+def test_resume_replays_the_uninterrupted_batches(cut, over):
     full: list = []
-    d = make(full)
+    d = make(full, **over)
     done_full = sorted(f.key for st in d.run(DATA) for f in st.finished)
     assert len(done_full) == len(DATA) and len(full) > cut + 5
 
     first: list = []
-    d1 = make(first)
+    d1 = make(first, **over)
     gen = d1.run(DATA)
     done = []
     for st in gen:
@@ -66,7 +67,7 @@ def test_resume_replays_the_uninterrupted_batches(cut):
     gen.close()  # stops the prefetch thread
 
     second: list = []
-    d2 = make(second)
+    d2 = make(second, **over)
     d2.load_state_dict(state)
     start = Dispatcher.resume_position(state)
     assert start <= state["drawn"]
@@ -94,6 +95,10 @@ def test_resume_checks_source_and_config():
         d3 = make([], budget=91)
         d3.load_state_dict(state)
         list(d3.run(DATA))
+    with pytest.raises(ValueError, match="saved with config.*mode_stall_weight"):
+        d5 = make([], mode_stall_weight={"image": 0.5})  # other batches from here on
+        d5.load_state_dict(state)
+        list(d5.run(DATA))
     with pytest.raises(ValueError, match="from position"):
         d4 = make([])
         d4.load_state_dict(state)

@@ -6,6 +6,7 @@ A preset is a function returning a fresh :class:`RunConfig`; ``--set key=value``
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -143,11 +144,22 @@ def small() -> RunConfig:
     9.7% -> 9.5%; the text set's 16 batches unchanged (`bench train --simulate`). Higher prices
     or narrow text buckets cut more batches but pad mixed text more or split the text set into
     more batches (one price cannot fit both: pipeline/DISPATCH.md, "Coalescing").
+
+    Image batches wait for more images: an image batch's stack costs its 2,400 sequential steps
+    whatever its size (~133 ms forward + backward for 20 or 40 images on the H200), and at a
+    stall the most pending cost ran, so images ran ~20 at a time. With a 98,304-token image
+    budget and a stall weight of 0.25 (``mode_stall_weight``) they run ~31 at a time:
+    gpu_mixed4 on the H200, 40 s windows alternating, 20.2 -> 30.6 images a batch, 49 -> 33
+    image batches, 178,235 -> 189,681 tokens/s (real 159,996 -> 169,835, +6.1%), peak memory
+    99.6 -> 116.5 GiB (GPU_NOTES.md, calls P70-P71); simulated, 1,159 -> 781 sequential stack
+    steps per step (8 epochs).
     """
     return RunConfig(model=model_presets.small(),
                      dispatch=DispatchConfig(max_in_flight=12288, budget=65536, ttl_steps=256,
                                              prefetch=8192,
-                                             mode_coalesce_tokens={"audio": 1000, "text": 500}),
+                                             mode_coalesce_tokens={"audio": 1000, "text": 500},
+                                             mode_budget={"image": 98304},
+                                             mode_stall_weight={"image": 0.25}),
                      train=TrainConfig(lr=6e-4, tokens_per_step=65536, warmup=200,
                                        schedule_steps=20000, checkpoint_every=500,
                                        bucket_max_width={"audio": 0.06}))
@@ -163,6 +175,9 @@ def build_config(preset: str, overrides: list[str] | tuple[str, ...] = ()) -> Ru
     cfg = PRESETS[preset]()
     for o in overrides:
         apply_override(cfg, o)
+    # the dispatcher's own checks (budgets, TTL, stall weights, ...) on the values as overridden,
+    # now rather than when the trainer builds its dispatcher
+    cfg.dispatch = dataclasses.replace(cfg.dispatch)
     w = cfg.train.window_max
     if w is not None and not w >= 1:  # under 1 a window could not reach tokens_per_step
         raise ValueError(f"train.window_max must be at least 1 (a window holds at least "

@@ -123,8 +123,12 @@ class Trainer:
         self.ahead = EpochReadAhead(self.source, cfg.dispatch.max_in_flight, auto=False)
         cost = cost_from_supports(dict(self.model.supports))
         self.modes = sorted(self.model.supports)
-        self.runners = ModelRunners(self.model, self.device,
-                                    autocast=self.device.type == "cuda" and t.bf16)
+        # built under the fit's CPU threads: on CUDA the runners compile the heads' graphs now,
+        # and a compiled graph guards on torch's thread count (built under another number, each
+        # was compiled again at the fit's first batch: ~5 s each on the H200, GPU_NOTES P67)
+        with HostThreads(host_threads(t.host_threads, self.device.type)):
+            self.runners = ModelRunners(self.model, self.device,
+                                        autocast=self.device.type == "cuda" and t.bf16)
         self.buckets = make_buckets(spec.data, cost, remote, t.bucket_max_width)
         agree = torch_agree() if self.coll.world > 1 else None
         self.disp = Dispatcher({m: self.runners.runner(m) for m in self.modes}, self.buckets,

@@ -63,3 +63,30 @@ def test_fit_enters_host_threads_with_the_resolved_number(monkeypatch):
         assert loop.Trainer.fit(tr, steps=1, minutes=None) == {"ok": True}
     assert seen == [None, 1, 2] and inside == [before, 1, 2]
     assert torch.get_num_threads() == before
+
+
+def test_the_runners_are_built_under_the_fits_threads(tmp_path, monkeypatch):
+    """On CUDA the runners compile the heads' graphs when they are built, and a compiled graph
+    guards on torch's thread count: built under another number than the fit's, each graph was
+    compiled again at the fit's first batch (GPU_NOTES P67). So the trainer builds them under
+    ``train.host_threads``, and restores the number after."""
+    from blocklm.formats import Sample, ShardWriter, text_block
+    from blocklm.tools.train import loop
+
+    with ShardWriter(tmp_path / "d", max_samples=8) as w:
+        for i in range(4):
+            w.write(Sample(f"t{i}", [text_block("hello, world")]))
+    seen = []
+
+    class Spy(loop.ModelRunners):
+        def __init__(self, *a, **k):
+            seen.append(torch.get_num_threads())
+            super().__init__(*a, **k)
+    monkeypatch.setattr(loop, "ModelRunners", Spy)
+    before = torch.get_num_threads()
+    n = 1 if before != 1 else 2
+    spec = loop.RunSpec("tiny", [str(tmp_path / "d")], None,
+                        [f"train.host_threads={n}", "model.modes.text.vocab_size=none"])
+    loop.Trainer(tmp_path / "run", spec, resume=False, remote=None, progress=False,
+                 tensorboard=False)
+    assert seen == [n] and torch.get_num_threads() == before
