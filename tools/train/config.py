@@ -149,10 +149,10 @@ def small() -> RunConfig:
     whatever its size (~133 ms forward + backward for 20 or 40 images on the H200), and at a
     stall the most pending cost ran, so images ran ~20 at a time. With a 98,304-token image
     budget and a stall weight of 0.25 (``mode_stall_weight``) they run ~31 at a time:
-    gpu_mixed4 on the H200, 40 s windows alternating, 20.2 -> 30.6 images a batch, 49 -> 33
-    image batches, 178,235 -> 189,681 tokens/s (real 159,996 -> 169,835, +6.1%), peak memory
-    99.6 -> 116.5 GiB (GPU_NOTES.md, calls P70-P71); simulated, 1,159 -> 781 sequential stack
-    steps per step (8 epochs).
+    gpu_mixed4 on the H200, 40 s windows, same calls alternating, 20.2 -> 30.6 images a batch,
+    real tokens/s 159,996 -> 169,289 (P70) and 180,967 -> 189,005 (P72): +5.8% / +4.4%; peak
+    memory 99.6 -> 116.5 GiB (GPU_NOTES.md, calls P70-P72); simulated, 1,159 -> 781
+    sequential stack steps per optimizer step (8 epochs).
     """
     return RunConfig(model=model_presets.small(),
                      dispatch=DispatchConfig(max_in_flight=12288, budget=65536, ttl_steps=256,
