@@ -86,7 +86,8 @@ def test_the_runners_are_built_under_the_fits_threads(tmp_path, monkeypatch):
     before = torch.get_num_threads()
     n = 1 if before != 1 else 2
     spec = loop.RunSpec("tiny", [str(tmp_path / "d")], None,
-                        [f"train.host_threads={n}", "model.modes.text.vocab_size=none"])
+                        [f"train.host_threads={n}", "model.modes.text.tokenizer_path=none",
+                         "model.modes.text.vocab_size=300"])
     loop.Trainer(tmp_path / "run", spec, resume=False, remote=None, progress=False,
                  tensorboard=False)
     assert seen == [n] and torch.get_num_threads() == before
