@@ -18,7 +18,8 @@ the graphs (tests/model/test_stack_graph.py) and the GPU test the graphs
 (tests/model/test_stack_graph_cuda.py). Graphs need static shapes: the batch is padded to a
 bucket (:func:`batch_bucket`) with empty examples and the time axis to a multiple of U with
 padding steps; both leave real examples' results exactly as they are (running = 0 pops and
-pushes nothing). Static inputs and outputs are copied in and out around every replay, so one
+pushes nothing). Static inputs and outputs are copied in and out around every replay (one
+foreach copy each way, from and into chunk-major operands), so one
 graph serves every chunk, every block and any number of forward calls before their backward
 (the trainer accumulates several batches before one backward), and all graphs can share one
 memory pool: nothing a graph writes in the pool is read after its replay has been copied out.
@@ -44,8 +45,8 @@ from . import stack_ctrl_loop
 from .stack import ProcessingStack
 from .stack_runners import EagerRunner, GraphRunner, _Autocast, stack_params
 
-__all__ = ["EagerRunner", "GraphRunner", "batch_bucket", "chunked_loop", "eager_runner_for",
-           "graph_runner", "stack_params"]
+__all__ = ["EagerRunner", "GraphRunner", "batch_bucket", "chunk_major", "chunked_loop",
+           "eager_runner_for", "graph_runner", "stack_params", "time_major"]
 
 # Runners (:class:`GraphRunner`: a forward and a backward graph for each kind of pair used, one
 # runner per padded batch size) kept per stack, least recently used evicted first. Every capture costs the trainer's thread far more than a replay:
@@ -67,67 +68,108 @@ def batch_bucket(b: int) -> int:
     return -(-b // step) * step
 
 
+def chunk_major(t: Tensor, U: int) -> Tensor:
+    """[B, T, ...] (T a multiple of U) -> [T/U, B, U, ...] contiguous: each chunk's operand one
+    dense slab, so a replay's inputs go in by one foreach copy (GraphRunner.forward_into)."""
+    B, T = t.shape[:2]
+    return t.reshape(B, T // U, U, *t.shape[2:]).transpose(0, 1).contiguous()
+
+
+def time_major(t: Tensor) -> Tensor:
+    """:func:`chunk_major`'s inverse: [n, B, U, ...] -> [B, n*U, ...] (one copy)."""
+    n, B, U = t.shape[:3]
+    return t.transpose(0, 1).reshape(B, n * U, *t.shape[3:])
+
+
+def _forward_into(runner, e, r, V, s, outs, flat):
+    """One chunk forward through ``runner``, its reads, accs and e's written into ``outs`` (and
+    its saved buffer into ``flat``, when given). -> V, s after the chunk."""
+    into = getattr(runner, "forward_into", None)
+    if into is not None:
+        return into(e, r, V, s, outs, flat)
+    out = runner.forward(e, r, V, s) if flat is None else runner.forward_saved(e, r, V, s, flat)
+    for dst, src in zip(outs, out[:3]):
+        dst.copy_(src)
+    return out[3], out[4]
+
+
+def _backward_into(runner, de, r, saved, g):
+    """One chunk backward through ``runner`` from ``saved`` (its saved buffer, or the
+    checkpoint ``(e, V, s)``) and the output gradients ``g``; de receives the gradient of e.
+    -> dV, ds at the chunk's start."""
+    if isinstance(saved, Tensor):
+        into = getattr(runner, "backward_saved_into", None)
+        if into is not None:
+            return into(r, saved, *g, de)
+        de_j, g_V, g_s = runner.backward_saved(r, saved, *g)
+    else:
+        e, V, s = saved
+        into = getattr(runner, "backward_into", None)
+        if into is not None:
+            return into(e, r, V, s, *g, de)
+        de_j, g_V, g_s = runner.backward(e, r, V, s, *g)
+    de.copy_(de_j)
+    return g_V, g_s
+
+
 class _Loop(torch.autograd.Function):
     """The chunked loop as one autograd node. Forward keeps, per chunk, either the runner's
     saved buffer (``save``: the backward runs no recompute) or a checkpoint of the state (the
-    backward recomputes the chunk from it)."""
+    backward recomputes the chunk from it). Operands go through the chunks chunk-major
+    ([n, B, U, ...], :func:`chunk_major`): one transposing copy per block each way instead of
+    strided slices and copies per chunk."""
 
     @staticmethod
     def forward(ctx, runner, save, e, r, V, s, *params):
-        read, acc, es, V, s, ck, store = run_chunks(runner, e, r, V, s, keep=not save,
+        U = runner.U
+        e_c, r_c = chunk_major(e, U), chunk_major(r, U)
+        read, acc, es, V, s, ck, store = run_chunks(runner, e_c, r_c, V, s, keep=not save,
                                                     save=save)
         ctx.runner, ctx.save, ctx.store = runner, save, store
-        ctx.save_for_backward(e, r, *(ck if ck is not None else ()))
-        return read, acc, es, V, s
+        # the saved path needs only r; the recompute also e and the checkpoints
+        ctx.save_for_backward(r_c, *((e_c, *ck) if ck is not None else ()))
+        return time_major(read), time_major(acc), time_major(es), V, s
 
     @staticmethod
     def backward(ctx, g_read, g_acc, g_es, g_V, g_s):
         runner = ctx.runner  # undefined output gradients arrive as zeros (materialized)
-        e, r, *ck = ctx.saved_tensors
+        r_c, *rest = ctx.saved_tensors
         store = ctx.store
         if ctx.save and store is None:
             raise RuntimeError(
                 "the stack's saved chunks serve one backward (their rings are turned back in "
                 "place and freed); for a second backward set StackConfig.save_bytes=0")
         U = runner.U
-        de = torch.empty_like(e)
+        g_c = [chunk_major(g, U) for g in (g_read, g_acc, g_es)]
+        de_c = g_es.new_empty(g_c[2].shape)  # [n, B, U, Hd]
         runner.zero_grads()
-        for j in reversed(range(e.shape[1] // U)):
-            sl = slice(j * U, (j + 1) * U)
-            gs = (g_read[:, sl], g_acc[:, sl], g_es[:, sl], g_V, g_s)
-            if store is not None:
-                de_j, g_V, g_s = runner.backward_saved(r[:, sl], store[j], *gs)
-            else:
-                de_j, g_V, g_s = runner.backward(e[:, sl], r[:, sl], ck[0][j], ck[1][j], *gs)
-            de[:, sl] = de_j
+        for j in reversed(range(r_c.shape[0])):
+            saved = store[j] if store is not None else (rest[0][j], rest[1][j], rest[2][j])
+            g_V, g_s = _backward_into(runner, de_c[j], r_c[j], saved,
+                                      (g_c[0][j], g_c[1][j], g_c[2][j], g_V, g_s))
         ctx.store = None  # free the saved chunks now, not when the autograd graph goes
         # a graph's outputs and accumulators change at its next replay: hand out copies
-        return (None, None, de, None, g_V.clone(), g_s.clone(),
+        return (None, None, time_major(de_c), None, g_V.clone(), g_s.clone(),
                 *(g.clone() for g in runner.grads))
 
 
-def run_chunks(runner, e, r, V, s, keep: bool, save: bool = False):
-    """Forward over all chunks; with ``keep`` also the checkpoints ([n,B,K,W], [n,B,K]), with
-    ``save`` the runner's saved buffer of each chunk ([n, runner.saved_numel]).
-    -> read, acc, es, V, s, checkpoints or None, saved buffers or None."""
-    B, T, _ = e.shape
-    U = runner.U
+def run_chunks(runner, e_c, r_c, V, s, keep: bool, save: bool = False):
+    """Forward over all chunks of chunk-major operands (e_c [n,B,U,Hd], r_c [n,B,U]); with
+    ``keep`` also the checkpoints ([n,B,K,W], [n,B,K]), with ``save`` the runner's saved buffer
+    of each chunk ([n, runner.saved_numel]). -> read, acc [n,B,U,W], es [n,B,U,Hd] (chunk-major),
+    V, s, checkpoints or None, saved buffers or None."""
+    n, B, U, _ = e_c.shape
     W = V.shape[-1]
-    read, acc, es = e.new_empty(B, T, W), e.new_empty(B, T, W), torch.empty_like(e)
-    n = T // U
+    read, acc, es = e_c.new_empty(n, B, U, W), e_c.new_empty(n, B, U, W), torch.empty_like(e_c)
     ckV = V.new_empty(n, *V.shape) if keep else None
     cks = s.new_empty(n, *s.shape) if keep else None
-    store = e.new_empty(n, runner.saved_numel(B, U)) if save else None
+    store = e_c.new_empty(n, runner.saved_numel(B, U)) if save else None
     for j in range(n):
-        sl = slice(j * U, (j + 1) * U)
         if keep:
             ckV[j], cks[j] = V, s
-        if save:
-            out = runner.forward_saved(e[:, sl], r[:, sl], V, s, store[j])
-        else:
-            out = runner.forward(e[:, sl], r[:, sl], V, s)
-        read[:, sl], acc[:, sl], es[:, sl] = out[0], out[1], out[2]
-        V, s = out[3], out[4]  # copied into the graph's inputs before its next replay
+        # V, s: the graph's outputs, copied into its inputs before its next replay
+        V, s = _forward_into(runner, e_c[j], r_c[j], V, s, (read[j], acc[j], es[j]),
+                             store[j] if save else None)
     return read, acc, es, V.clone(), s.clone(), (ckV, cks) if keep else None, store
 
 
@@ -207,7 +249,9 @@ def chunked_loop(stack: ProcessingStack, e: Tensor, running: Tensor, V: Tensor, 
     if grad:
         read, acc, es, Vn, sn = _Loop.apply(runner, save, ep, rp.detach(), Vp, sp, *params)
     else:
-        read, acc, es, Vn, sn, _, _ = run_chunks(runner, ep, rp, Vp, sp, keep=False)
+        read, acc, es, Vn, sn, _, _ = run_chunks(runner, chunk_major(ep, U), chunk_major(rp, U),
+                                                 Vp, sp, keep=False)
+        read, acc, es = time_major(read), time_major(acc), time_major(es)
     return read[:B, :T], acc[:B, :T], es[:B, :T], Vn[:B], sn[:B]
 
 

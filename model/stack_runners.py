@@ -125,6 +125,14 @@ class GraphRunner:
                    lambda: body.backward_saved(self.inp[1], self.flat, *self.gin))
         else:
             fns = (lambda: body.forward(*self.inp), lambda: body.backward(*self.inp, *self.gin))
+        self.graphs[kind] = self._capture(fns)
+        body.stack = None
+        if isinstance(body, EagerRunner):
+            body.ponder = None
+        return True
+
+    def _capture(self, fns) -> tuple:
+        """Warm ``fns`` up on a side stream, then capture each: -> ((graph, its outputs), ...)."""
         like = self.inp[0]
         side = torch.cuda.Stream(like.device)
         side.wait_stream(torch.cuda.current_stream(like.device))
@@ -140,32 +148,45 @@ class GraphRunner:
             with torch.cuda.graph(g, pool=self.pool, capture_error_mode="thread_local"):
                 out = fn()
             pair.append((g, out))
-        self.graphs[kind] = tuple(pair)
-        body.stack = None
-        if isinstance(body, EagerRunner):
-            body.ponder = None
-        return True
+        return tuple(pair)
 
-    def _replay(self, kind: str, which: int, dsts, srcs):
-        for dst, src in zip(dsts, srcs):
-            dst.copy_(src)
-        g, out = self.graphs[kind][which]
+    # A replay's static inputs are filled, and its outputs taken out, by one foreach copy each
+    # (a single multi-tensor launch where the operands are dense and alike, as the chunk-major
+    # operands of stack_graph.run_chunks are): the per-operand copies and slices this replaced
+    # were ~16 host ops a chunk, 460 of the autograd thread's 2,983 py-spy samples in a mixed
+    # step's window (GPU_NOTES.md call P69).
+    def forward_into(self, e, r, V, s, outs, flat=None):
+        """One chunk forward: e [B,U,Hd], r [B,U], V [B,K,W], s [B,K] in; the chunk's reads,
+        accs and last e's copied into ``outs`` (and with ``flat`` its saved buffer, the "saved"
+        pair). -> V, s after the chunk: the graph's outputs, valid until its next replay."""
+        kind = "recompute" if flat is None else "saved"
+        g, out = self.graphs[kind][0]
+        torch._foreach_copy_(self.inp, [e, r, V, s])
         g.replay()
-        return out
+        if flat is None:
+            torch._foreach_copy_(list(outs), list(out[:3]))
+        else:
+            torch._foreach_copy_([*outs, flat], [*out[:3], self.flat])
+        return out[3], out[4]
 
-    def forward(self, e, r, V, s):
-        return self._replay("recompute", 0, self.inp, (e, r, V, s))
+    def backward_into(self, e, r, V, s, g_read, g_acc, g_e, g_V, g_s, de):
+        """One chunk backward recomputing from its checkpoint (V, s at its start); de [B,U,Hd]
+        receives the gradient of e. -> dV, ds at the chunk's start (valid until the next
+        replay)."""
+        g, out = self.graphs["recompute"][1]
+        torch._foreach_copy_(self.inp + self.gin, [e, r, V, s, g_read, g_acc, g_e, g_V, g_s])
+        g.replay()
+        de.copy_(out[0])
+        return out[1], out[2]
 
-    def backward(self, e, r, V, s, *g):
-        return self._replay("recompute", 1, self.inp + self.gin, (e, r, V, s) + g)
+    def backward_saved_into(self, r, flat, g_read, g_acc, g_e, g_V, g_s, de):
+        """One chunk backward from the saved buffer its forward kept, as :meth:`backward_into`."""
+        g, out = self.graphs["saved"][1]
+        torch._foreach_copy_([self.inp[1], self.flat] + self.gin,
+                             [r, flat, g_read, g_acc, g_e, g_V, g_s])
+        g.replay()
+        de.copy_(out[0])
+        return out[1], out[2]
 
     def saved_numel(self, B: int, U: int) -> int:
         return self.flat.numel()
-
-    def forward_saved(self, e, r, V, s, flat):
-        out = self._replay("saved", 0, self.inp, (e, r, V, s))
-        flat.copy_(self.flat)
-        return out
-
-    def backward_saved(self, r, flat, *g):
-        return self._replay("saved", 1, [self.inp[1], self.flat] + self.gin, (r, flat) + g)

@@ -53,8 +53,10 @@ _KERNEL_KINDS = (  # first match wins: (category, substrings of the CUDA kernel 
     ("banked attention (Triton)", ("fwd_h", "fwd_o", "bwd_dh", "bwd_dqk", "bwd_dv", "bwd_hdot",
                                    "bwd_decay", "bwd_prep", "decay_prep", "bwd_mem",
                                    "bwd_intra")),
-    ("stack (Triton)", ("_iter_fwd", "_iter_bwd", "ctrl")),
-    ("stack (Inductor)", ("triton_",)),
+    # the stack's kernels per iteration and per chunk (the chunk ones were "other" until P78)
+    ("stack (Triton)", ("_iter_fwd", "_iter_bwd", "_chunk_fwd", "_chunk_bwd", "ctrl")),
+    # Inductor's kernels: the compiled element heads (and the layers with compile_layers)
+    ("compiled (Inductor)", ("triton_",)),
     ("optimizer", ("adam", "multi_tensor")),
     ("matmul", ("gemm", "sm90", "cutlass", "cublas", "nvjet", "splitk")),
 )
@@ -86,6 +88,12 @@ class Phases:
         return "stop_profile" if n >= self.timed_end + self.profile_steps else None
 
 
+def kernel_kind(name: str) -> str:
+    """The category of a CUDA kernel's name in :func:`kernel_breakdown` (first match wins)."""
+    low = name.lower()
+    return next((k for k, subs in _KERNEL_KINDS if any(s in low for s in subs)), "other")
+
+
 def kernel_breakdown(prof) -> dict:
     """GPU kernel time per category (ms) from a torch.profiler run."""
     out: dict[str, float] = defaultdict(float)
@@ -95,9 +103,7 @@ def kernel_breakdown(prof) -> dict:
         if ms <= 0 or ev.key.startswith(("ProfilerStep", "bench:", "blocklm:")) \
                 or not _is_kernel(ev):  # the named ranges are not kernels
             continue
-        name = ev.key.lower()
-        kind = next((k for k, subs in _KERNEL_KINDS if any(s in name for s in subs)), "other")
-        out[kind] += ms
+        out[kernel_kind(ev.key)] += ms
         top.append((ms, ev.count, ev.key[:90]))
     top.sort(reverse=True)
     return {"by_kind_ms": {k: round(v, 1) for k, v in sorted(out.items(), key=lambda x: -x[1])},

@@ -3,7 +3,8 @@
 The profiled steps record CUDA activity only (the host's own ops are not traced, so it runs
 nearly as fast as unprofiled), and :class:`PhaseMarks` launches a tiny marker kernel
 (``torch.cuda._sleep(1)``) at the start and end of every model call, end-of-example call,
-optimizer step, batch set-up (``ModeSupport.target``) and decoder forward. The GPU runs kernels in
+optimizer step, batch set-up (``ModeSupport.target``) and decoder forward (labelled with the
+batch's mode: ``decoder:image``). The GPU runs kernels in
 launch order, so the n-th marker kernel in the trace is the n-th host mark; every interval in
 which no kernel runs is charged to the host phase of the last marker before it
 (:func:`idle_by_phase`). A gap right after ``target:start`` is the GPU waiting for a batch's
@@ -76,16 +77,23 @@ class PhaseMarks:
     def __init__(self, trainer) -> None:
         import torch
 
-        self.on, self.labels = False, []
+        self.on, self.labels, self.mode = False, [], ""
         self._undo: list[tuple[object, str, object]] = []
         self._sleep = torch.cuda._sleep
         r = trainer.runners
-        self._wrap(r, "run", lambda mode, batch: f"run:{mode}:{len(batch.requests)}", "end:run")
+        self._wrap(r, "run", self._run_label, "end:run")
         self._wrap(r, "finish", lambda *a: "fin", "end:fin")
         self._wrap(trainer, "optimizer_step", lambda *a: "opt", "end:opt")
         for sup in trainer.model.supports.values():
             self._wrap(sup, "target", lambda *a: "target:start", "target:end")
-        self._wrap(trainer.model.decoder, "forward", lambda *a: "decoder:start", "decoder:end")
+        # the decoder's forward by the mode of the batch it runs (``decoder:text``): which
+        # modes' layers leave the GPU waiting for the host
+        self._wrap(trainer.model.decoder, "forward", lambda *a: f"decoder:{self.mode}",
+                   "decoder:end")
+
+    def _run_label(self, mode: str, batch) -> str:
+        self.mode = mode
+        return f"run:{mode}:{len(batch.requests)}"
 
     def _wrap(self, obj, name: str, start, end: str) -> None:
         orig = getattr(obj, name)

@@ -248,3 +248,91 @@ def test_one_launch_per_chunk_only_where_the_batch_fits_the_sms(monkeypatch):
     assert r._one_launch(torch.zeros(300, 16, 8))
     assert not runner(persistent=False)._one_launch(on_gpu(20))
     assert not runner(ring=False)._one_launch(on_gpu(20))
+
+
+class _Replay:
+    """A CUDA graph's stand-in on the CPU: replay() runs the captured function again and writes
+    its results into the outputs the capture returned (what a graph replay does to its static
+    outputs). ``live`` counts replays so the op counter can leave the graph's own ops out."""
+
+    def __init__(self, fn, out, stack, body, live):
+        self.fn, self.out, self.stack, self.body, self.live = fn, out, stack, body, live
+
+    def replay(self):
+        from blocklm.model.stack_runners import EagerRunner, _Ponder
+        self.live[0] += 1
+        self.body.stack = self.stack  # the runner lets go of it between captures
+        if isinstance(self.body, EagerRunner):
+            self.body.ponder = _Ponder(self.stack)
+        for dst, src in zip(self.out, self.fn()):
+            dst.copy_(src)
+        self.live[0] -= 1
+
+
+def _fake_graph_runner(body, B, U, like, live):
+    """A GraphRunner whose graphs are :class:`_Replay` stand-ins (CPU): the runner's own copies
+    in and out of the static buffers run exactly as on the GPU."""
+    from blocklm.model.stack_runners import GraphRunner
+
+    class Fake(GraphRunner):
+        def _capture(self, fns):
+            stack = self.body.stack
+            pair = []
+            for fn in fns:
+                out = [t.clone() for t in fn()]  # the static outputs
+                pair.append((_Replay(fn, out, stack, self.body, live), out))
+            return tuple(pair)
+    return Fake(body, B, U, like, None)
+
+
+class _CountCopies(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the copy ops the host issues outside a graph's replay."""
+
+    def __init__(self, live):
+        super().__init__()
+        self.live, self.ops = live, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self.live[0] == 0 and func.overloadpacket in (torch.ops.aten.copy_,
+                                                         torch.ops.aten._foreach_copy_):
+            self.ops.append(func.overloadpacket)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("saving", [False, True])
+def test_graph_runner_copies_match_the_step_loop_in_two_foreach_ops_a_chunk(saving):
+    """GraphRunner's copies into and out of its static buffers (graphs replaced by a CPU
+    stand-in): values and gradients are the step loop's, through the recompute pair and the
+    saved pair; and a chunk's copies are one foreach op in and one out forward, one in and one
+    copy of de out backward, plus a few per block (before: ~8 copy ops a chunk each way, the
+    host time of GPU_NOTES P69)."""
+    from blocklm.model.stack_graph import _Loop, stack_params
+    from blocklm.model.stack_runners import EagerRunner, _Autocast
+    st, x, V, s, mask = _setup(seed=7, B=8, T=12)
+    U, live = 3, [0]
+
+    def body():
+        if not saving:
+            return EagerRunner(st, _Autocast("cpu"), U)
+        b = _Saving(st, U)
+        b.stack = st
+        return b
+    runner = _fake_graph_runner(body(), 8, U, x.new_zeros(1), live)
+    runner.ensure("saved" if saving else "recompute", st)
+
+    def graphed(st, x, V, s, mask):
+        e = st.embed(x)
+        read, acc, es, V, s = _Loop.apply(runner, saving, e, mask.to(s.dtype), V, s,
+                                          *stack_params(st))
+        return st.output(read, acc, es), V, s
+    ref_out, ref_g = _grads(st, step_loop, x, V, s, mask)
+    counter = _CountCopies(live)
+    with counter:
+        out, g = _grads(st, graphed, x, V, s, mask)
+    for a, b in zip(out + g, ref_out + ref_g):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    n = 12 // U
+    foreach = counter.ops.count(torch.ops.aten._foreach_copy_)
+    assert foreach == 3 * n  # two a chunk forward, one a chunk backward
+    # de out of each chunk's backward, plus the per-block layout changes (chunk-major and back)
+    assert counter.ops.count(torch.ops.aten.copy_) <= n + 8

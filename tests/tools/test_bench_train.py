@@ -148,3 +148,17 @@ def test_a_run_reports_the_samples_it_rejected(tmp_path, tokenizer):
     # 4 bad samples an epoch, every epoch the run went through (chained epochs)
     assert set(res["rejected"]) == {"PrepareError"}
     assert res["rejected"]["PrepareError"] >= 4 and res["rejected"]["PrepareError"] % 4 == 0
+
+
+def test_kernel_kinds_name_the_stack_chunks_and_the_compiled_heads():
+    """The one-launch chunk kernels are the stack's (they were counted as "other": 266 ms of a
+    6-step profile, P78), Inductor's kernels are the compiled heads', the banked attention and
+    cuBLAS kernels keep their own kinds."""
+    from blocklm.tools.bench_train import kernel_kind
+    assert kernel_kind("_chunk_fwd") == kernel_kind("_chunk_bwd") == "stack (Triton)"
+    assert kernel_kind("_iter_bwd") == "stack (Triton)"
+    assert kernel_kind("triton_red_fused__to_copy_add_cumsum_embedding_gelu_3") == \
+        "compiled (Inductor)"
+    assert kernel_kind("fwd_o_lean") == kernel_kind("bwd_mem_all") == "banked attention (Triton)"
+    assert kernel_kind("nvjet_sm90_tst_192x192_64x3_2x1_v_bz_coopB_NNN") == "matmul"
+    assert kernel_kind("void at::native::vectorized_elementwise_kernel<4>") == "other"

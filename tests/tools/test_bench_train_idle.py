@@ -59,7 +59,7 @@ def test_phase_marks_wrap_the_trainer_and_come_off_again():
     assert runners.run("text", SimpleNamespace(requests=[1, 2])) == "batch"
     runners.finish([])
     tr.optimizer_step()
-    assert marks.labels == ["run:text:2", "target:start", "target:end", "decoder:start",
+    assert marks.labels == ["run:text:2", "target:start", "target:end", "decoder:text",
                             "decoder:end", "end:run", "fin", "end:fin", "opt", "end:opt"]
     marks.close()
     assert [runners.run, runners.finish, tr.optimizer_step, decoder.forward] == originals
