@@ -115,12 +115,15 @@ class BankedAttention(nn.Module):
         return q, k, v, r, w, g
 
     def forward(self, x: Tensor, S: Tensor, z: Tensor, mask: Tensor | None = None,
-                bt: tuple[int, int] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                bt: tuple[int, int] | None = None, out: tuple[Tensor, Tensor] | None = None
+                ) -> tuple[Tensor, Tensor, Tensor]:
         """Chunked parallel form. x [B,T,d] -> y [B,T,d], new S, new z. With ``bt = (B, T)``
-        x is [M >= B*T, d] (steps, then padding rows) and y is [M, d], zero-padded rows."""
+        x is [M >= B*T, d] (steps, then padding rows) and y is [M, d], zero-padded rows.
+        ``out``: where the kernels may write the new S, z (the slots of a packed state; see
+        :func:`~.banked_triton.banked_attention_triton`)."""
         probe = x.new_empty(0, self.cfg.head_dim)  # q's and v's head width (E = D here)
         if kernel_path(probe, probe, self.cfg.chunk):
-            return self._forward_kernels(x, S, z, mask, bt)
+            return self._forward_kernels(x, S, z, mask, bt, out)
         q, k, v, r, w, g = self._project(x, mask, bt)  # projections may run under autocast
         B, H, T, D = q.shape
         with torch.autocast(device_type=x.device.type, enabled=False):
@@ -131,7 +134,8 @@ class BankedAttention(nn.Module):
         return self.out(o.to(x.dtype)), S, z  # autocast applies again here
 
     def _forward_kernels(self, x: Tensor, S: Tensor, z: Tensor, mask: Tensor | None,
-                         bt: tuple[int, int] | None) -> tuple[Tensor, Tensor, Tensor]:
+                         bt: tuple[int, int] | None, out: tuple[Tensor, Tensor] | None = None
+                         ) -> tuple[Tensor, Tensor, Tensor]:
         """:meth:`forward` through the Triton kernels: q, k, v made in the kernels' layout
         (attention_io.KernelQKV: bf16, time padded to whole kernel blocks) and o taken back to
         rows (KernelRows), one pass each way instead of chains of casts, pads and copies."""
@@ -146,7 +150,7 @@ class BankedAttention(nn.Module):
             q, k, v = (KernelQKVTriton if fused else KernelQKV).apply(qkv, B, T, Tp, H, D)
             # q, k, v [B,H,Tp,D] bf16
             r, w, g = KernelGates.apply(sel, mask, B, T, Tp, H, N)  # [B,H,Tp,N], [B,H,Tp]
-            o, S, z = banked_attention_triton(q, k, v, r, w, g, S, z, self.cfg.eps, C)
+            o, S, z = banked_attention_triton(q, k, v, r, w, g, S, z, self.cfg.eps, C, out)
             o = KernelRows.apply(o, T, rows.shape[0])  # [M, H*E]
         y = self.out(o.to(x.dtype))  # autocast applies again here
         return (y if bt is not None else y.view(B, T, -1)), S, z

@@ -10,6 +10,7 @@ the memory gradient backwards across spans; ``bwd_mem_read``, ``bwd_mem_write`` 
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
 from . import banked_kernels as K
 from .banked_kernels import HAS_TRITON
@@ -38,6 +39,29 @@ def tiles(opt: dict, BHN: int, NT: int, D: int, E: int) -> tuple[int, int, int]:
 def ispec(n: int) -> tuple[bool, bool]:
     """How Triton specialises an integer argument (== 1, divisible by 16): part of a launch key."""
     return n == 1, n % 16 == 0
+
+
+def batch_rows(x: Tensor) -> Tensor:
+    """x [B, ...] detached, fp32, each batch row contiguous: x itself when it already is (a
+    slice of the packed per-example states, rows a state apart: the state kernels take the
+    row stride, so the slice is not copied), else a contiguous fp32 copy. The copies were
+    a full pass over each layer's incoming memory forward and its gradient backward (device
+    call P83: 96 copies of [1024, 6, 4, 64, 64] in 3 mixed steps, 29.5 ms forward alone)."""
+    x = x.detach()
+    if x.dtype != torch.float32:
+        return x.float().contiguous()
+    return x if rows_contiguous(x) else x.contiguous()
+
+
+def rows_contiguous(x: Tensor) -> bool:
+    """Whether each of x's batch rows (dim 0) is contiguous inside: what the state kernels
+    need of an incoming or outgoing memory, whatever the row stride."""
+    step = 1
+    for size, stride in zip(reversed(x.shape[1:]), reversed(x.stride()[1:])):
+        if size != 1 and stride != step:
+            return False
+        step *= size
+    return True
 
 
 def backward(L, opt: dict, saved, meta, do, dST, dzT):
@@ -90,19 +114,21 @@ def backward(L, opt: dict, saved, meta, do, dST, dzT):
     else:  # not written (HAS_S0=False): no allocations (host time at 1K)
         dS0, dz0 = dhs, dzs
     if has_dst:
-        dST = (dST if dST is not None else q.new_zeros(B, H, N, D, E, dtype=f32)).float()
-        dzT = (dzT if dzT is not None else q.new_zeros(B, H, N, D, dtype=f32)).float()
-        dST, dzT = dST.contiguous(), dzT.contiguous()
+        dST = batch_rows(dST if dST is not None else q.new_zeros(B, H, N, D, E, dtype=f32))
+        dzT = batch_rows(dzT if dzT is not None else q.new_zeros(B, H, N, D, dtype=f32))
     else:  # not read (HAS_DST=False): no zero tensors to fill
         dST, dzT = dhs, dzs
+    sST, szT = dST.stride(0), dzT.stride(0)
     in_dh = int(opt["hdot_in_dh"] or 0)  # the decay's inner products in bwd_dh (row partials
     # hp); 1: an elementwise product, 2: the diagonal of a dot (its operand is prefetched)
     HP = E // BV + 1 if in_dh else 0  # rows of D partials per span and bank
     hp = torch.empty(B * H * NS * N * HP * D, device=dev, dtype=f32) if in_dh else dzs
-    L(K.bwd_dh, (D // BK, E // BV, B * H * N), q, r, c, dy, dden, dhs, dzs, dST, dzT, dS0, dz0,
-      hs, zs, hp, NS, N=N, D=D, E=E, C=CS, BK=BK, BV=BV, HAS_DST=has_dst, HAS_S0=has_s0,
-      HDOT=in_dh, PF=opt["prefetch_dh"], num_warps=opt["warps_h"], num_stages=opt["stages_h"],
-      maxnreg=opt["maxnreg_h"])
+    # the row strides' specialisations join the launch key (they vary with the caller)
+    Lh = L.extended((ispec(sST), ispec(szT), ispec(H * N)))
+    Lh(K.bwd_dh, (D // BK, E // BV, B * H * N), q, r, c, dy, dden, dhs, dzs, dST, dzT, dS0,
+       dz0, hs, zs, hp, NS, sST, szT, H * N, N=N, D=D, E=E, C=CS, BK=BK, BV=BV,
+       HAS_DST=has_dst, HAS_S0=has_s0, HDOT=in_dh, PF=opt["prefetch_dh"],
+       num_warps=opt["warps_h"], num_stages=opt["stages_h"], maxnreg=opt["maxnreg_h"])
     hdot = opt["hdot_in_dv"] and BO == E and not in_dh  # one program per whole [D, E] tile
     # per-block partials of the span-end inner products (bwd_hdot fills one per span)
     hd = (torch.empty if hdot or in_dh or R == 1 else torch.zeros)(B * H * NT * N, device=dev,

@@ -111,11 +111,15 @@ if HAS_TRITON:
         tl.store(dg + t, tl.sum(dla * b_w / a, 1))
 
     @triton.jit
-    def fwd_h(k, v, w, c, hs, zs, S0, z0, ST, zT, NT,
+    def fwd_h(k, v, w, c, hs, zs, S0, z0, ST, zT, NT, sS0, sz0, sST, szT, HN,
                N: tl.constexpr, D: tl.constexpr, E: tl.constexpr, C: tl.constexpr,
                BK: tl.constexpr, BV: tl.constexpr, HAS_S0: tl.constexpr):
-        """Memory across chunks for one (batch*head, bank, D-tile, E-tile); saves chunk starts."""
+        """Memory across chunks for one (batch*head, bank, D-tile, E-tile); saves chunk starts.
+        S0, z0, ST, zT: each batch row contiguous, rows sS0 / sz0 / sST / szT elements apart
+        (HN = H*N banks a row): the incoming memories are read where they lie in the packed
+        states, and the outgoing ones written where the packed state keeps them."""
         i_k, i_v, i_bhn = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        i_b, i_hn = (i_bhn // HN).to(tl.int64), i_bhn % HN
         i_bh, n = i_bhn // N, i_bhn % N
         T = NT * C
         ok = i_k * BK + tl.arange(0, BK)
@@ -134,8 +138,8 @@ if HAS_TRITON:
         b_z = tl.zeros([BK, 16], dtype=tl.float32)
         ones = tl.full([C, 16], 1.0, dtype=v.dtype.element_ty)
         if HAS_S0:
-            b_h += tl.load(S0 + i_bhn.to(tl.int64) * D * E + ok[:, None] * E + ov[None, :])
-            b_z += tl.load(z0 + i_bhn.to(tl.int64) * D + zcol)
+            b_h += tl.load(S0 + i_b * sS0 + i_hn * D * E + ok[:, None] * E + ov[None, :])
+            b_z += tl.load(z0 + i_b * sz0 + i_hn * D + zcol)
         for j in range(NT):
             slot = (i_bh.to(tl.int64) * NT + j) * N + n
             tl.store(hs + slot * D * E + ok[:, None] * E + ov[None, :],
@@ -153,9 +157,9 @@ if HAS_TRITON:
             b_h = b_h * tl.exp(b_cT) + tl.dot(kd, b_v)
             if i_v == 0:
                 b_z = b_z * tl.exp(b_cT) + tl.dot(kd, ones)
-        tl.store(ST + i_bhn.to(tl.int64) * D * E + ok[:, None] * E + ov[None, :], b_h)
+        tl.store(ST + i_b * sST + i_hn * D * E + ok[:, None] * E + ov[None, :], b_h)
         if i_v == 0:
-            tl.store(zT + i_bhn.to(tl.int64) * D + zcol, b_z, mask=zm)
+            tl.store(zT + i_b * szT + i_hn * D + zcol, b_z, mask=zm)
 
     @triton.jit
     def fwd_o(q, k, v, r, w, c, hs, zs, o, den, NT, eps,
@@ -214,7 +218,7 @@ if HAS_TRITON:
             tl.store(den + bh * T + t, dd)
 
     @triton.jit
-    def bwd_dh(q, r, c, dy, dden, dhs, dzs, dST, dzT, dS0, dz0, hs, zs, hp, NT,
+    def bwd_dh(q, r, c, dy, dden, dhs, dzs, dST, dzT, dS0, dz0, hs, zs, hp, NT, sST, szT, HN,
                 N: tl.constexpr, D: tl.constexpr, E: tl.constexpr, C: tl.constexpr,
                 BK: tl.constexpr, BV: tl.constexpr, HAS_DST: tl.constexpr,
                 HAS_S0: tl.constexpr = True, HDOT: tl.constexpr = False,
@@ -227,7 +231,8 @@ if HAS_TRITON:
         unused without HDOT. PF
         (``prefetch_dh``): the chunk-end decay and dden (as a [C] vector) are loaded one step
         ahead (TTGIR: both were plain loads that each step waited on before its dots; the
-        pipeliner skips scalars and loads under a runtime branch)."""
+        pipeliner skips scalars and loads under a runtime branch). dST, dzT: batch rows
+        sST / szT elements apart (HN = H*N banks a row), as fwd_h's S0, z0."""
         i_k, i_v, i_bhn = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         i_bh, n = i_bhn // N, i_bhn % N
         T = NT * C
@@ -245,8 +250,9 @@ if HAS_TRITON:
         zm = (oz == 0)[None, :]
         b_dz = tl.zeros([BK, 16], dtype=tl.float32)
         if HAS_DST:
-            b_dh += tl.load(dST + i_bhn.to(tl.int64) * D * E + ok[:, None] * E + ov[None, :])
-            b_dz += tl.load(dzT + i_bhn.to(tl.int64) * D + zcol)
+            i_b, i_hn = (i_bhn // HN).to(tl.int64), i_bhn % HN
+            b_dh += tl.load(dST + i_b * sST + i_hn * D * E + ok[:, None] * E + ov[None, :])
+            b_dz += tl.load(dzT + i_b * szT + i_hn * D + zcol)
         if PF:
             cT_next = tl.load(cb + (NT * C - 1) * N)
             dd_next = tl.load(db + (NT - 1) * C + ot)

@@ -49,6 +49,13 @@ class Launcher:
         self.key = (device.index, key)
         self.stream = torch._C._cuda_getCurrentRawStream(device.index) if self.fast else None
 
+    def extended(self, extra: tuple) -> Launcher:
+        """The same launcher with ``extra`` added to its key (the specialisations of integer
+        arguments known only at a later launch: a gradient's row stride)."""
+        other = Launcher.__new__(Launcher)
+        other.key, other.fast, other.stream = self.key + extra, self.fast, self.stream
+        return other
+
     def __call__(self, kern, grid, *args, num_warps: int = 4, num_stages=None, maxnreg=None,
                  **consts):
         """``kern[grid](*args, **consts)``; args are the runtime arguments in order, consts the

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .banked_backward import backward, ispec, pow2, tiles
+from .banked_backward import backward, batch_rows, ispec, pow2, rows_contiguous, tiles
 from .banked_kernels import HAS_TRITON
 from .banked_launch import Launcher, aligned, on_device
 
@@ -169,9 +169,23 @@ class Launched:
     __slots__ = ("o", "ST", "zT", "saved", "key", "fast", "meta")
 
 
-def launch_forward(q, k, v, r, w, g, S0, z0, eps, C, R) -> Launched:
+def out_rows(out: tuple[Tensor, Tensor] | None, B: int, H: int, N: int, D: int, E: int
+             ) -> tuple[Tensor, Tensor] | None:
+    """``out`` (S, z destinations: the slots of a packed state) when the kernel can write them
+    in place (fp32, shapes [B,H,N,D,E] and [B,H,N,D], each batch row contiguous), else None."""
+    if out is None:
+        return None
+    S, z = out
+    if S.shape != (B, H, N, D, E) or z.shape != (B, H, N, D) or \
+            S.dtype != torch.float32 or z.dtype != torch.float32:
+        return None
+    return (S, z) if rows_contiguous(S) and rows_contiguous(z) else None
+
+
+def launch_forward(q, k, v, r, w, g, S0, z0, eps, C, R, out=None) -> Launched:
     """Launch the forward's kernels on padded, contiguous inputs (T a multiple of R*C); autograd
-    plays no part (inputs are read, nothing is recorded)."""
+    plays no part (inputs are read, nothing is recorded). ``out``: where to write the outgoing
+    memories (S, z; see :func:`out_rows`), else new tensors."""
     B, H, T, D = q.shape
     E, N = v.shape[-1], r.shape[-1]
     NT, NS, CS = T // C, T // (C * R), C * R
@@ -179,23 +193,31 @@ def launch_forward(q, k, v, r, w, g, S0, z0, eps, C, R) -> Launched:
     BK, BV, BO = tiles(opt, B * H * N, NS, D, E)
     dev = q.device
     has_s0 = S0 is not None
-    s0 = S0.detach().contiguous().float() if has_s0 else None
-    zz0 = z0.detach().contiguous().float() if has_s0 else None
+    # the incoming memories where they lie (slices of the packed states: rows a state apart)
+    s0 = batch_rows(S0) if has_s0 else None
+    zz0 = batch_rows(z0) if has_s0 else None
+    sS0, sz0 = (s0.stride(0), zz0.stride(0)) if has_s0 else (0, 0)
+    out = out_rows(out, B, H, N, D, E)
+    if out is None:
+        ST = torch.empty(B, H, N, D, E, device=dev, dtype=torch.float32)
+        zT = torch.empty(B, H, N, D, device=dev, dtype=torch.float32)
+    else:
+        ST, zT = out
     f = Launched()
     # the launch key: dtypes and integer specialisations (model/banked_launch.py)
-    f.key = (q.dtype, k.dtype, v.dtype, r.dtype, w.dtype, g.dtype, ispec(NT), ispec(NS))
-    f.fast = opt["fast_launch"] and aligned(q, k, v, r, w, g, s0, zz0) and \
-        on_device(dev, k, v, r, w, g, s0, zz0)
+    f.key = (q.dtype, k.dtype, v.dtype, r.dtype, w.dtype, g.dtype, ispec(NT), ispec(NS),
+             ispec(sS0), ispec(sz0), ispec(ST.stride(0)), ispec(zT.stride(0)), ispec(H * N))
+    f.fast = opt["fast_launch"] and aligned(q, k, v, r, w, g, s0, zz0, ST, zT) and \
+        on_device(dev, k, v, r, w, g, s0, zz0, ST, zT)
     L = Launcher(dev, f.key, f.fast)
     c = _decay(L, w, g, CS)  # cumsum of log a from each span's start
     hs = torch.empty(B * H * NS * N * D * E, device=dev, dtype=v.dtype)
     zs = torch.empty(B * H * NS * N * D, device=dev, dtype=torch.float32)
-    ST = torch.empty(B, H, N, D, E, device=dev, dtype=torch.float32)
-    zT = torch.empty(B, H, N, D, device=dev, dtype=torch.float32)
     L(K.fwd_h, (D // BK, E // BV, B * H * N), k, v, w, c, hs, zs,
-      s0 if has_s0 else ST, zz0 if has_s0 else zT, ST, zT, NS, N=N, D=D, E=E, C=CS,
-      BK=BK, BV=BV, HAS_S0=has_s0, num_warps=opt["warps_h"], num_stages=opt["stages_h"],
-      maxnreg=opt["maxnreg_h"])
+      s0 if has_s0 else ST, zz0 if has_s0 else zT, ST, zT, NS, sS0, sz0, ST.stride(0),
+      zT.stride(0), H * N, N=N, D=D,
+      E=E, C=CS, BK=BK, BV=BV, HAS_S0=has_s0, num_warps=opt["warps_h"],
+      num_stages=opt["stages_h"], maxnreg=opt["maxnreg_h"])
     o = torch.empty(B, H, T, E, device=dev, dtype=v.dtype)
     den = torch.empty(B, H, T, device=dev, dtype=torch.float32)
     if opt["fwd_o_lean"] and R == 1 and not opt["fwd_o_loop"]:
@@ -253,14 +275,14 @@ def triton_supports(q: Tensor, v: Tensor, chunk: int) -> bool:
     return HAS_TRITON and ok(q.shape[-1]) and ok(v.shape[-1]) and ok(chunk) and chunk <= 128
 
 
-def _apply(args: tuple) -> tuple[Tensor, Tensor, Tensor]:
+def _apply(args: tuple, out=None) -> tuple[Tensor, Tensor, Tensor]:
     """BankedAttentionFn on args; with ``launch_first`` the kernels are launched before autograd
     records the call: its bookkeeping (~10 us of host time on this project's 2-core machine)
     then runs while the GPU works, not before the first kernel (GPU_NOTES "kern, 2026-11-23
-    22:15")."""
+    22:15"). ``out``: see :func:`launch_forward` (taken on that path only)."""
     fn = BankedAttentionFn
     if KERNEL_OPTS["launch_first"] and getattr(fn, "launches_first", False):
-        return fn.apply(*args, launch_forward(*args))
+        return fn.apply(*args, launch_forward(*args, out=out))
     return fn.apply(*args)
 
 
@@ -280,23 +302,28 @@ def _batch_slices(B: int, H: int, N: int, NT: int) -> list[slice]:
     return [slice(i, min(B, i + per)) for i in range(0, B, per)]
 
 
-def _apply_sliced(args: tuple) -> tuple[Tensor, Tensor, Tensor]:
-    """:func:`_apply` on the whole batch, or on slices of it that fit the grid (outputs joined)."""
+def _apply_sliced(args: tuple, out=None) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`_apply` on the whole batch, or on slices of it that fit the grid (outputs joined;
+    ``out`` then unused)."""
     q, r, chunk = args[0], args[3], args[9]
     B, H, T = q.shape[:3]
     parts = _batch_slices(B, H, r.shape[-1], T // chunk)
     if len(parts) == 1:
-        return _apply(args)
+        return _apply(args, out)
     outs = [_apply(tuple(x[sl] if isinstance(x, Tensor) else x for x in args)) for sl in parts]
     return tuple(torch.cat(xs, 0) for xs in zip(*outs))  # type: ignore[return-value]
 
 
 def banked_attention_triton(q: Tensor, k: Tensor, v: Tensor, r: Tensor, w: Tensor, g: Tensor,
                             S0: Tensor | None = None, z0: Tensor | None = None,
-                            eps: float = 1e-3, chunk: int = 64
+                            eps: float = 1e-3, chunk: int = 64,
+                            out: tuple[Tensor, Tensor] | None = None
                             ) -> tuple[Tensor, Tensor, Tensor]:
     """Triton path (CUDA tensors, or CPU ones under ``TRITON_INTERPRET=1``). Same contract as
-    :func:`banked_attention_reference`; out has v's dtype (use bf16 q, k, v for speed)."""
+    :func:`banked_attention_reference`; out has v's dtype (use bf16 q, k, v for speed).
+    ``out``: tensors (no autograd history) the new S, z may be written into, e.g. the slots of
+    a packed state (:func:`launch_forward`); the returned S, z are then those tensors. They are
+    a hint: the caller checks the returned tensors' addresses, not that they were taken."""
     T = q.shape[2]
     if (S0 is None) != (z0 is None):  # one given: the other starts empty
         if S0 is None:
@@ -312,19 +339,21 @@ def banked_attention_triton(q: Tensor, k: Tensor, v: Tensor, r: Tensor, w: Tenso
             g.contiguous(), S0, z0, float(eps), chunk, R)
     if q.is_cuda and q.device.index != torch.cuda.current_device():  # launches go to the
         with torch.cuda.device(q.device):  # current device: make it q's (a no-op otherwise)
-            o, S, z = _apply_sliced(args)
+            o, S, z = _apply_sliced(args, out)
     else:  # q's device is current, or CPU tensors (only under TRITON_INTERPRET=1)
-        o, S, z = _apply_sliced(args)
+        o, S, z = _apply_sliced(args, out)
     return (o[:, :, :T] if pad else o), S, z
 
 
 def banked_attention(q: Tensor, k: Tensor, v: Tensor, r: Tensor, w: Tensor, g: Tensor,
                      S0: Tensor | None = None, z0: Tensor | None = None,
-                     eps: float = 1e-3, chunk: int = 64) -> tuple[Tensor, Tensor, Tensor]:
+                     eps: float = 1e-3, chunk: int = 64,
+                     out: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Banked attention: the Triton kernels on CUDA where they apply, else the PyTorch reference.
     q, k [B,H,T,D] (feature-mapped), v [B,H,T,E], r, w [B,H,T,N], g [B,H,T], S0 [B,H,N,D,E],
-    z0 [B,H,N,D] -> out [B,H,T,E], S, z (fp32)."""
+    z0 [B,H,N,D] -> out [B,H,T,E], S, z (fp32). ``out``: see :func:`banked_attention_triton`
+    (the reference ignores it)."""
     if q.is_cuda and triton_supports(q, v, chunk):
-        return banked_attention_triton(q, k, v, r, w, g, S0, z0, eps, chunk)
+        return banked_attention_triton(q, k, v, r, w, g, S0, z0, eps, chunk, out)
     o, S, z = banked_attention_reference(q, k, v, r, w, g, S0, z0, eps, chunk)
     return o.to(v.dtype), S, z

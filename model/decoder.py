@@ -28,6 +28,7 @@ from .banked_triton import _save_blocks, banked_attention
 from .config import DecoderConfig
 from .stack import ProcessingStack
 from .stack_block import stack_block
+from .state_pack import pack_into
 
 
 class StateLayout:
@@ -57,6 +58,25 @@ class StateLayout:
         if rest:
             out["rest"] = parts[-1]
         return out
+
+    def new_rows(self, B: int, tail: Tensor | None, device) -> tuple[Tensor, dict[str, Tensor]]:
+        """Packed rows to fill, [B, size (+ tail's k)] fp32, and their slots by name (views, as
+        :meth:`unpack`): the layers write their memories there (:mod:`.state_pack`)."""
+        k = 0 if tail is None else tail.shape[1]
+        buf = torch.empty(B, self.size + k, device=device, dtype=torch.float32)
+        return buf, self.unpack(buf)
+
+    def pack_into(self, buf: Tensor, parts: dict[str, Tensor],
+                  tail: Tensor | None = None) -> Tensor:
+        """:meth:`pack` into ``buf`` from :meth:`new_rows`: the parts already in their slots
+        are not copied (:class:`.state_pack.PackInto`). fp64 parts take :meth:`pack`."""
+        flat = [parts[n] for n in self.shapes] + ([] if tail is None else [tail])
+        if any(f.dtype == torch.float64 for f in flat):
+            return self.pack(parts, tail)
+        spans = tuple(self.offsets.values())
+        if tail is not None:
+            spans += ((self.size, self.size + tail.shape[1]),)
+        return pack_into(buf, spans, flat)
 
     def pack(self, parts: dict[str, Tensor], tail: Tensor | None = None) -> Tensor:
         """name -> [B, *shape] -> [B, size] (fp32 unless given fp64); ``tail`` [B, k] is
@@ -121,20 +141,21 @@ class BottleneckLayer(nn.Module):
         xl = x if xl is None else xl
         return self.norm(x + self.ff(torch.cat([c, xl.to(c.dtype)], -1)))
 
-    def forward(self, x, S, z, mask=None, bt=None):
+    def forward(self, x, S, z, mask=None, bt=None, out=None):
         """x [B,T,d_model] -> x [B,T,d_model], S, z (chunked parallel). With ``bt = (B, T)``
         x is the block's steps flattened and padded with rows, [M >= B*T, d_model] (see
-        :func:`token_rows`); the output is too."""
+        :func:`token_rows`); the output is too. ``out``: the packed state's slots for S, z
+        (:meth:`BankedAttention.forward`)."""
         # under autocast x (the fp32 residual stream) is cast once for both its readers (the
         # down projection and the concatenation): two casts were two [M, d_model] passes
         # forward and two cast-backs plus an add backward, per layer and batch
         dev = x.device.type
         xl = x.to(torch.get_autocast_dtype(dev)) if torch.is_autocast_enabled(dev) else x
         u = self.down(xl)
-        a, S, z = self.attn(self.norm_core(u), S, z, mask, bt)
+        a, S, z = self.attn(self.norm_core(u), S, z, mask, bt, out)
         return self._finish(x, u, a, xl), S, z
 
-    def forward_fused(self, x, S, z, mask, bt, form):
+    def forward_fused(self, x, S, z, mask, bt, form, out=None):
         """Same as :meth:`forward` with ``bt = (B, T)`` (x [M >= B*T, d_model] rows), through
         :mod:`.layer_fused`'s functions in ``form`` ("inductor" on CUDA): the layer's parts
         around the attention fused, its inputs made in the kernel's layout."""
@@ -151,7 +172,8 @@ class BottleneckLayer(nn.Module):
             x, self.down.weight, self.down.bias, self.norm_core.weight, self.attn.qkv.weight,
             self.attn.qkv.bias, self.attn.select.weight, self.attn.select.bias, mask)
         with torch.autocast(device_type=dev, enabled=False):
-            o, S, z = banked_attention(q, k, v, r, w, g, S, z, a.eps, a.chunk)  # [B,H,Tp,E]
+            o, S, z = banked_attention(q, k, v, r, w, g, S, z, a.eps, a.chunk,
+                                       out)  # o [B,H,Tp,E]
         ff1, ff2 = self.ff[0], self.ff[2]
         x = post(x, xb, u, o, self.attn.out.weight, self.attn.out.bias, ff1.weight, ff1.bias,
                  ff2.weight, ff2.bias, self.norm.weight, mask)
@@ -208,16 +230,19 @@ class Decoder(nn.Module):
         m = token_rows(B * T) if grid else B * T
         form = self._fused_form(x)
         rows = form is not None or m != B * T  # the layers see [M, d] rows and bt = (B, T)
+        # the packed state first: the attention kernels write the memories into its slots
+        buf, slots = self.layout.new_rows(B, tail, x.device) if pack else (None, None)
         with record_function("blocklm:layers"):
             if rows:  # padding rows: finite, never read back, zero gradient
                 x = nn.functional.pad(x.reshape(B * T, d), (0, 0, 0, m - B * T))
             for i, layer in enumerate(self.layers):
+                out = None if slots is None else (slots[f"S{i}"], slots[f"z{i}"])
                 if form is not None:
                     x, new[f"S{i}"], new[f"z{i}"] = layer.forward_fused(
-                        x, st[f"S{i}"], st[f"z{i}"], mask, (B, T), form)
+                        x, st[f"S{i}"], st[f"z{i}"], mask, (B, T), form, out)
                 else:
                     x, new[f"S{i}"], new[f"z{i}"] = layer(x, st[f"S{i}"], st[f"z{i}"], mask,
-                                                          (B, T) if rows else None)
+                                                          (B, T) if rows else None, out)
             if rows:
                 x = x[:B * T].view(B, T, d)
         if self.stack is not None:
@@ -232,7 +257,7 @@ class Decoder(nn.Module):
         packed = None
         if pack:
             with record_function("blocklm:pack_state"):
-                packed = self.layout.pack(new, tail)
+                packed = self.layout.pack_into(buf, new, tail)
         parts = list(new.values()) + ([] if tail is None else [tail])  # pack's dtype
         dt = torch.float64 if any(p.dtype == torch.float64 for p in parts) else torch.float32
         return (x, packed, new["summary"].to(dt)) if summary else (x, packed)

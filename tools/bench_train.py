@@ -31,7 +31,7 @@ import click
 
 from .bench_train_idle import PhaseMarks, cuda_kernels, idle_by_phase
 from .bench_train_sim import simulate_dispatch
-from .bench_train_timer import StepTimer, _peak_gib
+from .bench_train_timer import StepTimer, _peak_gib, alloc_counts, alloc_per_step
 
 VARIANTS = {
     "off": ["model.decoder.stack.enabled=false"],
@@ -157,9 +157,12 @@ def run_variant(data: str, variant: str, extra: list[str], warmup: int, steps: i
             if n == warmup:
                 state["warmup_s"] = now - state["t0"]
                 state["captures"] = _captures(tr.model)
+                state["alloc"] = alloc_counts()
             act = phases.after(n, now)
             if act in ("profile", "stop"):  # the timed window's stack graph captures
                 state["captures"] = _captures(tr.model) - state.get("captures", 0)
+                # the caching allocator over the timed steps (mallocs, frees, retries)
+                state["alloc"] = alloc_per_step(state.get("alloc"), alloc_counts(), n - warmup)
             if act == "profile":
                 from torch.profiler import ProfilerActivity, profile
 
@@ -203,6 +206,7 @@ def run_variant(data: str, variant: str, extra: list[str], warmup: int, steps: i
                      "chain_epochs": tr.t.chain_epochs, "overrides": list(extra),
                      "warmup_s": round(state.get("warmup_s", -1.0), 1)}
         res["stack_graph_captures"] = state.get("captures")  # in the timed steps
+        res["allocator_per_step"] = state.get("alloc")  # CUDA allocator counters, timed steps
         res["synced_steps"] = timer.sync
         # samples the dispatcher rejected (bad data, counted by kind): a run that lost a mode
         # (every audio block rejected, say) must not pass for a fast one

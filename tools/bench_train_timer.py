@@ -197,3 +197,26 @@ def _peak_gib() -> float | None:
     peak = torch.cuda.max_memory_allocated() / 2**30
     torch.cuda.reset_peak_memory_stats()
     return round(peak, 1)
+
+
+ALLOC_KEYS = ("num_device_alloc", "num_device_free", "num_alloc_retries", "num_sync_all_streams")
+
+
+def alloc_counts() -> dict[str, int] | None:
+    """The CUDA caching allocator's cumulative counters (None without CUDA): device mallocs
+    and frees (each ``cudaFree`` waits for the whole device: the GPU's queue drains), retries
+    after a failed malloc (the cache emptied and the malloc tried again) and full syncs."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    st = torch.cuda.memory_stats()
+    return {k: int(st.get(k, 0)) for k in ALLOC_KEYS}
+
+
+def alloc_per_step(before: dict[str, int] | None, after: dict[str, int] | None,
+                   steps: int) -> dict[str, float] | None:
+    """Counter deltas of :func:`alloc_counts` between two readings, per optimizer step."""
+    if before is None or after is None or steps <= 0:
+        return None
+    return {k: round((after[k] - before[k]) / steps, 2) for k in ALLOC_KEYS}

@@ -122,10 +122,13 @@ from blocklm.model import banked_triton as bt
 """
 
 
-def run_interpreted(body: str, timeout: float = 300, **fmt) -> str:
+def run_interpreted(body: str, timeout: float = 300, interpret: bool = True, **fmt) -> str:
     """``INTERP_PRELUDE + body`` (``str.format``-ed with ``tests`` and ``fmt``) in a fresh process
-    under ``TRITON_INTERPRET=1``; asserts it exited 0 and returns its stdout."""
+    under ``TRITON_INTERPRET=1`` (``interpret=False``: compiled, on the GPU); asserts it exited 0
+    and returns its stdout."""
     env = dict(os.environ, TRITON_INTERPRET="1")
+    if not interpret:
+        del env["TRITON_INTERPRET"]
     code = (INTERP_PRELUDE + body).format(tests=str(Path(__file__).parent), **fmt)
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          timeout=timeout)
@@ -164,6 +167,79 @@ print("ok")
 def test_kernels_under_triton_interpreter():
     """fp32 inputs through the real kernels on the CPU (``TRITON_INTERPRET=1``, fresh process)."""
     assert "ok" in run_interpreted(_INTERP)
+
+
+def test_batch_rows_reads_packed_state_slices_where_they_lie():
+    """A layer's incoming memory is a slice of the packed per-example states (rows a whole
+    state apart): the kernels take it with its row stride, no copy; other layouts and dtypes
+    are copied to contiguous fp32."""
+    from blocklm.model.banked_backward import batch_rows
+    rows = torch.randn(3, 5 + 2 * 4 * 6 + 7)
+    s = rows[:, 5:53].view(3, 2, 4, 6)
+    got = batch_rows(s)
+    assert got.data_ptr() == s.data_ptr() and got.stride() == s.stride()
+    one = rows[:1, 5:53].view(1, 2, 1, 4, 6)  # size-1 dims: any stride
+    assert batch_rows(one).data_ptr() == one.data_ptr()
+    t = s.transpose(2, 3)  # rows not contiguous inside: copied
+    assert batch_rows(t).is_contiguous() and torch.equal(batch_rows(t), t)
+    h = s.to(torch.bfloat16)
+    assert batch_rows(h).dtype == torch.float32 and batch_rows(h).is_contiguous()
+
+
+_PACKED = """
+import torch
+from blocklm.model.banked_backward import batch_rows
+dev = {device!r}
+
+
+def packed(q, k, v, r, w, g, S0, z0, eps, chunk):
+    # S0, z0 read as slices of packed rows (a state's layout: other parts around them), S, z
+    # packed back, so their gradients reach the kernel as slices of one [B, size] gradient
+    B, nS, nz = S0.shape[0], S0[0].numel(), z0[0].numel()
+    rows = torch.cat([torch.zeros(B, 7, device=dev), S0.reshape(B, -1), z0.reshape(B, -1),
+                      torch.ones(B, 5, device=dev)], 1)
+    s, zz = rows[:, 7:7 + nS].view_as(S0), rows[:, 7 + nS:7 + nS + nz].view_as(z0)
+    assert batch_rows(s).data_ptr() == s.data_ptr() and not s.is_contiguous()
+    o, S, z = bt.banked_attention_triton(q, k, v, r, w, g, s, zz, eps=eps, chunk=chunk)
+    out = torch.cat([S.reshape(B, -1), torch.zeros(B, 3, device=dev), z.reshape(B, -1)], 1)
+    return o, out[:, :nS].view_as(S), out[:, -nz:].view_as(z)
+
+
+def written_in_place(q, k, v, r, w, g, S0, z0, eps, chunk):
+    # S, z written by the kernel into the slots of packed rows (out=), packed by PackInto
+    from blocklm.model.state_pack import pack_into
+    B, H, N, D, E = S0.shape
+    nS, nz = H * N * D * E, H * N * D
+    buf = torch.empty(B, 3 + nS + nz + 2, device=dev)
+    slots = (buf[:, 3:3 + nS].view(B, H, N, D, E), buf[:, 3 + nS:3 + nS + nz].view(B, H, N, D))
+    o, S, z = bt.banked_attention_triton(q, k, v, r, w, g, S0, z0, eps=eps, chunk=chunk,
+                                         out=slots)
+    assert S.data_ptr() == slots[0].data_ptr() and z.data_ptr() == slots[1].data_ptr()
+    head, tail = torch.zeros(B, 3, device=dev), torch.ones(B, 2, device=dev)
+    rows = pack_into(buf, ((0, 3), (3, 3 + nS), (3 + nS, 3 + nS + nz), (3 + nS + nz, 5 + nS + nz)),
+                     [head, S, z, tail])
+    assert rows.data_ptr() == buf.data_ptr()
+    return o, rows[:, 3:3 + nS].view_as(S), rows[:, 3 + nS:3 + nS + nz].view_as(z)
+
+
+for B, H, T, D, E, N, C in [(3, 2, 40, 16, 16, 3, 16), (2, 2, 70, 32, 16, 2, 32)]:
+    xs = leaves(B, H, T, D, E, N, seed=T, state=True, device=dev)
+    b = outputs_and_grads(bt.banked_attention_triton, xs, chunk=C)
+    for fn in (packed, written_in_place):
+        a = outputs_and_grads(fn, xs, chunk=C)
+        for name, x, y in zip(NAMES, a, b):
+            assert torch.equal(x, y), (fn.__name__, B, T, name, rel(x, y))
+print("ok")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_kernels_read_packed_state_slices_under_triton_interpreter():
+    """Incoming memories and the gradients of the outgoing ones as strided slices of packed
+    rows, and outgoing memories written by the kernel into such slices (``out``), give bitwise
+    the results of contiguous ones (fp32, ``TRITON_INTERPRET=1``)."""
+    assert "ok" in run_interpreted(_PACKED, device="cpu")
 
 
 # ---- GPU: Triton against the fp32 reference on the same bf16-rounded inputs -----------------
@@ -223,6 +299,14 @@ def test_launch_variants_match_reference_bf16(opts, monkeypatch):
     print(opts, " ".join(f"{k}={v:.1e}" for k, v in errs.items()))
     assert all(torch.isfinite(a).all() for a in fast)
     assert max(errs.values()) < 2e-2, errs
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+def test_kernels_read_packed_state_slices_on_cuda():
+    """As the interpreter test, on the GPU (fp32 inputs, the cached direct launches)."""
+    assert "ok" in run_interpreted(_PACKED, device="cuda", interpret=False)
 
 
 @pytest.mark.gpu

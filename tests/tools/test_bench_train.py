@@ -162,3 +162,19 @@ def test_kernel_kinds_name_the_stack_chunks_and_the_compiled_heads():
     assert kernel_kind("fwd_o_lean") == kernel_kind("bwd_mem_all") == "banked attention (Triton)"
     assert kernel_kind("nvjet_sm90_tst_192x192_64x3_2x1_v_bz_coopB_NNN") == "matmul"
     assert kernel_kind("void at::native::vectorized_elementwise_kernel<4>") == "other"
+
+
+def test_allocator_counters_per_step_are_deltas_over_the_timed_steps():
+    """The bench reports the CUDA allocator's mallocs, frees and retries per timed step (each
+    cudaFree drains the GPU's queue); without CUDA there is nothing to report."""
+    from blocklm.tools.bench_train_timer import ALLOC_KEYS, alloc_counts, alloc_per_step
+    before = dict.fromkeys(ALLOC_KEYS, 10)
+    after = {"num_device_alloc": 30, "num_device_free": 14, "num_alloc_retries": 10,
+             "num_sync_all_streams": 11}
+    assert alloc_per_step(before, after, 4) == {"num_device_alloc": 5.0, "num_device_free": 1.0,
+                                                "num_alloc_retries": 0.0,
+                                                "num_sync_all_streams": 0.25}
+    assert alloc_per_step(None, after, 4) is None
+    assert alloc_per_step(before, after, 0) is None
+    import torch
+    assert (alloc_counts() is None) == (not torch.cuda.is_available())
