@@ -215,9 +215,8 @@ def launch_forward(q, k, v, r, w, g, S0, z0, eps, C, R, out=None) -> Launched:
     zs = torch.empty(B * H * NS * N * D, device=dev, dtype=torch.float32)
     L(K.fwd_h, (D // BK, E // BV, B * H * N), k, v, w, c, hs, zs,
       s0 if has_s0 else ST, zz0 if has_s0 else zT, ST, zT, NS, sS0, sz0, ST.stride(0),
-      zT.stride(0), H * N, N=N, D=D,
-      E=E, C=CS, BK=BK, BV=BV, HAS_S0=has_s0, num_warps=opt["warps_h"],
-      num_stages=opt["stages_h"], maxnreg=opt["maxnreg_h"])
+      zT.stride(0), H * N, N=N, D=D, E=E, C=CS, BK=BK, BV=BV, HAS_S0=has_s0,
+      num_warps=opt["warps_h"], num_stages=opt["stages_h"], maxnreg=opt["maxnreg_h"])
     o = torch.empty(B, H, T, E, device=dev, dtype=v.dtype)
     den = torch.empty(B, H, T, device=dev, dtype=torch.float32)
     if opt["fwd_o_lean"] and R == 1 and not opt["fwd_o_loop"]:
@@ -320,10 +319,11 @@ def banked_attention_triton(q: Tensor, k: Tensor, v: Tensor, r: Tensor, w: Tenso
                             out: tuple[Tensor, Tensor] | None = None
                             ) -> tuple[Tensor, Tensor, Tensor]:
     """Triton path (CUDA tensors, or CPU ones under ``TRITON_INTERPRET=1``). Same contract as
-    :func:`banked_attention_reference`; out has v's dtype (use bf16 q, k, v for speed).
-    ``out``: tensors (no autograd history) the new S, z may be written into, e.g. the slots of
-    a packed state (:func:`launch_forward`); the returned S, z are then those tensors. They are
-    a hint: the caller checks the returned tensors' addresses, not that they were taken."""
+    :func:`banked_attention_reference`; the output o has v's dtype (use bf16 q, k, v for
+    speed). ``out``: tensors (no autograd history) the new S, z may be written into, e.g. the
+    slots of a packed state (:func:`launch_forward`); the returned S, z are then those tensors.
+    A hint, not a promise (other paths return new tensors): callers that care compare
+    addresses, as :class:`~.state_pack.PackInto` does."""
     T = q.shape[2]
     if (S0 is None) != (z0 is None):  # one given: the other starts empty
         if S0 is None:
