@@ -33,10 +33,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attention_io import KernelGates, KernelQKV, KernelRows
+from .attention_io import KernelGates, KernelQKV, KernelRows, KernelRowsPacked
 from .attention_io_triton import KernelQKVTriton, qkv_triton_ok
 from .banked_triton import _save_blocks, banked_attention_triton, triton_supports
 from .config import AttentionConfig
+from .rows import Rows, as_rows, dense, head_index, undense
 
 
 def upcast(t: Tensor) -> Tensor:
@@ -90,15 +91,17 @@ class BankedAttention(nn.Module):
         H, D, N = self.cfg.heads, self.cfg.head_dim, self.cfg.banks
         return {"S": (H, N, D, D), "z": (H, N, D)}
 
-    def _project(self, x: Tensor, mask: Tensor | None, bt: tuple[int, int] | None = None):
+    def _project(self, x: Tensor, mask: Tensor | None,
+                 bt: tuple[int, int] | Rows | None = None):
         """x [B,T,d] -> q,k [B,H,T,D] (fp32), v [B,H,T,D] (the projection's dtype: bf16 under
-        autocast), r,w [B,H,T,N], g [B,H,T] (fp32). With ``bt = (B, T)``, x is [M >= B*T, d]:
-        B*T steps, then padding rows."""
-        B, T = bt if bt is not None else x.shape[:2]
+        autocast), r,w [B,H,T,N], g [B,H,T] (fp32). With ``bt``, x is rows [M, d]: ``(B, T)``
+        B*T steps then padding rows, or a :class:`~.rows.Rows` (dense or packed)."""
+        rows = as_rows(bt)
+        B, T = (rows.B, rows.T) if rows is not None else x.shape[:2]
         H, D, N = self.cfg.heads, self.cfg.head_dim, self.cfg.banks
         qkv, sel = self.qkv(x), self.select(x)
-        if bt is not None:
-            qkv, sel = qkv[:B * T], sel[:B * T]
+        if rows is not None:  # on the [B, T] grid (packed: padding steps zero)
+            qkv, sel = dense(qkv, rows), dense(sel, rows)
         # only q, k are widened (the feature map runs in fp32); v goes to the kernel in the
         # projection's dtype: widening it and casting it back was two lossless [B*T, H*D]
         # passes forward and two in backward per layer. One split: its backward is one cat.
@@ -115,10 +118,11 @@ class BankedAttention(nn.Module):
         return q, k, v, r, w, g
 
     def forward(self, x: Tensor, S: Tensor, z: Tensor, mask: Tensor | None = None,
-                bt: tuple[int, int] | None = None, out: tuple[Tensor, Tensor] | None = None
-                ) -> tuple[Tensor, Tensor, Tensor]:
-        """Chunked parallel form. x [B,T,d] -> y [B,T,d], new S, new z. With ``bt = (B, T)``
-        x is [M >= B*T, d] (steps, then padding rows) and y is [M, d], zero-padded rows.
+                bt: tuple[int, int] | Rows | None = None,
+                out: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Chunked parallel form. x [B,T,d] -> y [B,T,d], new S, new z. With ``bt`` (``(B, T)``
+        or a :class:`~.rows.Rows`) x is rows [M, d] (see :meth:`_project`) and so is y (rows past
+        the steps hold no step: the output bias only).
         ``out``: where the kernels may write the new S, z (the slots of a packed state; see
         :func:`~.banked_triton.banked_attention_triton`)."""
         probe = x.new_empty(0, self.cfg.head_dim)  # q's and v's head width (E = D here)
@@ -129,29 +133,41 @@ class BankedAttention(nn.Module):
         with torch.autocast(device_type=x.device.type, enabled=False):
             o, S, z = self._mix(q, k, v, r, w, g, S, z)  # [B,H,T,D]
         o = o.transpose(1, 2).reshape(B, T, H * D)  # [B,T,H*D]
-        if bt is not None:
-            o = F.pad(o.reshape(B * T, H * D), (0, 0, 0, x.shape[0] - B * T))
+        if bt is not None:  # back to the rows
+            o = undense(o.reshape(B * T, H * D), as_rows(bt), x.shape[0])
         return self.out(o.to(x.dtype)), S, z  # autocast applies again here
 
     def _forward_kernels(self, x: Tensor, S: Tensor, z: Tensor, mask: Tensor | None,
-                         bt: tuple[int, int] | None, out: tuple[Tensor, Tensor] | None = None
+                         bt: tuple[int, int] | Rows | None,
+                         out: tuple[Tensor, Tensor] | None = None
                          ) -> tuple[Tensor, Tensor, Tensor]:
         """:meth:`forward` through the Triton kernels: q, k, v made in the kernels' layout
         (attention_io.KernelQKV: bf16, time padded to whole kernel blocks) and o taken back to
-        rows (KernelRows), one pass each way instead of chains of casts, pads and copies."""
-        B, T = bt if bt is not None else x.shape[:2]
+        rows (KernelRows), one pass each way instead of chains of casts, pads and copies.
+        Packed rows (:mod:`.rows`) go to the grid in the same passes (the Triton QKV kernel,
+        the output's gather), the gates through :func:`~.rows.dense`."""
+        lay = as_rows(bt)
+        B, T = (lay.B, lay.T) if lay is not None else x.shape[:2]
         H, D, N, C = self.cfg.heads, self.cfg.head_dim, self.cfg.banks, self.cfg.chunk
         rows = x if bt is not None else x.reshape(B * T, x.shape[-1])  # [M, d]
         step = C * _save_blocks(C)
         Tp = -(-T // step) * step  # whole kernel blocks: the kernel wrapper pads nothing
         qkv, sel = self.qkv(rows), self.select(rows)  # [M, 3HD], [M, 2HN+H]
+        packed = lay is not None and lay.packed
         with torch.autocast(device_type=x.device.type, enabled=False):
             fused = self.cfg.fused_io and qkv_triton_ok(qkv, Tp, D)
-            q, k, v = (KernelQKVTriton if fused else KernelQKV).apply(qkv, B, T, Tp, H, D)
+            if fused:
+                q, k, v = KernelQKVTriton.apply(qkv, B, T, Tp, H, D, lay if packed else None)
+            else:
+                q, k, v = KernelQKV.apply(dense(qkv, lay) if packed else qkv, B, T, Tp, H, D)
             # q, k, v [B,H,Tp,D] bf16
-            r, w, g = KernelGates.apply(sel, mask, B, T, Tp, H, N)  # [B,H,Tp,N], [B,H,Tp]
+            r, w, g = KernelGates.apply(dense(sel, lay) if packed else sel, mask, B, T, Tp, H,
+                                        N)  # [B,H,Tp,N], [B,H,Tp]
             o, S, z = banked_attention_triton(q, k, v, r, w, g, S, z, self.cfg.eps, C, out)
-            o = KernelRows.apply(o, T, rows.shape[0])  # [M, H*E]
+            if packed:  # [M, H*E]
+                o = KernelRowsPacked.apply(o, head_index(lay, H, Tp), lay.n, rows.shape[0])
+            else:
+                o = KernelRows.apply(o, T, rows.shape[0])
         y = self.out(o.to(x.dtype))  # autocast applies again here
         return (y if bt is not None else y.view(B, T, -1)), S, z
 

@@ -100,6 +100,30 @@ class KernelRows(torch.autograd.Function):
         return do, None, None
 
 
+class KernelRowsPacked(torch.autograd.Function):
+    """o [B,H,Tp,E] -> packed rows [M >= n, H*E] (:mod:`.rows`; rows n.. zero): one gather of
+    each (row, head)'s E values (``idx``, :func:`~.rows.head_index`); the gradient goes back by
+    one scatter into a zero [B,H,Tp,E] (padding steps get none)."""
+
+    @staticmethod
+    def forward(ctx, o: Tensor, idx: Tensor, n: int, M: int):
+        B, H, Tp, E = o.shape
+        out = o.new_empty(M, H * E)
+        torch.index_select(o.reshape(-1, E), 0, idx, out=out[:n].view(n * H, E))
+        _zero_tail(out, 0, n)
+        ctx.save_for_backward(idx)
+        ctx.dims = (B, H, Tp, E, n)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (idx,) = ctx.saved_tensors
+        B, H, Tp, E, n = ctx.dims
+        do = grad.new_zeros(B, H, Tp, E)
+        do.view(-1, E).index_copy_(0, idx, grad[:n].reshape(n * H, E))
+        return do, None, None, None
+
+
 class KernelGates(torch.autograd.Function):
     """sel [M >= B*T, 2*H*N + H] (read logits, write logits, retention logits; rows B*T..
     padding), mask [B,T] bool or None -> r, w [B,H,Tp,N], g [B,H,Tp] fp32 in the kernels'

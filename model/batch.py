@@ -23,6 +23,9 @@ class BlockBatch:
     mask: Tensor  # [B,T,E] bool: the element counts toward the loss (padding never does)
     steps: Tensor  # [B,T] bool: real decoder steps, a prefix (includes the summary step)
     elements: Tensor  # [B] float: what bits are reported per (characters, sub-pixels, samples)
+    # the real steps of each block (``steps``' row sums) as host ints: the decoder's layers
+    # may then skip the padding steps without reading the mask back from the device
+    lengths: tuple[int, ...] | None = None
 
     def to(self, device) -> BlockBatch:
         """The same batch on ``device`` (CUDA: through pinned memory, without waiting)."""

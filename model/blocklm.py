@@ -170,7 +170,8 @@ class BlockLM(nn.Module):
         with record_function("blocklm:decoder"):
             h, new_state, summary = self.decoder(sup.embed(batch), st, batch.steps,  # [B,T,d]
                                                  tail=tail, summary=True,
-                                                 pack=state_out or logits)
+                                                 pack=state_out or logits,
+                                                 lengths=batch.lengths)
         loss = None
         if targets:
             with record_function("blocklm:content_bits"):

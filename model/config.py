@@ -80,6 +80,8 @@ class DecoderConfig:
     # on CUDA, the layers' parts around the attention torch.compile'd (model/layer_fused.py);
     # off: measured slower on the H200 (text 154k vs 172k tokens/s, GPU_NOTES thru-A)
     compile_layers: bool = False
+    # on CUDA, the layers run on the real steps only, not the padded [B, T] grid (model/rows.py)
+    packed_rows: bool = True
 
 
 @dataclass

@@ -26,6 +26,7 @@ from . import layer_fused
 from .attention import BankedAttention
 from .banked_triton import _save_blocks, banked_attention
 from .config import DecoderConfig
+from .rows import Rows, from_rows, packed_rows, to_rows
 from .stack import ProcessingStack
 from .stack_block import stack_block
 from .state_pack import pack_into
@@ -194,6 +195,9 @@ class Decoder(nn.Module):
         self.cfg = cfg
         self.norm_in = RMSNorm(cfg.d_model)
         self.grid_rows: bool | None = None  # None: pad the layers' rows (token_rows) on CUDA
+        # the layers' rows hold only real steps (model/rows.py) when the step counts are given
+        # and some are padding; None: cfg.packed_rows on CUDA (plain layers, not the fused form)
+        self.packed_rows: bool | None = None
         # the layers through layer_fused: None = compiled on CUDA if cfg.compile_layers;
         # "eager" / "compiled" / "aot_eager" (tests) / "off" force a form
         self.fused_layers: str | None = None
@@ -214,26 +218,36 @@ class Decoder(nn.Module):
         return torch.zeros(batch, self.layout.size, device=device, dtype=dtype)
 
     def forward(self, x: Tensor, state: Tensor | dict[str, Tensor], mask: Tensor | None = None,
-                tail: Tensor | None = None, summary: bool = False, pack: bool = True):
+                tail: Tensor | None = None, summary: bool = False, pack: bool = True,
+                lengths: tuple[int, ...] | list[int] | None = None):
         """A whole block. x [B,T,d_model], state [B,size] (or its ``layout.unpack``), mask [B,T]
         (True = real step; real steps form a prefix) -> outputs [B,T,d_model], state after each
         example's last real step (with ``tail`` [B,k] appended to its row); with ``summary``
         also the summary [B,d_model] as packed into the state (before the packing: a reader of
         the summary alone then does not take a gradient of the whole row). ``pack=False``: no
         state is packed (None in its place; nothing reads it: the examples' last blocks).
+        ``lengths``: the mask's real steps per example as host ints (the mask's row sums): the
+        layers may then run on the real steps only (:attr:`packed_rows`); outputs at padding
+        steps are then zero (they are never read: the mask's steps are what counts).
         """
         st = state if isinstance(state, dict) else self.layout.unpack(state)
         new: dict[str, Tensor] = {}
         x = self.norm_in(x)
         B, T, d = x.shape
         grid = self.grid_rows if self.grid_rows is not None else x.is_cuda
-        m = token_rows(B * T) if grid else B * T
         form = self._fused_form(x)
-        rows = form is not None or m != B * T  # the layers see [M, d] rows and bt = (B, T)
+        lay = self._packed(lengths, B, T, mask, form, x)
+        n = B * T if lay is None else lay.n  # rows that hold steps
+        m = token_rows(n) if grid else n
+        # the layers see [M, d] rows and bt = (B, T), or the packed rows' layout
+        rows = form is not None or m != B * T or lay is not None
+        bt = lay if lay is not None else (B, T) if rows else None
         # the packed state first: the attention kernels write the memories into its slots
         buf, slots = self.layout.new_rows(B, tail, x.device) if pack else (None, None)
         with record_function("blocklm:layers"):
-            if rows:  # padding rows: finite, never read back, zero gradient
+            if lay is not None:
+                x = to_rows(x, lay, m)
+            elif rows:  # padding rows: finite, never read back, zero gradient
                 x = nn.functional.pad(x.reshape(B * T, d), (0, 0, 0, m - B * T))
             for i, layer in enumerate(self.layers):
                 out = None if slots is None else (slots[f"S{i}"], slots[f"z{i}"])
@@ -242,8 +256,10 @@ class Decoder(nn.Module):
                         x, st[f"S{i}"], st[f"z{i}"], mask, (B, T), form, out)
                 else:
                     x, new[f"S{i}"], new[f"z{i}"] = layer(x, st[f"S{i}"], st[f"z{i}"], mask,
-                                                          (B, T) if rows else None, out)
-            if rows:
+                                                          bt, out)
+            if lay is not None:
+                x = from_rows(x, lay)
+            elif rows:
                 x = x[:B * T].view(B, T, d)
         if self.stack is not None:
             # the stack is a step recurrence; stack_block batches its time-parallel parts and
@@ -286,6 +302,21 @@ class Decoder(nn.Module):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 y, S, _ = layer.forward_fused(x, st["S0"], st["z0"], mask, (B, T), form)
             torch.autograd.grad(y.float().sum() + S.sum(), x)
+
+    def _packed(self, lengths, B: int, T: int, mask: Tensor | None, form: str | None,
+                x: Tensor) -> Rows | None:
+        """The packed rows' layout for this call, or None for the dense grid: packing on
+        (:attr:`packed_rows`; None: the config's, on CUDA), the plain layers (the fused form
+        takes the grid), step counts given, and some steps padding."""
+        on = self.packed_rows if self.packed_rows is not None else \
+            self.cfg.packed_rows and x.is_cuda
+        if not on or form is not None or lengths is None or mask is None:
+            return None
+        if len(lengths) != B:
+            raise ValueError(f"{len(lengths)} step counts for a batch of {B} blocks")
+        if sum(lengths) == B * T:
+            return None
+        return packed_rows(lengths, T, x.device)
 
     def _fused_form(self, x: Tensor) -> str | None:
         """The form of :mod:`.layer_fused` for this call, or None for the plain layers."""

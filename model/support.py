@@ -157,7 +157,7 @@ class ModeSupport(nn.Module):
         cond = torch.zeros(B, 0) if self.cond_dims == 0 else self.cond_batch(shapes)
         elements = torch.tensor([float(self.elements_of(s)) for s in shapes])
         batch = BlockBatch(self.name, shapes, inputs, start, positions, cond, targets, mask,
-                           steps, elements).to(device)
+                           steps, elements, tuple((n + 1).tolist())).to(device)
         if E > 1:  # step t's inputs are step t-1's elements: [B,T,E] long
             batch.targets = batch.targets.long()
             batch.inputs = nn.functional.pad(batch.targets[:, :-1], (0, 0, 1, 0))

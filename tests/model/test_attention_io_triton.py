@@ -83,3 +83,51 @@ def test_attention_layer_same_through_either_path():
     torch.testing.assert_close(gx1, gx0, rtol=2e-2, atol=2e-4)
     for a, b in zip(gp1, gp0):
         torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-4)
+
+
+def packed_qkv_errors(device: str, dtype) -> tuple[float, float, bool, bool]:
+    """KernelQKVTriton on packed rows against KernelQKV on the same rows put on the grid
+    (model/rows.py): max errors of the real steps' values and of the gradient, and whether
+    padding steps and padding rows are zero."""
+    from blocklm.model.rows import dense, packed_rows
+
+    torch.manual_seed(0)
+    B, T, Tp, H, D, lengths = 3, 37, 64, 2, 16, [37, 5, 20]
+    r = packed_rows(lengths, T, device)
+    qkv = torch.randn(r.n + 9, 3 * H * D, device=device).to(dtype)
+    ups = [torch.randn(B, H, Tp, D, device=device) for _ in range(3)]
+    outs = []
+    for packed in (True, False):
+        x = qkv.detach().clone().requires_grad_(True)
+        q, k, v = (KernelQKVTriton.apply(x, B, T, Tp, H, D, r) if packed
+                   else KernelQKV.apply(dense(x, r), B, T, Tp, H, D))
+        sum((o.float() * u).sum() for o, u in zip((q, k, v), ups)).backward()
+        outs.append((torch.stack([q, k, v]).float().permute(1, 3, 0, 2, 4), x.grad.float()))
+    (a, ga), (b, gb) = outs  # a, b [B, Tp, 3, H, D]
+    live = torch.arange(Tp, device=device)[None] < torch.tensor(lengths, device=device)[:, None]
+    return ((a[live] - b[live]).abs().max().item(), (ga - gb).abs().max().item(),
+            bool((a[~live] == 0).all()), bool((ga[r.n:] == 0).all()))
+
+
+@cuda
+def test_kernels_read_and_write_packed_rows():
+    """Packed rows (offsets and lengths): the real steps' q, k, v and the gradient as the
+    PyTorch version on the rows put on the grid; padding steps and rows zero."""
+    ev, eg, pad_zero, tail_zero = packed_qkv_errors("cuda", torch.bfloat16)
+    assert ev <= 2 ** -7 * 8 and eg <= 2 ** -7 * 8 and pad_zero and tail_zero, (ev, eg)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_kernels_read_and_write_packed_rows_under_triton_interpreter():
+    """The same in fp32 through the kernels on the CPU (``TRITON_INTERPRET=1``)."""
+    from .test_banked_triton import run_interpreted
+
+    out = run_interpreted("""
+from blocklm.model import attention_io, attention_io_triton
+attention_io.KERNEL_DTYPE = attention_io_triton.KERNEL_DTYPE = torch.float32  # no bf16 there
+from test_attention_io_triton import packed_qkv_errors
+ev, eg, pad_zero, tail_zero = packed_qkv_errors("cpu", torch.float32)
+assert ev < 1e-6 and eg < 1e-6 and pad_zero and tail_zero, (ev, eg, pad_zero, tail_zero)
+print("ok")
+""")
+    assert "ok" in out

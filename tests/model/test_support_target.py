@@ -32,8 +32,9 @@ def per_example_target(sup: ModeSupport, contents: list) -> BlockBatch:
     start[:, 0] = True
     cond = torch.stack([sup.cond_of(s) for s in shapes]).view(B, sup.cond_dims)
     elements = torch.tensor([float(sup.elements_of(s)) for s in shapes])
+    lengths = tuple(int(v.shape[0]) + 1 for v, _ in enc)  # the start step and n element steps
     return BlockBatch(sup.name, shapes, inputs, start, positions, cond, targets, mask, steps,
-                      elements)
+                      elements, lengths)
 
 
 def same(a: BlockBatch, b: BlockBatch) -> None:

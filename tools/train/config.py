@@ -153,9 +153,17 @@ def small() -> RunConfig:
     real tokens/s 159,996 -> 169,289 (P70) and 180,967 -> 189,005 (P72): +5.8% / +4.4%; peak
     memory 99.6 -> 116.5 GiB (GPU_NOTES.md, calls P70-P72); simulated, 1,159 -> 781
     sequential stack steps per optimizer step (8 epochs).
+
+    16,384 examples in flight (was 12,288), now that the layers run on the real steps only
+    (``model/rows.py``: a mixed step's peak 113.5 -> 101.5 GiB): fuller text and audio
+    batches, 1.83 -> 1.57 batches per optimizer step (`bench train --simulate`, gpu_mixed4, 8
+    epochs). On the H200, same calls, alternating 30 s windows, real tokens/s: 183,939,
+    184,078, 175,043 and 181,111 against 170,735, 178,125, 166,811 and 164,852 before both
+    changes (+7.0% on the means), peak 113.5 -> 99.4 GiB; text alone unchanged within its
+    spread, peak 73.3 -> 59.5 GiB (GPU_NOTES.md, calls P90-P92).
     """
     return RunConfig(model=model_presets.small(),
-                     dispatch=DispatchConfig(max_in_flight=12288, budget=65536, ttl_steps=256,
+                     dispatch=DispatchConfig(max_in_flight=16384, budget=65536, ttl_steps=256,
                                              prefetch=8192,
                                              mode_coalesce_tokens={"audio": 1000, "text": 500},
                                              mode_budget={"image": 98304},
