@@ -168,14 +168,16 @@ class BlockLM(nn.Module):
         history = st["rest"]
         tail = self._history_after(history, mode)
         with record_function("blocklm:decoder"):
-            h, new_state, summary = self.decoder(sup.embed(batch), st, batch.steps,  # [B,T,d]
-                                                 tail=tail, summary=True,
+            x = sup.embed(batch)  # [B,T,d]
+            # the real steps' rows (model/rows.py), for the layers and the content head alike
+            rows = self.decoder.packed_layout(batch.lengths, x, batch.steps)
+            h, new_state, summary = self.decoder(x, st, batch.steps, tail=tail, summary=True,
                                                  pack=state_out or logits,
-                                                 lengths=batch.lengths)
+                                                 lengths=rows)  # [B,T,d]
         loss = None
         if targets:
             with record_function("blocklm:content_bits"):
-                bits, elements = sup.bits(h, batch)
+                bits, elements = sup.bits(h, batch, rows)
             with record_function("blocklm:head_bits"):
                 ctx = self._head_input(st["summary"], history)
                 loss = BlockLoss(bits, elements,

@@ -219,7 +219,7 @@ class Decoder(nn.Module):
 
     def forward(self, x: Tensor, state: Tensor | dict[str, Tensor], mask: Tensor | None = None,
                 tail: Tensor | None = None, summary: bool = False, pack: bool = True,
-                lengths: tuple[int, ...] | list[int] | None = None):
+                lengths: tuple[int, ...] | list[int] | Rows | None = None):
         """A whole block. x [B,T,d_model], state [B,size] (or its ``layout.unpack``), mask [B,T]
         (True = real step; real steps form a prefix) -> outputs [B,T,d_model], state after each
         example's last real step (with ``tail`` [B,k] appended to its row); with ``summary``
@@ -228,7 +228,8 @@ class Decoder(nn.Module):
         state is packed (None in its place; nothing reads it: the examples' last blocks).
         ``lengths``: the mask's real steps per example as host ints (the mask's row sums): the
         layers may then run on the real steps only (:attr:`packed_rows`); outputs at padding
-        steps are then zero (they are never read: the mask's steps are what counts).
+        steps are then zero (they are never read: the mask's steps are what counts). A
+        :class:`~.rows.Rows` from :meth:`packed_layout` is taken as it is.
         """
         st = state if isinstance(state, dict) else self.layout.unpack(state)
         new: dict[str, Tensor] = {}
@@ -236,7 +237,7 @@ class Decoder(nn.Module):
         B, T, d = x.shape
         grid = self.grid_rows if self.grid_rows is not None else x.is_cuda
         form = self._fused_form(x)
-        lay = self._packed(lengths, B, T, mask, form, x)
+        lay = lengths if isinstance(lengths, Rows) else self.packed_layout(lengths, x, mask)
         n = B * T if lay is None else lay.n  # rows that hold steps
         m = token_rows(n) if grid else n
         # the layers see [M, d] rows and bt = (B, T), or the packed rows' layout
@@ -303,14 +304,16 @@ class Decoder(nn.Module):
                 y, S, _ = layer.forward_fused(x, st["S0"], st["z0"], mask, (B, T), form)
             torch.autograd.grad(y.float().sum() + S.sum(), x)
 
-    def _packed(self, lengths, B: int, T: int, mask: Tensor | None, form: str | None,
-                x: Tensor) -> Rows | None:
-        """The packed rows' layout for this call, or None for the dense grid: packing on
-        (:attr:`packed_rows`; None: the config's, on CUDA), the plain layers (the fused form
-        takes the grid), step counts given, and some steps padding."""
+    def packed_layout(self, lengths, x: Tensor, mask: Tensor | None) -> Rows | None:
+        """The packed rows of a block batch x [B,T,d] (``lengths``: its real steps per block,
+        host ints), or None for the dense grid: packing on (:attr:`packed_rows`; None: the
+        config's, on CUDA), the plain layers (the fused form takes the grid), step counts
+        given, and some steps padding. The heads may take the same layout
+        (:meth:`~.support.ModeSupport.bits`)."""
+        B, T = x.shape[:2]
         on = self.packed_rows if self.packed_rows is not None else \
             self.cfg.packed_rows and x.is_cuda
-        if not on or form is not None or lengths is None or mask is None:
+        if not on or self._fused_form(x) is not None or lengths is None or mask is None:
             return None
         if len(lengths) != B:
             raise ValueError(f"{len(lengths)} step counts for a batch of {B} blocks")

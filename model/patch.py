@@ -154,11 +154,12 @@ class PatchSupport(ModeSupport):
         fn = slice_bits_fn(self._form(h), low_precision(h.device.type))
         return fn(hp, tg, mk, *self.head.params())[:n].view(B, t).sum(1)
 
-    def bits(self, h: Tensor, batch: BlockBatch) -> tuple[Tensor, Tensor]:
+    def bits(self, h: Tensor, batch: BlockBatch, rows=None) -> tuple[Tensor, Tensor]:
         """Bits in slices of ``loss_chunk`` steps, each checkpointed, so the [B,T,E,256] logits
         of a large image never exist at once (forward or saved for backward). The Triton form
         saves a few floats per element, not logits: its slices are not checkpointed (they bound
-        the backward's buffers)."""
+        the backward's buffers). ``rows`` is not used: the head runs on the [B, T] grid (image
+        batches have no padding steps, audio ~3%)."""
         T, c = h.shape[1], self.loss_chunk
         if T <= c:
             return self._slice_bits(h, batch.targets, batch.mask), batch.elements

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from .batch import BlockBatch
 from .config import SampleConfig
+from .rows import Rows, dense, to_rows
 from .sampling import sample_logits
 
 LN2 = math.log(2.0)
@@ -219,14 +220,25 @@ class ModeSupport(nn.Module):
         image and audio heads, :meth:`blocklm.model.patch.PatchSupport.warm_head`); here
         nothing to do."""
 
-    def bits(self, h: Tensor, batch: BlockBatch) -> tuple[Tensor, Tensor]:
+    def bits(self, h: Tensor, batch: BlockBatch, rows: Rows | None = None
+             ) -> tuple[Tensor, Tensor]:
         """Decoder outputs -> (bits [B], elements [B]); supports may bound memory here.
 
         On CUDA the output rows are padded to the decoder's row grid (``token_rows``) as one
         [1, M] batch: the output matrix product then has a shape seen before (cuBLAS picks a
         kernel per new shape at ~3-5 ms of host time, in forward and twice in backward);
-        padding rows have target 0 and are cut from the per-element losses before the mask."""
+        padding rows have target 0 and are cut from the per-element losses before the mask.
+        ``rows``: packed rows (:mod:`.rows`, the decoder's layout of this batch): the head runs
+        on the real steps only, its bits put back on the grid to sum them per block."""
         B, T, d = h.shape
+        if rows is not None and rows.packed:
+            m = grid_rows(rows.n, h)
+            E = batch.targets.shape[2]
+            tg, mk = (t.reshape(B * T, E).index_select(0, rows.index)  # [n, E]
+                      for t in (batch.targets, batch.mask))
+            per = row_bits(self.distribution(to_rows(h, rows, m).view(1, m, d), batch),
+                           tg[:, None], mk[:, None])  # [n] bits per real step (T = 1)
+            return dense(per[:, None], rows).view(B, T).sum(1), batch.elements
         n = B * T
         m = grid_rows(n, h)
         if m == n:
@@ -275,7 +287,7 @@ def grid_rows(n: int, like: Tensor) -> int:
 
 def row_bits(logits: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
     """Bits summed per example [B] from logits [1, M, E, V] of B*T rows padded to M (rows
-    B*T.. are padding) and targets, mask [B, T, E]."""
+    B*T.. are padding) and targets, mask [B, T, E] (packed rows: B = their count, T = 1)."""
     n, E = targets.shape[0] * targets.shape[1], targets.shape[2]
     tg = nn.functional.pad(targets.reshape(n, E), (0, 0, 0, logits.shape[1] - n))
     nll = nn.functional.cross_entropy(logits.float().flatten(0, -2), tg.flatten(),

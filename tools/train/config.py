@@ -159,7 +159,7 @@ def small() -> RunConfig:
     batches, 1.83 -> 1.57 batches per optimizer step (`bench train --simulate`, gpu_mixed4, 8
     epochs). On the H200, same calls, alternating 30 s windows, real tokens/s: 183,939,
     184,078, 175,043 and 181,111 against 170,735, 178,125, 166,811 and 164,852 before both
-    changes (+7.0% on the means), peak 113.5 -> 99.4 GiB; text alone unchanged within its
+    changes (+6.4% on the means), peak 113.5 -> 99.4 GiB; text alone unchanged within its
     spread, peak 73.3 -> 59.5 GiB (GPU_NOTES.md, calls P90-P92).
     """
     return RunConfig(model=model_presets.small(),
