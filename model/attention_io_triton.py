@@ -22,6 +22,18 @@ from .banked_kernels import HAS_TRITON, tl, triton
 if HAS_TRITON:
 
     @triton.jit
+    def _rows(b, t, T, offs, lens, PACKED: tl.constexpr):
+        """Example b's step-0 row in qkv (int64) and which of steps t are real, [BT, 1]:
+        b*T and t < T on the dense grid, offs[b] and t < lens[b] on packed rows."""
+        if PACKED:
+            row0 = tl.load(offs + b)
+            live = (t < tl.load(lens + b))[:, None]
+        else:
+            row0 = (b * T).to(tl.int64)
+            live = (t < T)[:, None]
+        return row0, live
+
+    @triton.jit
     def _qkv_fwd(qkv, out, B, T, Tp, H, s_row, offs, lens, BT: tl.constexpr, D: tl.constexpr,
                  PACKED: tl.constexpr):
         """One [BT, D] tile of (operand c, batch b, head h, steps t): q and k through the
@@ -33,12 +45,7 @@ if HAS_TRITON:
         c = ch // H
         t = tb * BT + tl.arange(0, BT)
         d = tl.arange(0, D)
-        if PACKED:
-            row0 = tl.load(offs + b)
-            live = (t < tl.load(lens + b))[:, None]
-        else:
-            row0 = (b * T).to(tl.int64)
-            live = (t < T)[:, None]
+        row0, live = _rows(b, t, T, offs, lens, PACKED)
         src = qkv + (row0 + t)[:, None] * s_row + (ch * D + d)[None, :]
         x = tl.load(src, mask=live, other=0.0).to(tl.float32)
         phi = tl.where(x > 0, x + 1.0, tl.exp(x))  # elu(x) + 1
@@ -58,12 +65,7 @@ if HAS_TRITON:
         h, c = tl.program_id(1), tl.program_id(2)
         t = tb * BT + tl.arange(0, BT)
         d = tl.arange(0, D)
-        if PACKED:
-            row0 = tl.load(offs + b)
-            live = (t < tl.load(lens + b))[:, None]
-        else:
-            row0 = (b * T).to(tl.int64)
-            live = (t < T)[:, None]
+        row0, live = _rows(b, t, T, offs, lens, PACKED)
         goff = (b * H + h).to(tl.int64) * Tp * D + (t * D)[:, None] + d[None, :]
         g = tl.zeros([BT, D], dtype=tl.float32)
         if c == 0:

@@ -119,7 +119,8 @@ def test_kernels_read_and_write_packed_rows():
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 def test_kernels_read_and_write_packed_rows_under_triton_interpreter():
-    """The same in fp32 through the kernels on the CPU (``TRITON_INTERPRET=1``)."""
+    """The same in fp32 through the kernels on the CPU (``TRITON_INTERPRET=1``), and the dense
+    grid's rows through them as well."""
     from .test_banked_triton import run_interpreted
 
     out = run_interpreted("""
@@ -128,6 +129,9 @@ attention_io.KERNEL_DTYPE = attention_io_triton.KERNEL_DTYPE = torch.float32  # 
 from test_attention_io_triton import packed_qkv_errors
 ev, eg, pad_zero, tail_zero = packed_qkv_errors("cpu", torch.float32)
 assert ev < 1e-6 and eg < 1e-6 and pad_zero and tail_zero, (ev, eg, pad_zero, tail_zero)
+from test_attention_io_triton import _both  # the dense grid through the same kernels
+(ref, new), (gref, gnew) = _both(torch.randn(3 * 37 + 5, 3 * 2 * 16), 3, 37, 64, 2, 16)
+assert (new - ref).abs().max() < 1e-6 and (gnew - gref).abs().max() < 1e-6
 print("ok")
 """)
     assert "ok" in out
