@@ -58,3 +58,17 @@ def init_from_launcher() -> bool:
         # has no CPU backend ("No backend type associated with device type cpu")
         dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
     return dist.get_world_size() > 1
+
+
+def leave_launcher_group(wait: bool = True) -> None:
+    """Destroy the process group :func:`init_from_launcher` joined (under ``torchrun``), once
+    the run is over. Left to the interpreter's exit, the group's C++ threads could be torn down
+    still running: a rank then aborted after its last step ("terminate called without an active
+    exception", SIGABRT, and torchrun reported the run failed; seen once in CI on
+    ``test_two_process_gloo_matches_one_process``). ``wait``: first a barrier, so that no
+    rank tears the group down while another still talks to it (not after a failure: the other
+    ranks may be gone, and the barrier would wait for its timeout)."""
+    if dist.is_available() and dist.is_torchelastic_launched() and dist.is_initialized():
+        if wait:
+            dist.barrier()
+        dist.destroy_process_group()

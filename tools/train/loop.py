@@ -45,7 +45,7 @@ from blocklm.pipeline.dispatch_dist import torch_agree
 from .chain import EpochChain, training_dispatch
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import RunConfig, build_config
-from .distributed import Collective, init_from_launcher
+from .distributed import Collective, init_from_launcher, leave_launcher_group
 from .evaluate import evaluate, validation_source
 from .loop_util import (
     FULL_GC_EVERY,  # noqa: F401  (re-exported)
@@ -80,8 +80,14 @@ def train(run: str | Path, spec: RunSpec | None = None, *, steps: int | None = N
     in total, after ``minutes`` of wall time, or on SIGINT/SIGTERM, always with a checkpoint.
     Under ``torchrun`` every rank trains on its share of the data (see :mod:`.distributed`).
     """
-    return Trainer(Path(run), spec, resume=resume, remote=remote, progress=progress,
-                   tensorboard=tensorboard).fit(steps=steps, minutes=minutes)
+    try:
+        out = Trainer(Path(run), spec, resume=resume, remote=remote, progress=progress,
+                      tensorboard=tensorboard).fit(steps=steps, minutes=minutes)
+    except BaseException:
+        leave_launcher_group(wait=False)  # the other ranks may be gone: no barrier
+        raise
+    leave_launcher_group()
+    return out
 
 
 class Trainer:
