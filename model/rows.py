@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from .attention_io import _zero_tail
 from .batch import to_device
 
 
@@ -103,12 +104,9 @@ class _ToGrid(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, index: Tensor, BT: int):
-        n = index.shape[0]
-        out = x.new_zeros(BT, x.shape[1])
-        out.index_copy_(0, index, x[:n])
         ctx.save_for_backward(index)
         ctx.M = x.shape[0]
-        return out
+        return _to_grid(x, index, BT)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -128,17 +126,22 @@ class _FromGrid(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         (index,) = ctx.saved_tensors
-        out = grad.new_zeros(ctx.BT, grad.shape[1])
-        out.index_copy_(0, index, grad[:index.shape[0]])
-        return out, None, None
+        return _to_grid(grad, index, ctx.BT), None, None
+
+
+def _to_grid(x: Tensor, index: Tensor, BT: int) -> Tensor:
+    """x's first n rows at rows ``index`` of a zero [BT, C]."""
+    out = x.new_zeros(BT, x.shape[1])
+    out.index_copy_(0, index, x[:index.shape[0]])
+    return out
 
 
 def _from_grid(x: Tensor, index: Tensor, M: int) -> Tensor:
+    """Rows ``index`` of x, then zero rows up to M."""
     n = index.shape[0]
     out = x.new_empty(M, x.shape[1])
     torch.index_select(x, 0, index, out=out[:n])
-    if M > n:
-        out[n:].zero_()
+    _zero_tail(out, 0, n)
     return out
 
 
