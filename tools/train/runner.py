@@ -21,6 +21,7 @@ from blocklm.model.heads import END
 from blocklm.pipeline.dispatch_types import Batch, Result
 
 from .state_groups import StateGroups
+from .state_rows import unbind_rows
 
 HEADS = ("next_mode", "shape")  # the head terms of the objective, in this order
 
@@ -214,8 +215,9 @@ class ModelRunners:
             return [Result(state=Context(None, w.index, (heads, i))) for i in range(len(contents))]
         new = res.state if self.train else res.state.detach()
         # one unbind, not new[i] per example: B select nodes each filled a zero [B, state]
-        # gradient in backward (O(B^2) work, half of the GPU time of a text step)
-        made = [Context(row, w.index, (heads, i)) for i, row in enumerate(new.unbind(0))]
+        # gradient in backward (O(B^2) work, half of the GPU time of a text step); and not
+        # torch's unbind, whose backward fills each row without a gradient by its own launch
+        made = [Context(row, w.index, (heads, i)) for i, row in enumerate(unbind_rows(new))]
         self.groups.add(made, len(made))  # compacted at the window's close (state_groups.py)
         return [Result(state=c) for c in made]
 
