@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .attention_gates_triton import KernelGatesTriton, gates_triton_ok
 from .attention_io import KernelGates, KernelQKV, KernelRows, KernelRowsPacked
 from .attention_io_triton import KernelQKVTriton, qkv_triton_ok
 from .banked_triton import _save_blocks, banked_attention_triton, triton_supports
@@ -161,8 +162,13 @@ class BankedAttention(nn.Module):
             else:
                 q, k, v = KernelQKV.apply(dense(qkv, lay) if packed else qkv, B, T, Tp, H, D)
             # q, k, v [B,H,Tp,D] bf16
-            r, w, g = KernelGates.apply(dense(sel, lay) if packed else sel, mask, B, T, Tp, H,
-                                        N)  # [B,H,Tp,N], [B,H,Tp]
+            if self.cfg.fused_io and gates_triton_ok(sel, Tp):
+                r, w, g = KernelGatesTriton.apply(sel, mask, B, T, Tp, H, N,
+                                                  lay if packed else None)
+            else:
+                r, w, g = KernelGates.apply(dense(sel, lay) if packed else sel, mask, B, T, Tp,
+                                            H, N)
+            # r, w [B,H,Tp,N], g [B,H,Tp] fp32
             o, S, z = banked_attention_triton(q, k, v, r, w, g, S, z, self.cfg.eps, C, out)
             if packed:  # [M, H*E]
                 o = KernelRowsPacked.apply(o, head_index(lay, H, Tp), lay.n, rows.shape[0])

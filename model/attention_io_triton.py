@@ -23,14 +23,14 @@ if HAS_TRITON:
 
     @triton.jit
     def _rows(b, t, T, offs, lens, PACKED: tl.constexpr):
-        """Example b's step-0 row in qkv (int64) and which of steps t are real, [BT, 1]:
-        b*T and t < T on the dense grid, offs[b] and t < lens[b] on packed rows."""
+        """Example b's step-0 row (int64) and which of steps t are real, [BT]: b*T and t < T
+        on the dense grid, offs[b] and t < lens[b] on packed rows."""
         if PACKED:
             row0 = tl.load(offs + b)
-            live = (t < tl.load(lens + b))[:, None]
+            live = t < tl.load(lens + b)
         else:
             row0 = (b * T).to(tl.int64)
-            live = (t < T)[:, None]
+            live = t < T
         return row0, live
 
     @triton.jit
@@ -46,6 +46,7 @@ if HAS_TRITON:
         t = tb * BT + tl.arange(0, BT)
         d = tl.arange(0, D)
         row0, live = _rows(b, t, T, offs, lens, PACKED)
+        live = live[:, None]
         src = qkv + (row0 + t)[:, None] * s_row + (ch * D + d)[None, :]
         x = tl.load(src, mask=live, other=0.0).to(tl.float32)
         phi = tl.where(x > 0, x + 1.0, tl.exp(x))  # elu(x) + 1
@@ -66,6 +67,7 @@ if HAS_TRITON:
         t = tb * BT + tl.arange(0, BT)
         d = tl.arange(0, D)
         row0, live = _rows(b, t, T, offs, lens, PACKED)
+        live = live[:, None]
         goff = (b * H + h).to(tl.int64) * Tp * D + (t * D)[:, None] + d[None, :]
         g = tl.zeros([BT, D], dtype=tl.float32)
         if c == 0:

@@ -15,8 +15,9 @@ class AttentionConfig:
     chunk: int = 64  # parallel within a chunk, recurrent across chunks
     decay_init: float = 5.0  # bias of the retention logit: sigmoid(5) ~ 0.993 -> long memories
     eps: float = 1e-3  # normaliser guard: out = num / (den + eps)
-    # on CUDA, q, k, v reach the kernels' layout through one Triton kernel each way
-    # (model/attention_io_triton.py) instead of PyTorch's chain of copies (the CPU path)
+    # on CUDA, q, k, v and the gates reach the kernels' layout through one Triton kernel each
+    # way (model/attention_io_triton.py, attention_gates_triton.py) instead of PyTorch's chains
+    # of copies (the CPU path)
     fused_io: bool = True
 
 
