@@ -161,9 +161,16 @@ def small() -> RunConfig:
     184,078, 175,043 and 181,111 against 170,735, 178,125, 166,811 and 164,852 before both
     changes (+6.4% on the means), peak 113.5 -> 99.4 GiB; text alone unchanged within its
     spread, peak 73.3 -> 59.5 GiB (GPU_NOTES.md, calls P90-P92).
+
+    20,480 in flight (was 16,384): 1.57 -> 1.50 simulated batches per step, 803 -> 780
+    sequential stack steps. On the H200 (P94, P96), second runs of the setting against the
+    default of the same call: 190,442 against 182,502 / 183,265, and 201,698 against 192,166
+    real tokens/s; peak 98.3 -> 103.6 GiB. The first run of the setting on a fresh machine
+    compiled the new shapes inside its window both times (54 steps where the others ran 67-76).
+    24,576 peaked at 121.5 GiB.
     """
     return RunConfig(model=model_presets.small(),
-                     dispatch=DispatchConfig(max_in_flight=16384, budget=65536, ttl_steps=256,
+                     dispatch=DispatchConfig(max_in_flight=20480, budget=65536, ttl_steps=256,
                                              prefetch=8192,
                                              mode_coalesce_tokens={"audio": 1000, "text": 500},
                                              mode_budget={"image": 98304},
