@@ -2,8 +2,10 @@
 
 Writes, per profiled run, ``<tag>.trace.json.gz`` (a chrome trace, gzipped: open it in
 chrome://tracing or Perfetto), ``<tag>.ops.txt`` (the top CPU ops by self time, the top ops by
-GPU time, and the named ranges of the runners and the model: ``blocklm:*``) and returns a dict of
-the named ranges' host milliseconds and the GPU's busy time for the JSON summary.
+GPU time, and the named ranges of the runners and the model: ``blocklm:*``), ``<tag>.launches.txt``
+(kernel launches by the autograd node or forward op that made them, :mod:`.bench_train_launches`)
+and returns a dict of the named ranges' host milliseconds, the GPU's busy time and the launch
+counts for the JSON summary.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+
+from .bench_train_launches import count_launches, launch_table
 
 
 def _dev_total(ev) -> float:
@@ -25,8 +29,9 @@ def _self_dev(ev) -> float:
 
 
 def export_profile(prof, out_dir: str | Path, tag: str, rows: int = 30) -> dict:
-    """Write the trace and the op tables of ``prof`` under ``out_dir``; return the ranges
-    (``blocklm:*`` host ms and calls), the host time of the syncs and the GPU busy time."""
+    """Write the trace, the op tables and the launch table of ``prof`` under ``out_dir``;
+    return the ranges (``blocklm:*`` host ms and calls), the host time of the syncs, the GPU
+    busy time and the launch counts (total, the 12 largest sources)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     avg = prof.key_averages()
@@ -52,10 +57,14 @@ def export_profile(prof, out_dir: str | Path, tag: str, rows: int = 30) -> dict:
     busy = sum(_self_dev(ev) for ev in avg if ev.device_type is not None
                and "CUDA" in str(ev.device_type)) / 1e3
     (out / f"{tag}.ops.txt").write_text("\n".join(text) + "\n")
+    total, by, cuda = count_launches(prof.events())
+    (out / f"{tag}.launches.txt").write_text(launch_table(tag, total, by, cuda))
     with tempfile.TemporaryDirectory() as tmp:
         raw = os.path.join(tmp, "trace.json")
         prof.export_chrome_trace(raw)
         with open(raw, "rb") as f, gzip.open(out / f"{tag}.trace.json.gz", "wb", 6) as g:
             shutil.copyfileobj(f, g)
     return {"ranges": ranges, "syncs": syncs, "gpu_kernel_ms": round(busy, 1),
-            "cpu_op_launches": sum(ev.count for ev in avg if ev.key.startswith("aten::"))}
+            "cpu_op_launches": sum(ev.count for ev in avg if ev.key.startswith("aten::")),
+            "launches": total, "launches_cuda": cuda,
+            "launches_top": [[ph, src, n] for (ph, src), n in by.most_common(12)]}
