@@ -83,6 +83,11 @@ class DecoderConfig:
     compile_layers: bool = False
     # on CUDA, the layers run on the real steps only, not the padded [B, T] grid (model/rows.py)
     packed_rows: bool = True
+    # on CUDA, the layers' RMS norms (the end's with the feed-forward bias, the residual add
+    # and the next layer's bf16 copy) as one Triton kernel each way (model/add_norm_triton.py).
+    # Off: 4% fewer launches a mixed step but the same GPU time, and end to end inside the
+    # spread (GPU_NOTES, calls P99-P102)
+    fused_add_norm: bool = False
 
 
 @dataclass

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from torch.profiler import record_function
 
 from . import layer_fused
+from .add_norm_triton import add_norm, add_norm_triton_ok
 from .attention import BankedAttention
 from .banked_triton import _save_blocks, banked_attention
 from .config import DecoderConfig
@@ -116,6 +117,16 @@ def rms_norm_low(x: Tensor, shape, weight: Tensor, eps: float | None) -> Tensor:
         return nn.functional.rms_norm(x, shape, weight.to(x.dtype), eps)
 
 
+def _low(x: Tensor) -> Tensor:
+    """x in autocast's dtype (x itself without autocast, or when x is in it already: the
+    stream is fp32 for text, whose embedding is a table, and bf16 for images and audio, whose
+    embeddings are linear layers). An fp32 stream is cast once for both its readers (the down
+    projection and the concatenation): two casts were two [M, d_model] passes forward and two
+    cast-backs plus an add backward, per layer and batch."""
+    dev = x.device.type
+    return x.to(torch.get_autocast_dtype(dev)) if torch.is_autocast_enabled(dev) else x
+
+
 def token_rows(m: int) -> int:
     """Rows the layers' matrices get for m block steps: m rounded up to a grid of ~3% steps
     (a multiple of 2^(bits(m) - 5), at least 64: under 1/16 extra). cuBLAS picks its kernel per new matrix shape
@@ -147,14 +158,28 @@ class BottleneckLayer(nn.Module):
         x is the block's steps flattened and padded with rows, [M >= B*T, d_model] (see
         :func:`token_rows`); the output is too. ``out``: the packed state's slots for S, z
         (:meth:`BankedAttention.forward`)."""
-        # under autocast x (the fp32 residual stream) is cast once for both its readers (the
-        # down projection and the concatenation): two casts were two [M, d_model] passes
-        # forward and two cast-backs plus an add backward, per layer and batch
-        dev = x.device.type
-        xl = x.to(torch.get_autocast_dtype(dev)) if torch.is_autocast_enabled(dev) else x
+        xl = _low(x)
         u = self.down(xl)
         a, S, z = self.attn(self.norm_core(u), S, z, mask, bt, out)
         return self._finish(x, u, a, xl), S, z
+
+    def forward_pair(self, x, xl, S, z, mask, bt, out=None, kernel: bool | None = None):
+        """:meth:`forward` on rows, carrying the stream both ways: x [M, d_model] (fp32 or,
+        from a linear embedding under autocast, bf16) and ``xl``, x in autocast's dtype (None:
+        cast here; x itself when x is already low) -> x, xl, S, z. The norms are
+        :func:`~.add_norm_triton.add_norm`: one kernel each way on CUDA (``kernel``: force it,
+        or the PyTorch reference), the layer's end with the feed-forward's bias, the residual
+        add and the next layer's cast in it. Same function as :meth:`forward`."""
+        xl = _low(x) if xl is None else xl
+        u = self.down(xl)  # [M, d_core]
+        un, _ = add_norm(u, None, None, self.norm_core.weight, self.norm_core.eps, u.dtype,
+                         kernel)
+        a, S, z = self.attn(un, S, z, mask, bt, out)
+        ff1, act, ff2 = self.ff
+        h = act(ff1(torch.cat([u + a, xl.to(u.dtype)], -1)))  # [M, d_ff]
+        f = nn.functional.linear(h, ff2.weight)  # [M, d_model]; its bias goes to add_norm
+        y, yl = add_norm(x, f, ff2.bias, self.norm.weight, self.norm.eps, xl.dtype, kernel)
+        return y, yl, S, z
 
     def forward_fused(self, x, S, z, mask, bt, form, out=None):
         """Same as :meth:`forward` with ``bt = (B, T)`` (x [M >= B*T, d_model] rows), through
@@ -201,6 +226,9 @@ class Decoder(nn.Module):
         # the layers through layer_fused: None = compiled on CUDA if cfg.compile_layers;
         # "eager" / "compiled" / "aot_eager" (tests) / "off" force a form
         self.fused_layers: str | None = None
+        # the layers' ends through add_norm (forward_pair): None = the kernels on CUDA rows if
+        # cfg.fused_add_norm; "kernel" / "reference" (PyTorch, tests) / "off" force a form
+        self.add_norm: str | None = None
         self.layers = nn.ModuleList(BottleneckLayer(cfg) for _ in range(cfg.layers))
         self.stack = ProcessingStack(cfg.stack, cfg.d_model) if cfg.stack.enabled else None
         self.norm_out = nn.RMSNorm(cfg.d_model) if self.stack is not None else nn.Identity()
@@ -250,11 +278,17 @@ class Decoder(nn.Module):
                 x = to_rows(x, lay, m)
             elif rows:  # padding rows: finite, never read back, zero gradient
                 x = nn.functional.pad(x.reshape(B * T, d), (0, 0, 0, m - B * T))
+            pair = self._pair_form(x, rows) if form is None else None
+            xl = None  # the stream in autocast's dtype, from the previous layer's add_norm
             for i, layer in enumerate(self.layers):
                 out = None if slots is None else (slots[f"S{i}"], slots[f"z{i}"])
                 if form is not None:
                     x, new[f"S{i}"], new[f"z{i}"] = layer.forward_fused(
                         x, st[f"S{i}"], st[f"z{i}"], mask, (B, T), form, out)
+                elif pair is not None:
+                    x, xl, new[f"S{i}"], new[f"z{i}"] = layer.forward_pair(
+                        x, xl, st[f"S{i}"], st[f"z{i}"], mask, bt, out,
+                        {"kernel": True, "reference": False}.get(pair))
                 else:
                     x, new[f"S{i}"], new[f"z{i}"] = layer(x, st[f"S{i}"], st[f"z{i}"], mask,
                                                           bt, out)
@@ -320,6 +354,15 @@ class Decoder(nn.Module):
         if sum(lengths) == B * T:
             return None
         return packed_rows(lengths, T, x.device)
+
+    def _pair_form(self, x: Tensor, rows: bool) -> str | None:
+        """How the layers end (:meth:`BottleneckLayer.forward_pair`): "auto" (the kernels
+        where they serve the operands), "kernel", "reference", or None for :meth:`forward`."""
+        mode = self.add_norm
+        if mode is None:
+            on = self.cfg.fused_add_norm and rows and x.is_cuda and add_norm_triton_ok(x, None)
+            mode = "auto" if on else "off"
+        return None if mode == "off" else mode
 
     def _fused_form(self, x: Tensor) -> str | None:
         """The form of :mod:`.layer_fused` for this call, or None for the plain layers."""

@@ -35,6 +35,7 @@ BENCH: dict[str, str] = {
     "gpu": "blocklm.tools.bench_gpu:bench_gpu",
     "train": "blocklm.tools.bench_train:bench_train",
     "heads": "blocklm.tools.bench_heads:bench_heads",
+    "add-norm": "blocklm.tools.bench_add_norm:bench_add_norm",
 }
 
 
