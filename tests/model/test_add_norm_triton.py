@@ -45,29 +45,19 @@ def test_decoder_through_add_norm_equals_the_plain_layers(packed):
     """forward_pair (the reference as the layers' end) against forward: outputs, state and
     every gradient, fp64 with the stack, on the row grid or on packed rows."""
     from .test_decoder import cfg
+    from .test_rows import decoder_runs, fp64_block_batch
 
     torch.manual_seed(0)
     dec = Decoder(cfg()).double()
     dec.grid_rows, dec.packed_rows = True, packed
-    B, T, lengths = 3, 10, [10, 4, 7]
-    mask = torch.arange(T)[None] < torch.tensor(lengths)[:, None]
-    x = torch.randn(B, T, 16, dtype=torch.float64, requires_grad=True)
-    state = (dec.initial_state(B, dtype=torch.float64)
-             + 0.05 * torch.rand(B, dec.layout.size, dtype=torch.float64)).requires_grad_(True)
+    lengths, mask, x, state = fp64_block_batch(dec)
     calls = []
     for layer in dec.layers:
         for norm in (layer.norm_core, layer.norm):
             norm.register_forward_hook(lambda m, i, o: calls.append("norm"))
-    res = []
-    for mode in ("off", "reference"):
-        dec.add_norm = mode
-        calls.clear()
-        h, s = dec(x, state, mask, lengths=lengths)
-        loss = h[mask].square().sum() + s.square().sum()
-        grads = torch.autograd.grad(loss, [x, state] + list(dec.parameters()))
-        res.append((h[mask], s, grads, len(calls)))
-    (h0, s0, g0, n0), (h1, s1, g1, n1) = res
-    assert n0 == 2 * len(dec.layers) and n1 == 0  # the pair path ran no norm module
+    (h0, s0, g0, n0), (h1, s1, g1, n1) = decoder_runs(dec, x, state, mask, lengths, calls,
+                                                      "add_norm", ("off", "reference"))
+    assert len(n0) == 2 * len(dec.layers) and n1 == []  # the pair path ran no norm module
     torch.testing.assert_close(h1, h0, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(s1, s0, rtol=1e-12, atol=1e-12)
     for a, b in zip(g1, g0):

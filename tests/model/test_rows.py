@@ -77,11 +77,25 @@ def test_packed_output_gather_and_its_gradient():
     assert not o.grad.transpose(1, 2)[~live].any() and o.grad.transpose(1, 2)[live].eq(1).all()
 
 
-def _decoder_runs(dec, x, state, mask, lengths, seen):
+def fp64_block_batch(dec):
+    """A block batch for an fp64 decoder: B=3, T=10, real steps [10, 4, 7] -> lengths, mask,
+    x [B,T,16] and a non-empty state, both requiring gradients."""
+    B, T, lengths = 3, 10, [10, 4, 7]
+    mask = torch.arange(T)[None] < torch.tensor(lengths)[:, None]
+    x = torch.randn(B, T, 16, dtype=torch.float64, requires_grad=True)
+    state = (dec.initial_state(B, dtype=torch.float64)
+             + 0.05 * torch.rand(B, dec.layout.size, dtype=torch.float64)).requires_grad_(True)
+    return lengths, mask, x, state
+
+
+def decoder_runs(dec, x, state, mask, lengths, seen, attr="packed_rows", values=(False, True)):
+    """The decoder on the batch once per value of its attribute ``attr``: per run the real
+    steps' outputs, the state, the gradients of x, state and every parameter, and what the
+    hooks put in ``seen`` (cleared before each run)."""
     outs = []
-    for packed in (False, True):
+    for value in values:
         dec.zero_grad()
-        dec.packed_rows = packed
+        setattr(dec, attr, value)
         seen.clear()
         h, s = dec(x, state, mask, lengths=lengths)
         loss = h[mask].square().sum() + s.square().sum()
@@ -97,15 +111,12 @@ def test_decoder_on_packed_rows_equals_the_dense_grid(grid):
     torch.manual_seed(0)
     dec = Decoder(cfg()).double()
     dec.grid_rows = grid
-    B, T, lengths = 3, 10, [10, 4, 7]
-    mask = torch.arange(T)[None] < torch.tensor(lengths)[:, None]
-    x = torch.randn(B, T, 16, dtype=torch.float64, requires_grad=True)
-    state = (dec.initial_state(B, dtype=torch.float64)
-             + 0.05 * torch.rand(B, dec.layout.size, dtype=torch.float64)).requires_grad_(True)
+    lengths, mask, x, state = fp64_block_batch(dec)
+    B, T = mask.shape
     seen = []
     dec.layers[0].down.register_forward_hook(
         lambda m, i, o: seen.append(i[0].numel() // i[0].shape[-1]))
-    (h0, s0, g0, rows0), (h1, s1, g1, rows1) = _decoder_runs(dec, x, state, mask, lengths, seen)
+    (h0, s0, g0, rows0), (h1, s1, g1, rows1) = decoder_runs(dec, x, state, mask, lengths, seen)
     assert rows0 == [64 if grid else B * T] and rows1 == [64 if grid else sum(lengths)]
     torch.testing.assert_close(h1, h0, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(s1, s0, rtol=1e-12, atol=1e-12)
