@@ -146,12 +146,25 @@ def _warps(RB: int, BD: int) -> int:
 _FLOATS = (torch.bfloat16, torch.float16, torch.float32)
 
 
+def _refusal(x: Tensor, f: Tensor | None) -> str | None:
+    """Why the kernels cannot take these operands (on any device: the interpreter runs them on
+    CPU tensors), or None."""
+    if not HAS_TRITON:
+        return "Triton is not installed"
+    if not (x.dim() == 2 and x.stride(1) == 1 and x.dtype in _FLOATS
+            and 0 < x.shape[1] <= 8192):
+        return (f"x must be rows [M, D <= 8192] of unit column stride in bf16/fp16/fp32; got "
+                f"{tuple(x.shape)} {x.dtype} with strides {x.stride()}")
+    if f is not None and not (f.shape == x.shape and f.stride(1) == 1 and f.dtype in _FLOATS):
+        return (f"f must be rows of x's shape {tuple(x.shape)} of unit column stride in "
+                f"bf16/fp16/fp32; got {tuple(f.shape)} {f.dtype} with strides {f.stride()}")
+    return None
+
+
 def add_norm_triton_ok(x: Tensor, f: Tensor | None) -> bool:
     """Whether :class:`AddNormTriton` serves these operands: CUDA, 2-D rows of unit column
     stride, floats up to fp32, a row that fits one tile."""
-    return (HAS_TRITON and x.is_cuda and x.dim() == 2 and x.stride(1) == 1
-            and x.dtype in _FLOATS and 0 < x.shape[1] <= 8192
-            and (f is None or (f.shape == x.shape and f.stride(1) == 1 and f.dtype in _FLOATS)))
+    return x.is_cuda and _refusal(x, f) is None
 
 
 class AddNormTriton(torch.autograd.Function):
@@ -214,10 +227,13 @@ def add_norm(x: Tensor, f: Tensor | None, bias: Tensor | None, weight: Tensor,
     """``rms_norm(x + f + bias) * weight`` in x's dtype and the same in ``low`` (see
     :func:`add_norm_reference`; the second is the first when low is x's dtype). ``eps`` None
     is the computing dtype's (fp32's for bf16 x: as :class:`~.decoder.RMSNorm`). ``kernel``:
-    the Triton kernels (None: where :func:`add_norm_triton_ok`)."""
+    the Triton kernels (None: where :func:`add_norm_triton_ok`; True on operands they cannot
+    take raises ValueError saying why)."""
     eps = torch.finfo(_wide(x.dtype)).eps if eps is None else eps
     if kernel is None:
         kernel = add_norm_triton_ok(x, f)
+    elif kernel and (why := _refusal(x, f)) is not None:
+        raise ValueError(f"add_norm's kernels: {why}")
     if not kernel:
         return add_norm_reference(x, f, bias, weight, eps, low)
     out = AddNormTriton.apply(x, f, bias, weight, eps, low)

@@ -148,10 +148,14 @@ class BottleneckLayer(nn.Module):
                                 nn.Linear(cfg.d_ff, cfg.d_model))
         self.norm = RMSNorm(cfg.d_model)
 
-    def _finish(self, x: Tensor, u: Tensor, a: Tensor, xl: Tensor | None = None) -> Tensor:
+    def _hidden(self, u: Tensor, a: Tensor, xl: Tensor) -> Tensor:
+        """The feed-forward's hidden layer on [u + a, xl] -> [..., d_ff]."""
         c = u + a  # [..., d_core]
-        xl = x if xl is None else xl
-        return self.norm(x + self.ff(torch.cat([c, xl.to(c.dtype)], -1)))
+        return self.ff[1](self.ff[0](torch.cat([c, xl.to(c.dtype)], -1)))
+
+    def _finish(self, x: Tensor, u: Tensor, a: Tensor, xl: Tensor | None = None) -> Tensor:
+        h = self._hidden(u, a, x if xl is None else xl)
+        return self.norm(x + self.ff[2](h))
 
     def forward(self, x, S, z, mask=None, bt=None, out=None):
         """x [B,T,d_model] -> x [B,T,d_model], S, z (chunked parallel). With ``bt = (B, T)``
@@ -175,9 +179,9 @@ class BottleneckLayer(nn.Module):
         un, _ = add_norm(u, None, None, self.norm_core.weight, self.norm_core.eps, u.dtype,
                          kernel)
         a, S, z = self.attn(un, S, z, mask, bt, out)
-        ff1, act, ff2 = self.ff
-        h = act(ff1(torch.cat([u + a, xl.to(u.dtype)], -1)))  # [M, d_ff]
-        f = nn.functional.linear(h, ff2.weight)  # [M, d_model]; its bias goes to add_norm
+        ff2 = self.ff[2]
+        f = nn.functional.linear(self._hidden(u, a, xl), ff2.weight)  # [M, d_model]; its
+        # bias goes to add_norm
         y, yl = add_norm(x, f, ff2.bias, self.norm.weight, self.norm.eps, xl.dtype, kernel)
         return y, yl, S, z
 
@@ -359,6 +363,9 @@ class Decoder(nn.Module):
         """How the layers end (:meth:`BottleneckLayer.forward_pair`): "auto" (the kernels
         where they serve the operands), "kernel", "reference", or None for :meth:`forward`."""
         mode = self.add_norm
+        if mode not in (None, "kernel", "reference", "off"):
+            raise ValueError(f"Decoder.add_norm is {mode!r}: expected None (auto), 'kernel', "
+                             "'reference' or 'off'")
         if mode is None:
             on = self.cfg.fused_add_norm and rows and x.is_cuda and add_norm_triton_ok(x, None)
             mode = "auto" if on else "off"

@@ -4,6 +4,8 @@ gradient), and the Triton kernels match the reference on CUDA and under Triton's
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -38,6 +40,26 @@ def test_reference_is_the_eager_layer_end():
 def test_cpu_operands_take_the_reference():
     x = torch.zeros(4, 8)
     assert not add_norm_triton_ok(x, x)
+
+
+@pytest.mark.parametrize("case", ["x", "f"])
+def test_kernels_forced_on_operands_they_do_not_serve_are_refused(case):
+    x = torch.zeros(4, 8)
+    bad = torch.zeros(8, 4).t()  # columns of stride 4
+    xs, fs = (bad, None) if case == "x" else (x, bad)
+    why = (f"{case} must be rows" + (" [M, D <= 8192]" if case == "x" else " of x's shape")
+           if HAS_TRITON else "Triton is not installed")
+    with pytest.raises(ValueError, match=r"add_norm's kernels: " + re.escape(why)):
+        add_norm(xs, fs, None, torch.ones(8), None, torch.float32, kernel=True)
+
+
+def test_unknown_add_norm_form_is_refused():
+    from .test_decoder import cfg
+
+    dec = Decoder(cfg(stack=False))
+    dec.add_norm = "kernels"
+    with pytest.raises(ValueError, match="Decoder.add_norm is 'kernels'"):
+        dec(torch.randn(2, 3, 16), dec.initial_state(2))
 
 
 @pytest.mark.parametrize("packed", [False, True])
