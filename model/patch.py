@@ -31,6 +31,12 @@ from .patch_triton import triton
 from .sampling import sample_logits
 from .support import ModeSupport, grid_rows
 
+# A compiled slice indexes its tensors with int32 while each has under 2**31 elements; the first
+# slice whose logits reach 2**31 makes Inductor compile the graph again with int64 indexes
+# (~1 s on the H200, inside a timed window: gpu_mixed4's largest audio batch, 1,008 clips x 65
+# steps, 65,536 grid rows x 128 elements x 256 values = 2**31 exactly; GPU_NOTES, P103-P108)
+INDEX_LIMIT = 2**31 - 1
+
 
 class ElementHead(nn.Module):
     """Within-step autoregressive head over E elements of a 256-value vocabulary."""
@@ -154,13 +160,24 @@ class PatchSupport(ModeSupport):
         fn = slice_bits_fn(self._form(h), low_precision(h.device.type))
         return fn(hp, tg, mk, *self.head.params())[:n].view(B, t).sum(1)
 
+    def slice_steps(self, B: int, T: int, like: Tensor) -> int:
+        """Steps per loss slice of a [B, T] batch: ``loss_chunk``, fewer where a slice's logits
+        ([rows, E, 256], its rows padded to the row grid on CUDA) would reach
+        :data:`INDEX_LIMIT` elements, so that every slice fits the compiled graph's int32
+        indexes (and the fused kernels' int32 row offsets)."""
+        c = max(1, min(self.loss_chunk, T))
+        per_row = self.elements_per_step * self.vocab
+        while c > 1 and grid_rows(B * c, like) * per_row > INDEX_LIMIT:
+            c -= 1
+        return c
+
     def bits(self, h: Tensor, batch: BlockBatch, rows=None) -> tuple[Tensor, Tensor]:
-        """Bits in slices of ``loss_chunk`` steps, each checkpointed, so the [B,T,E,256] logits
-        of a large image never exist at once (forward or saved for backward). The Triton form
-        saves a few floats per element, not logits: its slices are not checkpointed (they bound
-        the backward's buffers). ``rows`` is not used: the head runs on the [B, T] grid (image
-        batches have no padding steps, audio ~3%)."""
-        T, c = h.shape[1], self.loss_chunk
+        """Bits in slices of ``loss_chunk`` steps (:meth:`slice_steps`), each checkpointed, so
+        the [B,T,E,256] logits of a large image never exist at once (forward or saved for
+        backward). The Triton form saves a few floats per element, not logits: its slices are
+        not checkpointed (they bound the backward's buffers). ``rows`` is not used: the head
+        runs on the [B, T] grid (image batches have no padding steps, audio ~3%)."""
+        T, c = h.shape[1], self.slice_steps(h.shape[0], h.shape[1], h)
         if T <= c:
             return self._slice_bits(h, batch.targets, batch.mask), batch.elements
         total = h.new_zeros(h.shape[0], dtype=torch.float32)

@@ -77,6 +77,53 @@ def test_padded_rows_cost_nothing(monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
+def test_no_slice_reaches_2_31_logits_on_the_row_grid(monkeypatch):
+    """The small preset's largest audio batch of gpu_mixed4 (1,008 clips x 65 steps, 128
+    elements a step) was one slice of 65,536 grid rows: 2**31 logits, past int32 indexing, so
+    Inductor compiled the graph again inside the timed window (~1 s, GPU_NOTES P103-P108). Every
+    slice now stays under the limit on the CUDA row grid; on the CPU (no grid) it is one slice."""
+    from blocklm.model.decoder import token_rows
+
+    sup = AudioSupport(AudioConfig(frame=64, max_channels=2, head_width=16), 8)
+    B, T, E = 1008, 65, sup.elements_per_step
+    assert E == 128
+    seen = []
+
+    def record(h, targets, mask):  # the slice's shape, not its arithmetic
+        seen.append(h.shape[1])
+        return h.new_zeros(h.shape[0])
+
+    monkeypatch.setattr(sup, "_slice_bits", record)
+    z = torch.zeros(1, 1, E, dtype=torch.long).expand(B, T, E)  # views: nothing allocated
+    batch = BlockBatch(sup.name, [(T * 64, 2)] * B, z, torch.zeros(B, T, dtype=torch.bool),
+                       torch.zeros(B, T, 1), torch.zeros(B, sup.cond_dims), z, z.bool(),
+                       torch.ones(B, T, dtype=torch.bool), torch.ones(B))
+    h = torch.zeros(1, 1, 8).expand(B, T, 8)
+    sup.bits(h, batch)
+    assert seen == [T]  # CPU: no grid rows, 65,520 x 128 x 256 < 2**31
+    seen.clear()
+    monkeypatch.setattr(patch_mod, "grid_rows", lambda n, like: token_rows(n))  # as on CUDA
+    sup.bits(h, batch)
+    assert sum(seen) == T and len(seen) == 2
+    for t in seen:
+        assert token_rows(B * t) * E * 256 <= patch_mod.INDEX_LIMIT < 2**31
+    assert token_rows(B * T) * E * 256 == 2**31  # the one slice it was
+
+
+def test_slices_cut_by_the_index_limit_give_the_same_bits(monkeypatch):
+    """Slices shortened for the index limit are ordinary slices: bits and gradients as one."""
+    sup = _support(loss_chunk=256)
+    batch = _batch(sup, 3, 7)
+    h = torch.randn(3, 7, 32, requires_grad=True)
+    ref = _run(sup, h, batch, "eager")
+    per_step = 3 * sup.elements_per_step * 256
+    monkeypatch.setattr(patch_mod, "INDEX_LIMIT", 2 * per_step)  # 2 steps a slice: 2+2+2+1
+    assert sup.slice_steps(3, 7, h) == 2
+    got = _run(sup, h, batch, "eager")
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_explicit_casts_match_autocast():
     """Under bf16 autocast the function casts explicitly (what Inductor compiles): the same
     values as the module's logits under autocast, gradients to bf16 rounding."""
