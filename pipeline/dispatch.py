@@ -123,8 +123,16 @@ class Dispatcher:
         # consumer between steps: the trainer's room left in its optimizer step's window, whose
         # activations are all alive until its backward (tools/train/loop.py, train.window_max)
         self.batch_limit: int | None = None
+        # per-mode overrides of batch_limit, set by the consumer the same way (the trainer's
+        # train.window_mode_max: image batches, whose stack costs per batch, get more room)
+        self.mode_batch_limit: dict[str, int] = {}
 
     # -- requests ------------------------------------------------------------------------------
+    def limit_of(self, mode: str) -> int | None:
+        """The most padded tokens ``mode``'s next batch may cost (None: its budget):
+        :attr:`mode_batch_limit`'s entry for the mode, else :attr:`batch_limit`."""
+        return self.mode_batch_limit.get(mode, self.batch_limit)
+
     def _now(self) -> float:
         return time.monotonic() if self._wall else self.clock
 
@@ -253,7 +261,7 @@ class Dispatcher:
         else:
             reason = ("full" if b.full else "ttl" if u == 2 else
                       "drain" if self._exhausted else "stall")
-            reqs, pshape, pcost, cost = b.take(self.batch_limit)
+            reqs, pshape, pcost, cost = b.take(self.limit_of(mode))
             if not b.q:
                 del self._nonempty[b]
             pshape, pcost, cost = coalesce_into(self, b, reason, reqs, pshape, pcost, cost)

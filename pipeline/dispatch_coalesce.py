@@ -11,7 +11,8 @@ can share a batch for some padding: the question is how much padding one batch f
 Rule. ``coalesce_tokens`` (``DispatchConfig``; ``mode_coalesce_tokens`` per mode) is that
 price: ``lam`` padded tokens per batch saved. The mode's non-full pending buckets (the batch just taken from the seed counts as one) are
 sorted by their largest shape's cost, longest first, and split into runs of consecutive buckets
-(each run fits the budget, the sample cap and the consumer's ``batch_limit``) minimising ``padding + lam * runs`` by dynamic
+(each run fits the budget, the sample cap and the consumer's ``batch_limit`` or the mode's
+``mode_batch_limit``) minimising ``padding + lam * runs`` by dynamic
 programming over the buckets (``O(buckets^2)``: narrow buckets, ~25-80 per mode). The run that
 holds the seed is the batch: every request of its buckets goes with it. Padding is estimated from
 the buckets' max shapes (upper bounds); the batch's real padded shape is the elementwise max of
@@ -78,7 +79,7 @@ def coalesce_into(d: Dispatcher, seed: Bucket, reason: str, reqs: list[Request],
              for b in others]
     units.append((padded // len(reqs), seed.key, None, len(reqs), total, shape))
     units.sort(key=lambda u: (-u[0], u[1]))
-    limit = d.batch_limit
+    limit = d.limit_of(seed.mode)
     budget = seed.budget if limit is None else max(min(seed.budget, limit), padded)
     ends = _runs([u[3:] for u in units], cost, budget, seed.cap, lam)
     start = 0

@@ -27,7 +27,7 @@ def simulate_dispatch(preset: str, data: str, extra: list[str], epochs: int = 1,
     from blocklm.tools.train.chain import EpochChain, training_dispatch
     from blocklm.tools.train.config import build_config
     from blocklm.tools.train.loop import RunSpec, make_buckets, make_source
-    from blocklm.tools.train.loop_util import window_limited
+    from blocklm.tools.train.loop_util import window_limited, window_rooms
 
     cfg = build_config(preset, extra)
     cfg.dispatch.decode = False  # the runners never look at the contents
@@ -61,10 +61,10 @@ def simulate_dispatch(preset: str, data: str, extra: list[str], epochs: int = 1,
     disp = Dispatcher({m: runner for m in supports}, buckets, training_dispatch(cfg), cost=cost)
     source = make_source(RunSpec(preset, [data]), cfg, remote)
     t = cfg.train
-    room = None if t.window_max is None else int(t.window_max * t.tokens_per_step)
+    room, mode_rooms = window_rooms(t)
 
     def limited(run):
-        for st in window_limited(run, disp, room, lambda: window[0]):
+        for st in window_limited(run, disp, room, lambda: window[0], mode_rooms):
             yield st
             if window[0] >= t.tokens_per_step:  # the trainer's optimizer step
                 if counting[0]:

@@ -52,3 +52,32 @@ def test_coalescing_stays_within_the_limit():
     assert len([s for s in steps if s.batch]) == 2
     d, log = make(samples, spec=SPEC, budget=1000, max_in_flight=8, coalesce_tokens=1000)
     assert len([s for s in d.run(samples) if s.batch]) == 1  # no limit: one batch of 36
+
+
+def test_a_modes_own_limit_replaces_the_general_one_for_that_mode_only():
+    """``mode_batch_limit`` (the trainer's ``train.window_mode_max``): image batches get their
+    own room, text batches keep ``batch_limit``."""
+    from blocklm.formats import Block
+
+    img = [sample(f"i{k}", Block("image", (2, 5, 1), "raw", b"")) for k in range(6)]
+    txt = [sample(f"t{k}", text(10)) for k in range(6)]
+    spec = BucketSpec.explicit({"text": [[10, 11, 12, 20, 40, 60]], "image": [[2], [5], [1]]})
+    d, log = make(img + txt, spec=spec, budget=60, max_in_flight=12)
+    assert d.limit_of("image") is None
+    run = d.run(img + txt)
+    d.batch_limit, d.mode_batch_limit = 25, {"image": 45}
+    assert (d.limit_of("image"), d.limit_of("text")) == (45, 25)
+    first, second = next(run), next(run)
+    sizes = {s.batch.mode: len(s.batch.requests) for s in (first, second)}
+    assert sizes == {"image": 4, "text": 2}  # 4 x 10 <= 45; 2 x 10 <= 25
+    d.batch_limit, d.mode_batch_limit = None, {}
+    list(run)
+    assert sorted(r.key for b in log for r in b.requests) == sorted(s.key for s in img + txt)
+
+
+def test_coalescing_stays_within_a_modes_own_limit():
+    samples = [sample(f"e{n}", text(n)) for n in (10, 11, 12)]
+    d, log = make(samples, spec=SPEC, budget=1000, max_in_flight=8, coalesce_tokens=1000)
+    d.batch_limit, d.mode_batch_limit = 1000, {"text": 24}
+    steps = [s for s in d.run(samples) if s.batch]
+    assert all(s.batch.padded_cost <= 24 for s in steps) and len(steps) == 2

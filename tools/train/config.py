@@ -74,6 +74,13 @@ class TrainConfig:
     # for 65,536 (`small` with the stack ran out of the H200's 140 GiB after ~30 steps). None:
     # no cap
     window_max: float | None = 1.5
+    # per-mode overrides of window_max: a batch of the mode may fill the window up to this many
+    # times tokens_per_step (the window still closes once it reaches tokens_per_step). For image
+    # batches, whose stack costs the same ~111 ms at 32 or 51 images (one SM an example): on the
+    # H200 window_max 2.0 for every mode with a 131,072-token image budget ran +4.5% on mixed
+    # data, peak 103 -> 120 GiB (GPU_NOTES P109); this gives the room to image batches alone
+    # (opt-in: not yet measured on the H200)
+    window_mode_max: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -197,6 +204,11 @@ def build_config(preset: str, overrides: list[str] | tuple[str, ...] = ()) -> Ru
     if w is not None and not w >= 1:  # under 1 a window could not reach tokens_per_step
         raise ValueError(f"train.window_max must be at least 1 (a window holds at least "
                          f"tokens_per_step padded tokens) or none, got {w!r}")
+    for m, f in cfg.train.window_mode_max.items():
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not f >= 1:
+            raise ValueError(f"train.window_mode_max[{m!r}] must be a number >= 1 (a batch of "
+                             f"{m} may fill the window up to that many times tokens_per_step), "
+                             f"got {f!r}")
     h = cfg.train.host_threads
     if h is not None and not (isinstance(h, int) and h >= 1):
         raise ValueError(f"train.host_threads must be a whole number >= 1 or none, got {h!r}")

@@ -58,6 +58,7 @@ from .loop_util import (
     _unpack_contexts,
     host_threads,
     window_limited,
+    window_rooms,
 )
 from .metrics import MetricsLog
 from .readahead import EpochReadAhead
@@ -310,10 +311,9 @@ class Trainer:
         src, offset, prefetch = self._source()
         run = self.disp.run(src, offset=offset, prefetch=prefetch)
         try:
-            cap = self.t.window_max  # the window's room for batches (loop_util.window_limited)
-            for st in window_limited(run, self.disp, None if cap is None else
-                                     int(cap * self.t.tokens_per_step),
-                                     lambda: self.runners.window.tokens):
+            room, mode_rooms = window_rooms(self.t)  # the window's room for batches
+            for st in window_limited(run, self.disp, room, lambda: self.runners.window.tokens,
+                                     mode_rooms):
                 self.runners.finish([f.state for f in st.finished
                                      if f.error is None and isinstance(f.state, Context)])
                 if st.batch is None:  # a rank-local tail step: no collectives here

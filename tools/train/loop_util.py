@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import gc
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -70,18 +70,31 @@ def _dispatch_metrics(m: dict[str, Any]) -> dict[str, Any]:
 
 
 def window_limited(run: Iterator[Any], disp: Any, room: int | None,
-                   used: Callable[[], int]) -> Iterator[Any]:
+                   used: Callable[[], int],
+                   mode_rooms: Mapping[str, int] | None = None) -> Iterator[Any]:
     """``run``'s steps (a dispatcher run of ``disp``), each next batch limited to the padded
     tokens left of ``room`` in the optimizer step's window (``used()``: those run in it so far;
-    ``room`` None: no limit). The limit is set when the consumer asks for the next step, after
-    any optimizer step it took, and before the dispatcher forms that batch; it depends only on
-    the batches, so a resumed run (whose checkpoint sits at a window boundary) sets the same."""
+    ``room`` None: no limit), or of ``mode_rooms[mode]`` for a batch of that mode. The limit is
+    set when the consumer asks for the next step, after any optimizer step it took, and before
+    the dispatcher forms that batch; it depends only on the batches, so a resumed run (whose
+    checkpoint sits at a window boundary) sets the same."""
+    rooms = dict(mode_rooms or {})
     while True:
-        disp.batch_limit = None if room is None else max(1, room - used())
+        u = used()
+        disp.batch_limit = None if room is None else max(1, room - u)
+        disp.mode_batch_limit = {m: max(1, r - u) for m, r in rooms.items()}
         st = next(run, None)
         if st is None:
             return
         yield st
+
+
+def window_rooms(t: Any) -> tuple[int | None, dict[str, int]]:
+    """A :class:`~.config.TrainConfig`'s window rooms in padded tokens: every batch's
+    (``window_max`` x ``tokens_per_step``; None: no cap) and the modes' own
+    (``window_mode_max``)."""
+    room = None if t.window_max is None else int(t.window_max * t.tokens_per_step)
+    return room, {m: int(f * t.tokens_per_step) for m, f in t.window_mode_max.items()}
 
 
 class HostThreads:

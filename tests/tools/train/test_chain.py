@@ -322,32 +322,45 @@ def test_two_process_chained_resume_is_exact(tmp_path, dataset, tokenizer):
     assert all(torch.equal(pa[k], pb[k]) for k in pa)
 
 
-def test_windows_are_capped_at_window_max_times_tokens_per_step(tmp_path, dataset, tokenizer):
-    """A window's batches keep their activations until its backward, so train.window_max caps
-    its padded tokens (here 1.5 x 60 = 90): uncapped, the batch that crosses tokens_per_step
-    took the window past it (chained mixed windows reached 2x on the H200, out of memory)."""
+def _largest_window(run_dir, dataset, tokenizer, *overrides) -> int:
+    """Padded tokens of the largest full window of 12 steps with ``overrides`` (tokens_per_step
+    60, batches as large as a window)."""
     from collections import Counter
 
     from blocklm.tools.train.loop import Trainer
 
-    most = {}
-    for cap in ("1.5", "none"):
-        spec = _spec(dataset, tokenizer, f"train.window_max={cap}", "train.tokens_per_step=60",
-                     "dispatch.max_in_flight=30")  # batches as large as a window
-        tr = Trainer(tmp_path / cap, spec, resume=False, remote=None, progress=False,
-                     tensorboard=False)
-        tokens: Counter = Counter()
-        run = tr.runners.run
+    spec = _spec(dataset, tokenizer, *overrides, "train.tokens_per_step=60",
+                 "dispatch.max_in_flight=30")
+    tr = Trainer(run_dir, spec, resume=False, remote=None, progress=False, tensorboard=False)
+    tokens: Counter = Counter()
+    run = tr.runners.run
 
-        def on_run(mode, batch, run=run, tr=tr, tokens=tokens):
-            tokens[tr.runners.window.index] += batch.padded_cost
-            return run(mode, batch)
-        tr.runners.run = on_run
-        tr.fit(steps=12, minutes=None)
-        full = [v for k, v in tokens.items() if k < max(tokens)]  # the last may be partial
-        assert len(full) >= 11 and min(full) >= 60
-        most[cap] = max(full)
+    def on_run(mode, batch):
+        tokens[tr.runners.window.index] += batch.padded_cost
+        return run(mode, batch)
+    tr.runners.run = on_run
+    tr.fit(steps=12, minutes=None)
+    full = [v for k, v in tokens.items() if k < max(tokens)]  # the last may be partial
+    assert len(full) >= 11 and min(full) >= 60
+    return max(full)
+
+
+def test_windows_are_capped_at_window_max_times_tokens_per_step(tmp_path, dataset, tokenizer):
+    """A window's batches keep their activations until its backward, so train.window_max caps
+    its padded tokens (here 1.5 x 60 = 90): uncapped, the batch that crosses tokens_per_step
+    took the window past it (chained mixed windows reached 2x on the H200, out of memory)."""
+    most = {cap: _largest_window(tmp_path / cap, dataset, tokenizer, f"train.window_max={cap}")
+            for cap in ("1.5", "none")}
     assert most["1.5"] <= 90 < most["none"]
+
+
+def test_a_modes_window_room_replaces_window_max_for_its_batches(tmp_path, dataset, tokenizer):
+    """train.window_mode_max gives one mode's batches their own room (here text 2.5 x 60 =
+    150, against 90 for the rest): the trainer's windows then grow past window_max."""
+    capped = _largest_window(tmp_path / "a", dataset, tokenizer, "train.window_max=1.5")
+    roomy = _largest_window(tmp_path / "b", dataset, tokenizer, "train.window_max=1.5",
+                            'train.window_mode_max={"text": 2.5}')
+    assert capped <= 90 < roomy <= 150
 
 
 def test_a_window_cap_under_one_step_is_refused():
@@ -356,3 +369,8 @@ def test_a_window_cap_under_one_step_is_refused():
     with pytest.raises(ValueError, match="window_max must be at least 1"):
         build_config("tiny", ["train.window_max=0.5"])
     assert build_config("tiny", ["train.window_max=none"]).train.window_max is None
+    for bad in ("0.5", "true", '"2"'):
+        with pytest.raises(ValueError, match="window_mode_max\\['image'\\] must be a number >= 1"):
+            build_config("tiny", [f'train.window_mode_max={{"image": {bad}}}'])
+    assert build_config("tiny", ['train.window_mode_max={"image": 2}']).train.window_mode_max \
+        == {"image": 2}
