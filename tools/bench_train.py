@@ -124,6 +124,18 @@ def _captures(model) -> int:
     return sum(graph_captures(m) for m in model.modules() if isinstance(m, ProcessingStack))
 
 
+def _compiles() -> int:
+    """Graphs Dynamo has compiled in this process so far (a recompile counts: a new shape past a
+    guard). One inside a timed window is a one-off stall of ~1-7 s that a long run pays once;
+    gpu_mixed4's largest audio batch did this in most windows until its loss slices stayed
+    under 2**31 logits (GPU_NOTES P108)."""
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:  # pragma: no cover - a torch without Dynamo
+        return 0
+    return int(counters["stats"]["unique_graphs"])
+
+
 def run_variant(data: str, variant: str, extra: list[str], warmup: int, steps: int,
                 seconds: float, profile_steps: int, preset: str = "small",
                 trace: str | None = None, idle: bool = False) -> dict:
@@ -157,10 +169,12 @@ def run_variant(data: str, variant: str, extra: list[str], warmup: int, steps: i
             if n == warmup:
                 state["warmup_s"] = now - state["t0"]
                 state["captures"] = _captures(tr.model)
+                state["compiles"] = _compiles()
                 state["alloc"] = alloc_counts()
             act = phases.after(n, now)
             if act in ("profile", "stop"):  # the timed window's stack graph captures
                 state["captures"] = _captures(tr.model) - state.get("captures", 0)
+                state["compiles"] = _compiles() - state.get("compiles", 0)
                 # the caching allocator over the timed steps (mallocs, frees, retries)
                 state["alloc"] = alloc_per_step(state.get("alloc"), alloc_counts(), n - warmup)
             if act == "profile":
@@ -206,6 +220,7 @@ def run_variant(data: str, variant: str, extra: list[str], warmup: int, steps: i
                      "chain_epochs": tr.t.chain_epochs, "overrides": list(extra),
                      "warmup_s": round(state.get("warmup_s", -1.0), 1)}
         res["stack_graph_captures"] = state.get("captures")  # in the timed steps
+        res["compiles"] = state.get("compiles")  # Dynamo graphs compiled in the timed steps
         res["allocator_per_step"] = state.get("alloc")  # CUDA allocator counters, timed steps
         res["synced_steps"] = timer.sync
         # samples the dispatcher rejected (bad data, counted by kind): a run that lost a mode
@@ -299,6 +314,9 @@ def bench_train(preset, datas, variants, extra, warmup, steps, seconds, profile_
                    f"{r['share_model_calls']:>6.2f} {r['share_backward_optimizer']:>7.2f} "
                    f"{r['share_data_wait']:>6.2f} {r['batches_per_step']:>12}"
                    + (f"  rejected {r['rejected']}" if r.get("rejected") else ""))
+        if r.get("compiles"):
+            click.echo(f"{'':<22} {r['compiles']} graph compile(s) inside the timed window: "
+                       f"one-off stalls a long run pays once (see slowest_batches)")
         if r.get("idle", {}).get("busy_share") is not None:
             i = r["idle"]
             click.echo(f"{'':<22} GPU busy {i['busy_share']:.1%}, idle in the data work "

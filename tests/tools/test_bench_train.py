@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import json
 import time
 from types import SimpleNamespace
 
@@ -178,3 +179,43 @@ def test_allocator_counters_per_step_are_deltas_over_the_timed_steps():
     assert alloc_per_step(before, after, 0) is None
     import torch
     assert (alloc_counts() is None) == (not torch.cuda.is_available())
+
+
+def test_compiles_count_dynamo_graphs_and_a_recompile():
+    """``compiles`` in a run's figures: the graphs Dynamo compiled inside the timed window (a
+    new shape past a guard recompiles; GPU_NOTES P108 found one in most mixed windows)."""
+    import torch
+
+    from blocklm.tools.bench_train import _compiles
+
+    f = torch.compile(lambda x: (x * 2).sum(), backend="eager", dynamic=True)
+    before = _compiles()
+    f(torch.zeros(3))
+    f(torch.zeros(5))  # the same graph: dynamic sizes
+    assert _compiles() - before == 1
+    f(torch.zeros(5, 2))  # another rank: compiled again
+    assert _compiles() - before == 2
+
+
+def test_a_compile_inside_the_timed_window_is_counted_and_shown(tmp_path, tokenizer, monkeypatch):
+    from click.testing import CliRunner
+
+    from blocklm.formats import Sample, ShardWriter, text_block
+    from blocklm.tools import bench_train as bt
+    from blocklm.tools.bench_turnover import TINY
+
+    with ShardWriter(tmp_path / "d", max_samples=64) as w:
+        for i in range(40):
+            w.write(Sample(f"s{i:03d}", [text_block("to be or not to be, " * (1 + i % 5))]))
+    seen = iter(range(5, 100, 2))  # 5 at the warm-up's end, 7 at the window's: two compiles
+    monkeypatch.setattr(bt, "_compiles", lambda: next(seen))
+    sets = [a for o in TINY if "log_every" not in o for a in ("--set", o)]
+    out = tmp_path / "r.json"
+    r = CliRunner().invoke(bt.bench_train, ["--preset", "tiny", "--data", str(tmp_path / "d"),
+                                            "--variants", "off", "--warmup", "1", "--steps", "1",
+                                            "--seconds", "30", "--out", str(out), *sets, "--set",
+                                            f"model.modes.text.tokenizer_path={tokenizer}"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(out.read_text())[0]
+    assert res["compiles"] == 2
+    assert "2 graph compile(s) inside the timed window" in r.output
