@@ -205,6 +205,9 @@ def build_config(preset: str, overrides: list[str] | tuple[str, ...] = ()) -> Ru
         raise ValueError(f"train.window_max must be at least 1 (a window holds at least "
                          f"tokens_per_step padded tokens) or none, got {w!r}")
     for m, f in cfg.train.window_mode_max.items():
+        if m not in cfg.model.modes:  # a misspelt mode would silently change nothing
+            raise ValueError(f"train.window_mode_max names mode {m!r}, which the model does not "
+                             f"have (its modes: {sorted(cfg.model.modes)})")
         if isinstance(f, bool) or not isinstance(f, (int, float)) or not f >= 1:
             raise ValueError(f"train.window_mode_max[{m!r}] must be a number >= 1 (a batch of "
                              f"{m} may fill the window up to that many times tokens_per_step), "

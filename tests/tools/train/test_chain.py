@@ -374,3 +374,5 @@ def test_a_window_cap_under_one_step_is_refused():
             build_config("tiny", [f'train.window_mode_max={{"image": {bad}}}'])
     assert build_config("tiny", ['train.window_mode_max={"image": 2}']).train.window_mode_max \
         == {"image": 2}
+    with pytest.raises(ValueError, match="names mode 'images', which the model does not have"):
+        build_config("tiny", ['train.window_mode_max={"images": 2}'])
