@@ -123,8 +123,7 @@ class Dispatcher:
         # consumer between steps: the trainer's room left in its optimizer step's window, whose
         # activations are all alive until its backward (tools/train/loop.py, train.window_max)
         self.batch_limit: int | None = None
-        # per-mode overrides of batch_limit, set by the consumer the same way (the trainer's
-        # train.window_mode_max: image batches, whose stack costs per batch, get more room)
+        # per-mode overrides of batch_limit, set the same way (train.window_mode_max)
         self.mode_batch_limit: dict[str, int] = {}
 
     # -- requests ------------------------------------------------------------------------------
