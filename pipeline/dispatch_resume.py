@@ -45,7 +45,9 @@ _CONFIG_KEYS = ("max_in_flight", "budget", "mode_budget", "max_batch_samples",
                 "mode_max_samples", "ttl_steps", "ttl_seconds", "max_blocks")
 
 
-def _config_fingerprint(d: Dispatcher) -> dict[str, Any]:
+def config_fingerprint(d: Dispatcher) -> dict[str, Any]:
+    """The settings of ``d``'s config that form its batches (saved with its state: a state
+    resumes only under the same)."""
     fp = {k: getattr(d.config, k) for k in _CONFIG_KEYS}
     if d.config.coalesce_tokens is not None:  # absent when off: older states still load
         fp["coalesce_tokens"] = d.config.coalesce_tokens
@@ -87,7 +89,7 @@ def save_state(d: Dispatcher, samples: bool = False,
     return {
         **extra,
         "version": VERSION,
-        "config": _config_fingerprint(d),
+        "config": config_fingerprint(d),
         "clock": d.clock,
         "seq": d._seq,
         "drawn": d.drawn,
@@ -120,9 +122,9 @@ def restore_examples(d: Dispatcher, rs: dict[str, Any], it: Iterator) -> None:
     """Rebuild ``d`` from state ``rs``, reading the in-flight samples from ``it``."""
     if rs.get("version") != VERSION:
         raise ValueError(f"dispatcher state version {rs.get('version')!r}, expected {VERSION}")
-    if rs["config"] != _config_fingerprint(d):
+    if rs["config"] != config_fingerprint(d):
         raise ValueError(f"dispatcher state was saved with config {rs['config']}, "
-                         f"this dispatcher has {_config_fingerprint(d)}")
+                         f"this dispatcher has {config_fingerprint(d)}")
     need = {e["example"]: e for e in rs["in_flight"]}
     got: dict[int, tuple[Any, Any]] = {}
     while len(got) < len(need):

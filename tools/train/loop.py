@@ -42,6 +42,7 @@ from blocklm.pipeline.dispatch import Dispatcher
 from blocklm.pipeline.dispatch_admit import plan_admission
 from blocklm.pipeline.dispatch_dist import torch_agree
 
+from .batching import check_batching, window_record
 from .chain import EpochChain, training_dispatch
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import RunConfig, build_config
@@ -168,7 +169,8 @@ class Trainer:
         state = self.disp.state_dict()
         mine = {"step": self.step, "world": self.coll.world, "rng": rng_state(),
                 "dispatcher": _pack_contexts(state),
-                "loader": {"epoch": self.epoch, "stats": _loader_stats(self.source)}}
+                "loader": {"epoch": self.epoch, "stats": _loader_stats(self.source),
+                           "windows": window_record(self.t)}}
         if self.chain is not None:  # where each epoch still needed starts (chain.py)
             mine["loader"]["chain"] = self.chain.state(Dispatcher.resume_position(state),
                                                        state["drawn"])
@@ -213,6 +215,8 @@ class Trainer:
             raise ValueError(f"{self.run}: the checkpoint was written with chained epochs "
                              f"(train.chain_epochs=true; epochs {[e for e, _ in chain]} in "
                              f"flight): resume it with train.chain_epochs=true")
+        check_batching(self.run, mine.get("loader", {}).get("windows"),
+                       mine["dispatcher"]["config"], self.disp, self.t, self.spec.overrides)
         self.runners.window.index = ck["window"]
         self.disp.load_state_dict(_unpack_contexts(mine["dispatcher"]))
 

@@ -1,0 +1,106 @@
+"""A resumed run refuses settings that would form other batches than the saved run's
+(tools/train/batching.py), naming each and the overrides that restore it."""
+
+from __future__ import annotations
+
+import json
+import re
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from blocklm.formats import Sample, ShardWriter, text_block
+from blocklm.pipeline.dispatch_resume import config_fingerprint
+from blocklm.tools.train.batching import batching_differences, window_record
+from blocklm.tools.train.config import TrainConfig, build_config
+from blocklm.tools.train.loop import RunSpec, train
+from blocklm.tools.train.metrics import read_metrics
+
+
+def _disp(**kw):
+    cfg = build_config("tiny", [f"dispatch.{k}={json.dumps(v)}" for k, v in kw.items()])
+    return SimpleNamespace(config=cfg.dispatch)
+
+
+def test_no_difference_no_complaint():
+    t, d = TrainConfig(window_mode_max={"image": 2.0}), _disp()
+    assert batching_differences(window_record(t), config_fingerprint(d), d, t, []) == []
+
+
+def test_each_difference_is_named_with_the_override_that_restores_it():
+    saved_t = TrainConfig(window_max=1.5, window_mode_max={})
+    saved_d = config_fingerprint(_disp(mode_budget={"image": 98304}, max_batch_samples=1024))
+    now = TrainConfig(window_max=1.5, window_mode_max={"image": 2.0})  # chained (the default)
+    d = _disp(mode_budget={"image": 131072}, max_batch_samples=1536,
+              mode_stall_weight={"image": 0.25})
+    diffs = {k: (s, n, o) for k, s, n, o in
+             batching_differences(window_record(saved_t), saved_d, d, now, [])}
+    assert diffs["window_mode_max"] == ({}, {"image": 2.0}, "train.window_mode_max={}")
+    assert diffs["mode_budget"][2] == 'dispatch.mode_budget={"image": 98304}'
+    # chained, the dispatcher's cap comes from train.chain_batch_samples
+    assert diffs["max_batch_samples"] == (1024, 1536, "train.chain_batch_samples=1024")
+    # a key the older state left out when unset: its unset value, restorable
+    assert diffs["mode_stall_weight"] == ({}, {"image": 0.25}, "dispatch.mode_stall_weight={}")
+    assert set(diffs) == {"window_mode_max", "mode_budget", "max_batch_samples",
+                          "mode_stall_weight"}
+
+
+def test_a_checkpoint_without_a_window_record_had_no_mode_rooms_unless_its_run_set_them():
+    t, d = TrainConfig(window_mode_max={"image": 2.0}), _disp()
+    fp = config_fingerprint(d)
+    assert [k for k, *_ in batching_differences(None, fp, d, t, [])] == ["window_mode_max"]
+    mine = ['train.window_mode_max={"image": 2.0}']  # the run's own override: it had them
+    assert batching_differences(None, fp, d, t, mine) == []
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> str:
+    out = tmp_path_factory.mktemp("batching")
+    words = "the quick brown fox jumps over a lazy dog while seven bold kings hum".split()
+    with ShardWriter(out, max_samples=8) as w:
+        for i in range(30):
+            w.write(Sample(f"s{i:03d}", [text_block(" ".join(words[i % 7:i % 7 + 2 + i % 6]))]))
+    return str(out)
+
+
+def _spec(dataset, tokenizer, *extra) -> RunSpec:
+    return RunSpec("tiny", [dataset], None, [
+        f"model.modes.text.tokenizer_path={tokenizer}", "train.tokens_per_step=150",
+        "dispatch.budget=100", "dispatch.max_in_flight=12", "train.log_every=1",
+        "train.warmup=2", "train.checkpoint_every=0", "train.window_max=1.2", *extra])
+
+
+def test_a_run_whose_window_rooms_changed_refuses_to_resume_and_says_how(tmp_path, dataset,
+                                                                        tokenizer):
+    """The preset changing under a run (here: its mode room dropped from run.json, as a preset
+    that gains or loses one) resumed silently with other batches before; now the resume names
+    the setting and the override, and with the override it resumes exactly."""
+    room = 'train.window_mode_max={"text": 2.0}'
+    full, half = tmp_path / "full", tmp_path / "half"
+    train(full, _spec(dataset, tokenizer, room), steps=6, progress=False, tensorboard=False)
+    train(half, _spec(dataset, tokenizer, room), steps=3, progress=False, tensorboard=False)
+    ck = torch.load(half / "checkpoint.pt", weights_only=True)
+    assert ck["loader"]["windows"] == {"window_max": 1.2, "window_mode_max": {"text": 2.0}}
+    meta = json.loads((half / "run.json").read_text())
+    meta["overrides"].remove(room)
+    (half / "run.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"window_mode_max: saved \{'text': 2.0\}, now \{\}") as e:
+        train(half, steps=6, resume=True, progress=False, tensorboard=False)
+    fix = re.findall(r"'([^']+)'$", str(e.value))
+    assert fix == [room] and str(half / "run.json") in str(e.value)
+    meta["overrides"] += fix
+    (half / "run.json").write_text(json.dumps(meta))
+    train(half, steps=6, resume=True, progress=False, tensorboard=False)
+    assert [r["loss"] for r in read_metrics(half)] == [r["loss"] for r in read_metrics(full)]
+
+
+def test_a_changed_dispatch_budget_is_named_before_the_dispatcher_restores(tmp_path, dataset,
+                                                                          tokenizer):
+    run = tmp_path / "run"
+    train(run, _spec(dataset, tokenizer), steps=2, progress=False, tensorboard=False)
+    meta = json.loads((run / "run.json").read_text())
+    meta["overrides"].append("dispatch.budget=120")
+    (run / "run.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"budget: saved 100, now 120.*'dispatch.budget=100'"):
+        train(run, steps=4, resume=True, progress=False, tensorboard=False)
