@@ -10,12 +10,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from blocklm.formats import Sample, ShardWriter, text_block
+from blocklm.formats import text_block
 from blocklm.pipeline.dispatch_resume import config_fingerprint
 from blocklm.tools.train.batching import batching_differences, window_record
 from blocklm.tools.train.config import TrainConfig, build_config
 from blocklm.tools.train.loop import RunSpec, train
 from blocklm.tools.train.metrics import read_metrics
+
+from .textsets import phrase, write_samples
 
 
 def _disp(**kw):
@@ -56,12 +58,8 @@ def test_a_checkpoint_without_a_window_record_had_no_mode_rooms_unless_its_run_s
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> str:
-    out = tmp_path_factory.mktemp("batching")
-    words = "the quick brown fox jumps over a lazy dog while seven bold kings hum".split()
-    with ShardWriter(out, max_samples=8) as w:
-        for i in range(30):
-            w.write(Sample(f"s{i:03d}", [text_block(" ".join(words[i % 7:i % 7 + 2 + i % 6]))]))
-    return str(out)
+    return write_samples(tmp_path_factory.mktemp("batching"), 30,
+                         lambda i: [text_block(phrase(i, 2, 6))], max_samples=8, prefix="s")
 
 
 def _spec(dataset, tokenizer, *extra) -> RunSpec:

@@ -8,10 +8,12 @@ import json
 import pytest
 import torch
 
-from blocklm.formats import Sample, ShardWriter, text_block
+from blocklm.formats import Sample, text_block
 from blocklm.tools.train.chain import EmptyEpochError, EpochChain
 from blocklm.tools.train.loop import RunSpec, train
 from blocklm.tools.train.metrics import read_metrics
+
+from .textsets import phrase, write_samples
 
 
 class Source:
@@ -106,14 +108,11 @@ def test_a_gated_chain_reads_ahead_when_released_or_when_its_consumer_runs_short
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> str:
     """30 samples, every third with a second text block (its context crosses batches)."""
-    out = tmp_path_factory.mktemp("chain")
-    words = "the quick brown fox jumps over a lazy dog while seven bold kings hum".split()
-    with ShardWriter(out, max_samples=8) as w:
-        for i in range(30):
-            t = " ".join(words[i % 7:i % 7 + 2 + i % 6])
-            more = [text_block(t[::-1] + " and more")] if i % 3 == 0 else []
-            w.write(Sample(f"s{i:03d}", [text_block(t)] + more))
-    return str(out)
+    def blocks(i):
+        t = phrase(i, 2, 6)
+        return [text_block(t)] + ([text_block(t[::-1] + " and more")] if i % 3 == 0 else [])
+    return write_samples(tmp_path_factory.mktemp("chain"), 30, blocks, max_samples=8,
+                         prefix="s")
 
 
 def _spec(dataset, tokenizer, *extra) -> RunSpec:

@@ -9,22 +9,20 @@ import threading
 
 import pytest
 
-from blocklm.formats import Sample, ShardWriter, text_block
+from blocklm.formats import text_block
 from blocklm.tools.train import readahead
 from blocklm.tools.train.loop import RunSpec, Trainer
 from blocklm.tools.train.loop_util import FULL_GC_EVERY
+
+from .textsets import phrase, write_samples
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> str:
     """40 one-block text samples: an epoch fits in flight (tiny preset: 256), as the small
     preset's 8,192 hold the whole text set (7,222), so every epoch is admitted at once."""
-    out = tmp_path_factory.mktemp("text")
-    words = "the quick brown fox jumps over a lazy dog while seven bold kings hum".split()
-    with ShardWriter(out, max_samples=16) as w:
-        for i in range(40):
-            w.write(Sample(f"t{i:03d}", [text_block(" ".join(words[i % 7:i % 7 + 3 + i % 5]))]))
-    return str(out)
+    return write_samples(tmp_path_factory.mktemp("text"), 40,
+                         lambda i: [text_block(phrase(i, 3, 5))], max_samples=16, prefix="t")
 
 
 def _trainer(tmp_path, dataset, tokenizer) -> Trainer:
