@@ -45,16 +45,19 @@ _CONFIG_KEYS = ("max_in_flight", "budget", "mode_budget", "max_batch_samples",
                 "mode_max_samples", "ttl_steps", "ttl_seconds", "max_blocks")
 
 
+# keys of the fingerprint left out while at their unset value (so that states saved before the
+# setting existed still load), with that value
+FINGERPRINT_UNSET: dict[str, Any] = {"coalesce_tokens": None, "mode_coalesce_tokens": {},
+                                     "mode_stall_weight": {}}
+
+
 def config_fingerprint(d: Dispatcher) -> dict[str, Any]:
     """The settings of ``d``'s config that form its batches (saved with its state: a state
-    resumes only under the same)."""
+    resumes only under the same); keys at their :data:`FINGERPRINT_UNSET` value are left out."""
     fp = {k: getattr(d.config, k) for k in _CONFIG_KEYS}
-    if d.config.coalesce_tokens is not None:  # absent when off: older states still load
-        fp["coalesce_tokens"] = d.config.coalesce_tokens
-    if d.config.mode_coalesce_tokens:
-        fp["mode_coalesce_tokens"] = d.config.mode_coalesce_tokens
-    if d.config.mode_stall_weight:  # (absent when unset: older states still load)
-        fp["mode_stall_weight"] = d.config.mode_stall_weight
+    for k, unset in FINGERPRINT_UNSET.items():
+        if getattr(d.config, k) != unset:
+            fp[k] = getattr(d.config, k)
     return fp
 
 

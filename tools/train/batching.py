@@ -17,18 +17,16 @@ import json
 from pathlib import Path
 from typing import Any
 
-from blocklm.pipeline.dispatch_resume import config_fingerprint
+from blocklm.pipeline.dispatch import Dispatcher
+from blocklm.pipeline.dispatch_resume import FINGERPRINT_UNSET, config_fingerprint
+
+from .config import TrainConfig
 
 
-def window_record(t: Any) -> dict[str, Any]:
+def window_record(t: TrainConfig) -> dict[str, Any]:
     """The trainer's settings that limit its batches (for a checkpoint; the dispatcher's own are
     in its state, ``state["config"]``)."""
     return {"window_max": t.window_max, "window_mode_max": dict(t.window_mode_max)}
-
-
-# fingerprint keys left out when unset (so that older states still load), and their values then
-_UNSET: dict[str, Any] = {"coalesce_tokens": None, "mode_coalesce_tokens": {},
-                          "mode_stall_weight": {}}
 
 
 def _override(key: str, value: Any, chained: bool) -> str:
@@ -39,7 +37,7 @@ def _override(key: str, value: Any, chained: bool) -> str:
 
 
 def batching_differences(saved: dict[str, Any] | None, saved_dispatch: dict[str, Any],
-                         disp: Any, t: Any,
+                         disp: Dispatcher, t: TrainConfig,
                          overrides: list[str]) -> list[tuple[str, Any, Any, str]]:
     """(setting, saved value, this run's value, override restoring the saved value) for each
     setting that differs: the trainer's (``saved``, :func:`window_record`) and the dispatcher's
@@ -57,14 +55,14 @@ def batching_differences(saved: dict[str, Any] | None, saved_dispatch: dict[str,
             out.append((key, saved[key], now[key], _override(key, saved[key], chained)))
     sd, nd = saved_dispatch, config_fingerprint(disp)
     for key in sorted(set(sd) | set(nd)):
-        a, b = sd.get(key, _UNSET.get(key)), nd.get(key, _UNSET.get(key))
+        a, b = sd.get(key, FINGERPRINT_UNSET.get(key)), nd.get(key, FINGERPRINT_UNSET.get(key))
         if a != b:
             out.append((key, a, b, _override(key, a, chained)))
     return out
 
 
 def check_batching(run: Path, saved: dict[str, Any] | None, saved_dispatch: dict[str, Any],
-                   disp: Any, t: Any, overrides: list[str]) -> None:
+                   disp: Dispatcher, t: TrainConfig, overrides: list[str]) -> None:
     """Refuse to resume ``run`` when the settings that form its batches differ from the saved
     ones, naming each and the overrides to add to ``run/run.json``."""
     diffs = batching_differences(saved, saved_dispatch, disp, t, overrides)
