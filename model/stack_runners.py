@@ -85,6 +85,27 @@ class EagerRunner:
         return gs[0], gs[1], gs[2]
 
 
+def capture(graph, fn, pool, stream) -> object:
+    """``fn()`` captured into ``graph`` on ``stream``, its memory from ``pool``; -> its outputs.
+
+    What ``torch.cuda.graph`` does less its preamble: that context synchronises the device and
+    empties the allocator's device cache (and, in recent PyTorch, its pinned host cache) before
+    every capture. The trainer captures a stack graph pair for each new padded batch size, ~11-16
+    times in a 25-45 s bench window on the H200 (``stack_graph_captures``, GPU_NOTES P120-P121),
+    so every few steps the cached device blocks went back to the driver and were allocated again
+    (~4.8 ``cudaMalloc`` and 4.0 ``cudaFree`` a step, a full sync every third step: P103), and the
+    pinned buffers of the batches' host-to-device copies with them. The capture needs none of it:
+    its allocations come from ``pool``, and the other threads' CUDA calls are allowed
+    (``thread_local``: the loader's threads may call CUDA while this thread captures)."""
+    with torch.cuda.stream(stream):
+        graph.capture_begin(pool=pool, capture_error_mode="thread_local")
+        try:
+            out = fn()
+        finally:
+            graph.capture_end()
+    return out
+
+
 class GraphRunner:
     """A chunk runner's functions (``body``: an :class:`EagerRunner`, or a
     :class:`blocklm.model.stack_ctrl_loop.CtrlRunner`) captured as CUDA graphs for one static
@@ -93,9 +114,12 @@ class GraphRunner:
     without grad; backward recomputing from the checkpoint) and, where the body ``saves``,
     "saved" (forward keeping the chunk's saved buffer; backward from it)."""
 
-    def __init__(self, body, B, U, like: Tensor, pool) -> None:
+    def __init__(self, body, B, U, like: Tensor, pool, stream=None) -> None:
         self.U, self.grads, self.zero_grads = U, body.grads, body.zero_grads
         self.body, self.pool, self.B = body, pool, B
+        # the stream every capture sharing ``pool`` runs on (the pool's blocks are reused
+        # across its captures only on one stream); None: a stream of this runner's own
+        self.stream = stream
         self.saves = bool(getattr(body, "saves", False))
         cfg = body.stack.cfg
         K, W, Hd = cfg.depth, cfg.width, cfg.hidden
@@ -134,21 +158,15 @@ class GraphRunner:
     def _capture(self, fns) -> tuple:
         """Warm ``fns`` up on a side stream, then capture each: -> ((graph, its outputs), ...)."""
         like = self.inp[0]
-        side = torch.cuda.Stream(like.device)
+        side = self.stream if self.stream is not None else torch.cuda.Stream(like.device)
         side.wait_stream(torch.cuda.current_stream(like.device))
         with torch.cuda.stream(side):  # warm-up (cuBLAS handles, workspaces, Triton builds)
             for _ in range(2):
                 for fn in fns:
                     fn()
         torch.cuda.current_stream(like.device).wait_stream(side)
-        pair = []
-        for fn in fns:
-            g = torch.cuda.CUDAGraph()
-            # thread_local: the loader's threads may call CUDA while this thread captures
-            with torch.cuda.graph(g, pool=self.pool, capture_error_mode="thread_local"):
-                out = fn()
-            pair.append((g, out))
-        return tuple(pair)
+        return tuple((g, capture(g, fn, self.pool, side))
+                     for g, fn in ((torch.cuda.CUDAGraph(), fn) for fn in fns))
 
     # A replay's static inputs are filled, and its outputs taken out, by one foreach copy each
     # (a single multi-tensor launch where the operands are dense and alike, as the chunk-major

@@ -200,23 +200,37 @@ def _peak_gib() -> float | None:
 
 
 ALLOC_KEYS = ("num_device_alloc", "num_device_free", "num_alloc_retries", "num_sync_all_streams")
+# the pinned host allocator's (the batches' host-to-device copies): blocks made and returned to
+# CUDA, and the milliseconds spent making them (cudaHostAlloc page-locks memory: slow, blocking)
+HOST_KEYS = ("num_host_alloc", "num_host_free", "host_alloc_ms")
 
 
-def alloc_counts() -> dict[str, int] | None:
-    """The CUDA caching allocator's cumulative counters (None without CUDA): device mallocs
+def alloc_counts() -> dict[str, float] | None:
+    """The CUDA caching allocators' cumulative counters (None without CUDA): device mallocs
     and frees (each ``cudaFree`` waits for the whole device: the GPU's queue drains), retries
-    after a failed malloc (the cache emptied and the malloc tried again) and full syncs."""
+    after a failed malloc (the cache emptied and the malloc tried again) and full syncs; and
+    the pinned host allocator's blocks made and returned and ms spent making them (where this
+    PyTorch reports them)."""
     import torch
 
     if not torch.cuda.is_available():
         return None
     st = torch.cuda.memory_stats()
-    return {k: int(st.get(k, 0)) for k in ALLOC_KEYS}
+    out: dict[str, float] = {k: int(st.get(k, 0)) for k in ALLOC_KEYS}
+    host = getattr(torch.cuda, "host_memory_stats", None)
+    if host is not None:
+        hs = host()
+        out.update(num_host_alloc=int(hs.get("num_host_alloc", 0)),
+                   num_host_free=int(hs.get("num_host_free", 0)),
+                   host_alloc_ms=float(hs.get("host_alloc_time.total", 0)) / 1e3)
+    return out
 
 
-def alloc_per_step(before: dict[str, int] | None, after: dict[str, int] | None,
+def alloc_per_step(before: dict[str, float] | None, after: dict[str, float] | None,
                    steps: int) -> dict[str, float] | None:
-    """Counter deltas of :func:`alloc_counts` between two readings, per optimizer step."""
+    """Counter deltas of :func:`alloc_counts` between two readings, per optimizer step (the
+    counters both readings have)."""
     if before is None or after is None or steps <= 0:
         return None
-    return {k: round((after[k] - before[k]) / steps, 2) for k in ALLOC_KEYS}
+    keys = [k for k in ALLOC_KEYS + HOST_KEYS if k in before and k in after]
+    return {k: round((after[k] - before[k]) / steps, 2) for k in keys}

@@ -177,6 +177,12 @@ def test_allocator_counters_per_step_are_deltas_over_the_timed_steps():
                                                 "num_sync_all_streams": 0.25}
     assert alloc_per_step(None, after, 4) is None
     assert alloc_per_step(before, after, 0) is None
+    # the pinned host allocator's counters, where both readings have them
+    host_b = {**before, "num_host_alloc": 3, "num_host_free": 0, "host_alloc_ms": 1.5}
+    host_a = {**after, "num_host_alloc": 7, "num_host_free": 2, "host_alloc_ms": 41.5}
+    got = alloc_per_step(host_b, host_a, 4)
+    assert (got["num_host_alloc"], got["num_host_free"], got["host_alloc_ms"]) == (1.0, 0.5, 10.0)
+    assert "num_host_alloc" not in alloc_per_step(before, host_a, 4)
     import torch
     assert (alloc_counts() is None) == (not torch.cuda.is_available())
 
