@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -73,6 +74,24 @@ def int16_levels(a: np.ndarray) -> np.ndarray:
     return _level_table()[a.view(np.uint16)]
 
 
+@dataclass(frozen=True)
+class Levels:
+    """A clip's mu-law levels, uint8 [frames, channels], worked out ahead of its batch by
+    :meth:`AudioSupport.prepare` (the trainer's read-ahead thread, off the model's thread)."""
+
+    levels: np.ndarray
+
+
+def levels_of(content, mu: int = 255) -> np.ndarray:
+    """A clip's mu-law levels as uint8 [frames, channels]: int16 samples through
+    :func:`int16_levels`, float samples through :func:`mu_law_encode`, :class:`Levels` as made."""
+    if isinstance(content, Levels):
+        return content.levels
+    x = samples_of(content)
+    return int16_levels(x) if x.dtype == np.int16 else \
+        mu_law_encode(as_float(x), mu).astype(np.uint8)
+
+
 class AudioSupport(PatchSupport):
     """Mode support for mu-law audio."""
 
@@ -88,8 +107,18 @@ class AudioSupport(PatchSupport):
         super().__init__(d_model, cfg.frame * cfg.max_channels, cfg.head_width,
                          cfg.loss_chunk, cfg.compile_head, cfg.fused_head)
 
+    def prepare(self, content) -> Levels:
+        """The clip's mu-law levels (:class:`Levels`), for :meth:`pack` to copy as they are:
+        on the H200 the levels' table lookup was ~2% of the model thread's time in a mixed
+        window (py-spy, GPU_NOTES P121), in the batch's set-up where the GPU waits."""
+        self.shape_of(content)
+        if isinstance(content, Levels):
+            return content
+        return Levels(levels_of(content, self.cfg.mu))
+
     def shape_of(self, content) -> tuple[int, ...]:
-        a = samples_of(content)  # the shape without a float copy of the samples
+        # the shape without a float copy of the samples
+        a = content.levels if isinstance(content, Levels) else samples_of(content)
         if a.shape[1] > self.cfg.max_channels or a.shape[1] < 1:
             raise ValueError(f"audio has {a.shape[1]} channels; 1..{self.cfg.max_channels} "
                              "are supported")
@@ -120,10 +149,8 @@ class AudioSupport(PatchSupport):
                           pin_memory=pin)
         a = out.numpy()
         for i, (c, (fr, ch), k) in enumerate(zip(contents, shapes, n.tolist())):
-            x = samples_of(c)
-            lv = int16_levels(x) if x.dtype == np.int16 else \
-                mu_law_encode(as_float(x), self.cfg.mu).astype(np.uint8)
-            a[i, :k].reshape(k * F, Cm)[:fr, :ch] = lv  # step t, element f*Cm + c: sample t*F+f
+            # step t, element f*Cm + c: sample t*F+f
+            a[i, :k].reshape(k * F, Cm)[:fr, :ch] = levels_of(c, self.cfg.mu)
         return n, out
 
     def element_masks(self, shapes: list, T: int, device=None) -> Tensor:
@@ -144,12 +171,12 @@ class AudioSupport(PatchSupport):
         return (step_index(n) * self.cfg.frame).float()[:, None]  # positions_of, all at once
 
     def encode(self, content) -> tuple[Tensor, Tensor]:
-        a = as_float(content)
         frames, ch = self.shape_of(content)
         F, Cm = self.cfg.frame, self.cfg.max_channels
         n = math.ceil(frames / F)
         vals = np.zeros((n * F, Cm), np.int64)
-        vals[:frames, :ch] = mu_law_encode(a, self.cfg.mu)
+        vals[:frames, :ch] = mu_law_encode(as_float(content), self.cfg.mu) \
+            if not isinstance(content, Levels) else content.levels
         mask = np.zeros(vals.shape, bool)
         mask[:frames, :ch] = True
         return (torch.from_numpy(vals.reshape(n, F * Cm)),

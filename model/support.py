@@ -96,7 +96,8 @@ class ModeSupport(nn.Module):
         """Work on one block's decoded content that can be done ahead of its batch, off the
         model's thread (the trainer's dispatcher runs it in its read-ahead thread): a content
         :meth:`target` takes in place of the decoded one, with the same result. Default: the
-        content as it is (text: its token ids, :class:`blocklm.model.text.Tokenized`)."""
+        content as it is (text: its token ids, :class:`blocklm.model.text.Tokenized`; audio: its
+        mu-law levels, :class:`blocklm.model.audio.Levels`)."""
         return content
 
     def encode(self, content) -> tuple[Tensor, Tensor]:

@@ -157,3 +157,30 @@ def test_text_tokenized_ahead_gives_the_same_batch(model):
     same(sup.target([r if i % 2 else t for i, (r, t) in enumerate(zip(ready, texts))]), ref)
     assert sup.shape_of(ready[3]) == (57,)
     assert sup.content_steps(ready[4]) == sup.content_steps(texts[4])
+
+
+def test_audio_levels_made_ahead_give_the_same_batch(model):
+    """``prepare`` (the read-ahead thread's mu-law table lookup) changes nothing in the batch:
+    int16, float, 1-D and ``(array, rate)`` clips, all prepared, none, or some of them; the
+    shape, steps and per-block encoding of a prepared clip are the raw clip's."""
+    from blocklm.model.audio import Levels
+
+    sup = model.support("audio")
+    F = sup.cfg.frame
+    auds = [(RNG.standard_normal((n, c)) * 9000).clip(-32768, 32767).astype(np.int16)
+            for n, c in ((F, 1), (3 * F + 1, 2), (F - 1, 2), (0, 1))]
+    auds += [np.array([-32768, 32767, 0, -1, 1], np.int16),
+             (RNG.uniform(-1.2, 1.2, (2 * F + 3, 2)).astype(np.float32), 8000),
+             RNG.uniform(-1, 1, (F + 2, 1))]
+    ref = sup.target(auds)
+    ready = [sup.prepare(a) for a in auds]
+    assert all(isinstance(r, Levels) and r.levels.dtype == np.uint8 for r in ready)
+    assert sup.prepare(ready[1]) is ready[1]
+    same(sup.target(ready), ref)
+    same(sup.target([r if i % 2 else a for i, (r, a) in enumerate(zip(ready, auds))]), ref)
+    for r, a in zip(ready, auds):
+        assert sup.shape_of(r) == sup.shape_of(a)
+        assert all(torch.equal(x, y) for x, y in zip(sup.encode(r), sup.encode(a)))
+    with pytest.raises(ValueError, match="channels"):
+        sup.prepare(np.zeros((4, 9), np.int16))  # more channels than the model has
+

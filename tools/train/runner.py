@@ -154,8 +154,8 @@ class ModelRunners:
         """The dispatcher's ``prepare`` (run in its read-ahead thread): the block decoded and
         passed through its mode support's :meth:`~blocklm.model.support.ModeSupport.prepare`
         (text: tokenized there instead of in the batch's set-up on the model's thread, where
-        the H200 waited for it: GPU_NOTES.md, call P16). A mode without a support stays
-        decoded (the dispatcher rejects its blocks)."""
+        the H200 waited for it: GPU_NOTES.md, call P16; audio: its mu-law levels, P121). A
+        mode without a support stays decoded (the dispatcher rejects its blocks)."""
         content = block.decode()
         if block.mode in self.model.supports:
             content = self.model.supports[block.mode].prepare(content)
