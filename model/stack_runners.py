@@ -114,11 +114,11 @@ class GraphRunner:
     without grad; backward recomputing from the checkpoint) and, where the body ``saves``,
     "saved" (forward keeping the chunk's saved buffer; backward from it)."""
 
-    def __init__(self, body, B, U, like: Tensor, pool, stream=None) -> None:
+    def __init__(self, body, B, U, like: Tensor, pool, stream: torch.cuda.Stream) -> None:
         self.U, self.grads, self.zero_grads = U, body.grads, body.zero_grads
         self.body, self.pool, self.B = body, pool, B
-        # the stream every capture sharing ``pool`` runs on (the pool's blocks are reused
-        # across its captures only on one stream); None: a stream of this runner's own
+        # the stream every capture sharing ``pool`` warms up and captures on (the pool's blocks
+        # are reused across its captures only on one stream)
         self.stream = stream
         self.saves = bool(getattr(body, "saves", False))
         cfg = body.stack.cfg
@@ -156,17 +156,17 @@ class GraphRunner:
         return True
 
     def _capture(self, fns) -> tuple:
-        """Warm ``fns`` up on a side stream, then capture each: -> ((graph, its outputs), ...)."""
-        like = self.inp[0]
-        side = self.stream if self.stream is not None else torch.cuda.Stream(like.device)
-        side.wait_stream(torch.cuda.current_stream(like.device))
-        with torch.cuda.stream(side):  # warm-up (cuBLAS handles, workspaces, Triton builds)
+        """Warm ``fns`` up on the capture stream, then capture each: -> ((graph, its outputs),
+        ...)."""
+        main = torch.cuda.current_stream(self.inp[0].device)
+        self.stream.wait_stream(main)
+        with torch.cuda.stream(self.stream):  # warm-up (cuBLAS handles, workspaces, Triton)
             for _ in range(2):
                 for fn in fns:
                     fn()
-        torch.cuda.current_stream(like.device).wait_stream(side)
-        return tuple((g, capture(g, fn, self.pool, side))
-                     for g, fn in ((torch.cuda.CUDAGraph(), fn) for fn in fns))
+        main.wait_stream(self.stream)
+        graphs = [torch.cuda.CUDAGraph() for _ in fns]
+        return tuple((g, capture(g, fn, self.pool, self.stream)) for g, fn in zip(graphs, fns))
 
     # A replay's static inputs are filled, and its outputs taken out, by one foreach copy each
     # (a single multi-tensor launch where the operands are dense and alike, as the chunk-major

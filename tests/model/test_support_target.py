@@ -183,4 +183,3 @@ def test_audio_levels_made_ahead_give_the_same_batch(model):
         assert all(torch.equal(x, y) for x, y in zip(sup.encode(r), sup.encode(a)))
     with pytest.raises(ValueError, match="channels"):
         sup.prepare(np.zeros((4, 9), np.int16))  # more channels than the model has
-
