@@ -88,21 +88,19 @@ class EagerRunner:
 def capture(graph, fn, pool, stream) -> object:
     """``fn()`` captured into ``graph`` on ``stream``, its memory from ``pool``; -> its outputs.
 
-    What ``torch.cuda.graph`` does less its preamble: that context synchronises the device and
-    empties the allocator's device cache (and, in recent PyTorch, its pinned host cache) before
-    every capture. The trainer captures a stack graph pair for each new padded batch size, ~11-16
-    times in a 25-45 s bench window on the H200 (``stack_graph_captures``, GPU_NOTES P120-P121),
-    so every few steps the cached device blocks went back to the driver and were allocated again
-    (~4.8 ``cudaMalloc`` and 4.0 ``cudaFree`` a step, a full sync every third step: P103), and the
-    pinned buffers of the batches' host-to-device copies with them. The capture needs none of it:
-    its allocations come from ``pool``, and the other threads' CUDA calls are allowed
-    (``thread_local``: the loader's threads may call CUDA while this thread captures)."""
-    with torch.cuda.stream(stream):
-        graph.capture_begin(pool=pool, capture_error_mode="thread_local")
-        try:
-            out = fn()
-        finally:
-            graph.capture_end()
+    Through ``torch.cuda.graph``, whose preamble synchronises the device and empties the caching
+    allocator's device cache (and the pinned host cache) before the capture. That preamble is
+    what keeps a long run's cache from fragmenting: the trainer captures a graph pair for each
+    new padded batch size (~11-16 times in a 25-45 s bench window on the H200, and on through a
+    run as the graphs' LRU cache evicts), and each capture returns the cache's free blocks to
+    the driver. Captured without it (``capture_begin`` alone, 83880ab), the cache kept every
+    block, and on gpu_mixed4 ``small`` ran out of memory at step ~134 with 25.8 GiB reserved but
+    free, twice at the same step (GPU_NOTES P126-P127); with it, 230+ steps ran (P129), and
+    the churn it costs (~5 ``cudaMalloc`` / ``cudaFree`` a step) did not show in throughput
+    (P122: +0.4% without it, inside the spread). ``thread_local``: the loader's threads may
+    call CUDA while this thread captures."""
+    with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
+        out = fn()
     return out
 
 

@@ -141,34 +141,22 @@ def test_graphs_with_fused_kernels_match_the_step_loop():
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
-def _host_frees() -> int:
-    """Pinned host blocks returned to CUDA so far (0 where this PyTorch does not count them)."""
-    stats = getattr(torch.cuda, "host_memory_stats", None)
-    return int(stats().get("num_host_free", 0)) if stats is not None else 0
-
-
-def test_a_capture_keeps_the_allocators_caches():
-    """A new batch size's capture (stack_runners.capture) leaves the allocator's cached device
-    blocks and pinned host blocks where they are: ``torch.cuda.graph`` emptied both before
-    every capture, so each of the ~11-16 captures of a bench window (GPU_NOTES P121) sent them
-    back to CUDA and the next steps allocated them again (cudaMalloc, cudaHostAlloc; each
-    cudaFree drains the device). Also: the graphs still match the step loop."""
+def test_a_capture_returns_the_cached_device_blocks():
+    """A new batch size's capture (stack_runners.capture) gives the allocator's free cached
+    device blocks back to the driver (``torch.cuda.graph``'s preamble): without it (83880ab)
+    the cache kept every block, fragmented, and ``small`` ran out of memory at step ~134 of a
+    mixed run with 25.8 GiB reserved but free (GPU_NOTES P126-P127). Also: the graphs still
+    match the step loop."""
     st, x, V, s, mask = _setup(7, B=5, T=8)
     _run(st, stack_block, x, V, s, mask, blocks=1)  # captures bucket 8
     free_block = torch.empty(64 << 20, dtype=torch.uint8, device="cuda")
     del free_block  # a cached device block
-    pinned = torch.empty(8 << 20, dtype=torch.uint8, pin_memory=True)
-    del pinned  # a cached pinned host block
     torch.cuda.synchronize()
     frees = torch.cuda.memory_stats()["num_device_free"]
-    reserved = torch.cuda.memory_reserved()
-    host_frees = _host_frees()
     n = len(_CACHE[st][1])
     _, x2, V2, s2, mask2 = _setup(8, B=13, T=8)  # a new bucket (16): a new capture
     got = _run(st, stack_block, x2, V2, s2, mask2, blocks=1)
     assert len(_CACHE[st][1]) == n + 1
-    assert torch.cuda.memory_stats()["num_device_free"] == frees
-    assert torch.cuda.memory_reserved() >= reserved
-    assert _host_frees() == host_frees
+    assert torch.cuda.memory_stats()["num_device_free"] > frees  # the 64 MiB block went back
     for a, b in zip(got, _run(st, step_loop, x2, V2, s2, mask2, blocks=1)):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)

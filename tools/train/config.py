@@ -14,6 +14,7 @@ from blocklm.model import presets as model_presets
 from blocklm.model.config import ModelConfig
 from blocklm.pipeline.dispatch_types import DispatchConfig
 
+from .cuda_alloc import check_alloc_settings
 from .overrides import apply_override
 
 
@@ -81,6 +82,9 @@ class TrainConfig:
     # data, peak 103 -> 120 GiB (GPU_NOTES P109); this gives the room to image batches alone
     # (`small`: {"image": 2.0}, +6.6% on mixed, P110)
     window_mode_max: dict[str, float] = field(default_factory=dict)
+    # the CUDA caching allocator's settings (PYTORCH_CUDA_ALLOC_CONF's syntax, applied by the
+    # trainer on CUDA: tools/train/cuda_alloc.py); None: PyTorch's defaults
+    cuda_alloc: str | None = None
 
 
 @dataclass
@@ -233,6 +237,7 @@ def build_config(preset: str, overrides: list[str] | tuple[str, ...] = ()) -> Ru
             raise ValueError(f"train.window_mode_max[{m!r}] must be a number >= 1 (a batch of "
                              f"{m} may fill the window up to that many times tokens_per_step), "
                              f"got {f!r}")
+    check_alloc_settings(cfg.train.cuda_alloc)
     h = cfg.train.host_threads
     if h is not None and not (isinstance(h, int) and h >= 1):
         raise ValueError(f"train.host_threads must be a whole number >= 1 or none, got {h!r}")

@@ -46,6 +46,7 @@ from .batching import check_batching, window_record
 from .chain import EpochChain, training_dispatch
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import RunConfig, build_config
+from .cuda_alloc import apply_alloc_settings
 from .distributed import Collective, init_from_launcher, leave_launcher_group
 from .evaluate import evaluate, validation_source
 from .loop_util import (
@@ -118,6 +119,7 @@ class Trainer:
         np.random.seed(t.seed)
         torch.manual_seed(t.seed)
         self.device = pick_device(t.device)
+        apply_alloc_settings(t.cuda_alloc, self.device)  # before the model's first allocation
         self.model = BlockLM(cfg.model).to(self.device)
         self.opt = make_optimizer(self.model, cfg)
         self.sched = torch.optim.lr_scheduler.LambdaLR(
