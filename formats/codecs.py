@@ -255,6 +255,12 @@ def _probe_pcm_wav(data: bytes) -> tuple[tuple[int, int], dict[str, MetaValue]] 
     odd-sized chunks, a streamed or cut data chunk) returns None: libsndfile reads it instead.
     A file it accepts passes ``check_integrity("wav")`` too (every chunk before ``data`` whole,
     ``fmt `` first, ``data`` as long as it declares: tests/formats/test_encoder_checks.py)."""
+    plain = _plain_wav(data)
+    return None if plain is None else plain[:2]
+
+
+def _plain_wav(data: bytes) -> tuple[tuple[int, int], dict[str, MetaValue], int] | None:
+    """:func:`_probe_pcm_wav`'s answer and where the samples start (the data chunk's body)."""
     n = len(data)
     if n < 44:
         return None
@@ -262,12 +268,12 @@ def _probe_pcm_wav(data: bytes) -> tuple[tuple[int, int], dict[str, MetaValue]] 
     if riff != b"RIFF" or wave != b"WAVE":
         return None
     if fid == b"fmt " and fsize == 16 and did == b"data":  # the usual 44-byte header: one unpack
-        return _pcm_shape(fmt, dsize, n - 44)
+        return _pcm_shape(fmt, dsize, n - 44, 44)
     at, fmt, chunk = 12, None, _CHUNK.unpack_from
     while at + 8 <= n:
         cid, size = chunk(data, at)
         if cid == b"data":
-            return None if fmt is None else _pcm_shape(fmt, size, n - at - 8)
+            return None if fmt is None else _pcm_shape(fmt, size, n - at - 8, at + 8)
         if size & 1 or at + 8 + size > n:
             return None
         if cid == b"fmt ":
@@ -278,15 +284,17 @@ def _probe_pcm_wav(data: bytes) -> tuple[tuple[int, int], dict[str, MetaValue]] 
     return None
 
 
-def _pcm_shape(fmt, size: int, have: int) -> tuple[tuple[int, int], dict[str, MetaValue]] | None:
-    """``_probe_pcm_wav``'s answer for a ``data`` chunk of ``size`` bytes (``have`` in the file)."""
+def _pcm_shape(fmt, size: int, have: int,
+               start: int) -> tuple[tuple[int, int], dict[str, MetaValue], int] | None:
+    """``_plain_wav``'s answer for a ``data`` chunk of ``size`` bytes (``have`` in the file)
+    whose samples begin at ``start``."""
     if size == 0 or size > have:
         return None
     tag, channels, rate, _, align, bits = fmt
     subtype = _WAV_SUBTYPES.get((tag, bits))
     if subtype is None or not 1 <= channels <= 256 or rate <= 0 or align != channels * bits // 8:
         return None
-    return (size // align, channels), {"sample_rate": rate, "subtype": subtype}
+    return (size // align, channels), {"sample_rate": rate, "subtype": subtype}, start
 
 
 # RIFF, size, WAVE, "fmt ", 16, the 16-byte fmt body, "data", size: the usual 44-byte header
@@ -305,6 +313,19 @@ def plain_wav_block(data: bytes, mode: str = "audio",
         return None
     limits.check_shape(fast[0])
     return _file_block(mode, fast[0], "wav", data, fast[1], None)
+
+
+def _pcm16_wav(data: bytes) -> np.ndarray | None:
+    """A plain 16-bit PCM WAV's samples, int16 [frames, channels], read from its data chunk
+    with numpy: the same array libsndfile reads (the file's little-endian samples as they are),
+    without its ~100 us of Python and virtual-I/O callbacks a clip, which held the GIL in the
+    trainer's read-ahead thread (GPU_NOTES P127). None for anything else: libsndfile reads it."""
+    plain = _plain_wav(data)
+    if plain is None or plain[1]["subtype"] != "PCM_16":
+        return None
+    (frames, channels), _, start = plain
+    n = frames * channels
+    return np.frombuffer(data, dtype="<i2", count=n, offset=start).reshape(frames, channels).copy()
 
 
 def check_wav_complete(data: bytes) -> None:
@@ -384,8 +405,13 @@ def _decode_image(block: Block, limits: Limits) -> np.ndarray:
 
 
 def _decode_audio(block: Block) -> np.ndarray:
-    sf = _soundfile()
     dtype = "int16" if block.meta.get("subtype") == "PCM_16" else "float32"
+    if dtype == "int16" and block.codec == "wav":
+        arr = _pcm16_wav(block.payload)
+        if arr is not None:
+            _expect(arr.shape == block.shape, block, f"{list(arr.shape)} decoded")
+            return arr
+    sf = _soundfile()
     try:
         arr, _ = sf.read(io.BytesIO(block.payload), dtype=dtype, always_2d=True)
     except (sf.LibsndfileError, RuntimeError, ValueError) as e:

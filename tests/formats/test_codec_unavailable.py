@@ -22,9 +22,9 @@ from blocklm.formats import (
 )
 
 
-def _wav() -> bytes:
+def _wav(subtype: str = "PCM_16") -> bytes:
     buf = io.BytesIO()
-    sf.write(buf, np.zeros((40, 1), dtype=np.int16), 8000, format="WAV", subtype="PCM_16")
+    sf.write(buf, np.zeros((40, 1), dtype=np.int16), 8000, format="WAV", subtype=subtype)
     return buf.getvalue()
 
 
@@ -35,10 +35,12 @@ def _png() -> bytes:
 
 
 def test_audio_decode_without_soundfile_names_the_package(monkeypatch):
-    block = audio_file_block(_wav())  # a plain WAV is probed without soundfile
+    block = audio_file_block(_wav("PCM_24"))  # a plain WAV is probed without soundfile
     monkeypatch.setitem(sys.modules, "soundfile", None)  # its import now raises ImportError
     with pytest.raises(CodecUnavailableError, match="soundfile"):
         decode_block(block)
+    # a plain 16-bit PCM WAV's samples are read with numpy: no soundfile needed
+    assert decode_block(audio_file_block(_wav())).shape == (40, 1)
 
 
 def test_image_decode_without_pillow_names_the_package(monkeypatch):

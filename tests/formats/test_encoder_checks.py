@@ -105,3 +105,51 @@ def test_the_usual_wav_header_reads_as_the_chunk_walk_does(corpora):
             bad_walked = (bytes(bad[:12]) + b"LIST" + struct.pack("<I", 4) + b"abcd"
                           + bytes(bad[12:]))
             assert _probe_pcm_wav(bytes(bad)) is None and _probe_pcm_wav(bad_walked) is None
+
+
+def test_plain_pcm16_wavs_decode_as_libsndfile_reads_them(corpora, monkeypatch):
+    """decode_block reads a plain 16-bit PCM WAV's samples with numpy (no libsndfile call: its
+    Python and virtual-I/O callbacks held the trainer's read-ahead GIL, GPU_NOTES P127): the same
+    int16 [frames, channels] array libsndfile reads, writable, for real clips, stereo, a chunk
+    before ``fmt ``, a data chunk that ends mid-frame; other WAVs still go to libsndfile."""
+    import struct
+
+    import numpy as np
+    import soundfile as sf
+
+    from blocklm.formats import Block, codecs
+    from blocklm.formats.codecs import decode_block, plain_wav_block
+
+    def wav(x: np.ndarray, subtype: str = "PCM_16") -> bytes:
+        buf = io.BytesIO()
+        sf.write(buf, x, 8000, format="WAV", subtype=subtype)
+        return buf.getvalue()
+
+    rng = np.random.default_rng(0)
+    files = [p.read_bytes() for p in sorted((corpora / "audio").rglob("*.wav"))[:10]]
+    stereo = wav(rng.integers(-32768, 32767, (301, 2), dtype=np.int16))
+    files += [stereo, stereo[:12] + b"LIST" + struct.pack("<I", 4) + b"abcd" + stereo[12:]]
+    odd = bytearray(stereo[:-3])  # the data chunk ends a frame and a byte short of its header
+    struct.pack_into("<I", odd, 40, len(odd) - 44)
+    files.append(bytes(odd))
+    calls = []
+    real_soundfile = codecs._soundfile
+    monkeypatch.setattr(codecs, "_soundfile", lambda: calls.append(1) or real_soundfile())
+    for f in files:
+        block = plain_wav_block(f)
+        assert block is not None and block.meta["subtype"] == "PCM_16"
+        got = decode_block(block)
+        want, _ = sf.read(io.BytesIO(f), dtype="int16", always_2d=True)
+        assert got.dtype == np.int16 and got.flags.writeable
+        np.testing.assert_array_equal(got, want)
+    assert calls == []  # none of them went to libsndfile
+    pcm24 = wav(rng.uniform(-1, 1, (50, 1)), "PCM_24")
+    b24 = plain_wav_block(pcm24)
+    assert b24.meta["subtype"] == "PCM_24"
+    np.testing.assert_array_equal(decode_block(b24),
+                                  sf.read(io.BytesIO(pcm24), dtype="float32", always_2d=True)[0])
+    # a block whose metadata says PCM_16 over a file that is not: libsndfile, as before
+    mislabelled = Block("audio", (50, 1), "wav", pcm24, {"sample_rate": 8000, "subtype": "PCM_16"})
+    np.testing.assert_array_equal(decode_block(mislabelled),
+                                  sf.read(io.BytesIO(pcm24), dtype="int16", always_2d=True)[0])
+    assert len(calls) == 2
