@@ -198,10 +198,10 @@ def graph_runner(stack: ProcessingStack, B: int, U: int, like: Tensor,
     if key in cache:
         cache.move_to_end(key)
     else:
-        if like.device not in pools:  # one memory pool and one capture stream per device
-            pools[like.device] = (torch.cuda.graph_pool_handle(), torch.cuda.Stream(like.device))
+        if like.device not in pools:
+            pools[like.device] = torch.cuda.graph_pool_handle()
         body = stack_ctrl_loop.CtrlRunner(stack, ac, U) if ctrl else EagerRunner(stack, ac, U)
-        cache[key] = GraphRunner(body, B, U, like, *pools[like.device])
+        cache[key] = GraphRunner(body, B, U, like, pools[like.device])
     runner = cache[key]
     if runner.ensure(kind, stack):
         counts["captures"] += 1

@@ -85,25 +85,6 @@ class EagerRunner:
         return gs[0], gs[1], gs[2]
 
 
-def capture(graph, fn, pool, stream) -> object:
-    """``fn()`` captured into ``graph`` on ``stream``, its memory from ``pool``; -> its outputs.
-
-    Through ``torch.cuda.graph``, whose preamble synchronises the device and empties the caching
-    allocator's device cache (and the pinned host cache) before the capture. That preamble is
-    what keeps a long run's cache from fragmenting: the trainer captures a graph pair for each
-    new padded batch size (~11-16 times in a 25-45 s bench window on the H200, and on through a
-    run as the graphs' LRU cache evicts), and each capture returns the cache's free blocks to
-    the driver. Captured without it (``capture_begin`` alone, 83880ab), the cache kept every
-    block, and on gpu_mixed4 ``small`` ran out of memory at step ~134 with 25.8 GiB reserved but
-    free, twice at the same step (GPU_NOTES P126-P127); with it, 230+ steps ran (P129), and
-    the churn it costs (~5 ``cudaMalloc`` / ``cudaFree`` a step) did not show in throughput
-    (P122: +0.4% without it, inside the spread). ``thread_local``: the loader's threads may
-    call CUDA while this thread captures."""
-    with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
-        out = fn()
-    return out
-
-
 class GraphRunner:
     """A chunk runner's functions (``body``: an :class:`EagerRunner`, or a
     :class:`blocklm.model.stack_ctrl_loop.CtrlRunner`) captured as CUDA graphs for one static
@@ -112,12 +93,9 @@ class GraphRunner:
     without grad; backward recomputing from the checkpoint) and, where the body ``saves``,
     "saved" (forward keeping the chunk's saved buffer; backward from it)."""
 
-    def __init__(self, body, B, U, like: Tensor, pool, stream: torch.cuda.Stream) -> None:
+    def __init__(self, body, B, U, like: Tensor, pool) -> None:
         self.U, self.grads, self.zero_grads = U, body.grads, body.zero_grads
         self.body, self.pool, self.B = body, pool, B
-        # the stream every capture sharing ``pool`` warms up and captures on (the pool's blocks
-        # are reused across its captures only on one stream)
-        self.stream = stream
         self.saves = bool(getattr(body, "saves", False))
         cfg = body.stack.cfg
         K, W, Hd = cfg.depth, cfg.width, cfg.hidden
@@ -154,17 +132,28 @@ class GraphRunner:
         return True
 
     def _capture(self, fns) -> tuple:
-        """Warm ``fns`` up on the capture stream, then capture each: -> ((graph, its outputs),
-        ...)."""
-        main = torch.cuda.current_stream(self.inp[0].device)
-        self.stream.wait_stream(main)
-        with torch.cuda.stream(self.stream):  # warm-up (cuBLAS handles, workspaces, Triton)
+        """Warm ``fns`` up on a side stream, then capture each: -> ((graph, its outputs), ...)."""
+        like = self.inp[0]
+        side = torch.cuda.Stream(like.device)
+        side.wait_stream(torch.cuda.current_stream(like.device))
+        with torch.cuda.stream(side):  # warm-up (cuBLAS handles, workspaces, Triton builds)
             for _ in range(2):
                 for fn in fns:
                     fn()
-        main.wait_stream(self.stream)
-        graphs = [torch.cuda.CUDAGraph() for _ in fns]
-        return tuple((g, capture(g, fn, self.pool, self.stream)) for g, fn in zip(graphs, fns))
+        torch.cuda.current_stream(like.device).wait_stream(side)
+        pair = []
+        for fn in fns:
+            g = torch.cuda.CUDAGraph()
+            # thread_local: the loader's threads may call CUDA while this thread captures.
+            # torch.cuda.graph, not capture_begin alone: its preamble empties the allocator's
+            # device cache, and these captures (each new padded batch size, on through a run as
+            # the LRU evicts) are what keeps a long run's cache from fragmenting. Without it
+            # (83880ab) ``small`` ran out of memory at step ~134 on mixed data with 25.8 GiB
+            # reserved but free (GPU_NOTES P126-P130); its churn did not show in throughput (P122)
+            with torch.cuda.graph(g, pool=self.pool, capture_error_mode="thread_local"):
+                out = fn()
+            pair.append((g, out))
+        return tuple(pair)
 
     # A replay's static inputs are filled, and its outputs taken out, by one foreach copy each
     # (a single multi-tensor launch where the operands are dense and alike, as the chunk-major

@@ -61,7 +61,8 @@ def test_a_wav_the_plain_probe_accepts_passes_the_structure_check(corpora):
     import random
     import struct
 
-    from blocklm.formats.codecs import _probe_pcm_wav, plain_wav_block
+    from blocklm.formats.codecs import plain_wav_block
+    from blocklm.formats.wav import probe_pcm_wav
 
     rng = random.Random(0)
     wavs = [p.read_bytes() for p in sorted((corpora / "audio").rglob("*.wav"))[:20]]
@@ -77,14 +78,14 @@ def test_a_wav_the_plain_probe_accepts_passes_the_structure_check(corpora):
             variants.append(bytes(bad))
     accepted = 0
     for v in variants:
-        if _probe_pcm_wav(v) is not None:
+        if probe_pcm_wav(v) is not None:
             accepted += 1
             check_integrity("wav", v)  # must not raise
             assert plain_wav_block(v).codec == "wav"
         else:
             assert plain_wav_block(v) is None
     assert accepted > len(wavs) * 2
-    assert all(_probe_pcm_wav(w) is not None for w in wavs)
+    assert all(probe_pcm_wav(w) is not None for w in wavs)
 
 
 def test_the_usual_wav_header_reads_as_the_chunk_walk_does(corpora):
@@ -92,19 +93,19 @@ def test_the_usual_wav_header_reads_as_the_chunk_walk_does(corpora):
     same clip with a chunk before ``fmt `` (which takes the walk), and refuses what it refuses."""
     import struct
 
-    from blocklm.formats.codecs import _probe_pcm_wav
+    from blocklm.formats.wav import probe_pcm_wav
 
     for p in sorted((corpora / "audio").rglob("*.wav"))[:10]:
         w = p.read_bytes()
         assert w[12:16] == b"fmt " and w[36:40] == b"data"  # the usual layout
         walked = w[:12] + b"LIST" + struct.pack("<I", 4) + b"abcd" + w[12:]
-        assert _probe_pcm_wav(w) == _probe_pcm_wav(walked) is not None
+        assert probe_pcm_wav(w) == probe_pcm_wav(walked) is not None
         for at, value in ((40, 0), (40, 0xFFFFFFFF), (22, 0), (32, 3), (34, 12)):
             bad = bytearray(w)
             struct.pack_into("<I" if at == 40 else "<H", bad, at, value)
             bad_walked = (bytes(bad[:12]) + b"LIST" + struct.pack("<I", 4) + b"abcd"
                           + bytes(bad[12:]))
-            assert _probe_pcm_wav(bytes(bad)) is None and _probe_pcm_wav(bad_walked) is None
+            assert probe_pcm_wav(bytes(bad)) is None and probe_pcm_wav(bad_walked) is None
 
 
 def test_plain_pcm16_wavs_decode_as_libsndfile_reads_them(corpora, monkeypatch):

@@ -187,18 +187,18 @@ def test_wav_header_probe_equals_libsndfile(subtype, channels, frames):
     import numpy as np
     import soundfile as sf
 
-    from blocklm.formats.codecs import _probe_pcm_wav
+    from blocklm.formats.wav import probe_pcm_wav
 
     buf = io.BytesIO()
     sf.write(buf, np.zeros((frames, channels)), 22050, subtype=subtype, format="WAV")
     data = buf.getvalue()
     info = sf.info(io.BytesIO(data))
-    assert _probe_pcm_wav(data) == ((frames, channels),
+    assert probe_pcm_wav(data) == ((frames, channels),
                                     {"sample_rate": 22050, "subtype": info.subtype})
     # odd chunks, RIFX, extensible headers or a streamed data size go to libsndfile instead
     odd = data[:12] + b"junk\x03\x00\x00\x00abc" + data[12:]
-    assert _probe_pcm_wav(odd) is None
-    assert _probe_pcm_wav(data[:40] + b"\0\0\0\0" + data[44:]) is None
+    assert probe_pcm_wav(odd) is None
+    assert probe_pcm_wav(data[:40] + b"\0\0\0\0" + data[44:]) is None
 
 
 def test_sync_ahead_keeps_the_bytes_and_stops_on_abort(tmp_path, monkeypatch):

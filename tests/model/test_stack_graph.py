@@ -282,7 +282,7 @@ def _fake_graph_runner(body, B, U, like, live):
                 out = [t.clone() for t in fn()]  # the static outputs
                 pair.append((_Replay(fn, out, stack, self.body, live), out))
             return tuple(pair)
-    return Fake(body, B, U, like, None, None)  # no pool or stream: captures are faked
+    return Fake(body, B, U, like, None)
 
 
 class _CountCopies(torch.utils._python_dispatch.TorchDispatchMode):

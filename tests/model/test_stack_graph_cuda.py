@@ -142,7 +142,7 @@ def test_graphs_with_fused_kernels_match_the_step_loop():
 
 
 def test_a_capture_returns_the_cached_device_blocks():
-    """A new batch size's capture (stack_runners.capture) gives the allocator's free cached
+    """A new batch size's capture (GraphRunner._capture) gives the allocator's free cached
     device blocks back to the driver (``torch.cuda.graph``'s preamble): without it (83880ab)
     the cache kept every block, fragmented, and ``small`` ran out of memory at step ~134 of a
     mixed run with 25.8 GiB reserved but free (GPU_NOTES P126-P127). Also: the graphs still

@@ -19,7 +19,7 @@ from .test_dispatch import length_cost, recording_runner, run_all, text
 
 
 def _audio_samples(n: int) -> list[Sample]:
-    # 24-bit: a plain 16-bit PCM WAV is read without soundfile (formats/codecs.py _pcm16_wav)
+    # 24-bit: a plain 16-bit PCM WAV is read without soundfile (formats/wav.py pcm16_samples)
     buf = io.BytesIO()
     sf.write(buf, np.zeros((40, 1), dtype=np.int16), 8000, format="WAV", subtype="PCM_24")
     return [Sample(f"a{i}", [audio_file_block(buf.getvalue()), text(3)]) for i in range(n)]

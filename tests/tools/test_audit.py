@@ -139,7 +139,7 @@ def test_verify_without_the_audio_decoder_is_one_clear_error(pairs, monkeypatch,
     # decodes without soundfile: the test takes that path away, as for any other audio codec.)
     from blocklm.formats import codecs
 
-    monkeypatch.setattr(codecs, "_pcm16_wav", lambda data: None)
+    monkeypatch.setattr(codecs, "pcm16_samples", lambda data: None)
     monkeypatch.setitem(sys.modules, "soundfile", None)
     res = run_cli("verify", pairs, "-j", "1")
     assert res.exit_code == 1

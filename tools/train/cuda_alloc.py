@@ -12,7 +12,7 @@ stack graphs' captures stopped emptying the cache; ``max_split_size_mb:4096`` (b
 4 GiB never split) then ran out of memory within 10 steps (49 GiB of whole blocks held while
 a capture, which may not release them, asked for 60 MiB), and beside captures that empty the
 cache it ran 5% slower than without (224,766 / 227,525 against 239,065 real tokens/s, 80 s
-windows). The fix was the captures' (``model/stack_runners.capture``); this stays for runs
+windows). The fix was the captures' (``model/stack_runners.py``, ``GraphRunner._capture``); this stays for runs
 whose data fragments the cache otherwise.
 """
 
