@@ -56,6 +56,20 @@ def check_meta(meta: object, **where) -> dict[str, MetaValue]:
     return out
 
 
+# blocklm.formats.codecs (which imports this module), imported by the first decode: an import
+# statement in ``decode`` cost ~0.9 us a block, ~7 ms an epoch of gpu_mixed4 in the read-ahead
+# thread holding the GIL (GPU_NOTES.md, call P132)
+_CODECS: Any = None
+
+
+def _import_codecs() -> Any:
+    global _CODECS
+    from . import codecs
+
+    _CODECS = codecs
+    return codecs
+
+
 # Slotted (no per-instance ``__dict__``): the read-ahead and in-flight samples of a training run
 # are some 16k Samples and as many Blocks, and each dict was one more object for every full
 # garbage collection to traverse (`python -m blocklm.tools.bench_turnover`); weak references
@@ -104,9 +118,8 @@ class Block:
 
     def decode(self) -> Any:
         """Decode the payload into content by its codec (``blocklm.formats.codecs``)."""
-        from .codecs import decode_block
-
-        return decode_block(self)
+        codecs = _CODECS or _import_codecs()
+        return codecs.decode_block(self)
 
     @property
     def numel(self) -> int:

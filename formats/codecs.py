@@ -197,6 +197,12 @@ def _png_bit_depth(data: bytes) -> int | None:
 def probe_image(data: bytes, limits: Limits = DEFAULT_LIMITS) -> tuple[str, tuple[int, int, int],
                                                                       dict[str, MetaValue]]:
     """Read an encoded image's codec, ``(H, W, C)`` and metadata from its header (no decode)."""
+    return _open_image(data, limits)[1:]
+
+
+def _open_image(data: bytes, limits: Limits) -> tuple[Any, str, tuple[int, int, int],
+                                                       dict[str, MetaValue]]:
+    """:func:`probe_image`'s answer after the opened (not yet decoded) PIL image."""
     Image = _pil_image()
     try:
         img = Image.open(io.BytesIO(data))
@@ -215,7 +221,7 @@ def probe_image(data: bytes, limits: Limits = DEFAULT_LIMITS) -> tuple[str, tupl
     frames = int(getattr(img, "n_frames", 1) or 1)
     if frames > 1:
         meta["frames"] = frames  # policy (SPEC.md): the block is the first frame
-    return codec, (h, w, c), meta
+    return img, codec, (h, w, c), meta
 
 
 def probe_audio(data: bytes, limits: Limits = DEFAULT_LIMITS) -> tuple[str, tuple[int, int],
@@ -292,11 +298,9 @@ def _expect(ok: bool, block: Block, got: str) -> None:
 
 
 def _decode_image(block: Block, limits: Limits) -> np.ndarray:
-    Image = _pil_image()
-    codec, shape, meta = probe_image(block.payload, limits)
+    img, codec, shape, meta = _open_image(block.payload, limits)  # opened once (header read)
     _expect(shape == block.shape, block, f"{list(shape)} in the file header")
     try:
-        img = Image.open(io.BytesIO(block.payload))
         img.load()
     except (OSError, ValueError, SyntaxError) as e:
         raise CodecError(f"image does not decode: {e}") from None

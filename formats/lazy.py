@@ -9,12 +9,33 @@ mapping (:class:`ViewBlock`, zero-copy; ``block.view``) until ``block.payload`` 
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import zstandard
 
 from .block import Block, MetaValue
 from .errors import FormatError
+
+
+class _ThreadContexts(threading.local):
+    """One zstd decompression context per thread, made on its first use there: making one per
+    payload cost 8 us of the reading thread's time holding the GIL against 0.5 us for the
+    decompression of a small block itself (GPU_NOTES.md, call P132); a context may not be shared
+    between threads (python-zstandard), and each decompression starts a fresh frame."""
+
+    dctx: zstandard.ZstdDecompressor | None = None
+
+
+_CONTEXTS = _ThreadContexts()
+
+
+def thread_dctx() -> zstandard.ZstdDecompressor:
+    """This thread's zstd decompression context."""
+    d = _CONTEXTS.dctx
+    if d is None:
+        d = _CONTEXTS.dctx = zstandard.ZstdDecompressor()
+    return d
 
 
 def decompress(stored: bytes | memoryview, size: int, cap: int, *, shard: str | None = None,
@@ -32,7 +53,7 @@ def decompress(stored: bytes | memoryview, size: int, cap: int, *, shard: str | 
         raise LimitError(f"decompressed payload of {declared} bytes exceeds limit {cap}",
                          **where)
     try:
-        out = (dctx or zstandard.ZstdDecompressor()).decompress(stored, max_output_size=size)
+        out = (dctx or thread_dctx()).decompress(stored, max_output_size=size)
     except zstandard.ZstdError as e:
         raise FormatError(f"zstd payload does not decompress: {e}", **where) from None
     if len(out) != size:

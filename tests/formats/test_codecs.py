@@ -99,6 +99,10 @@ def test_multiframe_gif_policy_first_frame():
     frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:])
     b = image_file_block(buf.getvalue())
     assert b.codec == "gif" and b.meta["frames"] == 3 and b.decode().shape == (4, 6, 3)
+    # the decoder reuses the image its header probe opened, which counted the frames by
+    # seeking through them: it must still decode the first frame, not the last
+    first = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+    assert np.array_equal(b.decode(), first) and b.decode()[0, 0, 0] == 0
 
 
 def test_not_an_image_or_audio():
