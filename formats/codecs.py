@@ -298,7 +298,7 @@ def _expect(ok: bool, block: Block, got: str) -> None:
 
 
 def _decode_image(block: Block, limits: Limits) -> np.ndarray:
-    img, codec, shape, meta = _open_image(block.payload, limits)  # opened once (header read)
+    img, _, shape, _ = _open_image(block.payload, limits)  # opened once (header read)
     _expect(shape == block.shape, block, f"{list(shape)} in the file header")
     try:
         img.load()

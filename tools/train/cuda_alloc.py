@@ -5,15 +5,14 @@ config instead (no configuration through environment variables), so the trainer 
 ``train.cuda_alloc`` itself through PyTorch's runtime call. The settings are the process's
 (the allocator is one per process), and they stay after the fit, like ``torch.backends`` flags.
 
-No preset sets it. Measured on the H200 (GPU_NOTES P126-P129): the defaults had run out of
-memory at optimizer step ~134 of ``bench train`` on ``data/gpu_mixed4`` (a [1536, state_size]
-fp32 state tensor, 6.96 GiB, could not be placed with 25.8 GiB reserved but free) after the
-stack graphs' captures stopped emptying the cache; ``max_split_size_mb:4096`` (blocks over
-4 GiB never split) then ran out of memory within 10 steps (49 GiB of whole blocks held while
-a capture, which may not release them, asked for 60 MiB), and beside captures that empty the
-cache it ran 5% slower than without (224,766 / 227,525 against 239,065 real tokens/s, 80 s
-windows). The fix was the captures' (``model/stack_runners.py``, ``GraphRunner._capture``); this stays for runs
-whose data fragments the cache otherwise.
+No preset sets it. Measured on the H200 (GPU_NOTES P126-P135): ``bench train`` at the `small`
+defaults on ``data/gpu_mixed4`` can run out of memory at optimizer step ~134 (a [1536,
+state_size] fp32 state tensor, 6.96 GiB, cannot be placed in a fragmented cache with 19-26 GiB
+reserved but free). The stack graphs' captures through ``torch.cuda.graph``, whose preamble
+empties the cache (``model/stack_runners.py``, ``GraphRunner._capture``), made it rarer, not
+gone: 4 of 18 runs in P132-P135, more often with a faster read-ahead; the cause is not found.
+``max_split_size_mb:4096`` (blocks over 4 GiB never split) ran out of memory in none of its 5
+runs there, at 3-5% of mixed throughput (P129, P134, P135): the workaround, not a default.
 """
 
 from __future__ import annotations
