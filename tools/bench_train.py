@@ -240,6 +240,8 @@ def run_variant(data: str, variant: str, extra: list[str], warmup: int, steps: i
         # (GiB) of its forward, backward and optimizer step (train.window_max)
         res["window_ktokens_peak_gib"] = [[round(s["tokens"] / 1e3), s.get("peak")]
                                           for s in timer.steps]
+        # and the recurrent states its batches held (GiB; train.window_max_state_gib)
+        res["window_state_gib"] = [round(s["states"] / 2**30, 3) for s in timer.steps]
         if failed is not None:
             res["error"] = failed
         del tr

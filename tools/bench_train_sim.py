@@ -18,7 +18,10 @@ def simulate_dispatch(preset: str, data: str, extra: list[str], epochs: int = 1,
     ``epochs`` whole epochs are admitted, from the first epoch start after ``2 x max_in_flight``
     samples were drawn (a long run has no final drain, and its start-up admission of K examples
     at once is not typical); with ``train.chain_epochs=false`` one run per epoch, each drained,
-    from the first. ``trace`` gets every batch's (mode, request keys)."""
+    from the first. Windows close where the trainer's do: at ``tokens_per_step`` padded tokens,
+    or once their batches hold ``train.window_max_state_gib`` of states (each batch's
+    ``[B, state_size]`` in and out, as the trainer's runner counts them). ``trace`` gets every
+    batch's (mode, request keys)."""
     from blocklm.model.blocklm import BlockLM
     from blocklm.pipeline import RemoteConfig
     from blocklm.pipeline.cost import cost_from_supports
@@ -32,18 +35,26 @@ def simulate_dispatch(preset: str, data: str, extra: list[str], epochs: int = 1,
     cfg = build_config(preset, extra)
     cfg.dispatch.decode = False  # the runners never look at the contents
     chained = cfg.train.chain_epochs
-    supports = dict(BlockLM(cfg.model).supports)
+    model = BlockLM(cfg.model)
+    supports = dict(model.supports)
     cost = cost_from_supports(supports)
     n: dict[str, float] = defaultdict(float)
     per: dict[str, dict] = defaultdict(lambda: defaultdict(float))
     reasons: dict[str, Counter] = defaultdict(Counter)  # mode -> why its batches ran
 
     counting = [not chained]  # chained: only the steady-state window (docstring)
-    window = [0]  # padded tokens of the optimizer step's window so far (the trainer's)
+    # the optimizer step's window so far (the trainer's): padded tokens, bytes of state held
+    window = [0, 0]
     windows: list[int] = []  # each counted window's padded tokens (train.window_max)
+    by_states = [0]  # counted windows closed by train.window_max_state_gib before their tokens
+    row_bytes = model.state_size * 4  # an example's fp32 state
 
     def runner(batch):
         window[0] += batch.padded_cost
+        reqs = batch.requests
+        # the runner's [B, state_size] states in (an example continues) and out (one goes on)
+        holds = any(r.context is not None for r in reqs) + (not all(r.last for r in reqs))
+        window[1] += holds * len(reqs) * row_bytes
         if trace is not None and batch.requests:
             trace.append((batch.mode, [r.key for r in batch.requests]))
         if batch.requests and counting[0]:
@@ -54,7 +65,7 @@ def simulate_dispatch(preset: str, data: str, extra: list[str], epochs: int = 1,
                 d["real"] += batch.cost
                 d["seq_steps"] += seq
             reasons[batch.mode][batch.reason] += 1
-        return [Result(state=None) for _ in batch.requests]
+        return [Result(state=True) for _ in reqs]  # a context for the example's next block
 
     remote = RemoteConfig()
     buckets = make_buckets([data], cost, remote, cfg.train.bucket_max_width)
@@ -62,14 +73,17 @@ def simulate_dispatch(preset: str, data: str, extra: list[str], epochs: int = 1,
     source = make_source(RunSpec(preset, [data]), cfg, remote)
     t = cfg.train
     room, mode_rooms = window_rooms(t)
+    cap = None if t.window_max_state_gib is None else t.window_max_state_gib * 2**30
 
     def limited(run):
         for st in window_limited(run, disp, room, lambda: window[0], mode_rooms):
             yield st
-            if window[0] >= t.tokens_per_step:  # the trainer's optimizer step
+            over = cap is not None and window[1] >= cap
+            if window[0] >= t.tokens_per_step or over:  # the trainer's optimizer step
                 if counting[0]:
                     windows.append(window[0])
-                window[0] = 0
+                    by_states[0] += window[0] < t.tokens_per_step
+                window[:] = [0, 0]
 
     if chained:
         chain = EpochChain(source, 0, 0, name=data)
@@ -88,7 +102,7 @@ def simulate_dispatch(preset: str, data: str, extra: list[str], epochs: int = 1,
             source.set_epoch(e)
             for _ in limited(disp.run(source)):
                 pass
-            window[0] = 0  # the epoch's partial window
+            window[:] = [0, 0]  # the epoch's partial window
     scale = cfg.train.tokens_per_step / max(n["padded"], 1.0)
     modes = {m: {"batches": int(v["batches"]),
                  "tokens_per_batch": round(v["padded"] / v["batches"]),
@@ -104,4 +118,6 @@ def simulate_dispatch(preset: str, data: str, extra: list[str], epochs: int = 1,
             # full windows' padded tokens (their activations live until the window's backward)
             "window_tokens": {"max": max(windows, default=0),
                               "mean": round(sum(windows) / max(len(windows), 1))},
+            # windows closed by their states before their tokens (train.window_max_state_gib)
+            "windows_closed_by_states": by_states[0], "windows": len(windows),
             "modes": modes}

@@ -92,6 +92,7 @@ class StepTimer:
 
         def timed_opt():
             tokens = trainer.runners.window.tokens
+            states = trainer.runners.window.state_bytes
             close_gap()
             t = time.perf_counter()
             with record_function("bench:optimizer_step"):
@@ -101,7 +102,8 @@ class StepTimer:
                 open_gap(opt=True)
             end = time.perf_counter()
             self.cur["optimizer"] += end - t
-            self.steps.append(dict(self.cur, end=end, tokens=tokens, batches=len(self.batches),
+            self.steps.append(dict(self.cur, end=end, tokens=tokens, states=states,
+                                   batches=len(self.batches),
                                    epoch=getattr(trainer, "epoch", None), peak=_peak_gib()))
             self.cur.clear()
             self.hook(len(self.steps))

@@ -14,8 +14,8 @@ class FakeTrainer:
     """Runner calls take 20 ms, the optimizer step 10 ms; the test sleeps 30 ms between."""
 
     def __init__(self) -> None:
-        self.runners = SimpleNamespace(window=SimpleNamespace(tokens=0), run=self._run,
-                                       finish=lambda contexts: None)
+        self.runners = SimpleNamespace(window=SimpleNamespace(tokens=0, state_bytes=0),
+                                       run=self._run, finish=lambda contexts: None)
         self.optimizer_step = self._opt
 
     def _run(self, mode, batch):

@@ -88,3 +88,6 @@ def test_the_table_shows_padded_and_real_tokens(tmp_path, tokenizer):
     assert head.split()[:4] == ["data", "variant", "tokens/s", "real"]
     assert line.split()[2:4] == [str(row["tokens_per_s"]), str(row["real_tokens_per_s"])]
     assert row["real_tokens_per_s"] < row["tokens_per_s"]  # the text blocks vary: padding
+    # each window's states (GiB): the second blocks read their first blocks' states
+    states = row["window_state_gib"]
+    assert len(states) == len(row["window_ktokens_peak_gib"]) and max(states) > 0

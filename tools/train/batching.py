@@ -3,11 +3,12 @@
 A resumed run rebuilds exactly the batches the run would have formed (README, "exact
 resumption"), which holds only if the settings that form them are the ones it was saved with:
 the dispatcher's (its config fingerprint, checked by :func:`restore_examples
-<blocklm.pipeline.dispatch_resume.restore_examples>` too) and the trainer's window rooms
+<blocklm.pipeline.dispatch_resume.restore_examples>` too), the trainer's window rooms
 (``train.window_max``, ``train.window_mode_max``), which limit each batch to the room left in its
-optimizer step. A run's config is rebuilt from its preset at resume, so a preset that changed
-since the run started (the ``small`` preset's image window room and 1,536-example batches, say)
-would silently form other batches. This module names every difference and the overrides in
+optimizer step, and its state cap (``train.window_max_state_gib``), which can close a window
+before its tokens do. A run's config is rebuilt from its preset at resume, so a preset that
+changed since the run started (the ``small`` preset's image window room and 1,536-example
+batches, say) would silently form other batches. This module names every difference and the overrides in
 ``RUN/run.json`` that restore the saved values.
 """
 
@@ -22,17 +23,20 @@ from blocklm.pipeline.dispatch_resume import FINGERPRINT_UNSET, config_fingerpri
 
 from .config import TrainConfig
 
+WINDOW_KEYS = ("window_max", "window_mode_max", "window_max_state_gib")
+
 
 def window_record(t: TrainConfig) -> dict[str, Any]:
     """The trainer's settings that limit its batches (for a checkpoint; the dispatcher's own are
     in its state, ``state["config"]``)."""
-    return {"window_max": t.window_max, "window_mode_max": dict(t.window_mode_max)}
+    return {"window_max": t.window_max, "window_mode_max": dict(t.window_mode_max),
+            "window_max_state_gib": t.window_max_state_gib}
 
 
 def _override(key: str, value: Any, chained: bool) -> str:
     if key == "max_batch_samples" and chained:  # lowered from train.chain_batch_samples
         return f"train.chain_batch_samples={'none' if value is None else value}"
-    prefix = "train." if key in ("window_max", "window_mode_max") else "dispatch."
+    prefix = "train." if key in WINDOW_KEYS else "dispatch."
     return f"{prefix}{key}={'none' if value is None else json.dumps(value)}"
 
 
@@ -50,9 +54,12 @@ def batching_differences(saved: dict[str, Any] | None, saved_dispatch: dict[str,
         saved = {} if explicit else {"window_mode_max": {}}
     out = []
     chained = t.chain_epochs and t.chain_batch_samples is not None
-    for key in ("window_max", "window_mode_max"):
-        if key in saved and saved[key] != now[key]:
-            out.append((key, saved[key], now[key], _override(key, saved[key], chained)))
+    for key in WINDOW_KEYS:
+        # a record without window_max_state_gib predates it: its windows closed on tokens alone
+        if key not in saved and key != "window_max_state_gib":
+            continue
+        if saved.get(key) != now[key]:
+            out.append((key, saved.get(key), now[key], _override(key, saved.get(key), chained)))
     sd, nd = saved_dispatch, config_fingerprint(disp)
     for key in sorted(set(sd) | set(nd)):
         a, b = sd.get(key, FINGERPRINT_UNSET.get(key)), nd.get(key, FINGERPRINT_UNSET.get(key))

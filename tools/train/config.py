@@ -82,11 +82,20 @@ class TrainConfig:
     # data, peak 103 -> 120 GiB (GPU_NOTES P109); this gives the room to image batches alone
     # (`small`: {"image": 2.0}, +6.6% on mixed, P110)
     window_mode_max: dict[str, float] = field(default_factory=dict)
+    # the window also closes (its optimizer step runs) once its batches hold this many GiB of
+    # recurrent state: each batch's [B, state_size] fp32 states in (when any example continues)
+    # and out (unless every example ends), alive with its activations until the backward. The
+    # token rooms above do not see them: a text batch of 1,536 short captions is ~40k tokens
+    # but 13.9 GiB of states in and out. `small` on gpu_mixed4 had one window in 400 with four
+    # such batches (48.7 GiB of states, peak 134.2 of the H200's 139.8 GiB) where it could run
+    # out of memory at step ~134 (GPU_NOTES P137); at 32 that window closes after three
+    # batches (41.8 GiB, as others) and the other 399 are as before. None: no such close
+    window_max_state_gib: float | None = None
     # the CUDA caching allocator's settings (PYTORCH_CUDA_ALLOC_CONF's syntax, applied by the
-    # trainer on CUDA: tools/train/cuda_alloc.py); None: PyTorch's defaults.
-    # "max_split_size_mb:4096" (blocks over 4 GiB never split) avoids the fragmented cache in
-    # which `small` on mixed data can run out of memory at optimizer step ~134 (4 of 18 H200
-    # runs, none of 5 with it), at 3-5% of mixed throughput (GPU_NOTES.md, calls P132-P135)
+    # trainer on CUDA: tools/train/cuda_alloc.py); None: PyTorch's defaults. `small` sets
+    # "max_split_size_mb:6144": its 1,536-example state tensors (6.96 GiB) keep whole blocks,
+    # where small tensors placed in freed ones fragmented the cache until a state gradient could
+    # not be allocated (GPU_NOTES.md, calls P137-P140)
     cuda_alloc: str | None = None
 
 
@@ -201,6 +210,12 @@ def small() -> RunConfig:
     one after ~22 steps with 53 GiB reserved but free (fragmentation, P111); with
     ``expandable_segments`` they ran but 13% slower (P112). Text alone at 2,048: 287,887 ->
     299,620 (P111).
+
+    Memory (P137-P140): a window closes once its batches hold 32 GiB of recurrent state
+    (``train.window_max_state_gib``; the token rooms do not count states, and one window in 400
+    of gpu_mixed4 held 48.7 GiB, peak 134.2 of the H200's 139.8 GiB -> 116.6), and blocks of 6
+    GiB and more are never split (``train.cuda_alloc="max_split_size_mb:6144"``: freed state
+    tensors' blocks stay whole; split, they ended the run with 19-50 GiB free in pieces).
     """
     return RunConfig(model=model_presets.small(),
                      dispatch=DispatchConfig(max_in_flight=20480, budget=65536, ttl_steps=256,
@@ -212,6 +227,8 @@ def small() -> RunConfig:
                                        schedule_steps=20000, checkpoint_every=500,
                                        bucket_max_width={"audio": 0.06},
                                        window_mode_max={"image": 2.0},
+                                       window_max_state_gib=32.0,
+                                       cuda_alloc="max_split_size_mb:6144",
                                        chain_batch_samples=1536))
 
 
@@ -240,6 +257,11 @@ def build_config(preset: str, overrides: list[str] | tuple[str, ...] = ()) -> Ru
             raise ValueError(f"train.window_mode_max[{m!r}] must be a number >= 1 (a batch of "
                              f"{m} may fill the window up to that many times tokens_per_step), "
                              f"got {f!r}")
+    g = cfg.train.window_max_state_gib
+    if g is not None and (isinstance(g, bool) or not isinstance(g, (int, float)) or not g > 0):
+        raise ValueError(f"train.window_max_state_gib must be a number of GiB > 0 (the "
+                         f"recurrent states a window's batches may hold before its optimizer "
+                         f"step) or none, got {g!r}")
     check_alloc_settings(cfg.train.cuda_alloc)
     h = cfg.train.host_threads
     if h is not None and not (isinstance(h, int) and h >= 1):

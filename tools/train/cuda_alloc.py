@@ -5,14 +5,14 @@ config instead (no configuration through environment variables), so the trainer 
 ``train.cuda_alloc`` itself through PyTorch's runtime call. The settings are the process's
 (the allocator is one per process), and they stay after the fit, like ``torch.backends`` flags.
 
-No preset sets it. Measured on the H200 (GPU_NOTES P126-P135): ``bench train`` at the `small`
-defaults on ``data/gpu_mixed4`` can run out of memory at optimizer step ~134 (a [1536,
-state_size] fp32 state tensor, 6.96 GiB, cannot be placed in a fragmented cache with 19-26 GiB
-reserved but free). The stack graphs' captures through ``torch.cuda.graph``, whose preamble
-empties the cache (``model/stack_runners.py``, ``GraphRunner._capture``), made it rarer, not
-gone: 4 of 18 runs in P132-P135, more often with a faster read-ahead; the cause is not found.
-``max_split_size_mb:4096`` (blocks over 4 GiB never split) ran out of memory in none of its 5
-runs there, at 3-5% of mixed throughput (P129, P134, P135): the workaround, not a default.
+`small` sets ``max_split_size_mb:6144``: blocks of 6 GiB and more are never split, so a freed
+[1,536, state_size] fp32 state tensor (6.96 GiB) keeps its block whole for the next one. Without
+it, small tensors placed in freed state blocks pinned them: on the H200 (GPU_NOTES P137-P140)
+``bench train`` on ``data/gpu_mixed4`` ran out of memory in a state gradient's allocation with
+19-50 GiB reserved but free in split segments (at step ~134 in 4 of 18 runs of P132-P135; with
+the window state cap, ``train.window_max_state_gib``, at step 176 in every run whose read-ahead
+had nothing to decode), and with it passed. ``max_split_size_mb:4096`` did the same at 3-5% of
+mixed throughput (P129-P135): it also held audio's 4.06 GiB state blocks to near-exact reuse.
 """
 
 from __future__ import annotations

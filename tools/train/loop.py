@@ -324,7 +324,7 @@ class Trainer:
                                      if f.error is None and isinstance(f.state, Context)])
                 if st.batch is None:  # a rank-local tail step: no collectives here
                     continue
-                if self.coll.sum([float(self.runners.window.tokens)])[0] < self.t.tokens_per_step:
+                if not self._window_full():
                     continue
                 if self.chain is not None:  # the next samples are read during backward
                     self.epoch = self.chain.epoch_of(self.disp.drawn - 1)
@@ -343,6 +343,16 @@ class Trainer:
             if self.chain is not None:
                 self.chain.release()  # its reader must not wait for a step that never comes
             run.close()
+
+    def _window_full(self) -> bool:
+        """Whether the window closes now, agreed by every rank: its padded tokens (summed over
+        the ranks) reached ``tokens_per_step``, or any rank's batches hold
+        ``window_max_state_gib`` of recurrent state (config.py: the token rooms do not count
+        the states, which decided the H200's peak memory on mixed data, GPU_NOTES P137)."""
+        w, cap = self.runners.window, self.t.window_max_state_gib
+        over = cap is not None and w.state_bytes >= cap * 2**30
+        tokens, n_over = self.coll.sum([float(w.tokens), float(over)])
+        return tokens >= self.t.tokens_per_step or n_over > 0
 
     def _source(self) -> tuple[Any, int, int | None]:
         """The next dispatcher run's (source, offset, prefetch): chained, every epoch from

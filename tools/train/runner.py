@@ -46,6 +46,9 @@ class Window:
 
     index: int = 0
     tokens: int = 0  # decoder steps run
+    # bytes of recurrent state its batches hold, [B, state_size] in and out
+    # (train.window_max_state_gib)
+    state_bytes: int = 0
     bits: dict[str, list[Tensor]] = field(default_factory=lambda: defaultdict(list))
     elements: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     # the heads' bits per kind of prediction (HEADS: next mode incl. end, shape) and counts
@@ -198,6 +201,9 @@ class ModelRunners:
         w = self.window
         loss = res.loss
         w.tokens += batch.padded_cost
+        for t in (state, res.state):  # alive with the window's graph until its backward
+            if t is not None:
+                w.state_bytes += t.numel() * t.element_size()
         w.bits[mode].append(loss.bits.float())
         w.elements[mode] += (loss.element_count if loss.element_count is not None
                              else float(loss.elements.sum()))

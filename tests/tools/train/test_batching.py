@@ -56,6 +56,23 @@ def test_a_checkpoint_without_a_window_record_had_no_mode_rooms_unless_its_run_s
     assert batching_differences(None, fp, d, t, mine) == []
 
 
+def test_the_state_cap_is_a_batching_setting_and_older_records_had_none():
+    """train.window_max_state_gib closes windows, so it forms batches: a change is named with
+    its override; a record written before it existed had no such cap."""
+    d = _disp()
+    fp = config_fingerprint(d)
+    capped, plain = TrainConfig(window_max_state_gib=32.0), TrainConfig()
+    assert batching_differences(window_record(capped), fp, d, capped, []) == []
+    assert batching_differences(window_record(plain), fp, d, capped, []) == [
+        ("window_max_state_gib", None, 32.0, "train.window_max_state_gib=none")]
+    assert batching_differences(window_record(capped), fp, d, plain, []) == [
+        ("window_max_state_gib", 32.0, None, "train.window_max_state_gib=32.0")]
+    old = {k: v for k, v in window_record(plain).items() if k != "window_max_state_gib"}
+    assert batching_differences(old, fp, d, plain, []) == []
+    assert [k for k, *_ in batching_differences(old, fp, d, capped, [])] == \
+        ["window_max_state_gib"]
+
+
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> str:
     return write_samples(tmp_path_factory.mktemp("batching"), 30,
@@ -79,7 +96,8 @@ def test_a_run_whose_window_rooms_changed_refuses_to_resume_and_says_how(tmp_pat
     train(full, _spec(dataset, tokenizer, room), steps=6, progress=False, tensorboard=False)
     train(half, _spec(dataset, tokenizer, room), steps=3, progress=False, tensorboard=False)
     ck = torch.load(half / "checkpoint.pt", weights_only=True)
-    assert ck["loader"]["windows"] == {"window_max": 1.2, "window_mode_max": {"text": 2.0}}
+    assert ck["loader"]["windows"] == {"window_max": 1.2, "window_mode_max": {"text": 2.0},
+                                       "window_max_state_gib": None}
     meta = json.loads((half / "run.json").read_text())
     meta["overrides"].remove(room)
     (half / "run.json").write_text(json.dumps(meta))

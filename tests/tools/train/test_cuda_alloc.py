@@ -8,7 +8,8 @@ from blocklm.tools.train.cuda_alloc import apply_alloc_settings, check_alloc_set
 
 
 def test_unset_by_default_and_overrides_parse():
-    assert build_config("small").train.cuda_alloc is None
+    # blocks of 6 GiB and more never split: the 1,536-example state tensors (GPU_NOTES P137-P140)
+    assert build_config("small").train.cuda_alloc == "max_split_size_mb:6144"
     assert build_config("tiny").train.cuda_alloc is None
     cfg = build_config("small", ["train.cuda_alloc=max_split_size_mb:1024,roundup_power2_divisions:4"])
     assert cfg.train.cuda_alloc == "max_split_size_mb:1024,roundup_power2_divisions:4"
