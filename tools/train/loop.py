@@ -59,6 +59,7 @@ from .loop_util import (
     _pack_contexts,
     _unpack_contexts,
     host_threads,
+    out_of_memory,
     window_limited,
     window_rooms,
 )
@@ -279,7 +280,11 @@ class Trainer:
         getattr(self.source, "load_indexes", lambda: 0)()
         with HostThreads(host_threads(self.t.host_threads, self.device.type)), \
                 GCFreeze(self.t.full_gc_every):
-            return self._fit(steps, minutes)
+            try:
+                return self._fit(steps, minutes)
+            except torch.OutOfMemoryError as e:
+                raise out_of_memory(e, self.run, self.step, self.runners.window, self.t,
+                                    self.device) from e
 
     def _fit(self, steps: int | None, minutes: float | None) -> dict[str, Any]:
         self.target = steps if steps is not None else math.inf

@@ -180,3 +180,27 @@ class GCFreeze:
         if self.active:
             gc.unfreeze()
             self.active = False
+
+
+def out_of_memory(e: torch.OutOfMemoryError, run: Any, step: int, window: Any, t: Any,
+                  device: torch.device) -> torch.OutOfMemoryError:
+    """``e`` again, its message led by what the run was doing: the optimizer step, its window's
+    padded tokens, batches' recurrent state and the caps on both, the device's memory, and
+    the settings that lower it (a bare PyTorch message names none of them)."""
+    mem = ""
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        mem = (f"; on {device}: {torch.cuda.memory_allocated(device) / 2**30:.1f} GiB "
+               f"allocated, {torch.cuda.memory_reserved(device) / 2**30:.1f} GiB reserved of "
+               f"{total / 2**30:.1f} GiB")
+    cap = t.window_max_state_gib
+    return torch.OutOfMemoryError(
+        f"{run}: out of memory in optimizer step {step + 1}: its window held "
+        f"{window.tokens:,} padded tokens (tokens_per_step {t.tokens_per_step:,}, "
+        f"train.window_max={t.window_max}) and {window.state_bytes / 2**30:.1f} GiB of "
+        f"recurrent state (train.window_max_state_gib={'none' if cap is None else cap}){mem}. "
+        f"A window's batches keep their activations and states until its backward: lower "
+        f"train.window_max_state_gib, train.window_max or train.chain_batch_samples, or set "
+        f"train.cuda_alloc (e.g. 'max_split_size_mb:6144' where large blocks fragment; "
+        f"model/GPU_NOTES.md, calls P137-P141); --resume continues from the last checkpoint. "
+        f"PyTorch said: {e}")

@@ -130,3 +130,28 @@ def test_the_setting_is_checked_and_small_sets_it():
     for bad in ("true", '"32"'):  # the override's own type check
         with pytest.raises(ValueError, match="train.window_max_state_gib: expected float"):
             build_config("tiny", [f"train.window_max_state_gib={bad}"])
+
+
+def test_an_out_of_memory_names_the_window_and_the_settings(tmp_path, dataset, tokenizer):
+    """A device out of memory mid-run is re-raised (same type, the original chained) with the
+    step, its window's tokens and states, the caps and the settings that lower them."""
+    tr = Trainer(tmp_path, RunSpec("tiny", [dataset], None, _sets(
+        tokenizer, "train.window_max_state_gib=32")), resume=False, remote=None,
+        progress=False, tensorboard=False)
+    run, calls = tr.runners.run, [0]
+
+    def failing(mode, batch):
+        calls[0] += 1
+        if calls[0] == 7:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 6.96 GiB.")
+        return run(mode, batch)
+    tr.runners.run = failing
+    with pytest.raises(torch.OutOfMemoryError) as got:
+        tr.fit(steps=50, minutes=None)
+    msg = str(got.value)
+    w = tr.runners.window
+    assert msg.startswith(f"{tmp_path}: out of memory in optimizer step {tr.step + 1}: ")
+    assert f"held {w.tokens:,} padded tokens" in msg and w.tokens > 0
+    assert "train.window_max_state_gib=32" in msg and "train.cuda_alloc" in msg
+    assert msg.endswith("PyTorch said: CUDA out of memory. Tried to allocate 6.96 GiB.")
+    assert isinstance(got.value.__cause__, torch.OutOfMemoryError)
