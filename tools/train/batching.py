@@ -8,8 +8,8 @@ the dispatcher's (its config fingerprint, checked by :func:`restore_examples
 optimizer step, and its state cap (``train.window_max_state_gib``), which can close a window
 before its tokens do. A run's config is rebuilt from its preset at resume, so a preset that
 changed since the run started (the ``small`` preset's image window room and 1,536-example
-batches, say) would silently form other batches. This module names every difference and the overrides in
-``RUN/run.json`` that restore the saved values.
+batches, say) would silently form other batches. This module names every difference and the
+overrides in ``RUN/run.json`` that restore the saved values.
 """
 
 from __future__ import annotations

@@ -95,7 +95,7 @@ class TrainConfig:
     # trainer on CUDA: tools/train/cuda_alloc.py); None: PyTorch's defaults. `small` sets
     # "max_split_size_mb:6144": its 1,536-example state tensors (6.96 GiB) keep whole blocks,
     # where small tensors placed in freed ones fragmented the cache until a state gradient could
-    # not be allocated (GPU_NOTES.md, calls P137-P140)
+    # not be allocated (GPU_NOTES.md, calls P137-P141)
     cuda_alloc: str | None = None
 
 
@@ -211,7 +211,7 @@ def small() -> RunConfig:
     ``expandable_segments`` they ran but 13% slower (P112). Text alone at 2,048: 287,887 ->
     299,620 (P111).
 
-    Memory (P137-P140): a window closes once its batches hold 32 GiB of recurrent state
+    Memory (P137-P141): a window closes once its batches hold 32 GiB of recurrent state
     (``train.window_max_state_gib``; the token rooms do not count states, and one window in 400
     of gpu_mixed4 held 48.7 GiB, peak 134.2 of the H200's 139.8 GiB -> 116.6), and blocks of 6
     GiB and more are never split (``train.cuda_alloc="max_split_size_mb:6144"``: freed state

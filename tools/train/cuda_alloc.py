@@ -7,11 +7,11 @@ config instead (no configuration through environment variables), so the trainer 
 
 `small` sets ``max_split_size_mb:6144``: blocks of 6 GiB and more are never split, so a freed
 [1,536, state_size] fp32 state tensor (6.96 GiB) keeps its block whole for the next one. Without
-it, small tensors placed in freed state blocks pinned them: on the H200 (GPU_NOTES P137-P140)
-``bench train`` on ``data/gpu_mixed4`` ran out of memory in a state gradient's allocation with
-19-50 GiB reserved but free in split segments (at step ~134 in 4 of 18 runs of P132-P135; with
-the window state cap, ``train.window_max_state_gib``, at step 176 in every run whose read-ahead
-had nothing to decode), and with it passed. ``max_split_size_mb:4096`` did the same at 3-5% of
+it, small tensors placed in freed state blocks pinned them: on the H200 (GPU_NOTES P137-P141)
+``bench train`` on ``data/gpu_mixed4`` ran out of memory allocating a state tensor with 19-50
+GiB reserved but free in split segments (at step ~134 in 4 of 18 runs of P132-P135; with the
+window state cap, ``train.window_max_state_gib``, at step 176 in both runs whose read-ahead had
+nothing to decode and at ~600 in a 220 s run), and with it passed (558 steps at the defaults). ``max_split_size_mb:4096`` did the same at 3-5% of
 mixed throughput (P129-P135): it also held audio's 4.06 GiB state blocks to near-exact reuse.
 """
 
