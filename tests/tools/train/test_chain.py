@@ -286,10 +286,13 @@ def test_ranks_with_different_epoch_lengths_stay_in_step_and_resume_exactly():
 
 
 @pytest.mark.slow  # three 2-process gloo runs: ~20 s
-def test_two_process_chained_resume_is_exact(tmp_path, dataset, tokenizer):
+@pytest.mark.parametrize("state_cap", [None, 0.0001])
+def test_two_process_chained_resume_is_exact(tmp_path, dataset, tokenizer, state_cap):
     """Under torchrun each rank chains its share's epochs and checkpoints its own chain state;
     stopped with several epochs in flight and resumed, 2 ranks give the uninterrupted run's losses
-    and parameters bitwise."""
+    and parameters bitwise. With a state cap (train.window_max_state_gib: ~4 rows of the tiny
+    model's states) a window closes when either rank's batches reach it: the ranks agree, and
+    the resumed run closes the same windows."""
     import os
     import subprocess
     import sys
@@ -304,7 +307,8 @@ def test_two_process_chained_resume_is_exact(tmp_path, dataset, tokenizer):
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr[-3000:]
 
-    sets = [a for o in _spec(dataset, tokenizer).overrides for a in ("--set", o)]
+    cap = [] if state_cap is None else [f"train.window_max_state_gib={state_cap}"]
+    sets = [a for o in _spec(dataset, tokenizer, *cap).overrides for a in ("--set", o)]
     new = ["--preset", "tiny", "--data", dataset, *sets]
     launch(tmp_path / "full", 6, *new)
     launch(tmp_path / "half", 3, *new)
