@@ -89,13 +89,16 @@ class TrainConfig:
     # but 13.9 GiB of states in and out. `small` on gpu_mixed4 had one window in 400 with four
     # such batches (48.7 GiB of states, peak 134.2 of the H200's 139.8 GiB) where it could run
     # out of memory at step ~134 (GPU_NOTES P137); at 32 that window closes after three
-    # batches (41.8 GiB, as others) and the other 399 are as before. None: no such close
+    # batches (41.8 GiB, as others) and the other 399 are as before. The close comes after the
+    # batch that crosses the cap, so a window may hold up to one batch's states over it (32 +
+    # 13.9 GiB at most in `small`). None: no such close
     window_max_state_gib: float | None = None
     # the CUDA caching allocator's settings (PYTORCH_CUDA_ALLOC_CONF's syntax, applied by the
     # trainer on CUDA: tools/train/cuda_alloc.py); None: PyTorch's defaults. `small` sets
     # "max_split_size_mb:6144": its 1,536-example state tensors (6.96 GiB) keep whole blocks,
-    # where small tensors placed in freed ones fragmented the cache until a state gradient could
-    # not be allocated (GPU_NOTES.md, calls P137-P141)
+    # where small tensors placed in freed ones fragmented the cache until a state tensor could
+    # not be allocated (GPU_NOTES.md, calls P137-P141). None: PyTorch's defaults (applied, so
+    # a run after another in one process does not keep the other's)
     cuda_alloc: str | None = None
 
 

@@ -3,7 +3,8 @@
 PyTorch reads ``PYTORCH_CUDA_ALLOC_CONF`` from the environment; a run's settings belong in its
 config instead (no configuration through environment variables), so the trainer applies
 ``train.cuda_alloc`` itself through PyTorch's runtime call. The settings are the process's
-(the allocator is one per process), and they stay after the fit, like ``torch.backends`` flags.
+(the allocator is one per process), and they stay after the fit, like ``torch.backends`` flags,
+until the next trainer applies its own (None: PyTorch's defaults).
 
 `small` sets ``max_split_size_mb:6144``: blocks of 6 GiB and more are never split, so a freed
 [1,536, state_size] fp32 state tensor (6.96 GiB) keeps its block whole for the next one. Without
@@ -11,8 +12,10 @@ it, small tensors placed in freed state blocks pinned them: on the H200 (GPU_NOT
 ``bench train`` on ``data/gpu_mixed4`` ran out of memory allocating a state tensor with 19-50
 GiB reserved but free in split segments (at step ~134 in 4 of 18 runs of P132-P135; with the
 window state cap, ``train.window_max_state_gib``, at step 176 in both runs whose read-ahead had
-nothing to decode and at ~600 in a 220 s run), and with it passed (558 steps at the defaults). ``max_split_size_mb:4096`` did the same at 3-5% of
-mixed throughput (P129-P135): it also held audio's 4.06 GiB state blocks to near-exact reuse.
+nothing to decode and at ~600 in a 220 s run); with it, no run has failed (588 steps at the
+defaults, P140, short of the cap-alone run's failing window 601). ``max_split_size_mb:4096``
+cost 3-5% of mixed throughput (P129-P135): it also held audio's 4.06 GiB state blocks to
+near-exact reuse.
 """
 
 from __future__ import annotations
@@ -37,12 +40,15 @@ def check_alloc_settings(settings: str | None) -> None:
 
 def apply_alloc_settings(settings: str | None, device: torch.device) -> bool:
     """Apply ``settings`` to the CUDA caching allocator when ``device`` is a CUDA device;
-    returns whether anything was applied (nothing on the CPU, nothing for None)."""
+    returns whether anything was applied (nothing on the CPU). None applies PyTorch's
+    defaults: each setting call resets ``max_split_size_mb``, ``roundup_power2_divisions`` and
+    ``garbage_collection_threshold`` to them unless it names them, so a run after another in
+    the same process (``bench train``'s variants) does not keep the earlier run's."""
     check_alloc_settings(settings)
-    if settings is None or device.type != "cuda":
+    if device.type != "cuda":
         return False
     setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None)
     if setter is None:  # PyTorch before the accelerator API
         setter = torch.cuda.memory._set_allocator_settings
-    setter(settings)
+    setter("" if settings is None else settings)
     return True

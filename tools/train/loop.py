@@ -2,8 +2,9 @@
 
 Examples stream from :class:`blocklm.pipeline.BlockDataset` through the
 :class:`blocklm.pipeline.Dispatcher` into :class:`ModelRunners` (one runner per mode). Loss terms
-accumulate until ``tokens_per_step`` decoder steps have run, then one backward pass and one
-optimizer step close the window. A checkpoint is taken only at a window boundary and holds the
+accumulate until ``tokens_per_step`` decoder steps have run (or the batches hold
+``train.window_max_state_gib`` of recurrent state), then one backward pass and one optimizer
+step close the window. A checkpoint is taken only at a window boundary and holds the
 model, optimizer, scheduler, RNG states, epoch, the dispatcher's state (in-flight examples with
 their contexts) and the loader's counters; resuming rebuilds the same batches in the same order.
 
@@ -60,6 +61,8 @@ from .loop_util import (
     _unpack_contexts,
     host_threads,
     out_of_memory,
+    stop_reason,
+    window_full,
     window_limited,
     window_rooms,
 )
@@ -284,7 +287,7 @@ class Trainer:
                 return self._fit(steps, minutes)
             except torch.OutOfMemoryError as e:
                 raise out_of_memory(e, self.run, self.step, self.runners.window, self.t,
-                                    self.device) from e
+                                    self.device, self.coll.world) from e
 
     def _fit(self, steps: int | None, minutes: float | None) -> dict[str, Any]:
         self.target = steps if steps is not None else math.inf
@@ -329,7 +332,7 @@ class Trainer:
                                      if f.error is None and isinstance(f.state, Context)])
                 if st.batch is None:  # a rank-local tail step: no collectives here
                     continue
-                if not self._window_full():
+                if not window_full(self.runners.window, self.t, self.coll):
                     continue
                 if self.chain is not None:  # the next samples are read during backward
                     self.epoch = self.chain.epoch_of(self.disp.drawn - 1)
@@ -348,16 +351,6 @@ class Trainer:
             if self.chain is not None:
                 self.chain.release()  # its reader must not wait for a step that never comes
             run.close()
-
-    def _window_full(self) -> bool:
-        """Whether the window closes now, agreed by every rank: its padded tokens (summed over
-        the ranks) reached ``tokens_per_step``, or any rank's batches hold
-        ``window_max_state_gib`` of recurrent state (config.py: the token rooms do not count
-        the states, which decided the H200's peak memory on mixed data, GPU_NOTES P137)."""
-        w, cap = self.runners.window, self.t.window_max_state_gib
-        over = cap is not None and w.state_bytes >= cap * 2**30
-        tokens, n_over = self.coll.sum([float(w.tokens), float(over)])
-        return tokens >= self.t.tokens_per_step or n_over > 0
 
     def _source(self) -> tuple[Any, int, int | None]:
         """The next dispatcher run's (source, offset, prefetch): chained, every epoch from
@@ -393,14 +386,7 @@ class Trainer:
 
     def _check_stop(self, deadline: float, stop: StopFlag) -> str | None:
         """Why to stop now, agreed by every rank (None: go on)."""
-        flags = self.coll.sum([float(self.step >= self.target),
-                               float(time.monotonic() >= deadline),
-                               float(stop.signal is not None)])
-        if flags[2]:
-            return "signal"
-        if flags[0]:
-            return "steps"
-        return "minutes" if flags[1] else None
+        return stop_reason(self.coll, self.step >= self.target, deadline, stop)
 
 
 def load_model(run: str | Path, device: str = "cpu") -> tuple[BlockLM, RunConfig, RunSpec]:

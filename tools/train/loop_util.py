@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import signal
+import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -182,8 +183,32 @@ class GCFreeze:
             self.active = False
 
 
+def stop_reason(coll: Any, done: bool, deadline: float, stop: StopFlag) -> str | None:
+    """Why training stops now, agreed by every rank: "signal", "steps" (``done``), "minutes"
+    (past ``deadline`` on the monotonic clock), or None to go on."""
+    flags = coll.sum([float(done), float(time.monotonic() >= deadline),
+                      float(stop.signal is not None)])
+    if flags[2]:
+        return "signal"
+    if flags[0]:
+        return "steps"
+    return "minutes" if flags[1] else None
+
+
+def window_full(window: Any, t: Any, coll: Any) -> bool:
+    """Whether the optimizer step's window closes now, agreed by every rank: its padded tokens
+    (summed over the ranks) reached ``t.tokens_per_step``, or any rank's batches hold
+    ``t.window_max_state_gib`` of recurrent state (config.py: the token rooms do not count the
+    states, which set the H200's peak memory on mixed data, GPU_NOTES P137). The close comes
+    after the batch that crosses a limit: a window may hold one batch's states over the cap."""
+    cap = t.window_max_state_gib
+    over = cap is not None and window.state_bytes >= cap * 2**30
+    tokens, n_over = coll.sum([float(window.tokens), float(over)])
+    return tokens >= t.tokens_per_step or n_over > 0
+
+
 def out_of_memory(e: torch.OutOfMemoryError, run: Any, step: int, window: Any, t: Any,
-                  device: torch.device) -> torch.OutOfMemoryError:
+                  device: torch.device, world: int = 1) -> torch.OutOfMemoryError:
     """``e`` again, its message led by what the run was doing: the optimizer step, its window's
     padded tokens, batches' recurrent state and the caps on both, the device's memory, and
     the settings that lower it (a bare PyTorch message names none of them)."""
@@ -193,14 +218,22 @@ def out_of_memory(e: torch.OutOfMemoryError, run: Any, step: int, window: Any, t
         mem = (f"; on {device}: {torch.cuda.memory_allocated(device) / 2**30:.1f} GiB "
                f"allocated, {torch.cuda.memory_reserved(device) / 2**30:.1f} GiB reserved of "
                f"{total / 2**30:.1f} GiB")
-    cap = t.window_max_state_gib
+    if not window.tokens and not window.state_bytes:  # an evaluation, checkpoint or log
+        where = f"after optimizer step {step}, outside a window's batches{mem}"
+    else:
+        cap = t.window_max_state_gib
+        share = f" (this rank's share of {world})" if world > 1 else ""
+        where = (f"in optimizer step {step + 1}: its window held{share} {window.tokens:,} "
+                 f"padded tokens (tokens_per_step {t.tokens_per_step:,}, train.window_max="
+                 f"{t.window_max}) and {window.state_bytes / 2**30:.1f} GiB of recurrent state "
+                 f"(train.window_max_state_gib={'none' if cap is None else cap}){mem}. A "
+                 f"window's batches keep their activations and states until its backward: "
+                 f"lower train.window_max_state_gib, train.window_max or "
+                 f"train.chain_batch_samples")
+    alloc = "none" if t.cuda_alloc is None else repr(t.cuda_alloc)
     return torch.OutOfMemoryError(
-        f"{run}: out of memory in optimizer step {step + 1}: its window held "
-        f"{window.tokens:,} padded tokens (tokens_per_step {t.tokens_per_step:,}, "
-        f"train.window_max={t.window_max}) and {window.state_bytes / 2**30:.1f} GiB of "
-        f"recurrent state (train.window_max_state_gib={'none' if cap is None else cap}){mem}. "
-        f"A window's batches keep their activations and states until its backward: lower "
-        f"train.window_max_state_gib, train.window_max or train.chain_batch_samples, or set "
-        f"train.cuda_alloc (e.g. 'max_split_size_mb:6144' where large blocks fragment; "
-        f"model/GPU_NOTES.md, calls P137-P141); --resume continues from the last checkpoint. "
+        f"{run}: out of memory {where}. The allocator's settings are train.cuda_alloc={alloc} "
+        f"('max_split_size_mb:N' keeps blocks of N MiB and more whole where large blocks "
+        f"fragment: model/GPU_NOTES.md, calls P137-P141); --resume continues from the last "
+        f"checkpoint, if one was written (train.checkpoint_every={t.checkpoint_every}). "
         f"PyTorch said: {e}")

@@ -95,6 +95,10 @@ def test_a_run_with_a_state_cap_resumes_exactly(tmp_path, dataset, tokenizer):
     a, b = read_metrics(full), read_metrics(half)
     assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, 9))
     assert [r["loss"] for r in a] == [r["loss"] for r in b]
+    plain = tmp_path / "plain"  # the cap closed windows here: without it, other steps
+    train(plain, RunSpec("tiny", [dataset], None, _sets(tokenizer)), steps=8, progress=False,
+          tensorboard=False)
+    assert [r["loss"] for r in read_metrics(plain)] != [r["loss"] for r in a]
     pa = torch.load(full / "checkpoint.pt", weights_only=True)["model"]
     pb = torch.load(half / "checkpoint.pt", weights_only=True)["model"]
     assert all(torch.equal(pa[k], pb[k]) for k in pa)
@@ -102,14 +106,20 @@ def test_a_run_with_a_state_cap_resumes_exactly(tmp_path, dataset, tokenizer):
 
 def test_the_simulation_closes_the_same_windows(tmp_path, dataset, tokenizer):
     """bench train --simulate counts the states as the trainer's runner does: with the cap it
-    forms the trainer's batches (the windows' rooms set each next batch's limit)."""
-    sets = _sets(tokenizer, f"train.window_max_state_gib={_gib_of_rows(tokenizer, 20)}",
-                 "dispatch.prefetch=0", "train.log_every=1000")
+    forms the trainer's batches. The window's room binds here (window_max 1.0 under a larger
+    budget), so where a window closes decides the next batches: without the cap's closes the
+    simulation forms other ones."""
+    room = ["dispatch.budget=400", "train.window_max=1.0", "dispatch.prefetch=0",
+            "train.log_every=1000"]
+    cap = f"train.window_max_state_gib={_gib_of_rows(tokenizer, 20)}"
     sim: list = []
-    res = simulate_dispatch("tiny", dataset, sets, epochs=3, trace=sim)
+    res = simulate_dispatch("tiny", dataset, _sets(tokenizer, cap, *room), epochs=3, trace=sim)
     assert res["windows_closed_by_states"] >= 1
-    tr = Trainer(tmp_path / "run", RunSpec("tiny", [dataset], overrides=sets), resume=False,
-                 remote=None, progress=False, tensorboard=False)
+    plain: list = []
+    simulate_dispatch("tiny", dataset, _sets(tokenizer, *room), epochs=3, trace=plain)
+    tr = Trainer(tmp_path / "run", RunSpec("tiny", [dataset], overrides=_sets(tokenizer, cap,
+                                                                              *room)),
+                 resume=False, remote=None, progress=False, tensorboard=False)
     got: list = []
     run = tr.runners.run
     tr.runners.run = lambda mode, batch: got.append(
@@ -117,6 +127,7 @@ def test_the_simulation_closes_the_same_windows(tmp_path, dataset, tokenizer):
     tr.fit(steps=6, minutes=None)
     n = min(len(got), len(sim))
     assert n > 20 and got[:n] == sim[:n]
+    assert plain[:n] != sim[:n]
 
 
 def test_the_setting_is_checked_and_small_sets_it():
@@ -152,6 +163,25 @@ def test_an_out_of_memory_names_the_window_and_the_settings(tmp_path, dataset, t
     w = tr.runners.window
     assert msg.startswith(f"{tmp_path}: out of memory in optimizer step {tr.step + 1}: ")
     assert f"held {w.tokens:,} padded tokens" in msg and w.tokens > 0
-    assert "train.window_max_state_gib=32" in msg and "train.cuda_alloc" in msg
+    assert "train.window_max_state_gib=32" in msg and "train.cuda_alloc=none" in msg
+    assert "train.checkpoint_every=0" in msg  # no checkpoint to resume from
     assert msg.endswith("PyTorch said: CUDA out of memory. Tried to allocate 6.96 GiB.")
     assert isinstance(got.value.__cause__, torch.OutOfMemoryError)
+
+
+def test_an_out_of_memory_between_windows_is_not_blamed_on_one(tmp_path, dataset, tokenizer):
+    """Evaluation, checkpoints and logs run after a window closed: an out of memory there
+    names the step it followed, not an empty window."""
+    tr = Trainer(tmp_path, RunSpec("tiny", [dataset], None, _sets(tokenizer)), resume=False,
+                 remote=None, progress=False, tensorboard=False)
+    opt = tr.optimizer_step
+
+    def failing():
+        opt()
+        if tr.step == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory.")
+    tr.optimizer_step = failing
+    with pytest.raises(torch.OutOfMemoryError) as got:
+        tr.fit(steps=5, minutes=None)
+    assert str(got.value).startswith(
+        f"{tmp_path}: out of memory after optimizer step 2, outside a window's batches. ")
