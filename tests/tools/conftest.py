@@ -71,3 +71,22 @@ def tokenizer(tmp_path_factory) -> str:
         model_type="bpe", byte_fallback=True, character_coverage=1.0,
         hard_vocab_limit=False, minloglevel=2)  # the fallback text holds fewer than 400 pieces
     return str(prefix) + ".model"
+
+
+@pytest.fixture
+def trainer_batches():
+    """``batches(run_dir, data, overrides, steps) -> (batches, epoch)``: a tiny trainer's
+    batches over ``steps`` optimizer steps, each as (mode, its requests' sample keys), in the
+    order they ran (to set beside ``simulate_dispatch``'s trace), and the epoch it ended in."""
+    from blocklm.tools.train.loop import RunSpec, Trainer
+
+    def batches(run_dir: Path, data: str, overrides: list[str], steps: int) -> tuple[list, int]:
+        tr = Trainer(run_dir, RunSpec("tiny", [data], overrides=overrides), resume=False,
+                     remote=None, progress=False, tensorboard=False)
+        got: list = []
+        run = tr.runners.run
+        tr.runners.run = lambda mode, batch: got.append(
+            (mode, [r.key for r in batch.requests])) or run(mode, batch)
+        tr.fit(steps=steps, minutes=None)
+        return got, tr.epoch
+    return batches

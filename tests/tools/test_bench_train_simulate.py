@@ -45,26 +45,18 @@ def test_simulate_reports_modes_and_chained_epochs(tmp_path, tokenizer):
 
 
 @pytest.mark.parametrize("chain", ["true", "false"])
-def test_simulation_forms_the_trainers_batches(tmp_path, tokenizer, chain):
+def test_simulation_forms_the_trainers_batches(tmp_path, tokenizer, chain, trainer_batches):
     """The simulation runs the trainer's dispatcher over the trainer's source (chained or one
     run per epoch, reshuffled): the trainer's batches are its first batches."""
-    from blocklm.tools.train.loop import RunSpec, Trainer
-
     out = _dataset(tmp_path / "ds", 50)
     sets = [f"model.modes.text.tokenizer_path={tokenizer}", "dispatch.max_in_flight=24",
             "dispatch.budget=400", "train.tokens_per_step=800", f"train.chain_epochs={chain}",
             "train.checkpoint_every=0", "train.log_every=1000"]
     sim: list = []
     simulate_dispatch("tiny", out, sets, epochs=3, trace=sim)
-    tr = Trainer(tmp_path / "run", RunSpec("tiny", [out], overrides=sets), resume=False,
-                 remote=None, progress=False, tensorboard=False)
-    got: list = []
-    run = tr.runners.run
-    tr.runners.run = lambda mode, batch: got.append(
-        (mode, [r.key for r in batch.requests])) or run(mode, batch)
-    tr.fit(steps=3, minutes=None)
+    got, epoch = trainer_batches(tmp_path / "run", out, sets, 3)
     n = min(len(got), len(sim))
-    assert tr.epoch >= 1 and n > 100  # across epoch boundaries
+    assert epoch >= 1 and n > 100  # across epoch boundaries
     assert got[:n] == sim[:n]
 
 

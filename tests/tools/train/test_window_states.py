@@ -104,7 +104,7 @@ def test_a_run_with_a_state_cap_resumes_exactly(tmp_path, dataset, tokenizer):
     assert all(torch.equal(pa[k], pb[k]) for k in pa)
 
 
-def test_the_simulation_closes_the_same_windows(tmp_path, dataset, tokenizer):
+def test_the_simulation_closes_the_same_windows(tmp_path, dataset, tokenizer, trainer_batches):
     """bench train --simulate counts the states as the trainer's runner does: with the cap it
     forms the trainer's batches. The window's room binds here (window_max 1.0 under a larger
     budget), so where a window closes decides the next batches: without the cap's closes the
@@ -117,14 +117,7 @@ def test_the_simulation_closes_the_same_windows(tmp_path, dataset, tokenizer):
     assert res["windows_closed_by_states"] >= 1
     plain: list = []
     simulate_dispatch("tiny", dataset, _sets(tokenizer, *room), epochs=3, trace=plain)
-    tr = Trainer(tmp_path / "run", RunSpec("tiny", [dataset], overrides=_sets(tokenizer, cap,
-                                                                              *room)),
-                 resume=False, remote=None, progress=False, tensorboard=False)
-    got: list = []
-    run = tr.runners.run
-    tr.runners.run = lambda mode, batch: got.append(
-        (mode, [r.key for r in batch.requests])) or run(mode, batch)
-    tr.fit(steps=6, minutes=None)
+    got, _ = trainer_batches(tmp_path / "run", dataset, _sets(tokenizer, cap, *room), 6)
     n = min(len(got), len(sim))
     assert n > 20 and got[:n] == sim[:n]
     assert plain[:n] != sim[:n]
