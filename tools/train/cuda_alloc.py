@@ -12,8 +12,8 @@ it, small tensors placed in freed state blocks pinned them: on the H200 (GPU_NOT
 ``bench train`` on ``data/gpu_mixed4`` ran out of memory allocating a state tensor with 19-50
 GiB reserved but free in split segments (at step ~134 in 4 of 18 runs of P132-P135; with the
 window state cap, ``train.window_max_state_gib``, at step 176 in both runs whose read-ahead had
-nothing to decode and at ~600 in a 220 s run); with it, no run has failed (588 steps at the
-defaults, P140, short of the cap-alone run's failing window 601). ``max_split_size_mb:4096``
+nothing to decode and at ~600 in a 220 s run); with it, no run has failed (the defaults ran
+823 windows over 320 s, past window 601, where the cap alone failed, at peak 122.1 GiB: P143). ``max_split_size_mb:4096``
 cost 3-5% of mixed throughput (P129-P135): it also held audio's 4.06 GiB state blocks to
 near-exact reuse.
 """
