@@ -13,7 +13,9 @@ loader (``share_data_wait``). On CUDA, ``share_gpu_data_gap`` is the GPU's own t
 intervals (CUDA events after each model call's and optimizer step's work and before the next:
 the GPU idle, or running the dispatcher's state moves, while the host did the data work; the part
 of the data work the GPU did not overlap); ``gpu_window_gap_ms`` its part between an optimizer
-step and the next window's first call. Tokens
+step and the next window's first call. ``step_ms`` and ``step_real_tokens`` give each timed
+step, and ``real_tokens_per_s_by_quarter`` the throughput over each quarter of them (a long run
+that slows down as it goes shows it there). Tokens
 are padded decoder steps (what the trainer counts), real tokens the blocks' own. MFU counts
 6 x parameters x real tokens/s (all parameters; the attention's and the stack's own arithmetic
 is not in it) against 989 TFLOP/s, the H200's dense bf16 peak.

@@ -139,6 +139,14 @@ class StepTimer:
         return {"gpu_data_gap_ms": ms, "gpu_window_gap_ms": [round(window[n], 1) for n in steps],
                 "share_gpu_data_gap": round(sum(ms) / 1e3 / wall, 3)}
 
+    def _per_step(self, first: dict, sel: list[dict]) -> tuple[list[float], list[int]]:
+        """Each step's host wall ms and real tokens (its batches' unpadded costs)."""
+        ms, real = [], []
+        for p, s in zip([first] + sel[:-1], sel):
+            ms.append((s["end"] - p["end"]) * 1e3)
+            real.append(sum(b[3] for b in self.batches[p["batches"]:s["batches"]]))
+        return ms, real
+
     def summary(self, first: int, params: int, last: int | None = None) -> dict:
         """Figures over steps first+1 .. last (1-based; all after ``first`` when None; their
         wall time runs from step first's end)."""
@@ -157,6 +165,7 @@ class StepTimer:
             for i, v in enumerate((1, n, padded, cost)):
                 per_mode[mode][i] += v
         real = sum(v[3] for v in per_mode.values())
+        step_ms, step_real = self._per_step(a, sel)
         return {"steps": len(sel), "wall_s": round(wall, 2), "tokens": tokens,
                 "tokens_per_s": round(tps), "real_tokens_per_s": round(real / wall),
                 "mfu": round(6 * params * real / wall / PEAK_TFLOPS / 1e12, 4),
@@ -170,6 +179,11 @@ class StepTimer:
                                         - s.get("optimizer", 0.0)) * 1e3)
                                  for p, s in zip([a] + sel[:-1], sel)],
                 "epoch_per_step": [s.get("epoch") for s in sel],
+                # per step: host wall ms and real tokens, and real tokens/s over each quarter of
+                # the window's steps: whether a long run slows down as it goes (P143, P147)
+                "step_ms": [round(ms, 1) for ms in step_ms],
+                "step_real_tokens": step_real,
+                "real_tokens_per_s_by_quarter": _quarters(step_ms, step_real),
                 **self._gpu_gaps(first, first + len(sel), wall),
                 # per step: host ms in full garbage collections (inside the data wait or not)
                 "full_gc_ms": [round(s.get("full_gc", 0.0) * 1e3) for s in sel],
@@ -180,6 +194,14 @@ class StepTimer:
                 "batches": {m: {"n": v[0], "requests_mean": round(v[1] / v[0], 1),
                                 "padded_tokens_mean": round(v[2] / v[0])}
                             for m, v in sorted(per_mode.items())}}
+
+
+def _quarters(step_ms: list[float], step_real: list[int]) -> list[int]:
+    """Real tokens/s over each quarter of the steps (fewer parts with fewer than 4 steps)."""
+    n = len(step_ms)
+    bounds = sorted({round(i * n / 4) for i in range(5)})
+    return [round(sum(step_real[i:j]) / (sum(step_ms[i:j]) / 1e3))
+            for i, j in zip(bounds, bounds[1:]) if j > i and sum(step_ms[i:j]) > 0]
 
 
 def _cuda_events():

@@ -7,6 +7,8 @@ import json
 import time
 from types import SimpleNamespace
 
+import pytest
+
 from blocklm.tools.bench_train_timer import StepTimer
 
 
@@ -48,6 +50,27 @@ def test_step_timer_splits_wall_time():
     assert s["batches"] == {"text": {"n": 3, "requests_mean": 2.0, "padded_tokens_mean": 100}}
     assert len(s["data_wait_ms"]) == 3 and all(25 <= w < 60 for w in s["data_wait_ms"])
     assert timer.summary(4, params=10)["error"].startswith("only 4")
+
+
+def test_per_step_times_tokens_and_quarters_show_a_run_that_slows_down():
+    """``step_ms`` / ``step_real_tokens`` per timed step and ``real_tokens_per_s_by_quarter``:
+    a run whose later steps take longer (the long H200 windows ran ~8% under the short ones,
+    P143 / P147) shows it in its last quarters."""
+    tr = FakeTrainer()
+    timer = StepTimer(tr)
+    for i in range(9):  # step 0 is the warm-up; steps 1-8 are timed
+        batch = SimpleNamespace(requests=[1], padded_cost=100, cost=50 + 10 * (i % 2))
+        time.sleep(0.01 if i < 5 else 0.12)  # the second half of the timed steps is slower
+        tr.runners.run("text", batch)
+        tr.optimizer_step()
+    s = timer.summary(1, params=10)
+    assert s["steps"] == 8 and len(s["step_ms"]) == 8
+    assert s["step_real_tokens"] == [50 + 10 * (i % 2) for i in range(1, 9)]
+    assert sum(s["step_real_tokens"]) * 1e3 / sum(s["step_ms"]) == \
+        pytest.approx(s["real_tokens_per_s"], rel=0.02)
+    assert all(ms >= 40 for ms in s["step_ms"]) and max(s["step_ms"][:4]) < min(s["step_ms"][4:])
+    q = s["real_tokens_per_s_by_quarter"]
+    assert len(q) == 4 and q[0] > q[2] * 1.5 and q[1] > q[3] * 1.5
 
 
 class HostEvent:
