@@ -175,9 +175,8 @@ class StepTimer:
                 "batches_per_step": round(nb / len(sel), 1),
                 # per step: host ms outside model calls and the optimizer step (epoch turnovers
                 # of a small dataset show up as single large values)
-                "data_wait_ms": [round((s["end"] - p["end"] - s.get("model", 0.0)
-                                        - s.get("optimizer", 0.0)) * 1e3)
-                                 for p, s in zip([a] + sel[:-1], sel)],
+                "data_wait_ms": [round(ms - (s.get("model", 0.0) + s.get("optimizer", 0.0)) * 1e3)
+                                 for ms, s in zip(step_ms, sel)],
                 "epoch_per_step": [s.get("epoch") for s in sel],
                 # per step: host wall ms and real tokens, and real tokens/s over each quarter of
                 # the window's steps: whether a long run slows down as it goes (P143, P147)
@@ -201,7 +200,7 @@ def _quarters(step_ms: list[float], step_real: list[int]) -> list[int]:
     n = len(step_ms)
     bounds = sorted({round(i * n / 4) for i in range(5)})
     return [round(sum(step_real[i:j]) / (sum(step_ms[i:j]) / 1e3))
-            for i, j in zip(bounds, bounds[1:]) if j > i and sum(step_ms[i:j]) > 0]
+            for i, j in zip(bounds, bounds[1:]) if sum(step_ms[i:j]) > 0]
 
 
 def _cuda_events():

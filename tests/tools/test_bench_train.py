@@ -73,6 +73,15 @@ def test_per_step_times_tokens_and_quarters_show_a_run_that_slows_down():
     assert len(q) == 4 and q[0] > q[2] * 1.5 and q[1] > q[3] * 1.5
 
 
+def test_quarters_of_few_steps():
+    from blocklm.tools.bench_train_timer import _quarters
+
+    assert _quarters([100.0] * 8, [10] * 8) == [100] * 4  # 2 steps a quarter, 20 tokens / 0.2 s
+    assert _quarters([100.0, 300.0], [10, 10]) == [100, 33]  # fewer steps than quarters
+    # 5 steps: parts of 1, 1, 2 and 1 steps; the last one holds the 10 tokens
+    assert _quarters([50.0] * 5, [5, 5, 5, 5, 10]) == [100, 100, 100, 200]
+
+
 class HostEvent:
     """Stands in for torch.cuda.Event: the host's clock at record()."""
 

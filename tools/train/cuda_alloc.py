@@ -13,9 +13,9 @@ it, small tensors placed in freed state blocks pinned them: on the H200 (GPU_NOT
 GiB reserved but free in split segments (at step ~134 in 4 of 18 runs of P132-P135; with the
 window state cap, ``train.window_max_state_gib``, at step 176 in both runs whose read-ahead had
 nothing to decode and at ~600 in a 220 s run); with it, no run has failed (the defaults ran
-823 windows over 320 s, past window 601, where the cap alone failed, at peak 122.1 GiB: P143). ``max_split_size_mb:4096``
-cost 3-5% of mixed throughput (P129-P135): it also held audio's 4.06 GiB state blocks to
-near-exact reuse.
+823 and 996 windows over 320 and 394 s, past window 601, where the cap alone failed, at peak
+122.1 GiB: P143, P147). ``max_split_size_mb:4096`` cost 3-5% of mixed throughput (P129-P135):
+it also held audio's 4.06 GiB state blocks to near-exact reuse.
 """
 
 from __future__ import annotations
