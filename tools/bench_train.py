@@ -15,7 +15,8 @@ the GPU idle, or running the dispatcher's state moves, while the host did the da
 of the data work the GPU did not overlap); ``gpu_window_gap_ms`` its part between an optimizer
 step and the next window's first call. ``step_ms`` and ``step_real_tokens`` give each timed
 step, and ``real_tokens_per_s_by_quarter`` the throughput over each quarter of them (a long run
-that slows down as it goes shows it there). Tokens
+that slows down as it goes shows it there). A run that ends inside its window (an error, a
+signal) keeps the steps it ran, says so in ``cut_short``, and counts over those steps. Tokens
 are padded decoder steps (what the trainer counts), real tokens the blocks' own. MFU counts
 6 x parameters x real tokens/s (all parameters; the attention's and the stack's own arithmetic
 is not in it) against 989 TFLOP/s, the H200's dense bf16 peak.
@@ -126,6 +127,15 @@ def _captures(model) -> int:
     return sum(graph_captures(m) for m in model.modules() if isinstance(m, ProcessingStack))
 
 
+def _window_counts(state: dict, model, steps: int) -> None:
+    """The timed window's stack graph captures, Dynamo compiles and caching-allocator counts per
+    step (mallocs, frees, retries) in ``state``: the readings taken at the warm-up's end
+    subtracted from now, over ``steps`` timed steps."""
+    state["captures"] = _captures(model) - state.get("captures", 0)
+    state["compiles"] = _compiles() - state.get("compiles", 0)
+    state["alloc"] = alloc_per_step(state.get("alloc"), alloc_counts(), steps)
+
+
 def _compiles() -> int:
     """Graphs Dynamo has compiled in this process so far (a recompile counts: a new shape past a
     guard). One inside a timed window is a one-off stall of ~1-7 s that a long run pays once;
@@ -174,11 +184,9 @@ def run_variant(data: str, variant: str, extra: list[str], warmup: int, steps: i
                 state["compiles"] = _compiles()
                 state["alloc"] = alloc_counts()
             act = phases.after(n, now)
-            if act in ("profile", "stop"):  # the timed window's stack graph captures
-                state["captures"] = _captures(tr.model) - state.get("captures", 0)
-                state["compiles"] = _compiles() - state.get("compiles", 0)
-                # the caching allocator over the timed steps (mallocs, frees, retries)
-                state["alloc"] = alloc_per_step(state.get("alloc"), alloc_counts(), n - warmup)
+            state["last"] = n
+            if act in ("profile", "stop"):
+                _window_counts(state, tr.model, n - warmup)
             if act == "profile":
                 from torch.profiler import ProfilerActivity, profile
 
@@ -211,13 +219,23 @@ def run_variant(data: str, variant: str, extra: list[str], warmup: int, steps: i
             if act in ("stop", "stop_profile") or now - state["t0"] >= seconds + 600:
                 tr.target = n
         timer.hook = hook
-        failed = None
+        failed, ended = None, {}
         try:
-            tr.fit(steps=10**9, minutes=None)
+            ended = tr.fit(steps=10**9, minutes=None)
         except Exception as e:  # keep the steps that ran (an out-of-memory: which window)
             failed = f"{type(e).__name__}: {e}"[:2000]
         finally:
             timer.close()
+        cut = None
+        if "warmup_s" in state and phases.timed_end is None:
+            # the run ended inside its window (an error, a signal, the data's end): until now
+            # the counts held the totals at the warm-up's end (P151 reported those as the
+            # window's: 1,774 device mallocs "a step", 2 compiles)
+            done = state["last"] - warmup
+            _window_counts(state, tr.model, done)
+            why = failed.split(":")[0] if failed else f"stopped: {ended.get('stopped')}"
+            cut = (f"the run ended after {done} timed step(s), before its window's end "
+                   f"({why}); the figures cover those steps")
         res: dict = {"data": data, "variant": variant, "params": params,
                      "chain_epochs": tr.t.chain_epochs, "overrides": list(extra),
                      "warmup_s": round(state.get("warmup_s", -1.0), 1)}
@@ -225,6 +243,8 @@ def run_variant(data: str, variant: str, extra: list[str], warmup: int, steps: i
         res["compiles"] = state.get("compiles")  # Dynamo graphs compiled in the timed steps
         res["allocator_per_step"] = state.get("alloc")  # CUDA allocator counters, timed steps
         res["synced_steps"] = timer.sync
+        if cut is not None:
+            res["cut_short"] = cut
         # samples the dispatcher rejected (bad data, counted by kind): a run that lost a mode
         # (every audio block rejected, say) must not pass for a fast one
         res["rejected"] = {k[len("rejected_"):]: v for k, v in tr.disp.counts.items()
@@ -318,6 +338,8 @@ def bench_train(preset, datas, variants, extra, warmup, steps, seconds, profile_
                    f"{r['share_model_calls']:>6.2f} {r['share_backward_optimizer']:>7.2f} "
                    f"{r['share_data_wait']:>6.2f} {r['batches_per_step']:>12}"
                    + (f"  rejected {r['rejected']}" if r.get("rejected") else ""))
+        if r.get("cut_short"):
+            click.echo(f"{'':<22} {r['cut_short']}")
         if r.get("compiles"):
             click.echo(f"{'':<22} {r['compiles']} graph compile(s) inside the timed window: "
                        f"one-off stalls a long run pays once (see slowest_batches)")

@@ -257,3 +257,44 @@ def test_a_compile_inside_the_timed_window_is_counted_and_shown(tmp_path, tokeni
     res = json.loads(out.read_text())[0]
     assert res["compiles"] == 2
     assert "2 graph compile(s) inside the timed window" in r.output
+
+
+def test_a_run_cut_short_counts_its_own_steps_and_says_so(tmp_path, tokenizer, monkeypatch):
+    # P151: a run stopped inside its window (the call's time limit) reported the totals taken
+    # at the warm-up's end as its window's: 2 compiles, 1,774 device mallocs "a step"
+    from click.testing import CliRunner
+
+    from blocklm.formats import Sample, ShardWriter, text_block
+    from blocklm.tools import bench_train as bt
+    from blocklm.tools.bench_turnover import TINY
+    from blocklm.tools.train.loop import Trainer
+
+    with ShardWriter(tmp_path / "d", max_samples=64) as w:
+        for i in range(40):
+            w.write(Sample(f"s{i:03d}", [text_block("to be or not to be, " * (1 + i % 5))]))
+    seen = iter([5, 7])  # 5 compiles at the warm-up's end, 7 when the run ended: 2 in it
+    monkeypatch.setattr(bt, "_compiles", lambda: next(seen))
+    opt, calls = Trainer.optimizer_step, []
+
+    def failing_opt(self):  # the fourth optimizer step fails (an out of memory, say)
+        calls.append(1)
+        if len(calls) == 4:
+            raise RuntimeError("the device fell over")
+        return opt(self)
+
+    monkeypatch.setattr(Trainer, "optimizer_step", failing_opt)
+    sets = [a for o in TINY if "log_every" not in o for a in ("--set", o)]
+    out = tmp_path / "r.json"
+    r = CliRunner().invoke(bt.bench_train, ["--preset", "tiny", "--data", str(tmp_path / "d"),
+                                            "--variants", "off", "--warmup", "1", "--steps",
+                                            "50", "--seconds", "300", "--out", str(out), *sets,
+                                            "--set",
+                                            f"model.modes.text.tokenizer_path={tokenizer}"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(out.read_text())[0]
+    assert res["steps"] == 2  # steps 2 and 3 were timed; step 4 failed
+    assert res["compiles"] == 2
+    assert res["error"].startswith("RuntimeError: the device fell over")
+    assert res["cut_short"].startswith("the run ended after 2 timed step(s), before its "
+                                       "window's end (RuntimeError)")
+    assert "the run ended after 2 timed step(s)" in r.output
