@@ -301,6 +301,9 @@ def bench_train(preset, datas, variants, extra, warmup, steps, seconds, profile_
                 simulate, sim_epochs, out_path, trace):
     """Training tokens/s, MFU and the data-wait share of a preset (`small`), per variant.
 
+    A machine's first run is slower on the same steps (5-6% on an H200: its compile caches fill
+    as it goes); for a steady figure run the command twice and read the second.
+
     \b
     Example:
       blocktool bench train --variants off,eager --seconds 60 --profile-steps 2
