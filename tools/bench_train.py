@@ -150,12 +150,14 @@ def _compiles() -> int:
 
 def run_variant(data: str, variant: str, extra: list[str], warmup: int, steps: int,
                 seconds: float, profile_steps: int, preset: str = "small",
-                trace: str | None = None, idle: bool = False) -> dict:
+                trace: str | None = None, idle: bool = False, alloc_trace: bool = False) -> dict:
     """One fresh trainer on ``data`` with the variant's overrides; its figures. One ``fit`` call
     (the dispatcher cannot restart mid-epoch); the timer's hooks start and stop the profiler and
     end the run (``trainer.target``) after ``steps`` timed steps or ``seconds``. ``idle``: the
     profiled steps record CUDA activity only, with phase markers (bench_train_idle.py), and
-    report where the GPU idled (``idle``)."""
+    report where the GPU idled (``idle``). ``alloc_trace``: the profiled steps also record the
+    CUDA allocator's history, read by :func:`.bench_train_alloc.segment_events`
+    (``alloc_trace``)."""
     import torch
 
     from blocklm.tools.train.loop import RunSpec, Trainer
@@ -194,6 +196,11 @@ def run_variant(data: str, variant: str, extra: list[str], warmup: int, steps: i
                     [ProfilerActivity.CPU, ProfilerActivity.CUDA]
                 state["prof"] = profile(activities=acts)
                 state["prof"].__enter__()
+                if alloc_trace and torch.cuda.is_available():
+                    from .bench_train_alloc import start_recording
+
+                    start_recording()
+                    state["alloc_trace"] = True
                 if idle:
                     state["marks"] = PhaseMarks(tr)
                     state["marks"].on = True
@@ -203,6 +210,10 @@ def run_variant(data: str, variant: str, extra: list[str], warmup: int, steps: i
                 if marks is not None:
                     marks.on = False
                 state["prof"].__exit__(None, None, None)
+                if state.pop("alloc_trace", False):
+                    from .bench_train_alloc import stop_recording
+
+                    state["alloc_events"] = stop_recording(profile_steps)
                 state["profile"] = dict(kernel_breakdown(state["prof"]), steps=profile_steps,
                                         wall_ms=round((now - state["tp"]) * 1e3, 1))
                 if marks is not None:
@@ -226,6 +237,10 @@ def run_variant(data: str, variant: str, extra: list[str], warmup: int, steps: i
             failed = f"{type(e).__name__}: {e}"[:2000]
         finally:
             timer.close()
+        if state.pop("alloc_trace", False):  # the run ended while the allocator was recorded
+            from .bench_train_alloc import stop_recording
+
+            state["alloc_events"] = stop_recording(state["last"] - (phases.timed_end or 0))
         cut = None
         if "warmup_s" in state and phases.timed_end is None:
             # the run ended inside its window (an error, a signal, the data's end): until now
@@ -253,6 +268,9 @@ def run_variant(data: str, variant: str, extra: list[str], warmup: int, steps: i
             res["profile"] = state["profile"]
         if "idle" in state:
             res["idle"] = state["idle"]
+        if alloc_trace:
+            res["alloc_trace"] = state.get("alloc_events") or {
+                "error": "needs CUDA and profiled steps that ran"}
         res.update(timer.summary(warmup, params, phases.timed_end) if warmup
                    else {"error": "no warm-up step"})
         peaks = [p for p in [s.get("peak") for s in timer.steps] + [_peak_gib()]
@@ -289,6 +307,10 @@ def run_variant(data: str, variant: str, extra: list[str], warmup: int, steps: i
               help="With --profile-steps, on CUDA: profile the GPU only, with marker kernels at "
                    "every host phase, and report where the GPU idled (batch set-up, data work "
                    "between calls, the backward's launch, ...).")
+@click.option("--alloc-trace", is_flag=True,
+              help="With --profile-steps, on CUDA: record the caching allocator's history over "
+                   "the profiled steps and report the device mallocs and frees a step, by size "
+                   "and by the call site in blocklm that needed them (alloc_trace).")
 @click.option("--simulate", is_flag=True,
               help="Only simulate the dispatcher on the CPU (batches, sequential steps, padding).")
 @click.option("--sim-epochs", default=4, show_default=True,
@@ -298,7 +320,7 @@ def run_variant(data: str, variant: str, extra: list[str], warmup: int, steps: i
 @click.option("--trace", default=None,
               help="With --profile-steps: write chrome traces and op tables to this folder.")
 def bench_train(preset, datas, variants, extra, warmup, steps, seconds, profile_steps, idle,
-                simulate, sim_epochs, out_path, trace):
+                alloc_trace, simulate, sim_epochs, out_path, trace):
     """Training tokens/s, MFU and the data-wait share of a preset (`small`), per variant.
 
     A machine's first run is slower on the same steps (5-6% on an H200: its compile caches fill
@@ -312,7 +334,10 @@ def bench_train(preset, datas, variants, extra, warmup, steps, seconds, profile_
       blocktool bench train --simulate --set train.chain_epochs=false  # one run per epoch
       blocktool bench train --variants off --profile-steps 1 --trace prof/
       blocktool bench train --variants ring --warmup 30 --profile-steps 3 --idle
+      blocktool bench train --variants ring --warmup 30 --profile-steps 20 --alloc-trace
     """
+    if alloc_trace and not profile_steps:
+        raise click.UsageError("--alloc-trace records the profiled steps: give --profile-steps N")
     if simulate:
         for data in datas:
             click.echo(json.dumps(simulate_dispatch(preset, data, list(extra), sim_epochs)))
@@ -322,7 +347,7 @@ def bench_train(preset, datas, variants, extra, warmup, steps, seconds, profile_
         for v in variants.split(","):
             try:
                 r = run_variant(data, v, list(extra), warmup, steps, seconds, profile_steps,
-                                preset, trace, idle)
+                                preset, trace, idle, alloc_trace)
             except Exception as e:  # one failing variant must not lose the others' figures
                 r = {"data": data, "variant": v, "error": f"{type(e).__name__}: {e}"[:2000]}
             rows.append(r)
@@ -346,6 +371,12 @@ def bench_train(preset, datas, variants, extra, warmup, steps, seconds, profile_
         if r.get("compiles"):
             click.echo(f"{'':<22} {r['compiles']} graph compile(s) inside the timed window: "
                        f"one-off stalls a long run pays once (see slowest_batches)")
+        a = r.get("alloc_trace") or {}
+        if "mallocs" in a:
+            click.echo(f"{'':<22} device mallocs {a['mallocs']['per_step']} a step "
+                       f"({a['mallocs']['gib_per_step']} GiB), frees {a['frees']['per_step']} "
+                       f"({a['frees']['gib_per_step']} GiB), out-of-memory retries "
+                       f"{a['ooms']}; mallocs by size {a['mallocs']['by_size']}")
         if r.get("idle", {}).get("busy_share") is not None:
             i = r["idle"]
             click.echo(f"{'':<22} GPU busy {i['busy_share']:.1%}, idle in the data work "

@@ -1,0 +1,106 @@
+"""bench train --alloc-trace: device mallocs and frees per step, by size and call site."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from blocklm.tools.bench_train_alloc import GIB, call_site, segment_events, size_bucket
+
+TORCH = {"filename": "/usr/lib/python3/site-packages/torch/nn/functional.py", "line": 10,
+         "name": "linear"}
+STATES = {"filename": "/site-packages/blocklm/tools/train/runner.py", "line": 120,
+          "name": "gather_states"}
+LOSS = {"filename": "/site-packages/blocklm/model/text.py", "line": 88, "name": "loss"}
+
+
+def _ev(action: str, size: int, *frames: dict) -> dict:
+    return {"action": action, "addr": 0, "size": size, "stream": 0, "frames": list(frames)}
+
+
+def test_segments_per_step_by_size_and_by_call_site():
+    trace = [
+        _ev("alloc", 7 * GIB, TORCH, STATES),  # a tensor from the cache: not a segment
+        _ev("segment_alloc", 7 * GIB, TORCH, STATES),
+        _ev("segment_alloc", 7 * GIB, TORCH, STATES),
+        _ev("segment_alloc", GIB // 8, LOSS),
+        _ev("segment_free", 7 * GIB, TORCH, STATES),
+        _ev("oom", 9 * GIB, STATES),
+    ]
+    out = segment_events({"segments": [], "device_traces": [trace]}, steps=2)
+    assert out["mallocs"]["per_step"] == 1.5
+    assert out["mallocs"]["gib_per_step"] == round((14 + 1 / 8) / 2, 2)
+    assert out["mallocs"]["by_size"] == {"64MiB-1GiB": 1, ">=6GiB": 2}
+    assert out["mallocs"]["sites"][0] == {
+        "site": "blocklm/tools/train/runner.py:120 gather_states", "n": 2, "gib": 14.0}
+    assert out["mallocs"]["sites"][1]["site"] == "blocklm/model/text.py:88 loss"
+    assert out["frees"]["per_step"] == 0.5 and out["frees"]["by_size"] == {">=6GiB": 1}
+    assert out["ooms"] == 1 and out["trace_entries"] == 6 and not out["trace_full"]
+
+
+def test_a_device_without_a_trace_has_no_segments():
+    out = segment_events({"device_traces": [[]]}, steps=3, device=1)
+    assert out["mallocs"]["per_step"] == 0 and out["mallocs"]["sites"] == [] and out["ooms"] == 0
+
+
+def test_the_call_site_is_the_innermost_frame_of_our_code():
+    assert call_site([TORCH, STATES, LOSS]) == "blocklm/tools/train/runner.py:120 gather_states"
+    assert call_site([TORCH]) == "functional.py:10 linear"  # none of ours: the innermost
+    assert call_site([]) == "?"
+
+
+@pytest.mark.parametrize("size,label", [(1 << 20, "<64MiB"), (GIB // 2, "64MiB-1GiB"),
+                                        (4 * GIB, "1-6GiB"), (6 * GIB, ">=6GiB")])
+def test_size_buckets(size, label):
+    assert size_bucket(size) == label
+
+
+def test_the_flag_needs_profiled_steps():
+    from click.testing import CliRunner
+
+    from blocklm.tools.bench_train import bench_train
+
+    r = CliRunner().invoke(bench_train, ["--alloc-trace"])
+    assert r.exit_code == 2 and "--profile-steps" in r.output
+
+
+def test_without_cuda_the_run_says_why_there_is_no_trace(tmp_path, tokenizer):
+    from click.testing import CliRunner
+
+    from blocklm.formats import Sample, ShardWriter, text_block
+    from blocklm.tools import bench_train as bt
+    from blocklm.tools.bench_turnover import TINY
+
+    if torch.cuda.is_available():
+        pytest.skip("the CPU's answer")
+    with ShardWriter(tmp_path / "d", max_samples=64) as w:
+        for i in range(20):
+            w.write(Sample(f"s{i:03d}", [text_block("to be or not to be, " * (1 + i % 5))]))
+    sets = [a for o in TINY if "log_every" not in o for a in ("--set", o)]
+    out = tmp_path / "r.json"
+    r = CliRunner().invoke(bt.bench_train, ["--preset", "tiny", "--data", str(tmp_path / "d"),
+                                            "--variants", "off", "--warmup", "1", "--steps", "1",
+                                            "--profile-steps", "1", "--alloc-trace",
+                                            "--out", str(out), *sets, "--set",
+                                            f"model.modes.text.tokenizer_path={tokenizer}"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(out.read_text())[0]
+    assert res["alloc_trace"] == {"error": "needs CUDA and profiled steps that ran"}
+    assert res["steps"] == 1 and "profile" in res
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_fresh_segment_and_its_release_are_seen_on_cuda():
+    from blocklm.tools.bench_train_alloc import start_recording, stop_recording
+
+    torch.cuda.empty_cache()
+    start_recording()
+    x = torch.empty(96 << 20, dtype=torch.uint8, device="cuda")  # no cached block holds it
+    del x
+    torch.cuda.empty_cache()  # gives the segment back: a cudaFree
+    out = stop_recording(steps=1)
+    assert out["mallocs"]["per_step"] >= 1 and out["frees"]["per_step"] >= 1
+    assert out["mallocs"]["by_size"].get("64MiB-1GiB", 0) >= 1
+    assert "test_bench_train_alloc.py" in out["mallocs"]["sites"][0]["site"]

@@ -1,0 +1,87 @@
+"""``bench train --alloc-trace``: where the CUDA caching allocator asks the device for memory.
+
+At the defaults a mixed `small` step makes ~3-5 ``cudaMalloc`` and as many ``cudaFree`` calls
+(``allocator_per_step``, GPU_NOTES P148-P151), and each ``cudaFree`` waits for the device. The
+counters say how many, not which tensors need them. Over the profiled steps the bench records
+the allocator's history (:func:`torch.cuda.memory._record_memory_history`, Python frames only)
+and :func:`segment_events` reads its snapshot: the segments allocated and freed per step, by
+size, the call sites in blocklm's code that asked for them, and the out-of-memory retries.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from typing import Any
+
+GIB = 2**30
+# segment sizes: the state tensors of large batches are 4-7 GiB (4.6 MiB an example), and
+# blocks of 6 GiB and more are never split at the defaults (train.cuda_alloc)
+SIZE_BUCKETS = ((GIB // 16, "<64MiB"), (GIB, "64MiB-1GiB"), (6 * GIB, "1-6GiB"),
+                (None, ">=6GiB"))
+MAX_ENTRIES = 1_000_000  # trace entries kept (the allocator drops the oldest past it)
+
+
+def start_recording() -> None:
+    """Record the allocator's history from now on (Python frames; CUDA only)."""
+    import torch
+
+    torch.cuda.memory._record_memory_history(enabled="all", context="all", stacks="python",
+                                             max_entries=MAX_ENTRIES)
+
+
+def stop_recording(steps: int) -> dict[str, Any]:
+    """The recording's :func:`segment_events` over ``steps`` optimizer steps; recording off."""
+    import torch
+
+    try:
+        snap = torch.cuda.memory._snapshot()
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None)
+    return segment_events(snap, steps, device=torch.cuda.current_device())
+
+
+def size_bucket(size: int) -> str:
+    """The :data:`SIZE_BUCKETS` label of a segment of ``size`` bytes."""
+    return next(label for top, label in SIZE_BUCKETS if top is None or size < top)
+
+
+def call_site(frames: list[dict[str, Any]]) -> str:
+    """The innermost frame in blocklm's own code (``file:line function``), else the innermost
+    frame; "?" with none (PyTorch records Python frames innermost first)."""
+    ours = [f for f in frames if "blocklm" in f.get("filename", "")]
+    f = (ours or frames or [None])[0]
+    if f is None:
+        return "?"
+    name = f.get("filename", "?")
+    name = name[name.rfind("blocklm"):] if "blocklm" in name else name.rsplit("/", 1)[-1]
+    return f"{name}:{f.get('line', '?')} {f.get('name', '?')}"
+
+
+def segment_events(snapshot: dict[str, Any], steps: int, device: int = 0,
+                   top: int = 8) -> dict[str, Any]:
+    """Segments the allocator took from (``segment_alloc``: ``cudaMalloc``) and gave back to
+    (``segment_free``: ``cudaFree``) the device in ``snapshot``'s trace of ``device``, over
+    ``steps`` optimizer steps: counts and GiB per step, counts by size, the ``top`` call sites
+    by count (the request that needed the segment, or whose retry freed it), and ``oom``
+    events (a request the device could not serve even after the cache was freed)."""
+    traces = snapshot.get("device_traces") or []
+    events = traces[device] if device < len(traces) else []
+    per = max(steps, 1)
+    out: dict[str, Any] = {"steps": steps, "trace_entries": len(events),
+                           "trace_full": len(events) >= MAX_ENTRIES}
+    for action, key in (("segment_alloc", "mallocs"), ("segment_free", "frees")):
+        ev = [e for e in events if e.get("action") == action]
+        by_size: Counter[str] = Counter(size_bucket(int(e.get("size", 0))) for e in ev)
+        sites: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+        for e in ev:
+            s = sites[call_site(e.get("frames") or [])]
+            s[0] += 1
+            s[1] += int(e.get("size", 0)) / GIB
+        out[key] = {
+            "per_step": round(len(ev) / per, 2),
+            "gib_per_step": round(sum(int(e.get("size", 0)) for e in ev) / GIB / per, 2),
+            "by_size": {label: by_size[label] for _, label in SIZE_BUCKETS if by_size[label]},
+            "sites": [{"site": k, "n": int(v[0]), "gib": round(v[1], 2)} for k, v in
+                      sorted(sites.items(), key=lambda kv: (-kv[1][0], -kv[1][1]))[:top]]}
+    out["ooms"] = sum(1 for e in events if e.get("action") == "oom")
+    return out
