@@ -34,6 +34,7 @@ BENCH: dict[str, str] = {
     "model": "blocklm.tools.bench_model:bench_model",
     "gpu": "blocklm.tools.bench_gpu:bench_gpu",
     "train": "blocklm.tools.bench_train:bench_train",
+    "train-compare": "blocklm.tools.bench_train_compare:bench_train_compare",
     "heads": "blocklm.tools.bench_heads:bench_heads",
     "add-norm": "blocklm.tools.bench_add_norm:bench_add_norm",
 }
