@@ -90,3 +90,32 @@ def trainer_batches():
         tr.fit(steps=steps, minutes=None)
         return got, tr.epoch
     return batches
+
+
+@pytest.fixture
+def tiny_bench(tmp_path, tokenizer):
+    """``run(*args) -> (click result, the run's JSON row)``: ``bench train`` with the tiny
+    preset on 40 text-only samples (warm-up 1 step), with ``args`` added to its command line."""
+    import json
+
+    from click.testing import CliRunner
+
+    from blocklm.formats import Sample, ShardWriter, text_block
+    from blocklm.tools.bench_train import bench_train
+    from blocklm.tools.bench_turnover import TINY
+
+    data = tmp_path / "tiny_bench_data"
+    with ShardWriter(data, max_samples=64) as w:
+        for i in range(40):
+            w.write(Sample(f"s{i:03d}", [text_block("to be or not to be, " * (1 + i % 5))]))
+    sets = [a for o in TINY if "log_every" not in o for a in ("--set", o)]
+    out = tmp_path / "tiny_bench.json"
+
+    def run(*args: str):
+        r = CliRunner().invoke(bench_train, [
+            "--preset", "tiny", "--data", str(data), "--variants", "off", "--warmup", "1",
+            "--out", str(out), *sets, "--set", f"model.modes.text.tokenizer_path={tokenizer}",
+            *args])
+        assert r.exit_code == 0, r.output
+        return r, json.loads(out.read_text())[0]
+    return run

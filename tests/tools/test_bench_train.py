@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import json
 import time
 from types import SimpleNamespace
 
@@ -235,43 +234,22 @@ def test_compiles_count_dynamo_graphs_and_a_recompile():
     assert _compiles() - before == 2
 
 
-def test_a_compile_inside_the_timed_window_is_counted_and_shown(tmp_path, tokenizer, monkeypatch):
-    from click.testing import CliRunner
-
-    from blocklm.formats import Sample, ShardWriter, text_block
+def test_a_compile_inside_the_timed_window_is_counted_and_shown(tiny_bench, monkeypatch):
     from blocklm.tools import bench_train as bt
-    from blocklm.tools.bench_turnover import TINY
 
-    with ShardWriter(tmp_path / "d", max_samples=64) as w:
-        for i in range(40):
-            w.write(Sample(f"s{i:03d}", [text_block("to be or not to be, " * (1 + i % 5))]))
     seen = iter(range(5, 100, 2))  # 5 at the warm-up's end, 7 at the window's: two compiles
     monkeypatch.setattr(bt, "_compiles", lambda: next(seen))
-    sets = [a for o in TINY if "log_every" not in o for a in ("--set", o)]
-    out = tmp_path / "r.json"
-    r = CliRunner().invoke(bt.bench_train, ["--preset", "tiny", "--data", str(tmp_path / "d"),
-                                            "--variants", "off", "--warmup", "1", "--steps", "1",
-                                            "--seconds", "30", "--out", str(out), *sets, "--set",
-                                            f"model.modes.text.tokenizer_path={tokenizer}"])
-    assert r.exit_code == 0, r.output
-    res = json.loads(out.read_text())[0]
+    r, res = tiny_bench("--steps", "1", "--seconds", "30")
     assert res["compiles"] == 2
     assert "2 graph compile(s) inside the timed window" in r.output
 
 
-def test_a_run_cut_short_counts_its_own_steps_and_says_so(tmp_path, tokenizer, monkeypatch):
+def test_a_run_cut_short_counts_its_own_steps_and_says_so(tiny_bench, monkeypatch):
     # P151: a run stopped inside its window (the call's time limit) reported the totals taken
     # at the warm-up's end as its window's: 2 compiles, 1,774 device mallocs "a step"
-    from click.testing import CliRunner
-
-    from blocklm.formats import Sample, ShardWriter, text_block
     from blocklm.tools import bench_train as bt
-    from blocklm.tools.bench_turnover import TINY
     from blocklm.tools.train.loop import Trainer
 
-    with ShardWriter(tmp_path / "d", max_samples=64) as w:
-        for i in range(40):
-            w.write(Sample(f"s{i:03d}", [text_block("to be or not to be, " * (1 + i % 5))]))
     seen = iter([5, 7])  # 5 compiles at the warm-up's end, 7 when the run ended: 2 in it
     monkeypatch.setattr(bt, "_compiles", lambda: next(seen))
     opt, calls = Trainer.optimizer_step, []
@@ -283,15 +261,7 @@ def test_a_run_cut_short_counts_its_own_steps_and_says_so(tmp_path, tokenizer, m
         return opt(self)
 
     monkeypatch.setattr(Trainer, "optimizer_step", failing_opt)
-    sets = [a for o in TINY if "log_every" not in o for a in ("--set", o)]
-    out = tmp_path / "r.json"
-    r = CliRunner().invoke(bt.bench_train, ["--preset", "tiny", "--data", str(tmp_path / "d"),
-                                            "--variants", "off", "--warmup", "1", "--steps",
-                                            "50", "--seconds", "300", "--out", str(out), *sets,
-                                            "--set",
-                                            f"model.modes.text.tokenizer_path={tokenizer}"])
-    assert r.exit_code == 0, r.output
-    res = json.loads(out.read_text())[0]
+    r, res = tiny_bench("--steps", "50", "--seconds", "300")
     assert res["steps"] == 2  # steps 2 and 3 were timed; step 4 failed
     assert res["compiles"] == 2
     assert res["error"].startswith("RuntimeError: the device fell over")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
@@ -66,27 +64,10 @@ def test_the_flag_needs_profiled_steps():
     assert r.exit_code == 2 and "--profile-steps" in r.output
 
 
-def test_without_cuda_the_run_says_why_there_is_no_trace(tmp_path, tokenizer):
-    from click.testing import CliRunner
-
-    from blocklm.formats import Sample, ShardWriter, text_block
-    from blocklm.tools import bench_train as bt
-    from blocklm.tools.bench_turnover import TINY
-
+def test_without_cuda_the_run_says_why_there_is_no_trace(tiny_bench):
     if torch.cuda.is_available():
         pytest.skip("the CPU's answer")
-    with ShardWriter(tmp_path / "d", max_samples=64) as w:
-        for i in range(20):
-            w.write(Sample(f"s{i:03d}", [text_block("to be or not to be, " * (1 + i % 5))]))
-    sets = [a for o in TINY if "log_every" not in o for a in ("--set", o)]
-    out = tmp_path / "r.json"
-    r = CliRunner().invoke(bt.bench_train, ["--preset", "tiny", "--data", str(tmp_path / "d"),
-                                            "--variants", "off", "--warmup", "1", "--steps", "1",
-                                            "--profile-steps", "1", "--alloc-trace",
-                                            "--out", str(out), *sets, "--set",
-                                            f"model.modes.text.tokenizer_path={tokenizer}"])
-    assert r.exit_code == 0, r.output
-    res = json.loads(out.read_text())[0]
+    _, res = tiny_bench("--steps", "1", "--profile-steps", "1", "--alloc-trace")
     assert res["alloc_trace"] == {"error": "needs CUDA and profiled steps that ran"}
     assert res["steps"] == 1 and "profile" in res
 
