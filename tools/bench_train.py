@@ -310,7 +310,9 @@ def run_variant(data: str, variant: str, extra: list[str], warmup: int, steps: i
 @click.option("--alloc-trace", is_flag=True,
               help="With --profile-steps, on CUDA: record the caching allocator's history over "
                    "the profiled steps and report the device mallocs and frees a step, by size "
-                   "and by the call site in blocklm that needed them (alloc_trace).")
+                   "and by the named ranges open when they were needed (bench:run:image > "
+                   "blocklm:head_bits, ...; alloc_trace). No stack traces: with them PyTorch "
+                   "2.11 aborts a training run.")
 @click.option("--simulate", is_flag=True,
               help="Only simulate the dispatcher on the CPU (batches, sequential steps, padding).")
 @click.option("--sim-epochs", default=4, show_default=True,
