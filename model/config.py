@@ -110,10 +110,11 @@ class ImageConfig:
     # on CUDA, the element head and its loss torch.compile'd per slice (model/patch_fused.py;
     # H200: an image batch's head 281 -> 118 ms, mixed training +14%, GPU_NOTES P31-P32)
     compile_head: bool = True
-    # on CUDA with Triton, the head and its loss as two Triton kernels instead (model/
-    # patch_triton.py: no [rows, E, 256] logits in memory; compile_head then unused). Opt-in:
-    # an image batch 70 vs 77 ms, but mixed training the same within its spread (P62-P64)
-    fused_head: bool = False
+    # on CUDA with Triton and TMA (compute capability 9.0+), the head and its loss as two
+    # Triton kernels instead (model/patch_triton.py: no [rows, E, 256] logits in memory, so ~30%
+    # fewer device mallocs a mixed step; compile_head then unused): mixed training +4.6% / +6.1%
+    # on the same steps in alternating runs (GPU_NOTES P153); elsewhere the compiled head
+    fused_head: bool = True
     max_side: int = 4096  # height/width bins of the shape head cover 1..max_side
 
 
@@ -128,9 +129,9 @@ class AudioConfig:
     # on CUDA, the element head and its loss torch.compile'd per slice (model/patch_fused.py;
     # H200: an audio batch's head (64 x 1,000 frames) 117 -> 51 ms, GPU_NOTES P35)
     compile_head: bool = True
-    # on CUDA with Triton, the head and its loss as two Triton kernels (model/patch_triton.py;
-    # opt-in: an audio batch 46 vs 52 ms, mixed training the same within its spread, P62-P64)
-    fused_head: bool = False
+    # on CUDA with Triton and TMA, the head and its loss as two Triton kernels (model/
+    # patch_triton.py; an audio batch 46 vs 52 ms, P64; mixed training: ImageConfig's note)
+    fused_head: bool = True
     mu: int = 255
     sample_rate: int = 16000  # rate given to generated audio when none is known
     max_frames: int = 1 << 22

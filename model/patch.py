@@ -13,7 +13,7 @@ count in the loss and are forced to 0 when sampling.
 
 The head's arithmetic lives in :mod:`.patch_fused` as plain functions of tensors; the training
 loss runs it per checkpointed slice of steps, ``torch.compile``d on CUDA (``compile_head``), or,
-on CUDA with Triton (``fused_head``, opt-in), per slice as the two kernels of
+on CUDA with Triton and TMA (``fused_head``, the default), per slice as the two kernels of
 :mod:`.patch_triton`, which save only a few floats per element instead of being checkpointed.
 """
 
@@ -26,8 +26,7 @@ from torch.utils.checkpoint import checkpoint
 from .batch import BlockBatch
 from .config import SampleConfig
 from .patch_fused import element_logits, low_precision, slice_bits_fn
-from .patch_kernel import head_bits
-from .patch_triton import triton
+from .patch_kernel import head_bits, runs_here
 from .sampling import sample_logits
 from .support import ModeSupport, grid_rows
 
@@ -87,8 +86,8 @@ class PatchSupport(ModeSupport):
         self.loss_chunk = loss_chunk
         self.compile_head = compile_head
         self.fused_head = fused_head
-        # the loss slices' form: None = on CUDA the Triton kernels if fused_head (and triton is
-        # installed), else Inductor if compile_head, else eager; "triton" (patch_triton), or
+        # the loss slices' form: None = on CUDA the Triton kernels if fused_head and they run
+        # there (patch_kernel.runs_here), else Inductor if compile_head, else eager; "triton", or
         # "eager" / "inductor" / "aot_eager" (tests; patch_fused.slice_bits_fn) force one
         self.head_form: str | None = None
         self.inp = nn.Linear(E, d_model)
@@ -111,7 +110,8 @@ class PatchSupport(ModeSupport):
     def _form(self, h: Tensor) -> str:
         if self.head_form is not None:
             return self.head_form
-        if h.is_cuda and self.fused_head and triton is not None:
+        if (h.is_cuda and self.fused_head
+                and runs_here(h.device, self.head.ctx.out_features, low_precision("cuda"))):
             return "triton"
         return "inductor" if h.is_cuda and self.compile_head else "eager"
 

@@ -10,6 +10,7 @@ tensor descriptors (TMA) tested only on Hopper, so the compiled head stays the d
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -144,6 +145,19 @@ class _HeadBits(torch.autograd.Function):
         dpos = torch.cat([(dc.sum(0) - s[0])[None], s[:-1] - s[1:]])
         return (dc.to(cdt), None, None, dpos, dval, dw1, db1.sum(0), dw2, db2.sum(0), None,
                 None)
+
+
+def runs_here(device: torch.device, width: int, lp: torch.dtype | None) -> bool:
+    """Whether the kernels run for a head of ``width`` on ``device`` in precision ``lp``: Triton
+    installed, a CUDA device with TMA (compute capability 9.0+: the kernels address their tiles
+    through host tensor descriptors), a power-of-two width >= 16, and fp32 or bf16."""
+    return (triton is not None and device.type == "cuda" and pow2(width) == width >= 16
+            and lp in (None, torch.bfloat16) and _tma(device.index))
+
+
+@functools.cache
+def _tma(index: int | None) -> bool:
+    return torch.cuda.get_device_capability(index) >= (9, 0)
 
 
 def head_bits(h: Tensor, targets: Tensor, mask: Tensor, ctx_w: Tensor, ctx_b: Tensor,

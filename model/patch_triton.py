@@ -1,5 +1,5 @@
-"""The element head and its loss as two Triton kernels (``ImageConfig.fused_head``, opt-in;
-the autograd function and launch options are :mod:`.patch_kernel`).
+"""The element head and its loss as two Triton kernels (``ImageConfig.fused_head``, the default
+on CUDA with TMA; the autograd function and launch options are :mod:`.patch_kernel`).
 
 :func:`.patch_fused.slice_bits` runs the within-step head as PyTorch ops (Inductor-fused on
 CUDA), so every one of an image batch's ~12M element rows (E = 256 sub-pixels a step) passes

@@ -3,12 +3,12 @@
 One batch of decoder outputs through ``PatchSupport.bits`` (the training loss: checkpointed
 slices of ``loss_chunk`` steps, bf16 autocast on CUDA), forward + backward, for each form of
 :mod:`blocklm.model.patch_fused` side by side in one process: "eager" (the baseline: the ops one
-by one) and "inductor" (``compile_head``, the default on CUDA), and the Triton kernels of
-:mod:`blocklm.model.patch_triton` ("triton", ``fused_head``, opt-in). Reports the median ms of
-``--reps`` calls after a first call (which compiles), the peak memory, and how far each form's
-bits and gradients are from the first form's. Inputs: random decoder outputs and element values
-near a random level per step (neighbouring sub-pixels are alike, so value rows repeat as in
-real images).
+by one) and "inductor" (``compile_head``, used on CUDA without TMA), and the Triton kernels of
+:mod:`blocklm.model.patch_triton` ("triton", ``fused_head``, the default on CUDA with TMA since
+GPU_NOTES P153). Reports the median ms of ``--reps`` calls after a first call (which
+compiles), the peak memory, and how far each form's bits and gradients are from the first
+form's. Inputs: random decoder outputs and element values near a random level per step
+(neighbouring sub-pixels are alike, so value rows repeat as in real images).
 """
 
 from __future__ import annotations
