@@ -1,11 +1,13 @@
 """The element head's loss through the kernels of :mod:`.patch_triton`: the autograd function,
 its launch options and :func:`head_bits` (``ImageConfig.fused_head`` / ``AudioConfig``).
 
-Opt-in. On the H200 it agrees with the compiled head (bf16, every gradient) and is faster for
-one batch: an image batch 70-71 against Inductor's 77 ms, an audio batch 46 against 52 (GPU_NOTES,
-P64). Mixed training end to end showed no difference outside the spread (P62-P63: 30-step
-windows 193-203k tokens/s either way), and its weight reads and row writes go through
-tensor descriptors (TMA) tested only on Hopper, so the compiled head stays the default.
+The default where it runs (:func:`runs_here`: CUDA with TMA, compute capability 9.0+, since its
+weight reads and row writes go through host tensor descriptors). On the H200 it agrees with the
+compiled head (bf16, every gradient) and is faster for one batch: an image batch 70-71 against
+Inductor's 77 ms, an audio batch 46 against 52 (GPU_NOTES, P64). Mixed training showed no
+difference outside the spread in P62-P63 (30-step windows, 193-203k tokens/s either way); at
+P153's defaults it ran +5.2% (+4.6% / +6.1% on the same steps), with ~30% fewer device mallocs
+a step, since no [rows, E, 256] logits of a size new to the cache are allocated.
 """
 
 from __future__ import annotations
