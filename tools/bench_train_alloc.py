@@ -55,18 +55,6 @@ def size_bucket(size: int) -> str:
     return next(label for top, label in SIZE_BUCKETS if top is None or size < top)
 
 
-def call_site(frames: list[dict[str, Any]]) -> str:
-    """The innermost frame in blocklm's own code (``file:line function``), else the innermost
-    frame; "?" with none (PyTorch records Python frames innermost first)."""
-    ours = [f for f in frames if "blocklm" in f.get("filename", "")]
-    f = (ours or frames or [None])[0]
-    if f is None:
-        return "?"
-    name = f.get("filename", "?")
-    name = name[name.rfind("blocklm"):] if "blocklm" in name else name.rsplit("/", 1)[-1]
-    return f"{name}:{f.get('line', '?')} {f.get('name', '?')}"
-
-
 class OpenRanges:
     """The named ranges open at any time of a recording, from a snapshot's
     ``external_annotations`` (the START and END marks of ``record_function`` ranges) for one
@@ -100,9 +88,8 @@ def segment_events(snapshot: dict[str, Any], steps: int, device: int = 0,
     (``segment_free``: ``cudaFree``) the device in ``snapshot``'s trace of ``device``, over
     ``steps`` optimizer steps: counts and GiB per step, counts by size, the ``top`` sites by
     count, and ``oom`` events (a request the device could not serve even after the cache was
-    freed). A segment's site is where the request that needed it (or whose retry freed it) was
-    made: the innermost frame in blocklm's code where the trace holds frames, else the named
-    ranges open then (:class:`OpenRanges`)."""
+    freed). A segment's site is the named ranges open when the request that needed it (or
+    whose retry freed it) was made (:class:`OpenRanges`)."""
     traces = snapshot.get("device_traces") or []
     events = traces[device] if device < len(traces) else []
     ranges = OpenRanges(snapshot.get("external_annotations") or [], device)
@@ -114,8 +101,7 @@ def segment_events(snapshot: dict[str, Any], steps: int, device: int = 0,
         by_size: Counter[str] = Counter(size_bucket(int(e.get("size", 0))) for e in ev)
         sites: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
         for e in ev:
-            frames = e.get("frames") or []
-            s = sites[call_site(frames) if frames else ranges.at(e.get("time_us", 0))]
+            s = sites[ranges.at(e.get("time_us", 0))]
             s[0] += 1
             s[1] += int(e.get("size", 0)) / GIB
         out[key] = {
