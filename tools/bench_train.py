@@ -32,6 +32,7 @@ from pathlib import Path
 
 import click
 
+from .bench_machine import describe, machine_fingerprint
 from .bench_train_idle import PhaseMarks, cuda_kernels, idle_by_phase
 from .bench_train_sim import simulate_dispatch
 from .bench_train_timer import StepTimer, _peak_gib, alloc_counts, alloc_per_step
@@ -345,6 +346,7 @@ def bench_train(preset, datas, variants, extra, warmup, steps, seconds, profile_
             click.echo(json.dumps(simulate_dispatch(preset, data, list(extra), sim_epochs)))
         return
     rows = []
+    machine = _machine()
     for data in datas:
         for v in variants.split(","):
             try:
@@ -352,10 +354,12 @@ def bench_train(preset, datas, variants, extra, warmup, steps, seconds, profile_
                                 preset, trace, idle, alloc_trace)
             except Exception as e:  # one failing variant must not lose the others' figures
                 r = {"data": data, "variant": v, "error": f"{type(e).__name__}: {e}"[:2000]}
+            r["machine"] = machine
             rows.append(r)
             click.echo(json.dumps(r), err=True)
             if out_path:
                 Path(out_path).write_text(json.dumps(rows, indent=1))
+    click.echo(f"machine: {describe(machine)}")
     # tokens/s counts padded decoder steps (what the trainer runs); "real" the blocks' own
     click.echo(f"{'data':<22} {'variant':<9} {'tokens/s':>9} {'real':>9} {'MFU':>6} "
                f"{'model':>6} {'bwd+opt':>7} {'data':>6} {'batches/step':>12}")
@@ -383,6 +387,18 @@ def bench_train(preset, datas, variants, extra, warmup, steps, seconds, profile_
             i = r["idle"]
             click.echo(f"{'':<22} GPU busy {i['busy_share']:.1%}, idle in the data work "
                        f"{i['share_idle_data']:.1%}; idle ms by phase {i['idle_ms']}")
+
+
+def _machine() -> dict:
+    """The machine's fingerprint (bench_machine.py), measured once before the runs, on the
+    device the trainer takes (CUDA when there is one); every result carries it, so figures
+    from different calls say which host and GPU made them."""
+    import torch
+
+    try:
+        return machine_fingerprint("cuda" if torch.cuda.is_available() else "cpu")
+    except Exception as e:  # noqa: BLE001 - beside the figures, never instead of them
+        return {"error": f"{type(e).__name__}: {e}"[:300]}
 
 
 if __name__ == "__main__":

@@ -17,6 +17,8 @@ from typing import Any
 
 import click
 
+from .bench_machine import describe
+
 
 def load_run(path: str | Path, row: int = 0) -> dict[str, Any]:
     """Row ``row`` of a ``bench train --out`` file, which must hold per-step figures."""
@@ -75,10 +77,15 @@ def bench_train_compare(a, b, row, as_json):
       blocktool bench train --variants ring --warmup 30 --data data/gpu_mixed4 --out B.json
       blocktool bench train-compare A.json B.json
     """
-    res = same_steps(load_run(a, row), load_run(b, row))
+    ra, rb = load_run(a, row), load_run(b, row)
+    res = same_steps(ra, rb)
+    # each run's machine (bench_machine.py): runs from different calls ran on different hosts
+    res["machine_a"], res["machine_b"] = ra.get("machine"), rb.get("machine")
     if as_json:
         click.echo(json.dumps(res))
         return
+    click.echo(f"A: {describe(res['machine_a'])}")
+    click.echo(f"B: {describe(res['machine_b'])}")
     if res["steps"] == 0:
         click.echo(f"no shared steps: the runs' first timed steps hold different batches "
                    f"({res['steps_a']} and {res['steps_b']} steps; other data, a shifted start or "

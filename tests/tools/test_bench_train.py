@@ -268,3 +268,10 @@ def test_a_run_cut_short_counts_its_own_steps_and_says_so(tiny_bench, monkeypatc
     assert res["cut_short"].startswith("the run ended after 2 timed step(s), before its "
                                        "window's end (RuntimeError)")
     assert "the run ended after 2 timed step(s)" in r.output
+
+
+def test_every_run_carries_the_machine_it_ran_on(tiny_bench):
+    r, res = tiny_bench("--steps", "1", "--seconds", "30")
+    m = res["machine"]
+    assert m["python_loop_ns"] > 0 and m["op_launch_us"] > 0 and m["cpus"] >= 1
+    assert "machine: loop " in r.output
