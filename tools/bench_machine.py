@@ -14,8 +14,10 @@ about a second, the parts that set a step's speed:
 - on CUDA, ``matmul_tflops``: a bf16 8192^3 matrix product's rate (the GPU's clocks and power),
   and what ``nvidia-smi`` says of the clocks and power limit, where it is installed.
 
-``bench train`` puts it in every result as ``machine``; ``bench train-compare`` prints both
-runs' side by side.
+``bench train`` puts it in every result as ``machine`` (measured before its runs) and
+``machine_after`` (after them: on a freshly started H200 machine the first measurement read
+the host at half its later speed, GPU_NOTES P158); ``bench train-compare`` prints both runs'.
+``python -m blocklm.tools.bench_machine`` prints it as JSON.
 """
 
 from __future__ import annotations
@@ -145,3 +147,11 @@ def describe(m: dict | None) -> str:
     if smi.get("clocks.sm"):
         parts.append(f"SM {smi['clocks.sm']}")
     return ", ".join(parts) + f" ({m.get('cpu', '?')}, {m.get('cpus', '?')} CPUs)"
+
+
+if __name__ == "__main__":
+    import json
+
+    import torch
+
+    print(json.dumps(machine_fingerprint("cuda" if torch.cuda.is_available() else "cpu")))

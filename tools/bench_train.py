@@ -359,7 +359,12 @@ def bench_train(preset, datas, variants, extra, warmup, steps, seconds, profile_
             click.echo(json.dumps(r), err=True)
             if out_path:
                 Path(out_path).write_text(json.dumps(rows, indent=1))
-    click.echo(f"machine: {describe(machine)}")
+    after = _machine()  # the host's state can change while the runs ran (P158)
+    for r in rows:
+        r["machine_after"] = after
+    if out_path:
+        Path(out_path).write_text(json.dumps(rows, indent=1))
+    click.echo(f"machine: {describe(machine)}; after the runs: {describe(after)}")
     # tokens/s counts padded decoder steps (what the trainer runs); "real" the blocks' own
     click.echo(f"{'data':<22} {'variant':<9} {'tokens/s':>9} {'real':>9} {'MFU':>6} "
                f"{'model':>6} {'bwd+opt':>7} {'data':>6} {'batches/step':>12}")

@@ -81,11 +81,14 @@ def bench_train_compare(a, b, row, as_json):
     res = same_steps(ra, rb)
     # each run's machine (bench_machine.py): runs from different calls ran on different hosts
     res["machine_a"], res["machine_b"] = ra.get("machine"), rb.get("machine")
+    res["machine_after_a"], res["machine_after_b"] = ra.get("machine_after"), rb.get("machine_after")
     if as_json:
         click.echo(json.dumps(res))
         return
-    click.echo(f"A: {describe(res['machine_a'])}")
-    click.echo(f"B: {describe(res['machine_b'])}")
+    for k in ("a", "b"):
+        after = res[f"machine_after_{k}"]
+        click.echo(f"{k.upper()}: {describe(res[f'machine_{k}'])}"
+                   + (f"; after its runs: {describe(after)}" if after else ""))
     if res["steps"] == 0:
         click.echo(f"no shared steps: the runs' first timed steps hold different batches "
                    f"({res['steps_a']} and {res['steps_b']} steps; other data, a shifted start or "

@@ -274,4 +274,5 @@ def test_every_run_carries_the_machine_it_ran_on(tiny_bench):
     r, res = tiny_bench("--steps", "1", "--seconds", "30")
     m = res["machine"]
     assert m["python_loop_ns"] > 0 and m["op_launch_us"] > 0 and m["cpus"] >= 1
-    assert "machine: loop " in r.output
+    assert res["machine_after"]["python_loop_ns"] > 0
+    assert "machine: loop " in r.output and "; after the runs: loop " in r.output

@@ -75,11 +75,13 @@ def test_a_file_it_cannot_use_is_named_with_the_reason(tmp_path, content, why):
 
 def test_the_command_names_each_runs_machine(tmp_path):
     ma = {"cpu": "Xeon A", "cpus": 16, "python_loop_ns": 30.0, "op_launch_us": 4.0}
-    a = _write(tmp_path / "a.json", dict(_run([100.0], [10]), machine=ma))
+    a = _write(tmp_path / "a.json", dict(_run([100.0], [10]), machine=ma,
+                                         machine_after=dict(ma, python_loop_ns=29.0)))
     b = _write(tmp_path / "b.json", _run([100.0], [10]))  # written before runs had machines
     r = CliRunner().invoke(bench_train_compare, [a, b])
     assert r.exit_code == 0, r.output
-    assert "A: loop 30.0 ns, op 4.0 us (Xeon A, 16 CPUs)" in r.output
+    assert ("A: loop 30.0 ns, op 4.0 us (Xeon A, 16 CPUs); after its runs: loop 29.0 ns, "
+            "op 4.0 us (Xeon A, 16 CPUs)") in r.output
     assert "B: machine not recorded" in r.output
     r = CliRunner().invoke(bench_train_compare, [a, b, "--json"])
     assert json.loads(r.output)["machine_a"] == ma
