@@ -44,8 +44,7 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def python_loop_ns(iterations: int = 200_000, rounds: int = 5) -> float:
-    """Nanoseconds per iteration of a plain Python loop with an add (the median of ``rounds``)."""
+def _loop_times(iterations: int, rounds: int) -> list[float]:
     times = []
     for _ in range(rounds):
         t = time.perf_counter()
@@ -53,7 +52,12 @@ def python_loop_ns(iterations: int = 200_000, rounds: int = 5) -> float:
         for i in range(iterations):
             x += i
         times.append(time.perf_counter() - t)
-    return round(statistics.median(times) / iterations * 1e9, 2)
+    return times
+
+
+def python_loop_ns(iterations: int = 200_000, rounds: int = 5) -> float:
+    """Nanoseconds per iteration of a plain Python loop with an add (the median of ``rounds``)."""
+    return round(statistics.median(_loop_times(iterations, rounds)) / iterations * 1e9, 2)
 
 
 def op_launch_us(device: str, ops: int = 500, rounds: int = 7) -> float:
@@ -117,19 +121,34 @@ def smi_query(index: int = 0) -> dict[str, str] | None:
     return dict(zip(SMI_FIELDS, vals)) if len(vals) == len(SMI_FIELDS) else None
 
 
-def machine_fingerprint(device: str) -> dict:
+def _spread(samples: list[float]) -> list[float]:
+    return [round(min(samples), 3), round(max(samples), 3)]
+
+
+def machine_fingerprint(device: str, samples: int = 5) -> dict:
     """The machine ``device`` lives on: CPU model and count, the host's Python and op-launch
-    speed, and on CUDA the GPU's name, matmul rate and clocks (keys with None elsewhere)."""
+    speed, and on CUDA the GPU's name, matmul rate and clocks (keys with None elsewhere).
+
+    The host's figures are the medians of ``samples`` measurements ~0.1 s apart, with their
+    range (``*_spread``: [min, max]): on the lent H200 hosts one measurement moved by up to 2x
+    within a minute on the same machine (GPU_NOTES P159), so a single one says little."""
     import torch
 
     dev = torch.device(device)
     cuda = dev.type == "cuda"
     index = (dev.index if dev.index is not None else torch.cuda.current_device()) if cuda else 0
+    loops, ops = [], []
+    for _ in range(samples):
+        loops.append(python_loop_ns(rounds=3))
+        ops.append(op_launch_us(device, rounds=3))
+        time.sleep(0.1)
     return {
         "cpu": cpu_model(),
         "cpus": os.cpu_count(),
-        "python_loop_ns": python_loop_ns(),
-        "op_launch_us": op_launch_us(device),
+        "python_loop_ns": round(statistics.median(loops), 2),
+        "python_loop_ns_spread": _spread(loops),
+        "op_launch_us": round(statistics.median(ops), 3),
+        "op_launch_us_spread": _spread(ops),
         "gpu": torch.cuda.get_device_name(index) if cuda else None,
         "matmul_tflops": matmul_tflops(device),
         "smi": smi_query(index) if cuda else None,
@@ -140,7 +159,10 @@ def describe(m: dict | None) -> str:
     """One line for a table: the host's loop and launch times, the GPU's matmul rate."""
     if not m:
         return "machine not recorded"
-    parts = [f"loop {m.get('python_loop_ns')} ns", f"op {m.get('op_launch_us')} us"]
+    def fig(key: str, unit: str) -> str:
+        lo_hi = m.get(key + "_spread")
+        return f"{m.get(key)} {unit}" + (f" ({lo_hi[0]}-{lo_hi[1]})" if lo_hi else "")
+    parts = [f"loop {fig('python_loop_ns', 'ns')}", f"op {fig('op_launch_us', 'us')}"]
     if m.get("matmul_tflops") is not None:
         parts.append(f"matmul {m['matmul_tflops']} TFLOP/s")
     smi = m.get("smi") or {}

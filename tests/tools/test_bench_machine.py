@@ -15,6 +15,9 @@ def test_the_fingerprint_on_the_cpu_measures_the_host_and_names_no_gpu():
     assert m["cpu"] and m["cpus"] >= 1
     assert 0 < m["python_loop_ns"] < 10_000  # ns per iteration: a plain add, not a sleep
     assert 0 < m["op_launch_us"] < 10_000
+    for key in ("python_loop_ns", "op_launch_us"):  # the median lies in the samples' range
+        lo, hi = m[key + "_spread"]
+        assert lo <= m[key] <= hi
     assert (m["gpu"], m["matmul_tflops"], m["smi"]) == (None, None, None)
 
 
@@ -51,6 +54,8 @@ def test_describe_gives_one_line_with_the_gpu_where_there_is_one():
     assert bm.describe(m) == ("loop 30.5 ns, op 4.2 us, matmul 701.3 TFLOP/s, SM 1980 MHz "
                               "(Xeon, 16 CPUs)")
     assert bm.describe(None) == "machine not recorded"
+    m["python_loop_ns_spread"] = [29.0, 61.2]
+    assert bm.describe(m).startswith("loop 30.5 ns (29.0-61.2), op 4.2 us, ")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
