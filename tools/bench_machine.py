@@ -125,18 +125,27 @@ def _spread(samples: list[float]) -> list[float]:
     return [round(min(samples), 3), round(max(samples), 3)]
 
 
-def machine_fingerprint(device: str, samples: int = 5) -> dict:
+def _busy(seconds: float) -> None:
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        _loop_times(10_000, 1)
+
+
+def machine_fingerprint(device: str, samples: int = 5, spin_s: float = 1.0) -> dict:
     """The machine ``device`` lives on: CPU model and count, the host's Python and op-launch
     speed, and on CUDA the GPU's name, matmul rate and clocks (keys with None elsewhere).
 
     The host's figures are the medians of ``samples`` measurements ~0.1 s apart, with their
     range (``*_spread``: [min, max]): on the lent H200 hosts one measurement moved by up to 2x
-    within a minute on the same machine (GPU_NOTES P159), so a single one says little."""
+    within a minute on the same machine (GPU_NOTES P159), so a single one says little. They are
+    taken after ``spin_s`` of busy host work: on an idle H200 host the loop read 40-68 ns
+    against 30-32 ns inside a run's process (P157-P160), the cores' clocks still low."""
     import torch
 
     dev = torch.device(device)
     cuda = dev.type == "cuda"
     index = (dev.index if dev.index is not None else torch.cuda.current_device()) if cuda else 0
+    _busy(spin_s)  # an idle host's cores run slowly until a load raises their clocks
     loops, ops = [], []
     for _ in range(samples):
         loops.append(python_loop_ns(rounds=3))
