@@ -4,7 +4,7 @@ The lent H200 machines differ: the same commit and data ran mixed training 8% sl
 them (GPU_NOTES P155, P156), and the step there is partly the host's (the model thread launches
 kernels while the read-ahead thread decodes, both in one Python process). A figure without its
 machine cannot be compared with one from another call. :func:`machine_fingerprint` measures, in
-about a second, the parts that set a step's speed:
+a few seconds, the parts a step's speed depends on:
 
 - ``python_loop_ns``: one iteration of a plain Python loop (the host thread's own speed: the
   dispatcher, the read-ahead's Python, the autograd engine's Python functions);
