@@ -131,11 +131,11 @@ def _busy(seconds: float) -> None:
         _loop_times(10_000, 1)
 
 
-def machine_fingerprint(device: str, samples: int = 5, spin_s: float = 1.0) -> dict:
+def machine_fingerprint(device: str, samples: int = 5, spin_s: float = 0.5) -> dict:
     """The machine ``device`` lives on: CPU model and count, the host's Python and op-launch
     speed, and on CUDA the GPU's name, matmul rate and clocks (keys with None elsewhere).
 
-    The host's figures are the medians of ``samples`` measurements ~0.1 s apart, with their
+    The host's figures are the medians of ``samples`` measurements ~0.05 s apart, with their
     range (``*_spread``: [min, max]): on the lent H200 hosts one measurement moved by up to 2x
     within a minute on the same machine (GPU_NOTES P159), so a single one says little. They are
     taken after ``spin_s`` of busy host work: on an idle H200 host the loop read 40-68 ns
@@ -150,7 +150,7 @@ def machine_fingerprint(device: str, samples: int = 5, spin_s: float = 1.0) -> d
     for _ in range(samples):
         loops.append(python_loop_ns(rounds=3))
         ops.append(op_launch_us(device, rounds=3))
-        time.sleep(0.1)
+        time.sleep(0.05)
     return {
         "cpu": cpu_model(),
         "cpus": os.cpu_count(),

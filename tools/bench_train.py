@@ -346,7 +346,7 @@ def bench_train(preset, datas, variants, extra, warmup, steps, seconds, profile_
             click.echo(json.dumps(simulate_dispatch(preset, data, list(extra), sim_epochs)))
         return
     rows = []
-    machine = _machine()
+    machine = _machine(spin_s=0.5)
     for data in datas:
         for v in variants.split(","):
             try:
@@ -359,7 +359,7 @@ def bench_train(preset, datas, variants, extra, warmup, steps, seconds, profile_
             click.echo(json.dumps(r), err=True)
             if out_path:
                 Path(out_path).write_text(json.dumps(rows, indent=1))
-    after = _machine()  # the host's state can change while the runs ran (P158)
+    after = _machine(spin_s=0.0)  # the host's state can change while the runs ran (P158)
     for r in rows:
         r["machine_after"] = after
     if out_path:
@@ -394,14 +394,16 @@ def bench_train(preset, datas, variants, extra, warmup, steps, seconds, profile_
                        f"{i['share_idle_data']:.1%}; idle ms by phase {i['idle_ms']}")
 
 
-def _machine() -> dict:
-    """The machine's fingerprint (bench_machine.py), measured once before the runs, on the
-    device the trainer takes (CUDA when there is one); every result carries it, so figures
+def _machine(spin_s: float) -> dict:
+    """The machine's fingerprint (bench_machine.py) on the device the trainer takes (CUDA when
+    there is one), after ``spin_s`` of busy host work (none is needed right after the runs);
+    every result carries the one from before the runs and the one from after, so figures
     from different calls say which host and GPU made them."""
     import torch
 
     try:
-        return machine_fingerprint("cuda" if torch.cuda.is_available() else "cpu")
+        return machine_fingerprint("cuda" if torch.cuda.is_available() else "cpu",
+                                   spin_s=spin_s)
     except Exception as e:  # noqa: BLE001 - beside the figures, never instead of them
         return {"error": f"{type(e).__name__}: {e}"[:300]}
 
