@@ -164,10 +164,24 @@ def machine_fingerprint(device: str, samples: int = 5, spin_s: float = 0.5) -> d
     }
 
 
+def fingerprint_or_error(spin_s: float) -> dict:
+    """:func:`machine_fingerprint` of the device a trainer takes (CUDA when there is one), or
+    ``{"error": ...}`` when measuring fails: a benchmark's figures never wait on it."""
+    import torch
+
+    try:
+        return machine_fingerprint("cuda" if torch.cuda.is_available() else "cpu",
+                                   spin_s=spin_s)
+    except Exception as e:  # noqa: BLE001 - beside the figures, never instead of them
+        return {"error": f"{type(e).__name__}: {e}"[:300]}
+
+
 def describe(m: dict | None) -> str:
     """One line for a table: the host's loop and launch times, the GPU's matmul rate."""
     if not m:
         return "machine not recorded"
+    if "error" in m:
+        return f"machine not measured ({m['error']})"
     def fig(key: str, unit: str) -> str:
         lo_hi = m.get(key + "_spread")
         return f"{m.get(key)} {unit}" + (f" ({lo_hi[0]}-{lo_hi[1]})" if lo_hi else "")

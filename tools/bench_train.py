@@ -32,7 +32,7 @@ from pathlib import Path
 
 import click
 
-from .bench_machine import describe, machine_fingerprint
+from .bench_machine import describe, fingerprint_or_error
 from .bench_train_idle import PhaseMarks, cuda_kernels, idle_by_phase
 from .bench_train_sim import simulate_dispatch
 from .bench_train_timer import StepTimer, _peak_gib, alloc_counts, alloc_per_step
@@ -346,7 +346,7 @@ def bench_train(preset, datas, variants, extra, warmup, steps, seconds, profile_
             click.echo(json.dumps(simulate_dispatch(preset, data, list(extra), sim_epochs)))
         return
     rows = []
-    machine = _machine(spin_s=0.5)
+    machine = fingerprint_or_error(spin_s=0.5)  # in every row, with the one after the runs
     for data in datas:
         for v in variants.split(","):
             try:
@@ -359,7 +359,7 @@ def bench_train(preset, datas, variants, extra, warmup, steps, seconds, profile_
             click.echo(json.dumps(r), err=True)
             if out_path:
                 Path(out_path).write_text(json.dumps(rows, indent=1))
-    after = _machine(spin_s=0.0)  # the host's state can change while the runs ran (P158)
+    after = fingerprint_or_error(spin_s=0.0)  # the host's state changes (P158)
     for r in rows:
         r["machine_after"] = after
     if out_path:
@@ -392,20 +392,6 @@ def bench_train(preset, datas, variants, extra, warmup, steps, seconds, profile_
             i = r["idle"]
             click.echo(f"{'':<22} GPU busy {i['busy_share']:.1%}, idle in the data work "
                        f"{i['share_idle_data']:.1%}; idle ms by phase {i['idle_ms']}")
-
-
-def _machine(spin_s: float) -> dict:
-    """The machine's fingerprint (bench_machine.py) on the device the trainer takes (CUDA when
-    there is one), after ``spin_s`` of busy host work (none is needed right after the runs);
-    every result carries the one from before the runs and the one from after, so figures
-    from different calls say which host and GPU made them."""
-    import torch
-
-    try:
-        return machine_fingerprint("cuda" if torch.cuda.is_available() else "cpu",
-                                   spin_s=spin_s)
-    except Exception as e:  # noqa: BLE001 - beside the figures, never instead of them
-        return {"error": f"{type(e).__name__}: {e}"[:300]}
 
 
 if __name__ == "__main__":

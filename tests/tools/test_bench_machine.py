@@ -63,3 +63,13 @@ def test_the_fingerprint_on_cuda_measures_the_gpu():
     m = bm.machine_fingerprint("cuda")
     assert m["gpu"] and m["matmul_tflops"] > 1
     assert m["op_launch_us"] > 0
+
+
+def test_a_failed_measurement_is_an_error_the_table_names(monkeypatch):
+    def fails(device, spin_s):
+        raise RuntimeError("CUDA error: device busy")
+
+    monkeypatch.setattr(bm, "machine_fingerprint", fails)
+    m = bm.fingerprint_or_error(spin_s=0.0)
+    assert m == {"error": "RuntimeError: CUDA error: device busy"}
+    assert bm.describe(m) == "machine not measured (RuntimeError: CUDA error: device busy)"
