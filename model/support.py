@@ -75,6 +75,16 @@ class ModeSupport(nn.Module):
         """Exact decoder steps of one decoded content (text tokenizes; others use the shape)."""
         return self.steps(self.shape_of(content))
 
+    def steps_of(self, contents: list) -> list[int]:
+        """:meth:`content_steps` of each content (supports may count a batch faster)."""
+        return [self.content_steps(c) for c in contents]
+
+    def cost_shape(self, content) -> tuple[int, ...] | None:
+        """The shape under which a batching dispatcher should charge and bucket this content,
+        when its own shape only estimates the cost (:meth:`steps` of it must equal
+        :meth:`content_steps`); None (the default): the shape's cost is exact already."""
+        return None
+
     def shape_spec(self) -> list[tuple[str, object]]:
         """Per shape entry: ("size", max) for log-binned sizes or ("choice", values)."""
         raise NotImplementedError

@@ -96,6 +96,26 @@ class TextSupport(ModeSupport):
     def content_steps(self, content) -> int:
         return int(self.encode(content)[0].shape[0]) + 1
 
+    def steps_of(self, contents: list) -> list[int]:
+        # texts tokenized ahead counted without a tensor each (bench train counts every batch)
+        return [len(c.ids) + 1 if type(c) is Tokenized else self.content_steps(c)
+                for c in contents]
+
+    def cost_shape(self, content) -> tuple[int, ...] | None:
+        """The character count at which the cost model (:meth:`steps`, ``chars_per_token``)
+        gives this text's exact steps, its tokens + 1. A text's characters estimate its tokens
+        loosely (characters per token vary by ~20% from text to text on the sample corpora),
+        so the trainer's character buckets padded its text grids by ~33% (`bench train
+        --simulate`, GPU_NOTES.md, twenty-fourth session); charged and bucketed by this shape
+        (``train.cost_from_content``), a batch's padded cost is its grid: 17% padding.
+        None where no count maps exactly (``chars_per_token`` under 1)."""
+        n = int(self.prepare(content).ids.shape[0])
+        s = math.floor(n * self.cfg.chars_per_token)
+        for c in (s, s + 1, s - 1):  # float rounding of n * chars_per_token
+            if c >= 0 and self.steps((c,)) == n + 1:
+                return (c,)
+        return None
+
     def shape_spec(self):
         return [("size", self.cfg.max_chars)]
 

@@ -65,7 +65,9 @@ class Dispatcher:
     (:data:`Runner`); ``buckets`` gives shape buckets (modes not listed: one FIFO bucket);
     ``cost(mode, shape)`` the tokens a block costs; ``agree`` the all-gather of
     :mod:`.dispatch_dist` when several ranks run in step (``None``: a single rank);
-    ``prepare(block) -> (inputs, targets)`` replaces ``block.decode()``; ``splitters[mode]``
+    ``prepare(block) -> (inputs, targets)`` replaces ``block.decode()`` (a third item, when
+    not None, is the shape measured from the content, charged and bucketed in place of the
+    block's: :func:`~blocklm.pipeline.dispatch_split.prepare_pieces`); ``splitters[mode]``
     splits blocks over the budget instead of rejecting them (:mod:`.dispatch_split`);
     ``init_state(sample)`` gives an example's initial context. ``config.admission`` says where
     examples are built for admission (same batches; :mod:`.dispatch_admit`)."""
@@ -73,7 +75,7 @@ class Dispatcher:
     def __init__(self, runners: Mapping[str, Runner], buckets: BucketSpec | None = None,
                  config: DispatchConfig | None = None, *, cost: CostFn = default_cost,
                  agree: Agree | None = None, rank: int = 0,
-                 prepare: Callable[[Any], tuple[Any, Any]] | None = None,
+                 prepare: Callable[[Any], tuple] | None = None,
                  splitters: Mapping[str, Splitter] | None = None,
                  init_state: Callable[[Any], Any] | None = None) -> None:
         if not runners:

@@ -48,12 +48,15 @@ def split_first_axis(shape: Shape, inputs: Any, targets: Any, max_cost: int,
     return out
 
 
-def prepare_pieces(sample: Any, decode: bool, prepare: Callable[[Any], tuple[Any, Any]] | None,
+def prepare_pieces(sample: Any, decode: bool, prepare: Callable[[Any], tuple] | None,
                    splitters: Mapping[str, Splitter], costs: Mapping[str, Callable[[Shape], int]],
                    budgets: Mapping[str, int]) -> list[tuple]:
     """``(block, part, mode, shape, inputs, targets)`` for every block of ``sample``: inputs and
     targets from ``prepare(block)``, else both ``block.decode()`` (``decode``) or the block
-    itself; blocks over their mode's budget cut by the mode's splitter when it has one. Runs in
+    itself; blocks over their mode's budget cut by the mode's splitter when it has one. The
+    shape is the block's, unless ``prepare`` returns a third item that is not None: the shape
+    it measured from the prepared content (the trainer's text: its exact token count in the
+    cost model's characters), under which the block is charged and bucketed. Runs in
     the read-ahead thread. Raises :class:`PrepareError` naming the sample and block, or
     :class:`~blocklm.formats.errors.CodecUnavailableError` (a decoder's library cannot be
     loaded: every block of its codec would fail, so the run stops rather than reject them)."""
@@ -62,7 +65,10 @@ def prepare_pieces(sample: Any, decode: bool, prepare: Callable[[Any], tuple[Any
         mode, shape = b.mode, tuple(b.shape)
         try:
             if prepare is not None:
-                inputs, targets = prepare(b)
+                got = prepare(b)
+                inputs, targets = got[0], got[1]
+                if len(got) > 2 and got[2] is not None:
+                    shape = tuple(got[2])
             elif decode:
                 inputs = targets = b.decode()
             else:

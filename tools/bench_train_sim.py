@@ -23,6 +23,7 @@ def simulate_dispatch(preset: str, data: str, extra: list[str], epochs: int = 1,
     ``[B, state_size]`` in and out, as the trainer's runner counts them). ``trace`` gets every
     batch's (mode, request keys)."""
     from blocklm.model.blocklm import BlockLM
+    from blocklm.model.support import ModeSupport
     from blocklm.pipeline import RemoteConfig
     from blocklm.pipeline.cost import cost_from_supports
     from blocklm.pipeline.dispatch import Dispatcher
@@ -38,6 +39,19 @@ def simulate_dispatch(preset: str, data: str, extra: list[str], epochs: int = 1,
     model = BlockLM(cfg.model)
     supports = dict(model.supports)
     cost = cost_from_supports(supports)
+    # the modes whose shapes only estimate their steps (text) are decoded and measured: the
+    # padding and sequential steps are counted on their exact steps either way, and with
+    # train.cost_from_content the dispatcher charges them so, as the trainer's does
+    measured = {m for m, sup in supports.items()
+                if type(sup).cost_shape is not ModeSupport.cost_shape}
+
+    def prepare(block):
+        if block.mode not in measured:
+            return None, None
+        sup = supports[block.mode]
+        content = sup.prepare(block.decode())
+        exact = sup.content_steps(content)
+        return exact, exact, sup.cost_shape(content) if cfg.train.cost_from_content else None
     n: dict[str, float] = defaultdict(float)
     per: dict[str, dict] = defaultdict(lambda: defaultdict(float))
     reasons: dict[str, Counter] = defaultdict(Counter)  # mode -> why its batches ran
@@ -58,18 +72,24 @@ def simulate_dispatch(preset: str, data: str, extra: list[str], epochs: int = 1,
         if trace is not None and batch.requests:
             trace.append((batch.mode, [r.key for r in batch.requests]))
         if batch.requests and counting[0]:
-            seq = cost(batch.mode, batch.padded_shape)
+            # each block's exact steps (measured modes' prepare put them in the targets): the
+            # model's grid is the batch's longest block times its size
+            exact = [r.targets if r.targets is not None else r.cost for r in reqs]
+            seq = max(exact)
             for d in (n, per[batch.mode]):
                 d["batches"] += 1
                 d["padded"] += batch.padded_cost
                 d["real"] += batch.cost
                 d["seq_steps"] += seq
+                d["grid"] += seq * len(reqs)
+                d["exact"] += sum(exact)
             reasons[batch.mode][batch.reason] += 1
         return [Result(state=True) for _ in reqs]  # a context for the example's next block
 
     remote = RemoteConfig()
     buckets = make_buckets([data], cost, remote, cfg.train.bucket_max_width)
-    disp = Dispatcher({m: runner for m in supports}, buckets, training_dispatch(cfg), cost=cost)
+    disp = Dispatcher({m: runner for m in supports}, buckets, training_dispatch(cfg), cost=cost,
+                      prepare=prepare)
     source = make_source(RunSpec(preset, [data]), cfg, remote)
     t = cfg.train
     room, mode_rooms = window_rooms(t)
@@ -107,13 +127,18 @@ def simulate_dispatch(preset: str, data: str, extra: list[str], epochs: int = 1,
     modes = {m: {"batches": int(v["batches"]),
                  "tokens_per_batch": round(v["padded"] / v["batches"]),
                  "padding": round(1 - v["real"] / v["padded"], 3),
+                 "grid_padding": round(1 - v["exact"] / v["grid"], 3),
+                 "exact_steps_per_batch": round(v["exact"] / v["batches"]),
                  "reasons": dict(sorted(reasons[m].items()))}
              for m, v in sorted(per.items())}
     return {"data": data, "bucket_max_width": cfg.train.bucket_max_width, "epochs": epochs,
-            "chain_epochs": chained,
+            "chain_epochs": chained, "cost_from_content": cfg.train.cost_from_content,
             "batches_per_step": round(n["batches"] * scale, 2),
             "sequential_steps_per_step": round(n["seq_steps"] * scale),
             "padding": round(1 - n["real"] / max(n["padded"], 1.0), 3),
+            # the model's: its [B, T] grids against the blocks' exact steps
+            "grid_padding": round(1 - n["exact"] / max(n["grid"], 1.0), 3),
+            "exact_steps_per_step": round(n["exact"] * scale),
             "batches_per_epoch": round(n["batches"] / epochs, 1),
             # full windows' padded tokens (their activations live until the window's backward)
             "window_tokens": {"max": max(windows, default=0),

@@ -183,3 +183,33 @@ def test_audio_levels_made_ahead_give_the_same_batch(model):
         assert all(torch.equal(x, y) for x, y in zip(sup.encode(r), sup.encode(a)))
     with pytest.raises(ValueError, match="channels"):
         sup.prepare(np.zeros((4, 9), np.int16))  # more channels than the model has
+
+
+@pytest.mark.parametrize("rate", [4.0, 3.7, 2.3, 1.0])
+def test_a_texts_cost_shape_costs_its_exact_steps(model, rate):
+    """``cost_shape``: the character count at which the cost model (``steps``) gives the text's
+    own steps (tokens + 1), at any ``chars_per_token`` of 1 or more (float rounding included);
+    a text's characters only estimate them. Images and audio cost exactly by their shapes."""
+    import dataclasses
+
+    from blocklm.model.text import TextSupport
+
+    base = model.support("text")
+    sup = TextSupport(dataclasses.replace(base.cfg, chars_per_token=rate), 8)
+    texts = ["", "a", "To be, or not to be", "1234567890" * 7, "é ü ß Ω", "x" * 57,
+             "Good morrow, cousin. " * 9]
+    off = 0
+    for t in texts:
+        exact = sup.content_steps(t)
+        got = sup.cost_shape(t)
+        assert got is not None and sup.steps(got) == exact, (t, rate, got)
+        assert sup.cost_shape(sup.prepare(t)) == got  # tokenized ahead: the same
+        off += sup.steps(sup.shape_of(t)) != exact
+    assert off > 0  # the characters' estimate misses some
+    assert sup.steps_of([sup.prepare(t) for t in texts] + texts[:2]) == \
+        [sup.content_steps(t) for t in texts + texts[:2]]
+    half = TextSupport(dataclasses.replace(base.cfg, chars_per_token=0.5), 8)
+    odd = [t for t in texts if (half.content_steps(t) - 1) % 2]  # 2 tokens a character: an
+    assert odd and all(half.cost_shape(t) is None for t in odd)  # odd count has no length
+    for mode in ("image", "audio"):
+        assert model.support(mode).cost_shape(np.zeros((4, 4, 3), np.uint8)) is None

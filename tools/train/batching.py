@@ -5,8 +5,9 @@ resumption"), which holds only if the settings that form them are the ones it wa
 the dispatcher's (its config fingerprint, checked by :func:`restore_examples
 <blocklm.pipeline.dispatch_resume.restore_examples>` too), the trainer's window rooms
 (``train.window_max``, ``train.window_mode_max``), which limit each batch to the room left in its
-optimizer step, and its state cap (``train.window_max_state_gib``), which can close a window
-before its tokens do. A run's config is rebuilt from its preset at resume, so a preset that
+optimizer step, its state cap (``train.window_max_state_gib``), which can close a window
+before its tokens do, and ``train.cost_from_content`` (texts charged and bucketed by their
+tokens, not their characters). A run's config is rebuilt from its preset at resume, so a preset that
 changed since the run started (the ``small`` preset's image window room and 1,536-example
 batches, say) would silently form other batches. This module names every difference and the
 overrides in ``RUN/run.json`` that restore the saved values.
@@ -23,14 +24,18 @@ from blocklm.pipeline.dispatch_resume import FINGERPRINT_UNSET, config_fingerpri
 
 from .config import TrainConfig
 
-WINDOW_KEYS = ("window_max", "window_mode_max", "window_max_state_gib")
+WINDOW_KEYS = ("window_max", "window_mode_max", "window_max_state_gib", "cost_from_content")
+# what a record without the key formed its batches with (the setting came later)
+BEFORE_KEY = {"window_max_state_gib": None, "cost_from_content": False}
 
 
 def window_record(t: TrainConfig) -> dict[str, Any]:
-    """The trainer's settings that limit its batches (for a checkpoint; the dispatcher's own are
-    in its state, ``state["config"]``)."""
+    """The trainer's settings that form its batches (for a checkpoint; the dispatcher's own are
+    in its state, ``state["config"]``): its window rooms and state cap, and whether blocks are
+    charged by their content's cost shape (``train.cost_from_content``)."""
     return {"window_max": t.window_max, "window_mode_max": dict(t.window_mode_max),
-            "window_max_state_gib": t.window_max_state_gib}
+            "window_max_state_gib": t.window_max_state_gib,
+            "cost_from_content": t.cost_from_content}
 
 
 def _override(key: str, value: Any, chained: bool) -> str:
@@ -55,11 +60,13 @@ def batching_differences(saved: dict[str, Any] | None, saved_dispatch: dict[str,
     out = []
     chained = t.chain_epochs and t.chain_batch_samples is not None
     for key in WINDOW_KEYS:
-        # a record without window_max_state_gib predates it: its windows closed on tokens alone
-        if key not in saved and key != "window_max_state_gib":
+        # a record without window_max_state_gib predates it (its windows closed on tokens
+        # alone), one without cost_from_content charged blocks by their shapes
+        if key not in saved and key not in BEFORE_KEY:
             continue
-        if saved.get(key) != now[key]:
-            out.append((key, saved.get(key), now[key], _override(key, saved.get(key), chained)))
+        was = saved.get(key, BEFORE_KEY.get(key))
+        if was != now[key]:
+            out.append((key, was, now[key], _override(key, was, chained)))
     sd, nd = saved_dispatch, config_fingerprint(disp)
     for key in sorted(set(sd) | set(nd)):
         a, b = sd.get(key, FINGERPRINT_UNSET.get(key)), nd.get(key, FINGERPRINT_UNSET.get(key))

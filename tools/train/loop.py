@@ -142,7 +142,8 @@ class Trainer:
         # was compiled again at the fit's first batch: ~5 s each on the H200, GPU_NOTES P67)
         with HostThreads(host_threads(t.host_threads, self.device.type)):
             self.runners = ModelRunners(self.model, self.device,
-                                        autocast=self.device.type == "cuda" and t.bf16)
+                                        autocast=self.device.type == "cuda" and t.bf16,
+                                        cost_from_content=t.cost_from_content)
         self.buckets = make_buckets(spec.data, cost, remote, t.bucket_max_width)
         agree = torch_agree() if self.coll.world > 1 else None
         self.disp = Dispatcher({m: self.runners.runner(m) for m in self.modes}, self.buckets,

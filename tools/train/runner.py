@@ -126,9 +126,11 @@ class ModelRunners:
     """Builds the per-mode runners over one :class:`BlockLM` and accumulates their losses."""
 
     def __init__(self, model: BlockLM, device: torch.device, *, train: bool = True,
-                 autocast: bool = False, measure: bool = False) -> None:
+                 autocast: bool = False, measure: bool = False,
+                 cost_from_content: bool = False) -> None:
         self.model, self.device, self.train, self.autocast = model, device, train, autocast
         self.measure = measure  # also count next-mode and shape accuracy (evaluation)
+        self.cost_from_content = cost_from_content  # prepare: also the content's cost shape
         self.window = Window()
         self.groups = StateGroups()  # the in-flight states, per batch that made them
         self._ac: torch.autocast | None = None  # open from a window's first batch to its end
@@ -158,10 +160,17 @@ class ModelRunners:
         passed through its mode support's :meth:`~blocklm.model.support.ModeSupport.prepare`
         (text: tokenized there instead of in the batch's set-up on the model's thread, where
         the H200 waited for it: GPU_NOTES.md, call P16; audio: its mu-law levels, P121). A
-        mode without a support stays decoded (the dispatcher rejects its blocks)."""
+        mode without a support stays decoded (the dispatcher rejects its blocks). With
+        ``cost_from_content`` (``train.cost_from_content``) also the support's
+        :meth:`~blocklm.model.support.ModeSupport.cost_shape`: the dispatcher then charges and
+        buckets a text by its exact tokens, not by its characters' estimate."""
         content = block.decode()
-        if block.mode in self.model.supports:
-            content = self.model.supports[block.mode].prepare(content)
+        if block.mode not in self.model.supports:
+            return content, content
+        sup = self.model.supports[block.mode]
+        content = sup.prepare(content)
+        if self.cost_from_content:
+            return content, content, sup.cost_shape(content)
         return content, content
 
     def runner(self, mode: str):
@@ -214,8 +223,12 @@ class ModelRunners:
         if self.measure:
             full = state if state is not None else self.model.initial_state(len(contents),
                                                                             self.device)
-            self._accuracy(self.model.head_input(full), mode,
-                           [r.shape for r in batch.requests], [r.block > 0 for r in batch.requests])
+            # the blocks' own shapes (a request's may be its cost shape: cost_from_content)
+            sup = self.model.supports[mode]
+            shapes = [sup.shape_of(r.targets) if self.cost_from_content else r.shape
+                      for r in batch.requests]
+            self._accuracy(self.model.head_input(full), mode, shapes,
+                           [r.block > 0 for r in batch.requests])
         heads = res.head_state if self.train else res.head_state.detach()
         if res.state is None:  # the examples' last blocks: only the end head reads on
             return [Result(state=Context(None, w.index, (heads, i))) for i in range(len(contents))]

