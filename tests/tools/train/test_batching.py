@@ -104,50 +104,46 @@ def _spec(dataset, tokenizer, *extra) -> RunSpec:
         "train.warmup=2", "train.checkpoint_every=0", "train.window_max=1.2", *extra])
 
 
+def _refused_then_exact(tmp_path, dataset, tokenizer, override: str, match: str) -> str:
+    """Runs of 6 and of 3 steps with ``override``; the shorter one's run.json loses it (as a
+    preset that changed under it), its resume is refused (``match``) naming the override to
+    put back; put back, it resumes to the longer run's losses. Returns the refusal."""
+    full, half = tmp_path / "full", tmp_path / "half"
+    train(full, _spec(dataset, tokenizer, override), steps=6, progress=False, tensorboard=False)
+    train(half, _spec(dataset, tokenizer, override), steps=3, progress=False, tensorboard=False)
+    meta = json.loads((half / "run.json").read_text())
+    meta["overrides"].remove(override)
+    (half / "run.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=match) as e:
+        train(half, steps=6, resume=True, progress=False, tensorboard=False)
+    fix = re.findall(r"'([^']+)'$", str(e.value))
+    assert fix == [override] and str(half / "run.json") in str(e.value)
+    meta["overrides"] += fix
+    (half / "run.json").write_text(json.dumps(meta))
+    train(half, steps=6, resume=True, progress=False, tensorboard=False)
+    assert [r["loss"] for r in read_metrics(half)] == [r["loss"] for r in read_metrics(full)]
+    return str(e.value)
+
+
 def test_a_run_whose_window_rooms_changed_refuses_to_resume_and_says_how(tmp_path, dataset,
                                                                         tokenizer):
     """The preset changing under a run (here: its mode room dropped from run.json, as a preset
     that gains or loses one) resumed silently with other batches before; now the resume names
     the setting and the override, and with the override it resumes exactly."""
     room = 'train.window_mode_max={"text": 2.0}'
-    full, half = tmp_path / "full", tmp_path / "half"
-    train(full, _spec(dataset, tokenizer, room), steps=6, progress=False, tensorboard=False)
-    train(half, _spec(dataset, tokenizer, room), steps=3, progress=False, tensorboard=False)
-    ck = torch.load(half / "checkpoint.pt", weights_only=True)
+    _refused_then_exact(tmp_path, dataset, tokenizer, room,
+                        r"window_mode_max: saved \{'text': 2.0\}, now \{\}")
+    ck = torch.load(tmp_path / "half" / "checkpoint.pt", weights_only=True)
     assert ck["loader"]["windows"] == {"window_max": 1.2, "window_mode_max": {"text": 2.0},
                                        "window_max_state_gib": None, "cost_from_content": True}
-    meta = json.loads((half / "run.json").read_text())
-    meta["overrides"].remove(room)
-    (half / "run.json").write_text(json.dumps(meta))
-    with pytest.raises(ValueError, match=r"window_mode_max: saved \{'text': 2.0\}, now \{\}") as e:
-        train(half, steps=6, resume=True, progress=False, tensorboard=False)
-    fix = re.findall(r"'([^']+)'$", str(e.value))
-    assert fix == [room] and str(half / "run.json") in str(e.value)
-    meta["overrides"] += fix
-    (half / "run.json").write_text(json.dumps(meta))
-    train(half, steps=6, resume=True, progress=False, tensorboard=False)
-    assert [r["loss"] for r in read_metrics(half)] == [r["loss"] for r in read_metrics(full)]
 
 
 def test_a_run_charged_by_shape_resumes_only_so_and_then_exactly(tmp_path, dataset, tokenizer):
     """A run started with train.cost_from_content=false (texts charged by their characters, as
     every run before the setting) formed other batches than the default's: resumed under the
     default it is refused with the override named; with it, it resumes exactly."""
-    off = "train.cost_from_content=false"
-    full, half = tmp_path / "full", tmp_path / "half"
-    train(full, _spec(dataset, tokenizer, off), steps=6, progress=False, tensorboard=False)
-    train(half, _spec(dataset, tokenizer, off), steps=3, progress=False, tensorboard=False)
-    meta = json.loads((half / "run.json").read_text())
-    meta["overrides"].remove(off)
-    (half / "run.json").write_text(json.dumps(meta))
-    with pytest.raises(ValueError, match=r"cost_from_content: saved False, now True") as e:
-        train(half, steps=6, resume=True, progress=False, tensorboard=False)
-    fix = re.findall(r"'([^']+)'$", str(e.value))
-    assert fix == [off]
-    meta["overrides"] += fix
-    (half / "run.json").write_text(json.dumps(meta))
-    train(half, steps=6, resume=True, progress=False, tensorboard=False)
-    assert [r["loss"] for r in read_metrics(half)] == [r["loss"] for r in read_metrics(full)]
+    _refused_then_exact(tmp_path, dataset, tokenizer, "train.cost_from_content=false",
+                        r"cost_from_content: saved False, now True")
 
 
 def test_a_changed_dispatch_budget_is_named_before_the_dispatcher_restores(tmp_path, dataset,
