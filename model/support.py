@@ -79,6 +79,12 @@ class ModeSupport(nn.Module):
         """:meth:`content_steps` of each content (supports may count a batch faster)."""
         return [self.content_steps(c) for c in contents]
 
+    @property
+    def cost_estimated(self) -> bool:
+        """Whether this support's shapes only estimate their cost: it measures a
+        :meth:`cost_shape` from the content (text: its tokens)."""
+        return type(self).cost_shape is not ModeSupport.cost_shape
+
     def cost_shape(self, content) -> tuple[int, ...] | None:
         """The shape under which a batching dispatcher should charge and bucket this content,
         when its own shape only estimates the cost (:meth:`steps` of it must equal

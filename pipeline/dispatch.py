@@ -65,12 +65,10 @@ class Dispatcher:
     (:data:`Runner`); ``buckets`` gives shape buckets (modes not listed: one FIFO bucket);
     ``cost(mode, shape)`` the tokens a block costs; ``agree`` the all-gather of
     :mod:`.dispatch_dist` when several ranks run in step (``None``: a single rank);
-    ``prepare(block) -> (inputs, targets)`` replaces ``block.decode()`` (a third item, when
-    not None, is the shape measured from the content, charged and bucketed in place of the
-    block's: :func:`~blocklm.pipeline.dispatch_split.prepare_pieces`); ``splitters[mode]``
-    splits blocks over the budget instead of rejecting them (:mod:`.dispatch_split`);
-    ``init_state(sample)`` gives an example's initial context. ``config.admission`` says where
-    examples are built for admission (same batches; :mod:`.dispatch_admit`)."""
+    ``prepare(block) -> (inputs, targets[, measured shape])`` replaces ``block.decode()``;
+    ``splitters[mode]`` splits blocks over the budget instead of rejecting them (both:
+    :mod:`.dispatch_split`); ``init_state(sample)`` gives an example's initial context.
+    ``config.admission`` says where examples are built (same batches; :mod:`.dispatch_admit`)."""
 
     def __init__(self, runners: Mapping[str, Runner], buckets: BucketSpec | None = None,
                  config: DispatchConfig | None = None, *, cost: CostFn = default_cost,

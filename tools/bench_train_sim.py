@@ -23,7 +23,6 @@ def simulate_dispatch(preset: str, data: str, extra: list[str], epochs: int = 1,
     ``[B, state_size]`` in and out, as the trainer's runner counts them). ``trace`` gets every
     batch's (mode, request keys)."""
     from blocklm.model.blocklm import BlockLM
-    from blocklm.model.support import ModeSupport
     from blocklm.pipeline import RemoteConfig
     from blocklm.pipeline.cost import cost_from_supports
     from blocklm.pipeline.dispatch import Dispatcher
@@ -42,8 +41,7 @@ def simulate_dispatch(preset: str, data: str, extra: list[str], epochs: int = 1,
     # the modes whose shapes only estimate their steps (text) are decoded and measured: the
     # padding and sequential steps are counted on their exact steps either way, and with
     # train.cost_from_content the dispatcher charges them so, as the trainer's does
-    measured = {m for m, sup in supports.items()
-                if type(sup).cost_shape is not ModeSupport.cost_shape}
+    measured = {m for m, sup in supports.items() if sup.cost_estimated}
 
     def prepare(block):
         if block.mode not in measured:

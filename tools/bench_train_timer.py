@@ -55,10 +55,8 @@ class StepTimer:
         run, fin, opt = trainer.runners.run, trainer.runners.finish, trainer.optimizer_step
         # the modes whose batch costs only estimate their steps (text charged by characters,
         # train.cost_from_content=false): counted exactly here, from the prepared contents
-        from blocklm.model.support import ModeSupport
         supports = getattr(getattr(trainer, "model", None), "supports", {})
-        recount = {m for m, sup in supports.items()
-                   if type(sup).cost_shape is not ModeSupport.cost_shape
+        recount = {m for m, sup in supports.items() if sup.cost_estimated
                    and not getattr(trainer.runners, "cost_from_content", False)}
 
         from torch.profiler import record_function  # named ranges in --trace profiles

@@ -211,5 +211,7 @@ def test_a_texts_cost_shape_costs_its_exact_steps(model, rate):
     half = TextSupport(dataclasses.replace(base.cfg, chars_per_token=0.5), 8)
     odd = [t for t in texts if (half.content_steps(t) - 1) % 2]  # 2 tokens a character: an
     assert odd and all(half.cost_shape(t) is None for t in odd)  # odd count has no length
+    assert sup.cost_estimated
     for mode in ("image", "audio"):
+        assert not model.support(mode).cost_estimated
         assert model.support(mode).cost_shape(np.zeros((4, 4, 3), np.uint8)) is None

@@ -143,16 +143,16 @@ def test_chained_resume_is_exact_with_two_epochs_in_flight(tmp_path, dataset, to
     """Stopped at step 3, examples of epochs 0 and 1 are in flight; the resumed run rebuilds
     the chain from epoch 0 and gives the uninterrupted run's losses and parameters bitwise."""
     full = tmp_path / "full"
-    train(full, _spec(dataset, tokenizer), steps=8, progress=False, tensorboard=False)
+    train(full, _spec(dataset, tokenizer), steps=12, progress=False, tensorboard=False)
     half = tmp_path / "half"
     train(half, _spec(dataset, tokenizer), steps=3, progress=False, tensorboard=False)
     assert _epochs_in_flight(half) == {0, 1}
-    assert read_metrics(half)[-1]["epoch"] >= 1  # the newest admitted sample's epoch
-    train(half, steps=8, resume=True, progress=False, tensorboard=False)
+    assert read_metrics(half)[-1]["epoch"] == 1  # the newest admitted sample's epoch
+    train(half, steps=12, resume=True, progress=False, tensorboard=False)
     a, b = read_metrics(full), read_metrics(half)
-    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, 9))
+    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, 13))
     assert [(r["loss"], r["epoch"]) for r in a] == [(r["loss"], r["epoch"]) for r in b]
-    assert a[-1]["epoch"] >= 2  # several epochs went by, none of them drained
+    assert a[-1]["epoch"] >= 4  # several epochs went by, none of them drained
     pa, pb = _params(full), _params(half)
     assert pa.keys() == pb.keys() and all(torch.equal(pa[k], pb[k]) for k in pa)
 
@@ -179,7 +179,7 @@ def test_chained_batches_mix_epochs_and_off_runs_one_epoch_per_run(tmp_path, dat
         tr.runners.run = on_run
         tr.fit(steps=14, minutes=None)  # several epochs at the texts' exact tokens
         seen[chain] = (len(runs), sum(len(b) > 1 for b in batches), tr.epoch)
-    assert seen[True][0] == 1 and seen[True][1] > 0 and seen[True][2] >= 3
+    assert seen[True][0] == 1 and seen[True][1] > 0 and seen[True][2] >= 4
     assert seen[False][0] >= 3 and seen[False][1] == 0  # positions restart at 0 each epoch
 
 
